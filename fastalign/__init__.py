@@ -1,0 +1,12 @@
+"""fastalign: fused kernels for LLM preference tuning (DPO) and RL fine-tuning (PPO, GRPO).
+
+Per-token log-probs and entropy of chosen tokens without materializing a full-vocabulary
+softmax. See DESIGN.md for the public contract.
+"""
+
+from ._backend import available_backends, select_backend
+from .ops import token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = ["token_logprobs", "available_backends", "select_backend", "__version__"]

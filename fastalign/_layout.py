@@ -1,0 +1,65 @@
+"""How the rows of a ``[..., V]`` tensor sit in memory, without copying it.
+
+Kernels address row ``r`` of a ``[..., V]`` tensor as ``(r // n_inner) * stride_outer +
+(r % n_inner) * stride_inner`` (element strides). Two levels cover a contiguous tensor and the
+common non-contiguous case, the ``[:, :-1]`` slice of ``[B, T, V]`` logits, with no copy. Deeper
+non-mergeable layouts, or a vocabulary dimension that is not unit-stride, are copied once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    n_outer: int
+    n_inner: int
+    stride_outer: int
+    stride_inner: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_outer * self.n_inner
+
+
+def _merged_leading_dims(x: torch.Tensor) -> list[tuple[int, int]]:
+    """(size, stride) of the leading dims of ``x`` with size-1 dims dropped and adjacent dims
+    merged wherever ``x[..., :]`` rows of the outer dim continue the inner one."""
+    merged: list[tuple[int, int]] = []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    return merged
+
+
+def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
+    """``x`` (or a contiguous copy of it when its layout needs one) and its :class:`RowLayout`."""
+    dims = _merged_leading_dims(x)
+    if x.stride(-1) != 1 or len(dims) > 2:
+        x = x.contiguous()
+        dims = _merged_leading_dims(x)
+    if not dims:
+        return x, RowLayout(1, 1, 0, 0)
+    if len(dims) == 1:
+        return x, RowLayout(1, dims[0][0], 0, dims[0][1])
+    (n_outer, stride_outer), (n_inner, stride_inner) = dims
+    return x, RowLayout(n_outer, n_inner, stride_outer, stride_inner)
+
+
+def iter_row_chunks(x: torch.Tensor, layout: RowLayout,
+                    rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yields ``(first_row, rows)``: ``[c, V]`` views of consecutive rows of ``x``, in order."""
+    vocab = x.shape[-1]
+    rows3d = x.as_strided((layout.n_outer, layout.n_inner, vocab),
+                          (layout.stride_outer, layout.stride_inner, 1), x.storage_offset())
+    for outer in range(layout.n_outer):
+        for start in range(0, layout.n_inner, rows_per_chunk):
+            yield outer * layout.n_inner + start, rows3d[outer, start:start + rows_per_chunk]

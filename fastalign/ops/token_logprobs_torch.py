@@ -1,0 +1,114 @@
+"""Pure-torch chunked backend of ``token_logprobs``: runs on any device, memory bounded by a chunk.
+
+The same math as the Triton kernels, a few rows at a time: each chunk is copied to fp32 once,
+transformed and reduced in place, so the extra memory is a couple of ``[rows_per_chunk, V]``
+fp32 buffers (about ``CHUNK_ELEMENTS`` elements each), never ``[N, V]``. The launchers take the
+same arguments as those of ``fastalign.kernels`` so the autograd Function treats both alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._layout import RowLayout, iter_row_chunks
+
+# ~1 MiB of fp32 per temporary: large enough that per-chunk overhead is small, small enough to
+# stay in a CPU's L2 across the several passes each chunk takes.
+CHUNK_ELEMENTS = 1 << 18
+_FINITE_MIN = torch.finfo(torch.float32).min
+
+
+def _rows_per_chunk(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def _transformed_copy(chunk: torch.Tensor, inv_temperature: float, softcap: float | None):
+    """A fresh fp32 copy of ``chunk`` with z' = softcap(z) / temperature applied in place."""
+    z = torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device).copy_(chunk)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    if inv_temperature != 1.0:
+        z.mul_(inv_temperature)
+    return z
+
+
+def _target_masks(targets: torch.Tensor, vocab_size: int, ignore_index: int):
+    """(ignored rows, ids safe to gather, 0 or NaN per row for ids outside [0, V))."""
+    ignored = targets == ignore_index
+    valid = (targets >= 0) & (targets < vocab_size)
+    safe_targets = torch.where(valid, targets, 0).long()
+    nan_if_invalid = torch.where(valid | ignored, 0.0, float("nan"))
+    return ignored, safe_targets, nan_if_invalid
+
+
+def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner, *,
+                           inv_temperature, softcap, ignore_index, return_entropy):
+    n_rows, vocab_size = targets.numel(), logits.shape[-1]
+    layout = RowLayout(n_rows // n_inner, n_inner, stride_outer, stride_inner)
+    ignored, safe_targets, nan_if_invalid = _target_masks(targets, vocab_size, ignore_index)
+    logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    entropy = torch.empty(n_rows, device=logits.device, dtype=torch.float32) if return_entropy else None
+
+    for start, chunk in iter_row_chunks(logits, layout, _rows_per_chunk(vocab_size)):
+        rows = slice(start, start + chunk.shape[0])
+        z = _transformed_copy(chunk, inv_temperature, softcap)
+        row_max = z.amax(dim=1, keepdim=True)
+        shifted = z.sub_(row_max)
+        p = shifted.exp()
+        sum_exp = p.sum(dim=1)
+        log_sum_exp = sum_exp.log()
+        target_shifted = shifted.gather(1, safe_targets[rows, None]).squeeze(1)
+        skip = ignored[rows]
+        logprobs[rows] = torch.where(skip, 0.0, target_shifted - log_sum_exp + nan_if_invalid[rows])
+        lse[rows] = torch.where(skip, 0.0, row_max.squeeze(1) + log_sum_exp + nan_if_invalid[rows])
+        if return_entropy:
+            # entropy = log sum exp(s) - sum(exp(s) * s) / sum exp(s) with s = z' - max; clamping
+            # -inf logits to a finite value keeps 0 * -inf from turning into NaN.
+            weighted = p.mul_(shifted.clamp_(min=_FINITE_MIN)).sum(dim=1)
+            row_entropy = log_sum_exp - weighted / sum_exp
+            entropy[rows] = torch.where(skip, 0.0, row_entropy + nan_if_invalid[rows])
+    return logprobs, entropy, lse
+
+
+def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner,
+                            lse, entropy, grad_logprobs, grad_entropy, grad_out, *,
+                            inv_temperature, softcap, ignore_index):
+    n_rows, vocab_size = targets.numel(), logits.shape[-1]
+    layout = RowLayout(n_rows // n_inner, n_inner, stride_outer, stride_inner)
+    if grad_out is logits:
+        grad_layout = layout
+    else:
+        grad_layout = RowLayout(layout.n_outer, n_inner, n_inner * vocab_size, vocab_size)
+    ignored, safe_targets, _ = _target_masks(targets, vocab_size, ignore_index)
+    rows_per_chunk = _rows_per_chunk(vocab_size)
+
+    chunks = zip(iter_row_chunks(logits, layout, rows_per_chunk),
+                 iter_row_chunks(grad_out, grad_layout, rows_per_chunk))
+    for (start, chunk), (_, grad_chunk) in chunks:
+        rows = slice(start, start + chunk.shape[0])
+        z = _transformed_copy(chunk, inv_temperature, softcap)
+        if softcap is not None:
+            # dz'/dz = (1 - tanh(z / s)^2) / T, and tanh(z / s) = z' * T / s.
+            dz = (z * (1.0 / (softcap * inv_temperature))).square_().neg_().add_(1.0).mul_(inv_temperature)
+        log_p = z.sub_(lse[rows, None])  # a NaN lse (id outside [0, V)) makes the row NaN
+        p = log_p.exp()
+        # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
+        #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
+        if grad_entropy is not None:
+            # Clamping log p at -1000 (exp underflows below ~-104) keeps -inf logits at
+            # 0 * finite rather than 0 * inf = NaN, even after scaling by go_ent.
+            coef = log_p.clamp_(min=-1000.0).add_(entropy[rows, None]).mul_(grad_entropy[rows, None])
+            if grad_logprobs is not None:
+                coef.add_(grad_logprobs[rows, None])
+            grad = p.mul_(coef).neg_()
+        else:
+            grad = p.mul_(grad_logprobs[rows, None]).neg_()
+        if grad_logprobs is not None:
+            grad.scatter_add_(1, safe_targets[rows, None], grad_logprobs[rows, None])
+        if softcap is not None:
+            grad.mul_(dz)
+        elif inv_temperature != 1.0:
+            grad.mul_(inv_temperature)
+        grad_chunk.copy_(grad.masked_fill_(ignored[rows, None], 0.0))
+    return grad_out

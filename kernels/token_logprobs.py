@@ -1,0 +1,184 @@
+"""Triton kernels for per-token log-probs and entropy from logits, and their launchers.
+
+Forward: one program per row streams the row once in ``BLOCK_V`` tiles with an online
+log-sum-exp, picks the target logit with a single load and (optionally) keeps the running
+``sum(p * (z' - max))`` for the entropy. Nothing of size ``[N, V]`` is allocated.
+
+Backward: one program per (row, tile) recomputes ``p = exp(z' - lse)`` from the saved per-row
+log-sum-exp and writes the gradient of ``go_lp * logprob + go_ent * entropy`` in the logits'
+dtype, either into a fresh buffer or, on request, over the logits themselves.
+
+Rows address memory as ``(row // n_inner) * stride_outer + (row % n_inner) * stride_inner`` so a
+``[:, :-1]`` slice of ``[B, T, V]`` logits is read where it lies. Offsets are int64: ``N * V``
+passes 2**31 at 8k tokens of a 256k vocabulary.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._math import transform_logits, transform_logits_grad
+
+# One tuned default per kernel (bench/tune_token_logprobs.py sweeps these on a GPU); the
+# launchers read them at call time, so the tests can shrink the tiles to cover the tails.
+FORWARD_BLOCK_V = 4096
+FORWARD_NUM_WARPS = 8
+BACKWARD_BLOCK_V = 4096
+BACKWARD_NUM_WARPS = 8
+
+@triton.jit
+def _row_offset(row, n_inner, stride_outer, stride_inner):
+    return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+
+
+@triton.jit
+def _token_logprobs_forward_kernel(
+    logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+    n_inner, stride_outer, stride_inner, vocab_size, ignore_index,
+    inv_temperature, softcap,
+    HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if target == ignore_index:
+        # One branch per row costs nothing here, so ignored rows are not compacted away.
+        tl.store(logprobs_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if RETURN_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
+        return
+    row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+
+    # The running max starts finite (not -inf) so that (old - new max) * sum_exp is 0, not
+    # -inf * 0 = NaN, on the first tile; exp(old - new max) is still exactly 0 there.
+    running_max = -3.0e38
+    sum_exp = 0.0  # sum exp(z' - running_max)
+    sum_exp_shifted = 0.0  # sum exp(z' - running_max) * (z' - running_max), for the entropy
+    for start in range(0, vocab_size, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_vocab = cols < vocab_size
+        z = tl.load(row_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
+        # Columns past V must count as exp(-inf) = 0, never exp(0).
+        z = tl.where(in_vocab, transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP), -float("inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        rescale = tl.exp(running_max - new_max)
+        shifted = z - new_max
+        p = tl.exp(shifted)
+        if RETURN_ENTROPY:
+            # Kept relative to the running max (not as sum p*z') so entropy does not cancel
+            # catastrophically when logits are large. Clamping -inf (masked columns, -inf
+            # logits) to a finite value makes their term 0 * finite = 0 rather than NaN.
+            sum_exp_shifted = rescale * (sum_exp_shifted + (running_max - new_max) * sum_exp) \
+                + tl.sum(p * tl.maximum(shifted, -3.0e38), axis=0)
+        sum_exp = sum_exp * rescale + tl.sum(p, axis=0)
+        running_max = new_max
+
+    log_sum_exp = tl.log(sum_exp)
+    # An id outside [0, V) is never read: its row reports NaN in every output and gradient.
+    valid = (target >= 0) & (target < vocab_size)
+    z_target = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
+    z_target = transform_logits(z_target, inv_temperature, softcap, HAS_SOFTCAP)
+    nan_if_invalid = tl.where(valid, 0.0, float("nan"))
+    tl.store(logprobs_ptr + row, (z_target - running_max) - log_sum_exp + nan_if_invalid)
+    tl.store(lse_ptr + row, running_max + log_sum_exp + nan_if_invalid)
+    if RETURN_ENTROPY:
+        tl.store(entropy_ptr + row, log_sum_exp - sum_exp_shifted / sum_exp + nan_if_invalid)
+
+
+@triton.jit
+def _token_logprobs_backward_kernel(
+    logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_ptr,
+    n_inner, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
+    vocab_size, ignore_index, inv_temperature, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_LOGPROB_GRAD: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_vocab = cols < vocab_size
+    grad_row_ptr = grad_ptr + _row_offset(row, n_inner, grad_stride_outer, grad_stride_inner)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if target == ignore_index:
+        tl.store(grad_row_ptr + cols, tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty),
+                 mask=in_vocab)
+        return
+    row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    z = tl.load(row_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
+    z_t = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP)
+    log_p = z_t - tl.load(lse_ptr + row)  # NaN lse (invalid target) makes the row NaN
+    p = tl.exp(log_p)
+    grad = tl.zeros([BLOCK_V], tl.float32)
+    if HAS_LOGPROB_GRAD:
+        go_lp = tl.load(grad_logprobs_ptr + row)
+        grad += go_lp * (tl.where(cols == target, 1.0, 0.0) - p)
+    if HAS_ENTROPY_GRAD:
+        # d entropy / dz'_j = p_j * (-log p_j - entropy). exp underflows to 0 below about
+        # -104, so clamping log p at -1000 changes no term with p > 0 and makes a -inf logit
+        # contribute 0 * finite instead of 0 * inf = NaN.
+        go_ent = tl.load(grad_entropy_ptr + row)
+        row_entropy = tl.load(entropy_ptr + row)
+        grad += go_ent * p * (-tl.maximum(log_p, -1000.0) - row_entropy)
+    grad *= transform_logits_grad(z, inv_temperature, softcap, HAS_SOFTCAP)
+    tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+
+
+def _block_and_warps(vocab_size: int, block_v: int, num_warps: int) -> tuple[int, int]:
+    block = min(block_v, triton.next_power_of_2(vocab_size))
+    # Small tiles gain nothing from many warps (and tiny ones would leave threads idle).
+    return block, max(1, min(num_warps, block // 256))
+
+
+def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner, *,
+                           inv_temperature, softcap, ignore_index, return_entropy,
+                           block_v=None, num_warps=None):
+    """Launches the forward kernel over ``targets.numel()`` rows.
+
+    Args:
+        logits: the ``[..., V]`` logits, rows laid out as described in the module docstring.
+        targets: ``[N]`` contiguous int32/int64 ids.
+    Returns:
+        ``(logprobs [N], entropy [N] or None, lse [N])``, float32; ``lse`` is what the
+        backward needs.
+    """
+    n_rows, vocab_size = targets.numel(), logits.shape[-1]
+    logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    entropy = torch.empty(n_rows, device=logits.device, dtype=torch.float32) if return_entropy else None
+    block, warps = _block_and_warps(vocab_size, block_v or FORWARD_BLOCK_V,
+                                    num_warps or FORWARD_NUM_WARPS)
+    _token_logprobs_forward_kernel[(n_rows,)](
+        logits, targets, logprobs, logprobs if entropy is None else entropy, lse,
+        n_inner, stride_outer, stride_inner, vocab_size, ignore_index,
+        inv_temperature, 1.0 if softcap is None else softcap,
+        HAS_SOFTCAP=softcap is not None, RETURN_ENTROPY=return_entropy, BLOCK_V=block,
+        num_warps=warps,
+    )
+    return logprobs, entropy, lse
+
+
+def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner,
+                            lse, entropy, grad_logprobs, grad_entropy, grad_out, *,
+                            inv_temperature, softcap, ignore_index,
+                            block_v=None, num_warps=None):
+    """Writes the gradient w.r.t. ``logits`` into ``grad_out`` and returns it.
+
+    ``grad_out`` is a fresh contiguous ``[..., V]`` tensor or ``logits`` itself (in-place
+    backward); ``grad_logprobs`` / ``grad_entropy`` are contiguous ``[N]`` float32 or None.
+    """
+    n_rows, vocab_size = targets.numel(), logits.shape[-1]
+    if grad_out is logits:
+        grad_stride_outer, grad_stride_inner = stride_outer, stride_inner
+    else:
+        grad_stride_outer, grad_stride_inner = n_inner * vocab_size, vocab_size
+    block, warps = _block_and_warps(vocab_size, block_v or BACKWARD_BLOCK_V,
+                                    num_warps or BACKWARD_NUM_WARPS)
+    _token_logprobs_backward_kernel[(n_rows, triton.cdiv(vocab_size, block))](
+        logits, targets, lse, lse if entropy is None else entropy,
+        lse if grad_logprobs is None else grad_logprobs,
+        lse if grad_entropy is None else grad_entropy, grad_out,
+        n_inner, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
+        vocab_size, ignore_index, inv_temperature, 1.0 if softcap is None else softcap,
+        HAS_SOFTCAP=softcap is not None, HAS_LOGPROB_GRAD=grad_logprobs is not None,
+        HAS_ENTROPY_GRAD=grad_entropy is not None, BLOCK_V=block, num_warps=warps,
+    )
+    return grad_out

@@ -1,0 +1,79 @@
+"""Shared fixtures: the device under test, backends, NaN-poisoned allocations, tolerances.
+
+Without CUDA the Triton kernels run through the interpreter; TRITON_INTERPRET must be set before
+triton.jit defines them, i.e. before fastalign.kernels is first imported, hence here at the top.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastalign  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [name for name in ("triton", "torch") if name in fastalign.available_backends(DEVICE)]
+
+# Worst relative error (norm-wise) against a float64 reference, per input dtype (DESIGN.md).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE.type != "cuda":
+        skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh runs these)")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Runs the test once per backend available on DEVICE, forced through FASTALIGN_BACKEND."""
+    monkeypatch.setenv("FASTALIGN_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Shrinks Triton tiles and torch chunks so small vocabularies cross several of them and end
+    in a partial one (V=507 -> 4 tiles of 128, the last holding 123 columns)."""
+    from fastalign import kernels
+    from fastalign.ops import token_logprobs_torch
+
+    for name in ("FORWARD_BLOCK_V", "BACKWARD_BLOCK_V"):
+        monkeypatch.setattr(kernels.token_logprobs, name, 128)
+    monkeypatch.setattr(token_logprobs_torch, "CHUNK_ELEMENTS", 1024)
+
+
+@pytest.fixture(autouse=True)
+def poison_allocations(monkeypatch):
+    """Every float tensor from torch.empty / empty_like starts as NaN, so an output element a
+    kernel forgot to write fails the comparison instead of passing by luck."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(tensor):
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0 when both are all zeros)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values where the reference is finite"
+    scale = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(actual, expected, tolerance, what=""):
+    error = relative_error(actual, expected)
+    assert error <= tolerance, f"{what}: relative error {error:.3g} > {tolerance:.3g}"
