@@ -18,7 +18,8 @@ def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor, *,
     z = logits.to(compute_dtype)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    if temperature != 1.0:
+        z = z / temperature
     log_p = torch.log_softmax(z, dim=-1)
     ignored = targets == ignore_index
     safe_targets = targets.masked_fill(ignored, 0).long()

@@ -1,0 +1,93 @@
+"""Shared plumbing of the bench scripts: stamps, CSV, a plot and a terminal table.
+
+A result row is a dict with at least: op, provider, mode, dtype, shape fields, time_ms,
+peak_mb (extra memory beyond the inputs), and an ``error`` for runs that failed (OOM).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def stamp(device: torch.device) -> dict:
+    """Where and when: device name, commit, date and library versions, added to every row."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"device": name, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+            "torch": torch.__version__, "triton": triton_version}
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Time and peak memory against V, one panel per (dtype, mode), a line per provider."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((row["dtype"], row["mode"]) for row in rows))
+    providers = list(dict.fromkeys(row["provider"] for row in rows))
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
+    for column, (dtype, mode) in enumerate(panels):
+        for metric, ax in zip(("time_ms", "peak_mb"), axes[:, column]):
+            for provider in providers:
+                points = sorted((row["vocab"], row[metric]) for row in rows
+                                if (row["dtype"], row["mode"], row["provider"]) == (dtype, mode, provider)
+                                and row.get(metric) not in (None, ""))
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=provider)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("vocabulary V")
+            ax.set_ylabel("time (ms)" if metric == "time_ms" else "peak extra memory (MB)")
+            ax.set_title(f"{dtype} {mode}")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(rows: list[dict], baseline: str = "fastalign") -> None:
+    """One line per run; x-factors are relative to ``baseline`` in the same configuration."""
+    key = lambda row: (row["dtype"], row["mode"], row["vocab"])  # noqa: E731
+    base = {key(row): row for row in rows if row["provider"] == baseline and not row.get("error")}
+    print(f"{'dtype':9} {'mode':8} {'V':>7} {'provider':14} {'time ms':>9} {'vs ' + baseline:>13}"
+          f" {'peak MB':>9} {'vs ' + baseline:>13} {'x logits':>8}")
+    for row in rows:
+        head = f"{row['dtype']:9} {row['mode']:8} {row['vocab']:>7} {row['provider']:14}"
+        if row.get("error"):
+            print(f"{head} {'failed: ' + row['error'][:60]}")
+            continue
+        ref = base.get(key(row))
+        time_x = f"{row['time_ms'] / ref['time_ms']:.2f}x" if ref else "-"
+        mem_x = f"{row['peak_mb'] / max(ref['peak_mb'], 1e-9):.1f}x" if ref else "-"
+        print(f"{head} {row['time_ms']:9.2f} {time_x:>13} {row['peak_mb']:9.1f} {mem_x:>13}"
+              f" {row['peak_mb'] / row['logits_mb']:8.3f}")

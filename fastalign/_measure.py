@@ -1,0 +1,84 @@
+"""Time and peak memory of one call, measured the same way by the demo and by ``bench/``.
+
+CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
+CPU: the process's peak resident set (VmHWM) above its resident set before the call, after
+resetting the peak through ``/proc/self/clear_refs`` (Linux). For that number to mean anything,
+run the call in a fresh process started by :func:`run_worker`, which fixes glibc's mmap threshold
+so every buffer of 64 KiB or more is mapped on allocation and unmapped on free: otherwise a
+buffer freed by an earlier call is reused from the heap without raising the resident set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory ``fn()`` needs beyond what is allocated when it starts (its outputs included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - before
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak resident set to the current one
+    before = _proc_status_kib("VmRSS")
+    result = fn()
+    peak = _proc_status_kib("VmHWM")
+    del result
+    return (peak - before) * 1024
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int,
+                   warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_worker(command: list[str], spec: dict, *, for_memory: bool, timeout: float = 1800) -> dict:
+    """Runs ``python *command --worker JSON`` in a fresh process and returns the JSON it prints
+    last; ``{"error": ...}`` if it failed (out of memory, say). ``for_memory`` fixes the mmap
+    threshold (see the module docstring); leave it off for timings, which it would slow down."""
+    env = dict(os.environ, **(_MALLOC_ENV if for_memory else {}))
+    try:
+        done = subprocess.run([sys.executable, *command, "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {tail}"}
+    return json.loads(lines[-1])
