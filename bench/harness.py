@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch
 
 def stamp(device: torch.device) -> dict:
     """Where and when: device name, commit, date and library versions, added to every row."""
+    # The GPU machine gets a copy of the working tree without .git: gpu_check.sh passes it on.
+    commit = os.environ.get("FASTALIGN_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"

@@ -1,4 +1,7 @@
-"""Elementwise helpers shared by the kernels: the logits transform and its derivative."""
+"""Elementwise helpers shared by the kernels: the logits transform and its derivative.
+
+A jit helper returns from one place: Triton 3.6 rejects a function whose constexpr branches
+return a block in one case and a scalar in the other."""
 
 import triton
 import triton.language as tl
@@ -21,9 +24,7 @@ def transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def transform_logits_grad(z, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
-    """dz'/dz for transform_logits, evaluated at the raw logits z."""
-    if HAS_SOFTCAP:
-        t = tanh(z / softcap)
-        return (1.0 - t * t) * inv_temperature
-    return inv_temperature
+def softcap_grad(z, softcap):
+    """d softcap(z) / dz = 1 - tanh(z / s)^2, at the raw logits z."""
+    t = tanh(z / softcap)
+    return 1.0 - t * t
