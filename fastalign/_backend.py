@@ -11,6 +11,7 @@ The environment is read on every call, so a test or a script may change it betwe
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -21,9 +22,15 @@ BACKENDS = ("triton", "native", "torch")
 BACKEND_ENV = "FASTALIGN_BACKEND"
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    # find_spec walks sys.path (~100 us): once per process, not once per op call.
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_unavailable_reason(device: torch.device) -> str | None:
     """None when the Triton kernels can run on ``device``, else why not (for the error)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "the 'triton' package is not installed (pip install 'fastalign[triton]')"
     if device.type == "cuda":
         return None

@@ -1,8 +1,9 @@
 """Pure-torch chunked backend of ``token_logprobs``: runs on any device, memory bounded by a chunk.
 
-The same math as the Triton kernels, a few rows at a time: each chunk is copied to fp32 once,
-transformed and reduced in place, so the extra memory is a couple of ``[rows_per_chunk, V]``
-fp32 buffers (about ``CHUNK_ELEMENTS`` elements each), never ``[N, V]``. The launchers take the
+The same math as the Triton kernels, a few rows at a time: each chunk is shifted (or transformed)
+into one fp32 buffer and reduced in place, so the extra memory is a couple of
+``[rows_per_chunk, V]`` fp32 buffers (about ``CHUNK_ELEMENTS`` elements each), never ``[N, V]``;
+an fp32 gradient is computed where it is returned. The launchers take the
 same arguments as those of ``fastalign.kernels`` so the autograd Function treats both alike.
 """
 
@@ -22,14 +23,35 @@ def _rows_per_chunk(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
-def _transformed_copy(chunk: torch.Tensor, inv_temperature: float, softcap: float | None):
-    """A fresh fp32 copy of ``chunk`` with z' = softcap(z) / temperature applied in place."""
-    z = torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device).copy_(chunk)
+def _transformed(chunk: torch.Tensor, inv_temperature: float, softcap: float | None,
+                 out: torch.Tensor | None = None):
+    """z' = softcap(z) / temperature of ``chunk`` in fp32, written into ``out`` (fresh if None)."""
+    out = _fp32_like(chunk) if out is None else out
+    if softcap is None and chunk.dtype == torch.float32:
+        return torch.mul(chunk, inv_temperature, out=out)
+    # Upcast first: an op on bf16/fp16 inputs computes in their precision even with an fp32 out.
+    out.copy_(chunk)
     if softcap is not None:
-        z.div_(softcap).tanh_().mul_(softcap)
-    if inv_temperature != 1.0:
-        z.mul_(inv_temperature)
-    return z
+        return out.div_(softcap).tanh_().mul_(softcap * inv_temperature)
+    return out.mul_(inv_temperature) if inv_temperature != 1.0 else out
+
+
+def _fp32_like(chunk: torch.Tensor) -> torch.Tensor:
+    return torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device)
+
+
+def _shifted(chunk: torch.Tensor, inv_temperature: float, softcap: float | None):
+    """(z' - max z', max z') per row; z' - max z' is a fresh fp32 tensor the caller may overwrite."""
+    if softcap is None and chunk.dtype == torch.float32:
+        # No copy of fp32 logits: subtract the raw max first, then scale (temperature > 0).
+        raw_max = chunk.amax(dim=1, keepdim=True)
+        shifted = torch.sub(chunk, raw_max)
+        if inv_temperature != 1.0:
+            shifted.mul_(inv_temperature)
+        return shifted, raw_max * inv_temperature
+    shifted = _transformed(chunk, inv_temperature, softcap)
+    row_max = shifted.amax(dim=1, keepdim=True)
+    return shifted.sub_(row_max), row_max
 
 
 def _target_masks(targets: torch.Tensor, vocab_size: int, ignore_index: int):
@@ -52,22 +74,22 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
 
     for start, chunk in iter_row_chunks(logits, layout, _rows_per_chunk(vocab_size)):
         rows = slice(start, start + chunk.shape[0])
-        z = _transformed_copy(chunk, inv_temperature, softcap)
-        row_max = z.amax(dim=1, keepdim=True)
-        shifted = z.sub_(row_max)
-        p = shifted.exp()
-        sum_exp = p.sum(dim=1)
-        log_sum_exp = sum_exp.log()
+        shifted, row_max = _shifted(chunk, inv_temperature, softcap)
         target_shifted = shifted.gather(1, safe_targets[rows, None]).squeeze(1)
-        skip = ignored[rows]
-        logprobs[rows] = torch.where(skip, 0.0, target_shifted - log_sum_exp + nan_if_invalid[rows])
-        lse[rows] = torch.where(skip, 0.0, row_max.squeeze(1) + log_sum_exp + nan_if_invalid[rows])
         if return_entropy:
+            p = shifted.exp()
+            sum_exp = p.sum(dim=1)
             # entropy = log sum exp(s) - sum(exp(s) * s) / sum exp(s) with s = z' - max; clamping
             # -inf logits to a finite value keeps 0 * -inf from turning into NaN.
             weighted = p.mul_(shifted.clamp_(min=_FINITE_MIN)).sum(dim=1)
-            row_entropy = log_sum_exp - weighted / sum_exp
-            entropy[rows] = torch.where(skip, 0.0, row_entropy + nan_if_invalid[rows])
+        else:
+            sum_exp = shifted.exp_().sum(dim=1)
+        log_sum_exp = sum_exp.log()
+        skip, nan_rows = ignored[rows], nan_if_invalid[rows]
+        logprobs[rows] = torch.where(skip, 0.0, target_shifted - log_sum_exp + nan_rows)
+        lse[rows] = torch.where(skip, 0.0, row_max.squeeze(1) + log_sum_exp + nan_rows)
+        if return_entropy:
+            entropy[rows] = torch.where(skip, 0.0, log_sum_exp - weighted / sum_exp + nan_rows)
     return logprobs, entropy, lse
 
 
@@ -87,28 +109,36 @@ def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner
                  iter_row_chunks(grad_out, grad_layout, rows_per_chunk))
     for (start, chunk), (_, grad_chunk) in chunks:
         rows = slice(start, start + chunk.shape[0])
-        z = _transformed_copy(chunk, inv_temperature, softcap)
-        if softcap is not None:
+        lse_rows = lse[rows, None]  # a NaN lse (id outside [0, V)) makes its row NaN
+        if softcap is None:
+            # Work in the returned gradient itself when it is fp32 (no temporary at all).
+            out = grad_chunk if grad_chunk.dtype == torch.float32 else None
+            log_p = (torch.sub(chunk, lse_rows, out=out) if inv_temperature == 1.0 else
+                     _transformed(chunk, inv_temperature, None, out).sub_(lse_rows))
+        else:
+            z = _transformed(chunk, inv_temperature, softcap)
             # dz'/dz = (1 - tanh(z / s)^2) / T, and tanh(z / s) = z' * T / s.
             dz = (z * (1.0 / (softcap * inv_temperature))).square_().neg_().add_(1.0).mul_(inv_temperature)
-        log_p = z.sub_(lse[rows, None])  # a NaN lse (id outside [0, V)) makes the row NaN
-        p = log_p.exp()
+            log_p = z.sub_(lse_rows)
         # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
         #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
-        if grad_entropy is not None:
+        if grad_entropy is None:
+            grad = log_p.exp_().mul_(-grad_logprobs[rows, None])
+        else:
+            p = log_p.exp()
             # Clamping log p at -1000 (exp underflows below ~-104) keeps -inf logits at
             # 0 * finite rather than 0 * inf = NaN, even after scaling by go_ent.
             coef = log_p.clamp_(min=-1000.0).add_(entropy[rows, None]).mul_(grad_entropy[rows, None])
             if grad_logprobs is not None:
                 coef.add_(grad_logprobs[rows, None])
-            grad = p.mul_(coef).neg_()
-        else:
-            grad = p.mul_(grad_logprobs[rows, None]).neg_()
+            grad = coef.mul_(p).neg_()
         if grad_logprobs is not None:
             grad.scatter_add_(1, safe_targets[rows, None], grad_logprobs[rows, None])
         if softcap is not None:
             grad.mul_(dz)
         elif inv_temperature != 1.0:
             grad.mul_(inv_temperature)
-        grad_chunk.copy_(grad.masked_fill_(ignored[rows, None], 0.0))
+        grad.masked_fill_(ignored[rows, None], 0.0)
+        if grad is not grad_chunk:
+            grad_chunk.copy_(grad)
     return grad_out
