@@ -1,46 +1,80 @@
-"""A short table from bench CSVs: per configuration, fastalign's time and memory and how many
-times more each peer needs (time x / memory x), in the same run.
+"""A short table from bench CSVs: per configuration, fastalign's time and peak extra memory and
+each peer's beside it (how many times fastalign's time / memory it needs), from the same run.
 
     python bench/summarize.py bench/results/token_logprobs_cuda.csv
+    python bench/summarize.py --markdown bench/results/token_logprobs_cpu.csv   # for README.md
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
-import sys
 from collections import defaultdict
 
+BASELINE = "fastalign"
 
-def summarize(path: str, baseline: str = "fastalign") -> None:
-    with open(path) as source:
-        rows = list(csv.DictReader(source))
+
+def _groups(rows):
     groups = defaultdict(dict)
     for row in rows:
-        groups[(row["op"], row["dtype"], row["mode"], int(row["vocab"]), row["n_rows"])][row["provider"]] = row
-    peers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != baseline))
-    print(f"{path}  ({rows[0]['device']}, commit {rows[0]['commit']}, {rows[0]['date']})")
-    print(f"{'op':15} {'dtype':9} {'mode':8} {'N':>6} {'V':>7} {baseline + ' ms':>13} {'MB':>8} "
-          + " ".join(f"{p + ' t/m':>22}" for p in peers))
-    for (op, dtype, mode, vocab, n_rows), by_provider in groups.items():
-        base = by_provider.get(baseline)
+        groups[(row["dtype"], row["mode"], int(row["vocab"]))][row["provider"]] = row
+    return groups
+
+
+def _ms(value) -> str:
+    value = float(value)
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _peer_cells(row, base, markdown: bool) -> list[str]:
+    """Markdown: [time ms (time x), peak MB]; terminal: ["time x / memory x"]."""
+    if row is None or row["error"]:
+        text = "-" if row is None else row["error"][:24]
+        return [text, ""] if markdown else [text]
+    time_x = float(row["time_ms"]) / float(base["time_ms"])
+    if markdown:
+        return [f"{_ms(row['time_ms'])} ({time_x:.2f}x)", f"{float(row['peak_mb']):.4g}"]
+    mem_x = float(row["peak_mb"]) / max(float(base["peak_mb"]), 1e-3)
+    return [f"{time_x:.2f}x / {mem_x:.3g}x"]
+
+
+def summarize(path: str, markdown: bool) -> None:
+    with open(path) as source:
+        rows = list(csv.DictReader(source))
+    peers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != BASELINE))
+    first = rows[0]
+    if markdown:
+        print("| dtype | mode | V | fastalign ms | fastalign MB (x logits) | "
+              + " | ".join(f"{p} ms (x) | {p} MB" for p in peers) + " |")
+        print("|" + " --- |" * (5 + 2 * len(peers)))
+    else:
+        print(f"{path}  ({first['device']}, commit {first['commit']}, {first['date']}, "
+              f"N={first['n_rows']})")
+        print(f"{'dtype':9} {'mode':8} {'V':>7} {BASELINE + ' ms':>13} {'MB':>8} "
+              + " ".join(f"{p + ' t/m':>24}" for p in peers))
+    for (dtype, mode, vocab), by_provider in _groups(rows).items():
+        base = by_provider.get(BASELINE)
         if base is None or base["error"]:
-            print(f"{op:15} {dtype:9} {mode:8} {n_rows:>6} {vocab:>7} {baseline} failed: "
-                  f"{base['error'] if base else 'missing'}")
+            print(f"{dtype} {mode} {vocab}: {BASELINE} failed: {base['error'] if base else 'missing'}")
             continue
-        cells = []
-        for peer in peers:
-            row = by_provider.get(peer)
-            if row is None:
-                cells.append("-")
-            elif row["error"]:
-                cells.append(row["error"][:20])
-            else:
-                cells.append(f"{float(row['time_ms']) / float(base['time_ms']):.2f}x / "
-                             f"{float(row['peak_mb']) / max(float(base['peak_mb']), 1e-3):.1f}x")
-        print(f"{op:15} {dtype:9} {mode:8} {n_rows:>6} {vocab:>7} {float(base['time_ms']):13.3f} "
-              f"{float(base['peak_mb']):8.1f} " + " ".join(f"{c:>22}" for c in cells))
+        cells = [cell for p in peers for cell in _peer_cells(by_provider.get(p), base, markdown)]
+        ratio = float(base["peak_mb"]) / float(base["logits_mb"])
+        if markdown:
+            print(f"| {dtype} | {mode} | {vocab} | {_ms(base['time_ms'])} | "
+                  f"{float(base['peak_mb']):.1f} ({ratio:.3f}x) | " + " | ".join(cells) + " |")
+        else:
+            print(f"{dtype:9} {mode:8} {vocab:>7} {float(base['time_ms']):13.3f} "
+                  f"{float(base['peak_mb']):8.1f} " + " ".join(f"{c:>24}" for c in cells))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", nargs="+")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    for path in args.csv:
+        summarize(path, args.markdown)
 
 
 if __name__ == "__main__":
-    for csv_path in sys.argv[1:]:
-        summarize(csv_path)
+    main()

@@ -30,6 +30,38 @@ def copy_bandwidth_gbs(device) -> float:
     return 2 * source.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def sweep(dtype, n_rows: int, vocab: int, device) -> list[dict]:
+    """Time of each kernel at each (BLOCK_V, num_warps) on random [n_rows, vocab] logits."""
+    logits = (torch.randn(n_rows, vocab, device=device) * 2).to(dtype)
+    targets = torch.randint(0, vocab, (n_rows,), device=device)
+    grad_out = torch.empty_like(logits)
+    ones = torch.ones(n_rows, device=device)
+    common = dict(inv_temperature=1.0, softcap=None, ignore_index=-100)
+    layout = (n_rows, 0, vocab)  # n_inner, stride_outer, stride_inner of contiguous rows
+    _, entropy, lse = kernels.token_logprobs_forward(logits, targets, *layout, return_entropy=True,
+                                                     **common)
+    logits_bytes = logits.numel() * logits.element_size()
+    rows = []
+    for block in (2048, 4096, 8192, 16384):
+        for warps in (4, 8, 16):
+            tiles = dict(block_v=block, num_warps=warps)
+            runs = {  # kernel: (call, bytes it must move)
+                "forward": (lambda: kernels.token_logprobs_forward(
+                    logits, targets, *layout, return_entropy=False, **tiles, **common), logits_bytes),
+                "forward_entropy": (lambda: kernels.token_logprobs_forward(
+                    logits, targets, *layout, return_entropy=True, **tiles, **common), logits_bytes),
+                "backward": (lambda: kernels.token_logprobs_backward(
+                    logits, targets, *layout, lse, entropy, ones, None, grad_out, **tiles, **common),
+                    2 * logits_bytes),
+            }
+            for kernel, (call, moved) in runs.items():
+                ms = triton.testing.do_bench(call, warmup=5, rep=30)
+                rows.append(dict(kernel=kernel, dtype=str(dtype).removeprefix("torch."), rows=n_rows,
+                                 vocab=vocab, block_v=block, num_warps=warps, time_ms=round(ms, 4),
+                                 gbs=round(moved / (ms * 1e-3) / 1e9, 1)))
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=8192)
@@ -41,37 +73,9 @@ def main(argv=None) -> None:
     stamp = harness.stamp(device)
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s (read + write) on {stamp['device']}")
-    rows = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        logits = (torch.randn(args.rows, args.vocab, device=device) * 2).to(dtype)
-        targets = torch.randint(0, args.vocab, (args.rows,), device=device)
-        grad_out = torch.empty_like(logits)
-        ones = torch.ones(args.rows, device=device)
-        common = dict(inv_temperature=1.0, softcap=None, ignore_index=-100)
-        layout = (args.rows, 0, args.vocab)
-        _, entropy, lse = kernels.token_logprobs_forward(logits, targets, *layout, return_entropy=True, **common)
-        logits_bytes = logits.numel() * logits.element_size()
-        for block in (2048, 4096, 8192, 16384):
-            for warps in (4, 8, 16):
-                runs = {
-                    "forward": (lambda: kernels.token_logprobs_forward(
-                        logits, targets, *layout, return_entropy=False, block_v=block,
-                        num_warps=warps, **common), logits_bytes),
-                    "forward_entropy": (lambda: kernels.token_logprobs_forward(
-                        logits, targets, *layout, return_entropy=True, block_v=block,
-                        num_warps=warps, **common), logits_bytes),
-                    "backward": (lambda: kernels.token_logprobs_backward(
-                        logits, targets, *layout, lse, entropy, ones, None, grad_out,
-                        block_v=block, num_warps=warps, **common), 2 * logits_bytes),
-                }
-                for kernel, (fn, moved) in runs.items():
-                    ms = triton.testing.do_bench(fn, warmup=5, rep=30)
-                    gbs = moved / (ms * 1e-3) / 1e9
-                    rows.append(dict(kernel=kernel, dtype=dtype_name, rows=args.rows, vocab=args.vocab,
-                                     block_v=block, num_warps=warps, time_ms=round(ms, 4),
-                                     gbs=round(gbs, 1), copy_gbs=round(copy_gbs, 1), **stamp))
-        del logits, grad_out
+    rows = [dict(row, copy_gbs=round(copy_gbs, 1), **stamp)
+            for dtype_name in args.dtypes
+            for row in sweep(getattr(torch, dtype_name), args.rows, args.vocab, device)]
     for kernel in ("forward", "forward_entropy", "backward"):
         for dtype_name in args.dtypes:
             best = sorted((r for r in rows if r["kernel"] == kernel and r["dtype"] == dtype_name),

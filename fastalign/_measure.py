@@ -41,8 +41,12 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         del result
         return torch.cuda.max_memory_allocated(device) - before
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset the peak resident set to the current one
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset the peak resident set to the current one
+    except OSError as error:
+        raise RuntimeError("peak CPU memory is measured through Linux's /proc/self/clear_refs, "
+                           f"which this system does not offer ({error})") from error
     before = _proc_status_kib("VmRSS")
     result = fn()
     peak = _proc_status_kib("VmHWM")

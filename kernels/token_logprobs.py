@@ -29,6 +29,7 @@ FORWARD_NUM_WARPS = 4
 BACKWARD_BLOCK_V = 8192
 BACKWARD_NUM_WARPS = 8
 
+
 @triton.jit
 def _row_offset(row, n_inner, stride_outer, stride_inner):
     return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner

@@ -1,0 +1,38 @@
+# fastalign: the two set-up commands on a fresh machine are
+#   make demo    the main job on a built-in default (fused vs naive log-probs, 128k vocabulary)
+#   make test    the test suite (CPU; Triton kernels run through TRITON_INTERPRET=1)
+# Both create .venv on first use. See README.md.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.fastalign-installed
+
+.PHONY: install demo test bench clean
+
+install: $(INSTALLED)
+
+# torch goes in first and pinned: it is the CPU build this machine keeps on disk, where an
+# unpinned torch (or one asked for inside pip's isolated build environment) would pull a
+# multi-GB CUDA build. fastalign itself then installs without build isolation.
+$(INSTALLED): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip setuptools wheel
+	$(BIN)/python -m pip install -q torch==2.13.0 triton==3.9.0
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+demo: $(INSTALLED)
+	$(BIN)/python -m fastalign.demo
+
+# pytest (not `python -m pytest`): the repository root must not be on sys.path, or its
+# kernels/ folder would be importable as a top-level `kernels` (tests/test_packaging.py).
+test: $(INSTALLED)
+	$(BIN)/pytest
+
+bench: $(INSTALLED)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[bench]"
+	$(BIN)/python bench/bench_token_logprobs.py --compile-vocab 128256
+
+clean:
+	rm -rf $(VENV) build *.egg-info
