@@ -26,6 +26,11 @@ def _ms(value) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def _mb(value) -> str:
+    value = float(value)
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
 def _peer_cells(row, base, markdown: bool) -> list[str]:
     """Markdown: [time ms (time x), peak MB]; terminal: ["time x / memory x"]."""
     if row is None or row["error"]:
@@ -33,7 +38,7 @@ def _peer_cells(row, base, markdown: bool) -> list[str]:
         return [text, ""] if markdown else [text]
     time_x = float(row["time_ms"]) / float(base["time_ms"])
     if markdown:
-        return [f"{_ms(row['time_ms'])} ({time_x:.2f}x)", f"{float(row['peak_mb']):.4g}"]
+        return [f"{_ms(row['time_ms'])} ({time_x:.2f}x)", _mb(row["peak_mb"])]
     mem_x = float(row["peak_mb"]) / max(float(base["peak_mb"]), 1e-3)
     return [f"{time_x:.2f}x / {mem_x:.3g}x"]
 
@@ -61,7 +66,7 @@ def summarize(path: str, markdown: bool) -> None:
         ratio = float(base["peak_mb"]) / float(base["logits_mb"])
         if markdown:
             print(f"| {dtype} | {mode} | {vocab} | {_ms(base['time_ms'])} | "
-                  f"{float(base['peak_mb']):.1f} ({ratio:.3f}x) | " + " | ".join(cells) + " |")
+                  f"{_mb(base['peak_mb'])} ({ratio:.3f}x) | " + " | ".join(cells) + " |")
         else:
             print(f"{dtype:9} {mode:8} {vocab:>7} {float(base['time_ms']):13.3f} "
                   f"{float(base['peak_mb']):8.1f} " + " ".join(f"{c:>24}" for c in cells))

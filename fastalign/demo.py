@@ -102,13 +102,13 @@ def main(argv=None) -> None:
         results[label] = _measure_way(dict(spec, way=way), device)
     max_lp, max_grad = _largest_differences(spec, device)
 
-    print(f"\n{'':36} {'time (s)':>9} {'peak extra memory':>18} {'x logits':>9}")
+    print(f"\n{'':36} {'time (ms)':>10} {'peak extra memory':>18} {'x logits':>9}")
     for label, result in results.items():
         if "error" in result:
             print(f"{label:36} failed: {result['error']}")
             continue
         peak_mb = result["peak_bytes"] / 2**20
-        print(f"{label:36} {result['seconds']:9.3f} {peak_mb:15.0f} MB {peak_mb / logits_mb:9.2f}")
+        print(f"{label:36} {result['seconds'] * 1e3:10.1f} {peak_mb:15.0f} MB {peak_mb / logits_mb:9.2f}")
     naive, fused = (results[label] for label in WAYS)
     if "error" not in naive and "error" not in fused:
         print(f"\nfastalign: {naive['seconds'] / fused['seconds']:.1f}x the speed, "

@@ -15,8 +15,8 @@ def test_demo_runs_and_reports_both_ways():
     lines = done.stdout.splitlines()
     for label in ("naive torch (log_softmax + gather)", "fastalign.token_logprobs"):
         (row,) = [line for line in lines if line.startswith(label)]
-        seconds, peak_mb = row[len(label):].split()[:2]
-        assert float(seconds) > 0 and float(peak_mb) >= 0, row
+        milliseconds, peak_mb = (float(value) for value in row[len(label):].split()[:2])
+        assert milliseconds >= 0 and peak_mb >= 0, row  # tiny sizes: the values are noise
     assert "largest difference" in done.stdout
     difference = float(done.stdout.split("log-probs ")[-1].split(",")[0])
     assert difference < 1e-4
