@@ -109,8 +109,9 @@ def token_logprobs(
     ``FASTALIGN_CHECK_TARGETS=1``; otherwise the kernel never reads out of bounds and reports the
     row as NaN in every output and in its gradient.
 
-    Memory: the outputs plus two float32 scalars per row in forward; backward allocates only the
-    gradient it returns (nothing with ``inplace_backward``). The backend follows the device
+    Memory: forward allocates the outputs and one float32 per row (the log-sum-exp kept for
+    backward); backward allocates only the gradient it returns (nothing with
+    ``inplace_backward``). The backend follows the device
     (Triton on CUDA, the chunked torch path elsewhere) unless ``FASTALIGN_BACKEND`` forces one.
     """
     checks.check_float_tensor("logits", logits)
