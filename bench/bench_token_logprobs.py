@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import summarize  # noqa: E402
 
 import fastalign  # noqa: E402
 from fastalign import _measure  # noqa: E402
@@ -36,7 +37,7 @@ from fastalign.reference import token_logprobs_reference  # noqa: E402
 
 PROVIDERS = ("torch_eager", "torch_compile", "trl", "fastalign")
 MODES = ("fwd", "fwd_bwd")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = _measure.DTYPES
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -74,11 +75,8 @@ def make_op(provider: str, device: torch.device):
 
 def make_call(spec: dict, device: torch.device):
     """The inputs of one configuration and a closure running it once."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    shape = (spec["batch"], spec["seq"])
-    logits = (torch.randn(*shape, spec["vocab"], device=device, generator=generator) * 2).to(
-        DTYPES[spec["dtype"]])
-    targets = torch.randint(0, spec["vocab"], shape, device=device, generator=generator)
+    logits, targets = _measure.random_logits(spec["batch"], spec["seq"], spec["vocab"],
+                                             spec["dtype"], device)
     op = make_op(spec["provider"], device)
     if spec["mode"] == "fwd":
         def call():
@@ -170,8 +168,8 @@ def main(argv=None) -> None:
                      "peak_mb": None, "error": "", **result, **stamp})
     harness.write_csv(rows, csv_path)
     harness.plot(rows, plot_path, f"token_logprobs, N={args.batch}x{args.seq}, {stamp['device']}")
-    print(f"\n{stamp}\nCSV: {csv_path}\nplot: {plot_path}\n")
-    harness.print_table(rows)
+    print(f"\nCSV: {csv_path}\nplot: {plot_path}\n")
+    summarize.summarize(str(csv_path), markdown=False)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ timeout 150 python3 bench/tune_token_logprobs.py --csv "$OUT/tune_token_logprobs
 
 step "benchmarks"
 timeout 240 python3 bench/bench_token_logprobs.py --device cuda --batch 8 --compile-vocab 128256 \
-  --csv "$OUT/token_logprobs_cuda.csv" --plot "$OUT/token_logprobs_cuda.png" 2>&1 | tee "$OUT/bench.log" | tail -60
+  --csv "$OUT/token_logprobs_cuda.csv" --plot "$OUT/token_logprobs_cuda.png" 2>&1 | tee "$OUT/bench.log" | tail -3
 
 step "summary"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3

@@ -1,4 +1,4 @@
-"""Shared plumbing of the bench scripts: stamps, CSV, a plot and a terminal table.
+"""Shared plumbing of the bench scripts: stamps, CSV and a plot (summarize.py prints the table).
 
 A result row is a dict with at least: op, provider, mode, dtype, shape fields, time_ms,
 peak_mb (extra memory beyond the inputs), and an ``error`` for runs that failed (OOM).
@@ -76,21 +76,3 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def print_table(rows: list[dict], baseline: str = "fastalign") -> None:
-    """One line per run; x-factors are relative to ``baseline`` in the same configuration."""
-    key = lambda row: (row["dtype"], row["mode"], row["vocab"])  # noqa: E731
-    base = {key(row): row for row in rows if row["provider"] == baseline and not row.get("error")}
-    print(f"{'dtype':9} {'mode':8} {'V':>7} {'provider':14} {'time ms':>9} {'vs ' + baseline:>13}"
-          f" {'peak MB':>9} {'vs ' + baseline:>13} {'x logits':>8}")
-    for row in rows:
-        head = f"{row['dtype']:9} {row['mode']:8} {row['vocab']:>7} {row['provider']:14}"
-        if row.get("error"):
-            print(f"{head} {'failed: ' + row['error'][:60]}")
-            continue
-        ref = base.get(key(row))
-        time_x = f"{row['time_ms'] / ref['time_ms']:.2f}x" if ref else "-"
-        mem_x = f"{row['peak_mb'] / max(ref['peak_mb'], 1e-9):.1f}x" if ref else "-"
-        print(f"{head} {row['time_ms']:9.2f} {time_x:>13} {row['peak_mb']:9.1f} {mem_x:>13}"
-              f" {row['peak_mb'] / row['logits_mb']:8.3f}")

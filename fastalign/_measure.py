@@ -21,6 +21,16 @@ from typing import Callable
 import torch
 
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def random_logits(batch: int, seq: int, vocab: int, dtype: str, device: torch.device):
+    """Seeded ``[batch, seq, vocab]`` logits (scale 2, as a trained head gives) and valid targets,
+    the inputs every provider of the demo and the benchmarks sees."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(batch, seq, vocab, device=device, generator=generator) * 2
+    targets = torch.randint(0, vocab, (batch, seq), device=device, generator=generator)
+    return logits.to(DTYPES[dtype]), targets
 
 
 def _proc_status_kib(field: str) -> int:

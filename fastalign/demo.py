@@ -20,7 +20,7 @@ import fastalign
 from fastalign import _measure
 from fastalign.reference import token_logprobs_reference
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = _measure.DTYPES
 WAYS = {
     "naive torch (log_softmax + gather)": "naive",
     "fastalign.token_logprobs": "fastalign",
@@ -28,11 +28,8 @@ WAYS = {
 
 
 def _inputs(spec: dict, device: torch.device):
-    generator = torch.Generator(device=device).manual_seed(0)
-    shape = (spec["batch"], spec["seq"])
-    logits = (torch.randn(*shape, spec["vocab"], device=device, generator=generator) * 2).to(
-        DTYPES[spec["dtype"]])
-    targets = torch.randint(0, spec["vocab"], shape, device=device, generator=generator)
+    logits, targets = _measure.random_logits(spec["batch"], spec["seq"], spec["vocab"],
+                                             spec["dtype"], device)
     return logits.requires_grad_(), targets
 
 
