@@ -34,8 +34,10 @@ def check_float_tensor(name: str, x) -> None:
             f"got shape {tuple(x.shape)}")
 
 
-def check_targets(targets, logits: torch.Tensor, ignore_index) -> None:
-    """Type, shape and device of ``targets`` against ``logits [..., V]``; ids in range on CPU."""
+def check_targets(targets, leading_shape, vocab_size: int, device: torch.device, ignore_index,
+                  source: str = "logits") -> None:
+    """Type, shape and device of ``targets`` against ``source`` (a ``[..., V]`` tensor or
+    ``[..., D]`` hidden states); ids in range on CPU (and on CUDA when asked, see above)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
@@ -43,15 +45,18 @@ def check_targets(targets, logits: torch.Tensor, ignore_index) -> None:
                         "use targets.long()")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+    if tuple(targets.shape) != tuple(leading_shape):
         raise ValueError(
-            f"targets has shape {tuple(targets.shape)} but must equal logits.shape[:-1] = "
-            f"{tuple(logits.shape[:-1])} (one target id per row of logits)")
-    if targets.device != logits.device:
-        raise ValueError(f"logits is on {logits.device} but targets is on {targets.device}; "
+            f"targets has shape {tuple(targets.shape)} but must equal {source}.shape[:-1] = "
+            f"{tuple(leading_shape)} (one target id per row of {source})")
+    if targets.device != device:
+        raise ValueError(f"{source} is on {device} but targets is on {targets.device}; "
                          "move both to the same device")
+    # Under torch.compile the values are not known while tracing; the kernels stay in bounds.
+    if torch.compiler.is_compiling():
+        return
     if targets.device.type == "cpu" or os.environ.get(CHECK_TARGETS_ENV) == "1":
-        check_target_range(targets, logits.shape[-1], ignore_index)
+        check_target_range(targets, vocab_size, ignore_index)
 
 
 def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -77,3 +82,50 @@ def check_positive(name: str, value, allow_none: bool = False) -> None:
 def check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_same_device(name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if x.device != other.device:
+        raise ValueError(f"{name} is on {x.device} but {other_name} is on {other.device}; "
+                         "move both to the same device")
+
+
+def check_lm_head(hidden, weight, bias, weight_name: str = "weight", hidden_name: str = "hidden",
+                  bias_name: str = "bias") -> None:
+    """``hidden [..., D]``, ``weight [V, D]`` (an lm_head), ``bias [V]`` or None: one dtype and device."""
+    check_float_tensor(hidden_name, hidden)
+    check_float_tensor(weight_name, weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{weight_name} must have shape [V, D] with D = {hidden_name}.shape[-1] = "
+            f"{hidden.shape[-1]} (an lm_head weight, as nn.Linear stores it), got "
+            f"{tuple(weight.shape)}")
+    check_same_device(weight_name, weight, hidden_name, hidden)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{hidden_name} is {hidden.dtype} but {weight_name} is {weight.dtype}; "
+                        f"cast one to the other's dtype (e.g. {hidden_name}.to({weight_name}.dtype))")
+    if bias is None:
+        return
+    check_float_tensor(bias_name, bias)
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must have shape [V] = ({weight.shape[0]},), "
+                         f"got {tuple(bias.shape)}")
+    check_same_device(bias_name, bias, weight_name, weight)
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{bias_name} is {bias.dtype} but {weight_name} is {weight.dtype}; "
+                        "cast it to the weight's dtype")
+
+
+def check_mask(mask, leading_shape, device: torch.device, source: str) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor (True = compute this position), got {got}; "
+                        "use mask.bool()")
+    if tuple(mask.shape) != tuple(leading_shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but must equal {source}.shape[:-1] "
+                         f"= {tuple(leading_shape)}")
+    if mask.device != device:
+        raise ValueError(f"{source} is on {device} but mask is on {mask.device}; "
+                         "move both to the same device")

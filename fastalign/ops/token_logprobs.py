@@ -115,7 +115,7 @@ def token_logprobs(
     (Triton on CUDA, the chunked torch path elsewhere) unless ``FASTALIGN_BACKEND`` forces one.
     """
     checks.check_float_tensor("logits", logits)
-    checks.check_targets(targets, logits, ignore_index)
+    checks.check_targets(targets, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index)
     checks.check_positive("temperature", temperature)
     checks.check_positive("softcap", softcap, allow_none=True)
     checks.check_flag("return_entropy", return_entropy)

@@ -1,0 +1,68 @@
+"""Merging softmax statistics of vocabulary slices: kernel splits, chunks and ranks alike.
+
+A slice ``s`` of the vocabulary (a Triton split, a torch chunk, or a rank's shard of the lm_head)
+summarizes each row by ``m_s = max z'``, ``S_s = sum exp(z' - m_s)`` and, for the entropy,
+``T_s = sum exp(z' - m_s) * (z' - m_s)``. Both sums are kept relative to the slice's own max,
+so large logits never cancel; merging shifts them to the global max ``M``:
+``S = sum_s exp(m_s - M) S_s`` and ``T = sum_s exp(m_s - M) (T_s + (m_s - M) S_s)``, giving
+``lse = M + log S`` and ``entropy = log S - T / S``.
+
+With a ``process_group`` (the lm_head sharded by vocabulary) the same merge runs across ranks:
+one all-reduce of the max, one of the stacked sums.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Slices start their max here rather than at -inf, so that (m_s - M) * S_s is 0 * finite = 0
+# for a slice whose logits are all -inf; exp(m_s - M) is still exactly 0 for it.
+FINITE_MIN = -3.0e38
+
+
+def resolve_group(group_name: str):
+    """The process group a custom op received by name ("" = not sharded)."""
+    if not group_name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(group_name)
+
+
+def vocab_shard(process_group, local_vocab: int, device: torch.device) -> tuple[int, int]:
+    """(offset of this rank's first vocabulary id, total vocabulary) of a head sharded by rows in
+    rank order; ``(0, local_vocab)`` without a group. Shards may differ in size."""
+    if process_group is None:
+        return 0, local_vocab
+    import torch.distributed as dist
+    sizes = torch.zeros(dist.get_world_size(process_group), dtype=torch.int64, device=device)
+    mine = torch.tensor([local_vocab], dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(sizes, mine, group=process_group)
+    sizes = sizes.tolist()
+    rank = dist.get_rank(process_group)
+    return int(sum(sizes[:rank])), int(sum(sizes))
+
+
+def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
+                         sum_exp_shifted: torch.Tensor | None, target_logit: torch.Tensor,
+                         process_group=None):
+    """Merges ``[S, N]`` per-slice statistics (see the module docstring) into per-row results.
+
+    ``target_logit [N]`` is the target's ``z'`` summed over slices, 0 in slices without it.
+    Returns ``(lse [N], entropy [N] or None, target_logit [N])``, float32.
+    """
+    import torch.distributed as dist
+
+    global_max = row_max.amax(0)
+    if process_group is not None:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=process_group)
+    scale = torch.exp(row_max - global_max)
+    sums = [(sum_exp * scale).sum(0), target_logit]
+    if sum_exp_shifted is not None:
+        sums.append((scale * (sum_exp_shifted + (row_max - global_max) * sum_exp)).sum(0))
+    if process_group is not None:
+        stacked = torch.stack(sums)
+        dist.all_reduce(stacked, group=process_group)
+        sums = list(stacked.unbind(0))
+    log_sum_exp = sums[0].log()
+    entropy = None if sum_exp_shifted is None else log_sum_exp - sums[2] / sums[0]
+    return global_max + log_sum_exp, entropy, sums[1]

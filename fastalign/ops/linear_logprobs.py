@@ -1,0 +1,216 @@
+"""``fastalign.linear_logprobs``: per-token log-probs (and entropy) of ``hidden @ weight.T``
+without the ``[N, V]`` logits, in forward or backward.
+
+Two ``torch.library`` custom ops (forward, backward) carry the work, so ``torch.compile`` treats
+the whole thing as one opaque node with a fake (shape-only) implementation and no graph break.
+Inside them: rows whose target is ``ignore_index`` are compacted out, the backend computes per
+vocabulary-slice softmax statistics, ``_vocab_stats`` merges them (across ranks too, for a head
+sharded by vocabulary), and the backward runs ``_linear_backward`` on the backend's
+logits-gradient tiles.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as checks
+from .._backend import select_backend
+from . import _linear_backward, _vocab_stats
+
+
+def _backend_module(backend: str):
+    if backend == "triton":
+        from ..kernels import linear_logprobs as module
+    elif backend == "torch":
+        from . import linear_logprobs_torch as module
+    else:  # select_backend only returns what is available; native lands with csrc/.
+        raise RuntimeError(f"linear_logprobs has no {backend} backend")
+    return module
+
+
+def _kept_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of rows to compute, or None when every row is kept (then nothing is copied)."""
+    keep = targets != ignore_index
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(1)
+
+
+def _rows(x: torch.Tensor | None, rows: torch.Tensor | None):
+    return x if x is None or rows is None else x.index_select(0, rows)
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """``values`` of the kept rows placed into zeros of ``n_rows`` rows (ignored rows give 0)."""
+    if rows is None:
+        return values
+    out = values.new_zeros((n_rows, *values.shape[1:]))
+    return out.index_copy_(0, rows, values)
+
+
+@torch.library.custom_op("fastalign::linear_logprobs_forward", mutates_args=())
+def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                targets: torch.Tensor, inv_temperature: float, softcap: Optional[float],
+                ignore_index: int, return_entropy: bool, vocab_offset: int, vocab_total: int,
+                group_name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logprobs [N], entropy [N] or [0], lse [N])`` for ``hidden [N, D]``, ``targets [N]``."""
+    n_rows = targets.shape[0]
+    rows = _kept_rows(targets, ignore_index)
+    kept_targets = _rows(targets, rows)
+    partials = _backend_module(backend).linear_logprobs_partials(
+        _rows(hidden, rows), weight, bias, kept_targets - vocab_offset,
+        inv_temperature=inv_temperature, softcap=softcap, return_entropy=return_entropy)
+    lse, entropy, target_logit = _vocab_stats.merge_vocab_partials(
+        *partials, process_group=_vocab_stats.resolve_group(group_name))
+    # An id outside [0, V) (possible only on CUDA without FASTALIGN_CHECK_TARGETS=1) is never
+    # read: its row is NaN in every output and gradient.
+    invalid = (kept_targets < 0) | (kept_targets >= vocab_total)
+    lse = lse.masked_fill(invalid, float("nan"))
+    logprobs = _scatter_rows(target_logit - lse, rows, n_rows)
+    entropy = hidden.new_empty(0, dtype=torch.float32) if entropy is None \
+        else _scatter_rows(entropy.masked_fill(invalid, float("nan")), rows, n_rows)
+    return logprobs, entropy, _scatter_rows(lse, rows, n_rows)
+
+
+@_forward_op.register_fake
+def _forward_fake(hidden, weight, bias, targets, inv_temperature, softcap, ignore_index,
+                  return_entropy, vocab_offset, vocab_total, group_name, backend):
+    n_rows = targets.shape[0]
+    per_row = hidden.new_empty(n_rows, dtype=torch.float32)
+    entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=torch.float32)
+    return per_row, entropy, torch.empty_like(per_row)
+
+
+@torch.library.custom_op("fastalign::linear_logprobs_backward", mutates_args=())
+def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                 grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                 inv_temperature: float, softcap: Optional[float], ignore_index: int,
+                 vocab_offset: int, group_name: str, need_hidden: bool, need_weight: bool,
+                 need_bias: bool, backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dHidden, dWeight, dBias)``, each empty when not needed."""
+    n_rows = targets.shape[0]
+    rows = _kept_rows(targets, ignore_index)
+    hidden_kept, targets_kept = _rows(hidden, rows), _rows(targets, rows) - vocab_offset
+    lse, entropy = _rows(lse, rows), _rows(entropy, rows) if grad_entropy is not None else None
+    grad_logprobs, grad_entropy = _rows(grad_logprobs, rows), _rows(grad_entropy, rows)
+    module = _backend_module(backend)
+
+    def grad_tile(start: int, end: int) -> torch.Tensor:
+        return module.linear_logprobs_grad_tile(
+            hidden_kept, weight, bias, targets_kept, lse, entropy, grad_logprobs, grad_entropy,
+            start, end, inv_temperature=inv_temperature, softcap=softcap)
+
+    grad_hidden, grad_weight, grad_bias = _linear_backward.linear_backward(
+        hidden_kept, weight, module.tile_cols(hidden_kept.shape[0], weight.shape[0]), grad_tile,
+        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+    empty = hidden.new_empty(0)
+    if grad_hidden is not None:
+        group = _vocab_stats.resolve_group(group_name)
+        if group is not None:
+            # Each rank holds one vocabulary slice: dHidden is the sum of every slice's part.
+            import torch.distributed as dist
+            dist.all_reduce(grad_hidden, group=group)
+        grad_hidden = _scatter_rows(grad_hidden, rows, n_rows).to(hidden.dtype)
+    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+    return tuple(empty if g is None else g for g in (grad_hidden, grad_weight, grad_bias))
+
+
+@_backward_op.register_fake
+def _backward_fake(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+                   inv_temperature, softcap, ignore_index, vocab_offset, group_name, need_hidden,
+                   need_weight, need_bias, backend):
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if need_hidden else empty,
+            torch.empty_like(weight) if need_weight else empty,
+            torch.empty_like(bias) if need_bias else empty)
+
+
+_OPTION_NAMES = ("inv_temperature", "softcap", "ignore_index", "return_entropy", "vocab_offset",
+                 "vocab_total", "group_name", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, *options = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+    ctx.options = dict(zip(_OPTION_NAMES, options))
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    o = ctx.options
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grads = _backward_op(
+        hidden, weight, bias, targets, lse, entropy,
+        None if grad_logprobs is None else grad_logprobs.float().contiguous(),
+        grad_entropy.float().contiguous() if o["return_entropy"] and grad_entropy is not None
+        else None,
+        o["inv_temperature"], o["softcap"], o["ignore_index"], o["vocab_offset"],
+        o["group_name"], need_hidden, need_weight, bias is not None and need_bias, o["backend"])
+    grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in
+                                           zip(grads, (need_hidden, need_weight, need_bias)))
+    return (grad_hidden, grad_weight, grad_bias) + (None,) * (1 + len(_OPTION_NAMES))
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    process_group=None,
+):
+    """Log-probabilities of the chosen tokens under ``softmax(z')`` with
+    ``z = hidden @ weight.T + bias`` and ``z' = softcap(z) / temperature``, never materializing
+    the ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[..., D]`` float16, bfloat16 or float32 hidden states (the lm_head's input).
+        weight: ``[V, D]`` lm_head weight, same dtype and device; with ``process_group``, this
+            rank's rows of it (shards in rank order, sizes may differ).
+        targets: ``[...]`` integer ids in ``[0, V)`` (global ids when sharded), or
+            ``ignore_index``. Already shifted: target ``t`` is the token after position ``t``.
+        bias: ``[V]`` or None.
+        temperature, softcap, ignore_index, return_entropy: as in :func:`token_logprobs`.
+        process_group: a ``torch.distributed`` group over which ``weight`` is sharded by
+            vocabulary; every rank passes the same ``hidden`` and ``targets`` and gets the full
+            results and the full ``hidden`` gradient (one all-reduce of three floats per row in
+            forward, one of ``[N, D]`` in backward). Eager mode only.
+
+    Returns:
+        ``logprobs [...]`` float32, or ``(logprobs, entropy)``; differentiable w.r.t. ``hidden``,
+        ``weight`` and ``bias``. No weight gradient is computed when ``weight`` does not require
+        grad (a frozen head, LoRA). Ignored rows cost nothing: they are compacted out first.
+
+    Memory: forward needs a few float32 per row and vocabulary slice; backward one
+    ``[N, cols]`` logits-gradient tile, plus a float32 ``[N, D]`` accumulator for bf16/fp16
+    inputs, beyond the gradients it returns. Targets outside ``[0, V)`` raise for CPU tensors;
+    on CUDA they give NaN rows unless ``FASTALIGN_CHECK_TARGETS=1`` (see :func:`token_logprobs`).
+    """
+    checks.check_lm_head(hidden, weight, bias)
+    checks.check_positive("temperature", temperature)
+    checks.check_positive("softcap", softcap, allow_none=True)
+    checks.check_flag("return_entropy", return_entropy)
+    vocab_offset, vocab_total = _vocab_stats.vocab_shard(process_group, weight.shape[0],
+                                                         weight.device)
+    checks.check_targets(targets, hidden.shape[:-1], vocab_total, hidden.device, ignore_index,
+                         source="hidden")
+    group_name = "" if process_group is None else process_group.group_name
+    logprobs, entropy, _ = _forward_op(
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+        None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(),
+        1.0 / float(temperature), None if softcap is None else float(softcap), int(ignore_index),
+        return_entropy, vocab_offset, vocab_total, group_name, select_backend(hidden.device))
+    logprobs = logprobs.view(targets.shape)
+    return (logprobs, entropy.view(targets.shape)) if return_entropy else logprobs

@@ -1,0 +1,120 @@
+"""Pure-torch backend of ``linear_logprobs``: runs anywhere, memory bounded by one logits tile.
+
+The vocabulary is walked in slices of ``cols`` columns (``fastalign.ops._linear_backward``
+picks them so a ``[N, cols]`` tile stays near ``TILE_ELEMENTS``). Each tile of logits is one
+matmul (``hidden @ weight[slice].T``, the fastest primitive torch has on a CPU), reduced in place
+to the slice's softmax statistics (``_vocab_stats``) in the forward, or turned in place into the
+gradient w.r.t. the logits in the backward. The launchers take the same arguments as those of
+``fastalign.kernels.linear_logprobs`` so the op treats both backends alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._vocab_stats import FINITE_MIN
+
+# A [N, cols] float32 tile of about 16 MiB: matmuls of that size run near a CPU's peak, and the
+# tile plus one temporary stay far below the logits' size.
+TILE_ELEMENTS = 1 << 22
+
+
+def raw_logits_tile(hidden, weight, bias, start: int, end: int) -> torch.Tensor:
+    """``hidden @ weight[start:end].T + bias[start:end]`` as a fresh float32 ``[N, end-start]``
+    tile, computed in the inputs' dtype (the rounding torch's own bf16 path has)."""
+    w = weight[start:end]
+    if bias is None:
+        tile = torch.mm(hidden, w.t())
+    else:
+        tile = torch.addmm(bias[start:end], hidden, w.t())
+    return tile if tile.dtype == torch.float32 else tile.float()
+
+
+def transform_(z: torch.Tensor, inv_temperature: float, softcap: float | None) -> torch.Tensor:
+    """z' = softcap(z) / temperature, in place."""
+    if softcap is not None:
+        return z.div_(softcap).tanh_().mul_(softcap * inv_temperature)
+    return z.mul_(inv_temperature) if inv_temperature != 1.0 else z
+
+
+def tile_cols(n_rows: int, vocab_size: int) -> int:
+    """Vocabulary columns per tile: ``TILE_ELEMENTS`` in all, at least 256 columns so that huge
+    batches still get matmuls of a useful width."""
+    return min(vocab_size, max(256, TILE_ELEMENTS // max(n_rows, 1)))
+
+
+def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
+                             return_entropy):
+    """Per-slice softmax statistics of ``z' = transform(hidden @ weight.T + bias)``.
+
+    Args:
+        hidden: ``[N, D]`` contiguous; weight ``[V, D]``; bias ``[V]`` or None.
+        targets: ``[N]`` ids relative to this weight's first row (a shard's ids may be outside
+            ``[0, V)``: they add nothing to ``target_logit``).
+    Returns:
+        ``(row_max, sum_exp, sum_exp_shifted or None)``, each ``[S, N]`` float32 for
+        ``S = ceil(V / tile_cols)`` slices, and ``target_logit [N]`` (see ``_vocab_stats``).
+    """
+    n_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    cols = tile_cols(n_rows, vocab_size)
+    n_slices = -(-vocab_size // cols)
+    new = dict(device=hidden.device, dtype=torch.float32)
+    row_max = torch.empty(n_slices, n_rows, **new)
+    sum_exp = torch.empty(n_slices, n_rows, **new)
+    sum_exp_shifted = torch.empty(n_slices, n_rows, **new) if return_entropy else None
+    target_logit = torch.zeros(n_rows, **new)
+    for index, start in enumerate(range(0, vocab_size, cols)):
+        end = min(start + cols, vocab_size)
+        z = transform_(raw_logits_tile(hidden, weight, bias, start, end), inv_temperature, softcap)
+        in_slice = (targets >= start) & (targets < end)
+        local = torch.where(in_slice, targets - start, 0).long()
+        target_logit += torch.where(in_slice, z.gather(1, local[:, None]).squeeze(1), 0.0)
+        tile_max = z.amax(dim=1).clamp_(min=FINITE_MIN)
+        shifted = z.sub_(tile_max[:, None])
+        if return_entropy:
+            p = shifted.exp()
+            sum_exp[index] = p.sum(dim=1)
+            # -inf logits: clamp so that their term is 0 * finite, not 0 * -inf = NaN.
+            sum_exp_shifted[index] = p.mul_(shifted.clamp_(min=FINITE_MIN)).sum(dim=1)
+        else:
+            sum_exp[index] = shifted.exp_().sum(dim=1)
+        row_max[index] = tile_max
+    return row_max, sum_exp, sum_exp_shifted, target_logit
+
+
+def linear_logprobs_grad_tile(hidden, weight, bias, targets, lse, entropy, grad_logprobs,
+                              grad_entropy, start: int, end: int, *, inv_temperature, softcap):
+    """Gradient of ``sum(go_lp * logprob + go_ent * entropy)`` w.r.t. the raw logits of
+    vocabulary columns ``[start, end)``: a fresh ``[N, end-start]`` tensor in ``hidden.dtype``.
+
+    ``lse``/``entropy`` are the merged per-row results of the forward (float32 ``[N]``);
+    ``grad_*`` are float32 ``[N]`` or None.
+    """
+    raw = raw_logits_tile(hidden, weight, bias, start, end)
+    if softcap is None:
+        log_p = transform_(raw, inv_temperature, None).sub_(lse[:, None])
+    else:
+        tanh = raw.div_(softcap).tanh_()
+        # dz'/dz = (1 - tanh(z / s)^2) / T
+        dz = tanh.square().neg_().add_(1.0).mul_(inv_temperature)
+        log_p = tanh.mul_(softcap * inv_temperature).sub_(lse[:, None])
+    # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
+    #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
+    if grad_entropy is None:
+        grad = log_p.exp_().mul_(-grad_logprobs[:, None])
+    else:
+        p = log_p.exp()
+        # log p clamped at -1000 (exp underflows below ~-104): a -inf logit gives 0 * finite.
+        coef = log_p.clamp_(min=-1000.0).add_(entropy[:, None]).mul_(grad_entropy[:, None])
+        if grad_logprobs is not None:
+            coef.add_(grad_logprobs[:, None])
+        grad = coef.mul_(p).neg_()
+    if grad_logprobs is not None:
+        in_slice = (targets >= start) & (targets < end)
+        local = torch.where(in_slice, targets - start, 0).long()
+        grad.scatter_add_(1, local[:, None], torch.where(in_slice, grad_logprobs, 0.0)[:, None])
+    if softcap is not None:
+        grad.mul_(dz)
+    elif inv_temperature != 1.0:
+        grad.mul_(inv_temperature)
+    return grad if grad.dtype == hidden.dtype else grad.to(hidden.dtype)

@@ -1,0 +1,211 @@
+"""Triton kernels for log-probs and entropy of ``hidden @ weight.T``, and their launchers.
+
+Forward (fully fused): a 2-D grid of (token tile, vocabulary split). Each program walks its
+split in ``BLOCK_V`` tiles; each tile of logits is a ``tl.dot`` over ``D`` in ``BLOCK_D`` steps
+with an fp32 accumulator, transformed, masked (columns past V are -inf, never exp(0)) and folded
+into an online log-sum-exp: the split's max, ``sum exp(z' - max)`` and, for the entropy,
+``sum exp(z' - max) * (z' - max)``. The target logit is picked inside the tile. Splits write
+``[S, N]`` partial statistics that ``fastalign.ops._vocab_stats`` merges (as it merges ranks).
+No logits leave the registers.
+
+Backward: one program per (token tile, vocabulary tile) of a vocabulary slice recomputes the
+logits tile the same way, turns it into ``dLoss/dz`` in registers from the saved per-row
+log-sum-exp (and entropy), and stores it in the inputs' dtype into a ``[N, cols]`` slice
+buffer that ``fastalign.ops._linear_backward`` feeds to two cuBLAS matmuls (dHidden, dWeight).
+
+Offsets are int64: ``V * D`` passes 2**31 for a 256k vocabulary at D = 8192.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRETED
+from ._math import softcap_grad, transform_logits
+
+# One default per kernel, read at call time (tests shrink them to cover tails). Not yet tuned
+# on a GPU: a session with one should sweep them.
+FORWARD_BLOCK_N = 64
+FORWARD_BLOCK_V = 128
+FORWARD_BLOCK_D = 64
+FORWARD_NUM_WARPS = 8
+GRAD_BLOCK_N = 64
+GRAD_BLOCK_V = 128
+GRAD_BLOCK_D = 64
+GRAD_NUM_WARPS = 8
+# Programs the forward aims for (vocabulary splits x token tiles): a few waves of any GPU.
+FORWARD_TARGET_PROGRAMS = 1024
+# The backward's logits-gradient slice: about 16M elements (32 MiB in bf16).
+GRAD_TILE_ELEMENTS = 1 << 24
+
+
+@triton.jit
+def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, hidden_dim,
+                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``hidden[rows] @ weight[cols].T (+ bias[cols])`` as an fp32 ``[BLOCK_N, BLOCK_V]`` block;
+    ``rows``/``cols`` are int64 and both matrices are row-major with ``hidden_dim`` columns."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d_start in range(0, hidden_dim, BLOCK_D):
+        dims = d_start + tl.arange(0, BLOCK_D)
+        in_dims = dims < hidden_dim
+        h = tl.load(hidden_ptr + rows[:, None] * hidden_dim + dims[None, :],
+                    mask=row_mask[:, None] & in_dims[None, :], other=0.0)
+        w = tl.load(weight_ptr + cols[:, None] * hidden_dim + dims[None, :],
+                    mask=col_mask[:, None] & in_dims[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _linear_logprobs_forward_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
+    row_max_ptr, sum_exp_ptr, sum_exp_shifted_ptr, target_logit_ptr,
+    n_rows, vocab_size, hidden_dim, cols_per_split, inv_temperature, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    # Finite start: (old - new max) * sum_exp is 0 * finite on the first tile, not NaN.
+    running_max = tl.full((BLOCK_N,), -3.0e38, dtype=tl.float32)
+    sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_exp_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    split_start = split * cols_per_split
+    split_end = tl.minimum(split_start + cols_per_split, vocab_size)
+    for v_start in range(split_start, split_end, BLOCK_V):
+        cols = (v_start + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_mask = cols < split_end
+        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask,
+                         hidden_dim, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        z = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP)
+        z = tl.where(col_mask[None, :], z, -float("inf"))
+        is_target = (cols[None, :] == targets[:, None]) & col_mask[None, :]
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        rescale = tl.exp(running_max - new_max)
+        shifted = z - new_max[:, None]
+        p = tl.exp(shifted)
+        if RETURN_ENTROPY:
+            # Relative to the running max, so large logits do not cancel; -inf clamped so its
+            # term is 0 * finite.
+            sum_exp_shifted = rescale * (sum_exp_shifted + (running_max - new_max) * sum_exp) \
+                + tl.sum(p * tl.maximum(shifted, -3.0e38), axis=1)
+        sum_exp = sum_exp * rescale + tl.sum(p, axis=1)
+        running_max = new_max
+    out = split.to(tl.int64) * n_rows + rows
+    tl.store(row_max_ptr + out, running_max, mask=row_mask)
+    tl.store(sum_exp_ptr + out, sum_exp, mask=row_mask)
+    if RETURN_ENTROPY:
+        tl.store(sum_exp_shifted_ptr + out, sum_exp_shifted, mask=row_mask)
+    # Each target lies in one split: partial sums over splits give its logit (0 elsewhere).
+    tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
+
+
+@triton.jit
+def _linear_logprobs_grad_tile_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr,
+    grad_logprobs_ptr, grad_entropy_ptr, grad_tile_ptr,
+    n_rows, col_start, n_cols, hidden_dim, inv_temperature, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LOGPROB_GRAD: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < n_rows
+    col_mask = tile_cols < n_cols
+    cols = col_start + tile_cols
+    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask,
+                     hidden_dim, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    log_p = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP) - lse[:, None]
+    p = tl.exp(log_p)
+    grad = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    if HAS_LOGPROB_GRAD:
+        go_lp = tl.load(grad_logprobs_ptr + rows, mask=row_mask, other=0.0)
+        targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+        grad += go_lp[:, None] * (tl.where(cols[None, :] == targets[:, None], 1.0, 0.0) - p)
+    if HAS_ENTROPY_GRAD:
+        # d entropy / dz'_j = p_j * (-log p_j - entropy); log p clamped at -1000 (exp is 0
+        # there anyway) so a -inf logit gives 0 * finite, not NaN.
+        go_ent = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
+        row_entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+        grad += go_ent[:, None] * p * (-tl.maximum(log_p, -1000.0) - row_entropy[:, None])
+    grad *= inv_temperature
+    if HAS_SOFTCAP:
+        grad *= softcap_grad(z, softcap)
+    tl.store(grad_tile_ptr + rows[:, None] * n_cols + tile_cols[None, :],
+             grad.to(grad_tile_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _dot_options(dtype: torch.dtype) -> dict:
+    # fp32 inputs get IEEE fp32 dots: TF32 would cost ~1e-3 relative error on the logits.
+    return dict(UPCAST=INTERPRETED, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def tile_cols(n_rows: int, vocab_size: int) -> int:
+    """Vocabulary columns per backward slice: a multiple of GRAD_BLOCK_V near
+    ``GRAD_TILE_ELEMENTS / n_rows``."""
+    cols = max(GRAD_BLOCK_V, GRAD_TILE_ELEMENTS // max(n_rows, 1) // GRAD_BLOCK_V * GRAD_BLOCK_V)
+    return min(cols, triton.cdiv(vocab_size, GRAD_BLOCK_V) * GRAD_BLOCK_V)
+
+
+def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
+                             return_entropy):
+    """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_partials``."""
+    n_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    row_tiles = max(1, triton.cdiv(n_rows, FORWARD_BLOCK_N))
+    vocab_tiles = triton.cdiv(vocab_size, FORWARD_BLOCK_V)
+    # Enough splits to fill the GPU when there are few token tiles, each a whole number of tiles.
+    n_splits = max(1, min(vocab_tiles, FORWARD_TARGET_PROGRAMS // row_tiles))
+    cols_per_split = triton.cdiv(vocab_tiles, n_splits) * FORWARD_BLOCK_V
+    n_splits = triton.cdiv(vocab_size, cols_per_split)
+    new = dict(device=hidden.device, dtype=torch.float32)
+    row_max = torch.empty(n_splits, n_rows, **new)
+    sum_exp = torch.empty(n_splits, n_rows, **new)
+    sum_exp_shifted = torch.empty(n_splits, n_rows, **new) if return_entropy else None
+    target_logit = torch.empty(n_splits, n_rows, **new)
+    if n_rows > 0:
+        _linear_logprobs_forward_kernel[(row_tiles, n_splits)](
+            hidden, weight, hidden if bias is None else bias, targets,
+            row_max, sum_exp, sum_exp if sum_exp_shifted is None else sum_exp_shifted,
+            target_logit, n_rows, vocab_size, hidden.shape[1], cols_per_split,
+            inv_temperature, 1.0 if softcap is None else softcap,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            RETURN_ENTROPY=return_entropy, **_dot_options(hidden.dtype),
+            BLOCK_N=FORWARD_BLOCK_N, BLOCK_V=FORWARD_BLOCK_V, BLOCK_D=FORWARD_BLOCK_D,
+            num_warps=FORWARD_NUM_WARPS,
+        )
+    return row_max, sum_exp, sum_exp_shifted, target_logit.sum(0)
+
+
+def linear_logprobs_grad_tile(hidden, weight, bias, targets, lse, entropy, grad_logprobs,
+                              grad_entropy, start: int, end: int, *, inv_temperature, softcap):
+    """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_grad_tile``."""
+    n_rows, n_cols = hidden.shape[0], end - start
+    grad_tile = torch.empty(n_rows, n_cols, device=hidden.device, dtype=hidden.dtype)
+    grid = (triton.cdiv(n_rows, GRAD_BLOCK_N), triton.cdiv(n_cols, GRAD_BLOCK_V))
+    _linear_logprobs_grad_tile_kernel[grid](
+        hidden, weight, hidden if bias is None else bias, targets, lse,
+        lse if entropy is None else entropy,
+        lse if grad_logprobs is None else grad_logprobs,
+        lse if grad_entropy is None else grad_entropy, grad_tile,
+        n_rows, start, n_cols, hidden.shape[1], inv_temperature,
+        1.0 if softcap is None else softcap,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_LOGPROB_GRAD=grad_logprobs is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
+        **_dot_options(hidden.dtype),
+        BLOCK_N=GRAD_BLOCK_N, BLOCK_V=GRAD_BLOCK_V, BLOCK_D=GRAD_BLOCK_D,
+        num_warps=GRAD_NUM_WARPS,
+    )
+    return grad_tile
