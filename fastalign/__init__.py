@@ -5,8 +5,8 @@ softmax. See DESIGN.md for the public contract.
 """
 
 from ._backend import available_backends, select_backend
-from .ops import linear_logprobs, token_logprobs
+from .ops import linear_kl, linear_logprobs, token_kl, token_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["token_logprobs", "linear_logprobs", "available_backends", "select_backend", "__version__"]
+__all__ = ["token_logprobs", "linear_logprobs", "token_kl", "linear_kl", "available_backends", "select_backend", "__version__"]

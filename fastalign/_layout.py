@@ -63,3 +63,23 @@ def iter_row_chunks(x: torch.Tensor, layout: RowLayout,
     for outer in range(layout.n_outer):
         for start in range(0, layout.n_inner, rows_per_chunk):
             yield outer * layout.n_inner + start, rows3d[outer, start:start + rows_per_chunk]
+
+
+def row_block(x: torch.Tensor, layout: RowLayout, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of ``x`` as a ``[stop - start, V]`` view; they must lie in one
+    outer block (``start // n_inner == (stop - 1) // n_inner``)."""
+    outer, inner = divmod(start, layout.n_inner)
+    offset = x.storage_offset() + outer * layout.stride_outer + inner * layout.stride_inner
+    return x.as_strided((stop - start, x.shape[-1]), (layout.stride_inner, 1), offset)
+
+
+def iter_aligned_row_ranges(layouts: list[RowLayout], rows_per_chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` ranges of at most ``rows_per_chunk`` rows, each inside one outer block
+    of every layout, covering all rows in order (for tensors read side by side)."""
+    n_rows = layouts[0].n_rows
+    start = 0
+    while start < n_rows:
+        stop = min([n_rows, start + rows_per_chunk]
+                   + [(start // lay.n_inner + 1) * lay.n_inner for lay in layouts])
+        yield start, stop
+        start = stop

@@ -66,3 +66,25 @@ def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
     log_sum_exp = sums[0].log()
     entropy = None if sum_exp_shifted is None else log_sum_exp - sums[2] / sums[0]
     return global_max + log_sum_exp, entropy, sums[1]
+
+
+def merge_kl_partials(row_max, sum_exp, ref_max, ref_sum_exp, cross):
+    """``(kl, lse, shift)`` per row from ``[S, N]`` slice statistics of both softmaxes, with
+    ``cross = sum exp(z' - m) ((z' - m) - (z'_ref - m_ref))`` (see ``fastalign.kernels.kl``):
+    ``KL = cross / S - log S + log S_ref`` once all slices are shifted to the global maxes.
+
+    ``shift = lse - lse_ref + KL`` is what the backward subtracts from ``z' - z'_ref``
+    (``dKL/dz'_j = p_j ((z'_j - z'_ref,j) - shift)``); it is formed from the maxes' difference
+    and the log-sums, never as the difference of two large log-sum-exps.
+    """
+    global_max = row_max.amax(0)
+    ref_global_max = ref_max.amax(0)
+    scale = torch.exp(row_max - global_max)
+    total = (sum_exp * scale).sum(0)
+    ref_total = (ref_sum_exp * torch.exp(ref_max - ref_global_max)).sum(0)
+    offset = (row_max - global_max) - (ref_max - ref_global_max)
+    cross_total = (scale * (cross + offset * sum_exp)).sum(0)
+    log_total, ref_log_total = total.log(), ref_total.log()
+    kl = cross_total / total - log_total + ref_log_total
+    shift = (global_max - ref_global_max) + (log_total - ref_log_total) + kl
+    return kl, global_max + log_total, shift

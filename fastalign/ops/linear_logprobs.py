@@ -18,6 +18,7 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from . import _linear_backward, _vocab_stats
+from ._compact import kept_rows, scatter_rows, select_rows
 
 
 def _backend_module(backend: str):
@@ -30,26 +31,6 @@ def _backend_module(backend: str):
     return module
 
 
-def _kept_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Indices of rows to compute, or None when every row is kept (then nothing is copied)."""
-    keep = targets != ignore_index
-    if bool(keep.all()):
-        return None
-    return keep.nonzero().squeeze(1)
-
-
-def _rows(x: torch.Tensor | None, rows: torch.Tensor | None):
-    return x if x is None or rows is None else x.index_select(0, rows)
-
-
-def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, n_rows: int) -> torch.Tensor:
-    """``values`` of the kept rows placed into zeros of ``n_rows`` rows (ignored rows give 0)."""
-    if rows is None:
-        return values
-    out = values.new_zeros((n_rows, *values.shape[1:]))
-    return out.index_copy_(0, rows, values)
-
-
 @torch.library.custom_op("fastalign::linear_logprobs_forward", mutates_args=())
 def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 targets: torch.Tensor, inv_temperature: float, softcap: Optional[float],
@@ -57,10 +38,10 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                 group_name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logprobs [N], entropy [N] or [0], lse [N])`` for ``hidden [N, D]``, ``targets [N]``."""
     n_rows = targets.shape[0]
-    rows = _kept_rows(targets, ignore_index)
-    kept_targets = _rows(targets, rows)
+    rows = kept_rows(targets != ignore_index)
+    kept_targets = select_rows(targets, rows)
     partials = _backend_module(backend).linear_logprobs_partials(
-        _rows(hidden, rows), weight, bias, kept_targets - vocab_offset,
+        select_rows(hidden, rows), weight, bias, kept_targets - vocab_offset,
         inv_temperature=inv_temperature, softcap=softcap, return_entropy=return_entropy)
     lse, entropy, target_logit = _vocab_stats.merge_vocab_partials(
         *partials, process_group=_vocab_stats.resolve_group(group_name))
@@ -68,10 +49,10 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     # read: its row is NaN in every output and gradient.
     invalid = (kept_targets < 0) | (kept_targets >= vocab_total)
     lse = lse.masked_fill(invalid, float("nan"))
-    logprobs = _scatter_rows(target_logit - lse, rows, n_rows)
+    logprobs = scatter_rows(target_logit - lse, rows, n_rows)
     entropy = hidden.new_empty(0, dtype=torch.float32) if entropy is None \
-        else _scatter_rows(entropy.masked_fill(invalid, float("nan")), rows, n_rows)
-    return logprobs, entropy, _scatter_rows(lse, rows, n_rows)
+        else scatter_rows(entropy.masked_fill(invalid, float("nan")), rows, n_rows)
+    return logprobs, entropy, scatter_rows(lse, rows, n_rows)
 
 
 @_forward_op.register_fake
@@ -93,10 +74,12 @@ def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dHidden, dWeight, dBias)``, each empty when not needed."""
     n_rows = targets.shape[0]
-    rows = _kept_rows(targets, ignore_index)
-    hidden_kept, targets_kept = _rows(hidden, rows), _rows(targets, rows) - vocab_offset
-    lse, entropy = _rows(lse, rows), _rows(entropy, rows) if grad_entropy is not None else None
-    grad_logprobs, grad_entropy = _rows(grad_logprobs, rows), _rows(grad_entropy, rows)
+    rows = kept_rows(targets != ignore_index)
+    hidden_kept = select_rows(hidden, rows)
+    targets_kept = select_rows(targets, rows) - vocab_offset
+    lse = select_rows(lse, rows)
+    entropy = select_rows(entropy, rows) if grad_entropy is not None else None
+    grad_logprobs, grad_entropy = select_rows(grad_logprobs, rows), select_rows(grad_entropy, rows)
     module = _backend_module(backend)
 
     def grad_tile(start: int, end: int) -> torch.Tensor:
@@ -114,7 +97,7 @@ def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             # Each rank holds one vocabulary slice: dHidden is the sum of every slice's part.
             import torch.distributed as dist
             dist.all_reduce(grad_hidden, group=group)
-        grad_hidden = _scatter_rows(grad_hidden, rows, n_rows).to(hidden.dtype)
+        grad_hidden = scatter_rows(grad_hidden, rows, n_rows).to(hidden.dtype)
     grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
     return tuple(empty if g is None else g for g in (grad_hidden, grad_weight, grad_bias))
 

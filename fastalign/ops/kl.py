@@ -1,0 +1,276 @@
+"""``fastalign.token_kl`` and ``fastalign.linear_kl``: exact full-vocabulary
+KL(softmax(z / T) || softmax(z_ref / T)) per token, differentiable w.r.t. the policy side.
+
+Both run two online softmaxes in one pass over the vocabulary (``fastalign.kernels.kl`` or its
+torch twin ``kl_torch``) and merge per-slice statistics with ``_vocab_stats.merge_kl_partials``.
+``token_kl`` reads the two logits tensors where they lie; ``linear_kl`` forms both models'
+logits one ``[N, cols]`` vocabulary slice at a time with a matmul, so neither model's
+``[N, V]`` logits ever exist, and its backward feeds the slice gradients to
+``_linear_backward``. Each is a pair of ``torch.library`` custom ops (no graph break under
+``torch.compile``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _validation as checks
+from .._backend import select_backend
+from .._layout import RowLayout, row_layout
+from . import _linear_backward, _vocab_stats
+from ._compact import kept_rows, scatter_rows, select_rows
+from .linear_logprobs_torch import raw_logits_tile, tile_cols
+
+
+def _backend_module(backend: str):
+    if backend == "triton":
+        from ..kernels import kl as module
+    elif backend == "torch":
+        from . import kl_torch as module
+    else:  # select_backend only returns what is available; native lands with csrc/.
+        raise RuntimeError(f"the KL ops have no {backend} backend")
+    return module
+
+
+def _flat_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask.reshape(-1).contiguous()
+
+
+# ---------------------------------------------------------------------------------- token_kl
+
+@torch.library.custom_op("fastalign::token_kl_forward", mutates_args=())
+def _token_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor,
+                      mask: Optional[torch.Tensor], inv_temperature: float, backend: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, lse, shift)``, float32 ``[N]`` for ``[..., V]`` logits with N rows (``shift``: see
+    ``_vocab_stats.merge_kl_partials``)."""
+    logits, layout = row_layout(logits)
+    ref_logits, ref_layout = row_layout(ref_logits)
+    partials = _backend_module(backend).kl_partials(
+        logits, ref_logits, layout, ref_layout, _flat_mask(mask), inv_temperature=inv_temperature)
+    return _vocab_stats.merge_kl_partials(*(x[None] for x in partials))
+
+
+@_token_kl_forward.register_fake
+def _token_kl_forward_fake(logits, ref_logits, mask, inv_temperature, backend):
+    n_rows = logits.numel() // logits.shape[-1]
+    return tuple(logits.new_empty(n_rows, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("fastalign::token_kl_backward", mutates_args=())
+def _token_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor,
+                       mask: Optional[torch.Tensor], lse: torch.Tensor, shift: torch.Tensor,
+                       grad_kl: torch.Tensor, inv_temperature: float,
+                       backend: str) -> torch.Tensor:
+    """The gradient w.r.t. ``logits``: a fresh contiguous tensor of their shape and dtype."""
+    grad_out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    logits, layout = row_layout(logits)
+    ref_logits, ref_layout = row_layout(ref_logits)
+    vocab_size = logits.shape[-1]
+    grad_layout = RowLayout(layout.n_outer, layout.n_inner, layout.n_inner * vocab_size, vocab_size)
+    return _backend_module(backend).kl_grad(
+        logits, ref_logits, layout, ref_layout, _flat_mask(mask), lse, shift, grad_kl,
+        grad_out, grad_layout, inv_temperature=inv_temperature)
+
+
+@_token_kl_backward.register_fake
+def _token_kl_backward_fake(logits, ref_logits, mask, lse, shift, grad_kl,
+                            inv_temperature, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _token_kl_setup(ctx, inputs, output):
+    logits, ref_logits, mask, inv_temperature, backend = inputs
+    kl, lse, shift = output
+    ctx.save_for_backward(logits, ref_logits, mask, lse, shift)
+    ctx.inv_temperature, ctx.backend = inv_temperature, backend
+
+
+def _token_kl_grad(ctx, grad_kl, _grad_lse, _grad_shift):
+    logits, ref_logits, mask, lse, shift = ctx.saved_tensors
+    grad = _token_kl_backward(logits, ref_logits, mask, lse, shift,
+                              grad_kl.float().contiguous(), ctx.inv_temperature, ctx.backend)
+    return grad, None, None, None, None
+
+
+_token_kl_forward.register_autograd(_token_kl_grad, setup_context=_token_kl_setup)
+
+
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact ``KL(softmax(z / T) || softmax(z_ref / T))`` per row, over the full vocabulary.
+
+    Args:
+        logits: ``[..., V]`` policy logits, float16/bfloat16/float32, any strides.
+        ref_logits: ``[..., V]`` reference logits, same shape and device (any float dtype);
+            treated as constant (no gradient flows to them).
+        temperature: positive; divides both sides' logits.
+        mask: ``[...]`` bool or None. False rows give 0, get zero gradient and are skipped by
+            the Triton kernels (the torch path computes and discards them).
+
+    Returns:
+        ``kl [...]`` float32, differentiable w.r.t. ``logits``. Extra memory: three float32 per
+        row in forward; the returned gradient only, in backward.
+    """
+    checks.check_float_tensor("logits", logits)
+    checks.check_float_tensor("ref_logits", ref_logits)
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits has shape {tuple(ref_logits.shape)} but must equal "
+                         f"logits.shape = {tuple(logits.shape)}")
+    checks.check_same_device("ref_logits", ref_logits, "logits", logits)
+    checks.check_mask(mask, logits.shape[:-1], logits.device, "logits")
+    checks.check_positive("temperature", temperature)
+    kl, _, _ = _token_kl_forward(logits, ref_logits.detach(), mask, 1.0 / float(temperature),
+                                 select_backend(logits.device))
+    return kl.view(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------------- linear_kl
+
+def _logit_tiles(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, start, end):
+    """Both models' float32 ``[N, end - start]`` logits tiles and their (contiguous) layout."""
+    tile = raw_logits_tile(hidden, weight, bias, start, end)
+    ref_tile = raw_logits_tile(ref_hidden, ref_weight, ref_bias, start, end)
+    return tile, ref_tile, RowLayout(1, tile.shape[0], 0, tile.shape[1])
+
+
+@torch.library.custom_op("fastalign::linear_kl_forward", mutates_args=())
+def _linear_kl_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                       ref_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                       inv_temperature: float, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, lse, shift)``, float32 ``[N]``, for ``hidden``/``ref_hidden`` ``[N, D]``."""
+    n_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    rows = None if mask is None else kept_rows(mask)
+    hidden, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
+    module = _backend_module(backend)
+    cols = tile_cols(hidden.shape[0], vocab_size)
+    slices = []
+    for start in range(0, vocab_size, cols):
+        tile, ref_tile, layout = _logit_tiles(hidden, weight, bias, ref_hidden, ref_weight,
+                                              ref_bias, start, min(start + cols, vocab_size))
+        slices.append(module.kl_partials(tile, ref_tile, layout, layout, None,
+                                         inv_temperature=inv_temperature))
+    stacked = (torch.stack(column) for column in zip(*slices))
+    merged = _vocab_stats.merge_kl_partials(*stacked)
+    return tuple(scatter_rows(x, rows, n_rows) for x in merged)
+
+
+@_linear_kl_forward.register_fake
+def _linear_kl_forward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask,
+                            inv_temperature, backend):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("fastalign::linear_kl_backward", mutates_args=())
+def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                        ref_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                        lse: torch.Tensor, shift: torch.Tensor,
+                        grad_kl: torch.Tensor, inv_temperature: float, need_hidden: bool,
+                        need_weight: bool, need_bias: bool, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dHidden, dWeight, dBias)`` of the policy side, each empty when not needed."""
+    n_rows = hidden.shape[0]
+    rows = None if mask is None else kept_rows(mask)
+    hidden_kept, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
+    lse, shift, grad_kl = (select_rows(x, rows) for x in (lse, shift, grad_kl))
+    module = _backend_module(backend)
+
+    def grad_tile(start: int, end: int) -> torch.Tensor:
+        tile, ref_tile, layout = _logit_tiles(hidden_kept, weight, bias, ref_hidden, ref_weight,
+                                              ref_bias, start, end)
+        # The policy tile is read before the kernel writes any of the gradient over it.
+        module.kl_grad(tile, ref_tile, layout, layout, None, lse, shift, grad_kl, tile,
+                       layout, inv_temperature=inv_temperature)
+        return tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
+
+    grads = _linear_backward.linear_backward(
+        hidden_kept, weight, tile_cols(hidden_kept.shape[0], weight.shape[0]), grad_tile,
+        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+    grad_hidden, grad_weight, grad_bias = grads
+    if grad_hidden is not None:
+        grad_hidden = scatter_rows(grad_hidden, rows, n_rows).to(hidden.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    empty = hidden.new_empty(0)
+    return tuple(empty if g is None else g for g in (grad_hidden, grad_weight, grad_bias))
+
+
+@_linear_kl_backward.register_fake
+def _linear_kl_backward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, lse,
+                             shift, grad_kl, inv_temperature, need_hidden, need_weight,
+                             need_bias, backend):
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if need_hidden else empty,
+            torch.empty_like(weight) if need_weight else empty,
+            torch.empty_like(bias) if need_bias else empty)
+
+
+def _linear_kl_setup(ctx, inputs, output):
+    *tensors, inv_temperature, backend = inputs
+    kl, lse, shift = output
+    ctx.save_for_backward(*tensors, lse, shift)
+    ctx.inv_temperature, ctx.backend = inv_temperature, backend
+
+
+def _linear_kl_grad(ctx, grad_kl, _grad_lse, _grad_shift):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, lse, shift = \
+        ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grads = _linear_kl_backward(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, lse, shift,
+        grad_kl.float().contiguous(), ctx.inv_temperature, need_hidden, need_weight,
+        bias is not None and need_bias, ctx.backend)
+    grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in
+                                           zip(grads, (need_hidden, need_weight, need_bias)))
+    return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+_linear_kl_forward.register_autograd(_linear_kl_grad, setup_context=_linear_kl_setup)
+
+
+def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+              ref_weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+              ref_bias: torch.Tensor | None = None, temperature: float = 1.0,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact per-token ``KL(pi || pi_ref)`` with ``pi = softmax((hidden @ weight.T + bias) / T)``
+    and ``pi_ref`` likewise from the reference model, never materializing either model's
+    ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[..., D]`` policy hidden states; weight ``[V, D]``; bias ``[V]`` or None.
+        ref_hidden: ``[..., D_ref]`` reference hidden states (same leading shape); ref_weight
+            ``[V, D_ref]``; ref_bias ``[V]`` or None. Treated as constant. The two models may
+            differ in width and dtype, not in vocabulary.
+        temperature: positive; divides both sides' logits.
+        mask: ``[...]`` bool or None; False rows give 0, get zero gradient and are compacted
+            out before any work.
+
+    Returns:
+        ``kl [...]`` float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (no
+        weight gradient when ``weight`` does not require grad). Memory: two ``[N, cols]``
+        float32 logits tiles at a time, plus what ``linear_logprobs`` needs in backward.
+    """
+    checks.check_lm_head(hidden, weight, bias)
+    checks.check_lm_head(ref_hidden, ref_weight, ref_bias, weight_name="ref_weight",
+                         hidden_name="ref_hidden", bias_name="ref_bias")
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden has leading shape {tuple(ref_hidden.shape[:-1])} but must "
+                         f"equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])} (one row per token)")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight has {ref_weight.shape[0]} vocabulary rows but weight has "
+                         f"{weight.shape[0]}; both models must share one vocabulary")
+    checks.check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
+    checks.check_mask(mask, hidden.shape[:-1], hidden.device, "hidden")
+    checks.check_positive("temperature", temperature)
+    flat = lambda x: x.reshape(-1, x.shape[-1]).contiguous()  # noqa: E731
+    detached = lambda x: None if x is None else x.detach().contiguous()  # noqa: E731
+    kl, _, _ = _linear_kl_forward(
+        flat(hidden), weight.contiguous(), None if bias is None else bias.contiguous(),
+        flat(ref_hidden.detach()), detached(ref_weight), detached(ref_bias), _flat_mask(mask),
+        1.0 / float(temperature), select_backend(hidden.device))
+    return kl.view(hidden.shape[:-1])

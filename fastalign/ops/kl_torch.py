@@ -1,0 +1,66 @@
+"""Pure-torch backend of the KL ops: the statistics and gradient of ``fastalign.kernels.kl``,
+a few rows at a time, so the extra memory is a few ``[rows, V]`` float32 chunks of about
+``token_logprobs_torch.CHUNK_ELEMENTS`` elements. Same launcher signatures as the Triton ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._layout import RowLayout, iter_aligned_row_ranges, row_block
+from . import token_logprobs_torch
+from ._vocab_stats import FINITE_MIN
+
+
+def _rows_per_chunk(vocab_size: int) -> int:
+    return max(1, token_logprobs_torch.CHUNK_ELEMENTS // vocab_size)
+
+
+def _row_ranges(vocab_size: int, *layouts: RowLayout):
+    return iter_aligned_row_ranges(list(layouts), _rows_per_chunk(vocab_size))
+
+
+def _scaled(chunk: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """A fresh float32 copy of ``chunk / T``."""
+    return torch.mul(chunk.float() if chunk.dtype != torch.float32 else chunk, inv_temperature)
+
+
+def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature):
+    """Same contract as ``fastalign.kernels.kl.kl_partials``."""
+    stats = torch.empty(5, layout.n_rows, device=logits.device, dtype=torch.float32)
+    for start, stop in _row_ranges(logits.shape[-1], layout, ref_layout):
+        rows = slice(start, stop)
+        zp = _scaled(row_block(logits, layout, start, stop), inv_temperature)
+        zq = _scaled(row_block(ref_logits, ref_layout, start, stop), inv_temperature)
+        max_p = zp.amax(dim=1, keepdim=True).clamp_(min=FINITE_MIN)
+        max_q = zq.amax(dim=1, keepdim=True).clamp_(min=FINITE_MIN)
+        shifted_p, shifted_q = zp.sub_(max_p), zq.sub_(max_q)
+        ep = shifted_p.exp()
+        # p = 0 columns (-inf logits) add nothing, whatever the reference says there.
+        cross = torch.where(ep > 0, ep * (shifted_p - shifted_q), 0.0).sum(dim=1)
+        stats[:, rows] = torch.stack([max_p.squeeze(1), ep.sum(dim=1), max_q.squeeze(1),
+                                      shifted_q.exp_().sum(dim=1), cross])
+    if mask is not None:
+        # Statistics that merge to KL = 0 (see merge_kl_partials).
+        skipped = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0], device=stats.device)[:, None]
+        stats = torch.where(mask.reshape(1, -1), stats, skipped)
+    return tuple(stats.unbind(0))
+
+
+def kl_grad(logits, ref_logits, layout, ref_layout, mask, lse, shift, grad_kl, grad_out,
+            grad_layout, *, inv_temperature):
+    """Same contract as ``fastalign.kernels.kl.kl_grad``."""
+    coef = grad_kl * inv_temperature
+    for start, stop in _row_ranges(logits.shape[-1], layout, ref_layout, grad_layout):
+        rows = slice(start, stop)
+        zp = row_block(logits, layout, start, stop).to(torch.float32, copy=True)
+        zq = row_block(ref_logits, ref_layout, start, stop)
+        p = torch.mul(zp, inv_temperature).sub_(lse[rows, None]).exp_()
+        # dKL/dz'_j = p_j ((z'_j - z'_ref,j) - shift), the difference taken before scaling so a
+        # common offset costs no precision; p = 0 columns give 0, not 0 * -inf.
+        log_ratio = zp.sub_(zq).mul_(inv_temperature).sub_(shift[rows, None])
+        grad = torch.where(p > 0, p.mul_(log_ratio), 0.0).mul_(coef[rows, None])
+        if mask is not None:  # skipped rows may hold anything, even NaN: overwrite, not scale
+            grad.masked_fill_(~mask.reshape(-1)[rows, None], 0.0)
+        row_block(grad_out, grad_layout, start, stop).copy_(grad)
+    return grad_out

@@ -1,0 +1,146 @@
+"""Triton kernels for the exact full-vocabulary KL(softmax(z / T) || softmax(z_ref / T)) per row.
+
+Forward: one program per row streams both rows once, in ``BLOCK_V`` tiles, with two online
+softmaxes: for each side its max ``m`` and ``sum exp(z' - m)``, and for the policy side
+``sum exp(z' - m) * ((z' - m) - (z'_ref - m_ref))``: the row's statistics over the columns
+given. ``fastalign.ops._vocab_stats.merge_kl_partials`` turns them (or several slices of them,
+for the fused-linear form) into ``KL = sum p (z' - z'_ref) - lse + lse_ref``.
+
+Backward: one program per (row, tile) writes ``dKL/dz_j = p_j ((z'_j - z'_ref,j) - shift) / T``
+with ``shift = lse - lse_ref + KL`` from the merge; ``z - z_ref`` is taken before scaling, so
+a large common offset of the logits costs no precision.
+
+Rows are addressed through the same two-level layout as ``token_logprobs`` (a ``[:, :-1]``
+slice of ``[B, T, V]`` logits is read in place); offsets are int64.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+FORWARD_BLOCK_V = 4096
+FORWARD_NUM_WARPS = 8
+BACKWARD_BLOCK_V = 4096
+BACKWARD_NUM_WARPS = 8
+
+
+@triton.jit
+def _row_offset(row, n_inner, stride_outer, stride_inner):
+    return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+
+
+@triton.jit
+def _kl_forward_kernel(
+    logits_ptr, ref_ptr, mask_ptr, max_ptr, sum_exp_ptr, ref_max_ptr, ref_sum_exp_ptr, cross_ptr,
+    n_inner, stride_outer, stride_inner, ref_n_inner, ref_stride_outer, ref_stride_inner,
+    vocab_size, inv_temperature, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_MASK:
+        if tl.load(mask_ptr + row) == 0:
+            # Skipped entirely; these statistics make the merged KL exactly 0.
+            tl.store(max_ptr + row, 0.0)
+            tl.store(sum_exp_ptr + row, 1.0)
+            tl.store(ref_max_ptr + row, 0.0)
+            tl.store(ref_sum_exp_ptr + row, 1.0)
+            tl.store(cross_ptr + row, 0.0)
+            return
+    p_row = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    q_row = ref_ptr + _row_offset(row, ref_n_inner, ref_stride_outer, ref_stride_inner)
+    # Finite starts: (old - new max) terms stay 0 * finite on the first tile, never NaN.
+    max_p = -3.0e38
+    sum_p = 0.0
+    max_q = -3.0e38
+    sum_q = 0.0
+    # sum exp(z' - max) * ((z' - max) - (z'_ref - max_ref)): relative to both maxes, so a large
+    # common offset of the logits does not cancel away the (often tiny) KL.
+    cross = 0.0
+    for start in range(0, vocab_size, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_vocab = cols < vocab_size
+        zp = tl.load(p_row + cols, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
+        zq = tl.load(q_row + cols, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
+        zp = tl.where(in_vocab, zp, -float("inf"))
+        zq = tl.where(in_vocab, zq, -float("inf"))
+        new_max_p = tl.maximum(max_p, tl.max(zp, axis=0))
+        new_max_q = tl.maximum(max_q, tl.max(zq, axis=0))
+        rescale_p = tl.exp(max_p - new_max_p)
+        ep = tl.exp(zp - new_max_p)
+        # Columns with p = 0 (masked, -inf logits) add nothing, whatever z'_ref is.
+        term = tl.where(ep > 0, ep * ((zp - new_max_p) - (zq - new_max_q)), 0.0)
+        cross = rescale_p * (cross + sum_p * ((max_p - new_max_p) - (max_q - new_max_q))) \
+            + tl.sum(term, axis=0)
+        sum_p = sum_p * rescale_p + tl.sum(ep, axis=0)
+        sum_q = sum_q * tl.exp(max_q - new_max_q) + tl.sum(tl.exp(zq - new_max_q), axis=0)
+        max_p = new_max_p
+        max_q = new_max_q
+    tl.store(max_ptr + row, max_p)
+    tl.store(sum_exp_ptr + row, sum_p)
+    tl.store(ref_max_ptr + row, max_q)
+    tl.store(ref_sum_exp_ptr + row, sum_q)
+    tl.store(cross_ptr + row, cross)
+
+
+@triton.jit
+def _kl_backward_kernel(
+    logits_ptr, ref_ptr, mask_ptr, lse_ptr, shift_ptr, grad_kl_ptr, grad_ptr,
+    n_inner, stride_outer, stride_inner, ref_n_inner, ref_stride_outer, ref_stride_inner,
+    grad_stride_outer, grad_stride_inner, vocab_size, inv_temperature,
+    HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_vocab = cols < vocab_size
+    grad_row = grad_ptr + _row_offset(row, n_inner, grad_stride_outer, grad_stride_inner)
+    if HAS_MASK:
+        if tl.load(mask_ptr + row) == 0:
+            tl.store(grad_row + cols, tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty),
+                     mask=in_vocab)
+            return
+    p_row = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    q_row = ref_ptr + _row_offset(row, ref_n_inner, ref_stride_outer, ref_stride_inner)
+    zp = tl.load(p_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
+    zq = tl.load(q_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
+    p = tl.exp(zp * inv_temperature - tl.load(lse_ptr + row))
+    # p = 0 columns get 0, not 0 * (-inf - finite) = NaN.
+    log_ratio = (zp - zq) * inv_temperature - tl.load(shift_ptr + row)
+    grad = tl.where(p > 0, p * log_ratio, 0.0) * (tl.load(grad_kl_ptr + row) * inv_temperature)
+    tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+
+
+def _block_and_warps(vocab_size: int, block_v: int, num_warps: int) -> tuple[int, int]:
+    block = min(block_v, triton.next_power_of_2(vocab_size))
+    return block, max(1, min(num_warps, block // 256))
+
+
+def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature):
+    """Per-row ``(max, sum_exp, ref_max, ref_sum_exp, cross)``, float32 ``[N]`` each, over the
+    columns of ``logits``/``ref_logits`` (rows addressed by their ``RowLayout``s); rows with
+    ``mask == False`` get statistics that merge to KL = 0."""
+    n_rows, vocab_size = layout.n_rows, logits.shape[-1]
+    stats = torch.empty(5, n_rows, device=logits.device, dtype=torch.float32)
+    block, warps = _block_and_warps(vocab_size, FORWARD_BLOCK_V, FORWARD_NUM_WARPS)
+    if n_rows > 0:
+        _kl_forward_kernel[(n_rows,)](
+            logits, ref_logits, stats if mask is None else mask, *stats,
+            layout.n_inner, layout.stride_outer, layout.stride_inner,
+            ref_layout.n_inner, ref_layout.stride_outer, ref_layout.stride_inner,
+            vocab_size, inv_temperature, HAS_MASK=mask is not None, BLOCK_V=block,
+            num_warps=warps)
+    return tuple(stats.unbind(0))
+
+
+def kl_grad(logits, ref_logits, layout, ref_layout, mask, lse, shift, grad_kl, grad_out,
+            grad_layout, *, inv_temperature):
+    """Writes ``grad_kl * dKL/dlogits`` into ``grad_out`` and returns it; ``grad_layout`` has the
+    same ``n_inner`` as ``layout`` (``grad_out`` is the logits' shape, contiguous or not)."""
+    n_rows, vocab_size = layout.n_rows, logits.shape[-1]
+    block, warps = _block_and_warps(vocab_size, BACKWARD_BLOCK_V, BACKWARD_NUM_WARPS)
+    if n_rows > 0:
+        _kl_backward_kernel[(n_rows, triton.cdiv(vocab_size, block))](
+            logits, ref_logits, lse if mask is None else mask, lse, shift, grad_kl,
+            grad_out, layout.n_inner, layout.stride_outer, layout.stride_inner,
+            ref_layout.n_inner, ref_layout.stride_outer, ref_layout.stride_inner,
+            grad_layout.stride_outer, grad_layout.stride_inner, vocab_size, inv_temperature,
+            HAS_MASK=mask is not None, BLOCK_V=block, num_warps=warps)
+    return grad_out
