@@ -1,5 +1,7 @@
 """A short table from bench CSVs: per configuration, fastalign's time and peak extra memory and
 each peer's beside it (how many times fastalign's time / memory it needs), from the same run.
+A run without fastalign compares against its first provider; CSVs with a ``shape`` column
+(linear_logprobs) get a row per shape name instead of per V.
 
     python bench/summarize.py bench/results/token_logprobs_cuda.csv
     python bench/summarize.py --markdown bench/results/token_logprobs_cpu.csv   # for README.md
@@ -15,9 +17,12 @@ BASELINE = "fastalign"
 
 
 def _groups(rows):
+    """Rows by (dtype, mode, size): the ``shape`` name where the CSV has one (linear_logprobs),
+    else V."""
     groups = defaultdict(dict)
     for row in rows:
-        groups[(row["dtype"], row["mode"], int(row["vocab"]))][row["provider"]] = row
+        size = row["shape"] if row.get("shape") else int(row["vocab"])
+        groups[(row["dtype"], row["mode"], size)][row["provider"]] = row
     return groups
 
 
@@ -46,21 +51,24 @@ def _peer_cells(row, base, markdown: bool) -> list[str]:
 def summarize(path: str, markdown: bool) -> None:
     with open(path) as source:
         rows = list(csv.DictReader(source))
-    peers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != BASELINE))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    base_name = BASELINE if BASELINE in providers else providers[0]  # a run without fastalign
+    peers = [p for p in providers if p != base_name]
     first = rows[0]
+    size = "shape" if first.get("shape") else "V"
     if markdown:
-        print("| dtype | mode | V | fastalign ms | fastalign MB (x logits) | "
+        print(f"| dtype | mode | {size} | {base_name} ms | {base_name} MB (x logits) | "
               + " | ".join(f"{p} ms (x) | {p} MB" for p in peers) + " |")
         print("|" + " --- |" * (5 + 2 * len(peers)))
     else:
         print(f"{path}  ({first['device']}, commit {first['commit']}, {first['date']}, "
               f"N={first['n_rows']})")
-        print(f"{'dtype':9} {'mode':8} {'V':>7} {BASELINE + ' ms':>13} {'MB':>8} "
+        print(f"{'dtype':9} {'mode':8} {size:>7} {base_name + ' ms':>13} {'MB':>8} "
               + " ".join(f"{p + ' t/m':>24}" for p in peers))
     for (dtype, mode, vocab), by_provider in _groups(rows).items():
-        base = by_provider.get(BASELINE)
+        base = by_provider.get(base_name)
         if base is None or base["error"]:
-            print(f"{dtype} {mode} {vocab}: {BASELINE} failed: {base['error'] if base else 'missing'}")
+            print(f"{dtype} {mode} {vocab}: {base_name} failed: {base['error'] if base else 'missing'}")
             continue
         cells = [cell for p in peers for cell in _peer_cells(by_provider.get(p), base, markdown)]
         ratio = float(base["peak_mb"]) / float(base["logits_mb"])

@@ -40,10 +40,15 @@ def _merged_leading_dims(x: torch.Tensor) -> list[tuple[int, int]]:
     return merged
 
 
+def needs_copy(x: torch.Tensor) -> bool:
+    """True when the rows of ``x`` cannot be addressed by a :class:`RowLayout` in place."""
+    return x.stride(-1) != 1 or len(_merged_leading_dims(x)) > 2
+
+
 def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
     """``x`` (or a contiguous copy of it when its layout needs one) and its :class:`RowLayout`."""
     dims = _merged_leading_dims(x)
-    if x.stride(-1) != 1 or len(dims) > 2:
+    if needs_copy(x):
         x = x.contiguous()
         dims = _merged_leading_dims(x)
     if not dims:

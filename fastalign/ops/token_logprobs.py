@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .. import _validation as checks
 from .._backend import select_backend
-from .._layout import RowLayout, row_layout
-
-
-@dataclass(frozen=True)
-class _Options:
-    """Everything but tensors, so that backward returns a short tuple."""
-
-    backend: str
-    inv_temperature: float
-    softcap: float | None
-    ignore_index: int
-    return_entropy: bool
-    inplace_backward: bool
+from .._layout import needs_copy, row_layout
 
 
 def _launchers(backend: str):
@@ -34,42 +22,97 @@ def _launchers(backend: str):
     return module.token_logprobs_forward, module.token_logprobs_backward
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, layout: RowLayout,
-                options: _Options):
-        forward_launcher, _ = _launchers(options.backend)
-        logprobs, entropy, lse = forward_launcher(
-            logits, targets, layout.n_inner, layout.stride_outer, layout.stride_inner,
-            inv_temperature=options.inv_temperature, softcap=options.softcap,
-            ignore_index=options.ignore_index, return_entropy=options.return_entropy)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.layout, ctx.options = layout, options
-        return (logprobs, entropy) if options.return_entropy else logprobs
+@torch.library.custom_op("fastalign::token_logprobs_forward", mutates_args=())
+def _forward_op(logits: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
+                softcap: Optional[float], ignore_index: int, return_entropy: bool,
+                inplace_backward: bool, backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logprobs [N], entropy [N] or [0], lse [N])`` for ``[..., V]`` logits, ``targets [N]``;
+    ``inplace_backward`` only matters to the backward."""
+    rows, layout = row_layout(logits)
+    forward_launcher, _ = _launchers(backend)
+    logprobs, entropy, lse = forward_launcher(
+        rows, targets, layout.n_inner, layout.stride_outer, layout.stride_inner,
+        inv_temperature=inv_temperature, softcap=softcap, ignore_index=ignore_index,
+        return_entropy=return_entropy)
+    return logprobs, logprobs.new_empty(0) if entropy is None else entropy, lse
 
-    @staticmethod
-    def backward(ctx, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None = None):
-        if grad_logprobs is None and grad_entropy is None:
-            return None, None, None, None
-        logits, targets, lse, entropy = ctx.saved_tensors
-        layout, options = ctx.layout, ctx.options
-        if options.inplace_backward:
-            grad_out = logits
-            # Anything else that saved these logits for its backward now fails loudly instead
-            # of reading gradients as if they were logits.
-            torch.autograd.graph.increment_version(logits)
-        else:
-            grad_out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _, backward_launcher = _launchers(options.backend)
-        backward_launcher(
-            logits, targets, layout.n_inner, layout.stride_outer, layout.stride_inner,
-            lse, entropy,
+
+@_forward_op.register_fake
+def _forward_fake(logits, targets, inv_temperature, softcap, ignore_index, return_entropy,
+                  inplace_backward, backend):
+    per_row = logits.new_empty(targets.shape[0], dtype=torch.float32)
+    entropy = logits.new_empty(targets.shape[0] if return_entropy else 0, dtype=torch.float32)
+    return per_row, entropy, torch.empty_like(per_row)
+
+
+def _backward_into(grad_out, logits, targets, lse, entropy, grad_logprobs, grad_entropy,
+                   inv_temperature, softcap, ignore_index, backend):
+    rows, layout = row_layout(logits)  # the public function never asks in-place for a copy
+    _, backward_launcher = _launchers(backend)
+    backward_launcher(
+        rows, targets, layout.n_inner, layout.stride_outer, layout.stride_inner, lse,
+        entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy,
+        rows if grad_out is logits else grad_out, inv_temperature=inv_temperature,
+        softcap=softcap, ignore_index=ignore_index)
+
+
+@torch.library.custom_op("fastalign::token_logprobs_backward", mutates_args=())
+def _backward_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                 entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
+                 grad_entropy: Optional[torch.Tensor], inv_temperature: float,
+                 softcap: Optional[float], ignore_index: int, backend: str) -> torch.Tensor:
+    """The gradient w.r.t. ``logits``: a fresh contiguous tensor of their shape and dtype."""
+    grad_out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward_into(grad_out, logits, targets, lse, entropy, grad_logprobs, grad_entropy,
+                   inv_temperature, softcap, ignore_index, backend)
+    return grad_out
+
+
+@_backward_op.register_fake
+def _backward_fake(logits, targets, lse, entropy, grad_logprobs, grad_entropy, inv_temperature,
+                   softcap, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("fastalign::token_logprobs_backward_inplace", mutates_args=("logits",))
+def _backward_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                         entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
+                         grad_entropy: Optional[torch.Tensor], inv_temperature: float,
+                         softcap: Optional[float], ignore_index: int, backend: str) -> None:
+    """Writes the gradient over ``logits`` (``inplace_backward=True``). Declaring the mutation
+    bumps the logits' version, so anything else that saved them for its backward raises
+    instead of reading gradients as if they were logits."""
+    _backward_into(logits, logits, targets, lse, entropy, grad_logprobs, grad_entropy,
+                   inv_temperature, softcap, ignore_index, backend)
+
+
+_OPTION_NAMES = ("inv_temperature", "softcap", "ignore_index", "return_entropy",
+                 "inplace_backward", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, *options = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, targets, lse, entropy)
+    ctx.options = dict(zip(_OPTION_NAMES, options))
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    logits, targets, lse, entropy = ctx.saved_tensors
+    o = ctx.options
+    args = (targets, lse, entropy,
             None if grad_logprobs is None else grad_logprobs.float().contiguous(),
-            None if grad_entropy is None else grad_entropy.float().contiguous(),
-            grad_out, inv_temperature=options.inv_temperature, softcap=options.softcap,
-            ignore_index=options.ignore_index)
-        return grad_out, None, None, None
+            grad_entropy.float().contiguous() if o["return_entropy"] and grad_entropy is not None
+            else None,
+            o["inv_temperature"], o["softcap"], o["ignore_index"], o["backend"])
+    if o["inplace_backward"]:
+        _backward_inplace_op(logits, *args)
+        return (logits,) + (None,) * (1 + len(_OPTION_NAMES))
+    return (_backward_op(logits, *args),) + (None,) * (1 + len(_OPTION_NAMES))
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def token_logprobs(
@@ -98,7 +141,8 @@ def token_logprobs(
         inplace_backward: write the gradient over ``logits`` instead of a new ``[..., V]``
             buffer, saving one logits-sized allocation. Only for logits nobody reads after this
             call (and not for a leaf tensor); anything else that saved them for its backward
-            then raises instead of reading gradients.
+            then raises instead of reading gradients. Ignored for layouts that need a copy
+            (non-unit vocabulary stride, more than two non-mergeable leading dims).
 
     Returns:
         ``logprobs [...]`` float32, or ``(logprobs, entropy)`` when ``return_entropy``; both are
@@ -130,13 +174,11 @@ def token_logprobs(
         logprobs = logits.sum(-1, dtype=torch.float32) * 0.0
         return (logprobs, logprobs.clone()) if return_entropy else logprobs
 
-    options = _Options(
-        backend=select_backend(logits.device), inv_temperature=1.0 / float(temperature),
-        softcap=None if softcap is None else float(softcap), ignore_index=int(ignore_index),
-        return_entropy=return_entropy, inplace_backward=inplace_backward)
-    logits, layout = row_layout(logits)
-    outputs = _TokenLogprobs.apply(logits, targets.reshape(-1).contiguous(), layout, options)
+    logprobs, entropy, _ = _forward_op(
+        logits, targets.reshape(-1).contiguous(), 1.0 / float(temperature),
+        None if softcap is None else float(softcap), int(ignore_index), return_entropy,
+        # Logits whose layout needs a copy get a fresh gradient: the copy is not theirs.
+        inplace_backward and not needs_copy(logits), select_backend(logits.device))
     if return_entropy:
-        logprobs, entropy = outputs
         return logprobs.view(leading_shape), entropy.view(leading_shape)
-    return outputs.view(leading_shape)
+    return logprobs.view(leading_shape)
