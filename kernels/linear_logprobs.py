@@ -10,7 +10,7 @@ No logits leave the registers.
 
 Backward: one program per (token tile, vocabulary tile) of a vocabulary slice recomputes the
 logits tile the same way, turns it into ``dLoss/dz`` in registers from the saved per-row
-log-sum-exp (and entropy), and stores it in the inputs' dtype into a ``[N, cols]`` slice
+softmax max and log-sum (and entropy), and stores it in the inputs' dtype into a ``[N, cols]`` slice
 buffer that ``fastalign.ops._linear_backward`` feeds to two cuBLAS matmuls (dHidden, dWeight).
 
 Offsets are int64: ``V * D`` passes 2**31 for a 256k vocabulary at D = 8192.
@@ -113,7 +113,7 @@ def _linear_logprobs_forward_kernel(
 
 @triton.jit
 def _linear_logprobs_grad_tile_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, stats_ptr, entropy_ptr,
     grad_logprobs_ptr, grad_entropy_ptr, grad_tile_ptr,
     n_rows, col_start, n_cols, hidden_dim, inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LOGPROB_GRAD: tl.constexpr,
@@ -127,8 +127,11 @@ def _linear_logprobs_grad_tile_kernel(
     cols = col_start + tile_cols
     z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask,
                      hidden_dim, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    log_p = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP) - lse[:, None]
+    # log p = (z' - max) - log sum, never z' - lse: near 1000, lse would have lost the low bits.
+    row_max = tl.load(stats_ptr + 2 * rows, mask=row_mask, other=0.0)
+    log_sum = tl.load(stats_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
+    z_t = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP)
+    log_p = (z_t - row_max[:, None]) - log_sum[:, None]
     p = tl.exp(log_p)
     grad = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if HAS_LOGPROB_GRAD:
@@ -189,17 +192,17 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
     return row_max, sum_exp, sum_exp_shifted, target_logit.sum(0)
 
 
-def linear_logprobs_grad_tile(hidden, weight, bias, targets, lse, entropy, grad_logprobs,
+def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
                               grad_entropy, start: int, end: int, *, inv_temperature, softcap):
     """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_grad_tile``."""
     n_rows, n_cols = hidden.shape[0], end - start
     grad_tile = torch.empty(n_rows, n_cols, device=hidden.device, dtype=hidden.dtype)
     grid = (triton.cdiv(n_rows, GRAD_BLOCK_N), triton.cdiv(n_cols, GRAD_BLOCK_V))
     _linear_logprobs_grad_tile_kernel[grid](
-        hidden, weight, hidden if bias is None else bias, targets, lse,
-        lse if entropy is None else entropy,
-        lse if grad_logprobs is None else grad_logprobs,
-        lse if grad_entropy is None else grad_entropy, grad_tile,
+        hidden, weight, hidden if bias is None else bias, targets, stats,
+        stats if entropy is None else entropy,
+        stats if grad_logprobs is None else grad_logprobs,
+        stats if grad_entropy is None else grad_entropy, grad_tile,
         n_rows, start, n_cols, hidden.shape[1], inv_temperature,
         1.0 if softcap is None else softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,

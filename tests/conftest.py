@@ -41,12 +41,26 @@ def backend(request, monkeypatch):
 def small_tiles(monkeypatch):
     """Shrinks Triton tiles and torch chunks so small vocabularies cross several of them and end
     in a partial one (V=507 -> 4 tiles of 128, the last holding 123 columns)."""
+    import fastalign.kernels.kl
+    import fastalign.kernels.linear_logprobs
     from fastalign import kernels
-    from fastalign.ops import token_logprobs_torch
+    from fastalign.ops import linear_logprobs_torch, token_logprobs_torch
 
-    for name in ("FORWARD_BLOCK_V", "BACKWARD_BLOCK_V"):
-        monkeypatch.setattr(kernels.token_logprobs, name, 128)
+    for module in (kernels.token_logprobs, kernels.kl):
+        for name in ("FORWARD_BLOCK_V", "BACKWARD_BLOCK_V"):
+            monkeypatch.setattr(module, name, 128)
     monkeypatch.setattr(token_logprobs_torch, "CHUNK_ELEMENTS", 1024)
+    # Fused-linear tiles: 16 x 32 x 32 blocks (D = 80 ends in a partial block), several
+    # vocabulary splits in forward and slices in backward; torch tiles of 256 columns.
+    linear = kernels.linear_logprobs
+    for prefix in ("FORWARD", "GRAD"):
+        monkeypatch.setattr(linear, f"{prefix}_BLOCK_N", 16)
+        monkeypatch.setattr(linear, f"{prefix}_BLOCK_V", 32)
+        monkeypatch.setattr(linear, f"{prefix}_BLOCK_D", 32)
+        monkeypatch.setattr(linear, f"{prefix}_NUM_WARPS", 2)
+    monkeypatch.setattr(linear, "FORWARD_TARGET_PROGRAMS", 8)
+    monkeypatch.setattr(linear, "GRAD_TILE_ELEMENTS", 64 * 128)
+    monkeypatch.setattr(linear_logprobs_torch, "TILE_ELEMENTS", 1024)
 
 
 @pytest.fixture(autouse=True)
@@ -77,3 +91,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_close(actual, expected, tolerance, what=""):
     error = relative_error(actual, expected)
     assert error <= tolerance, f"{what}: relative error {error:.3g} > {tolerance:.3g}"
+
+
+def tolerance_for(dtype: torch.dtype, torch_error: float = 0.0) -> float:
+    """DESIGN.md's bound for ``dtype``, loosened only to 1.5x what torch itself reaches in that
+    dtype (a bf16 matmul rounds the logits before anyone can do better)."""
+    return max(TOLERANCE[dtype], 1.5 * torch_error)

@@ -59,3 +59,15 @@ def linear_backward(hidden: torch.Tensor, weight: torch.Tensor, cols: int,
         if need_bias:
             torch.sum(tile, dim=0, dtype=torch.float32, out=grad_bias[start:end])
     return grad_hidden, grad_weight, grad_bias
+
+
+def op_outputs(like: torch.Tensor, grads) -> tuple[torch.Tensor, ...]:
+    """Custom ops return tensors only, and no two outputs may alias: a fresh empty tensor for
+    each gradient that was not asked for."""
+    return tuple(like.new_empty(0) if grad is None else grad for grad in grads)
+
+
+def fake_grads(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_bias: bool):
+    """The shapes ``linear_backward``'s op returns, for ``register_fake``."""
+    wanted = ((hidden, need_hidden), (weight, need_weight), (bias, need_bias))
+    return op_outputs(hidden, [torch.empty_like(x) if need else None for x, need in wanted])

@@ -5,7 +5,9 @@ summarizes each row by ``m_s = max z'``, ``S_s = sum exp(z' - m_s)`` and, for th
 ``T_s = sum exp(z' - m_s) * (z' - m_s)``. Both sums are kept relative to the slice's own max,
 so large logits never cancel; merging shifts them to the global max ``M``:
 ``S = sum_s exp(m_s - M) S_s`` and ``T = sum_s exp(m_s - M) (T_s + (m_s - M) S_s)``, giving
-``lse = M + log S`` and ``entropy = log S - T / S``.
+``lse = M + log S`` and ``entropy = log S - T / S``. ``M`` and ``log S`` are kept apart (not
+summed into ``lse``): with logits near 1000 the sum would lose the low bits that
+``log p = (z' - M) - log S`` needs.
 
 With a ``process_group`` (the lm_head sharded by vocabulary) the same merge runs across ranks:
 one all-reduce of the max, one of the stacked sums.
@@ -48,7 +50,8 @@ def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
     """Merges ``[S, N]`` per-slice statistics (see the module docstring) into per-row results.
 
     ``target_logit [N]`` is the target's ``z'`` summed over slices, 0 in slices without it.
-    Returns ``(lse [N], entropy [N] or None, target_logit [N])``, float32.
+    Returns ``(softmax_stats [N, 2], entropy [N] or None, log_prob_target [N])``, float32:
+    ``softmax_stats[:, 0] = M`` and ``[:, 1] = log S``, the target's ``log p`` from them.
     """
     import torch.distributed as dist
 
@@ -65,7 +68,8 @@ def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
         sums = list(stacked.unbind(0))
     log_sum_exp = sums[0].log()
     entropy = None if sum_exp_shifted is None else log_sum_exp - sums[2] / sums[0]
-    return global_max + log_sum_exp, entropy, sums[1]
+    log_prob_target = (sums[1] - global_max) - log_sum_exp
+    return torch.stack([global_max, log_sum_exp], dim=1), entropy, log_prob_target
 
 
 def merge_kl_partials(row_max, sum_exp, ref_max, ref_sum_exp, cross):

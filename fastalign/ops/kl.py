@@ -196,18 +196,14 @@ def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
         grad_hidden = scatter_rows(grad_hidden, rows, n_rows).to(hidden.dtype)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
-    empty = hidden.new_empty(0)
-    return tuple(empty if g is None else g for g in (grad_hidden, grad_weight, grad_bias))
+    return _linear_backward.op_outputs(hidden, (grad_hidden, grad_weight, grad_bias))
 
 
 @_linear_kl_backward.register_fake
 def _linear_kl_backward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, lse,
                              shift, grad_kl, inv_temperature, need_hidden, need_weight,
                              need_bias, backend):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else empty,
-            torch.empty_like(weight) if need_weight else empty,
-            torch.empty_like(bias) if need_bias else empty)
+    return _linear_backward.fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _linear_kl_setup(ctx, inputs, output):

@@ -36,23 +36,24 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                 targets: torch.Tensor, inv_temperature: float, softcap: Optional[float],
                 ignore_index: int, return_entropy: bool, vocab_offset: int, vocab_total: int,
                 group_name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logprobs [N], entropy [N] or [0], lse [N])`` for ``hidden [N, D]``, ``targets [N]``."""
+    """``(logprobs [N], entropy [N] or [0], softmax_stats [N, 2])`` for ``hidden [N, D]``,
+    ``targets [N]``; ``softmax_stats`` (max and log-sum of each row) is what backward needs."""
     n_rows = targets.shape[0]
     rows = kept_rows(targets != ignore_index)
     kept_targets = select_rows(targets, rows)
     partials = _backend_module(backend).linear_logprobs_partials(
         select_rows(hidden, rows), weight, bias, kept_targets - vocab_offset,
         inv_temperature=inv_temperature, softcap=softcap, return_entropy=return_entropy)
-    lse, entropy, target_logit = _vocab_stats.merge_vocab_partials(
+    stats, entropy, logprobs = _vocab_stats.merge_vocab_partials(
         *partials, process_group=_vocab_stats.resolve_group(group_name))
     # An id outside [0, V) (possible only on CUDA without FASTALIGN_CHECK_TARGETS=1) is never
     # read: its row is NaN in every output and gradient.
     invalid = (kept_targets < 0) | (kept_targets >= vocab_total)
-    lse = lse.masked_fill(invalid, float("nan"))
-    logprobs = scatter_rows(target_logit - lse, rows, n_rows)
+    stats = stats.masked_fill(invalid[:, None], float("nan"))
+    logprobs = scatter_rows(logprobs.masked_fill(invalid, float("nan")), rows, n_rows)
     entropy = hidden.new_empty(0, dtype=torch.float32) if entropy is None \
         else scatter_rows(entropy.masked_fill(invalid, float("nan")), rows, n_rows)
-    return logprobs, entropy, scatter_rows(lse, rows, n_rows)
+    return logprobs, entropy, scatter_rows(stats, rows, n_rows)
 
 
 @_forward_op.register_fake
@@ -61,12 +62,12 @@ def _forward_fake(hidden, weight, bias, targets, inv_temperature, softcap, ignor
     n_rows = targets.shape[0]
     per_row = hidden.new_empty(n_rows, dtype=torch.float32)
     entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=torch.float32)
-    return per_row, entropy, torch.empty_like(per_row)
+    return per_row, entropy, hidden.new_empty(n_rows, 2, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastalign::linear_logprobs_backward", mutates_args=())
 def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                 targets: torch.Tensor, stats: torch.Tensor, entropy: torch.Tensor,
                  grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                  inv_temperature: float, softcap: Optional[float], ignore_index: int,
                  vocab_offset: int, group_name: str, need_hidden: bool, need_weight: bool,
@@ -77,20 +78,19 @@ def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     rows = kept_rows(targets != ignore_index)
     hidden_kept = select_rows(hidden, rows)
     targets_kept = select_rows(targets, rows) - vocab_offset
-    lse = select_rows(lse, rows)
+    stats = select_rows(stats, rows)
     entropy = select_rows(entropy, rows) if grad_entropy is not None else None
     grad_logprobs, grad_entropy = select_rows(grad_logprobs, rows), select_rows(grad_entropy, rows)
     module = _backend_module(backend)
 
     def grad_tile(start: int, end: int) -> torch.Tensor:
         return module.linear_logprobs_grad_tile(
-            hidden_kept, weight, bias, targets_kept, lse, entropy, grad_logprobs, grad_entropy,
+            hidden_kept, weight, bias, targets_kept, stats, entropy, grad_logprobs, grad_entropy,
             start, end, inv_temperature=inv_temperature, softcap=softcap)
 
     grad_hidden, grad_weight, grad_bias = _linear_backward.linear_backward(
         hidden_kept, weight, module.tile_cols(hidden_kept.shape[0], weight.shape[0]), grad_tile,
         need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
-    empty = hidden.new_empty(0)
     if grad_hidden is not None:
         group = _vocab_stats.resolve_group(group_name)
         if group is not None:
@@ -99,17 +99,14 @@ def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             dist.all_reduce(grad_hidden, group=group)
         grad_hidden = scatter_rows(grad_hidden, rows, n_rows).to(hidden.dtype)
     grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-    return tuple(empty if g is None else g for g in (grad_hidden, grad_weight, grad_bias))
+    return _linear_backward.op_outputs(hidden, (grad_hidden, grad_weight, grad_bias))
 
 
 @_backward_op.register_fake
-def _backward_fake(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy,
+def _backward_fake(hidden, weight, bias, targets, stats, entropy, grad_logprobs, grad_entropy,
                    inv_temperature, softcap, ignore_index, vocab_offset, group_name, need_hidden,
                    need_weight, need_bias, backend):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else empty,
-            torch.empty_like(weight) if need_weight else empty,
-            torch.empty_like(bias) if need_bias else empty)
+    return _linear_backward.fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 _OPTION_NAMES = ("inv_temperature", "softcap", "ignore_index", "return_entropy", "vocab_offset",
@@ -118,17 +115,17 @@ _OPTION_NAMES = ("inv_temperature", "softcap", "ignore_index", "return_entropy",
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, *options = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+    _, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
     ctx.options = dict(zip(_OPTION_NAMES, options))
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
+    hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
     o = ctx.options
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads = _backward_op(
-        hidden, weight, bias, targets, lse, entropy,
+        hidden, weight, bias, targets, stats, entropy,
         None if grad_logprobs is None else grad_logprobs.float().contiguous(),
         grad_entropy.float().contiguous() if o["return_entropy"] and grad_entropy is not None
         else None,

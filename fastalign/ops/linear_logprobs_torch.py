@@ -83,22 +83,24 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
     return row_max, sum_exp, sum_exp_shifted, target_logit
 
 
-def linear_logprobs_grad_tile(hidden, weight, bias, targets, lse, entropy, grad_logprobs,
+def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
                               grad_entropy, start: int, end: int, *, inv_temperature, softcap):
     """Gradient of ``sum(go_lp * logprob + go_ent * entropy)`` w.r.t. the raw logits of
     vocabulary columns ``[start, end)``: a fresh ``[N, end-start]`` tensor in ``hidden.dtype``.
 
-    ``lse``/``entropy`` are the merged per-row results of the forward (float32 ``[N]``);
+    ``stats`` (``[N, 2]``: max and log-sum of each row) and ``entropy`` (``[N]``) are the merged
+    per-row results of the forward, float32;
     ``grad_*`` are float32 ``[N]`` or None.
     """
     raw = raw_logits_tile(hidden, weight, bias, start, end)
+    row_max, log_sum = stats[:, 0:1], stats[:, 1:2]
     if softcap is None:
-        log_p = transform_(raw, inv_temperature, None).sub_(lse[:, None])
+        log_p = transform_(raw, inv_temperature, None).sub_(row_max).sub_(log_sum)
     else:
         tanh = raw.div_(softcap).tanh_()
         # dz'/dz = (1 - tanh(z / s)^2) / T
         dz = tanh.square().neg_().add_(1.0).mul_(inv_temperature)
-        log_p = tanh.mul_(softcap * inv_temperature).sub_(lse[:, None])
+        log_p = tanh.mul_(softcap * inv_temperature).sub_(row_max).sub_(log_sum)
     # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
     #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
     if grad_entropy is None:
