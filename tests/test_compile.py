@@ -1,0 +1,51 @@
+"""torch.compile(fullgraph=True) through every op, forward and backward: the custom ops and
+their fake implementations leave no graph break, and compiled results equal eager ones."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import fastalign as fa
+
+COMPILERS = ["aot_eager"]
+# Inductor on CPU generates C++; without a compiler it cannot run at all.
+if DEVICE.type == "cuda" or shutil.which("g++") or shutil.which("clang++"):
+    COMPILERS.append("inductor")
+
+
+def every_op(logits, ref_logits, targets, hidden, weight, ref_hidden, ref_weight, mask):
+    lp, ent = fa.token_logprobs(logits, targets, return_entropy=True, softcap=5.0)
+    kl = fa.token_kl(logits, ref_logits, mask=mask, temperature=0.9)
+    linear_lp, linear_ent = fa.linear_logprobs(hidden, weight, targets, return_entropy=True)
+    linear_kl = fa.linear_kl(hidden, weight, ref_hidden, ref_weight, mask=mask)
+    # A little surrounding math, so the graph is more than the ops.
+    return (lp + 0.1 * ent + kl + linear_lp - 0.1 * linear_ent + linear_kl).square().mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_fullgraph_compile_matches_eager(compiler):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    batch, seq, vocab, dim = 2, 5, 300, 16
+    leaves = [torch.randn(batch, seq, vocab, generator=gen), torch.randn(batch, seq, dim, generator=gen),
+              torch.randn(vocab, dim, generator=gen)]
+    logits, hidden, weight = (x.to(DEVICE).requires_grad_() for x in leaves)
+    ref_logits = torch.randn(batch, seq, vocab, generator=gen).to(DEVICE)
+    ref_hidden = torch.randn(batch, seq, dim, generator=gen).to(DEVICE)
+    ref_weight = torch.randn(vocab, dim, generator=gen).to(DEVICE)
+    targets = torch.randint(0, vocab, (batch, seq), generator=gen).to(DEVICE)
+    targets[0, 1] = -100
+    mask = (torch.rand(batch, seq, generator=gen) > 0.3).to(DEVICE)
+    args = (logits, ref_logits, targets, hidden, weight, ref_hidden, ref_weight, mask)
+
+    eager_loss = every_op(*args)
+    eager_grads = torch.autograd.grad(eager_loss, (logits, hidden, weight))
+    compiled = torch.compile(every_op, fullgraph=True, backend=compiler)
+    loss = compiled(*args)
+    grads = torch.autograd.grad(loss, (logits, hidden, weight))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for grad, expected in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,66 @@
+"""linear_logprobs with the lm_head sharded by vocabulary over 2 gloo processes on the CPU:
+every rank's log-probs, entropy and hidden gradient, and each rank's weight/bias shard
+gradient, equal the unsharded result."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastalign as fa
+
+WORLD_SIZE = 2
+VOCAB_SPLIT = (170, 131)  # uneven shards: offsets come from an all-gather of their sizes
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 24, generator=gen)
+    weight = torch.randn(sum(VOCAB_SPLIT), 24, generator=gen) * 0.4
+    bias = torch.randn(sum(VOCAB_SPLIT), generator=gen)
+    targets = torch.randint(0, sum(VOCAB_SPLIT), (3, 7), generator=gen)
+    targets[1, 2] = -100
+    upstream = torch.randn(2, 3, 7, generator=gen)
+    return hidden, weight, bias, targets, upstream
+
+
+def run(hidden, weight, bias, targets, upstream, group=None):
+    hidden, weight, bias = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+    lp, ent = fa.linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                                 temperature=0.9, softcap=6.0, process_group=group)
+    loss = (lp * upstream[0]).sum() + (ent * upstream[1]).sum()
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    return [x.detach() for x in (lp, ent, *grads)]
+
+
+def _worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
+    os.environ["FASTALIGN_BACKEND"] = backend
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        hidden, weight, bias, targets, upstream = inputs()
+        start = sum(VOCAB_SPLIT[:rank])
+        shard = slice(start, start + VOCAB_SPLIT[rank])
+        results = run(hidden, weight[shard], bias[shard], targets, upstream, dist.group.WORLD)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_head_equals_unsharded(backend, tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend),
+             nprocs=WORLD_SIZE, join=True)
+    lp, ent, grad_hidden, grad_weight, grad_bias = run(*inputs())
+    start = 0
+    for rank, size in enumerate(VOCAB_SPLIT):
+        r_lp, r_ent, r_hidden, r_weight, r_bias = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(r_lp, lp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r_ent, ent, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r_hidden, grad_hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r_weight, grad_weight[start:start + size], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r_bias, grad_bias[start:start + size], rtol=1e-5, atol=1e-5)
+        start += size
+    assert (lp[1, 2] == 0) and (grad_hidden[1, 2] == 0).all()
