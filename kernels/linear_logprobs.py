@@ -24,15 +24,17 @@ from . import INTERPRETED
 from ._math import softcap_grad, transform_logits
 
 # One default per kernel, read at call time (tests shrink them to cover tails). Not yet tuned
-# on a GPU: a session with one should sweep them.
+# on a GPU: bench/tune_linear_logprobs.py sweeps them (bench/gpu_check.sh runs it).
 FORWARD_BLOCK_N = 64
 FORWARD_BLOCK_V = 128
 FORWARD_BLOCK_D = 64
 FORWARD_NUM_WARPS = 8
+FORWARD_NUM_STAGES = 3
 GRAD_BLOCK_N = 64
 GRAD_BLOCK_V = 128
 GRAD_BLOCK_D = 64
 GRAD_NUM_WARPS = 8
+GRAD_NUM_STAGES = 3
 # Programs the forward aims for (vocabulary splits x token tiles): a few waves of any GPU.
 FORWARD_TARGET_PROGRAMS = 1024
 # The backward's logits-gradient slice: about 16M elements (32 MiB in bf16).
@@ -187,7 +189,7 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             RETURN_ENTROPY=return_entropy, **_dot_options(hidden.dtype),
             BLOCK_N=FORWARD_BLOCK_N, BLOCK_V=FORWARD_BLOCK_V, BLOCK_D=FORWARD_BLOCK_D,
-            num_warps=FORWARD_NUM_WARPS,
+            num_warps=FORWARD_NUM_WARPS, num_stages=FORWARD_NUM_STAGES,
         )
     return row_max, sum_exp, sum_exp_shifted, target_logit.sum(0)
 
@@ -209,6 +211,6 @@ def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, gra
         HAS_LOGPROB_GRAD=grad_logprobs is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
         **_dot_options(hidden.dtype),
         BLOCK_N=GRAD_BLOCK_N, BLOCK_V=GRAD_BLOCK_V, BLOCK_D=GRAD_BLOCK_D,
-        num_warps=GRAD_NUM_WARPS,
+        num_warps=GRAD_NUM_WARPS, num_stages=GRAD_NUM_STAGES,
     )
     return grad_tile
