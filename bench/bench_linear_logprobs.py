@@ -127,44 +127,16 @@ def make_call(spec: dict, device: torch.device):
     return call
 
 
-def measure_cuda(spec: dict) -> dict:
-    import triton.testing
-
-    device = torch.device("cuda")
-    try:
-        call = make_call(spec, device)
-        call()  # compile / autotune outside the measurement
-        time_ms = triton.testing.do_bench(call, warmup=25, rep=100)
-        peak = _measure.peak_extra_bytes(call, device)
-        flops = (2 if spec["mode"] == "fwd" else 8) * spec["tokens"] * spec["hidden"] * spec["vocab"]
-        return {"time_ms": time_ms, "peak_mb": peak / 2**20, "tflops": flops / (time_ms * 1e-3) / 1e12}
-    except torch.OutOfMemoryError:
-        return {"error": "out of memory"}
-    except Exception as error:  # a peer that fails to import or run must not stop the others
-        return {"error": f"{type(error).__name__}: {error}"[:200]}
-    finally:
-        torch.cuda.empty_cache()
-
-
-def worker(spec: dict) -> dict:
-    """One CPU measurement in this (fresh) process: either time or peak memory."""
-    device = torch.device("cpu")
-    call = make_call(spec, device)
-    if spec["measure"] == "time":
-        seconds = _measure.median_seconds(call, device, repeats=spec["repeats"], warmup=1)
-        return {"time_ms": seconds * 1e3}
-    call()  # import lazily loaded modules, and fault in the lazily mapped pages of the inputs
-    return {"peak_mb": _measure.peak_extra_bytes(call, device) / 2**20}
-
-
-def measure_cpu(spec: dict) -> dict:
+def measure(spec: dict, device: torch.device) -> dict:
+    if device.type == "cuda":
+        result = harness.measure_cuda(make_call, spec)
+        if "time_ms" in result:
+            flops = (2 if spec["mode"] == "fwd" else 8) * spec["tokens"] * spec["hidden"] * spec["vocab"]
+            result["tflops"] = flops / (result["time_ms"] * 1e-3) / 1e12
+        return result
     if spec["provider"] in CUDA_ONLY:  # no subprocesses for a known skip
         return {"error": f"{spec['provider']} needs CUDA (Triton kernels only)"}
-    command = [str(Path(__file__).resolve())]
-    timing = _measure.run_worker(command, dict(spec, measure="time"), for_memory=False)
-    memory = _measure.run_worker(command, dict(spec, measure="memory"), for_memory=True)
-    errors = [r["error"] for r in (timing, memory) if "error" in r]
-    return {"error": errors[0]} if errors else {**timing, **memory}
+    return harness.measure_cpu(str(Path(__file__).resolve()), spec)
 
 
 def main(argv=None) -> None:
@@ -183,7 +155,7 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        print(json.dumps(harness.cpu_worker(make_call, json.loads(args.worker))))
         return
 
     device = torch.device(args.device)
@@ -201,7 +173,7 @@ def main(argv=None) -> None:
     for index, spec in enumerate(configs, 1):
         print(f"[{index}/{len(configs)}] {spec['provider']} {spec['mode']} {spec['dtype']} "
               f"{spec['shape']} N={tokens} D={spec['hidden']} V={spec['vocab']}", flush=True)
-        result = measure_cuda(spec) if cuda else measure_cpu(spec)
+        result = measure(spec, device)
         itemsize = DTYPES[spec["dtype"]].itemsize
         logits_mb = tokens * spec["vocab"] * itemsize / 2**20
         floor_mb = (tokens + spec["vocab"]) * spec["hidden"] * itemsize / 2**20 if spec["mode"] == "fwd_bwd" else 0

@@ -90,43 +90,6 @@ def make_call(spec: dict, device: torch.device):
     return call
 
 
-def measure_cuda(spec: dict) -> dict:
-    import triton.testing
-
-    device = torch.device("cuda")
-    try:
-        call = make_call(spec, device)
-        call()  # compile / autotune outside the measurement
-        time_ms = triton.testing.do_bench(call, warmup=25, rep=100)
-        peak = _measure.peak_extra_bytes(call, device)
-        return {"time_ms": time_ms, "peak_mb": peak / 2**20}
-    except torch.OutOfMemoryError:
-        return {"error": "out of memory"}
-    except Exception as error:  # a peer that fails to import or run must not stop the others
-        return {"error": f"{type(error).__name__}: {error}"[:200]}
-    finally:
-        torch.cuda.empty_cache()
-
-
-def worker(spec: dict) -> dict:
-    """One CPU measurement in this (fresh) process: either time or peak memory."""
-    device = torch.device("cpu")
-    call = make_call(spec, device)
-    if spec["measure"] == "time":
-        seconds = _measure.median_seconds(call, device, repeats=spec["repeats"], warmup=1)
-        return {"time_ms": seconds * 1e3}
-    call()  # compile, and fault in the lazily mapped pages of the inputs
-    return {"peak_mb": _measure.peak_extra_bytes(call, device) / 2**20}
-
-
-def measure_cpu(spec: dict) -> dict:
-    command = [str(Path(__file__).resolve())]
-    timing = _measure.run_worker(command, dict(spec, measure="time"), for_memory=False)
-    memory = _measure.run_worker(command, dict(spec, measure="memory"), for_memory=True)
-    errors = [r["error"] for r in (timing, memory) if "error" in r]
-    return {"error": errors[0]} if errors else {**timing, **memory}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -144,7 +107,7 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        print(json.dumps(harness.cpu_worker(make_call, json.loads(args.worker))))
         return
 
     device = torch.device(args.device)
@@ -160,7 +123,8 @@ def main(argv=None) -> None:
     for index, spec in enumerate(configs, 1):
         print(f"[{index}/{len(configs)}] {spec['provider']} {spec['mode']} {spec['dtype']} "
               f"V={spec['vocab']}", flush=True)
-        result = measure_cuda(spec) if device.type == "cuda" else measure_cpu(spec)
+        result = (harness.measure_cuda(make_call, spec) if device.type == "cuda"
+                  else harness.measure_cpu(str(Path(__file__).resolve()), spec))
         n_rows = args.batch * args.seq
         logits_mb = n_rows * spec["vocab"] * DTYPES[spec["dtype"]].itemsize / 2**20
         rows.append({"op": "token_logprobs", **{k: spec[k] for k in ("provider", "mode", "dtype", "vocab")},

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from fastalign import _measure
+
 
 def stamp(device: torch.device) -> dict:
     """Where and when: device name, commit, date and library versions, added to every row."""
@@ -76,3 +78,42 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def measure_cuda(make_call, spec: dict) -> dict:
+    """Time (``do_bench``) and peak extra memory of ``make_call(spec, cuda)()``; a failing
+    provider (missing peer, out of memory) becomes an ``error`` instead of stopping the run."""
+    import triton.testing
+
+    device = torch.device("cuda")
+    try:
+        call = make_call(spec, device)
+        call()  # compile / autotune outside the measurement
+        time_ms = triton.testing.do_bench(call, warmup=25, rep=100)
+        peak = _measure.peak_extra_bytes(call, device)
+        return {"time_ms": time_ms, "peak_mb": peak / 2**20}
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    except Exception as error:  # a peer that fails to import or run must not stop the others
+        return {"error": f"{type(error).__name__}: {error}"[:200]}
+    finally:
+        torch.cuda.empty_cache()
+
+
+def cpu_worker(make_call, spec: dict) -> dict:
+    """One CPU measurement in this (fresh) process: time or peak memory, as ``spec`` says."""
+    device = torch.device("cpu")
+    call = make_call(spec, device)
+    if spec["measure"] == "time":
+        seconds = _measure.median_seconds(call, device, repeats=spec["repeats"], warmup=1)
+        return {"time_ms": seconds * 1e3}
+    call()  # compile, import lazy modules, fault in the lazily mapped pages of the inputs
+    return {"peak_mb": _measure.peak_extra_bytes(call, device) / 2**20}
+
+
+def measure_cpu(script: str, spec: dict) -> dict:
+    """Time and memory of one CPU configuration, each in a fresh ``script --worker`` process."""
+    timing = _measure.run_worker([script], dict(spec, measure="time"), for_memory=False)
+    memory = _measure.run_worker([script], dict(spec, measure="memory"), for_memory=True)
+    errors = [r["error"] for r in (timing, memory) if "error" in r]
+    return {"error": errors[0]} if errors else {**timing, **memory}

@@ -71,10 +71,11 @@ def summarize(path: str, markdown: bool) -> None:
             print(f"{dtype} {mode} {vocab}: {base_name} failed: {base['error'] if base else 'missing'}")
             continue
         cells = [cell for p in peers for cell in _peer_cells(by_provider.get(p), base, markdown)]
-        ratio = float(base["peak_mb"]) / float(base["logits_mb"])
+        logits_mb = float(base["logits_mb"])  # 0.0 once rounded, for toy sizes
+        ratio = f"{float(base['peak_mb']) / logits_mb:.3f}x" if logits_mb > 0 else "-"
         if markdown:
             print(f"| {dtype} | {mode} | {vocab} | {_ms(base['time_ms'])} | "
-                  f"{_mb(base['peak_mb'])} ({ratio:.3f}x) | " + " | ".join(cells) + " |")
+                  f"{_mb(base['peak_mb'])} ({ratio}) | " + " | ".join(cells) + " |")
         else:
             print(f"{dtype:9} {mode:8} {vocab:>7} {float(base['time_ms']):13.3f} "
                   f"{float(base['peak_mb']):8.1f} " + " ".join(f"{c:>24}" for c in cells))

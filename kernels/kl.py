@@ -18,15 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rows import block_and_warps, row_offset
+
 FORWARD_BLOCK_V = 4096
 FORWARD_NUM_WARPS = 8
 BACKWARD_BLOCK_V = 4096
 BACKWARD_NUM_WARPS = 8
-
-
-@triton.jit
-def _row_offset(row, n_inner, stride_outer, stride_inner):
-    return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
 
 
 @triton.jit
@@ -45,8 +42,8 @@ def _kl_forward_kernel(
             tl.store(ref_sum_exp_ptr + row, 1.0)
             tl.store(cross_ptr + row, 0.0)
             return
-    p_row = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
-    q_row = ref_ptr + _row_offset(row, ref_n_inner, ref_stride_outer, ref_stride_inner)
+    p_row = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    q_row = ref_ptr + row_offset(row, ref_n_inner, ref_stride_outer, ref_stride_inner)
     # Finite starts: (old - new max) terms stay 0 * finite on the first tile, never NaN.
     max_p = -3.0e38
     sum_p = 0.0
@@ -91,14 +88,14 @@ def _kl_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_vocab = cols < vocab_size
-    grad_row = grad_ptr + _row_offset(row, n_inner, grad_stride_outer, grad_stride_inner)
+    grad_row = grad_ptr + row_offset(row, n_inner, grad_stride_outer, grad_stride_inner)
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
             tl.store(grad_row + cols, tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty),
                      mask=in_vocab)
             return
-    p_row = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
-    q_row = ref_ptr + _row_offset(row, ref_n_inner, ref_stride_outer, ref_stride_inner)
+    p_row = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    q_row = ref_ptr + row_offset(row, ref_n_inner, ref_stride_outer, ref_stride_inner)
     zp = tl.load(p_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
     zq = tl.load(q_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
     p = tl.exp(zp * inv_temperature - tl.load(lse_ptr + row))
@@ -108,18 +105,13 @@ def _kl_backward_kernel(
     tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
 
 
-def _block_and_warps(vocab_size: int, block_v: int, num_warps: int) -> tuple[int, int]:
-    block = min(block_v, triton.next_power_of_2(vocab_size))
-    return block, max(1, min(num_warps, block // 256))
-
-
 def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature):
     """Per-row ``(max, sum_exp, ref_max, ref_sum_exp, cross)``, float32 ``[N]`` each, over the
     columns of ``logits``/``ref_logits`` (rows addressed by their ``RowLayout``s); rows with
     ``mask == False`` get statistics that merge to KL = 0."""
     n_rows, vocab_size = layout.n_rows, logits.shape[-1]
     stats = torch.empty(5, n_rows, device=logits.device, dtype=torch.float32)
-    block, warps = _block_and_warps(vocab_size, FORWARD_BLOCK_V, FORWARD_NUM_WARPS)
+    block, warps = block_and_warps(vocab_size, FORWARD_BLOCK_V, FORWARD_NUM_WARPS)
     if n_rows > 0:
         _kl_forward_kernel[(n_rows,)](
             logits, ref_logits, stats if mask is None else mask, *stats,
@@ -135,7 +127,7 @@ def kl_grad(logits, ref_logits, layout, ref_layout, mask, lse, shift, grad_kl, g
     """Writes ``grad_kl * dKL/dlogits`` into ``grad_out`` and returns it; ``grad_layout`` has the
     same ``n_inner`` as ``layout`` (``grad_out`` is the logits' shape, contiguous or not)."""
     n_rows, vocab_size = layout.n_rows, logits.shape[-1]
-    block, warps = _block_and_warps(vocab_size, BACKWARD_BLOCK_V, BACKWARD_NUM_WARPS)
+    block, warps = block_and_warps(vocab_size, BACKWARD_BLOCK_V, BACKWARD_NUM_WARPS)
     if n_rows > 0:
         _kl_backward_kernel[(n_rows, triton.cdiv(vocab_size, block))](
             logits, ref_logits, lse if mask is None else mask, lse, shift, grad_kl,

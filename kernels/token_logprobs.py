@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._math import softcap_grad, transform_logits
+from ._rows import block_and_warps, row_offset
 
 # One tuned default per kernel (bench/tune_token_logprobs.py sweeps these on a GPU); the
 # launchers read them at call time, so the tests can shrink the tiles to cover the tails.
@@ -28,11 +29,6 @@ FORWARD_BLOCK_V = 4096
 FORWARD_NUM_WARPS = 4
 BACKWARD_BLOCK_V = 8192
 BACKWARD_NUM_WARPS = 8
-
-
-@triton.jit
-def _row_offset(row, n_inner, stride_outer, stride_inner):
-    return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
 
 
 @triton.jit
@@ -51,7 +47,7 @@ def _token_logprobs_forward_kernel(
         if RETURN_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
         return
-    row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
 
     # The running max starts finite (not -inf) so that (old - new max) * sum_exp is 0, not
     # -inf * 0 = NaN, on the first tile; exp(old - new max) is still exactly 0 there.
@@ -100,13 +96,13 @@ def _token_logprobs_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_vocab = cols < vocab_size
-    grad_row_ptr = grad_ptr + _row_offset(row, n_inner, grad_stride_outer, grad_stride_inner)
+    grad_row_ptr = grad_ptr + row_offset(row, n_inner, grad_stride_outer, grad_stride_inner)
     target = tl.load(targets_ptr + row).to(tl.int64)
     if target == ignore_index:
         tl.store(grad_row_ptr + cols, tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty),
                  mask=in_vocab)
         return
-    row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     z = tl.load(row_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
     z_t = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP)
     log_p = z_t - tl.load(lse_ptr + row)  # NaN lse (invalid target) makes the row NaN
@@ -128,12 +124,6 @@ def _token_logprobs_backward_kernel(
     tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
 
 
-def _block_and_warps(vocab_size: int, block_v: int, num_warps: int) -> tuple[int, int]:
-    block = min(block_v, triton.next_power_of_2(vocab_size))
-    # Small tiles gain nothing from many warps (and tiny ones would leave threads idle).
-    return block, max(1, min(num_warps, block // 256))
-
-
 def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner, *,
                            inv_temperature, softcap, ignore_index, return_entropy,
                            block_v=None, num_warps=None):
@@ -150,7 +140,7 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
     logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     entropy = torch.empty(n_rows, device=logits.device, dtype=torch.float32) if return_entropy else None
-    block, warps = _block_and_warps(vocab_size, block_v or FORWARD_BLOCK_V,
+    block, warps = block_and_warps(vocab_size, block_v or FORWARD_BLOCK_V,
                                     num_warps or FORWARD_NUM_WARPS)
     _token_logprobs_forward_kernel[(n_rows,)](
         logits, targets, logprobs, logprobs if entropy is None else entropy, lse,
@@ -176,7 +166,7 @@ def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner
         grad_stride_outer, grad_stride_inner = stride_outer, stride_inner
     else:
         grad_stride_outer, grad_stride_inner = n_inner * vocab_size, vocab_size
-    block, warps = _block_and_warps(vocab_size, block_v or BACKWARD_BLOCK_V,
+    block, warps = block_and_warps(vocab_size, block_v or BACKWARD_BLOCK_V,
                                     num_warps or BACKWARD_NUM_WARPS)
     _token_logprobs_backward_kernel[(n_rows, triton.cdiv(vocab_size, block))](
         logits, targets, lse, lse if entropy is None else entropy,

@@ -41,18 +41,16 @@ def backend(request, monkeypatch):
 def small_tiles(monkeypatch):
     """Shrinks Triton tiles and torch chunks so small vocabularies cross several of them and end
     in a partial one (V=507 -> 4 tiles of 128, the last holding 123 columns)."""
-    import fastalign.kernels.kl
-    import fastalign.kernels.linear_logprobs
-    from fastalign import kernels
+    from fastalign.kernels import kl, linear_logprobs, token_logprobs
     from fastalign.ops import linear_logprobs_torch, token_logprobs_torch
 
-    for module in (kernels.token_logprobs, kernels.kl):
+    for module in (token_logprobs, kl):
         for name in ("FORWARD_BLOCK_V", "BACKWARD_BLOCK_V"):
             monkeypatch.setattr(module, name, 128)
     monkeypatch.setattr(token_logprobs_torch, "CHUNK_ELEMENTS", 1024)
     # Fused-linear tiles: 16 x 32 x 32 blocks (D = 80 ends in a partial block), several
     # vocabulary splits in forward and slices in backward; torch tiles of 256 columns.
-    linear = kernels.linear_logprobs
+    linear = linear_logprobs
     for prefix in ("FORWARD", "GRAD"):
         monkeypatch.setattr(linear, f"{prefix}_BLOCK_N", 16)
         monkeypatch.setattr(linear, f"{prefix}_BLOCK_V", 32)

@@ -20,18 +20,13 @@ from .. import _validation as checks
 from .._backend import select_backend
 from .._layout import RowLayout, row_layout
 from . import _linear_backward, _vocab_stats
+from ._dispatch import backend_module
 from ._compact import kept_rows, scatter_rows, select_rows
 from .linear_logprobs_torch import raw_logits_tile, tile_cols
 
 
 def _backend_module(backend: str):
-    if backend == "triton":
-        from ..kernels import kl as module
-    elif backend == "torch":
-        from . import kl_torch as module
-    else:  # select_backend only returns what is available; native lands with csrc/.
-        raise RuntimeError(f"the KL ops have no {backend} backend")
-    return module
+    return backend_module("the KL ops", backend, "kl", "kl_torch")
 
 
 def _flat_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

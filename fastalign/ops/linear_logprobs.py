@@ -18,17 +18,12 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from . import _linear_backward, _vocab_stats
+from ._dispatch import backend_module
 from ._compact import kept_rows, scatter_rows, select_rows
 
 
 def _backend_module(backend: str):
-    if backend == "triton":
-        from ..kernels import linear_logprobs as module
-    elif backend == "torch":
-        from . import linear_logprobs_torch as module
-    else:  # select_backend only returns what is available; native lands with csrc/.
-        raise RuntimeError(f"linear_logprobs has no {backend} backend")
-    return module
+    return backend_module("linear_logprobs", backend, "linear_logprobs", "linear_logprobs_torch")
 
 
 @torch.library.custom_op("fastalign::linear_logprobs_forward", mutates_args=())

@@ -9,16 +9,12 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from .._layout import needs_copy, row_layout
+from ._dispatch import backend_module
 
 
 def _launchers(backend: str):
-    """(forward, backward) launchers of a backend; each backend's module has the same pair."""
-    if backend == "triton":
-        from .. import kernels as module
-    elif backend == "torch":
-        from . import token_logprobs_torch as module
-    else:  # select_backend only returns what is available; native lands with csrc/.
-        raise RuntimeError(f"token_logprobs has no {backend} backend")
+    """(forward, backward) launchers of a backend."""
+    module = backend_module("token_logprobs", backend, "token_logprobs", "token_logprobs_torch")
     return module.token_logprobs_forward, module.token_logprobs_backward
 
 
