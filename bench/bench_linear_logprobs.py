@@ -1,16 +1,22 @@
-"""Benchmark of per-token log-probs from hidden states and an LM head: providers x modes x shapes.
+"""Benchmark of the fused-linear ops (log-probs, KL) from hidden states and LM heads: providers x
+modes x shapes.
 
 ``logprobs[n] = log_softmax(hidden @ weight.T)[n, targets[n]]`` with hidden [N, D], weight [V, D]
 (seeded, logits of std ~2) and valid targets [N]. Shapes: llama3 (D=4096, V=128256), gemma2
 (D=2304, V=256000), cpu (D=256, V=128256, the CPU acceptance shape).
 
-Providers:
+--op logprobs (the default), providers:
   torch_eager  hidden @ weight.T, log_softmax in float32 + gather (materializes [N, V] logits)
   trl          TRL's trl.kernels.ChunkedLogProbFunction, chunk 32768 (TRL's default; Triton fold
                on CUDA, torch ops on CPU)
   liger        Liger-Kernel's LigerFusedLinearCrossEntropyFunction, reduction="none" (CUDA only)
   cce          Apple's cut_cross_entropy.linear_cross_entropy, reduction="none" (CUDA only)
   fastalign    fastalign.linear_logprobs
+--op kl: exact per-token KL(policy || reference) from two (hidden, head) pairs, providers:
+  torch_eager  both models' float32 log_softmax, sum p (log p - log q)
+  trl          TRL's trl.kernels.ChunkedDivergenceFunction with beta = 1 (reverse KL)
+  liger        Liger's LigerFusedLinearJSDFunction with jsd_beta = 1 (a scalar token mean; CUDA)
+  fastalign    fastalign.linear_kl
 Modes: fwd (no grad, e.g. the reference model) and fwd_bwd (gradient w.r.t. hidden and weight).
 
 Time is the median of several calls (CUDA: triton.testing.do_bench; the CSV adds TFLOP/s from
@@ -21,6 +27,7 @@ fastalign/_measure.py). Rows go to a CSV stamped with device, commit and date, a
 
     python bench/bench_linear_logprobs.py                        # CPU: shape cpu, N=2048, float32
     python bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192
+    python bench/bench_linear_logprobs.py --op kl                # linear_kl on the CPU
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ import summarize  # noqa: E402
 
 from fastalign import _measure  # noqa: E402
 
-PROVIDERS = ("torch_eager", "trl", "liger", "cce", "fastalign")
+# Providers per op: what each computes from (hidden, weight[, reference hidden and head]).
+PROVIDERS = {"logprobs": ("torch_eager", "trl", "liger", "cce", "fastalign"),
+             "kl": ("torch_eager", "trl", "liger", "fastalign")}
 CUDA_ONLY = ("liger", "cce")  # Triton kernels without a CPU path
 MODES = ("fwd", "fwd_bwd")
 SHAPES = {"llama3": (4096, 128256), "gemma2": (2304, 256000), "cpu": (256, 128256)}  # (D, V)
@@ -51,12 +60,16 @@ TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
 
 def random_inputs(tokens: int, hidden: int, vocab: int, dtype: str, device: torch.device):
-    """Seeded hidden [N, D], weight [V, D] scaled so the logits have std ~2, valid targets [N]."""
+    """Seeded hidden [N, D], weight [V, D] scaled so the logits have std ~2, valid targets [N],
+    and a reference model's hidden [N, D] and head [V, D] (for the KL)."""
     generator = torch.Generator(device=device).manual_seed(0)
-    h = torch.randn(tokens, hidden, device=device, generator=generator).to(DTYPES[dtype])
-    w = (torch.randn(vocab, hidden, device=device, generator=generator) * (2 / hidden**0.5)).to(DTYPES[dtype])
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=generator) * scale).to(DTYPES[dtype])
+
+    h, w = randn(tokens, hidden), randn(vocab, hidden, scale=2 / hidden**0.5)
     targets = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
-    return h, w, targets
+    return h, w, targets, randn(tokens, hidden), randn(vocab, hidden, scale=2 / hidden**0.5)
 
 
 def eager_logprobs(hidden, weight, targets):
@@ -64,17 +77,15 @@ def eager_logprobs(hidden, weight, targets):
     return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def _trl_function():
-    try:
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-    except Exception:  # trl/__init__ or trl.kernels pulling a dependency this image lacks
-        path = Path(importlib.util.find_spec("trl").origin).parent / "kernels" / "chunked_logprob.py"
-        spec = importlib.util.spec_from_file_location("trl.kernels.chunked_logprob", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        ChunkedLogProbFunction = module.ChunkedLogProbFunction
-    try:  # its backward imports maybe_gather_lm_head_ctx from here; import it before measuring
+def eager_kl(hidden, weight, ref_hidden, ref_weight):
+    log_p = torch.log_softmax((hidden @ weight.T).float(), -1)
+    log_q = torch.log_softmax((ref_hidden @ ref_weight.T).float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _trl_kernel(module_name: str, attribute: str):
+    """A class of ``trl.kernels.<module_name>``, loaded even where trl's own imports fail."""
+    try:  # maybe_gather_lm_head_ctx comes from here; import it before measuring
         import trl.trainer.utils  # noqa: F401
     except Exception:
         # The GPU image lacks trl.trainer's dependencies (datasets). maybe_gather_lm_head_ctx only
@@ -82,17 +93,39 @@ def _trl_function():
         shim = types.ModuleType("trl.trainer.utils")
         shim.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
         sys.modules["trl.trainer.utils"] = shim
-    return ChunkedLogProbFunction
+    try:
+        module = importlib.import_module(f"trl.kernels.{module_name}")
+    except Exception:  # trl/__init__ or trl.kernels pulling a dependency this image lacks
+        path = Path(importlib.util.find_spec("trl").origin).parent / "kernels" / f"{module_name}.py"
+        spec = importlib.util.spec_from_file_location(f"trl.kernels.{module_name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return getattr(module, attribute)
 
 
-def make_op(provider: str, device: torch.device):
-    """``op(hidden, weight, targets) -> logprobs [N]``; imports each peer only when asked for."""
+def make_op(op: str, provider: str, device: torch.device):
+    """``logprobs``: ``f(hidden, weight, targets) -> [N]``; ``kl``: ``f(hidden, weight,
+    ref_hidden, ref_weight) -> [N]`` (Liger: the token mean). Peers are imported when asked."""
     if provider in CUDA_ONLY and device.type != "cuda":
         raise RuntimeError(f"{provider} needs CUDA (Triton kernels only)")
+    if provider not in PROVIDERS[op]:
+        raise ValueError(f"{provider} has no {op}; choose from {', '.join(PROVIDERS[op])}")
+    import fastalign
+    if op == "kl":
+        if provider == "torch_eager":
+            return eager_kl
+        if provider == "trl":  # beta = 1: KL(student || teacher), returns (divergence, entropy)
+            function = _trl_kernel("chunked_divergence", "ChunkedDivergenceFunction")
+            return lambda h, w, rh, rw: function.apply(h, w, None, rh, rw, None, 1.0)[0]
+        if provider == "liger":  # jsd_beta = 1: KL(student || teacher), a scalar token mean
+            from liger_kernel.ops.fused_linear_jsd import LigerFusedLinearJSDFunction
+            return lambda h, w, rh, rw: LigerFusedLinearJSDFunction.apply(h, w, rh, rw, None, 1.0)
+        return fastalign.linear_kl
     if provider == "torch_eager":
         return eager_logprobs
     if provider == "trl":
-        function = _trl_function()
+        function = _trl_kernel("chunked_logprob", "ChunkedLogProbFunction")
         return lambda h, w, t: function.apply(h, w, None, t, 1.0, TRL_CHUNK_SIZE, None, 1.0, ())[0]
     if provider == "liger":
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
@@ -103,27 +136,26 @@ def make_op(provider: str, device: torch.device):
     if provider == "cce":
         from cut_cross_entropy import linear_cross_entropy
         return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none").float()
-    if provider == "fastalign":
-        import fastalign
-        return fastalign.linear_logprobs  # AttributeError (an error row) until it exists
-    raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    return fastalign.linear_logprobs
 
 
 def make_call(spec: dict, device: torch.device):
     """The inputs of one configuration and a closure running it once."""
-    hidden, weight, targets = random_inputs(spec["tokens"], spec["hidden"], spec["vocab"],
-                                            spec["dtype"], device)
-    op = make_op(spec["provider"], device)
+    hidden, weight, targets, ref_hidden, ref_weight = random_inputs(
+        spec["tokens"], spec["hidden"], spec["vocab"], spec["dtype"], device)
+    op = make_op(spec["op"], spec["provider"], device)
+    args = (hidden, weight, targets) if spec["op"] == "logprobs" else (hidden, weight, ref_hidden,
+                                                                        ref_weight)
     if spec["mode"] == "fwd":
         def call():
             with torch.no_grad():
-                return op(hidden, weight, targets)
+                return op(*args)
     else:
         hidden.requires_grad_()
         weight.requires_grad_()
 
         def call():
-            return torch.autograd.grad(op(hidden, weight, targets).sum(), (hidden, weight))
+            return torch.autograd.grad(op(*args).sum(), (hidden, weight))
     return call
 
 
@@ -141,6 +173,8 @@ def measure(spec: dict, device: torch.device) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", default="logprobs", choices=list(PROVIDERS),
+                        help="logprobs: linear_logprobs and its peers; kl: linear_kl and its peers")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
                         help="default: cpu on CPU, llama3 gemma2 on CUDA")
@@ -148,7 +182,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=None,
+                        choices=sorted({p for names in PROVIDERS.values() for p in names}),
+                        help="default: every provider of --op")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per CPU measurement")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
@@ -163,12 +199,13 @@ def main(argv=None) -> None:
     shapes = args.shapes or (["llama3", "gemma2"] if cuda else ["cpu"])
     tokens = args.tokens or (8192 if cuda else 2048)
     dtypes = args.dtypes or (["bfloat16"] if cuda else ["float32"])
-    csv_path = args.csv or RESULTS / f"linear_logprobs_{device.type}.csv"
+    op_name = f"linear_{args.op}"
+    csv_path = args.csv or RESULTS / f"{op_name}_{device.type}.csv"
     plot_path = args.plot or csv_path.with_suffix(".png")
     stamp = harness.stamp(device)
-    configs = [dict(provider=p, mode=m, dtype=d, shape=s, tokens=tokens, hidden=SHAPES[s][0],
+    configs = [dict(op=args.op, provider=p, mode=m, dtype=d, shape=s, tokens=tokens, hidden=SHAPES[s][0],
                     vocab=SHAPES[s][1], repeats=args.repeats)
-               for d in dtypes for m in args.modes for s in shapes for p in args.providers]
+               for d in dtypes for m in args.modes for s in shapes for p in args.providers or PROVIDERS[args.op]]
     rows = []
     for index, spec in enumerate(configs, 1):
         print(f"[{index}/{len(configs)}] {spec['provider']} {spec['mode']} {spec['dtype']} "
@@ -177,12 +214,12 @@ def main(argv=None) -> None:
         itemsize = DTYPES[spec["dtype"]].itemsize
         logits_mb = tokens * spec["vocab"] * itemsize / 2**20
         floor_mb = (tokens + spec["vocab"]) * spec["hidden"] * itemsize / 2**20 if spec["mode"] == "fwd_bwd" else 0
-        rows.append({"op": "linear_logprobs", **{k: spec[k] for k in ("provider", "mode", "dtype", "shape")},
+        rows.append({"op": op_name, **{k: spec[k] for k in ("provider", "mode", "dtype", "shape")},
                      "n_rows": tokens, **{k: spec[k] for k in ("hidden", "vocab")},
                      "logits_mb": round(logits_mb, 1), "floor_mb": round(floor_mb, 1), "time_ms": None,
                      "peak_mb": None, **({"tflops": None} if cuda else {}), "error": "", **result, **stamp})
     harness.write_csv(rows, csv_path)
-    harness.plot(rows, plot_path, f"linear_logprobs, N={tokens}, {stamp['device']}")
+    harness.plot(rows, plot_path, f"{op_name}, N={tokens}, {stamp['device']}")
     print(f"\nCSV: {csv_path}\nplot: {plot_path}\n")
     summarize.summarize(str(csv_path), markdown=False)
 

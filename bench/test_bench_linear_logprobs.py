@@ -1,4 +1,5 @@
-"""CPU timings through pytest-benchmark, on the providers and inputs of bench_linear_logprobs.py:
+"""CPU timings through pytest-benchmark, on the providers and inputs of bench_linear_logprobs.py
+(both ops):
 
     pytest bench --benchmark-only
 
@@ -12,17 +13,16 @@ import torch
 import bench_linear_logprobs as bench
 
 SIZE = dict(tokens=256, hidden=256, vocab=32768, dtype="float32")
+CASES = [(op, provider) for op, providers in bench.PROVIDERS.items() for provider in providers]
 
 
 @pytest.mark.parametrize("mode", bench.MODES)
-@pytest.mark.parametrize("provider", bench.PROVIDERS)
-def test_linear_logprobs_cpu(benchmark, provider, mode):
+@pytest.mark.parametrize("op,provider", CASES)
+def test_linear_ops_cpu(benchmark, op, provider, mode):
     if provider in bench.CUDA_ONLY:
         pytest.skip(f"{provider} needs CUDA")
     if provider == "trl":
         pytest.importorskip("trl")
-    if provider == "fastalign" and not hasattr(pytest.importorskip("fastalign"), "linear_logprobs"):
-        pytest.skip("fastalign.linear_logprobs not there yet")
-    call = bench.make_call(dict(SIZE, provider=provider, mode=mode), torch.device("cpu"))
+    call = bench.make_call(dict(SIZE, op=op, provider=provider, mode=mode), torch.device("cpu"))
     call()  # compile outside the timing
     benchmark.pedantic(call, rounds=5, warmup_rounds=1)
