@@ -59,19 +59,6 @@ RESULTS = Path(__file__).parent / "results"
 TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
 
-def random_inputs(tokens: int, hidden: int, vocab: int, dtype: str, device: torch.device):
-    """Seeded hidden [N, D], weight [V, D] scaled so the logits have std ~2, valid targets [N],
-    and a reference model's hidden [N, D] and head [V, D] (for the KL)."""
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, device=device, generator=generator) * scale).to(DTYPES[dtype])
-
-    h, w = randn(tokens, hidden), randn(vocab, hidden, scale=2 / hidden**0.5)
-    targets = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
-    return h, w, targets, randn(tokens, hidden), randn(vocab, hidden, scale=2 / hidden**0.5)
-
-
 def eager_logprobs(hidden, weight, targets):
     logits = (hidden @ weight.T).float()
     return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -141,7 +128,7 @@ def make_op(op: str, provider: str, device: torch.device):
 
 def make_call(spec: dict, device: torch.device):
     """The inputs of one configuration and a closure running it once."""
-    hidden, weight, targets, ref_hidden, ref_weight = random_inputs(
+    hidden, weight, targets, ref_hidden, ref_weight = _measure.random_head(
         spec["tokens"], spec["hidden"], spec["vocab"], spec["dtype"], device)
     op = make_op(spec["op"], spec["provider"], device)
     args = (hidden, weight, targets) if spec["op"] == "logprobs" else (hidden, weight, ref_hidden,

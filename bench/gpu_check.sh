@@ -36,6 +36,8 @@ timeout 240 python3 bench/bench_token_logprobs.py --device cuda --batch 8 --comp
 # TRL, Liger and Cut Cross-Entropy (their wheels in .whl/).
 timeout 300 python3 bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192 \
   --csv "$OUT/linear_logprobs_cuda.csv" --plot "$OUT/linear_logprobs_cuda.png" 2>&1 | tee "$OUT/bench_linear.log" | tail -3
+timeout 150 python3 bench/bench_linear_logprobs.py --op kl --device cuda --shapes llama3 --tokens 8192 \
+  --csv "$OUT/linear_kl_cuda.csv" --plot "$OUT/linear_kl_cuda.png" 2>&1 | tee "$OUT/bench_kl.log" | tail -3
 
 step "summary"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
@@ -43,3 +45,4 @@ grep -E "copy bandwidth|best:" "$OUT/tune.log"
 grep -E "cuBLAS|best:" "$OUT/tune_linear.log"
 python3 bench/summarize.py "$OUT/token_logprobs_cuda.csv"
 python3 bench/summarize.py "$OUT/linear_logprobs_cuda.csv"
+python3 bench/summarize.py "$OUT/linear_kl_cuda.csv"

@@ -33,6 +33,21 @@ def random_logits(batch: int, seq: int, vocab: int, dtype: str, device: torch.de
     return logits.to(DTYPES[dtype]), targets
 
 
+def random_head(tokens: int, hidden_dim: int, vocab: int, dtype: str, device: torch.device):
+    """Seeded hidden states ``[tokens, D]``, an lm_head ``[V, D]`` giving logits of std ~2,
+    valid targets ``[tokens]``, and a second (reference) model's hidden states and head: the
+    inputs of the demo and of the fused-linear benchmarks."""
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=generator) * scale).to(DTYPES[dtype])
+
+    hidden, weight = randn(tokens, hidden_dim), randn(vocab, hidden_dim, scale=2 / hidden_dim**0.5)
+    targets = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
+    return (hidden, weight, targets, randn(tokens, hidden_dim),
+            randn(vocab, hidden_dim, scale=2 / hidden_dim**0.5))
+
+
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:

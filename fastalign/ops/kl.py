@@ -22,11 +22,17 @@ from .._layout import RowLayout, row_layout
 from . import _linear_backward, _vocab_stats
 from ._dispatch import backend_module
 from ._compact import kept_rows, scatter_rows, select_rows
-from .linear_logprobs_torch import raw_logits_tile, tile_cols
+from .linear_logprobs_torch import raw_logits_tile
 
 
 def _backend_module(backend: str):
     return backend_module("the KL ops", backend, "kl", "kl_torch")
+
+
+def _tile_cols(backend: str, n_rows: int, vocab_size: int) -> int:
+    """Vocabulary columns per logits slice: the backend's fused-linear tile size."""
+    module = backend_module("linear_kl", backend, "linear_logprobs", "linear_logprobs_torch")
+    return module.tile_cols(n_rows, vocab_size)
 
 
 def _flat_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -142,7 +148,7 @@ def _linear_kl_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optiona
     rows = None if mask is None else kept_rows(mask)
     hidden, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
     module = _backend_module(backend)
-    cols = tile_cols(hidden.shape[0], vocab_size)
+    cols = _tile_cols(backend, hidden.shape[0], vocab_size)
     slices = []
     for start in range(0, vocab_size, cols):
         tile, ref_tile, layout = _logit_tiles(hidden, weight, bias, ref_hidden, ref_weight,
@@ -184,7 +190,7 @@ def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
         return tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
 
     grads = _linear_backward.linear_backward(
-        hidden_kept, weight, tile_cols(hidden_kept.shape[0], weight.shape[0]), grad_tile,
+        hidden_kept, weight, _tile_cols(backend, hidden_kept.shape[0], weight.shape[0]), grad_tile,
         need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
     grad_hidden, grad_weight, grad_bias = grads
     if grad_hidden is not None:
