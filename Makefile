@@ -1,5 +1,6 @@
 # fastalign: the two set-up commands on a fresh machine are
-#   make demo    the main job on a built-in default (fused vs naive log-probs, 128k vocabulary)
+#   make demo    the main job on a built-in default (log-probs from hidden states over a 128k
+#                vocabulary: naive torch vs token_logprobs vs linear_logprobs)
 #   make test    the test suite (CPU; Triton kernels run through TRITON_INTERPRET=1)
 # Both create .venv on first use. See README.md.
 
@@ -33,6 +34,8 @@ test: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[bench]"
 	$(BIN)/python bench/bench_token_logprobs.py --compile-vocab 128256
+	$(BIN)/python bench/bench_linear_logprobs.py --providers torch_eager trl fastalign
+	$(BIN)/python bench/bench_linear_logprobs.py --op kl --providers torch_eager trl fastalign
 
 clean:
 	rm -rf $(VENV) build *.egg-info
