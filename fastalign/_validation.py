@@ -129,3 +129,13 @@ def check_mask(mask, leading_shape, device: torch.device, source: str) -> None:
     if mask.device != device:
         raise ValueError(f"{source} is on {device} but mask is on {mask.device}; "
                          "move both to the same device")
+
+
+def check_process_group(group) -> None:
+    """None, or an initialized ``torch.distributed`` process group."""
+    if group is None:
+        return
+    import torch.distributed as dist
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError("process_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"dist.group.WORLD or dist.new_group(ranks)) or None, got {type(group).__name__}")

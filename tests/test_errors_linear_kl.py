@@ -39,6 +39,8 @@ LINEAR_LOGPROBS = [
      ValueError, r"temperature must be a positive finite number"),
     ("softcap", (_t(4, 8), _t(10, 8), _ids(4)), {"softcap": -1.0},
      ValueError, r"softcap must be a positive finite number or None"),
+    ("process_group", (_t(4, 8), _t(10, 8), _ids(4)), {"process_group": "tp"},
+     TypeError, r"process_group must be a torch.distributed ProcessGroup \(e.g. dist.group.WORLD"),
 ]
 
 if DEVICE.type == "cpu":  # CUDA skips this check unless FASTALIGN_CHECK_TARGETS=1 (NaN rows)

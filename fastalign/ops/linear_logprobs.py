@@ -177,6 +177,7 @@ def linear_logprobs(
     checks.check_positive("temperature", temperature)
     checks.check_positive("softcap", softcap, allow_none=True)
     checks.check_flag("return_entropy", return_entropy)
+    checks.check_process_group(process_group)
     vocab_offset, vocab_total = _vocab_stats.vocab_shard(process_group, weight.shape[0],
                                                          weight.device)
     checks.check_targets(targets, hidden.shape[:-1], vocab_total, hidden.device, ignore_index,
