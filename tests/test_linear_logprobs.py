@@ -154,3 +154,21 @@ def test_matches_trl_chunked_logprob_function(backend):
     for name, ours, theirs in zip(["logprobs", "entropy", "hidden", "weight", "bias"],
                                   [lp, ent, *grads], [trl_lp, trl_ent, *trl_grads]):
         assert_close(ours, theirs, 1e-5, name)
+
+
+def test_unused_entropy_costs_no_entropy_gradient(backend, monkeypatch):
+    """return_entropy=True with only the log-probs in the loss (entropy kept for logging): the
+    backward gets no zero-filled entropy gradient to differentiate."""
+    from fastalign.ops._dispatch import backend_module
+    module = backend_module("test", backend, "linear_logprobs", "linear_logprobs_torch")
+    original, seen = module.linear_logprobs_grad_tile, []
+
+    def spy(*args, **kwargs):
+        seen.append(args[7] is None)  # grad_entropy
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "linear_logprobs_grad_tile", spy)
+    (hidden, weight), targets = random_head((9,), 16, 100, torch.float32)
+    lp, _ = fa.linear_logprobs(hidden, weight, targets, return_entropy=True)
+    lp.sum().backward()
+    assert seen and all(seen)

@@ -87,9 +87,12 @@ def _token_kl_setup(ctx, inputs, output):
     kl, lse, shift = output
     ctx.save_for_backward(logits, ref_logits, mask, lse, shift)
     ctx.inv_temperature, ctx.backend = inv_temperature, backend
+    ctx.set_materialize_grads(False)  # only kl is public: the others' gradients stay None
 
 
 def _token_kl_grad(ctx, grad_kl, _grad_lse, _grad_shift):
+    if grad_kl is None:
+        return None, None, None, None, None
     logits, ref_logits, mask, lse, shift = ctx.saved_tensors
     grad = _token_kl_backward(logits, ref_logits, mask, lse, shift,
                               grad_kl.float().contiguous(), ctx.inv_temperature, ctx.backend)
@@ -212,9 +215,12 @@ def _linear_kl_setup(ctx, inputs, output):
     kl, lse, shift = output
     ctx.save_for_backward(*tensors, lse, shift)
     ctx.inv_temperature, ctx.backend = inv_temperature, backend
+    ctx.set_materialize_grads(False)  # only kl is public: the others' gradients stay None
 
 
 def _linear_kl_grad(ctx, grad_kl, _grad_lse, _grad_shift):
+    if grad_kl is None:
+        return (None,) * 9
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, lse, shift = \
         ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]

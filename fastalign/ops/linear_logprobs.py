@@ -113,17 +113,22 @@ def _setup_context(ctx, inputs, output):
     _, entropy, stats = output
     ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
     ctx.options = dict(zip(_OPTION_NAMES, options))
+    # Unused outputs (an entropy kept for logging) then get None, not zeros to differentiate.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
-    hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
     o = ctx.options
+    if not o["return_entropy"]:
+        grad_entropy = None
+    if grad_logprobs is None and grad_entropy is None:
+        return (None,) * (4 + len(_OPTION_NAMES))
+    hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads = _backward_op(
         hidden, weight, bias, targets, stats, entropy,
         None if grad_logprobs is None else grad_logprobs.float().contiguous(),
-        grad_entropy.float().contiguous() if o["return_entropy"] and grad_entropy is not None
-        else None,
+        None if grad_entropy is None else grad_entropy.float().contiguous(),
         o["inv_temperature"], o["softcap"], o["ignore_index"], o["vocab_offset"],
         o["group_name"], need_hidden, need_weight, bias is not None and need_bias, o["backend"])
     grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in

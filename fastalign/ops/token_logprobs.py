@@ -92,15 +92,20 @@ def _setup_context(ctx, inputs, output):
     _, entropy, lse = output
     ctx.save_for_backward(logits, targets, lse, entropy)
     ctx.options = dict(zip(_OPTION_NAMES, options))
+    # Unused outputs (an entropy kept for logging) then get None, not zeros to differentiate.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-    logits, targets, lse, entropy = ctx.saved_tensors
     o = ctx.options
+    if not o["return_entropy"]:
+        grad_entropy = None
+    if grad_logprobs is None and grad_entropy is None:
+        return (None,) * (2 + len(_OPTION_NAMES))
+    logits, targets, lse, entropy = ctx.saved_tensors
     args = (targets, lse, entropy,
             None if grad_logprobs is None else grad_logprobs.float().contiguous(),
-            grad_entropy.float().contiguous() if o["return_entropy"] and grad_entropy is not None
-            else None,
+            None if grad_entropy is None else grad_entropy.float().contiguous(),
             o["inv_temperature"], o["softcap"], o["ignore_index"], o["backend"])
     if o["inplace_backward"]:
         _backward_inplace_op(logits, *args)
