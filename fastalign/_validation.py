@@ -92,7 +92,9 @@ def check_same_device(name: str, x: torch.Tensor, other_name: str, other: torch.
 
 def check_lm_head(hidden, weight, bias, weight_name: str = "weight", hidden_name: str = "hidden",
                   bias_name: str = "bias") -> None:
-    """``hidden [..., D]``, ``weight [V, D]`` (an lm_head), ``bias [V]`` or None: one dtype and device."""
+    """``hidden [..., D]``, ``weight [V, D]`` (an lm_head), ``bias [V]`` or None, on one device.
+    Their float dtypes may differ: the matmuls run in ``hidden``'s (under autocast: bf16
+    activations against fp32 master weights), each weight slice cast as it is used."""
     check_float_tensor(hidden_name, hidden)
     check_float_tensor(weight_name, weight)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -101,9 +103,6 @@ def check_lm_head(hidden, weight, bias, weight_name: str = "weight", hidden_name
             f"{hidden.shape[-1]} (an lm_head weight, as nn.Linear stores it), got "
             f"{tuple(weight.shape)}")
     check_same_device(weight_name, weight, hidden_name, hidden)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{hidden_name} is {hidden.dtype} but {weight_name} is {weight.dtype}; "
-                        f"cast one to the other's dtype (e.g. {hidden_name}.to({weight_name}.dtype))")
     if bias is None:
         return
     check_float_tensor(bias_name, bias)
@@ -111,9 +110,6 @@ def check_lm_head(hidden, weight, bias, weight_name: str = "weight", hidden_name
         raise ValueError(f"{bias_name} must have shape [V] = ({weight.shape[0]},), "
                          f"got {tuple(bias.shape)}")
     check_same_device(bias_name, bias, weight_name, weight)
-    if bias.dtype != weight.dtype:
-        raise TypeError(f"{bias_name} is {bias.dtype} but {weight_name} is {weight.dtype}; "
-                        "cast it to the weight's dtype")
 
 
 def check_mask(mask, leading_shape, device: torch.device, source: str) -> None:

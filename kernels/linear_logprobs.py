@@ -58,6 +58,8 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mas
         if UPCAST:  # the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584)
             h = h.to(tl.float32)
             w = w.to(tl.float32)
+        else:  # the dot runs in hidden's dtype; a weight of another dtype is cast on load
+            w = w.to(h.dtype)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]

@@ -172,3 +172,32 @@ def test_unused_entropy_costs_no_entropy_gradient(backend, monkeypatch):
     lp, _ = fa.linear_logprobs(hidden, weight, targets, return_entropy=True)
     lp.sum().backward()
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("hidden_dtype,weight_dtype", [(torch.bfloat16, torch.float32),
+                                                       (torch.float32, torch.float16)])
+def test_weight_of_another_dtype(backend, small_tiles, hidden_dtype, weight_dtype):
+    """Autocast's case: bf16 activations, fp32 master weights (and the reverse). The matmuls
+    run in hidden's dtype, weight slices cast as used; each gradient comes in its input's
+    dtype and is as close to float64 as torch's own composition in that dtype."""
+    (hidden, weight, bias), targets = random_head((3, 11), 48, 300, hidden_dtype, bias=True)
+    weight = weight.detach().to(weight_dtype).requires_grad_()
+    bias = bias.detach().to(weight_dtype).requires_grad_()
+    upstream = [torch.randn(targets.shape, device=DEVICE) for _ in range(2)]
+    lp, ent, grads = forward_backward(fa.linear_logprobs, [hidden, weight, bias], targets,
+                                      upstream)
+    assert [g.dtype for g in grads] == [hidden_dtype, weight_dtype, weight_dtype]
+    exact = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    ref = forward_backward(linear_logprobs_reference, exact, targets, upstream)
+
+    def torch_own(h, w, t, *, bias, **options):  # what F.linear under autocast computes
+        return linear_logprobs_reference(h, w.to(h.dtype), t, bias=bias.to(h.dtype),
+                                         compute_dtype=torch.float32, **options)
+
+    own = forward_backward(torch_own, [hidden, weight, bias], targets, upstream)
+    for name, ours, expected, theirs in zip(["logprobs", "entropy", "hidden", "weight", "bias"],
+                                            [lp, ent, *grads], [ref[0], ref[1], *ref[2]],
+                                            [own[0], own[1], *own[2]]):
+        torch_error = relative_error(theirs, expected)
+        assert_close(ours, expected, tolerance_for(min(hidden_dtype, weight_dtype,
+                                                       key=lambda d: d.itemsize), torch_error), name)

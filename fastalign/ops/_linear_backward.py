@@ -37,7 +37,8 @@ def linear_backward(hidden: torch.Tensor, weight: torch.Tensor, cols: int,
                     grad_tile: Callable[[int, int], torch.Tensor], *, need_hidden: bool,
                     need_weight: bool, need_bias: bool):
     """``(dHidden [N, D] float32 or None, dWeight [V, D] in weight.dtype or None,
-    dBias [V] float32 or None)`` from ``grad_tile(start, end) -> G [N, end - start]``."""
+    dBias [V] float32 or None)`` from ``grad_tile(start, end) -> G [N, end - start]`` in
+    ``hidden``'s dtype (the weight may have another: its slices are cast as they are used)."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
         if need_hidden else None
@@ -51,11 +52,13 @@ def linear_backward(hidden: torch.Tensor, weight: torch.Tensor, cols: int,
         return grad_hidden, grad_weight, grad_bias
     for start in range(0, vocab_size, cols):
         end = min(start + cols, vocab_size)
-        tile = grad_tile(start, end)
+        tile = grad_tile(start, end)  # in hidden's dtype, like the matmuls
         if need_hidden:
-            _addmm_fp32_(grad_hidden, tile, weight[start:end])
-        if need_weight:
+            _addmm_fp32_(grad_hidden, tile, weight[start:end].to(tile.dtype))
+        if need_weight and grad_weight.dtype == tile.dtype:
             torch.mm(tile.t(), hidden, out=grad_weight[start:end])
+        elif need_weight:  # a weight of another dtype (fp32 master weights under autocast)
+            grad_weight[start:end] = torch.mm(tile.t(), hidden)
         if need_bias:
             torch.sum(tile, dim=0, dtype=torch.float32, out=grad_bias[start:end])
     return grad_hidden, grad_weight, grad_bias

@@ -157,11 +157,13 @@ def linear_logprobs(
 
     Args:
         hidden: ``[..., D]`` float16, bfloat16 or float32 hidden states (the lm_head's input).
-        weight: ``[V, D]`` lm_head weight, same dtype and device; with ``process_group``, this
+        weight: ``[V, D]`` lm_head weight on the same device, any float dtype: the matmuls run
+            in ``hidden``'s dtype, each weight slice cast as it is used (autocast's bf16
+            activations against fp32 master weights need no copy); with ``process_group``, this
             rank's rows of it (shards in rank order, sizes may differ).
         targets: ``[...]`` integer ids in ``[0, V)`` (global ids when sharded), or
             ``ignore_index``. Already shifted: target ``t`` is the token after position ``t``.
-        bias: ``[V]`` or None.
+        bias: ``[V]`` or None (any float dtype, like ``weight``).
         temperature, softcap, ignore_index, return_entropy: as in :func:`token_logprobs`.
         process_group: a ``torch.distributed`` group over which ``weight`` is sharded by
             vocabulary; every rank passes the same ``hidden`` and ``targets`` and gets the full

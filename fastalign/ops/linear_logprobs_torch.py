@@ -22,12 +22,13 @@ TILE_ELEMENTS = 1 << 20
 
 def raw_logits_tile(hidden, weight, bias, start: int, end: int) -> torch.Tensor:
     """``hidden @ weight[start:end].T + bias[start:end]`` as a fresh float32 ``[N, end-start]``
-    tile, computed in the inputs' dtype (the rounding torch's own bf16 path has)."""
-    w = weight[start:end]
+    tile, computed in ``hidden``'s dtype (the rounding torch's own bf16 path has); a weight or
+    bias of another dtype is cast one slice at a time."""
+    w = weight[start:end].to(hidden.dtype)
     if bias is None:
         tile = torch.mm(hidden, w.t())
     else:
-        tile = torch.addmm(bias[start:end], hidden, w.t())
+        tile = torch.addmm(bias[start:end].to(hidden.dtype), hidden, w.t())
     return tile if tile.dtype == torch.float32 else tile.float()
 
 
