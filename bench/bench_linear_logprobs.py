@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import sys
 import types
 from pathlib import Path
@@ -162,23 +161,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", default="logprobs", choices=list(PROVIDERS),
                         help="logprobs: linear_logprobs and its peers; kl: linear_kl and its peers")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
                         help="default: cpu on CPU, llama3 gemma2 on CUDA")
     parser.add_argument("--tokens", type=int, default=None, help="N; default 2048 on CPU, 8192 on CUDA")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
                         help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--providers", nargs="+", default=None,
                         choices=sorted({p for names in PROVIDERS.values() for p in names}),
                         help="default: every provider of --op")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per CPU measurement")
-    parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    harness.add_run_arguments(parser, MODES)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(harness.cpu_worker(make_call, json.loads(args.worker))))
+    if harness.served_as_worker(args, make_call):
         return
 
     device = torch.device(args.device)

@@ -21,7 +21,6 @@ commit and date, and to a PNG plot.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -92,22 +91,16 @@ def make_call(spec: dict, device: torch.device):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 128256, 256000])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--compile-vocab", type=int, nargs="+", default=None,
                         help="run torch_compile only at these V (each shape compiles anew)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per CPU measurement")
-    parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    harness.add_run_arguments(parser, MODES)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(harness.cpu_worker(make_call, json.loads(args.worker))))
+    if harness.served_as_worker(args, make_call):
         return
 
     device = torch.device(args.device)

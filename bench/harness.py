@@ -6,8 +6,10 @@ peak_mb (extra memory beyond the inputs), and an ``error`` for runs that failed 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -117,3 +119,21 @@ def measure_cpu(script: str, spec: dict) -> dict:
     memory = _measure.run_worker([script], dict(spec, measure="memory"), for_memory=True)
     errors = [r["error"] for r in (timing, memory) if "error" in r]
     return {"error": errors[0]} if errors else {**timing, **memory}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, modes) -> None:
+    """The options every bench script shares: device, modes, repeats, outputs, worker."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--modes", nargs="+", default=list(modes), choices=modes)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per CPU measurement")
+    parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def served_as_worker(args, make_call) -> bool:
+    """In a ``--worker`` process: measure the one configuration, print it, and say so."""
+    if not args.worker:
+        return False
+    print(json.dumps(cpu_worker(make_call, json.loads(args.worker))))
+    return True
