@@ -201,3 +201,21 @@ def test_weight_of_another_dtype(backend, small_tiles, hidden_dtype, weight_dtyp
         torch_error = relative_error(theirs, expected)
         assert_close(ours, expected, tolerance_for(min(hidden_dtype, weight_dtype,
                                                        key=lambda d: d.itemsize), torch_error), name)
+
+
+def test_strided_hidden_and_weight(backend, small_tiles):
+    """The [:, :-1] slice of [B, T, D] hidden states and a weight stored transposed ([D, V]
+    storage viewed as [V, D]) give the results of their contiguous copies."""
+    gen = torch.Generator().manual_seed(3)
+    full_hidden = torch.randn(2, 8, 40, generator=gen).to(DEVICE).requires_grad_()
+    weight_storage = (torch.randn(40, 270, generator=gen) * 0.3).to(DEVICE).requires_grad_()
+    targets = torch.randint(0, 270, (2, 7), generator=gen).to(DEVICE)
+    lp = fa.linear_logprobs(full_hidden[:, :-1], weight_storage.t(), targets)
+    grads = torch.autograd.grad(lp.sum(), (full_hidden, weight_storage))
+    exact = [x.detach().double().requires_grad_() for x in (full_hidden, weight_storage)]
+    expected = linear_logprobs_reference(exact[0][:, :-1], exact[1].t(), targets)
+    expected_grads = torch.autograd.grad(expected.sum(), exact)
+    assert_close(lp, expected, TOLERANCE[torch.float32], "logprobs")
+    for name, actual, wanted in zip(["hidden", "weight"], grads, expected_grads):
+        assert_close(actual, wanted, TOLERANCE[torch.float32], name)
+    assert (grads[0][:, -1] == 0).all()
