@@ -10,8 +10,10 @@ No logits leave the registers.
 
 Backward: one program per (token tile, vocabulary tile) of a vocabulary slice recomputes the
 logits tile the same way, turns it into ``dLoss/dz`` in registers from the saved per-row
-softmax max and log-sum (and entropy), and stores it in the inputs' dtype into a ``[N, cols]`` slice
-buffer that ``fastalign.ops._linear_backward`` feeds to two cuBLAS matmuls (dHidden, dWeight).
+softmax max and log-sum (and entropy), and stores it in ``hidden``'s dtype into a ``[N, cols]``
+slice buffer that ``fastalign.ops._linear_backward`` feeds to two cuBLAS matmuls (dHidden,
+dWeight). Unlike the forward, this does not reach the issue's "no logits-sized buffer": the
+slice is bounded by ``GRAD_TILE_ELEMENTS``, not by ``N * V``.
 
 Offsets are int64: ``V * D`` passes 2**31 for a 256k vocabulary at D = 8192.
 """
