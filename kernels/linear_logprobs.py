@@ -12,8 +12,8 @@ Backward: one program per (token tile, vocabulary tile) of a vocabulary slice re
 logits tile the same way, turns it into ``dLoss/dz`` in registers from the saved per-row
 softmax max and log-sum (and entropy), and stores it in ``hidden``'s dtype into a ``[N, cols]``
 slice buffer that ``fastalign.ops._linear_backward`` feeds to two cuBLAS matmuls (dHidden,
-dWeight). Unlike the forward, this does not reach the issue's "no logits-sized buffer": the
-slice is bounded by ``GRAD_TILE_ELEMENTS``, not by ``N * V``.
+dWeight). That slice is a buffer of about ``GRAD_TILE_ELEMENTS`` (never ``N * V``); a backward
+that accumulates dHidden and dWeight straight from registers would drop it and is not written.
 
 Offsets are int64: ``V * D`` passes 2**31 for a 256k vocabulary at D = 8192.
 """
