@@ -1,0 +1,109 @@
+"""Compiles every Triton kernel for an sm_90 GPU (Hopper) without one: Triton's frontend, its
+NVIDIA passes and the ptxas bundled with the triton wheel. The interpreter CI runs the kernels
+through accepts code the compiler rejects; this catches that before a GPU session does.
+
+Run as a script in a process without TRITON_INTERPRET (test_kernels_compile.py does): prints
+one line per compiled variant with its shared memory and whether its main loop is pipelined
+(cp.async copies), and exits non-zero on the first failure.
+"""
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "the interpreter replaces the compiler"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastalign.kernels import kl, linear_logprobs, token_logprobs  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOAT_SCALARS = {"inv_temperature", "softcap"}
+WIDE_SCALARS = {"stride_outer", "ref_stride_outer", "grad_stride_outer"}  # can pass 2**31
+# Pointers to the inputs' dtype; every other pointer is float32 (statistics) or int64 (ids).
+INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_tile_ptr", "logits_ptr",
+                  "ref_ptr", "grad_ptr"}
+
+
+def signature(fn, dtype: str, weight_dtype: str):
+    """Argument types of ``fn`` and the 16-divisibility a launch with aligned tensors and
+    D, V multiples of 16 gets (what makes the main loops vectorize and pipeline)."""
+    types, divisible = {}, []
+    for index, param in enumerate(fn.params):
+        name = param.name
+        if param.is_constexpr:
+            types[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            if name in ("weight_ptr", "bias_ptr"):
+                types[name] = f"*{weight_dtype}"
+            elif name in INPUT_POINTERS:
+                types[name] = f"*{dtype}"
+            elif name == "targets_ptr":
+                types[name] = "*i64"
+            elif name == "mask_ptr":
+                types[name] = "*i1"
+            else:
+                types[name] = "*fp32"
+            divisible.append(index)
+        else:
+            types[name] = ("fp32" if name in FLOAT_SCALARS else
+                           "i64" if name in WIDE_SCALARS else "i32")
+            if types[name] != "fp32":
+                divisible.append(index)
+    return types, {(index,): [["tt.divisibility", 16]] for index in divisible}
+
+
+def compile_variant(fn, constexprs: dict, dtype="bf16", weight_dtype=None, num_warps=8,
+                    num_stages=3) -> str:
+    types, attrs = signature(fn, dtype, weight_dtype or dtype)
+    source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(source, target=TARGET,
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    pipelined = "async_copy" in kernel.asm["ttgir"]
+    return f"shared {kernel.metadata.shared // 1024} KiB, pipelined {pipelined}"
+
+
+def variants():
+    """(name, kernel, constexprs, dtype, weight dtype): each kernel with no optional feature and
+    with all of them, in the dtype pairs that ship (bf16 activations with fp32 weights is
+    autocast's), about 20 compiles (~35 s on 2 cores)."""
+    for dtype, weight_dtype in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32")):
+        dot = dict(UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                   BLOCK_N=linear_logprobs.FORWARD_BLOCK_N,
+                   BLOCK_V=linear_logprobs.FORWARD_BLOCK_V,
+                   BLOCK_D=linear_logprobs.FORWARD_BLOCK_D)
+        for on in (False, True):
+            flags = dict(HAS_BIAS=on, HAS_SOFTCAP=on)
+            yield ("linear forward", linear_logprobs._linear_logprobs_forward_kernel,
+                   dict(flags, RETURN_ENTROPY=on, **dot), dtype, weight_dtype)
+            yield ("linear grad tile", linear_logprobs._linear_logprobs_grad_tile_kernel,
+                   dict(flags, HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=on, **dot),
+                   dtype, weight_dtype)
+    for dtype, on in (("bf16", True), ("fp32", False)):
+        block = dict(HAS_MASK=on, BLOCK_V=kl.FORWARD_BLOCK_V)
+        yield "kl forward", kl._kl_forward_kernel, block, dtype, dtype
+        yield "kl backward", kl._kl_backward_kernel, block, dtype, dtype
+        yield ("token forward", token_logprobs._token_logprobs_forward_kernel,
+               dict(HAS_SOFTCAP=on, RETURN_ENTROPY=on, BLOCK_V=token_logprobs.FORWARD_BLOCK_V),
+               dtype, dtype)
+        yield ("token backward", token_logprobs._token_logprobs_backward_kernel,
+               dict(HAS_SOFTCAP=on, HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=on,
+                    BLOCK_V=token_logprobs.BACKWARD_BLOCK_V), dtype, dtype)
+
+
+def main() -> int:
+    for name, fn, constexprs, dtype, weight_dtype in variants():
+        flags = ",".join(k for k, v in constexprs.items() if v is True)
+        try:
+            report = compile_variant(fn, constexprs, dtype, weight_dtype)
+        except Exception as error:  # the compiler's message is the point
+            print(f"FAILED {name} {dtype}/{weight_dtype} {flags}: {error}")
+            return 1
+        print(f"ok {name} {dtype}/{weight_dtype} {flags}: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
