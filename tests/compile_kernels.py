@@ -4,7 +4,11 @@ through accepts code the compiler rejects; this catches that before a GPU sessio
 
 Run as a script in a process without TRITON_INTERPRET (test_kernels_compile.py does): prints
 one line per compiled variant with its shared memory and whether its main loop is pipelined
-(cp.async copies), and exits non-zero on the first failure.
+(cp.async copies), and exits non-zero on the first failure. To check another Triton, e.g. the
+GPU image's 3.6, without touching the venv:
+
+    pip install --target /tmp/triton36 --no-deps triton==3.6.0      # ~650 MB, once
+    env -u TRITON_INTERPRET PYTHONPATH=/tmp/triton36 python tests/compile_kernels.py
 """
 
 import os
