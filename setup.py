@@ -8,6 +8,6 @@ of that name. ``tests/test_packaging.py`` builds the wheel and checks this mappi
 from setuptools import setup
 
 setup(
-    packages=["fastalign", "fastalign.ops", "fastalign.kernels"],
+    packages=["fastalign", "fastalign.ops", "fastalign.losses", "fastalign.kernels"],
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels"},
 )

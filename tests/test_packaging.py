@@ -28,6 +28,7 @@ def test_wheel_maps_kernels_under_fastalign(wheel):
     assert "fastalign/kernels/__init__.py" in names
     assert "fastalign/kernels/token_logprobs.py" in names
     assert "fastalign/ops/token_logprobs.py" in names
+    assert "fastalign/losses/policy.py" in names
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels/ would shadow PyPI's"
     assert not [n for n in names if n.startswith(("tests/", "bench/"))]
 
