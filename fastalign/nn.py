@@ -1,0 +1,115 @@
+"""Fused end-to-end losses: hidden states and an lm_head in, ``(loss, metrics)`` out, through
+``linear_logprobs``, so no ``[N, V]`` logits exist in forward or backward. Each equals the
+unfused composition (``linear_logprobs``, masked sums per sequence, the loss)."""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import dpo_loss, policy_loss
+from .losses._checks import check_choice, masked_mean
+from .losses.dpo import LOSS_TYPES
+from .losses.policy import AGGREGATIONS, KL_ESTIMATORS, LEVELS
+from .ops import linear_logprobs
+
+
+def _sequence_logps(hidden, weight, bias, targets, ignore_index, temperature, average):
+    """Per-sequence sums (or completion-token means) of the targets' log-probs, ``[rows]``."""
+    logprobs = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                               ignore_index=ignore_index)
+    sums = logprobs.sum(dim=-1)
+    if not average:
+        return sums
+    counts = (targets != ignore_index).sum(dim=-1).clamp(min=1)
+    return sums / counts
+
+
+class FusedDPOLoss(torch.nn.Module):
+    """DPO-family loss (``fastalign.losses.dpo_loss``) from the policy's hidden states.
+
+    ``forward(hidden, weight, targets, *, bias, ref_chosen_logps, ref_rejected_logps,
+    ref_hidden, ref_weight, ref_bias)``: ``hidden [2B, T, D]`` holds the chosen rows then the
+    rejected ones; ``targets [2B, T]`` are already shifted (target t follows position t), with
+    ``ignore_index`` outside completions. The reference is either precomputed sequence
+    log-probs ``[B]`` each, or reference hidden states and head (run under ``no_grad``).
+    ``average_logprobs`` divides each sequence's sum by its completion-token count (always for
+    ``loss_type="ipo"``, as IPO defines it).
+
+    Returns ``(loss, metrics)``: ``dpo_loss``'s metrics plus ``logps/chosen`` and
+    ``logps/rejected`` (batch means of the policy's sequence log-probs).
+    """
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, ignore_index: int = -100,
+                 average_logprobs: bool = False, temperature: float = 1.0):
+        super().__init__()
+        check_choice("loss_type", loss_type, LOSS_TYPES)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.ignore_index, self.temperature = ignore_index, temperature
+        self.average_logprobs = average_logprobs or loss_type == "ipo"
+
+    def forward(self, hidden, weight, targets, *, bias=None, ref_chosen_logps=None,
+                ref_rejected_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None):
+        if hidden.dim() != 3 or hidden.shape[0] % 2:
+            raise ValueError(f"hidden must be [2B, T, D] (chosen rows, then rejected), got "
+                             f"{tuple(hidden.shape)}")
+        options = (self.ignore_index, self.temperature, self.average_logprobs)
+        policy = _sequence_logps(hidden, weight, bias, targets, *options)
+        chosen, rejected = policy.chunk(2)
+        precomputed = ref_chosen_logps is not None or ref_rejected_logps is not None
+        if precomputed == (ref_hidden is not None or ref_weight is not None):
+            raise ValueError("give the reference either as ref_chosen_logps and "
+                             "ref_rejected_logps, or as ref_hidden and ref_weight, not both")
+        if precomputed:
+            if ref_chosen_logps is None or ref_rejected_logps is None:
+                raise ValueError("ref_chosen_logps and ref_rejected_logps go together")
+            ref_chosen, ref_rejected = ref_chosen_logps, ref_rejected_logps
+        else:
+            if ref_hidden is None or ref_weight is None:
+                raise ValueError("ref_hidden and ref_weight go together")
+            with torch.no_grad():
+                reference = _sequence_logps(ref_hidden, ref_weight, ref_bias, targets, *options)
+            ref_chosen, ref_rejected = reference.chunk(2)
+        loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta,
+                                 loss_type=self.loss_type,
+                                 label_smoothing=self.label_smoothing)
+        metrics["logps/chosen"] = chosen.detach().mean()
+        metrics["logps/rejected"] = rejected.detach().mean()
+        return loss, metrics
+
+
+class FusedPolicyLoss(torch.nn.Module):
+    """PPO/GRPO clipped surrogate (``fastalign.losses.policy_loss``) from the policy's hidden
+    states.
+
+    ``forward(hidden, weight, targets, advantages, *, bias, old_logprobs, ref_logprobs)``:
+    ``hidden [B, T, D]``, ``targets [B, T]`` (``ignore_index`` = not a completion token),
+    ``advantages [B, T]`` or ``[B]``; ``old_logprobs=None`` means on-policy (ratio 1,
+    detached). Returns ``policy_loss``'s ``(loss, metrics)`` plus ``entropy``: the token mean
+    of the policy's entropy, from the same pass over the vocabulary (not differentiated).
+    """
+
+    def __init__(self, clip_low: float = 0.2, clip_high: float | None = None,
+                 dual_clip: float | None = None, kl_coef: float = 0.0,
+                 kl_estimator: str = "k3", level: str = "token",
+                 aggregation: str = "token_mean", max_length: int | None = None,
+                 temperature: float = 1.0, ignore_index: int = -100):
+        super().__init__()
+        check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        check_choice("level", level, LEVELS)
+        check_choice("aggregation", aggregation, AGGREGATIONS)
+        self.options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                            kl_coef=kl_coef, kl_estimator=kl_estimator, level=level,
+                            aggregation=aggregation, max_length=max_length)
+        self.temperature, self.ignore_index = temperature, ignore_index
+
+    def forward(self, hidden, weight, targets, advantages, *, bias=None, old_logprobs=None,
+                ref_logprobs=None):
+        logprobs, entropy = linear_logprobs(hidden, weight, targets, bias=bias,
+                                            temperature=self.temperature,
+                                            ignore_index=self.ignore_index, return_entropy=True)
+        mask = targets != self.ignore_index
+        loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask,
+                                    ref_logprobs=ref_logprobs, **self.options)
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
+        return loss, metrics
