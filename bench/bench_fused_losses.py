@@ -1,0 +1,155 @@
+"""Benchmark of the fused end-to-end losses: FusedDPOLoss and FusedPolicyLoss (forward +
+backward from hidden states and an lm_head) beside the unfused torch composition and Liger's
+chunked fused-linear losses, time and peak memory.
+
+--op dpo: B preference pairs (2B sequences of T tokens, a prompt prefix ignored); the
+  reference is a second (hidden, head) pair run under no_grad by every provider.
+  torch_unfused  logits = hidden @ W.T, float32 log_softmax + gather, masked sums, dpo_loss
+  liger          liger_kernel LigerFusedLinearDPOLoss (compiled=False on CPU, as its docs allow)
+  fastalign      fastalign.FusedDPOLoss
+--op grpo: 2B sequences, one advantage each, old and reference per-token log-probs given.
+  torch_unfused  logits, float32 log_softmax + gather, policy_loss (token_mean, k3 KL)
+  liger          LigerFusedLinearGRPOLoss (loss_type="dapo": the same token mean; beta = kl)
+  fastalign      fastalign.FusedPolicyLoss
+Gradients w.r.t. the policy's hidden states and head. Memory is the peak beyond the inputs,
+gradients included (see bench_linear_logprobs.py for how it is measured).
+
+    python bench/bench_fused_losses.py --op dpo              # CPU: 4 pairs x 256 tokens, D=256, V=128256
+    python bench/bench_fused_losses.py --op grpo --device cuda --pairs 4 --seq 1024 --hidden 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+import summarize  # noqa: E402
+
+import fastalign  # noqa: E402
+from fastalign import _measure  # noqa: E402
+from fastalign.losses import dpo_loss, policy_loss  # noqa: E402
+
+PROVIDERS = ("torch_unfused", "liger", "fastalign")
+MODES = ("fwd_bwd",)
+RESULTS = Path(__file__).parent / "results"
+BETA, KL_COEF = 0.1, 0.04
+
+
+def make_inputs(spec: dict, device: torch.device):
+    rows, seq = 2 * spec["pairs"], spec["seq"]
+    hidden, weight, targets, ref_hidden, ref_weight = _measure.random_head(
+        rows * seq, spec["hidden"], spec["vocab"], spec["dtype"], device)
+    targets = targets.view(rows, seq).clone()
+    targets[:, : seq // 4] = -100  # the prompt
+    return (hidden.view(rows, seq, -1).requires_grad_(), weight.requires_grad_(), targets,
+            ref_hidden.view(rows, seq, -1), ref_weight)
+
+
+def _unfused_logprobs(hidden, weight, targets):
+    log_p = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    picked = log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (targets != -100)
+
+
+def make_call(spec: dict, device: torch.device):
+    hidden, weight, targets, ref_hidden, ref_weight = make_inputs(spec, device)
+    provider, op = spec["provider"], spec["op"]
+    rows = targets.shape[0]
+    gen = torch.Generator(device=device).manual_seed(1)
+    advantages = torch.randn(rows, device=device, generator=gen)
+    with torch.no_grad():  # GRPO's old and reference per-token log-probs, given to everyone
+        old = fastalign.linear_logprobs(hidden, weight, targets)
+        ref = fastalign.linear_logprobs(ref_hidden, ref_weight, targets)
+
+    if op == "dpo" and provider == "fastalign":
+        module = fastalign.FusedDPOLoss(beta=BETA)
+
+        def loss():
+            return module(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight)[0]
+    elif op == "dpo" and provider == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        module = LigerFusedLinearDPOLoss(beta=BETA, compiled=device.type == "cuda")
+
+        def loss():
+            return module(weight, hidden, targets, None, ref_hidden, ref_weight, None)[0]
+    elif op == "dpo":
+        def loss():
+            chosen, rejected = _unfused_logprobs(hidden, weight, targets).sum(-1).chunk(2)
+            with torch.no_grad():
+                ref_c, ref_r = _unfused_logprobs(ref_hidden, ref_weight, targets).sum(-1).chunk(2)
+            return dpo_loss(chosen, rejected, ref_c, ref_r, beta=BETA)[0]
+    elif provider == "fastalign":
+        module = fastalign.FusedPolicyLoss(kl_coef=KL_COEF)
+
+        def loss():
+            return module(hidden, weight, targets, advantages, old_logprobs=old,
+                          ref_logprobs=ref)[0]
+    elif provider == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        module = LigerFusedLinearGRPOLoss(beta=KL_COEF, compiled=device.type == "cuda",
+                                          loss_type="dapo")
+        mask = (targets != -100).long()
+
+        def loss():
+            return module(hidden, weight, targets.clamp(min=0), mask, advantages,
+                          ref_per_token_logps=ref, old_per_token_logps=old)[0]
+    else:
+        def loss():
+            logprobs = _unfused_logprobs(hidden, weight, targets)
+            return policy_loss(logprobs, old, advantages, targets != -100, ref_logprobs=ref,
+                               kl_coef=KL_COEF)[0]
+
+    return lambda: torch.autograd.grad(loss(), (hidden, weight))
+
+
+def measure(spec: dict, device: torch.device) -> dict:
+    if device.type == "cuda":
+        return harness.measure_cuda(make_call, spec)
+    return harness.measure_cpu(str(Path(__file__).resolve()), spec)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", default="dpo", choices=["dpo", "grpo"])
+    parser.add_argument("--pairs", type=int, default=4, help="B: 2B sequences")
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--dtype", default=None, choices=list(_measure.DTYPES),
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    harness.add_run_arguments(parser, MODES)
+    args = parser.parse_args(argv)
+    if harness.served_as_worker(args, make_call):
+        return
+    device = torch.device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    name = f"fused_{args.op}"
+    csv_path = args.csv or RESULTS / f"{name}_{device.type}.csv"
+    stamp = harness.stamp(device)
+    tokens = 2 * args.pairs * args.seq
+    itemsize = _measure.DTYPES[dtype].itemsize
+    rows = []
+    for index, provider in enumerate(args.providers, 1):
+        spec = dict(op=args.op, provider=provider, mode="fwd_bwd", dtype=dtype, pairs=args.pairs,
+                    seq=args.seq, hidden=args.hidden, vocab=args.vocab, repeats=args.repeats)
+        print(f"[{index}/{len(args.providers)}] {provider} {args.op} {dtype} N={tokens}", flush=True)
+        rows.append({"op": name, "provider": provider, "mode": "fwd_bwd", "dtype": dtype,
+                     "shape": f"{2 * args.pairs}x{args.seq}", "n_rows": tokens,
+                     "hidden": args.hidden, "vocab": args.vocab,
+                     "logits_mb": round(tokens * args.vocab * itemsize / 2**20, 1),
+                     "floor_mb": round((tokens + args.vocab) * args.hidden * itemsize / 2**20, 1),
+                     "time_ms": None, "peak_mb": None, "error": "",
+                     **measure(spec, device), **stamp})
+    harness.write_csv(rows, csv_path)
+    print(f"\nCSV: {csv_path}\n")
+    summarize.summarize(str(csv_path), markdown=False)
+
+
+if __name__ == "__main__":
+    main()
