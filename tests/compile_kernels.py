@@ -20,14 +20,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastalign.kernels import kl, linear_logprobs, token_logprobs  # noqa: E402
+from fastalign.kernels import kl, linear_logprobs, policy, token_logprobs  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOAT_SCALARS = {"inv_temperature", "softcap"}
+FLOAT_SCALARS = {"inv_temperature", "softcap", "clip_low", "clip_high", "dual_clip", "kl_coef"}
 WIDE_SCALARS = {"stride_outer", "ref_stride_outer", "grad_stride_outer"}  # can pass 2**31
 # Pointers to the inputs' dtype; every other pointer is float32 (statistics) or int64 (ids).
 INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_tile_ptr", "logits_ptr",
-                  "ref_ptr", "grad_ptr"}
+                  "ref_ptr", "grad_ptr", "logprobs_ptr", "old_ptr", "advantages_ptr"}
 
 
 def signature(fn, dtype: str, weight_dtype: str):
@@ -46,8 +46,8 @@ def signature(fn, dtype: str, weight_dtype: str):
                 types[name] = f"*{dtype}"
             elif name == "targets_ptr":
                 types[name] = "*i64"
-            elif name == "mask_ptr":
-                types[name] = "*i1"
+            elif name == "mask_ptr":  # bool for the KL kernels, 0/1 floats for the policy ones
+                types[name] = "*i1" if fn.fn.__name__.startswith("_kl") else "*fp32"
             else:
                 types[name] = "*fp32"
             divisible.append(index)
@@ -95,6 +95,11 @@ def variants():
         yield ("token backward", token_logprobs._token_logprobs_backward_kernel,
                dict(HAS_SOFTCAP=on, HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=on,
                     BLOCK_V=token_logprobs.BACKWARD_BLOCK_V), dtype, dtype)
+    for kl_kind, dual, sequence in ((0, False, False), (3, True, True), (2, True, False)):
+        flags = dict(HAS_DUAL_CLIP=dual, KL_KIND=kl_kind, SEQUENCE_LEVEL=sequence,
+                     BLOCK_T=policy.BLOCK_T)
+        yield "policy forward", policy._policy_forward_kernel, flags, "fp32", "fp32"
+        yield "policy backward", policy._policy_backward_kernel, flags, "fp32", "fp32"
 
 
 def main() -> int:

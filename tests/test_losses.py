@@ -144,7 +144,7 @@ POLICY_CASES = {
 
 
 @pytest.mark.parametrize("case", POLICY_CASES.values(), ids=POLICY_CASES.keys())
-def test_policy_loss_matches_the_formula(case):
+def test_policy_loss_matches_the_formula(backend, case):
     case = dict(case)
     batch, length = 4, 10
     lp, old, ref = _leaves((batch, length), (batch, length), (batch, length), scale=0.3,
@@ -176,7 +176,7 @@ def test_policy_loss_matches_the_formula(case):
     _check(ours, reference, [lp], "policy_loss")
 
 
-def test_policy_metrics_and_on_policy():
+def test_policy_metrics_and_on_policy(backend):
     lp = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5]])).requires_grad_()
     old = torch.log(torch.tensor([[0.5, 0.3, 0.7, 0.5]]))
     advantages = torch.tensor([[1.0, 1.0, -1.0, 2.0]])
@@ -315,7 +315,7 @@ def test_bad_input_messages(call, error, message):
         call()
 
 
-def test_empty_masks_give_zero_not_nan():
+def test_empty_masks_give_zero_not_nan(backend):
     lp = torch.zeros(2, 3, requires_grad=True)
     empty = torch.zeros(2, 3)
     for aggregation in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",

@@ -1,44 +1,34 @@
-"""PPO / GRPO policy-gradient losses: the clipped surrogate and its variants, the clipped
-value loss, and the sampled-token KL estimators (Schulman et al. 2017,
+"""PPO / GRPO policy-gradient losses: the clipped surrogate and its variants (one fused pass
+per token, ``fastalign.ops.policy_stats``), the clipped value loss, and the sampled-token KL
+estimators (Schulman et al. 2017,
 https://arxiv.org/abs/1707.06347; GRPO, Shao et al. 2024, https://arxiv.org/abs/2402.03300)."""
 
 from __future__ import annotations
 
 import torch
 
+from ..ops.policy_stats import (APPROX_KL, CLIP_HIGH, CLIP_LOW, COUNT, KL, LOSS, RATIO,
+                                kl_estimate, policy_stats)  # noqa: F401  (re-exported)
 from ._checks import check_choice, check_same_shape, masked_mean
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3")  # kl_estimate (fastalign.ops.policy_stats) is re-exported
 LEVELS = ("token", "sequence")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                 "seq_mean_token_sum_norm")
 
 
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3"):
-    """Sampled-token estimators of KL(pi || pi_ref) (Schulman, "Approximating KL divergence",
-    2020), with ``r = ref_logprobs - logprobs``: ``k1 = -r``, ``k2 = r^2 / 2``,
-    ``k3 = exp(r) - r - 1`` (unbiased and always >= 0). Elementwise, differentiable."""
-    check_choice("kind", kind, KL_ESTIMATORS)
-    r = ref_logprobs - logprobs
-    if kind == "k1":
-        return -r
-    if kind == "k2":
-        return r.square() / 2
-    return torch.expm1(r) - r
-
-
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
-               max_length: int | None) -> torch.Tensor:
-    """Loss over masked tokens; a sequence with no token contributes 0, never NaN."""
+def _aggregate(stats: torch.Tensor, aggregation: str, max_length: int | None,
+               length: int) -> torch.Tensor:
+    """The loss from per-sequence sums; a sequence with no token contributes 0, never NaN."""
+    loss_sums, counts = stats[:, LOSS], stats[:, COUNT]
     if aggregation == "token_mean":  # DAPO, BNPO
-        return masked_mean(per_token, mask)
-    per_sequence_sum = (per_token * mask).sum(dim=1)
+        return loss_sums.sum() / counts.sum().clamp(min=1.0)
     if aggregation == "seq_mean_token_mean":  # GRPO
-        return (per_sequence_sum / mask.sum(dim=1).clamp(min=1.0)).mean()
+        return (loss_sums / counts.clamp(min=1.0)).mean()
     if aggregation == "seq_mean_token_sum":
-        return per_sequence_sum.mean()
+        return loss_sums.mean()
     # seq_mean_token_sum_norm, Dr. GRPO: a constant normalizer, no length bias
-    return per_sequence_sum.sum() / (mask.shape[0] * (max_length or mask.shape[1]))
+    return loss_sums.sum() / (stats.shape[0] * (max_length or length))
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None,
@@ -93,38 +83,24 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None,
         raise ValueError(f"dual_clip must be > 1 (it caps the loss at -dual_clip * A), "
                          f"got {dual_clip!r}")
     clip_high = clip_low if clip_high is None else clip_high
-    mask = mask.to(logprobs.dtype)
-    advantages = advantages if advantages.dim() == 2 else advantages[:, None]
-
-    log_ratio = logprobs - old_logprobs
-    if level == "sequence":
-        sequence_mean = (log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        log_ratio = sequence_mean[:, None].expand_as(logprobs)
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
-    if dual_clip is not None:
-        per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages),
-                                per_token)
-    kl = None
-    if ref_logprobs is not None:
-        kl = kl_estimate(logprobs, ref_logprobs, kl_estimator)
-        if kl_coef:
-            per_token = per_token + kl_coef * kl
-    loss = _aggregate(per_token, mask, aggregation, max_length)
-
+    mask = mask.to(torch.float32)
+    advantages = (advantages if advantages.dim() == 2 else advantages[:, None]).expand(
+        logprobs.shape)
+    stats = policy_stats(logprobs, old_logprobs, advantages, mask, ref_logprobs,
+                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                         kl_coef=kl_coef, kl_estimator=kl_estimator, level=level)
+    loss = _aggregate(stats, aggregation, max_length, logprobs.shape[1])
     with torch.no_grad():
+        sums = stats.detach().sum(0)
+        tokens = sums[COUNT].clamp(min=1.0)
         metrics = {
-            "clip_fraction/low": masked_mean(((ratio < 1 - clip_low) & (advantages < 0)).to(
-                ratio.dtype), mask),
-            "clip_fraction/high": masked_mean(((ratio > 1 + clip_high) & (advantages > 0)).to(
-                ratio.dtype), mask),
-            "approx_kl": masked_mean((logprobs - old_logprobs).square() / 2, mask),
-            "ratio/mean": masked_mean(ratio, mask),
+            "clip_fraction/low": sums[CLIP_LOW] / tokens,
+            "clip_fraction/high": sums[CLIP_HIGH] / tokens,
+            "approx_kl": sums[APPROX_KL] / tokens,
+            "ratio/mean": sums[RATIO] / tokens,
         }
-        if kl is not None:
-            metrics["kl"] = masked_mean(kl, mask)
+        if ref_logprobs is not None:
+            metrics["kl"] = sums[KL] / tokens
     return loss, metrics
 
 

@@ -1,0 +1,124 @@
+"""Per-sequence masked sums of the PPO/GRPO per-token math (``kernels/policy.py``), the one
+pass ``fastalign.losses.policy_loss`` aggregates from. A custom op with autograd on the
+Triton backend; the torch backend computes the same sums with torch ops (and autograd)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import select_backend
+from ._dispatch import backend_module
+
+# Columns of the [B, 7] sums (the same order as kernels/policy.py).
+LOSS, COUNT, CLIP_LOW, CLIP_HIGH, RATIO, APPROX_KL, KL = range(7)
+KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}
+
+
+def _triton():
+    return backend_module("policy_loss", "triton", "policy", "policy_stats")
+
+
+@torch.library.custom_op("fastalign::policy_stats", mutates_args=())
+def _stats_op(logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, ref: Optional[torch.Tensor], clip_low: float, clip_high: float,
+              dual_clip: Optional[float], kl_coef: float, kl_kind: int,
+              sequence_level: bool) -> torch.Tensor:
+    return _triton().policy_stats(logprobs, old, advantages, mask, ref, clip_low=clip_low,
+                                  clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                                  kl_kind=kl_kind, sequence_level=sequence_level)
+
+
+@_stats_op.register_fake
+def _stats_fake(logprobs, old, advantages, mask, ref, clip_low, clip_high, dual_clip, kl_coef,
+                kl_kind, sequence_level):
+    return logprobs.new_empty(logprobs.shape[0], 7)
+
+
+@torch.library.custom_op("fastalign::policy_stats_backward", mutates_args=())
+def _grad_op(logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor,
+             mask: torch.Tensor, ref: Optional[torch.Tensor], weights: torch.Tensor,
+             clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float,
+             kl_kind: int, sequence_level: bool) -> torch.Tensor:
+    return _triton().policy_grad(logprobs, old, advantages, mask, ref, weights,
+                                 clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                                 kl_coef=kl_coef, kl_kind=kl_kind, sequence_level=sequence_level)
+
+
+@_grad_op.register_fake
+def _grad_fake(logprobs, old, advantages, mask, ref, weights, clip_low, clip_high, dual_clip,
+               kl_coef, kl_kind, sequence_level):
+    return torch.empty_like(logprobs)
+
+
+def _setup(ctx, inputs, output):
+    logprobs, old, advantages, mask, ref, *options = inputs
+    ctx.save_for_backward(logprobs, old, advantages, mask, ref)
+    ctx.options = options
+
+
+def _backward(ctx, grad_stats):
+    logprobs, old, advantages, mask, ref = ctx.saved_tensors
+    # Only the loss column is differentiable; the other columns are metrics (counts, sums).
+    weights = grad_stats[:, LOSS].float().contiguous()
+    grad = _grad_op(logprobs, old, advantages, mask, ref, weights, *ctx.options)
+    return (grad,) + (None,) * 10
+
+
+_stats_op.register_autograd(_backward, setup_context=_setup)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3"):
+    """Sampled-token estimators of KL(pi || pi_ref) (Schulman, "Approximating KL divergence",
+    2020), with ``r = ref_logprobs - logprobs``: ``k1 = -r``, ``k2 = r^2 / 2``,
+    ``k3 = exp(r) - r - 1`` (unbiased and always >= 0). Elementwise, differentiable."""
+    if kind not in KL_KINDS:
+        raise ValueError(f"kind={kind!r} is not one of: {', '.join(map(repr, KL_KINDS))}")
+    r = ref_logprobs - logprobs
+    if kind == "k1":
+        return -r
+    if kind == "k2":
+        return r.square() / 2
+    return torch.expm1(r) - r
+
+
+def _torch_stats(logprobs, old, advantages, mask, ref, clip_low, clip_high, dual_clip, kl_coef,
+                 kl_kind, sequence_level):
+    log_ratio = logprobs - old
+    if sequence_level:  # GSPO: one ratio per sequence, exp of its masked mean log-ratio
+        mean = (log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        log_ratio = mean[:, None].expand_as(logprobs)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
+    per_token = -torch.minimum(ratio * advantages, clipped)
+    if dual_clip is not None:
+        per_token = torch.where(advantages < 0,
+                                torch.minimum(per_token, -dual_clip * advantages), per_token)
+    kl = None
+    if kl_kind:
+        kl = kl_estimate(logprobs, ref, ("k1", "k2", "k3")[kl_kind - 1])
+        per_token = per_token + kl_coef * kl
+    with torch.no_grad():
+        ratio = ratio.detach()
+        metrics = [mask.sum(1),
+                   (((ratio < 1 - clip_low) & (advantages < 0)) * mask).sum(1),
+                   (((ratio > 1 + clip_high) & (advantages > 0)) * mask).sum(1),
+                   (ratio * mask).sum(1),
+                   ((logprobs - old).square() / 2 * mask).sum(1),
+                   torch.zeros_like(mask[:, 0]) if kl is None else (kl * mask).sum(1)]
+    return torch.stack([(per_token * mask).sum(1), *metrics], dim=1)
+
+
+def policy_stats(logprobs, old, advantages, mask, ref, *, clip_low, clip_high, dual_clip,
+                 kl_coef, kl_estimator, level):
+    """``[B, 7]`` float32 per-sequence masked sums (columns above); differentiable w.r.t.
+    ``logprobs`` through the ``LOSS`` column. ``advantages`` and ``mask`` are ``[B, T]``;
+    ``ref`` is None or ``[B, T]``. Triton on CUDA (or when forced), torch ops otherwise."""
+    kl_kind = KL_KINDS[kl_estimator] if ref is not None else 0
+    args = (clip_low, clip_high, dual_clip, kl_coef, kl_kind, level == "sequence")
+    if select_backend(logprobs.device) != "triton":
+        return _torch_stats(logprobs.float(), old.float(), advantages.float(), mask.float(),
+                            None if ref is None else ref.float(), *args)
+    prepared = [x.float().contiguous() for x in (logprobs, old, advantages, mask)]
+    return _stats_op(*prepared, None if ref is None else ref.float().contiguous(), *args)
