@@ -34,6 +34,12 @@ timeout 240 python3 bench/bench_linear_logprobs.py --device cuda --shapes llama3
 step "fused-linear tile sweep"
 timeout 120 python3 bench/tune_linear_logprobs.py --csv "$OUT/tune_linear_logprobs_cuda.csv" 2>&1 | tee "$OUT/tune_linear.log"
 
+step "fused DPO and GRPO losses: 8 x 1024 tokens, Llama-3 head, bf16, beside Liger and unfused torch"
+for op in dpo grpo; do
+  timeout 120 python3 bench/bench_fused_losses.py --op $op --device cuda --pairs 4 --seq 1024 --hidden 4096 \
+    --csv "$OUT/fused_${op}_cuda.csv" 2>&1 | tee "$OUT/bench_fused_${op}.log" | tail -3
+done
+
 step "fused-linear KL: Llama-3 head, N=8192, bf16, beside TRL and Liger"
 timeout 120 python3 bench/bench_linear_logprobs.py --op kl --device cuda --shapes llama3 --tokens 8192 \
   --csv "$OUT/linear_kl_cuda.csv" --plot "$OUT/linear_kl_cuda.png" 2>&1 | tee "$OUT/bench_kl.log" | tail -3
@@ -48,6 +54,6 @@ timeout 150 python3 bench/bench_token_logprobs.py --device cuda --batch 8 --voca
 step "summary"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "cuBLAS|best:" "$OUT/tune_linear.log"
-for csv in linear_logprobs linear_kl token_logprobs; do
+for csv in linear_logprobs fused_dpo fused_grpo linear_kl token_logprobs; do
   [ -f "$OUT/${csv}_cuda.csv" ] && python3 bench/summarize.py "$OUT/${csv}_cuda.csv"
 done
