@@ -49,3 +49,30 @@ def test_fullgraph_compile_matches_eager(compiler):
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for grad, expected in zip(grads, eager_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fused_losses_compile_without_graph_breaks():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 6, 16, generator=gen).to(DEVICE).requires_grad_()
+    weight = torch.randn(50, 16, generator=gen).to(DEVICE).requires_grad_()
+    targets = torch.randint(0, 50, (4, 6), generator=gen).to(DEVICE)
+    targets[:, :2] = -100
+    ref_hidden, ref_weight = hidden.detach() + 0.1, weight.detach() * 0.9
+    advantages = torch.randn(4, generator=gen).to(DEVICE)
+    old = (torch.randn(4, 6, generator=gen) - 3).to(DEVICE)
+    dpo = fa.FusedDPOLoss(loss_type="robust", label_smoothing=0.1)
+    grpo = fa.FusedPolicyLoss(kl_coef=0.05, dual_clip=3.0, level="sequence")
+
+    def both(hidden, weight):
+        dpo_value, _ = dpo(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight)
+        grpo_value, _ = grpo(hidden, weight, targets, advantages, old_logprobs=old,
+                             ref_logprobs=old - 0.1)
+        return dpo_value + grpo_value
+
+    expected = torch.autograd.grad(both(hidden, weight), (hidden, weight))
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(hidden, weight), (hidden, weight))
+    for grad, wanted in zip(grads, expected):
+        torch.testing.assert_close(grad, wanted, rtol=1e-5, atol=1e-6)
