@@ -24,6 +24,12 @@ KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}
 
 
 @triton.jit
+def _row_tile(ptr, row_offset, cols, inside):
+    """A tile of one sequence's values (0 past its end)."""
+    return tl.load(ptr + row_offset + cols, mask=inside, other=0.0)
+
+
+@triton.jit
 def _sequence_log_ratio(logprobs_ptr, old_ptr, mask_ptr, row_offset, length,
                         BLOCK_T: tl.constexpr):
     """The sequence's masked mean of logprobs - old (0 for a sequence without tokens)."""
@@ -32,9 +38,9 @@ def _sequence_log_ratio(logprobs_ptr, old_ptr, mask_ptr, row_offset, length,
     for start in range(0, length, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         inside = cols < length
-        mask = tl.load(mask_ptr + row_offset + cols, mask=inside, other=0.0)
-        lp = tl.load(logprobs_ptr + row_offset + cols, mask=inside, other=0.0)
-        old = tl.load(old_ptr + row_offset + cols, mask=inside, other=0.0)
+        mask = _row_tile(mask_ptr, row_offset, cols, inside)
+        lp = _row_tile(logprobs_ptr, row_offset, cols, inside)
+        old = _row_tile(old_ptr, row_offset, cols, inside)
         total += tl.sum((lp - old) * mask, axis=0)
         count += tl.sum(mask, axis=0)
     return total / tl.maximum(count, 1.0)
@@ -78,10 +84,10 @@ def _policy_forward_kernel(
     for start in range(0, length, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         inside = cols < length
-        mask = tl.load(mask_ptr + row_offset + cols, mask=inside, other=0.0)
-        lp = tl.load(logprobs_ptr + row_offset + cols, mask=inside, other=0.0)
-        old = tl.load(old_ptr + row_offset + cols, mask=inside, other=0.0)
-        adv = tl.load(advantages_ptr + row_offset + cols, mask=inside, other=0.0)
+        mask = _row_tile(mask_ptr, row_offset, cols, inside)
+        lp = _row_tile(logprobs_ptr, row_offset, cols, inside)
+        old = _row_tile(old_ptr, row_offset, cols, inside)
+        adv = _row_tile(advantages_ptr, row_offset, cols, inside)
         if SEQUENCE_LEVEL:
             log_ratio = tl.zeros([BLOCK_T], tl.float32) + sequence_log_ratio
         else:
@@ -92,7 +98,7 @@ def _policy_forward_kernel(
         if HAS_DUAL_CLIP:
             loss = tl.where(adv < 0, tl.minimum(loss, -dual_clip * adv), loss)
         if KL_KIND > 0:
-            ref = tl.load(ref_ptr + row_offset + cols, mask=inside, other=0.0)
+            ref = _row_tile(ref_ptr, row_offset, cols, inside)
             kl, _ = _kl_and_grad(lp, ref, KL_KIND)
             loss += kl_coef * kl
             kl_sum += tl.sum(kl * mask, axis=0)
@@ -146,8 +152,8 @@ def _policy_backward_kernel(
         for start in range(0, length, BLOCK_T):
             cols = start + tl.arange(0, BLOCK_T)
             inside = cols < length
-            mask = tl.load(mask_ptr + row_offset + cols, mask=inside, other=0.0)
-            adv = tl.load(advantages_ptr + row_offset + cols, mask=inside, other=0.0)
+            mask = _row_tile(mask_ptr, row_offset, cols, inside)
+            adv = _row_tile(advantages_ptr, row_offset, cols, inside)
             ratios = tl.zeros([BLOCK_T], tl.float32) + ratio
             total += tl.sum(_surrogate_grad(ratios, adv, clip_low, clip_high, dual_clip,
                                             HAS_DUAL_CLIP) * mask, axis=0)
@@ -156,18 +162,18 @@ def _policy_backward_kernel(
     for start in range(0, length, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         inside = cols < length
-        mask = tl.load(mask_ptr + row_offset + cols, mask=inside, other=0.0)
-        lp = tl.load(logprobs_ptr + row_offset + cols, mask=inside, other=0.0)
+        mask = _row_tile(mask_ptr, row_offset, cols, inside)
+        lp = _row_tile(logprobs_ptr, row_offset, cols, inside)
         if SEQUENCE_LEVEL:
             grad = tl.zeros([BLOCK_T], tl.float32) + through_ratio
         else:
-            old = tl.load(old_ptr + row_offset + cols, mask=inside, other=0.0)
-            adv = tl.load(advantages_ptr + row_offset + cols, mask=inside, other=0.0)
+            old = _row_tile(old_ptr, row_offset, cols, inside)
+            adv = _row_tile(advantages_ptr, row_offset, cols, inside)
             ratio = tl.exp(lp - old)
             grad = _surrogate_grad(ratio, adv, clip_low, clip_high, dual_clip,
                                    HAS_DUAL_CLIP) * ratio
         if KL_KIND > 0:
-            ref = tl.load(ref_ptr + row_offset + cols, mask=inside, other=0.0)
+            ref = _row_tile(ref_ptr, row_offset, cols, inside)
             _, kl_grad = _kl_and_grad(lp, ref, KL_KIND)
             grad += kl_coef * kl_grad
         tl.store(grad_ptr + row_offset + cols, grad * mask * weight, mask=inside)
