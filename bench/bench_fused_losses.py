@@ -5,6 +5,8 @@ chunked fused-linear losses, time and peak memory.
 --op dpo: B preference pairs (2B sequences of T tokens, a prompt prefix ignored); the
   reference is a second (hidden, head) pair run under no_grad by every provider.
   torch_unfused  logits = hidden @ W.T, float32 log_softmax + gather, masked sums, dpo_loss
+  trl            TRL's path: the logits, trl.trainer.utils.selective_log_softmax (row-chunked
+                 log-softmax, as DPOTrainer and GRPOTrainer call it), masked sums, the loss
   liger          liger_kernel LigerFusedLinearDPOLoss (compiled=False on CPU, as its docs allow)
   fastalign      fastalign.FusedDPOLoss
 --op grpo: 2B sequences, one advantage each, old and reference per-token log-probs given.
@@ -34,7 +36,7 @@ import fastalign  # noqa: E402
 from fastalign import _measure  # noqa: E402
 from fastalign.losses import dpo_loss, policy_loss  # noqa: E402
 
-PROVIDERS = ("torch_unfused", "liger", "fastalign")
+PROVIDERS = ("torch_unfused", "trl", "liger", "fastalign")
 MODES = ("fwd_bwd",)
 RESULTS = Path(__file__).parent / "results"
 BETA, KL_COEF = 0.1, 0.04
@@ -53,6 +55,12 @@ def make_inputs(spec: dict, device: torch.device):
 def _unfused_logprobs(hidden, weight, targets):
     log_p = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
     picked = log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (targets != -100)
+
+
+def _trl_logprobs(hidden, weight, targets):
+    from trl.trainer.utils import selective_log_softmax
+    picked = selective_log_softmax(hidden @ weight.T, targets.clamp(min=0))
     return picked * (targets != -100)
 
 
@@ -78,10 +86,12 @@ def make_call(spec: dict, device: torch.device):
         def loss():
             return module(weight, hidden, targets, None, ref_hidden, ref_weight, None)[0]
     elif op == "dpo":
+        logprobs_of = _trl_logprobs if provider == "trl" else _unfused_logprobs
+
         def loss():
-            chosen, rejected = _unfused_logprobs(hidden, weight, targets).sum(-1).chunk(2)
+            chosen, rejected = logprobs_of(hidden, weight, targets).sum(-1).chunk(2)
             with torch.no_grad():
-                ref_c, ref_r = _unfused_logprobs(ref_hidden, ref_weight, targets).sum(-1).chunk(2)
+                ref_c, ref_r = logprobs_of(ref_hidden, ref_weight, targets).sum(-1).chunk(2)
             return dpo_loss(chosen, rejected, ref_c, ref_r, beta=BETA)[0]
     elif provider == "fastalign":
         module = fastalign.FusedPolicyLoss(kl_coef=KL_COEF)
@@ -99,8 +109,10 @@ def make_call(spec: dict, device: torch.device):
             return module(hidden, weight, targets.clamp(min=0), mask, advantages,
                           ref_per_token_logps=ref, old_per_token_logps=old)[0]
     else:
+        logprobs_of = _trl_logprobs if provider == "trl" else _unfused_logprobs
+
         def loss():
-            logprobs = _unfused_logprobs(hidden, weight, targets)
+            logprobs = logprobs_of(hidden, weight, targets)
             return policy_loss(logprobs, old, advantages, targets != -100, ref_logprobs=ref,
                                kl_coef=KL_COEF)[0]
 
