@@ -23,8 +23,8 @@ import harness  # noqa: E402
 from fastalign.kernels import linear_logprobs as kernel  # noqa: E402
 
 # (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages): common tensor-core tilings.
-CONFIGS = [(64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
-           (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
+CONFIGS = [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+           (256, 128, 64, 8, 3)]
 
 
 def set_tiles(prefix: str, config) -> None:
