@@ -95,7 +95,8 @@ def variants():
         yield ("token backward", token_logprobs._token_logprobs_backward_kernel,
                dict(HAS_SOFTCAP=on, HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=on,
                     BLOCK_V=token_logprobs.BACKWARD_BLOCK_V), dtype, dtype)
-    for kl_kind, dual, sequence in ((0, False, False), (3, True, True), (2, True, False)):
+    for kl_kind, dual, sequence in ((0, False, False), (3, True, True), (2, True, False),
+                                    (1, False, True)):
         flags = dict(HAS_DUAL_CLIP=dual, KL_KIND=kl_kind, SEQUENCE_LEVEL=sequence,
                      BLOCK_T=policy.BLOCK_T)
         yield "policy forward", policy._policy_forward_kernel, flags, "fp32", "fp32"
