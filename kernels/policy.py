@@ -16,11 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns of the forward's [B, STATS] output.
-LOSS, COUNT, CLIP_LOW, CLIP_HIGH, RATIO, APPROX_KL, KL = range(7)
+# Columns of the forward's [B, STATS] output, in the order fastalign.ops.policy_stats names
+# them (loss, count, clip low, clip high, ratio, approx KL, KL). KL_KIND: 0 none, 1-3 = k1-k3.
 STATS = 7
 BLOCK_T = 1024
-KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}
 
 
 @triton.jit

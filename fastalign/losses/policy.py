@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.policy_stats import (APPROX_KL, CLIP_HIGH, CLIP_LOW, COUNT, KL, LOSS, RATIO,
-                                kl_estimate, policy_stats)  # noqa: F401  (re-exported)
+from ..ops.policy_stats import (APPROX_KL, CLIP_HIGH, CLIP_LOW, COUNT, KL, KL_KINDS, LOSS,
+                                RATIO, kl_estimate, policy_stats)  # noqa: F401  (re-exported)
 from ._checks import check_choice, check_same_shape, masked_mean
 
-KL_ESTIMATORS = ("k1", "k2", "k3")  # kl_estimate (fastalign.ops.policy_stats) is re-exported
+KL_ESTIMATORS = tuple(KL_KINDS)  # k1, k2, k3 (kl_estimate lives in fastalign.ops.policy_stats)
 LEVELS = ("token", "sequence")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                 "seq_mean_token_sum_norm")

@@ -84,7 +84,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
 
 
 def _torch_stats(logprobs, old, advantages, mask, ref, clip_low, clip_high, dual_clip, kl_coef,
-                 kl_kind, sequence_level):
+                 kl_estimator, sequence_level):
     log_ratio = logprobs - old
     if sequence_level:  # GSPO: one ratio per sequence, exp of its masked mean log-ratio
         mean = (log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -96,8 +96,8 @@ def _torch_stats(logprobs, old, advantages, mask, ref, clip_low, clip_high, dual
         per_token = torch.where(advantages < 0,
                                 torch.minimum(per_token, -dual_clip * advantages), per_token)
     kl = None
-    if kl_kind:
-        kl = kl_estimate(logprobs, ref, ("k1", "k2", "k3")[kl_kind - 1])
+    if kl_estimator is not None:
+        kl = kl_estimate(logprobs, ref, kl_estimator)
         per_token = per_token + kl_coef * kl
     with torch.no_grad():
         ratio = ratio.detach()
@@ -115,10 +115,12 @@ def policy_stats(logprobs, old, advantages, mask, ref, *, clip_low, clip_high, d
     """``[B, 7]`` float32 per-sequence masked sums (columns above); differentiable w.r.t.
     ``logprobs`` through the ``LOSS`` column. ``advantages`` and ``mask`` are ``[B, T]``;
     ``ref`` is None or ``[B, T]``. Triton on CUDA (or when forced), torch ops otherwise."""
-    kl_kind = KL_KINDS[kl_estimator] if ref is not None else 0
-    args = (clip_low, clip_high, dual_clip, kl_coef, kl_kind, level == "sequence")
+    kl_estimator = None if ref is None else kl_estimator
+    sequence_level = level == "sequence"
     if select_backend(logprobs.device) != "triton":
         return _torch_stats(logprobs.float(), old.float(), advantages.float(), mask.float(),
-                            None if ref is None else ref.float(), *args)
+                            None if ref is None else ref.float(), clip_low, clip_high,
+                            dual_clip, kl_coef, kl_estimator, sequence_level)
     prepared = [x.float().contiguous() for x in (logprobs, old, advantages, mask)]
-    return _stats_op(*prepared, None if ref is None else ref.float().contiguous(), *args)
+    return _stats_op(*prepared, None if ref is None else ref.float().contiguous(), clip_low,
+                     clip_high, dual_clip, kl_coef, KL_KINDS.get(kl_estimator, 0), sequence_level)
