@@ -4,8 +4,8 @@ Per-token log-probs and entropy of chosen tokens without materializing a full-vo
 softmax. See DESIGN.md for the public contract.
 """
 
-from ._backend import available_backends, select_backend
 from . import losses
+from ._backend import available_backends, select_backend
 from .losses import kl_estimate
 from .nn import FusedDPOLoss, FusedPolicyLoss
 from .ops import linear_kl, linear_logprobs, token_kl, token_logprobs

@@ -8,8 +8,8 @@ the CUDA kernels never read out of bounds and report such rows as NaN instead.
 from __future__ import annotations
 
 import math
-import os
 import numbers
+import os
 
 import torch
 
@@ -135,3 +135,22 @@ def check_process_group(group) -> None:
     if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
         raise TypeError("process_group must be a torch.distributed ProcessGroup (e.g. "
                         f"dist.group.WORLD or dist.new_group(ranks)) or None, got {type(group).__name__}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """``value`` must be one of ``choices``; the message lists them."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of: {', '.join(map(repr, choices))}")
+
+
+def check_same_shape(names_and_tensors, what: str) -> None:
+    """Every tensor a float tensor of one shape (``what`` says what they hold)."""
+    (first_name, first), *rest = names_and_tensors
+    for name, tensor in names_and_tensors:
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"{name} must be a floating-point tensor of {what}, got {got}")
+    for name, tensor in rest:
+        if tensor.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {first_name} has "
+                             f"{tuple(first.shape)}; they must match ({what})")

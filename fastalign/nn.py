@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from ._validation import check_choice
 from .losses import dpo_loss, policy_loss
-from .losses._checks import check_choice, masked_mean
+from .losses._reduce import masked_mean
 from .losses.dpo import LOSS_TYPES
 from .losses.policy import AGGREGATIONS, KL_ESTIMATORS, LEVELS
 from .ops import linear_logprobs

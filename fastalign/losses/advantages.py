@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_choice, check_same_shape
+from .._validation import check_choice, check_same_shape
 
 SCALES = ("group", "batch", "none")
 

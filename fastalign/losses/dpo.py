@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_same_shape
+from .._validation import check_choice, check_same_shape
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair",
               "sppo_hard", "apo_zero", "apo_down", "discopop")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import check_choice, check_same_shape
 from ..ops.policy_stats import (APPROX_KL, CLIP_HIGH, CLIP_LOW, COUNT, KL, KL_KINDS, LOSS,
-                                RATIO, kl_estimate, policy_stats)  # noqa: F401  (re-exported)
-from ._checks import check_choice, check_same_shape, masked_mean
+                                RATIO, policy_stats)
+from ._reduce import masked_mean
 
 KL_ESTIMATORS = tuple(KL_KINDS)  # k1, k2, k3 (kl_estimate lives in fastalign.ops.policy_stats)
 LEVELS = ("token", "sequence")

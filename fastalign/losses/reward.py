@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_same_shape
+from .._validation import check_same_shape
 
 
 def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, *,

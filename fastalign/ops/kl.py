@@ -20,8 +20,8 @@ from .. import _validation as checks
 from .._backend import select_backend
 from .._layout import RowLayout, row_layout
 from . import _linear_backward, _vocab_stats
-from ._dispatch import backend_module
 from ._compact import kept_rows, scatter_rows, select_rows
+from ._dispatch import backend_module
 from .linear_logprobs_torch import raw_logits_tile
 
 

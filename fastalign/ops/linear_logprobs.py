@@ -18,8 +18,8 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from . import _linear_backward, _vocab_stats
-from ._dispatch import backend_module
 from ._compact import kept_rows, scatter_rows, select_rows
+from ._dispatch import backend_module
 
 
 def _backend_module(backend: str):

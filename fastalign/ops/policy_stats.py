@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .._backend import select_backend
+from .._validation import check_choice
 from ._dispatch import backend_module
 
 # Columns of the [B, 7] sums (the same order as kernels/policy.py).
@@ -73,8 +74,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     """Sampled-token estimators of KL(pi || pi_ref) (Schulman, "Approximating KL divergence",
     2020), with ``r = ref_logprobs - logprobs``: ``k1 = -r``, ``k2 = r^2 / 2``,
     ``k3 = exp(r) - r - 1`` (unbiased and always >= 0). Elementwise, differentiable."""
-    if kind not in KL_KINDS:
-        raise ValueError(f"kind={kind!r} is not one of: {', '.join(map(repr, KL_KINDS))}")
+    check_choice("kind", kind, tuple(KL_KINDS))
     r = ref_logprobs - logprobs
     if kind == "k1":
         return -r
