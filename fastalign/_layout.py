@@ -62,12 +62,8 @@ def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
 def iter_row_chunks(x: torch.Tensor, layout: RowLayout,
                     rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Yields ``(first_row, rows)``: ``[c, V]`` views of consecutive rows of ``x``, in order."""
-    vocab = x.shape[-1]
-    rows3d = x.as_strided((layout.n_outer, layout.n_inner, vocab),
-                          (layout.stride_outer, layout.stride_inner, 1), x.storage_offset())
-    for outer in range(layout.n_outer):
-        for start in range(0, layout.n_inner, rows_per_chunk):
-            yield outer * layout.n_inner + start, rows3d[outer, start:start + rows_per_chunk]
+    for start, stop in iter_aligned_row_ranges([layout], rows_per_chunk):
+        yield start, row_block(x, layout, start, stop)
 
 
 def row_block(x: torch.Tensor, layout: RowLayout, start: int, stop: int) -> torch.Tensor:
@@ -78,7 +74,8 @@ def row_block(x: torch.Tensor, layout: RowLayout, start: int, stop: int) -> torc
     return x.as_strided((stop - start, x.shape[-1]), (layout.stride_inner, 1), offset)
 
 
-def iter_aligned_row_ranges(layouts: list[RowLayout], rows_per_chunk: int) -> Iterator[tuple[int, int]]:
+def iter_aligned_row_ranges(layouts: list[RowLayout],
+                            rows_per_chunk: int) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` ranges of at most ``rows_per_chunk`` rows, each inside one outer block
     of every layout, covering all rows in order (for tensors read side by side)."""
     n_rows = layouts[0].n_rows
