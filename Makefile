@@ -16,11 +16,14 @@ install: $(INSTALLED)
 # torch goes in first and pinned: it is the CPU build this machine keeps on disk, where an
 # unpinned torch (or one asked for inside pip's isolated build environment) would pull a
 # multi-GB CUDA build. fastalign itself then installs without build isolation.
-$(INSTALLED): pyproject.toml setup.py
+$(INSTALLED): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
 	$(BIN)/python -m pip install -q torch==2.13.0 triton==3.9.0
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	@# Builds the native CPU kernels into their cache now (about a minute, once per machine)
+	@# rather than inside the first op call; without a compiler this says so and goes on.
+	$(BIN)/python -m fastalign._build_native
 	touch $@
 
 demo: $(INSTALLED)
@@ -36,6 +39,7 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/bench_token_logprobs.py --compile-vocab 128256
 	$(BIN)/python bench/bench_linear_logprobs.py --providers torch_eager trl fastalign
 	$(BIN)/python bench/bench_linear_logprobs.py --op kl --providers torch_eager trl fastalign
+	$(BIN)/python bench/bench_native_cpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

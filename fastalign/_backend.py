@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from . import _native
+
 BACKENDS = ("triton", "native", "torch")
 BACKEND_ENV = "FASTALIGN_BACKEND"
 
@@ -50,7 +52,8 @@ def _triton_unavailable_reason(device: torch.device) -> str | None:
 def _native_unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the native extension runs on CPU tensors, not on {device.type} tensors"
-    return "fastalign was installed without its native C++ extension"
+    # The first call builds (or loads) the extension; later calls return at once.
+    return _native.unavailable_reason()
 
 
 def _torch_unavailable_reason(device: torch.device) -> str | None:

@@ -30,6 +30,10 @@ def test_wheel_maps_kernels_under_fastalign(wheel):
     assert "fastalign/ops/token_logprobs.py" in names
     assert "fastalign/losses/policy.py" in names
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels/ would shadow PyPI's"
+    # The C++ sources travel in the wheel: fastalign._native builds them on first use.
+    for source in ("bindings.cpp", "logprobs.cpp", "kl.cpp", "kernels.h", "rows.h"):
+        assert f"fastalign/csrc/{source}" in names
+    assert not [n for n in names if n.startswith("csrc/")]
     assert not [n for n in names if n.startswith(("tests/", "bench/"))]
 
 

@@ -1,6 +1,7 @@
 """Which module implements an op for a backend: the Triton kernels' launchers in
-``fastalign.kernels.<name>`` or the pure-torch twin in ``fastalign.ops.<name>_torch``. Both
-expose the same functions, so an op treats them alike."""
+``fastalign.kernels.<name>``, the native C++ kernels' in ``fastalign.ops.<name>_native`` or the
+pure-torch twin in ``fastalign.ops.<name>_torch``. All expose the same functions, so an op treats
+them alike."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import importlib
 
 
 def backend_module(op: str, backend: str, kernels_name: str, torch_name: str):
+    """``torch_name`` ends in ``_torch``; the native twin has the same stem and ends in ``_native``."""
     if backend == "triton":
         return importlib.import_module(f"fastalign.kernels.{kernels_name}")
     if backend == "torch":
         return importlib.import_module(f"fastalign.ops.{torch_name}")
-    # select_backend only returns what is available; native lands with csrc/.
+    if backend == "native":
+        return importlib.import_module(f"fastalign.ops.{torch_name.removesuffix('_torch')}_native")
     raise RuntimeError(f"{op} has no {backend} backend")

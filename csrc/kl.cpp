@@ -1,0 +1,195 @@
+// Exact KL(softmax(z / T) || softmax(z_ref / T)) per row: the native CPU twin of kernels/kl.py.
+//
+// Forward streams both rows once, in blocks, with two online softmaxes, and returns per row
+// (max, sum_exp, ref_max, ref_sum_exp, cross) with cross = sum exp(z' - max) *
+// ((z' - max) - (z'_ref - ref_max)); fastalign/ops/_vocab_stats.merge_kl_partials turns them
+// into KL = cross / sum_exp - lse + lse_ref. Backward writes
+// dKL/dz_j = p_j ((z'_j - z'_ref,j) - shift) / T, the difference taken before scaling so a
+// large common offset of the two logits costs no precision.
+#include "kernels.h"
+
+namespace fastalign {
+namespace {
+
+struct KlStats {
+  float max = kFiniteMin, sum_exp = 0.0f, ref_max = kFiniteMin, ref_sum_exp = 0.0f;
+  float cross = 0.0f;
+
+  // Folds in columns [0, n) of both rows, whose maxes are block_max_p and block_max_q.
+  void add_block(const float* zp, const float* zq, int64_t n, float block_max_p,
+                 float block_max_q) {
+    const float new_max = nan_max(max, block_max_p);
+    const float new_ref_max = nan_max(ref_max, block_max_q);
+    const float rescale = std::exp(max - new_max);
+    // The running cross term, re-expressed relative to the new maxes.
+    cross = rescale * (cross + sum_exp * ((max - new_max) - (ref_max - new_ref_max)));
+    sum_exp *= rescale;
+    ref_sum_exp *= std::exp(ref_max - new_ref_max);
+    max = new_max;
+    ref_max = new_ref_max;
+
+    const Vec m(max), m_ref(ref_max), zero(0.0f);
+    Vec sum_p(0.0f), sum_q(0.0f), cross_acc(0.0f);
+    auto add = [&](const Vec& p, const Vec& q) {
+      const Vec sp = p - m, sq = q - m_ref;
+      const Vec ep = fast_exp(sp);
+      // Columns with p = 0 (the tail's padding, -inf logits) add nothing, whatever z'_ref is.
+      cross_acc = cross_acc + Vec::blendv(zero, ep * (sp - sq), ep > zero);
+      sum_p = sum_p + ep;
+      sum_q = sum_q + fast_exp(sq);
+    };
+    const int64_t step = Vec::size();
+    int64_t j = 0;
+    for (; j + step <= n; j += step) {
+      add(Vec::loadu(zp + j), Vec::loadu(zq + j));
+    }
+    if (j < n) {
+      add(load_tail(zp + j, n - j), load_tail(zq + j, n - j));
+    }
+    sum_exp += horizontal_sum(sum_p);
+    ref_sum_exp += horizontal_sum(sum_q);
+    cross += horizontal_sum(cross_acc);
+  }
+};
+
+template <typename p_t, typename q_t>
+void kl_stats_rows(const p_t* p_base, const RowLayout& p_layout, const q_t* q_base,
+                   const RowLayout& q_layout, const bool* mask, int64_t n_rows,
+                   int64_t vocab_size, const Transform& transform, float* out) {
+  at::parallel_for(0, n_rows, row_grain(vocab_size), [&](int64_t begin, int64_t end) {
+    alignas(64) float zp[kBlock];
+    alignas(64) float zq[kBlock];
+    for (int64_t row = begin; row < end; ++row) {
+      KlStats stats;
+      if (mask && !mask[row]) {
+        // Statistics that merge to KL = 0.
+        stats = KlStats{0.0f, 1.0f, 0.0f, 1.0f, 0.0f};
+      } else {
+        const p_t* p_row = p_base + p_layout.offset(row);
+        const q_t* q_row = q_base + q_layout.offset(row);
+        for (int64_t start = 0; start < vocab_size; start += kBlock) {
+          const int64_t n = std::min(kBlock, vocab_size - start);
+          float max_p, max_q;
+          const float* p = load_block(p_row + start, n, transform, zp, &max_p);
+          const float* q = load_block(q_row + start, n, transform, zq, &max_q);
+          stats.add_block(p, q, n, max_p, max_q);
+        }
+      }
+      const float values[5] = {stats.max, stats.sum_exp, stats.ref_max, stats.ref_sum_exp,
+                               stats.cross};
+      for (int k = 0; k < 5; ++k) {
+        out[k * n_rows + row] = values[k];
+      }
+    }
+  });
+}
+
+template <typename p_t, typename q_t>
+void kl_grad_rows(const p_t* p_base, const RowLayout& p_layout, const q_t* q_base,
+                  const RowLayout& q_layout, const bool* mask, p_t* grad_base,
+                  const RowLayout& grad_layout, int64_t n_rows, int64_t vocab_size,
+                  float inv_temperature, const float* lse, const float* shift,
+                  const float* grad_kl) {
+  const Transform raw{1.0f, 0.0f};  // scaled below, after z - z_ref
+  at::parallel_for(0, n_rows, row_grain(vocab_size), [&](int64_t begin, int64_t end) {
+    alignas(64) float zp[kBlock];
+    alignas(64) float zq[kBlock];
+    const Vec inv_t(inv_temperature), zero(0.0f);
+    for (int64_t row = begin; row < end; ++row) {
+      p_t* dst = grad_base + grad_layout.offset(row);
+      if (mask && !mask[row]) {
+        store_zeros(vocab_size, dst);
+        continue;
+      }
+      const p_t* p_row = p_base + p_layout.offset(row);
+      const q_t* q_row = q_base + q_layout.offset(row);
+      const Vec row_lse(lse[row]), row_shift(shift[row]), coef(grad_kl[row] * inv_temperature);
+      auto grad_of = [&](const Vec& z, const Vec& z_ref) {
+        const Vec p = fast_exp(z * inv_t - row_lse);
+        const Vec log_ratio = (z - z_ref) * inv_t - row_shift;
+        // p = 0 columns get 0, not 0 * (-inf - finite) = NaN.
+        return Vec::blendv(zero, p * log_ratio * coef, p > zero);
+      };
+      for (int64_t start = 0; start < vocab_size; start += kBlock) {
+        const int64_t n = std::min(kBlock, vocab_size - start);
+        // Both blocks are read (into zp/zq or in place) before the output block is written.
+        const float* p = load_block(p_row + start, n, raw, zp, nullptr);
+        const float* q = load_block(q_row + start, n, raw, zq, nullptr);
+        float* out = nullptr;
+        if constexpr (std::is_same_v<p_t, float>) {
+          out = dst + start;
+        } else {
+          out = zp;
+        }
+        int64_t j = 0;
+        for (; j + Vec::size() <= n; j += Vec::size()) {
+          grad_of(Vec::loadu(p + j), Vec::loadu(q + j)).store(out + j);
+        }
+        if (j < n) {
+          grad_of(Vec::loadu(p + j, n - j), Vec::loadu(q + j, n - j)).store(out + j, n - j);
+        }
+        if constexpr (!std::is_same_v<p_t, float>) {
+          store_block(zp, n, dst + start);
+        }
+      }
+    }
+  });
+}
+
+const bool* mask_ptr(const std::optional<at::Tensor>& mask, int64_t n_rows) {
+  if (!mask) return nullptr;
+  check_row_vector(*mask, n_rows, at::kBool, "mask");
+  return mask->const_data_ptr<bool>();
+}
+
+}  // namespace
+
+at::Tensor kl_stats(const at::Tensor& logits, const LayoutArg& layout_arg,
+                    const at::Tensor& ref_logits, const LayoutArg& ref_layout_arg,
+                    int64_t n_rows, const std::optional<at::Tensor>& mask,
+                    double inv_temperature) {
+  const RowLayout layout = checked_layout(logits, layout_arg, n_rows, "logits");
+  const RowLayout ref_layout = checked_layout(ref_logits, ref_layout_arg, n_rows, "ref_logits");
+  TORCH_CHECK(ref_logits.size(-1) == logits.size(-1), "ref_logits must have the logits' vocabulary size");
+  const Transform transform = checked_transform(inv_temperature, std::nullopt);
+  const bool* mask_data = mask_ptr(mask, n_rows);
+  at::Tensor out = at::empty({5, n_rows}, logits.options().dtype(at::kFloat));
+  dispatch_float(logits.scalar_type(), "logits", [&](auto p_tag) {
+    dispatch_float(ref_logits.scalar_type(), "ref_logits", [&](auto q_tag) {
+      kl_stats_rows(logits.const_data_ptr<decltype(p_tag)>(), layout,
+                    ref_logits.const_data_ptr<decltype(q_tag)>(), ref_layout, mask_data, n_rows,
+                    logits.size(-1), transform, out.mutable_data_ptr<float>());
+    });
+  });
+  return out;
+}
+
+void kl_grad(const at::Tensor& logits, const LayoutArg& layout_arg, const at::Tensor& ref_logits,
+             const LayoutArg& ref_layout_arg, int64_t n_rows,
+             const std::optional<at::Tensor>& mask, const at::Tensor& lse,
+             const at::Tensor& shift, const at::Tensor& grad_kl, const at::Tensor& grad_out,
+             const LayoutArg& grad_layout_arg, double inv_temperature) {
+  const RowLayout layout = checked_layout(logits, layout_arg, n_rows, "logits");
+  const RowLayout ref_layout = checked_layout(ref_logits, ref_layout_arg, n_rows, "ref_logits");
+  const RowLayout grad_layout = checked_layout(grad_out, grad_layout_arg, n_rows, "grad_out");
+  TORCH_CHECK(ref_logits.size(-1) == logits.size(-1) && grad_out.size(-1) == logits.size(-1),
+              "ref_logits and grad_out must have the logits' vocabulary size");
+  TORCH_CHECK(grad_out.scalar_type() == logits.scalar_type(), "grad_out must have the logits' dtype");
+  check_row_vector(lse, n_rows, at::kFloat, "lse");
+  check_row_vector(shift, n_rows, at::kFloat, "shift");
+  check_row_vector(grad_kl, n_rows, at::kFloat, "grad_kl");
+  checked_transform(inv_temperature, std::nullopt);
+  const bool* mask_data = mask_ptr(mask, n_rows);
+  dispatch_float(logits.scalar_type(), "logits", [&](auto p_tag) {
+    dispatch_float(ref_logits.scalar_type(), "ref_logits", [&](auto q_tag) {
+      kl_grad_rows(logits.const_data_ptr<decltype(p_tag)>(), layout,
+                   ref_logits.const_data_ptr<decltype(q_tag)>(), ref_layout, mask_data,
+                   grad_out.mutable_data_ptr<decltype(p_tag)>(), grad_layout, n_rows,
+                   logits.size(-1), static_cast<float>(inv_temperature),
+                   lse.const_data_ptr<float>(), shift.const_data_ptr<float>(),
+                   grad_kl.const_data_ptr<float>());
+    });
+  });
+}
+
+}  // namespace fastalign

@@ -1,0 +1,26 @@
+"""Native C++ backend of the KL ops (``csrc/kl.cpp``): the statistics and gradient of
+``fastalign.kernels.kl`` in one vectorized pass per row. Same launcher signatures."""
+
+from __future__ import annotations
+
+from .._native import extension
+
+
+def _layout(layout):
+    return layout.n_inner, layout.stride_outer, layout.stride_inner
+
+
+def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature):
+    """Same contract as ``fastalign.kernels.kl.kl_partials``."""
+    stats = extension().kl_stats(logits, _layout(layout), ref_logits, _layout(ref_layout),
+                                 layout.n_rows, mask, inv_temperature)
+    return tuple(stats.unbind(0))
+
+
+def kl_grad(logits, ref_logits, layout, ref_layout, mask, lse, shift, grad_kl, grad_out,
+            grad_layout, *, inv_temperature):
+    """Same contract as ``fastalign.kernels.kl.kl_grad``."""
+    extension().kl_grad(logits, _layout(layout), ref_logits, _layout(ref_layout), layout.n_rows,
+                        mask, lse, shift, grad_kl, grad_out, _layout(grad_layout),
+                        inv_temperature)
+    return grad_out

@@ -1,0 +1,55 @@
+"""Native C++ backend of ``linear_logprobs``: the torch backend's tiles (one matmul per
+vocabulary slice, ``linear_logprobs_torch``), reduced and differentiated by the native row
+kernels of ``csrc/logprobs.cpp`` instead of a chain of elementwise torch ops. Same launcher
+signatures as ``fastalign.kernels.linear_logprobs``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._native import extension
+from .linear_logprobs_torch import raw_logits_tile, tile_cols
+
+__all__ = ["linear_logprobs_partials", "linear_logprobs_grad_tile", "tile_cols"]
+
+
+def _tile_layout(tile: torch.Tensor) -> tuple[int, int, int]:
+    return max(tile.shape[0], 1), 0, tile.stride(0)
+
+
+def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
+                             return_entropy):
+    """Same contract as ``linear_logprobs_torch.linear_logprobs_partials``."""
+    n_rows, vocab_size = hidden.shape[0], weight.shape[0]
+    cols = tile_cols(n_rows, vocab_size)
+    n_slices = -(-vocab_size // cols)
+    new = dict(device=hidden.device, dtype=torch.float32)
+    row_max = torch.empty(n_slices, n_rows, **new)
+    sum_exp = torch.empty(n_slices, n_rows, **new)
+    sum_exp_shifted = torch.empty(n_slices, n_rows, **new) if return_entropy else None
+    target_logit = torch.zeros(n_rows, **new)
+    targets = targets.long()
+    for index, start in enumerate(range(0, vocab_size, cols)):
+        tile = raw_logits_tile(hidden, weight, bias, start, min(start + cols, vocab_size))
+        # Columns outside this slice give a target logit of 0: the sum over slices is exact.
+        stats = extension().softmax_stats(tile, _tile_layout(tile), n_rows, targets, start, None,
+                                          inv_temperature, softcap, return_entropy)
+        row_max[index], sum_exp[index] = stats[0], stats[1]
+        if return_entropy:
+            sum_exp_shifted[index] = stats[2]
+        target_logit += stats[3]
+    return row_max, sum_exp, sum_exp_shifted, target_logit
+
+
+def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
+                              grad_entropy, start: int, end: int, *, inv_temperature, softcap):
+    """Same contract as ``linear_logprobs_torch.linear_logprobs_grad_tile``: the gradient is
+    written over the float32 logits tile itself."""
+    tile = raw_logits_tile(hidden, weight, bias, start, end)
+    layout = _tile_layout(tile)
+    extension().logprobs_grad(
+        tile, layout, tile.shape[0], tile, layout, targets.long(), start, None, inv_temperature,
+        softcap, stats[:, 0].contiguous(), stats[:, 1].contiguous(),
+        entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy)
+    return tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)

@@ -1,0 +1,44 @@
+"""Native C++ backend of ``token_logprobs`` (``csrc/logprobs.cpp``): one vectorized pass over
+each row forward, one backward, parallel over rows. Same launcher signatures as the Triton
+kernels' and the torch twin's, so the op treats all three alike.
+
+The kernel returns each row's softmax statistics; the few ``[N]``-sized steps that turn them
+into log-probs, entropy and the saved log-sum-exp run here in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._native import extension
+from .token_logprobs_torch import _target_masks
+
+
+def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner, *,
+                           inv_temperature, softcap, ignore_index, return_entropy):
+    n_rows, vocab_size = targets.numel(), logits.shape[-1]
+    # Ignored rows are not read at all (padding costs nothing).
+    row_max, sum_exp, sum_shifted, target_logit = extension().softmax_stats(
+        logits, (n_inner, stride_outer, stride_inner), n_rows, targets.long(), 0, ignore_index,
+        inv_temperature, softcap, return_entropy)
+    ignored, _, nan_if_invalid = _target_masks(targets, vocab_size, ignore_index)
+    log_sum = sum_exp.log()
+    logprobs = torch.where(ignored, 0.0, target_logit - row_max - log_sum + nan_if_invalid)
+    lse = torch.where(ignored, 0.0, row_max + log_sum + nan_if_invalid)
+    entropy = None
+    if return_entropy:
+        entropy = torch.where(ignored, 0.0, log_sum - sum_shifted / sum_exp + nan_if_invalid)
+    return logprobs, entropy, lse
+
+
+def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner,
+                            lse, entropy, grad_logprobs, grad_entropy, grad_out, *,
+                            inv_temperature, softcap, ignore_index):
+    vocab_size = logits.shape[-1]
+    layout = (n_inner, stride_outer, stride_inner)
+    # grad_out is the logits themselves (in place) or a fresh contiguous tensor of their shape.
+    grad_layout = layout if grad_out is logits else (n_inner, n_inner * vocab_size, vocab_size)
+    extension().logprobs_grad(
+        logits, layout, targets.numel(), grad_out, grad_layout, targets.long(), 0, ignore_index,
+        inv_temperature, softcap, None, lse, entropy, grad_logprobs, grad_entropy)
+    return grad_out

@@ -1,0 +1,190 @@
+"""The native C++ CPU backend: it builds where a compiler exists, agrees with the float64
+reference and with the Triton and torch backends on the same inputs, gives the same bits on 1
+and 2 threads, checks its arguments, and falls back to torch (with one warning) when it cannot
+be built. The backend-parametrized suites (test_token_logprobs, test_kl, test_linear_logprobs,
+...) run every case on it as well."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import DEVICE, assert_close, tolerance_for
+
+import fastalign as fa
+from fastalign import _native
+from fastalign.reference import token_kl_reference, token_logprobs_reference
+
+pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the native kernels run on CPU tensors")
+
+HAVE_COMPILER = any(shutil.which(name) for name in ("c++", "g++"))
+needs_native = pytest.mark.skipif("native" not in fa.available_backends("cpu"),
+                                  reason="the native extension is not built here")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# 2 blocks of 2048 columns and a tail of 907 (not a whole vector), then one partial block.
+VOCABS = [5003, 13]
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler on this machine")
+def test_native_builds_where_a_compiler_exists():
+    assert "native" in fa.available_backends("cpu"), _native.unavailable_reason()
+
+
+def _with_backend(monkeypatch, name, fn):
+    monkeypatch.setenv("FASTALIGN_BACKEND", name)
+    return fn()
+
+
+def _strided_case(vocab, dtype, seed=0):
+    """The [:, :-1] slice of [B, T, V] logits (rows not evenly spaced), with -inf columns and
+    ignored positions."""
+    gen = torch.Generator().manual_seed(seed)
+    full = (torch.randn(3, 8, vocab, generator=gen) * 4).to(dtype)
+    full[..., 1::11] = float("-inf")
+    targets = torch.randint(0, vocab, (3, 7), generator=gen)
+    targets[0, 2] = targets[2, 6] = -100
+    targets[1, 1] = 1  # a -inf target column where V > 1 (1 % 11 == 1)
+    return full[:, :-1], targets
+
+
+def _token_logprobs_with_grads(logits, targets, **options):
+    leaf = logits.detach().clone().requires_grad_()
+    logprobs, entropy = fa.token_logprobs(leaf * 1, targets, return_entropy=True, **options)
+    gen = torch.Generator().manual_seed(1)
+    weights = torch.randn(2, *targets.shape, generator=gen)
+    ((logprobs * weights[0]).sum() + (entropy * weights[1]).sum()).backward()
+    return logprobs, entropy, leaf.grad
+
+
+@needs_native
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [dict(), dict(temperature=0.8, softcap=6.0)],
+                         ids=["plain", "softcap"])
+def test_token_logprobs_agrees_with_every_backend_and_the_reference(monkeypatch, vocab, dtype,
+                                                                    options):
+    logits, targets = _strided_case(vocab, dtype)
+    results = {name: _with_backend(monkeypatch, name,
+                                   lambda: _token_logprobs_with_grads(logits, targets, **options))
+               for name in fa.available_backends("cpu")}
+    assert {"native", "torch"} <= set(results)
+    # -inf target columns give -inf log-probs: compare where finite, and require the same infs.
+    reference = token_logprobs_reference(logits.double(), targets, return_entropy=True, **options)
+    native = results["native"]
+    finite = torch.isfinite(reference[0])
+    assert torch.equal(torch.isfinite(native[0]), finite)
+    for name, result in results.items():
+        logprobs, entropy, grad = result
+        tol = tolerance_for(dtype)
+        assert_close(logprobs[finite], reference[0][finite], tol, f"{name} logprobs")
+        assert_close(entropy, reference[1], tol, f"{name} entropy")
+        if name != "native":
+            assert_close(native[2].float(), grad.float(), 2 * tol, f"native vs {name} gradient")
+    ignored = targets == -100
+    assert (native[0][ignored] == 0).all() and (native[2][ignored] == 0).all()
+
+
+@needs_native
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_kl_agrees_with_every_backend_and_the_reference(monkeypatch, vocab, dtype):
+    gen = torch.Generator().manual_seed(2)
+    full = (torch.randn(2, 6, vocab, generator=gen) * 3 + 50).to(dtype)  # a large common offset
+    ref = (full.float() + torch.randn(2, 6, vocab, generator=gen)).to(dtype)
+    mask = torch.rand(2, 5, generator=gen) > 0.3
+    logits, ref_logits = full[:, 1:], ref[:, :-1]
+
+    def run():
+        leaf = logits.detach().clone().requires_grad_()
+        kl = fa.token_kl(leaf * 1, ref_logits, temperature=0.9, mask=mask)
+        (kl * torch.arange(1.0, 11.0).view(2, 5)).sum().backward()
+        return kl, leaf.grad
+
+    results = {name: _with_backend(monkeypatch, name, run) for name in fa.available_backends("cpu")}
+    leaf = logits.detach().double().requires_grad_()
+    expected = token_kl_reference(leaf, ref_logits.double(), temperature=0.9) * mask
+    (expected * torch.arange(1.0, 11.0, dtype=torch.float64).view(2, 5)).sum().backward()
+    for name, (kl, grad) in results.items():
+        # KL of near-identical rows is tiny: compare against the logits' scale, per the contract.
+        assert_close(kl, expected, tolerance_for(dtype), f"{name} kl")
+        assert_close(grad.float(), leaf.grad, 2 * tolerance_for(dtype), f"{name} gradient")
+    assert (results["native"][0][~mask] == 0).all()
+
+
+@needs_native
+def test_one_and_two_threads_give_the_same_bits(monkeypatch):
+    monkeypatch.setenv("FASTALIGN_BACKEND", "native")
+    logits, targets = _strided_case(5003, torch.float32)
+    ref_logits = logits + 0.5 * torch.randn(logits.shape)
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaf = logits.detach().clone().requires_grad_()
+            kl = fa.token_kl(leaf, ref_logits)
+            kl.sum().backward()
+            outputs.append((*_token_logprobs_with_grads(logits, targets, softcap=5.0), kl, leaf.grad))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*outputs):
+        assert torch.equal(one, two)
+
+
+@needs_native
+def test_nan_logits_poison_only_their_row(monkeypatch):
+    monkeypatch.setenv("FASTALIGN_BACKEND", "native")
+    logits = torch.randn(4, 3000)
+    logits[1, 2500] = float("nan")
+    logprobs = fa.token_logprobs(logits, torch.tensor([0, 1, 2, 3]))
+    assert logprobs[1].isnan() and torch.isfinite(logprobs[[0, 2, 3]]).all()
+    kl = fa.token_kl(logits, torch.randn(4, 3000))
+    assert kl[1].isnan() and torch.isfinite(kl[[0, 2, 3]]).all()
+
+
+@needs_native
+def test_extension_checks_its_arguments():
+    ext = _native.extension()
+    x, targets = torch.randn(4, 10), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="logits: the row layout reaches past the storage"):
+        ext.softmax_stats(x, (4, 0, 11), 4, targets, 0, None, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="logits must be float32, bfloat16 or float16, not Double"):
+        ext.softmax_stats(x.double(), (4, 0, 10), 4, targets, 0, None, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="targets must be a contiguous CPU Long tensor of 4 elements"):
+        ext.softmax_stats(x, (4, 0, 10), 4, targets.int(), 0, None, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="grad_out must have the logits' vocabulary size and dtype"):
+        ext.logprobs_grad(x, (4, 0, 10), 4, x.half(), (4, 0, 10), targets, 0, None, 1.0, None,
+                          None, torch.zeros(4), None, torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="mask must be a contiguous CPU Bool tensor of 4 elements"):
+        ext.kl_stats(x, (4, 0, 10), x, (4, 0, 10), 4, torch.ones(4), 1.0)
+
+
+@pytest.mark.slow
+def test_without_a_compiler_it_warns_once_and_falls_back_to_torch(tmp_path):
+    """A fresh build folder and a compiler that fails: one RuntimeWarning, then the torch path."""
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        import fastalign as fa
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backend = fa.select_backend("cpu")
+            logprobs = fa.token_logprobs(torch.randn(3, 40), torch.tensor([1, 2, 3]))
+            fa.token_logprobs(torch.randn(3, 40), torch.tensor([1, 2, 3]))
+        messages = [str(w.message) for w in caught if "native" in str(w.message)]
+        print(backend, len(messages), bool(torch.isfinite(logprobs).all()))
+        print(messages[0] if messages else "")
+    """)
+    env = dict(os.environ, CXX="false", FASTALIGN_NATIVE_BUILD_DIR=str(tmp_path),
+               TRITON_INTERPRET="0")
+    env.pop("FASTALIGN_BACKEND", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first, message = result.stdout.splitlines()[:2]
+    assert first == "torch 1 True"
+    assert "the native CPU extension could not be built" in message
+    assert "CPU ops use the slower torch backend" in message
