@@ -86,7 +86,7 @@ def make_call(spec: dict, device: torch.device):
             spec = dict(spec, provider="fastalign")
         return bench_linear_logprobs.make_call(dict(spec, op="logprobs"), device)
     logits, targets = _measure.random_logits(1, spec["tokens"], spec["vocab"], spec["dtype"], device)
-    logits = logits[0]
+    logits, targets = logits[0], targets[0]
     function = _token_op(op, provider)
     if op == "token_kl":
         generator = torch.Generator().manual_seed(1)

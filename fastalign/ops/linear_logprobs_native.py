@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._native import extension
-from .linear_logprobs_torch import raw_logits_tile, tile_cols
+from .linear_logprobs_torch import partials_buffers, raw_logits_tile, tile_cols
 
 __all__ = ["linear_logprobs_partials", "linear_logprobs_grad_tile", "tile_cols"]
 
@@ -22,13 +22,8 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
                              return_entropy):
     """Same contract as ``linear_logprobs_torch.linear_logprobs_partials``."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    cols = tile_cols(n_rows, vocab_size)
-    n_slices = -(-vocab_size // cols)
-    new = dict(device=hidden.device, dtype=torch.float32)
-    row_max = torch.empty(n_slices, n_rows, **new)
-    sum_exp = torch.empty(n_slices, n_rows, **new)
-    sum_exp_shifted = torch.empty(n_slices, n_rows, **new) if return_entropy else None
-    target_logit = torch.zeros(n_rows, **new)
+    cols, (row_max, sum_exp, sum_exp_shifted, target_logit) = partials_buffers(
+        hidden, vocab_size, return_entropy)
     targets = targets.long()
     for index, start in enumerate(range(0, vocab_size, cols)):
         tile = raw_logits_tile(hidden, weight, bias, start, min(start + cols, vocab_size))

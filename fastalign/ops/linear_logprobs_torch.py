@@ -45,6 +45,19 @@ def tile_cols(n_rows: int, vocab_size: int) -> int:
     return min(vocab_size, max(256, TILE_ELEMENTS // max(n_rows, 1)))
 
 
+def partials_buffers(hidden, vocab_size: int, return_entropy: bool):
+    """``(cols, (row_max, sum_exp, sum_exp_shifted or None, target_logit))``: the slice width and
+    the float32 outputs of ``linear_logprobs_partials`` (``[S, N]`` each; ``target_logit [N]``
+    zeroed, since every slice adds to it)."""
+    n_rows = hidden.shape[0]
+    cols = tile_cols(n_rows, vocab_size)
+    n_slices = -(-vocab_size // cols)
+    new = dict(device=hidden.device, dtype=torch.float32)
+    sum_exp_shifted = torch.empty(n_slices, n_rows, **new) if return_entropy else None
+    return cols, (torch.empty(n_slices, n_rows, **new), torch.empty(n_slices, n_rows, **new),
+                  sum_exp_shifted, torch.zeros(n_rows, **new))
+
+
 def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
                              return_entropy):
     """Per-slice softmax statistics of ``z' = transform(hidden @ weight.T + bias)``.
@@ -57,14 +70,9 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
         ``(row_max, sum_exp, sum_exp_shifted or None)``, each ``[S, N]`` float32 for
         ``S = ceil(V / tile_cols)`` slices, and ``target_logit [N]`` (see ``_vocab_stats``).
     """
-    n_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    cols = tile_cols(n_rows, vocab_size)
-    n_slices = -(-vocab_size // cols)
-    new = dict(device=hidden.device, dtype=torch.float32)
-    row_max = torch.empty(n_slices, n_rows, **new)
-    sum_exp = torch.empty(n_slices, n_rows, **new)
-    sum_exp_shifted = torch.empty(n_slices, n_rows, **new) if return_entropy else None
-    target_logit = torch.zeros(n_rows, **new)
+    vocab_size = weight.shape[0]
+    cols, (row_max, sum_exp, sum_exp_shifted, target_logit) = partials_buffers(
+        hidden, vocab_size, return_entropy)
     for index, start in enumerate(range(0, vocab_size, cols)):
         end = min(start + cols, vocab_size)
         z = transform_(raw_logits_tile(hidden, weight, bias, start, end), inv_temperature, softcap)
