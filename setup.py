@@ -10,7 +10,7 @@ builds the wheel and checks both mappings.
 from setuptools import setup
 
 setup(
-    packages=["fastalign", "fastalign.ops", "fastalign.losses", "fastalign.kernels",
+    packages=["fastalign", "fastalign.ops", "fastalign.losses", "fastalign.trainer", "fastalign.kernels",
               "fastalign.csrc"],
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels",
                  "fastalign.csrc": "csrc"},
