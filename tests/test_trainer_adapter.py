@@ -104,3 +104,39 @@ def test_bad_input_is_named():
         completion_targets(torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 11))
     with pytest.raises(TypeError, match="is not a causal LM"):
         CausalLMAdapter(torch.nn.Linear(3, 3))
+
+
+def test_preference_logprobs_is_one_pass_equal_to_two():
+    adapter = CausalLMAdapter(tiny_model("llama"))
+    input_ids, completion_mask, attention_mask = batch()
+    chosen = dict(input_ids=input_ids, completion_mask=completion_mask,
+                  attention_mask=attention_mask)
+    rejected = dict(input_ids=input_ids[:, :8].flip(0), completion_mask=completion_mask[:, :8])
+    calls = []
+    handle = adapter.backbone.register_forward_hook(lambda *args: calls.append(1))
+    with adapter.reference_context():
+        got_chosen, got_rejected = adapter.preference_logprobs(chosen, rejected, average=True)
+    handle.remove()
+    assert len(calls) == 1  # chosen and rejected in one concatenated forward
+    with torch.no_grad():
+        want_chosen = adapter.sequence_logprobs(**chosen, average=True)
+        want_rejected = adapter.sequence_logprobs(**rejected, average=True)
+    assert_close(got_chosen, want_chosen, 1e-5, "chosen")
+    assert_close(got_rejected, want_rejected, 1e-5, "rejected")
+    assert not got_chosen.requires_grad  # the reference context is no_grad
+
+
+def test_empty_completion_averages_to_zero_and_errors_are_named():
+    adapter = CausalLMAdapter(tiny_model("llama"))
+    input_ids, completion_mask, attention_mask = batch()
+    completion_mask[1] = 0
+    with torch.no_grad():
+        values = adapter.sequence_logprobs(input_ids, completion_mask, attention_mask, average=True)
+    assert torch.isfinite(values).all() and values[1] == 0
+    with pytest.raises(ValueError, match="chosen has 2 rows but rejected has 1"):
+        side = dict(input_ids=input_ids, completion_mask=completion_mask)
+        adapter.preference_logprobs(side, {k: v[:1] for k, v in side.items()})
+    with pytest.raises(ValueError, match="disable_adapters=True needs a PEFT model"):
+        with adapter.reference_context(disable_adapters=True):
+            pass
+    assert torch.is_grad_enabled()

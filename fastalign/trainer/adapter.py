@@ -9,9 +9,11 @@ the ``[B, T, V]`` logits never exist, and positions that are not followed by a c
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..ops import linear_logprobs
 
@@ -91,3 +93,55 @@ class CausalLMAdapter:
                                     temperature=temperature, softcap=head.softcap,
                                     ignore_index=IGNORE_INDEX)
         return per_token, (targets != IGNORE_INDEX).sum(-1)
+
+    def sequence_logprobs(self, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None, *,
+                          temperature: float = 1.0, average: bool = False) -> torch.Tensor:
+        """``[B]`` float32: each row's completion log-prob, summed (or averaged over its
+        completion tokens; a row without any gives 0, not NaN)."""
+        per_token, counts = self.completion_logprobs(input_ids, completion_mask, attention_mask,
+                                                     temperature=temperature)
+        sums = per_token.sum(-1)
+        return sums / counts.clamp(min=1) if average else sums
+
+    def preference_logprobs(self, chosen: dict, rejected: dict, *, temperature: float = 1.0,
+                            average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen [B], rejected [B])`` sequence log-probs from ONE forward pass over the
+        concatenated batch (right-padded to the longer of the two).
+
+        ``chosen`` and ``rejected`` hold ``input_ids``, ``completion_mask`` and optionally
+        ``attention_mask``, each ``[B, T]`` (their T may differ).
+        """
+        parts = [_padded(side, max(chosen["input_ids"].shape[1], rejected["input_ids"].shape[1]))
+                 for side in (chosen, rejected)]
+        if parts[0][0].shape[0] != parts[1][0].shape[0]:
+            raise ValueError(f"chosen has {parts[0][0].shape[0]} rows but rejected has "
+                             f"{parts[1][0].shape[0]}; pass one rejected per chosen")
+        input_ids, completion_mask, attention_mask = (torch.cat(pair) for pair in zip(*parts))
+        both = self.sequence_logprobs(input_ids, completion_mask, attention_mask,
+                                      temperature=temperature, average=average)
+        return both.chunk(2)
+
+    @contextlib.contextmanager
+    def reference_context(self, disable_adapters: bool = False):
+        """A context for reference passes: ``no_grad``, and with ``disable_adapters`` a PEFT
+        model's ``disable_adapter()`` (the base model as the reference, no second copy)."""
+        if disable_adapters and not hasattr(self.model, "disable_adapter"):
+            raise ValueError("disable_adapters=True needs a PEFT model (one with LoRA "
+                             f"adapters); {type(self.model).__name__} has none")
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if disable_adapters:
+                stack.enter_context(self.model.disable_adapter())
+            yield
+
+
+def _padded(side: dict, length: int):
+    """(input_ids, completion_mask, attention_mask) of one side, right-padded to ``length``."""
+    input_ids, completion_mask = side["input_ids"], side["completion_mask"]
+    attention_mask = side.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    extra = length - input_ids.shape[1]
+    return (F.pad(input_ids, (0, extra)), F.pad(completion_mask, (0, extra)),
+            F.pad(attention_mask, (0, extra)))
