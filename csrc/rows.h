@@ -1,9 +1,10 @@
 // Shared pieces of the native CPU kernels: how rows are addressed, and how a block of a row is
 // brought into an fp32 buffer (upcast, soft-capped, scaled) and written back.
 //
-// Every kernel walks one row at a time in blocks of kBlock columns: the block is transformed
-// into a small fp32 buffer that stays in L1, then reduced (or turned into a gradient) from
-// there. The logits are therefore read from memory exactly once per pass, whatever their dtype,
+// Every kernel walks one row at a time in blocks of kBlock columns: the block is upcast and
+// transformed into a small fp32 buffer that stays in L1 (fp32 logits without a transform are
+// used where they lie), then reduced (or turned into a gradient) from there. The logits are
+// therefore read from memory once per pass, whatever their dtype,
 // and the transcendental work (exp, tanh) runs on ATen's Vectorized<float> (AVX2 when the build
 // enables it, see fastalign/_native.py).
 #pragma once

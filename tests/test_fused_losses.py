@@ -11,6 +11,15 @@ from fastalign.losses import dpo_loss, policy_loss
 TOL = 1e-5
 
 
+def assert_same_loss(loss, grads, metrics, expected, expected_grads, expected_metrics):
+    """The fused module's loss, gradients and every metric of the composition agree."""
+    assert_close(loss, expected, TOL, "loss")
+    for grad, wanted in zip(grads, expected_grads):
+        assert_close(grad, wanted, TOL, "grad")
+    for name, value in expected_metrics.items():
+        assert_close(metrics[name], value, TOL, name)
+
+
 def preference_batch(pairs=2, length=9, dim=24, vocab=300, seed=0):
     """Policy leaves (hidden [2B, T, D], head), reference hidden and head, shifted targets with
     a prompt (ignored) prefix of different lengths and right padding."""
@@ -48,11 +57,7 @@ def test_fused_dpo_equals_the_composition(loss_type):
                                               average=loss_type == "ipo", beta=0.2,
                                               loss_type=loss_type, label_smoothing=0.1)
     expected_grads = torch.autograd.grad(expected, (hidden, weight))
-    assert_close(loss, expected, TOL, "loss")
-    for grad, wanted in zip(grads, expected_grads):
-        assert_close(grad, wanted, TOL, "grad")
-    for name, value in expected_metrics.items():
-        assert_close(metrics[name], value, TOL, name)
+    assert_same_loss(loss, grads, metrics, expected, expected_grads, expected_metrics)
     assert {"logps/chosen", "logps/rejected"} <= metrics.keys()
 
 
@@ -110,11 +115,7 @@ def test_fused_policy_equals_the_composition(aggregation):
     expected, expected_metrics = policy_loss(logprobs, old, advantages, mask,
                                              ref_logprobs=ref, **options)
     expected_grads = torch.autograd.grad(expected, (hidden, weight))
-    assert_close(loss, expected, TOL, "loss")
-    for grad, wanted in zip(grads, expected_grads):
-        assert_close(grad, wanted, TOL, "grad")
-    for name, value in expected_metrics.items():
-        assert_close(metrics[name], value, TOL, name)
+    assert_same_loss(loss, grads, metrics, expected, expected_grads, expected_metrics)
     assert_close(metrics["entropy"], entropy[mask].mean(), TOL, "entropy")
 
 

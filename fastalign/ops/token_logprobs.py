@@ -157,7 +157,8 @@ def token_logprobs(
     Memory: forward allocates the outputs and one float32 per row (the log-sum-exp kept for
     backward); backward allocates only the gradient it returns (nothing with
     ``inplace_backward``). The backend follows the device
-    (Triton on CUDA, the chunked torch path elsewhere) unless ``FASTALIGN_BACKEND`` forces one.
+    (Triton on CUDA, the native C++ kernels on CPU when built, else the chunked torch path)
+    unless ``FASTALIGN_BACKEND`` forces one.
     """
     checks.check_float_tensor("logits", logits)
     checks.check_targets(targets, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index)
