@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The one call to make on a lent GPU machine (the device tool's `run`): installs fastalign
 # offline, runs the CUDA test subset (real Triton, no interpreter), then the benchmarks, most
-# important first (each step writes its CSV under $OUT as it ends, so a run cut short still
+# important first (each step writes its CSV as it ends, so a run cut short still
 # returns what it finished), and prints a short table last.
-# Budget: about 9 minutes expected on an H100/H200 (not yet measured with the fused-linear steps);
+# Budget: 4 min 10 s measured on an H100 (2026-11-27), the CUDA tests 70 s of it;
 # run it with the device tool's timeout_s=600. A step cut short by its timeout leaves the ones
-# before it intact under $OUT.
+# before it intact in $OUT/results.tar.gz.
 #
 #   device run:  FASTALIGN_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
 #   (carry .whl: the peers' wheels, see README)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
+# Every CSV, plot and log goes to $RUN; after each step they are packed into $OUT/results.tar.gz
+# (the device tool returns at most 8 files), so a run cut short still returns what it finished.
+RUN=$(mktemp -d)
+pack() { tar -czf "$OUT/results.tar.gz" -C "$RUN" .; }
 export PYTHONUNBUFFERED=1
 # The native C++ kernels are for CPU tensors: do not spend GPU-machine minutes compiling them.
 export FASTALIGN_NATIVE=0
 start=$(date +%s)
-step() { echo; echo "=== $1 ($(( $(date +%s) - start )) s)"; }
+step() { pack; echo; echo "=== $1 ($(( $(date +%s) - start )) s)"; }
 
 step "install"
 if compgen -G ".whl/*.whl" >/dev/null; then  # peers (TRL, Liger, CCE): the machine has no network
@@ -26,40 +30,41 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warning | tail -3
 python3 -c "import fastalign.kernels, torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   || { echo "fastalign did not install"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RUN/gpu.txt"
 
 step "CUDA tests"
-timeout 240 python3 -P -m pytest tests -q -m "not slow" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout 240 python3 -P -m pytest tests -q -rfE --tb=short -m "not slow" -p no:cacheprovider 2>&1 | tee "$RUN/tests.log" | tail -25
 
 step "fused-linear log-probs: Llama-3 and Gemma-2-2B heads, N=8192, bf16, beside TRL, Liger, CCE"
 timeout 180 python3 bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192 \
-  --csv "$OUT/linear_logprobs_cuda.csv" --plot "$OUT/linear_logprobs_cuda.png" 2>&1 | tee "$OUT/bench_linear.log" | tail -3
+  --csv "$RUN/linear_logprobs_cuda.csv" --plot "$RUN/linear_logprobs_cuda.png" 2>&1 | tee "$RUN/bench_linear.log" | tail -3
 
 step "fused-linear tile sweep"
-timeout 90 python3 bench/tune_linear_logprobs.py --csv "$OUT/tune_linear_logprobs_cuda.csv" 2>&1 | tee "$OUT/tune_linear.log"
+timeout 90 python3 bench/tune_linear_logprobs.py --csv "$RUN/tune_linear_logprobs_cuda.csv" 2>&1 | tee "$RUN/tune_linear.log"
 
 step "fused DPO and GRPO losses: 8 x 1024 tokens, Llama-3 head, bf16, beside Liger and unfused torch"
 for op in dpo grpo; do
   timeout 120 python3 bench/bench_fused_losses.py --op $op --device cuda --pairs 4 --seq 1024 --hidden 4096 \
-    --csv "$OUT/fused_${op}_cuda.csv" 2>&1 | tee "$OUT/bench_fused_${op}.log" | tail -3
+    --csv "$RUN/fused_${op}_cuda.csv" 2>&1 | tee "$RUN/bench_fused_${op}.log" | tail -3
 done
 
 step "fused-linear KL: Llama-3 head, N=8192, bf16, beside TRL and Liger"
 timeout 90 python3 bench/bench_linear_logprobs.py --op kl --device cuda --shapes llama3 --tokens 8192 \
-  --csv "$OUT/linear_kl_cuda.csv" --plot "$OUT/linear_kl_cuda.png" 2>&1 | tee "$OUT/bench_kl.log" | tail -3
+  --csv "$RUN/linear_kl_cuda.csv" --plot "$RUN/linear_kl_cuda.png" 2>&1 | tee "$RUN/bench_kl.log" | tail -3
 
 if [ "${FULL:-0}" = 1 ]; then  # FULL=1: also the token_logprobs regression check (~1.5 min)
   step "log-probs from logits (regression check of the measured kernels)"
   timeout 150 python3 bench/bench_token_logprobs.py --device cuda --batch 8 --vocab 32768 128256 \
-    --compile-vocab 128256 --csv "$OUT/token_logprobs_cuda.csv" --plot "$OUT/token_logprobs_cuda.png" \
-    2>&1 | tee "$OUT/bench.log" | tail -3
+    --compile-vocab 128256 --csv "$RUN/token_logprobs_cuda.csv" --plot "$RUN/token_logprobs_cuda.png" \
+    2>&1 | tee "$RUN/bench.log" | tail -3
 fi
 # The token_logprobs tile sweep (bench/tune_token_logprobs.py) chose today's defaults on an H200
 # (bench/results/tune_token_logprobs_cuda.csv); rerun it by hand when those kernels change.
 
 step "summary"
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
-grep -E "cuBLAS|best:" "$OUT/tune_linear.log"
+grep -E "passed|failed|error" "$RUN/tests.log" | tail -3
+grep -E "cuBLAS|best:" "$RUN/tune_linear.log"
 for csv in linear_logprobs fused_dpo fused_grpo linear_kl token_logprobs; do
-  [ -f "$OUT/${csv}_cuda.csv" ] && python3 bench/summarize.py "$OUT/${csv}_cuda.csv"
+  [ -f "$RUN/${csv}_cuda.csv" ] && python3 bench/summarize.py "$RUN/${csv}_cuda.csv"
 done
+pack

@@ -18,6 +18,8 @@ that accumulates dHidden and dWeight straight from registers would drop it and i
 Offsets are int64: ``V * D`` passes 2**31 for a 256k vocabulary at D = 8192.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,15 +27,17 @@ import triton.language as tl
 from . import INTERPRETED
 from ._math import softcap_grad, transform_logits
 
-# One default per kernel, read at call time (tests shrink them to cover tails). Not yet tuned
-# on a GPU: bench/tune_linear_logprobs.py sweeps them (bench/gpu_check.sh runs it).
-FORWARD_BLOCK_N = 64
-FORWARD_BLOCK_V = 128
+# One default per kernel, read at call time (tests shrink them to cover tails). The best of
+# bench/tune_linear_logprobs.py's sweep on an H100 (bench/results/tune_linear_logprobs_cuda.csv:
+# the forward at 70% of cuBLAS, 17 ms where 64 x 128 tiles took 36 ms, and the gradient slice
+# at 81%); ``_tiles`` shrinks them where shared memory is smaller, fp32 operands included.
+FORWARD_BLOCK_N = 128
+FORWARD_BLOCK_V = 256
 FORWARD_BLOCK_D = 64
 FORWARD_NUM_WARPS = 8
 FORWARD_NUM_STAGES = 3
-GRAD_BLOCK_N = 64
-GRAD_BLOCK_V = 128
+GRAD_BLOCK_N = 128
+GRAD_BLOCK_V = 256
 GRAD_BLOCK_D = 64
 GRAD_NUM_WARPS = 8
 GRAD_NUM_STAGES = 3
@@ -157,6 +161,41 @@ def _linear_logprobs_grad_tile_kernel(
              grad.to(grad_tile_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_memory_bytes(device_index: int) -> int:
+    """Shared memory one block may opt into (227 KiB on an H100, 99 KiB on an RTX 4090)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _fit_shared_memory(block_n, block_v, block_d, num_warps, num_stages, element_size, budget):
+    """The tiling, shrunk until its pipelined operand tiles (``num_stages`` copies of a
+    ``BLOCK_N x BLOCK_D`` and a ``BLOCK_V x BLOCK_D`` tile) fit ``budget`` bytes of shared memory:
+    fewer stages first (down to 2, still double-buffered), then narrower vocabulary and token
+    tiles. A launch that asks for more fails with "out of resource: shared memory" instead."""
+    while num_stages * (block_n + block_v) * block_d * element_size > budget:
+        if num_stages > 2:
+            num_stages -= 1
+        elif block_v > 64:
+            block_v //= 2
+        elif block_n > 32:
+            block_n //= 2
+        else:
+            break
+    return block_n, block_v, block_d, num_warps, num_stages
+
+
+def _tiles(prefix: str, tensor: torch.Tensor):
+    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) of kernel ``prefix`` (FORWARD, GRAD),
+    fitted to the shared memory of ``tensor``'s GPU for its dtype."""
+    tiles = [globals()[f"{prefix}_{name}"]
+             for name in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "NUM_WARPS", "NUM_STAGES")]
+    if INTERPRETED:  # no shared memory to fit
+        return tuple(tiles)
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    budget = _shared_memory_bytes(index) - 8 * 1024  # room for the kernel's own scratch
+    return _fit_shared_memory(*tiles, tensor.element_size(), budget)
+
+
 def _dot_options(dtype: torch.dtype) -> dict:
     # fp32 inputs get IEEE fp32 dots: TF32 would cost ~1e-3 relative error on the logits.
     return dict(UPCAST=INTERPRETED, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
@@ -173,11 +212,12 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
                              return_entropy):
     """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_partials``."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    row_tiles = max(1, triton.cdiv(n_rows, FORWARD_BLOCK_N))
-    vocab_tiles = triton.cdiv(vocab_size, FORWARD_BLOCK_V)
+    block_n, block_v, block_d, num_warps, num_stages = _tiles("FORWARD", hidden)
+    row_tiles = max(1, triton.cdiv(n_rows, block_n))
+    vocab_tiles = triton.cdiv(vocab_size, block_v)
     # Enough splits to fill the GPU when there are few token tiles, each a whole number of tiles.
     n_splits = max(1, min(vocab_tiles, FORWARD_TARGET_PROGRAMS // row_tiles))
-    cols_per_split = triton.cdiv(vocab_tiles, n_splits) * FORWARD_BLOCK_V
+    cols_per_split = triton.cdiv(vocab_tiles, n_splits) * block_v
     n_splits = triton.cdiv(vocab_size, cols_per_split)
     new = dict(device=hidden.device, dtype=torch.float32)
     row_max = torch.empty(n_splits, n_rows, **new)
@@ -192,8 +232,8 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
             inv_temperature, 1.0 if softcap is None else softcap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             RETURN_ENTROPY=return_entropy, **_dot_options(hidden.dtype),
-            BLOCK_N=FORWARD_BLOCK_N, BLOCK_V=FORWARD_BLOCK_V, BLOCK_D=FORWARD_BLOCK_D,
-            num_warps=FORWARD_NUM_WARPS, num_stages=FORWARD_NUM_STAGES,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+            num_warps=num_warps, num_stages=num_stages,
         )
     return row_max, sum_exp, sum_exp_shifted, target_logit.sum(0)
 
@@ -203,7 +243,8 @@ def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, gra
     """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_grad_tile``."""
     n_rows, n_cols = hidden.shape[0], end - start
     grad_tile = torch.empty(n_rows, n_cols, device=hidden.device, dtype=hidden.dtype)
-    grid = (triton.cdiv(n_rows, GRAD_BLOCK_N), triton.cdiv(n_cols, GRAD_BLOCK_V))
+    block_n, block_v, block_d, num_warps, num_stages = _tiles("GRAD", hidden)
+    grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_v))
     _linear_logprobs_grad_tile_kernel[grid](
         hidden, weight, hidden if bias is None else bias, targets, stats,
         stats if entropy is None else entropy,
@@ -214,7 +255,7 @@ def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, gra
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         HAS_LOGPROB_GRAD=grad_logprobs is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
         **_dot_options(hidden.dtype),
-        BLOCK_N=GRAD_BLOCK_N, BLOCK_V=GRAD_BLOCK_V, BLOCK_D=GRAD_BLOCK_D,
-        num_warps=GRAD_NUM_WARPS, num_stages=GRAD_NUM_STAGES,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return grad_tile

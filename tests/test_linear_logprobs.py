@@ -219,3 +219,20 @@ def test_strided_hidden_and_weight(backend, small_tiles):
     for name, actual, wanted in zip(["hidden", "weight"], grads, expected_grads):
         assert_close(actual, wanted, TOLERANCE[torch.float32], name)
     assert (grads[0][:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("element_size,budget,expected", [
+    (2, 219 * 1024, (128, 256, 64, 8, 3)),  # bf16 on an H100: the tuned tiles, unchanged
+    (4, 219 * 1024, (128, 256, 64, 8, 2)),  # fp32 on an H100: one stage fewer
+    (2, 91 * 1024, (128, 128, 64, 8, 2)),   # bf16 on a 99 KiB GPU: narrower vocabulary tiles
+    (4, 40 * 1024, (32, 64, 64, 8, 2)),     # a tiny budget stops at 32 x 64 (not below)
+])
+def test_tiles_fit_shared_memory(element_size, budget, expected):
+    """The Triton launchers shrink the tuned tiles to the GPU's shared memory, never below a
+    workable size."""
+    from fastalign.kernels.linear_logprobs import _fit_shared_memory
+    tiles = _fit_shared_memory(128, 256, 64, 8, 3, element_size, budget)
+    assert tiles == expected
+    block_n, block_v, block_d, _, stages = tiles
+    fits = stages * (block_n + block_v) * block_d * element_size <= budget
+    assert fits or (block_n, block_v) == (32, 64)

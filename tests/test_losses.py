@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import DEVICE, assert_close
 
 import fastalign as fa
 from fastalign.losses import (dpo_loss, gae, group_advantages, policy_loss, reward_loss,
@@ -56,7 +56,8 @@ def dpo_reference(pc, pr, rc, rr, beta, loss_type, eps):
 
 def _leaves(*shapes, scale=1.0, shift=0.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(*shape, generator=gen) * scale + shift).requires_grad_() for shape in shapes]
+    return [(torch.randn(*shape, generator=gen) * scale + shift).to(DEVICE).requires_grad_()
+            for shape in shapes]
 
 
 def _check(ours_fn, reference_fn, leaves, what):
@@ -153,8 +154,8 @@ def test_policy_loss_matches_the_formula(backend, case):
     ref.requires_grad_(False)
     gen = torch.Generator().manual_seed(2)
     advantages = torch.randn(batch if case.pop("per_sequence_advantages", False) else
-                             (batch, length), generator=gen)
-    mask = torch.ones(batch, length)
+                             (batch, length), generator=gen).to(DEVICE)
+    mask = torch.ones(batch, length, device=DEVICE)
     mask[1, 6:] = 0  # right padding
     mask[3, :] = 0  # a sequence without completion tokens: defined, not NaN
     use_ref = case.pop("ref", False)
@@ -177,10 +178,10 @@ def test_policy_loss_matches_the_formula(backend, case):
 
 
 def test_policy_metrics_and_on_policy(backend):
-    lp = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5]])).requires_grad_()
-    old = torch.log(torch.tensor([[0.5, 0.3, 0.7, 0.5]]))
-    advantages = torch.tensor([[1.0, 1.0, -1.0, 2.0]])
-    mask = torch.tensor([[1, 1, 1, 0]])
+    lp = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5]], device=DEVICE)).requires_grad_()
+    old = torch.log(torch.tensor([[0.5, 0.3, 0.7, 0.5]], device=DEVICE))
+    advantages = torch.tensor([[1.0, 1.0, -1.0, 2.0]], device=DEVICE)
+    mask = torch.tensor([[1, 1, 1, 0]], device=DEVICE)
     loss, metrics = policy_loss(lp, old, advantages, mask, ref_logprobs=old)
     # ratios 1, 1.667 (A > 0: clipped high), 0.714 (A < 0: clipped low); the 4th is padding
     assert metrics["clip_fraction/high"].item() == pytest.approx(1 / 3)
@@ -197,7 +198,7 @@ def test_value_loss_matches_the_formula():
     values, old, returns = _leaves((3, 7), (3, 7), (3, 7), seed=4)
     old.requires_grad_(False)
     returns.requires_grad_(False)
-    mask = torch.ones(3, 7)
+    mask = torch.ones(3, 7, device=DEVICE)
     mask[2, 4:] = 0
 
     def reference(v):
@@ -253,7 +254,7 @@ def test_group_advantages(scale):
 def test_reward_loss_matches_the_formula():
     chosen, rejected = _leaves((10,), (10,), seed=7)
     gen = torch.Generator().manual_seed(8)
-    margin = torch.rand(10, generator=gen)
+    margin = torch.rand(10, generator=gen).to(DEVICE)
 
     def reference(c, r):
         return (-torch.log(torch.sigmoid(c - r - margin.double()))).mean() \
@@ -316,11 +317,12 @@ def test_bad_input_messages(call, error, message):
 
 
 def test_empty_masks_give_zero_not_nan(backend):
-    lp = torch.zeros(2, 3, requires_grad=True)
-    empty = torch.zeros(2, 3)
+    lp = torch.zeros(2, 3, device=DEVICE, requires_grad=True)
+    empty = torch.zeros(2, 3, device=DEVICE)
     for aggregation in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                         "seq_mean_token_sum_norm"):
-        loss, metrics = policy_loss(lp, None, torch.ones(2), empty, aggregation=aggregation)
+        loss, metrics = policy_loss(lp, None, torch.ones(2, device=DEVICE), empty,
+                                    aggregation=aggregation)
         assert loss.item() == 0 and all(math.isfinite(m.item()) for m in metrics.values())
-    loss, _ = value_loss(lp, lp.detach(), torch.ones(2, 3), empty)
+    loss, _ = value_loss(lp, lp.detach(), torch.ones(2, 3, device=DEVICE), empty)
     assert loss.item() == 0
