@@ -14,6 +14,7 @@ setup(
               "fastalign.csrc"],
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels",
                  "fastalign.csrc": "csrc"},
-    # The C++ sources travel with the package: fastalign._native builds them on first use.
-    package_data={"fastalign.csrc": ["*.cpp", "*.h"]},
+    # The C++ sources travel with the package: fastalign._native builds them on first use. The
+    # demo's preference pairs travel as package data (fastalign/data is not a Python package).
+    package_data={"fastalign.csrc": ["*.cpp", "*.h"], "fastalign": ["data/*.jsonl"]},
 )

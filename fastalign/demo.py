@@ -1,135 +1,149 @@
-"""The built-in demo: per-token log-probs from hidden states over a large vocabulary, three ways.
+"""The built-in demo (``fastalign demo``, the README's first command): DPO training of a tiny
+Llama with a 128256-token vocabulary on the bundled preference pairs, on the CPU, in about two
+minutes, with no download.
 
-    python -m fastalign.demo                 # 2048 tokens, D=256, Llama-3 vocabulary (128256), fp32
-    python -m fastalign.demo --device cuda --hidden 4096 --dtype bfloat16 --tokens 8192
+    python -m fastalign.demo                  # 20 steps of 8 pairs, output in ./fastalign-demo
+    python -m fastalign.demo --steps 40 --output /tmp/run
 
-Runs forward + backward (gradients of hidden states and lm_head) of
-``log_softmax(hidden @ weight.T)[target]`` on random inputs (no downloads):
-
-1. naive torch: the matmul, then a float32 log_softmax and gather (what most trainers do);
-2. ``fastalign.token_logprobs`` on the matmul's logits (no softmax in memory, gradient written
-   over the logits);
-3. ``fastalign.linear_logprobs`` from the hidden states (the logits never exist).
-
-It prints time, peak extra memory (gradients included) and the largest differences from the
-naive way. On CPU each measurement runs in a fresh process so the peak resident set is its own.
+The pairs (``fastalign/data/demo_preferences.jsonl``) teach a tone: polite, on-topic answers
+are preferred to curt ones; 10 topics are held out of training. The demo prints the held-out
+accuracy before and after training, then the peak memory of one DPO forward + backward through
+fastalign's fused path beside the unfused one (logits + float32 log_softmax), same batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import time
+from importlib.resources import files
 
 import torch
 
 import fastalign
 from fastalign import _measure
-from fastalign.reference import token_logprobs_reference
 
-DTYPES = _measure.DTYPES
-WAYS = {
-    "naive torch (matmul + log_softmax)": "naive",
-    "fastalign.token_logprobs (on logits)": "token",
-    "fastalign.linear_logprobs (no logits)": "linear",
-}
+DATA = files("fastalign") / "data" / "demo_preferences.jsonl"
+MEMORY_PAIRS = 8
 
 
-def _inputs(spec: dict, device: torch.device):
-    hidden, weight, targets, _, _ = _measure.random_head(spec["tokens"], spec["hidden"],
-                                                         spec["vocab"], spec["dtype"], device)
-    return hidden.requires_grad_(), weight.requires_grad_(), targets
+def _model_and_data(hidden: int, layers: int):
+    from fastalign.trainer import load_model_and_tokenizer, load_preferences
+
+    model, tokenizer = load_model_and_tokenizer("tiny", hidden_size=hidden, num_layers=layers)
+    train = load_preferences(str(DATA), split="train")
+    held_out = load_preferences(str(DATA), split="test")
+    return model, tokenizer, train, held_out
 
 
-def _forward_backward(way: str, hidden, weight, targets):
-    if way == "linear":
-        logprobs = fastalign.linear_logprobs(hidden, weight, targets)
-    else:
-        logits = hidden @ weight.T
-        if way == "naive":
-            logprobs = token_logprobs_reference(logits, targets, compute_dtype=torch.float32)
-        else:  # nothing reads these logits afterwards: their gradient may overwrite them
-            logprobs = fastalign.token_logprobs(logits, targets, inplace_backward=True)
-    grads = torch.autograd.grad(logprobs.sum(), (hidden, weight))
-    return logprobs.detach(), *grads
+def _memory_worker(spec: dict) -> dict:
+    """Peak extra memory of one DPO forward + backward (reference log-probs given) in this
+    fresh process, through the fused path or the unfused one."""
+    from fastalign.losses import dpo_loss
+    from fastalign.trainer import CausalLMAdapter, tokenize_pairs
+    from fastalign.trainer.data import collate_pairs
+
+    model, tokenizer, train, _ = _model_and_data(spec["hidden"], spec["layers"])
+    pairs = tokenize_pairs(train[:MEMORY_PAIRS], tokenizer)
+    chosen, rejected = collate_pairs(pairs, tokenizer.pad_token_id)
+    reference = torch.zeros(MEMORY_PAIRS)
+    adapter = CausalLMAdapter(model)
+
+    def unfused_logps(side):
+        logits = model(input_ids=side["input_ids"], attention_mask=side["attention_mask"]).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        picked = logprobs.gather(-1, side["input_ids"][:, 1:, None]).squeeze(-1)
+        mask = side["completion_mask"][:, 1:] * side["attention_mask"][:, 1:]
+        return (picked * mask).sum(-1)
+
+    def step():
+        if spec["way"] == "fused":
+            policy_chosen, policy_rejected = adapter.preference_logprobs(chosen, rejected)
+        else:
+            policy_chosen, policy_rejected = unfused_logps(chosen), unfused_logps(rejected)
+        loss, _ = dpo_loss(policy_chosen, policy_rejected, reference, reference)
+        loss.backward()
+        model.zero_grad(set_to_none=False)  # keep the gradient buffers: both ways need them
+        return loss.detach()
+
+    step()  # gradient buffers and lazy initialisation first, then the measured call
+    return {"peak_bytes": _measure.peak_extra_bytes(step, torch.device("cpu"))}
 
 
-def _measure_one(spec: dict, device: torch.device, what: str) -> dict:
-    hidden, weight, targets = _inputs(spec, device)
-    call = lambda: _forward_backward(spec["way"], hidden, weight, targets)  # noqa: E731
-    if what == "time":
-        return {"seconds": _measure.median_seconds(call, device, repeats=spec["repeats"])}
-    call()  # fault in the inputs' pages and any lazy initialization first
-    return {"peak_bytes": _measure.peak_extra_bytes(call, device)}
-
-
-def _measure_way(spec: dict, device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {**_measure_one(spec, device, "time"), **_measure_one(spec, device, "memory")}
-    command = ["-m", "fastalign.demo"]
-    timing = _measure.run_worker(command, dict(spec, measure="time"), for_memory=False)
-    memory = _measure.run_worker(command, dict(spec, measure="memory"), for_memory=True)
-    return {**timing, **memory}
-
-
-def _largest_differences(spec: dict, device: torch.device) -> dict[str, tuple[float, ...]]:
-    """Max |difference| from the naive way of the log-probs and of both gradients."""
-    inputs = _inputs(spec, device)
-    naive = _forward_backward("naive", *inputs)
-    return {way: tuple((a.float() - b.float()).abs().max().item()
-                       for a, b in zip(naive, _forward_backward(way, *inputs)))
-            for way in ("token", "linear")}
+def _memory_comparison(hidden: int, layers: int) -> dict:
+    spec = dict(hidden=hidden, layers=layers)
+    return {way: _measure.run_worker(["-m", "fastalign.demo"], dict(spec, way=way),
+                                     for_memory=True)
+            for way in ("fused", "unfused")}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=256, help="D, the lm_head's input width")
-    parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(
+        prog="fastalign demo", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--hidden", type=int, default=128, help="model width (default 128)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    parser.add_argument("--output", default="fastalign-demo",
+                        help="output directory: model, metrics.jsonl, metrics.png")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the fused-vs-unfused peak memory comparison")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(_measure_one(spec, torch.device(spec["device"]), spec["measure"])))
+        print(json.dumps(_memory_worker(json.loads(args.worker))))
         return
 
-    device = torch.device(args.device)
-    spec = dict(tokens=args.tokens, hidden=args.hidden, vocab=args.vocab, dtype=args.dtype,
-                repeats=args.repeats, device=str(device))
-    itemsize = DTYPES[args.dtype].itemsize
-    logits_mb = args.tokens * args.vocab * itemsize / 2**20
-    grads_mb = (args.tokens + args.vocab) * args.hidden * itemsize / 2**20
-    print(f"fastalign demo: log-probs of {args.tokens} tokens, D={args.hidden}, over a "
-          f"{args.vocab}-token vocabulary, {args.dtype} on {device}, forward + backward; "
-          f"fastalign backend: {fastalign.select_backend(device)}")
-    print(f"the logits would take {logits_mb:.0f} MB; the gradients every way returns "
-          f"(hidden + lm_head) {grads_mb:.0f} MB\n")
-    results = {}
-    for label, way in WAYS.items():
-        print(f"measuring {label} ...", flush=True)
-        results[label] = _measure_way(dict(spec, way=way), device)
-    differences = _largest_differences(dict(spec, tokens=min(64, args.tokens)), device)
+    from fastalign.trainer import DPOConfig, DPOTrainer
 
-    print(f"\n{'':38} {'time (ms)':>10} {'peak extra memory':>18} {'x logits':>9}")
-    for label, result in results.items():
-        if "error" in result:
-            print(f"{label:38} failed: {result['error']}")
-            continue
-        peak_mb = result["peak_bytes"] / 2**20
-        print(f"{label:38} {result['seconds'] * 1e3:10.1f} {peak_mb:15.0f} MB {peak_mb / logits_mb:9.2f}")
-    naive, _, linear = results.values()
-    if "error" not in naive and "error" not in linear:
-        print(f"\nlinear_logprobs: {naive['seconds'] / linear['seconds']:.1f}x the speed of the "
-              f"naive way with {naive['peak_bytes'] / max(linear['peak_bytes'], 1):.0f}x less "
-              "memory (the gradients it returns are most of what it needs).")
-    print(f"largest differences from the naive way on {min(64, args.tokens)} tokens "
-          "(log-probs, grad hidden, grad weight):")
-    for way, values in differences.items():
-        print(f"  {way:7} " + "  ".join(f"{value:.2e}" for value in values))
-    sys.stdout.flush()
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model, tokenizer, train, held_out = _model_and_data(args.hidden, args.layers)
+    parameters = sum(p.numel() for p in model.parameters())
+    vocab = model.config.vocab_size
+    print(f"fastalign demo: DPO on a tiny Llama ({args.layers} layers, hidden {args.hidden}, "
+          f"vocabulary {vocab}, {parameters / 1e6:.1f}M parameters) on the CPU; fused backend: "
+          f"{fastalign.select_backend(torch.device('cpu'))}")
+    print(f"data: {len(train)} training pairs, {len(held_out)} held-out pairs on unseen topics "
+          f"({DATA.name})")
+    config = DPOConfig(output_dir=args.output, learning_rate=args.learning_rate,
+                       max_steps=args.steps, batch_size=args.batch_size,
+                       warmup_steps=max(1, args.steps // 10), eval_steps=max(1, args.steps // 4),
+                       reference="precomputed", progress=not args.no_progress, beta=0.1)
+    trainer = DPOTrainer(model, tokenizer, config, train, held_out)
+    before = trainer.evaluate()
+    print(f"before training: held-out preference accuracy "
+          f"{before['eval_preference_accuracy']:.2f}, DPO loss {before['eval_loss']:.3f}")
+    after = trainer.train()
+    after = {k: v for k, v in after.items() if k.startswith("eval_")} or trainer.evaluate()
+    train_seconds = time.perf_counter() - started
+
+    print(f"\nafter {args.steps} steps ({train_seconds:.0f} s):")
+    print(f"  held-out preference accuracy  {before['eval_preference_accuracy']:.2f} -> "
+          f"{after['eval_preference_accuracy']:.2f}   (mean per-token log-prob of chosen > "
+          "rejected)")
+    print(f"  held-out reward accuracy      {before['eval_rewards/accuracies']:.2f} -> "
+          f"{after['eval_rewards/accuracies']:.2f}   (DPO implicit reward, chosen > rejected; "
+          "0 before: policy = reference)")
+    print(f"  held-out DPO loss             {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}")
+    print(f"  model, metrics.jsonl and metrics.png in {trainer.output_dir}/")
+    if not args.no_memory:
+        print(f"\npeak memory of one DPO forward + backward, {MEMORY_PAIRS} pairs "
+              "(fresh process each):")
+        results = _memory_comparison(args.hidden, args.layers)
+        for way, label in (("fused", "fastalign (linear_logprobs, no logits)"),
+                           ("unfused", "unfused (logits + float32 log_softmax)")):
+            result = results[way]
+            text = (f"{result['peak_bytes'] / 2**20:8.0f} MB" if "peak_bytes" in result
+                    else f"failed: {result['error']}")
+            print(f"  {label:40} {text}")
+        if all("peak_bytes" in r for r in results.values()):
+            ratio = results["unfused"]["peak_bytes"] / max(results["fused"]["peak_bytes"], 1)
+            print(f"  the unfused path needs {ratio:.1f}x the memory")
+    print(f"\ndone in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

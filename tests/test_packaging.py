@@ -34,6 +34,9 @@ def test_wheel_maps_kernels_under_fastalign(wheel):
     for source in ("bindings.cpp", "logprobs.cpp", "kl.cpp", "kernels.h", "rows.h"):
         assert f"fastalign/csrc/{source}" in names
     assert not [n for n in names if n.startswith("csrc/")]
+    # The trainer layer and the demo's bundled preference pairs.
+    assert "fastalign/trainer/dpo.py" in names
+    assert "fastalign/data/demo_preferences.jsonl" in names
     assert not [n for n in names if n.startswith(("tests/", "bench/"))]
 
 

@@ -1,8 +1,17 @@
 """The thin trainer layer: runs Hugging Face causal LMs through fastalign's fused ops.
 
-``CausalLMAdapter`` turns a model into completion-token log-probs without materializing logits
-(the DPO/reward trainers of issue 6 build on it)."""
+``CausalLMAdapter`` turns a model into completion-token log-probs without materializing logits;
+``DPOTrainer`` and ``RewardTrainer`` train with them; ``tiny_llama`` and ``byte_tokenizer`` are
+the built-in default model (no downloads)."""
 
 from .adapter import CausalLMAdapter, completion_targets
+from .checkpoint import CheckpointError
+from .config import DPOConfig, RewardConfig, TrainConfig
+from .data import DataError, load_preferences, tokenize_pairs
+from .dpo import DPOTrainer
+from .tiny import load_model_and_tokenizer, tiny_llama
+from .tokenizer import byte_tokenizer
 
-__all__ = ["CausalLMAdapter", "completion_targets"]
+__all__ = ["CausalLMAdapter", "CheckpointError", "DPOConfig", "DPOTrainer", "DataError",
+           "RewardConfig", "TrainConfig", "byte_tokenizer", "completion_targets",
+           "load_model_and_tokenizer", "load_preferences", "tiny_llama", "tokenize_pairs"]

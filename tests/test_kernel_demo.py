@@ -1,17 +1,17 @@
-"""The README's main command, `python -m fastalign.demo`, end to end on a small size."""
+"""The kernel demo, `python -m fastalign.kernel_demo` (`fastalign bench`), end to end on a small size."""
 
 import subprocess
 import sys
 
 import pytest
 
-from fastalign.demo import WAYS
+from fastalign.kernel_demo import WAYS
 
 
 @pytest.mark.slow
 def test_demo_runs_and_reports_every_way():
     done = subprocess.run(
-        [sys.executable, "-m", "fastalign.demo", "--device", "cpu", "--tokens", "16",
+        [sys.executable, "-m", "fastalign.kernel_demo", "--device", "cpu", "--tokens", "16",
          "--hidden", "32", "--vocab", "3000", "--repeats", "1"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -1,0 +1,200 @@
+"""The training loop the DPO and reward trainers share: data order, gradient accumulation,
+AdamW with a warmed-up LR schedule, autocast, evaluation, metrics, checkpoints, exact resume.
+
+A subclass supplies ``collate(pairs)`` (a batch from tokenized pairs), ``compute_loss(batch)``
+(``(loss, metrics)``, the loss a mean over the batch's pairs) and ``setup()`` (what a checkpoint
+must match to be resumed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .metrics import MetricsLog
+
+
+class Trainer:
+    """Base class; see ``DPOTrainer`` and ``RewardTrainer``."""
+
+    plot_panels: list[tuple[str, list[str]]] = [("loss", ["loss", "eval_loss"])]
+
+    def __init__(self, model, tokenizer, config: TrainConfig, train_pairs: list,
+                 eval_pairs: list | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
+        self.output_dir = _writable_dir(config.output_dir)
+        self.device = next(model.parameters()).device
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.micro_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
+        self.total_steps = config.max_steps or max(1, math.ceil(
+            config.epochs * self.micro_per_epoch / config.gradient_accumulation_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+
+    # -- to override -------------------------------------------------------------------------
+    def collate(self, pairs: list):
+        raise NotImplementedError
+
+    def compute_loss(self, batch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def setup(self) -> dict:
+        """What a resumed checkpoint must match: model shapes, data, batching."""
+        shapes = [(name, tuple(p.shape)) for name, p in self.model.named_parameters()]
+        return {"model": _digest(shapes), "train_pairs": _digest(self.train_pairs),
+                "batch_size": self.config.batch_size,
+                "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
+                "seed": self.config.seed}
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        warmup, total = self.config.warmup_steps, self.total_steps
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if self.config.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if self.config.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    def _micro_batch(self, index: int) -> list:
+        """Micro-batch ``index`` of the run: epochs follow each other, each in its own seeded
+        order, so any step's data is known without replaying the ones before it (resume)."""
+        epoch, position = divmod(index, self.micro_per_epoch)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_pairs), generator=generator)
+        chosen = order[position * self.config.batch_size:(position + 1) * self.config.batch_size]
+        return [self.train_pairs[i] for i in chosen.tolist()]
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def training_step(self) -> dict:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; each
+        micro-batch's mean loss is weighted by its share of the step's pairs, so the step's
+        gradient is that of the mean over all of them whatever the micro-batch sizes."""
+        self.model.train()
+        accumulation = self.config.gradient_accumulation_steps
+        batches = [self._micro_batch(self.step * accumulation + j) for j in range(accumulation)]
+        total = sum(len(pairs) for pairs in batches)
+        sums = defaultdict(float)
+        for pairs in batches:
+            weight = len(pairs) / total
+            with self._autocast():
+                loss, metrics = self.compute_loss(self.collate(pairs))
+            (loss * weight).backward()
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                sums[name] += float(value) * weight
+        max_norm = self.config.max_grad_norm or float("inf")
+        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
+        sums["learning_rate"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        sums["epoch"] = self.step * accumulation / self.micro_per_epoch
+        return dict(sums)
+
+    @torch.no_grad()
+    def evaluate(self, pairs: list | None = None) -> dict:
+        """Mean metrics over ``pairs`` (default: the evaluation data), names prefixed ``eval_``."""
+        pairs = self.eval_pairs if pairs is None else pairs
+        if not pairs:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        sums = defaultdict(float)
+        size = self.config.eval_batch_size
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start:start + size]
+            with self._autocast():
+                loss, metrics = self.compute_loss(self.collate(chunk))
+            for name, value in {"loss": loss, **metrics}.items():
+                sums[name] += float(value) * len(chunk) / len(pairs)
+        self.model.train(was_training)
+        return {f"eval_{name}": value for name, value in sums.items()}
+
+    def train(self, resume_from: str | os.PathLike | None = None) -> dict:
+        """Runs to ``total_steps`` and saves the final model in ``output_dir``; returns the last
+        logged metrics. ``resume_from``: a checkpoint directory, or ``"latest"``."""
+        from tqdm.auto import tqdm
+
+        if resume_from is not None:
+            self.resume(resume_from)
+        log = MetricsLog(self.output_dir, resume_step=self.step)
+        last: dict = {}
+        with tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress,
+                  desc=type(self).__name__, unit="step", dynamic_ncols=True) as bar:
+            while self.step < self.total_steps:
+                metrics = self.training_step()
+                done = self.step == self.total_steps
+                if self.config.eval_steps and (self.step % self.config.eval_steps == 0 or done):
+                    metrics.update(self.evaluate())
+                if self.step % self.config.logging_steps == 0 or done or "eval_loss" in metrics:
+                    log.log(self.step, metrics)
+                    last = metrics
+                bar.set_postfix(self.progress_metrics(metrics), refresh=False)
+                bar.update(1)
+                if self.config.save_steps and (self.step % self.config.save_steps == 0 or done):
+                    self.save_checkpoint()
+        self.model.save_pretrained(self.output_dir, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(self.output_dir)
+        log.plot(self.plot_panels)
+        return last
+
+    def progress_metrics(self, metrics: dict) -> dict:
+        return {"loss": f"{metrics['loss']:.4f}"}
+
+    def save_checkpoint(self) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "setup": self.setup()}
+        return save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, state)
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Restores weights, optimizer, schedule, step and RNG from a checkpoint."""
+        if str(path) == "latest":
+            found = latest_checkpoint(self.output_dir)
+            if found is None:
+                raise FileNotFoundError(f"resume_from='latest' but {self.output_dir} holds no "
+                                        "checkpoint (save one with save_steps)")
+            path = found
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+        state = load_checkpoint(path, self.model, self.setup())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def _writable_dir(path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".fastalign-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"output_dir {os.fspath(path)!r} is not writable "
+                              f"({error.strerror or error}); choose another output_dir") from None
+    return path

@@ -1,0 +1,93 @@
+"""Training configurations: dataclasses with defaults, checked on creation, loadable from YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..losses.dpo import LOSS_TYPES
+
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+REFERENCES = ("copy", "adapters", "precomputed")
+
+
+@dataclass
+class TrainConfig:
+    """What every trainer shares. ``max_steps`` counts optimizer steps (each of
+    ``gradient_accumulation_steps`` micro-batches of ``batch_size`` pairs); when it is None,
+    ``epochs`` passes over the training data."""
+    output_dir: str = "fastalign-output"
+    learning_rate: float = 1e-5
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_steps: int = 0
+    lr_schedule: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_length: int = 1024
+    precision: str = "fp32"
+    eval_batch_size: int = 16
+    eval_steps: int | None = None
+    logging_steps: int = 1
+    save_steps: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = ["learning_rate", "batch_size", "gradient_accumulation_steps", "epochs",
+                    "max_length", "eval_batch_size", "logging_steps"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("max_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps and weight_decay must be >= 0")
+        _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        _check_choice("precision", self.precision, PRECISIONS)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """A config from a dict (e.g. a parsed YAML file); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}; "
+                             f"valid: {', '.join(sorted(names))}")
+        return cls(**values)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """DPO: ``loss_type`` is any of ``fastalign.losses.dpo_loss``'s (IPO gets length-averaged
+    log-probs, as TRL's); the reference is a frozen ``copy`` of the model, the model with its
+    LoRA ``adapters`` disabled, or ``precomputed`` once over the data and cached on disk."""
+    output_dir: str = "fastalign-dpo"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: str = "copy"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _check_choice("reference", self.reference, REFERENCES)
+        if not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta!r}")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Reward model: Bradley-Terry loss, optional per-row ``margin`` column, centering."""
+    output_dir: str = "fastalign-rm"
+    center_rewards_coefficient: float = 0.0
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

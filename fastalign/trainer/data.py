@@ -1,0 +1,171 @@
+"""Preference data: loading, checking, tokenizing and batching ``prompt``/``chosen``/``rejected``.
+
+Rows come from a JSONL file, a ``datasets.Dataset`` or a list of dicts. Each field is plain
+text, or (conversational data) a list of ``{"role", "content"}`` messages rendered with the
+tokenizer's chat template: the prompt with the generation prompt, prompt + completion without.
+As in TRL, plain-text completions get the EOS token appended, and the completion starts where
+the tokenized prompt and the tokenized prompt + completion diverge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+class DataError(ValueError):
+    """A preference row that cannot be used; the message names the row and the field."""
+
+
+def load_preferences(source, *, split: str | None = None) -> list[dict]:
+    """The rows of ``source`` (a ``.jsonl`` path, a ``datasets.Dataset`` or a list of dicts),
+    checked: each has non-empty ``prompt``, ``chosen`` and ``rejected``, all text or all
+    message lists. With ``split``, only rows whose ``split`` field equals it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: a malformed row, named by its line (files) or index.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        rows, where = _read_jsonl(source), f"{os.fspath(source)} line"
+    else:
+        rows, where = [dict(row) for row in source], "row"
+    for number, row in enumerate(rows, start=1 if "line" in where else 0):
+        _check_row(row, f"{where} {number}")
+    if split is not None:
+        rows = [row for row in rows if row.get("split") == split]
+        if not rows:
+            raise DataError(f"no rows have split == {split!r}")
+    if not rows:
+        raise DataError("the preference data is empty")
+    return rows
+
+
+def _read_jsonl(path) -> list[dict]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"preference data {os.fspath(path)!r} does not exist "
+                                "(expected a .jsonl file of prompt/chosen/rejected rows)")
+    rows = []
+    with open(path, encoding="utf-8") as source:
+        for number, line in enumerate(source, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{os.fspath(path)} line {number}: not valid JSON ({error.msg})"
+                                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{os.fspath(path)} line {number}: expected a JSON object with "
+                                f"{', '.join(FIELDS)}, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _check_row(row: dict, where: str) -> None:
+    missing = [field for field in FIELDS if field not in row]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)} (every row needs "
+                        f"{', '.join(FIELDS)})")
+    kinds = set()
+    for field in FIELDS:
+        value = row[field]
+        if isinstance(value, str):
+            kinds.add("text")
+            empty = not value.strip()
+        elif isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                             for m in value):
+            kinds.add("messages")
+            empty = not value or not any(str(m["content"]).strip() for m in value)
+        else:
+            raise DataError(f"{where}: {field} must be text or a list of {{'role', 'content'}} "
+                            f"messages, got {type(value).__name__}")
+        if empty:
+            raise DataError(f"{where}: {field} is empty")
+    if len(kinds) > 1:
+        raise DataError(f"{where}: prompt, chosen and rejected must be all text or all messages")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _ids(tokenizer, text_or_messages, *, generation_prompt: bool = False) -> list[int]:
+    if isinstance(text_or_messages, str):
+        return tokenizer(text_or_messages, add_special_tokens=False)["input_ids"]
+    rendered = tokenizer.apply_chat_template(text_or_messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int = 1024) -> list[TokenizedPair]:
+    """Token ids of each row's prompt and completions; ``prompt + completion`` is cut to
+    ``max_length`` tokens (the completion's end goes first).
+
+    Raises:
+        ValueError: a tokenizer without a pad token, or without a chat template for messages.
+        DataError: a prompt of ``max_length`` tokens or more (no room for a completion).
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: set one first, e.g. "
+                         "tokenizer.pad_token = tokenizer.eos_token")
+    conversational = isinstance(rows[0]["prompt"], list)
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the rows are chat messages but the tokenizer has no chat_template; "
+                         "set tokenizer.chat_template or pass plain-text rows")
+    pairs = []
+    for index, row in enumerate(rows):
+        if conversational:
+            prompt = _ids(tokenizer, row["prompt"], generation_prompt=True)
+            full = [_ids(tokenizer, row["prompt"] + row[side]) for side in ("chosen", "rejected")]
+        else:
+            prompt = _ids(tokenizer, row["prompt"])
+            full = [_ids(tokenizer, row["prompt"] + _with_eos(row[side], tokenizer.eos_token))
+                    for side in ("chosen", "rejected")]
+        start = min(_common_prefix(prompt, ids) for ids in full)
+        if start >= max_length:
+            raise DataError(f"row {index}: the prompt is {start} tokens, max_length is "
+                            f"{max_length}; raise max_length or shorten the prompt")
+        chosen, rejected = (ids[start:max_length] for ids in full)
+        pairs.append(TokenizedPair(prompt[:start], chosen, rejected))
+    return pairs
+
+
+def _with_eos(text: str, eos: str | None) -> str:
+    return text if not eos or text.endswith(eos) else text + eos
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> tuple[dict, dict]:
+    """``(chosen, rejected)`` batches, each ``input_ids``, ``completion_mask`` and
+    ``attention_mask`` ``[B, T]`` (int64, right-padded to the longest row of its side)."""
+    return tuple(_pad([(pair.prompt, getattr(pair, side)) for pair in pairs], pad_token_id)
+                 for side in ("chosen", "rejected"))
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
+    length = max(len(prompt) + len(completion) for prompt, completion in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        input_ids[row, :n] = torch.tensor(prompt + completion)
+        completion_mask[row, len(prompt):n] = 1
+        attention_mask[row, :n] = 1
+    return dict(input_ids=input_ids, completion_mask=completion_mask,
+                attention_mask=attention_mask)

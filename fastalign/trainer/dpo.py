@@ -1,0 +1,170 @@
+"""DPO training of a Hugging Face causal LM through fastalign's fused log-probs.
+
+    from fastalign.trainer import DPOConfig, DPOTrainer
+    trainer = DPOTrainer(model, tokenizer, DPOConfig(beta=0.1), "train.jsonl", "test.jsonl")
+    trainer.train()
+
+Chosen and rejected completions go through ONE concatenated forward of the policy, their
+log-probs come from ``linear_logprobs`` (no logits), and the reference's from a frozen copy,
+from the same model with its LoRA adapters disabled, or from a cache computed once.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..losses import dpo_loss
+from ._base import Trainer, _digest
+from .adapter import CausalLMAdapter
+from .config import DPOConfig
+from .data import collate_pairs, load_preferences, tokenize_pairs
+
+REFERENCE_CACHE = "reference_logps.pt"
+
+
+class DPOTrainer(Trainer):
+    """Args:
+        model: a ``transformers`` causal LM (or PEFT model around one), the policy.
+        tokenizer: its tokenizer (a pad token is required).
+        config: a ``DPOConfig``.
+        train_data, eval_data: JSONL paths, ``datasets.Dataset`` objects or lists of
+            ``prompt``/``chosen``/``rejected`` rows (see ``fastalign.trainer.data``).
+        ref_model: an explicit frozen reference; by default ``config.reference`` decides.
+    """
+
+    plot_panels = [("loss", ["loss", "eval_loss"]),
+                   ("reward margin", ["rewards/margins", "eval_rewards/margins"]),
+                   ("accuracy", ["rewards/accuracies", "eval_rewards/accuracies",
+                                 "eval_preference_accuracy"])]
+
+    def __init__(self, model, tokenizer, config: DPOConfig | None = None, train_data=None,
+                 eval_data=None, *, ref_model=None):
+        config = config or DPOConfig()
+        if train_data is None:
+            raise ValueError("train_data is required: a .jsonl path, a datasets.Dataset or a "
+                             "list of prompt/chosen/rejected rows")
+        train = tokenize_pairs(load_preferences(train_data), tokenizer, max_length=config.max_length)
+        held_out = (tokenize_pairs(load_preferences(eval_data), tokenizer,
+                                   max_length=config.max_length) if eval_data is not None else [])
+        super().__init__(model, tokenizer, config, _indexed(train), _indexed(held_out, "eval"))
+        self.policy = CausalLMAdapter(model)
+        self.reference = None
+        self.reference_logps = None
+        if ref_model is not None:
+            self.reference = CausalLMAdapter(_frozen(ref_model))
+        elif config.reference == "copy":
+            self.reference = CausalLMAdapter(_frozen(copy.deepcopy(model)))
+        elif config.reference == "adapters":
+            if not hasattr(model, "disable_adapter"):
+                raise ValueError("reference='adapters' needs a PEFT model with LoRA adapters; "
+                                 f"{type(model).__name__} has none (use 'copy' or 'precomputed')")
+        else:  # precomputed: from the model as it is now, before any step
+            self.reference_logps = self._load_or_compute_reference()
+
+    # -- batches -----------------------------------------------------------------------------
+    def collate(self, pairs):
+        chosen, rejected = collate_pairs([pair for _, pair in pairs], self.tokenizer.pad_token_id)
+        on_device = [{key: value.to(self.device) for key, value in side.items()}
+                     for side in (chosen, rejected)]
+        return [key for key, _ in pairs], *on_device
+
+    def _sequence_logps(self, adapter, chosen, rejected):
+        """Summed completion log-probs ``[2B]`` (chosen then rejected), one forward."""
+        return torch.cat(adapter.preference_logprobs(chosen, rejected))
+
+    def _reference_sums(self, keys, chosen, rejected):
+        if self.reference_logps is not None:
+            values = torch.stack([self.reference_logps[key] for key in keys])  # [B, 2]
+            return values.t().reshape(-1).to(self.device)
+        if self.reference is not None:
+            with self.reference.reference_context():
+                return self._sequence_logps(self.reference, chosen, rejected)
+        with self.policy.reference_context(disable_adapters=True):
+            return self._sequence_logps(self.policy, chosen, rejected)
+
+    def compute_loss(self, batch):
+        keys, chosen, rejected = batch
+        policy = self._sequence_logps(self.policy, chosen, rejected)
+        reference = self._reference_sums(keys, chosen, rejected).to(policy.dtype)
+        counts = torch.cat([_completion_counts(chosen), _completion_counts(rejected)])
+        if self.config.loss_type == "ipo":  # IPO compares length-averaged log-probs (as TRL)
+            scale = counts.clamp(min=1).to(policy.dtype)
+            policy_scores, reference_scores = policy / scale, reference / scale
+        else:
+            policy_scores, reference_scores = policy, reference
+        pc, pr = policy_scores.chunk(2)
+        rc, rr = reference_scores.chunk(2)
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=self.config.beta,
+                                 loss_type=self.config.loss_type,
+                                 label_smoothing=self.config.label_smoothing)
+        with torch.no_grad():
+            chosen_sum, rejected_sum = policy.detach().chunk(2)
+            chosen_count, rejected_count = counts.clamp(min=1).chunk(2)
+            metrics["logps/chosen"] = chosen_sum.mean()
+            metrics["logps/rejected"] = rejected_sum.mean()
+            # The policy's own preference: a higher mean per-token log-prob for chosen.
+            metrics["preference_accuracy"] = (chosen_sum / chosen_count >
+                                              rejected_sum / rejected_count).float().mean()
+        return loss, metrics
+
+    def progress_metrics(self, metrics):
+        shown = {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['rewards/accuracies']:.2f}",
+                 "margin": f"{metrics['rewards/margins']:.3f}"}
+        if "eval_rewards/accuracies" in metrics:
+            shown["eval_acc"] = f"{metrics['eval_rewards/accuracies']:.2f}"
+        return shown
+
+    def setup(self):
+        return dict(super().setup(), eval_pairs=_digest(self.eval_pairs),
+                    loss_type=self.config.loss_type, reference=self.config.reference)
+
+    # -- the precomputed reference ------------------------------------------------------------
+    @torch.no_grad()
+    def _load_or_compute_reference(self) -> dict:
+        """``{pair key: [chosen, rejected] summed log-probs}`` of the model as it is now, cached
+        in ``output_dir/reference_logps.pt`` under a fingerprint of the data and the initial
+        weights: computed once, and read back by a resumed run (whose model has moved on)."""
+        path = self.output_dir / REFERENCE_CACHE
+        weights = [float(p.double().sum()) for p in self.model.parameters()]
+        data = _digest(([pair for _, pair in self.train_pairs + self.eval_pairs], weights))
+        if path.is_file():
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached.get("data") == data:
+                return cached["logps"]
+        logps = {}
+        pairs = self.train_pairs + self.eval_pairs
+        size = self.config.eval_batch_size
+        was_training = self.model.training
+        self.model.eval()
+        for start in range(0, len(pairs), size):
+            keys, chosen, rejected = self.collate(pairs[start:start + size])
+            with self._autocast():
+                sums = self._sequence_logps(self.policy, chosen, rejected).float().cpu()
+            for index, key in enumerate(keys):
+                logps[key] = torch.stack([sums[index], sums[index + len(keys)]])
+        self.model.train(was_training)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"data": data, "logps": logps}, tmp)
+        tmp.replace(path)
+        return logps
+
+
+def _indexed(pairs, prefix="train"):
+    """``(key, pair)`` items: the key names the pair in the reference cache."""
+    return [(f"{prefix}-{index}", pair) for index, pair in enumerate(pairs)]
+
+
+def _frozen(model):
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def _completion_counts(side: dict) -> torch.Tensor:
+    """Completion tokens per row that are predicted (every completion token but a first one at
+    position 0, which nothing precedes)."""
+    mask = side["completion_mask"][:, 1:].bool() & side["attention_mask"][:, 1:].bool()
+    return mask.sum(-1)

@@ -1,0 +1,60 @@
+"""Training metrics: one JSON object per logged step in ``metrics.jsonl``, and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "metrics.png"
+
+
+class MetricsLog:
+    """Appends ``{"step": ..., name: value, ...}`` lines to ``output_dir/metrics.jsonl``; on a
+    resume, lines past the resumed step are dropped first, so the file reads as one run."""
+
+    def __init__(self, output_dir: str | os.PathLike, resume_step: int = 0):
+        self.path = Path(output_dir) / METRICS_FILE
+        kept = [row for row in self.rows() if row["step"] <= resume_step] if resume_step else []
+        with open(self.path, "w") as out:
+            out.writelines(json.dumps(row) + "\n" for row in kept)
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path) as source:
+            return [json.loads(line) for line in source if line.strip()]
+
+    def log(self, step: int, values: dict) -> None:
+        row = {"step": step, **{k: float(v) for k, v in values.items()}}
+        with open(self.path, "a") as out:
+            out.write(json.dumps(row) + "\n")
+
+    def plot(self, panels: list[tuple[str, list[str]]]) -> Path | None:
+        """One panel per ``(title, metric names)``; returns the PNG's path, or None without
+        matplotlib (the JSONL has every number)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = self.rows()
+        figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))
+        for axis, (title, names) in zip(axes, panels):
+            for name in names:
+                points = [(row["step"], row[name]) for row in rows if name in row]
+                if points:
+                    steps, values = zip(*points)
+                    axis.plot(steps, values, marker="o" if len(points) < 30 else None,
+                              markersize=3, label=name)
+            axis.set_title(title)
+            axis.set_xlabel("optimizer step")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+        figure.tight_layout()
+        path = self.path.with_name(PLOT_FILE)
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return path

@@ -1,0 +1,57 @@
+"""The built-in default model: a small Llama built from a config (no weights to download) with
+Llama-3's 128256-token vocabulary, and the byte-level tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .tokenizer import byte_tokenizer
+
+TINY = "tiny"
+LLAMA3_VOCAB = 128256
+
+
+def tiny_llama(*, vocab_size: int = LLAMA3_VOCAB, hidden_size: int = 128, num_layers: int = 2,
+               num_heads: int = 4, max_positions: int = 1024, seed: int = 0):
+    """A randomly initialised ``LlamaForCausalLM``: tied embeddings (as Llama-3.2-1B), grouped
+    KV heads, ``vocab_size`` rows (the byte tokenizer uses the first 263; the rest are real
+    vocabulary the fused ops walk, as in a pretrained model's unused tokens)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=max_positions,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_model_and_tokenizer(name_or_path: str, **tiny_options):
+    """``(model, tokenizer)``: ``"tiny"`` builds the built-in default; anything else is loaded
+    with ``from_pretrained`` from a local directory or the local Hugging Face cache only.
+
+    Raises:
+        FileNotFoundError: the model is not available offline, with what to do.
+    """
+    if name_or_path == TINY:
+        return tiny_llama(**tiny_options), byte_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True)
+    except OSError as error:
+        where = "directory" if os.path.isdir(name_or_path) else "name"
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r} offline ({where}): {str(error).splitlines()[0]} "
+            "Pass a local directory saved with save_pretrained, a model already in the Hugging "
+            f"Face cache, or {TINY!r} for the built-in model.") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
