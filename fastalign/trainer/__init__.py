@@ -9,9 +9,11 @@ from .checkpoint import CheckpointError
 from .config import DPOConfig, RewardConfig, TrainConfig
 from .data import DataError, load_preferences, tokenize_pairs
 from .dpo import DPOTrainer
+from .reward import RewardTrainer, tiny_reward_model
 from .tiny import load_model_and_tokenizer, tiny_llama
 from .tokenizer import byte_tokenizer
 
 __all__ = ["CausalLMAdapter", "CheckpointError", "DPOConfig", "DPOTrainer", "DataError",
-           "RewardConfig", "TrainConfig", "byte_tokenizer", "completion_targets",
-           "load_model_and_tokenizer", "load_preferences", "tiny_llama", "tokenize_pairs"]
+           "RewardConfig", "RewardTrainer", "TrainConfig", "byte_tokenizer", "completion_targets",
+           "load_model_and_tokenizer", "load_preferences", "tiny_llama", "tiny_reward_model",
+           "tokenize_pairs"]

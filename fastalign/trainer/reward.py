@@ -1,0 +1,101 @@
+"""Reward-model training (stage one of RLHF): a sequence-classification model scores
+``prompt + completion``; the Bradley-Terry ``reward_loss`` (optional per-row ``margin``,
+optional centering) pushes chosen above rejected. The reward model the RL trainers and
+Best-of-N use.
+
+    from fastalign.trainer import RewardConfig, RewardTrainer
+    RewardTrainer(model, tokenizer, RewardConfig(), "train.jsonl", "test.jsonl").train()
+
+``model`` is a ``transformers`` ``*ForSequenceClassification`` with ``num_labels=1`` (it scores
+the last non-padding token); ``tiny_reward_model()`` builds the built-in one. No vocabulary
+projection happens here, so no fused op is needed: the head is a ``[D, 1]`` matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..losses import reward_loss
+from ._base import Trainer
+from .config import RewardConfig
+from .data import load_preferences, tokenize_pairs
+
+
+class RewardTrainer(Trainer):
+    """Args:
+        model: a sequence-classification model with ``num_labels=1``.
+        tokenizer: its tokenizer (a pad token is required).
+        config: a ``RewardConfig``.
+        train_data, eval_data: as for ``DPOTrainer``; rows may carry a numeric ``margin``.
+    """
+
+    plot_panels = [("loss", ["loss", "eval_loss"]), ("reward margin", ["margin", "eval_margin"]),
+                   ("accuracy", ["accuracy", "eval_accuracy"])]
+
+    def __init__(self, model, tokenizer, config: RewardConfig | None = None, train_data=None,
+                 eval_data=None):
+        config = config or RewardConfig()
+        if getattr(model.config, "num_labels", None) != 1:
+            raise ValueError("a reward model needs exactly one output per sequence: build it "
+                             "with num_labels=1 (e.g. AutoModelForSequenceClassification."
+                             f"from_pretrained(..., num_labels=1)); got "
+                             f"num_labels={getattr(model.config, 'num_labels', None)}")
+        if train_data is None:
+            raise ValueError("train_data is required: a .jsonl path, a datasets.Dataset or a "
+                             "list of prompt/chosen/rejected rows")
+        if tokenizer.pad_token_id is not None:  # the head finds the last token through it
+            model.config.pad_token_id = tokenizer.pad_token_id
+        splits = [_with_margins(load_preferences(data), tokenizer, config.max_length)
+                  for data in (train_data, eval_data) if data is not None]
+        super().__init__(model, tokenizer, config, splits[0], splits[1] if len(splits) > 1 else [])
+
+    def collate(self, items):
+        rows = ([pair.prompt + pair.chosen for pair, _ in items]
+                + [pair.prompt + pair.rejected for pair, _ in items])
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, :len(row)] = torch.tensor(row)
+            attention_mask[index, :len(row)] = 1
+        margins = [margin for _, margin in items]
+        margin = (torch.tensor(margins, dtype=torch.float32, device=self.device)
+                  if any(m is not None for m in margins) else None)
+        return input_ids.to(self.device), attention_mask.to(self.device), margin
+
+    def compute_loss(self, batch):
+        input_ids, attention_mask, margin = batch
+        rewards = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=False).logits.squeeze(-1).float()
+        chosen, rejected = rewards.chunk(2)
+        return reward_loss(chosen, rejected, margin=margin,
+                           center_coef=self.config.center_rewards_coefficient)
+
+    def progress_metrics(self, metrics):
+        return {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['accuracy']:.2f}"}
+
+
+def _with_margins(rows, tokenizer, max_length):
+    """``(tokenized pair, margin or None)`` items; a row's ``margin`` must be a number."""
+    for index, row in enumerate(rows):
+        if "margin" in row and not isinstance(row["margin"], (int, float)):
+            raise ValueError(f"row {index}: margin must be a number, got {row['margin']!r}")
+    pairs = tokenize_pairs(rows, tokenizer, max_length=max_length)
+    return [(pair, float(row["margin"]) if "margin" in row else None)
+            for pair, row in zip(pairs, rows)]
+
+
+def tiny_reward_model(*, vocab_size: int | None = None, hidden_size: int = 128,
+                      num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+    """The built-in reward model: the tiny Llama's architecture with a 1-output score head."""
+    from transformers import LlamaForSequenceClassification
+
+    from .tiny import LLAMA3_VOCAB, tiny_llama
+
+    causal = tiny_llama(vocab_size=vocab_size or LLAMA3_VOCAB, hidden_size=hidden_size,
+                        num_layers=num_layers, num_heads=num_heads, seed=seed)
+    config = causal.config
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForSequenceClassification(config)

@@ -1,0 +1,146 @@
+"""Bad input to the trainer layer: clear errors that name the row, field or option, and nothing
+half-written."""
+
+import json
+import os
+
+import pytest
+from test_trainer_dpo import rows, small_model
+
+from fastalign.trainer import (CheckpointError, DataError, DPOConfig, DPOTrainer, byte_tokenizer,
+                               load_model_and_tokenizer, load_preferences, tiny_llama)
+
+
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"prompt": "p", "chosen": "c"}, r"line 2: missing field\(s\) rejected"),
+    ({"prompt": "p", "chosen": "  ", "rejected": "r"}, "line 2: chosen is empty"),
+    ({"prompt": "p", "chosen": 3, "rejected": "r"}, "line 2: chosen must be text or a list"),
+    ({"prompt": [{"role": "user", "content": "p"}], "chosen": "c", "rejected": "r"},
+     "line 2: prompt, chosen and rejected must be all text or all messages"),
+])
+def test_bad_rows_are_named(tmp_path, bad, message):
+    path = write_jsonl(tmp_path / "data.jsonl", [rows(1)[0], bad])
+    with pytest.raises(DataError, match=message):
+        load_preferences(path)
+
+
+def test_unreadable_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_preferences(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "p"\n')
+    with pytest.raises(DataError, match="line 1: not valid JSON"):
+        load_preferences(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(DataError, match="row 1: missing"):
+        load_preferences([rows(1)[0], {"prompt": "only"}])
+
+
+def test_prompt_longer_than_the_limit(tmp_path):
+    data = rows(2)
+    data[1]["prompt"] = "x" * 300
+    with pytest.raises(DataError, match="row 1: the prompt is 300 tokens, max_length is 256"):
+        DPOTrainer(small_model(), byte_tokenizer(),
+                   DPOConfig(output_dir=str(tmp_path), max_length=256), data)
+
+
+def test_tokenizer_without_pad_token_or_chat_template(tmp_path):
+    tokenizer = byte_tokenizer()
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        DPOTrainer(small_model(), tokenizer, DPOConfig(output_dir=str(tmp_path)), rows(2))
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = None
+    chat = [{"prompt": [{"role": "user", "content": "hi"}],
+             "chosen": [{"role": "assistant", "content": "hello"}],
+             "rejected": [{"role": "assistant", "content": "go away"}]}]
+    with pytest.raises(ValueError, match="no chat_template"):
+        DPOTrainer(small_model(), tokenizer, DPOConfig(output_dir=str(tmp_path)), chat)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_dir(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    with pytest.raises(PermissionError, match="output_dir .* is not writable"):
+        DPOTrainer(small_model(), byte_tokenizer(), DPOConfig(output_dir=str(locked / "run")),
+                   rows(2))
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="is not writable"):
+        DPOTrainer(small_model(), byte_tokenizer(), DPOConfig(output_dir=str(tmp_path / "file")),
+                   rows(2))
+
+
+@pytest.mark.parametrize("option,message", [
+    (dict(loss_type="dpo"), "loss_type must be one of sigmoid"),
+    (dict(batch_size=0), "batch_size must be positive"),
+    (dict(max_steps=2.5), "max_steps must be a positive integer"),
+    (dict(lr_schedule="step"), "lr_schedule must be one of linear"),
+    (dict(reference="none"), "reference must be one of copy"),
+    (dict(beta=0.0), "beta must be positive"),
+])
+def test_config_errors(option, message):
+    with pytest.raises(ValueError, match=message):
+        DPOConfig(**option)
+    with pytest.raises(ValueError, match="unknown DPOConfig option"):
+        DPOConfig.from_dict({"learning_rat": 1e-3})
+
+
+def test_adapters_reference_needs_peft(tmp_path):
+    with pytest.raises(ValueError, match="reference='adapters' needs a PEFT model"):
+        DPOTrainer(small_model(), byte_tokenizer(),
+                   DPOConfig(output_dir=str(tmp_path), reference="adapters"), rows(2))
+
+
+def trained(tmp_path, steps=2, **options):
+    trainer = DPOTrainer(small_model(), byte_tokenizer(),
+                         DPOConfig(output_dir=str(tmp_path / "run"), batch_size=2, max_steps=steps,
+                                   save_steps=steps, progress=False, **options), rows(4),
+                         ref_model=small_model(1))
+    trainer.train()
+    return tmp_path / "run" / f"checkpoint-{steps}"
+
+
+def test_resume_from_a_corrupt_or_missing_checkpoint(tmp_path):
+    checkpoint = trained(tmp_path)
+    fresh = DPOTrainer(small_model(), byte_tokenizer(),
+                       DPOConfig(output_dir=str(tmp_path / "run"), batch_size=2, max_steps=4,
+                                 progress=False), rows(4), ref_model=small_model(1))
+    (checkpoint / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt"):
+        fresh.resume(checkpoint)
+    (checkpoint / "trainer_state.pt").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint: trainer_state.pt"):
+        fresh.resume(checkpoint)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fresh.resume(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        fresh.resume("latest")  # the only one left is incomplete
+
+
+def test_resume_from_a_mismatched_checkpoint(tmp_path):
+    checkpoint = trained(tmp_path)
+    other = DPOTrainer(small_model(), byte_tokenizer(),
+                       DPOConfig(output_dir=str(tmp_path / "other"), batch_size=3, max_steps=4,
+                                 progress=False), rows(4), ref_model=small_model(1))
+    with pytest.raises(CheckpointError, match="batch_size is 2 there and 3 now"):
+        other.resume(checkpoint)
+    wider = DPOTrainer(tiny_llama(vocab_size=1000, hidden_size=64, num_layers=1), byte_tokenizer(),
+                       DPOConfig(output_dir=str(tmp_path / "wide"), batch_size=2, progress=False),
+                       rows(4), ref_model=small_model(1))
+    with pytest.raises(CheckpointError, match="model is"):
+        wider.resume(checkpoint)
+
+
+def test_model_not_available_offline(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot load model .* offline"):
+        load_model_and_tokenizer(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="'tiny' for the built-in model"):
+        load_model_and_tokenizer("someone/not-in-the-cache")
