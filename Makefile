@@ -1,6 +1,6 @@
 # fastalign: the two set-up commands on a fresh machine are
-#   make demo    the main job on a built-in default (log-probs from hidden states over a 128k
-#                vocabulary: naive torch vs token_logprobs vs linear_logprobs)
+#   make demo    the main job on a built-in default (DPO training of a tiny Llama with a 128k
+#                vocabulary on the bundled preference pairs, CPU, about 2.5 minutes)
 #   make test    the test suite (CPU; Triton kernels run through TRITON_INTERPRET=1)
 # Both create .venv on first use. See README.md.
 
@@ -40,6 +40,7 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/bench_linear_logprobs.py --providers torch_eager trl fastalign
 	$(BIN)/python bench/bench_linear_logprobs.py --op kl --providers torch_eager trl fastalign
 	$(BIN)/python bench/bench_native_cpu.py
+	$(BIN)/python bench/bench_dpo_step.py --repeats 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,12 +27,12 @@ DATA = files("fastalign") / "data" / "demo_preferences.jsonl"
 MEMORY_PAIRS = 8
 
 
-def _model_and_data(hidden: int, layers: int):
+def _model_and_data(hidden: int, layers: int, max_pairs: int | None = None):
     from fastalign.trainer import load_model_and_tokenizer, load_preferences
 
     model, tokenizer = load_model_and_tokenizer("tiny", hidden_size=hidden, num_layers=layers)
-    train = load_preferences(str(DATA), split="train")
-    held_out = load_preferences(str(DATA), split="test")
+    train = load_preferences(str(DATA), split="train")[:max_pairs]
+    held_out = load_preferences(str(DATA), split="test")[:max_pairs and max(1, max_pairs // 3)]
     return model, tokenizer, train, held_out
 
 
@@ -88,6 +88,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     parser.add_argument("--output", default="fastalign-demo",
                         help="output directory: model, metrics.jsonl, metrics.png")
+    parser.add_argument("--max-pairs", type=int, default=None,
+                        help="use only the first N training pairs (and N/3 held-out): quicker")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the fused-vs-unfused peak memory comparison")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -101,7 +103,7 @@ def main(argv=None) -> None:
 
     started = time.perf_counter()
     torch.manual_seed(0)
-    model, tokenizer, train, held_out = _model_and_data(args.hidden, args.layers)
+    model, tokenizer, train, held_out = _model_and_data(args.hidden, args.layers, args.max_pairs)
     parameters = sum(p.numel() for p in model.parameters())
     vocab = model.config.vocab_size
     print(f"fastalign demo: DPO on a tiny Llama ({args.layers} layers, hidden {args.hidden}, "
@@ -111,7 +113,7 @@ def main(argv=None) -> None:
           f"({DATA.name})")
     config = DPOConfig(output_dir=args.output, learning_rate=args.learning_rate,
                        max_steps=args.steps, batch_size=args.batch_size,
-                       warmup_steps=max(1, args.steps // 10), eval_steps=max(1, args.steps // 4),
+                       warmup_steps=max(1, args.steps // 10), eval_steps=max(1, args.steps // 2),
                        reference="precomputed", progress=not args.no_progress, beta=0.1)
     trainer = DPOTrainer(model, tokenizer, config, train, held_out)
     before = trainer.evaluate()

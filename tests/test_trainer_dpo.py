@@ -175,3 +175,26 @@ def test_outputs_and_metric_names(tmp_path):
                  "checkpoint-2/tokenizer.json"):
         assert (out / name).is_file(), name
     assert not list(out.glob(".checkpoint-*"))  # no half-written checkpoint left behind
+
+
+def test_lora_adapters_off_is_the_reference(tmp_path):
+    """reference='adapters': the PEFT model with its LoRA adapters disabled is the reference,
+    with no second copy: the loss equals the one against the base model itself."""
+    peft = pytest.importorskip("peft")
+    base = small_model(0, scale=5.0)
+    frozen_base = copy.deepcopy(base)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    data = rows(4)
+    with_adapters = DPOTrainer(lora, byte_tokenizer(), config(tmp_path / "a", reference="adapters"),
+                               data)
+    with_base = DPOTrainer(lora, byte_tokenizer(), config(tmp_path / "b"), data,
+                           ref_model=frozen_base)
+    batch = with_adapters.collate(with_adapters.train_pairs)
+    loss, metrics = with_adapters.compute_loss(batch)
+    expected, _ = with_base.compute_loss(batch)
+    assert metrics["rewards/margins"] != 0  # the adapters change the model
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    lora_grads = [p.grad for n, p in lora.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)

@@ -1,0 +1,165 @@
+"""One DPO training step on the CPU: fastalign's DPOTrainer beside TRL's DPOTrainer, same model,
+data and settings, time and peak memory, each in a fresh process.
+
+Model: the tiny Llama (hidden 256, 4 layers, V = 128256, untrained), fp32; 4 pairs of 512 tokens
+(256 of prompt, 256 of completion); reference = a frozen copy; AdamW. Both trainers run one
+warm-up step (AdamW's state exists afterwards), then the measured steps: time is the median
+step, memory the peak resident set one step adds (gradients, activations, logits).
+
+    python bench/bench_dpo_step.py --csv bench/results/dpo_step_cpu.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import random
+import string
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from fastalign import _measure  # noqa: E402
+
+PROVIDERS = ("fastalign", "trl")
+
+
+def _rows(pairs: int, prompt_tokens: int, completion_tokens: int) -> list[dict]:
+    """Random printable text; the byte tokenizer makes one token per character (the EOS the
+    trainers append is the completion's last token)."""
+    rng = random.Random(0)
+
+    def text(n):
+        return "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(n))
+
+    return [dict(prompt=text(prompt_tokens), chosen=text(completion_tokens - 1),
+                 rejected=text(completion_tokens - 1)) for _ in range(pairs)]
+
+
+def _model(spec):
+    from fastalign.trainer import tiny_llama
+
+    return tiny_llama(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
+                      num_layers=spec["layers"], max_positions=2048)
+
+
+def _fastalign_step(spec, rows, out):
+    from fastalign.trainer import DPOConfig, DPOTrainer, byte_tokenizer
+
+    config = DPOConfig(output_dir=out, batch_size=spec["pairs"], learning_rate=1e-6,
+                       max_steps=100, max_grad_norm=None, progress=False, reference="copy")
+    trainer = DPOTrainer(_model(spec), byte_tokenizer(), config, rows)
+    return trainer.training_step
+
+
+def _trl_step(spec, rows, out):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from fastalign.trainer import byte_tokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=spec["pairs"],
+                         learning_rate=1e-6, report_to=[], use_cpu=True, bf16=False,
+                         max_length=2048, max_grad_norm=0.0)
+        model = _model(spec)
+        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                             processing_class=byte_tokenizer(), train_dataset=Dataset.from_list(rows))
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+
+    def step():
+        trainer.model.train()
+        loss = trainer.training_step(trainer.model, inputs)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _worker(spec: dict) -> dict:
+    import tempfile
+
+    torch.manual_seed(0)
+    rows = _rows(spec["pairs"], spec["prompt"], spec["completion"])
+    with tempfile.TemporaryDirectory() as out:
+        step = (_fastalign_step if spec["provider"] == "fastalign" else _trl_step)(spec, rows, out)
+        step()  # warm-up: AdamW state, lazy initialisation
+        if spec["measure"] == "memory":
+            return {"peak_bytes": _measure.peak_extra_bytes(step, torch.device("cpu"))}
+        times = []
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return {"seconds": sorted(times)[len(times) // 2]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=256, help="prompt tokens per pair")
+    parser.add_argument("--completion", type=int, default=256, help="completion tokens per side")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+
+    spec = dict(pairs=args.pairs, prompt=args.prompt, completion=args.completion,
+                hidden=args.hidden, layers=args.layers, vocab=args.vocab, repeats=args.repeats)
+    stamp = harness.stamp(torch.device("cpu"))
+    tokens = 2 * args.pairs * (args.prompt + args.completion)
+    logits_mb = tokens * args.vocab * 4 / 2**20
+    results = []
+    for provider in args.providers:
+        print(f"{provider}: one DPO step, {args.pairs} pairs x {args.prompt + args.completion} "
+              f"tokens, hidden {args.hidden}, {args.layers} layers, V={args.vocab} ...", flush=True)
+        command = [str(Path(__file__).resolve())]
+        timing = _measure.run_worker(command, dict(spec, provider=provider, measure="time"),
+                                     for_memory=False)
+        memory = _measure.run_worker(command, dict(spec, provider=provider, measure="memory"),
+                                     for_memory=True)
+        error = timing.get("error") or memory.get("error") or ""
+        results.append(dict(op="dpo_step", provider=provider, pairs=args.pairs,
+                            seq=args.prompt + args.completion, hidden=args.hidden,
+                            layers=args.layers, vocab=args.vocab, logits_mb=round(logits_mb, 1),
+                            time_ms=round(timing.get("seconds", float("nan")) * 1e3, 1),
+                            peak_mb=round(memory.get("peak_bytes", float("nan")) / 2**20, 1),
+                            error=error[:200], **stamp))
+    print(f"\n{'provider':10} {'step (ms)':>10} {'peak extra (MB)':>16}   (fp32 logits of the "
+          f"batch: {logits_mb:.0f} MB)")
+    for row in results:
+        print(f"{row['provider']:10} {row['time_ms']:10.0f} {row['peak_mb']:16.0f}  {row['error']}")
+    if len(results) == 2 and not any(r["error"] for r in results):
+        ours, theirs = results
+        print(f"\nTRL / fastalign: time {theirs['time_ms'] / ours['time_ms']:.2f}x, "
+              f"peak memory {theirs['peak_mb'] / ours['peak_mb']:.2f}x")
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=list(results[0]))
+            writer.writeheader()
+            writer.writerows(results)
+        print(f"CSV: {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
