@@ -198,3 +198,21 @@ def test_lora_adapters_off_is_the_reference(tmp_path):
     loss.backward()
     lora_grads = [p.grad for n, p in lora.named_parameters() if "lora_" in n]
     assert lora_grads and all(g is not None for g in lora_grads)
+
+
+def test_datasets_input_and_bf16_autocast(tmp_path):
+    """A ``datasets.Dataset`` is read like a list of rows, and a bf16-autocast step gives the
+    fp32 loss to bf16 precision."""
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_list(rows(4))
+    losses = []
+    for precision in ("fp32", "bf16"):
+        trainer = DPOTrainer(small_model(0, scale=5.0), byte_tokenizer(),
+                             config(tmp_path / precision, precision=precision), data,
+                             ref_model=small_model(1, scale=5.0))
+        with trainer._autocast():
+            loss, _ = trainer.compute_loss(trainer.collate(trainer.train_pairs))
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] > 0.1 and losses[1] == pytest.approx(losses[0], rel=0.05), losses
+    assert losses[1] != losses[0]  # autocast did run in bf16
