@@ -20,6 +20,14 @@ def tiny_model(kind: str):
                                           num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(config)
+    elif kind in ("qwen2", "mistral"):
+        config_class, model_class = {
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[kind]
+        config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=kind == "qwen2")  # Qwen2 (small) ties its head
+        model = model_class(config)
     elif kind == "gpt2":
         config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                                          n_positions=64)
@@ -58,7 +66,7 @@ def naive(model, input_ids, completion_mask, attention_mask, temperature):
     return torch.where(targets >= 0, picked, 0.0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2", "gemma2"])
 def test_completion_logprobs_match_the_naive_logits(kind):
     model = tiny_model(kind)
     adapter = CausalLMAdapter(model)
