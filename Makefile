@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
 	$(BIN)/python -m pip install -q torch==2.13.0 triton==3.9.0
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,train]"
 	@# Builds the native CPU kernels into their cache now (about a minute, once per machine)
 	@# rather than inside the first op call; without a compiler this says so and goes on.
 	$(BIN)/python -m fastalign._build_native

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -39,6 +40,9 @@ class MetricsLog:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
+            warnings.warn("matplotlib is not installed: no metrics.png (metrics.jsonl has every "
+                          "number); pip install 'fastalign[train]' adds it", RuntimeWarning,
+                          stacklevel=2)
             return None
         rows = self.rows()
         figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))
