@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     after = {k: v for k, v in after.items() if k.startswith("eval_")} or trainer.evaluate()
     train_seconds = time.perf_counter() - started
 
-    print(f"\nafter {args.steps} steps ({train_seconds:.0f} s):")
+    print(f"\nafter {args.steps} steps ({train_seconds:.0f} s from the start):")
     print(f"  held-out preference accuracy  {before['eval_preference_accuracy']:.2f} -> "
           f"{after['eval_preference_accuracy']:.2f}   (mean per-token log-prob of chosen > "
           "rejected)")

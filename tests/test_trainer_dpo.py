@@ -128,6 +128,19 @@ def test_precomputed_reference_equals_a_frozen_copy(tmp_path):
     assert (tmp_path / "precomputed" / "out" / "reference_logps.pt").is_file()
 
 
+def interrupt_after(trainer, steps):
+    """Trains until the process is killed right after step ``steps`` (and its checkpoint)."""
+    step = trainer.training_step
+
+    def killed():
+        if trainer.step == steps:
+            raise KeyboardInterrupt
+        return step()
+    trainer.training_step = killed
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+
+
 def test_resume_is_exact(tmp_path):
     """20 steps in one run, or 10, a checkpoint, a fresh process-like restart and 10 more:
     identical final weights (CPU, fp32)."""
@@ -141,16 +154,7 @@ def test_resume_is_exact(tmp_path):
 
     straight = trainer(tmp_path / "a", 20)
     straight.train()
-    first = trainer(tmp_path / "b", 20)
-    step = first.training_step
-
-    def interrupted():  # killed after the checkpoint of step 10
-        if first.step == 10:
-            raise KeyboardInterrupt
-        return step()
-    first.training_step = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        first.train()
+    interrupt_after(trainer(tmp_path / "b", 20), 10)
     torch.manual_seed(12345)  # the resumed run must restore the RNG itself
     resumed = trainer(tmp_path / "b", 20)
     resumed.train(resume_from="latest")
@@ -216,3 +220,27 @@ def test_datasets_input_and_bf16_autocast(tmp_path):
         losses.append(loss.item())
     assert losses[0] > 0.1 and losses[1] == pytest.approx(losses[0], rel=0.05), losses
     assert losses[1] != losses[0]  # autocast did run in bf16
+
+
+def test_lora_resume_is_exact(tmp_path):
+    """A PEFT model's checkpoint holds its adapters (what save_pretrained writes); resuming
+    from it continues exactly."""
+    peft = pytest.importorskip("peft")
+
+    def trainer(out, steps):
+        torch.manual_seed(0)  # the random LoRA initialisation
+        lora = peft.get_peft_model(small_model(0), peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        return DPOTrainer(lora, byte_tokenizer(),
+                          DPOConfig(output_dir=str(out), batch_size=4, max_steps=steps,
+                                    learning_rate=1e-2, save_steps=2, progress=False,
+                                    reference="adapters"), rows(8))
+
+    straight = trainer(tmp_path / "a", 4)
+    straight.train()
+    interrupt_after(trainer(tmp_path / "b", 4), 2)
+    resumed = trainer(tmp_path / "b", 4)
+    assert (tmp_path / "b" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    resumed.train(resume_from=tmp_path / "b" / "checkpoint-2")
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name

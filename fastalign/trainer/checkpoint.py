@@ -16,6 +16,7 @@ import torch
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # what save_pretrained writes for a PEFT model
 PREFIX = "checkpoint-"
 
 
@@ -59,12 +60,11 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict) -> dict:
         CheckpointError: a missing or unreadable file, weights that do not fit ``model``, or a
             checkpoint whose recorded set-up differs from ``expected`` (say which key).
     """
-    from safetensors.torch import load_model
-
     path = Path(path)
-    for name in (STATE_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint: {name} is missing")
+    weights = path / (ADAPTER_FILE if _is_peft(model) else WEIGHTS_FILE)
+    for file in (path / STATE_FILE, weights):
+        if not file.is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint: {file.name} is missing")
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as error:  # a truncated or foreign file: say which, not a pickle trace
@@ -77,16 +77,33 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict) -> dict:
                 f"{path} was written by a different set-up: {key} is {recorded.get(key)!r} "
                 f"there and {value!r} now; resume with the same model, data and batch options")
     try:
-        missing, unexpected = load_model(model, path / WEIGHTS_FILE, strict=False)
+        missing, unexpected = _load_weights(model, weights)
     except Exception as error:
-        raise CheckpointError(f"{path / WEIGHTS_FILE} cannot be read into the model "
+        raise CheckpointError(f"{weights} cannot be read into the model "
                               f"({type(error).__name__}: {error})") from None
-    tied = {name for name in missing if _is_tied(model, name)}
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(f"{path / WEIGHTS_FILE} does not match the model: missing "
-                              f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match the model: missing {sorted(missing)[:5]},"
+                              f" unexpected {sorted(unexpected)[:5]}")
     _set_rng_state(state["rng"])
     return state
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _load_weights(model, file: Path) -> tuple[list[str], list[str]]:
+    """Loads ``file`` into ``model``; returns (missing, unexpected) names, tied parameters not
+    counted as missing. A PEFT model's checkpoint holds its adapters only (the base is frozen)."""
+    from safetensors.torch import load_file, load_model
+
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(file))
+        return [], list(result.unexpected_keys)
+    missing, unexpected = load_model(model, file, strict=False)
+    return [name for name in missing if not _is_tied(model, name)], list(unexpected)
 
 
 def _is_tied(model, name: str) -> bool:
