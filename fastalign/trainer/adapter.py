@@ -73,21 +73,24 @@ class CausalLMAdapter:
     def head(self) -> _Head:
         return _Head(self.lm_head.weight, getattr(self.lm_head, "bias", None), self.softcap)
 
-    def hidden_states(self, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, T, D]`` last hidden states (after the final norm), no logits."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T, D]`` last hidden states (after the final norm), no logits. Left-padded rows
+        (generation) need ``position_ids`` that start at their first real token."""
+        extra = {} if position_ids is None else {"position_ids": position_ids}
         output = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False, return_dict=True)
+                               use_cache=False, return_dict=True, **extra)
         return output.last_hidden_state
 
     def completion_logprobs(self, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                             attention_mask: torch.Tensor | None = None, *,
+                            position_ids: torch.Tensor | None = None,
                             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(per_token [B, T-1], counts [B])``: float32 log-probs of each completion token
         given what precedes it (0 elsewhere) and the number of completion tokens per row.
         Differentiable w.r.t. the model's parameters (hidden states and lm_head)."""
         targets = completion_targets(input_ids, completion_mask, attention_mask)
-        hidden = self.hidden_states(input_ids, attention_mask)[:, :-1]
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)[:, :-1]
         head = self.head()
         per_token = linear_logprobs(hidden, head.weight, targets, bias=head.bias,
                                     temperature=temperature, softcap=head.softcap,

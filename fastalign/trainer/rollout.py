@@ -1,0 +1,115 @@
+"""Rollouts for RL fine-tuning: sample completions of prompts from the policy with ``generate``
+and recompute the sampled tokens' log-probs through the fused ops (the "old" log-probs of PPO
+and GRPO), under the sampling temperature.
+
+Prompts are left-padded for generation and completions end at their first stop token (EOS by
+default; it is kept, what follows is padding). Training passes then see each row as
+``[left padding | prompt | completion | right padding]`` with ``position_ids`` that start at the
+first real token, so a recomputed log-prob is the one the token was sampled with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import CausalLMAdapter
+from .data import _ids
+
+
+@dataclass
+class Rollouts:
+    """``[R, T]`` rows (``R = len(prompts) * num_generations``, a prompt's generations next to
+    each other): token ids, attention / completion masks, position ids; ``old_logprobs``
+    ``[R, T-1]`` float32, the log-prob of token ``t+1`` at position ``t`` on completion tokens
+    (0 elsewhere); ``prompt_index`` ``[R]``; ``completions``, the decoded texts."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    position_ids: torch.Tensor
+    old_logprobs: torch.Tensor
+    prompt_index: torch.Tensor
+    completions: list[str]
+
+    def model_inputs(self) -> dict:
+        return dict(input_ids=self.input_ids, completion_mask=self.completion_mask,
+                    attention_mask=self.attention_mask, position_ids=self.position_ids)
+
+
+def _left_padded(rows: list[list[int]], pad_token_id: int):
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, length - len(row):] = torch.tensor(row)
+        attention_mask[index, length - len(row):] = 1
+    return input_ids, attention_mask
+
+
+def _stop_mask(completion: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """1 up to and including the first stop token of each row, 0 after it."""
+    is_stop = torch.isin(completion, torch.tensor(stop_ids, device=completion.device))
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()  # stops strictly before t
+    return (stops_before == 0).long()
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int = 1,
+                      max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
+                      stop_tokens: list[str] | None = None) -> Rollouts:
+    """Samples ``num_generations`` completions of each prompt (text, or chat messages rendered
+    with the generation prompt) and recomputes their log-probs with ``linear_logprobs``.
+
+    Raises:
+        ValueError: no prompts, a non-positive count or length, a temperature <= 0, a top_p
+            outside (0, 1], a tokenizer without a pad token, or a stop token that is not one
+            token of the vocabulary.
+    """
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if num_generations < 1 or max_new_tokens < 1:
+        raise ValueError(f"num_generations and max_new_tokens must be >= 1, got "
+                         f"{num_generations} and {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: set one first, e.g. "
+                         "tokenizer.pad_token = tokenizer.eos_token")
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in stop_tokens or []:
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"stop token {token!r} is {len(ids)} tokens; stop tokens must be "
+                             "single tokens of the vocabulary")
+        stop_ids.append(ids[0])
+    device = next(model.parameters()).device
+    prompt_rows = [_ids(tokenizer, prompt, generation_prompt=True) for prompt in prompts]
+    prompt_ids, prompt_mask = _left_padded(prompt_rows, tokenizer.pad_token_id)
+    prompt_ids = prompt_ids.repeat_interleave(num_generations, 0).to(device)
+    prompt_mask = prompt_mask.repeat_interleave(num_generations, 0).to(device)
+    was_training = model.training
+    model.eval()
+    sequences = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+        temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids or None, pad_token_id=tokenizer.pad_token_id)
+    completion = sequences[:, prompt_ids.shape[1]:]
+    completion_part = _stop_mask(completion, stop_ids) if stop_ids else torch.ones_like(completion)
+    input_ids = torch.cat([prompt_ids, completion.masked_fill(completion_part == 0,
+                                                              tokenizer.pad_token_id)], 1)
+    attention_mask = torch.cat([prompt_mask, completion_part], 1)
+    completion_mask = torch.cat([torch.zeros_like(prompt_mask), completion_part], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    old_logprobs, _ = CausalLMAdapter(model).completion_logprobs(
+        input_ids, completion_mask, attention_mask, position_ids=position_ids,
+        temperature=temperature)
+    model.train(was_training)
+    texts = tokenizer.batch_decode(
+        [row[mask.bool()] for row, mask in zip(completion, completion_part)],
+        skip_special_tokens=True)
+    index = torch.arange(len(prompts), device=device).repeat_interleave(num_generations)
+    return Rollouts(input_ids, attention_mask, completion_mask, position_ids, old_logprobs,
+                    index, texts)

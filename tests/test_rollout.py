@@ -1,0 +1,77 @@
+"""Rollouts: sampled completions and their recomputed ("old") log-probs."""
+
+import pytest
+import torch
+
+from fastalign.trainer import byte_tokenizer, tiny_llama
+from fastalign.trainer.rollout import generate_rollouts
+
+
+def model(kind="llama"):
+    """A tiny Llama (rotary, relative positions) or GPT-2 (learned absolute positions)."""
+    if kind == "gpt2":
+        import transformers
+        tokenizer = byte_tokenizer()
+        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    else:
+        m = tiny_llama(vocab_size=300, hidden_size=32, num_layers=2)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20.0)  # a peaked distribution: sampling hits EOS sometimes
+    return m
+
+
+@pytest.mark.parametrize("kind,temperature", [("llama", 1.0), ("llama", 0.7), ("gpt2", 0.7)])
+def test_old_logprobs_are_the_sampling_distribution(kind, temperature):
+    """The recomputed log-prob of every sampled token equals log_softmax(logits / T) of the
+    logits generate() sampled it from, on left-padded prompts of different lengths."""
+    torch.manual_seed(0)
+    policy, tokenizer = model(kind), byte_tokenizer()
+    prompts = ["Tell me about owls.", "Hi", [{"role": "user", "content": "Name a fruit."}]]
+    captured = []
+    original = policy.generate
+
+    def generate(**kwargs):  # the same call, asking generate for the logits it sampled from
+        out = original(**kwargs, output_logits=True, return_dict_in_generate=True)
+        captured.append(torch.stack(out.logits, 1))
+        return out.sequences
+    policy.generate = generate
+    rollouts = generate_rollouts(policy, tokenizer, prompts[:2], num_generations=3,
+                                 max_new_tokens=12, temperature=temperature)
+    logits = captured[0]  # [R, new tokens, V]
+    prompt_length = rollouts.input_ids.shape[1] - logits.shape[1]
+    tokens = rollouts.input_ids[:, prompt_length:]
+    expected = torch.log_softmax(logits.double() / temperature, -1).gather(
+        -1, tokens[..., None]).squeeze(-1)
+    mask = rollouts.completion_mask[:, prompt_length:].bool()
+    got = rollouts.old_logprobs[:, prompt_length - 1:]
+    assert mask.any()
+    torch.testing.assert_close(got[mask].double(), expected[mask], rtol=0, atol=1e-4)
+    assert (got[~mask] == 0).all()
+    assert rollouts.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(rollouts.completions) == 6
+
+
+def test_completions_stop_at_the_first_stop_token():
+    torch.manual_seed(1)
+    tokenizer = byte_tokenizer()
+    rollouts = generate_rollouts(model(), tokenizer, ["a", "bb"], num_generations=4,
+                                 max_new_tokens=16, stop_tokens=["."])
+    stops = {tokenizer.eos_token_id, tokenizer(".", add_special_tokens=False)["input_ids"][0]}
+    for row, mask in zip(rollouts.input_ids, rollouts.completion_mask):
+        kept = row[mask.bool()].tolist()
+        assert all(token not in stops for token in kept[:-1])  # only the last may be a stop
+        after = mask.nonzero().max() + 1 if mask.any() else len(mask)
+        assert (mask[after:] == 0).all()
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(num_generations=0), "num_generations and max_new_tokens must be >= 1"),
+    (dict(stop_tokens=["ab"]), "stop token 'ab' is 2 tokens"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        generate_rollouts(model(), byte_tokenizer(), ["x"], **options)
