@@ -88,6 +88,44 @@ class RewardConfig(TrainConfig):
     center_rewards_coefficient: float = 0.0
 
 
+GRPO_LOSS_TYPES = {  # loss_type -> policy_loss aggregation
+    "grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
+    "dr_grpo": "seq_mean_token_sum_norm"}
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO: ``batch_size`` prompts per step, ``num_generations`` completions each; advantages
+    are group-normalized rewards; ``num_iterations`` optimizer updates per batch of rollouts
+    (importance ratios against the rollouts' log-probs); ``beta`` > 0 adds the KL estimate to a
+    frozen reference. ``loss_type`` picks the aggregation: grpo (mean of sequence means), bnpo /
+    dapo (token mean), dr_grpo (sum over batch x max_new_tokens)."""
+    output_dir: str = "fastalign-grpo"
+    batch_size: int = 4
+    num_generations: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss_type: str = "grpo"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    num_iterations: int = 1
+    scale_rewards: str = "group"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("loss_type", self.loss_type, tuple(GRPO_LOSS_TYPES))
+        _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        for name in ("num_generations", "max_new_tokens", "num_iterations"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0 (0: no KL term), got {self.beta!r}")
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -56,7 +56,8 @@ class MetricsLog:
             axis.set_title(title)
             axis.set_xlabel("optimizer step")
             axis.grid(alpha=0.3)
-            axis.legend(fontsize=7)
+            if axis.lines:
+                axis.legend(fontsize=7)
         figure.tight_layout()
         path = self.path.with_name(PLOT_FILE)
         figure.savefig(path, dpi=110)

@@ -1,0 +1,138 @@
+"""GRPO (Shao et al. 2024, https://arxiv.org/abs/2402.03300) on the thin trainer layer: sample
+groups of completions per prompt, score them with Python reward functions, normalize rewards
+within each group into advantages, and take clipped policy-gradient steps whose log-probs come
+from ``linear_logprobs`` (no logits). No value model.
+
+    from fastalign.trainer import GRPOConfig, GRPOTrainer
+    def brevity(prompts, completions):
+        return [-len(c) / 100 for c in completions]
+    GRPOTrainer(model, tokenizer, GRPOConfig(num_generations=8), prompts, [brevity]).train()
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..losses import group_advantages, policy_loss
+from ._base import Trainer
+from .adapter import CausalLMAdapter
+from .config import GRPO_LOSS_TYPES, GRPOConfig
+from .rollout import Rollouts, generate_rollouts
+
+
+class GRPOTrainer(Trainer):
+    """Args:
+        model: the policy, a ``transformers`` causal LM (or PEFT model around one).
+        tokenizer: its tokenizer (a pad token is required).
+        config: a ``GRPOConfig``.
+        prompts: a list of prompts (text or chat messages).
+        reward_funcs: callables ``f(prompts, completions) -> list[float]`` (one reward per
+            completion; prompts repeated to match), summed with ``reward_weights``.
+        ref_model: the frozen reference for ``beta > 0`` (default: a copy of ``model``).
+    """
+
+    plot_panels = [("loss", ["loss"]), ("reward", ["reward", "reward_std"]),
+                   ("KL to the reference", ["kl"])]
+
+    def __init__(self, model, tokenizer, config: GRPOConfig | None, prompts: list,
+                 reward_funcs: list, *, reward_weights: list[float] | None = None,
+                 ref_model=None):
+        config = config or GRPOConfig()
+        if not prompts:
+            raise ValueError("prompts is empty")
+        if not reward_funcs or not all(callable(f) for f in reward_funcs):
+            raise ValueError("reward_funcs must be a non-empty list of callables "
+                             "f(prompts, completions) -> list of floats")
+        if reward_weights is not None and len(reward_weights) != len(reward_funcs):
+            raise ValueError(f"reward_weights has {len(reward_weights)} entries for "
+                             f"{len(reward_funcs)} reward functions")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token: set one first, e.g. "
+                             "tokenizer.pad_token = tokenizer.eos_token")
+        super().__init__(model, tokenizer, config, list(prompts))
+        self.reward_funcs = list(reward_funcs)
+        self.reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
+        self.policy = CausalLMAdapter(model)
+        self.reference = None
+        if config.beta > 0:
+            reference = ref_model if ref_model is not None else copy.deepcopy(model)
+            reference.eval().requires_grad_(False)
+            self.reference = CausalLMAdapter(reference)
+
+    def rewards(self, prompts: list, completions: list[str]) -> torch.Tensor:
+        """``[R]`` weighted sum of the reward functions; a wrong count or a non-finite value
+        is an error naming the function."""
+        total = torch.zeros(len(completions))
+        for function, weight in zip(self.reward_funcs, self.reward_weights):
+            values = torch.tensor([float(v) for v in function(prompts, completions)])
+            name = getattr(function, "__name__", repr(function))
+            if values.shape != total.shape or not torch.isfinite(values).all():
+                raise ValueError(f"reward function {name} must return one finite number per "
+                                 f"completion ({len(completions)}), got {values.tolist()[:8]}")
+            total += weight * values
+        return total
+
+    def rollout(self, prompts: list) -> tuple[Rollouts, torch.Tensor, torch.Tensor]:
+        """Rollouts of ``prompts``, their rewards ``[R]`` and group advantages ``[R]``."""
+        config = self.config
+        rollouts = generate_rollouts(self.model, self.tokenizer, prompts,
+                                     num_generations=config.num_generations,
+                                     max_new_tokens=config.max_new_tokens,
+                                     temperature=config.temperature, top_p=config.top_p)
+        repeated = [prompts[i] for i in rollouts.prompt_index.tolist()]
+        rewards = self.rewards(repeated, rollouts.completions)
+        advantages = group_advantages(rewards, config.num_generations, scale=config.scale_rewards)
+        return rollouts, rewards, advantages.to(self.device)
+
+    def reference_logprobs(self, rollouts: Rollouts) -> torch.Tensor | None:
+        if self.reference is None:
+            return None
+        with torch.no_grad():
+            return self.reference.completion_logprobs(
+                **rollouts.model_inputs(), temperature=self.config.temperature)[0]
+
+    def compute_loss(self, rollouts: Rollouts, advantages, ref_logprobs=None):
+        """The clipped surrogate (+ beta x KL) of the policy on recorded rollouts."""
+        config = self.config
+        logprobs, _ = self.policy.completion_logprobs(**rollouts.model_inputs(),
+                                                      temperature=config.temperature)
+        return policy_loss(logprobs, rollouts.old_logprobs, advantages,
+                           rollouts.completion_mask[:, 1:], clip_low=config.clip_low,
+                           clip_high=config.clip_high, ref_logprobs=ref_logprobs,
+                           kl_coef=config.beta, kl_estimator=config.kl_estimator,
+                           aggregation=GRPO_LOSS_TYPES[config.loss_type],
+                           max_length=config.max_new_tokens)
+
+    def training_step(self) -> dict:
+        """One batch of prompts: rollouts, rewards, advantages, then ``num_iterations``
+        optimizer updates on them. The LR schedule advances once per batch."""
+        self.model.train()
+        prompts = self._micro_batch(self.step)
+        rollouts, rewards, advantages = self.rollout(prompts)
+        ref_logprobs = self.reference_logprobs(rollouts)
+        for _ in range(self.config.num_iterations):
+            with self._autocast():
+                loss, metrics = self.compute_loss(rollouts, advantages, ref_logprobs)
+            loss.backward()
+            max_norm = self.config.max_grad_norm or math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        lengths = rollouts.completion_mask.sum(-1).float()
+        return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
+                "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                "completion_length": float(lengths.mean()), "grad_norm": grad_norm,
+                "learning_rate": learning_rate,
+                "epoch": self.step / self.micro_per_epoch}
+
+    def evaluate(self, pairs=None) -> dict:
+        return {}  # the training reward is GRPO's progress signal; no held-out set here
+
+    def progress_metrics(self, metrics):
+        return {"loss": f"{metrics['loss']:.4f}", "reward": f"{metrics['reward']:.3f}"}

@@ -1,0 +1,86 @@
+"""GRPOTrainer: the step loss on recorded rollouts against an unfused float64 reference, the
+reward rising on a rule a tiny model can learn, and bad reward functions."""
+
+import copy
+import json
+
+import pytest
+import torch
+from test_losses import policy_reference
+
+from fastalign.trainer import GRPOConfig, GRPOTrainer, byte_tokenizer, tiny_llama
+
+PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?"]
+
+
+def lowercase_share(prompts, completions):
+    """The share of a completion's characters that are lowercase letters (0 when empty)."""
+    return [sum(c.islower() for c in text) / max(len(text), 1) for text in completions]
+
+
+def small_model(seed=0):
+    return tiny_llama(vocab_size=300, hidden_size=32, num_layers=2, seed=seed)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_step_loss_matches_an_unfused_float64_reference(tmp_path, loss_type):
+    torch.manual_seed(0)
+    policy, reference = small_model(0), small_model(1)
+    config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=4,
+                        max_new_tokens=10, temperature=0.8, beta=0.1, clip_high=0.28,
+                        loss_type=loss_type, progress=False)
+    trainer = GRPOTrainer(policy, byte_tokenizer(), config, PROMPTS[:2], [lowercase_share],
+                          ref_model=reference)
+    rollouts, rewards, advantages = trainer.rollout(PROMPTS[:2])
+    ref_logprobs = trainer.reference_logprobs(rollouts)
+    with torch.no_grad():  # the policy moved since the rollouts: ratios != 1, some clipped
+        for parameter in policy.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    loss, _ = trainer.compute_loss(rollouts, advantages, ref_logprobs)
+    loss.backward()
+
+    def logprobs64(model):
+        exact = copy.deepcopy(model).double()
+        hidden = exact.model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
+                             position_ids=rollouts.position_ids).last_hidden_state
+        logprobs = torch.log_softmax(exact.lm_head(hidden)[:, :-1] / 0.8, -1)
+        return exact, logprobs.gather(-1, rollouts.input_ids[:, 1:, None]).squeeze(-1)
+
+    exact_policy, lp = logprobs64(policy)
+    with torch.no_grad():
+        _, ref = logprobs64(reference)
+    mask = rollouts.completion_mask[:, 1:].double()
+    aggregation = {"grpo": "seq_mean_token_mean", "dapo": "token_mean",
+                   "dr_grpo": "seq_mean_token_sum_norm"}[loss_type]
+    expected = policy_reference(lp * mask, rollouts.old_logprobs.double(), advantages.double(),
+                                mask, 0.2, 0.28, None, ref * mask, 0.1, "k3", "token",
+                                aggregation, 10)
+    expected.backward()
+    assert rewards.std() > 0 and mask.sum() > 0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(policy.lm_head.weight.grad.double(),
+                               exact_policy.lm_head.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_reward_rises(tmp_path):
+    """Lowercase letters are 26 of 300 tokens: GRPO makes the policy prefer them."""
+    torch.manual_seed(0)
+    config = GRPOConfig(output_dir=str(tmp_path), batch_size=4, num_generations=8,
+                        max_new_tokens=12, learning_rate=1e-2, max_steps=30, progress=False)
+    trainer = GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, [lowercase_share])
+    trainer.train()
+    rewards = [json.loads(line)["reward"] for line in open(tmp_path / "metrics.jsonl")]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.2, (first, last)
+    print(f"reward first 5 steps {first:.3f}, last 5 {last:.3f}")
+
+
+def test_bad_reward_functions(tmp_path):
+    config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=2,
+                        max_new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="reward_funcs must be a non-empty list"):
+        GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, [])
+    trainer = GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS,
+                          [lambda prompts, completions: [float("nan")] * len(completions)])
+    with pytest.raises(ValueError, match="must return one finite number per completion"):
+        trainer.training_step()
