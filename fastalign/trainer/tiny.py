@@ -16,7 +16,7 @@ LLAMA3_VOCAB = 128256
 def tiny_llama(*, vocab_size: int = LLAMA3_VOCAB, hidden_size: int = 128, num_layers: int = 2,
                num_heads: int = 4, max_positions: int = 1024, seed: int = 0):
     """A randomly initialised ``LlamaForCausalLM``: tied embeddings (as Llama-3.2-1B), grouped
-    KV heads, ``vocab_size`` rows (the byte tokenizer uses the first 263; the rest are real
+    KV heads, ``vocab_size`` rows (the byte tokenizer uses the first 262; the rest are real
     vocabulary the fused ops walk, as in a pretrained model's unused tokens)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
