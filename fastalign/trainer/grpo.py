@@ -20,7 +20,7 @@ from ..losses import group_advantages, policy_loss
 from ._base import Trainer
 from .adapter import CausalLMAdapter
 from .config import GRPO_LOSS_TYPES, GRPOConfig
-from .rollout import Rollouts, generate_rollouts
+from .rollout import Rollouts, generate_rollouts, score_completions
 
 
 class GRPOTrainer(Trainer):
@@ -63,17 +63,8 @@ class GRPOTrainer(Trainer):
             self.reference = CausalLMAdapter(reference)
 
     def rewards(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        """``[R]`` weighted sum of the reward functions; a wrong count or a non-finite value
-        is an error naming the function."""
-        total = torch.zeros(len(completions))
-        for function, weight in zip(self.reward_funcs, self.reward_weights):
-            values = torch.tensor([float(v) for v in function(prompts, completions)])
-            name = getattr(function, "__name__", repr(function))
-            if values.shape != total.shape or not torch.isfinite(values).all():
-                raise ValueError(f"reward function {name} must return one finite number per "
-                                 f"completion ({len(completions)}), got {values.tolist()[:8]}")
-            total += weight * values
-        return total
+        """``[R]`` weighted sum of the reward functions (see ``score_completions``)."""
+        return score_completions(self.reward_funcs, prompts, completions, self.reward_weights)
 
     def rollout(self, prompts: list) -> tuple[Rollouts, torch.Tensor, torch.Tensor]:
         """Rollouts of ``prompts``, their rewards ``[R]`` and group advantages ``[R]``."""

@@ -113,3 +113,18 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     index = torch.arange(len(prompts), device=device).repeat_interleave(num_generations)
     return Rollouts(input_ids, attention_mask, completion_mask, position_ids, old_logprobs,
                     index, texts)
+
+
+def score_completions(reward_funcs: list, prompts: list, completions: list[str],
+                      weights: list[float] | None = None) -> torch.Tensor:
+    """``[len(completions)]`` weighted sum of ``f(prompts, completions) -> list[float]`` over
+    ``reward_funcs``; a wrong count or a non-finite value is an error naming the function."""
+    total = torch.zeros(len(completions))
+    for function, weight in zip(reward_funcs, weights or [1.0] * len(reward_funcs)):
+        values = torch.tensor([float(v) for v in function(prompts, completions)])
+        name = getattr(function, "__name__", repr(function))
+        if values.shape != total.shape or not torch.isfinite(values).all():
+            raise ValueError(f"reward function {name} must return one finite number per "
+                             f"completion ({len(completions)}), got {values.tolist()[:8]}")
+        total += weight * values
+    return total
