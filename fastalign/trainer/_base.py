@@ -35,7 +35,8 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if not self.parameters:
-            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+            raise ValueError("the model has no trainable parameters "
+                             "(requires_grad=False everywhere)")
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.micro_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
@@ -93,6 +94,7 @@ class Trainer:
         accumulation = self.config.gradient_accumulation_steps
         batches = [self._micro_batch(self.step * accumulation + j) for j in range(accumulation)]
         total = sum(len(pairs) for pairs in batches)
+        # Tensors until the end of the step: one device sync, not one per metric and micro-batch.
         sums = defaultdict(float)
         for pairs in batches:
             weight = len(pairs) / total
@@ -100,16 +102,17 @@ class Trainer:
                 loss, metrics = self.compute_loss(self.collate(pairs))
             (loss * weight).backward()
             for name, value in {"loss": loss.detach(), **metrics}.items():
-                sums[name] += float(value) * weight
+                sums[name] = sums[name] + value * weight
         max_norm = self.config.max_grad_norm or float("inf")
-        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
+        sums = {name: float(value) for name, value in sums.items()}
         sums["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         sums["epoch"] = self.step * accumulation / self.micro_per_epoch
-        return dict(sums)
+        return sums
 
     @torch.no_grad()
     def evaluate(self, pairs: list | None = None) -> dict:
@@ -126,9 +129,9 @@ class Trainer:
             with self._autocast():
                 loss, metrics = self.compute_loss(self.collate(chunk))
             for name, value in {"loss": loss, **metrics}.items():
-                sums[name] += float(value) * len(chunk) / len(pairs)
+                sums[name] = sums[name] + value * (len(chunk) / len(pairs))
         self.model.train(was_training)
-        return {f"eval_{name}": value for name, value in sums.items()}
+        return {f"eval_{name}": float(value) for name, value in sums.items()}
 
     def train(self, resume_from: str | os.PathLike | None = None) -> dict:
         """Runs to ``total_steps`` and saves the final model in ``output_dir``; returns the last

@@ -24,7 +24,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or from a different run set-up."""
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, state: dict) -> Path:
+def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer,
+                    state: dict) -> Path:
     """Writes ``output_dir/checkpoint-{step}`` and returns its path."""
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"

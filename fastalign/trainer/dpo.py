@@ -17,7 +17,7 @@ import torch
 
 from ..losses import dpo_loss
 from ._base import Trainer, _digest
-from .adapter import CausalLMAdapter
+from .adapter import IGNORE_INDEX, CausalLMAdapter, completion_targets
 from .config import DPOConfig
 from .data import collate_pairs, load_preferences, tokenize_pairs
 
@@ -45,7 +45,8 @@ class DPOTrainer(Trainer):
         if train_data is None:
             raise ValueError("train_data is required: a .jsonl path, a datasets.Dataset or a "
                              "list of prompt/chosen/rejected rows")
-        train = tokenize_pairs(load_preferences(train_data), tokenizer, max_length=config.max_length)
+        train = tokenize_pairs(load_preferences(train_data), tokenizer,
+                               max_length=config.max_length)
         held_out = (tokenize_pairs(load_preferences(eval_data), tokenizer,
                                    max_length=config.max_length) if eval_data is not None else [])
         super().__init__(model, tokenizer, config, _indexed(train), _indexed(held_out, "eval"))
@@ -127,7 +128,9 @@ class DPOTrainer(Trainer):
         in ``output_dir/reference_logps.pt`` under a fingerprint of the data and the initial
         weights: computed once, and read back by a resumed run (whose model has moved on)."""
         path = self.output_dir / REFERENCE_CACHE
-        weights = [float(p.double().sum()) for p in self.model.parameters()]
+        # float64 sums without a float64 copy of the weights, one sync for all of them
+        weights = torch.stack([p.detach().sum(dtype=torch.float64)
+                               for p in self.model.parameters()]).tolist()
         data = _digest(([pair for _, pair in self.train_pairs + self.eval_pairs], weights))
         if path.is_file():
             cached = torch.load(path, map_location="cpu", weights_only=True)
@@ -166,5 +169,6 @@ def _frozen(model):
 def _completion_counts(side: dict) -> torch.Tensor:
     """Completion tokens per row that are predicted (every completion token but a first one at
     position 0, which nothing precedes)."""
-    mask = side["completion_mask"][:, 1:].bool() & side["attention_mask"][:, 1:].bool()
-    return mask.sum(-1)
+    targets = completion_targets(side["input_ids"], side["completion_mask"],
+                                 side["attention_mask"])
+    return (targets != IGNORE_INDEX).sum(-1)

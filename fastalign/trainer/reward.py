@@ -18,7 +18,7 @@ import torch
 from ..losses import reward_loss
 from ._base import Trainer
 from .config import RewardConfig
-from .data import load_preferences, tokenize_pairs
+from .data import _pad, load_preferences, tokenize_pairs
 
 
 class RewardTrainer(Trainer):
@@ -50,18 +50,14 @@ class RewardTrainer(Trainer):
         super().__init__(model, tokenizer, config, splits[0], splits[1] if len(splits) > 1 else [])
 
     def collate(self, items):
-        rows = ([pair.prompt + pair.chosen for pair, _ in items]
-                + [pair.prompt + pair.rejected for pair, _ in items])
-        length = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, :len(row)] = torch.tensor(row)
-            attention_mask[index, :len(row)] = 1
+        batch = _pad([(pair.prompt, pair.chosen) for pair, _ in items]
+                     + [(pair.prompt, pair.rejected) for pair, _ in items],
+                     self.tokenizer.pad_token_id)
         margins = [margin for _, margin in items]
         margin = (torch.tensor(margins, dtype=torch.float32, device=self.device)
                   if any(m is not None for m in margins) else None)
-        return input_ids.to(self.device), attention_mask.to(self.device), margin
+        return (batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                margin)
 
     def compute_loss(self, batch):
         input_ids, attention_mask, margin = batch
