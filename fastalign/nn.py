@@ -88,13 +88,15 @@ class FusedPolicyLoss(torch.nn.Module):
     ``advantages [B, T]`` or ``[B]``; ``old_logprobs=None`` means on-policy (ratio 1,
     detached). Returns ``policy_loss``'s ``(loss, metrics)`` plus ``entropy``: the token mean
     of the policy's entropy, from the same pass over the vocabulary (not differentiated).
+    ``softcap`` (Gemma-2's ``final_logit_softcapping``) caps the logits as ``linear_logprobs``.
     """
 
     def __init__(self, clip_low: float = 0.2, clip_high: float | None = None,
                  dual_clip: float | None = None, kl_coef: float = 0.0,
                  kl_estimator: str = "k3", level: str = "token",
                  aggregation: str = "token_mean", max_length: int | None = None,
-                 temperature: float = 1.0, ignore_index: int = -100):
+                 temperature: float = 1.0, ignore_index: int = -100,
+                 softcap: float | None = None):
         super().__init__()
         check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
         check_choice("level", level, LEVELS)
@@ -103,11 +105,12 @@ class FusedPolicyLoss(torch.nn.Module):
                             kl_coef=kl_coef, kl_estimator=kl_estimator, level=level,
                             aggregation=aggregation, max_length=max_length)
         self.temperature, self.ignore_index = temperature, ignore_index
+        self.softcap = softcap
 
     def forward(self, hidden, weight, targets, advantages, *, bias=None, old_logprobs=None,
                 ref_logprobs=None):
         logprobs, entropy = linear_logprobs(hidden, weight, targets, bias=bias,
-                                            temperature=self.temperature,
+                                            temperature=self.temperature, softcap=self.softcap,
                                             ignore_index=self.ignore_index, return_entropy=True)
         mask = targets != self.ignore_index
         loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask,

@@ -1,23 +1,24 @@
 """The thin trainer layer: runs Hugging Face causal LMs through fastalign's fused ops.
 
 ``CausalLMAdapter`` turns a model into completion-token log-probs without materializing logits;
-``DPOTrainer``, ``RewardTrainer`` and ``GRPOTrainer`` train with them, ``best_of_n`` samples
-and keeps the best; ``tiny_llama`` and ``byte_tokenizer`` are
-the built-in default model (no downloads)."""
+``DPOTrainer``, ``RewardTrainer``, ``PPOTrainer`` and ``GRPOTrainer`` train with them,
+``best_of_n`` samples and keeps the best; ``tiny_llama`` and ``byte_tokenizer`` are the built-in
+default model (no downloads)."""
 
 from .adapter import CausalLMAdapter, completion_targets
 from .best_of_n import BestOfN, best_of_n
 from .checkpoint import CheckpointError
-from .config import DPOConfig, GRPOConfig, RewardConfig, TrainConfig
+from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, TrainConfig
 from .data import DataError, load_preferences, tokenize_pairs
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
+from .ppo import PPOTrainer
 from .reward import RewardTrainer, tiny_reward_model
 from .tiny import load_model_and_tokenizer, tiny_llama
 from .tokenizer import byte_tokenizer
 
 __all__ = ["BestOfN", "CausalLMAdapter", "CheckpointError", "DPOConfig", "DPOTrainer",
-           "DataError", "GRPOConfig", "GRPOTrainer", "RewardConfig", "RewardTrainer",
+           "DataError", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer",
            "TrainConfig", "best_of_n", "byte_tokenizer", "completion_targets",
            "load_model_and_tokenizer", "load_preferences", "tiny_llama", "tiny_reward_model",
            "tokenize_pairs"]

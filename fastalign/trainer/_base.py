@@ -33,7 +33,8 @@ class Trainer:
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
         self.output_dir = _writable_dir(config.output_dir)
         self.device = next(model.parameters()).device
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.parameters = [p for module in self.trained_modules() for p in module.parameters()
+                           if p.requires_grad]
         if not self.parameters:
             raise ValueError("the model has no trainable parameters "
                              "(requires_grad=False everywhere)")
@@ -51,6 +52,18 @@ class Trainer:
 
     def compute_loss(self, batch) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        """What the optimizer trains: the model, and e.g. PPO's value head. Their state beyond
+        the model's goes into checkpoints through ``extra_state``."""
+        return [self.model]
+
+    def extra_state(self) -> dict:
+        """Trained state outside the model, saved in checkpoints (e.g. a value head)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
 
     def setup(self) -> dict:
         """What a resumed checkpoint must match: model shapes, data, batching."""
@@ -156,18 +169,22 @@ class Trainer:
                 bar.update(1)
                 if self.config.save_steps and (self.step % self.config.save_steps == 0 or done):
                     self.save_checkpoint()
-        self.model.save_pretrained(self.output_dir, safe_serialization=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(self.output_dir)
+        self.save_model(self.output_dir)
         log.plot(self.plot_panels)
         return last
+
+    def save_model(self, directory: Path) -> None:
+        """The trained model (and tokenizer) in ``directory``, loadable with ``from_pretrained``."""
+        self.model.save_pretrained(directory, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
 
     def progress_metrics(self, metrics: dict) -> dict:
         return {"loss": f"{metrics['loss']:.4f}"}
 
     def save_checkpoint(self) -> Path:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "setup": self.setup()}
+                 "setup": self.setup(), "extra": self.extra_state()}
         return save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, state)
 
     def resume(self, path: str | os.PathLike) -> None:
@@ -183,6 +200,7 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.setup())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.load_extra_state(state.get("extra", {}))
         self.step = state["step"]
 
 

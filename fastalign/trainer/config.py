@@ -126,6 +126,51 @@ class GRPOConfig(TrainConfig):
             raise ValueError(f"beta must be >= 0 (0: no KL term), got {self.beta!r}")
 
 
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO with a learned reward model (Ouyang et al. 2022): ``batch_size`` prompts are rolled
+    out per step (one completion each); per-token rewards are ``-kl_coef`` x the KL estimate to
+    the reference plus the reward model's score on the last completion token; GAE (``gamma``,
+    ``lam``) and whitened advantages; then ``ppo_epochs`` passes over the rollouts in
+    ``mini_batch_size`` rows, each an optimizer update of the clipped policy loss plus
+    ``vf_coef`` x the clipped value loss. ``missing_eos_penalty`` (when set) is subtracted from
+    the score of completions cut at ``max_new_tokens`` without a stop token."""
+    output_dir: str = "fastalign-ppo"
+    batch_size: int = 8
+    mini_batch_size: int = 4
+    ppo_epochs: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        for name in ("mini_batch_size", "ppo_epochs", "max_new_tokens"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.mini_batch_size > self.batch_size:
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size "
+                             f"({self.batch_size}), the rollouts of one step")
+        if self.kl_coef < 0 or self.vf_coef < 0:
+            raise ValueError("kl_coef and vf_coef must be >= 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma!r} and "
+                             f"{self.lam!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

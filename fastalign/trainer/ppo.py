@@ -1,0 +1,248 @@
+"""PPO with a learned reward model (stage two of RLHF, Ouyang et al. 2022,
+https://arxiv.org/abs/2203.02155) on the thin trainer layer, with the four models of the recipe:
+
+- the **policy** (trained), whose log-probs and entropy come from ``FusedPolicyLoss`` (no
+  logits);
+- the **reference** (frozen): per-token rewards carry ``-kl_coef`` x a KL estimate to it;
+- the **reward model** (frozen, e.g. from ``RewardTrainer``): scores each finished completion;
+- the **value model** (trained jointly): a value head on the policy's backbone (the default,
+  one forward pass for both) or a separate sequence-classification model.
+
+    from fastalign.trainer import PPOConfig, PPOTrainer
+    PPOTrainer(policy, tokenizer, PPOConfig(), prompts, reward_model).train()
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ..losses import gae, kl_estimate, value_loss
+from ..losses._reduce import masked_mean
+from ..nn import FusedPolicyLoss
+from ._base import Trainer
+from .adapter import IGNORE_INDEX, CausalLMAdapter, completion_targets
+from .best_of_n import score_with_reward_model
+from .config import PPOConfig
+from .rollout import Rollouts, generate_rollouts
+
+VALUE_HEAD_FILE = "value_head.pt"
+
+
+@dataclass
+class Experience:
+    """One step's rollouts and everything PPO derives from them before updating, all
+    ``[R, T-1]`` over next-token positions (``mask`` = a completion token follows) but
+    ``scores`` ``[R]``."""
+    rollouts: Rollouts
+    targets: torch.Tensor
+    mask: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+class PPOTrainer(Trainer):
+    """Args:
+        model: the policy, a ``transformers`` causal LM (or PEFT model around one).
+        tokenizer: its tokenizer (a pad token is required).
+        config: a ``PPOConfig``.
+        prompts: a list of prompts (text or chat messages).
+        reward_model: a sequence-classification model with one output (frozen here).
+        reward_tokenizer: the reward model's tokenizer (default: ``tokenizer``); completions
+            are re-tokenized with it, so the two models may have different vocabularies.
+        ref_model: the frozen reference (default: a copy of ``model``).
+        value_model: a sequence-classification model whose ``score`` head gives a value per
+            token (trained jointly), or None (default) for a value head on the policy's backbone.
+    """
+
+    plot_panels = [("reward model score", ["score"]), ("KL to the reference", ["kl"]),
+                   ("losses", ["policy_loss", "value_loss"]),
+                   ("value fit", ["explained_variance"])]
+
+    def __init__(self, model, tokenizer, config: PPOConfig | None, prompts: list, reward_model,
+                 *, reward_tokenizer=None, ref_model=None, value_model=None):
+        config = config or PPOConfig()
+        if not prompts:
+            raise ValueError("prompts is empty")
+        if getattr(getattr(reward_model, "config", None), "num_labels", None) != 1:
+            raise ValueError("reward_model must be a sequence-classification model with one "
+                             "output (num_labels=1), e.g. trained by RewardTrainer")
+        if value_model is not None and not hasattr(value_model, "score"):
+            raise TypeError(f"value_model ({type(value_model).__name__}) has no `score` head: "
+                            "pass a *ForSequenceClassification model, or None for a value head "
+                            "on the policy")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token: set one first, e.g. "
+                             "tokenizer.pad_token = tokenizer.eos_token")
+        self.policy = CausalLMAdapter(model)
+        device = next(model.parameters()).device
+        if value_model is None:  # zero-initialized: values start at 0, the mean return early on
+            hidden_size = self.policy.lm_head.weight.shape[1]
+            self.value_module = torch.nn.Linear(hidden_size, 1, device=device)
+            torch.nn.init.zeros_(self.value_module.weight)
+            torch.nn.init.zeros_(self.value_module.bias)
+        else:
+            self.value_module = value_model
+        super().__init__(model, tokenizer, config, list(prompts))
+        self.shared_value_head = value_model is None
+        self.reward_model = reward_model.eval().requires_grad_(False)
+        self.reward_tokenizer = reward_tokenizer or tokenizer
+        reference = ref_model if ref_model is not None else copy.deepcopy(model)
+        self.reference = CausalLMAdapter(reference.eval().requires_grad_(False))
+        self.policy_loss = FusedPolicyLoss(
+            clip_low=config.clip_low, clip_high=config.clip_high, aggregation="token_mean",
+            temperature=config.temperature, softcap=self.policy.softcap,
+            ignore_index=IGNORE_INDEX)
+
+    def trained_modules(self):
+        return [self.model, self.value_module]
+
+    def extra_state(self):
+        return {"value": self.value_module.state_dict()}
+
+    def load_extra_state(self, state):
+        self.value_module.load_state_dict(state["value"])
+
+    def save_model(self, directory):
+        super().save_model(directory)
+        if self.shared_value_head:
+            torch.save(self.value_module.state_dict(), directory / VALUE_HEAD_FILE)
+        else:
+            self.value_module.save_pretrained(directory / "value_model", safe_serialization=True)
+
+    # -- values -------------------------------------------------------------------------------
+    def values(self, inputs: dict, policy_hidden: torch.Tensor) -> torch.Tensor:
+        """``[R, T-1]`` float32 value of each position (the state before the next token)."""
+        if self.shared_value_head:
+            head = self.value_module
+            return head(policy_hidden.to(head.weight.dtype)).squeeze(-1).float()
+        hidden = self.value_module.base_model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"], use_cache=False).last_hidden_state
+        return self.value_module.score(hidden[:, :-1]).squeeze(-1).float()
+
+    # -- experience ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: list) -> Experience:
+        """Samples one completion per prompt and computes scores, per-token rewards, values,
+        GAE advantages (whitened) and returns."""
+        config = self.config
+        rollouts = generate_rollouts(self.model, self.tokenizer, prompts,
+                                     max_new_tokens=config.max_new_tokens,
+                                     temperature=config.temperature, top_p=config.top_p)
+        inputs = rollouts.model_inputs()
+        targets = completion_targets(rollouts.input_ids, rollouts.completion_mask,
+                                     rollouts.attention_mask)
+        mask = (targets != IGNORE_INDEX).float()
+        scores = score_with_reward_model(self.reward_model, self.reward_tokenizer, prompts,
+                                         rollouts.completions).to(self.device)
+        if config.missing_eos_penalty is not None:
+            stopped = ((rollouts.input_ids == self.tokenizer.eos_token_id)
+                       & rollouts.completion_mask.bool()).any(-1)
+            scores = scores - config.missing_eos_penalty * (~stopped).float()
+        ref_logprobs, _ = self.reference.completion_logprobs(**inputs,
+                                                             temperature=config.temperature)
+        hidden = self.policy.hidden_states(rollouts.input_ids, rollouts.attention_mask,
+                                           rollouts.position_ids)[:, :-1]
+        values = self.values(inputs, hidden) * mask
+        kl = kl_estimate(rollouts.old_logprobs, ref_logprobs, config.kl_estimator) * mask
+        rewards = -config.kl_coef * kl
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+        rewards[torch.arange(len(prompts), device=mask.device), last] += scores
+        if config.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
+        return Experience(rollouts, targets, mask, ref_logprobs, values, scores, rewards,
+                          whiten(advantages, mask), returns)
+
+    # -- the update ---------------------------------------------------------------------------
+    def compute_loss(self, experience: Experience, rows: torch.Tensor):
+        """Clipped policy loss + ``vf_coef`` x clipped value loss on ``rows`` of the rollouts."""
+        config = self.config
+        inputs = {name: value[rows] for name, value in experience.rollouts.model_inputs().items()}
+        hidden = self.policy.hidden_states(inputs["input_ids"], inputs["attention_mask"],
+                                           inputs["position_ids"])[:, :-1]
+        head = self.policy.head()
+        loss, metrics = self.policy_loss(
+            hidden, head.weight, experience.targets[rows], experience.advantages[rows],
+            bias=head.bias, old_logprobs=experience.rollouts.old_logprobs[rows])
+        values = self.values(inputs, hidden)
+        v_loss, v_metrics = value_loss(values, experience.values[rows], experience.returns[rows],
+                                       experience.mask[rows], clip=config.value_clip)
+        metrics = {"policy_loss": loss.detach(), "value_loss": v_loss.detach(),
+                   "value_clip_fraction": v_metrics["clip_fraction"], **metrics}
+        return loss + config.vf_coef * v_loss, metrics
+
+    def training_step(self) -> dict:
+        """One batch of prompts: rollouts, then ``ppo_epochs`` shuffled passes of
+        ``mini_batch_size`` rows, one optimizer update each. The LR schedule advances once."""
+        config = self.config
+        self.model.train()
+        experience = self.rollout(self._micro_batch(self.step))
+        rows_total = experience.mask.shape[0]
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
+        sums, updates = defaultdict(float), 0
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(rows_total, generator=generator).to(self.device)
+            for start in range(0, rows_total, config.mini_batch_size):
+                with self._autocast():
+                    loss, metrics = self.compute_loss(
+                        experience, order[start:start + config.mini_batch_size])
+                loss.backward()
+                max_norm = config.max_grad_norm or math.inf
+                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for name, value in {"loss": loss.detach(), **metrics}.items():
+                    sums[name] = sums[name] + value
+                updates += 1
+        logged = {name: float(value) / updates for name, value in sums.items()}
+        logged.update({name: float(value) for name, value in self.experience_metrics(
+            experience).items()})
+        logged["learning_rate"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        logged["epoch"] = self.step / self.micro_per_epoch
+        return logged
+
+    def experience_metrics(self, experience: Experience) -> dict:
+        """What the rollouts say before the update: reward-model score, KL to the reference
+        (the sequence sum of the estimate), the total reward, how well values fit returns."""
+        mask = experience.mask
+        kl = (kl_estimate(experience.rollouts.old_logprobs, experience.ref_logprobs,
+                          self.config.kl_estimator) * mask).sum(-1)
+        residual = (experience.returns - experience.values) * mask
+        explained = 1 - _masked_var(residual, mask) / _masked_var(experience.returns, mask).clamp(
+            min=1e-8)
+        return {"score": experience.scores.mean(), "kl": kl.mean(),
+                "reward": (experience.scores - self.config.kl_coef * kl).mean(),
+                "explained_variance": explained,
+                "completion_length": mask.sum(-1).mean()}
+
+    def evaluate(self, pairs=None) -> dict:
+        return {}  # the reward-model score of the rollouts is the progress signal
+
+    def progress_metrics(self, metrics):
+        return {"score": f"{metrics['score']:.3f}", "kl": f"{metrics['kl']:.3f}"}
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+    """``values`` normalized to mean 0 (kept when ``shift_mean`` is False) and variance 1 over
+    ``mask``; 0 outside it."""
+    mean = masked_mean(values, mask)
+    whitened = (values - mean) * torch.rsqrt(_masked_var(values, mask) + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def _masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return masked_mean((values - masked_mean(values, mask)).square(), mask)

@@ -1,0 +1,179 @@
+"""PPOTrainer: every piece of a step (reference log-probs, scores, per-token rewards, values,
+GAE, whitening, the policy + value loss and its gradients) against an unfused float64
+reference on recorded rollouts; the score rising; resume; bad input."""
+
+import copy
+import json
+
+import pytest
+import torch
+from test_losses import policy_reference
+
+from fastalign.trainer import PPOConfig, PPOTrainer, byte_tokenizer, tiny_llama, tiny_reward_model
+
+PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?"]
+
+
+def small_model(seed=0):
+    return tiny_llama(vocab_size=300, hidden_size=32, num_layers=2, seed=seed)
+
+
+def small_reward_model(seed=2):
+    return tiny_reward_model(vocab_size=300, hidden_size=32, seed=seed)
+
+
+class LowercaseReward(torch.nn.Module):
+    """A stand-in reward model with a learnable rule: the share of a sequence's tokens that are
+    lowercase ASCII letters (the byte tokenizer maps them to their byte values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"num_labels": 1})()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+
+    def forward(self, input_ids, attention_mask):
+        lower = ((input_ids >= ord("a")) & (input_ids <= ord("z"))).float() * attention_mask
+        share = lower.sum(-1) / attention_mask.sum(-1)
+        return type("Output", (), {"logits": share[:, None]})()
+
+
+def _naive_logprobs(model, rollouts, temperature):
+    hidden = model.model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
+                         position_ids=rollouts.position_ids).last_hidden_state
+    logprobs = torch.log_softmax(model.lm_head(hidden)[:, :-1] / temperature, -1)
+    return hidden[:, :-1], logprobs.gather(-1, rollouts.input_ids[:, 1:, None]).squeeze(-1)
+
+
+def _naive_values(trainer, value_module, rollouts, policy_hidden):
+    if trainer.shared_value_head:
+        return value_module(policy_hidden).squeeze(-1)
+    hidden = value_module.model(input_ids=rollouts.input_ids,
+                                attention_mask=rollouts.attention_mask,
+                                position_ids=rollouts.position_ids).last_hidden_state
+    return value_module.score(hidden[:, :-1]).squeeze(-1)
+
+
+def _naive_advantages(rewards, values, mask, gamma, lam):
+    """GAE by its definition, one row and token at a time, then whitening over the mask."""
+    advantages = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        positions = [t for t in range(rewards.shape[1]) if mask[b, t]]
+        running = 0.0
+        for i in reversed(range(len(positions))):
+            t = positions[i]
+            next_value = values[b, positions[i + 1]] if i + 1 < len(positions) else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            running = delta + gamma * lam * running
+            advantages[b, t] = running
+    returns = advantages + values * mask
+    chosen = advantages[mask.bool()]
+    whitened = (advantages - chosen.mean()) / chosen.var(unbiased=False).add(1e-8).sqrt()
+    return whitened * mask, returns
+
+
+def _perturb(*modules, scale):
+    with torch.no_grad():
+        for module in modules:
+            for parameter in module.parameters():
+                parameter.add_(torch.randn_like(parameter) * scale)
+
+
+@pytest.mark.parametrize("value_kind", ["head", "model"])
+def test_step_matches_an_unfused_float64_reference(tmp_path, value_kind):
+    torch.manual_seed(0)
+    policy, reference, reward_model = small_model(0), small_model(1), small_reward_model()
+    value_model = None if value_kind == "head" else small_reward_model(seed=3)
+    config = PPOConfig(output_dir=str(tmp_path), batch_size=4, mini_batch_size=2,
+                       max_new_tokens=8, temperature=0.8, kl_coef=0.1, clip_high=0.28,
+                       vf_coef=0.5, value_clip=0.05, gamma=0.9, lam=0.8, progress=False)
+    trainer = PPOTrainer(policy, byte_tokenizer(), config, PROMPTS, reward_model,
+                         ref_model=reference, value_model=value_model)
+    _perturb(trainer.value_module, scale=0.3)  # old values != 0
+    experience = trainer.rollout(PROMPTS)
+    rollouts, mask = experience.rollouts, experience.mask.double()
+
+    exact_policy = copy.deepcopy(policy).double()
+    exact_values = copy.deepcopy(trainer.value_module).double()
+    with torch.no_grad():
+        policy_hidden, old = _naive_logprobs(exact_policy, rollouts, 0.8)
+        _, ref = _naive_logprobs(copy.deepcopy(reference).double(), rollouts, 0.8)
+        values = _naive_values(trainer, exact_values, rollouts, policy_hidden) * mask
+        scores = []
+        for prompt, completion in zip(PROMPTS, rollouts.completions):  # one row, no padding
+            ids = torch.tensor([list(prompt.encode()) + list(completion.encode())])
+            scores.append(copy.deepcopy(reward_model).double()(input_ids=ids).logits[0, 0])
+    scores = torch.stack(scores)
+    torch.testing.assert_close(experience.ref_logprobs.double(), ref * mask, rtol=0, atol=1e-5)
+    torch.testing.assert_close(experience.scores.double(), scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(experience.values.double(), values, rtol=1e-4, atol=1e-5)
+    rewards = -0.1 * (experience.rollouts.old_logprobs.double() - ref) * mask
+    for b in range(4):
+        rewards[b, int(mask[b].nonzero().max())] += scores[b]
+    torch.testing.assert_close(experience.rewards.double(), rewards, rtol=1e-5, atol=1e-5)
+    advantages, returns = _naive_advantages(rewards, values, mask, 0.9, 0.8)
+    torch.testing.assert_close(experience.advantages.double(), advantages, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(experience.returns.double(), returns, rtol=1e-5, atol=1e-5)
+
+    # The models moved since the rollouts: ratios != 1 and some values clipped.
+    _perturb(policy, trainer.value_module, scale=0.05)
+    exact_policy = copy.deepcopy(policy).double()
+    exact_values = copy.deepcopy(trainer.value_module).double()
+    rows = torch.tensor([3, 0])
+    loss, metrics = trainer.compute_loss(experience, rows)
+    loss.backward()
+    policy_hidden, logprobs = _naive_logprobs(exact_policy, rollouts, 0.8)
+    new_values = _naive_values(trainer, exact_values, rollouts, policy_hidden)
+    expected_policy = policy_reference(
+        logprobs[rows] * mask[rows], rollouts.old_logprobs.double()[rows], advantages[rows],
+        mask[rows], 0.2, 0.28, None, None, 0.0, "k1", "token", "token_mean", None)
+    old_values = values[rows]
+    clipped = old_values + (new_values[rows] - old_values).clamp(-0.05, 0.05)
+    errors = torch.maximum((new_values[rows] - returns[rows]).square(),
+                           (clipped - returns[rows]).square())
+    expected_value = 0.5 * (errors * mask[rows]).sum() / mask[rows].sum()
+    expected = expected_policy + 0.5 * expected_value
+    expected.backward()
+    assert 0 < metrics["value_clip_fraction"] < 1
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(policy.lm_head.weight.grad.double(),
+                               exact_policy.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+    for trained, exact in zip(trainer.value_module.parameters(), exact_values.parameters()):
+        if exact.grad is not None:
+            torch.testing.assert_close(trained.grad.double(), exact.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_score_rises_and_resume_restores_the_value_head(tmp_path):
+    torch.manual_seed(0)
+    config = PPOConfig(output_dir=str(tmp_path), batch_size=8, mini_batch_size=4, ppo_epochs=2,
+                       max_new_tokens=12, learning_rate=1e-2, kl_coef=0.01, max_steps=30,
+                       save_steps=30, progress=False)
+    trainer = PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS * 2, LowercaseReward())
+    trainer.train()
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    first = sum(row["score"] for row in logged[:5]) / 5
+    last = sum(row["score"] for row in logged[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+    assert all(set(row) >= {"kl", "entropy", "value_loss", "explained_variance",
+                            "clip_fraction/low", "clip_fraction/high"} for row in logged)
+    assert (tmp_path / "value_head.pt").is_file()
+    print(f"score first 5 steps {first:.3f}, last 5 {last:.3f}")
+
+    resumed = PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS * 2, LowercaseReward())
+    resumed.resume("latest")
+    assert resumed.step == 30
+    torch.testing.assert_close(resumed.value_module.weight, trainer.value_module.weight)
+
+
+def test_bad_input(tmp_path):
+    config = PPOConfig(output_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="reward_model must be a sequence-classification"):
+        PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, small_model())
+    with pytest.raises(TypeError, match="has no `score` head"):
+        PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, small_reward_model(),
+                   value_model=small_model())
+    with pytest.raises(ValueError, match="prompts is empty"):
+        PPOTrainer(small_model(), byte_tokenizer(), config, [], small_reward_model())
+    with pytest.raises(ValueError, match=r"mini_batch_size \(8\) must be <= batch_size"):
+        PPOConfig(batch_size=4, mini_batch_size=8)
+    with pytest.raises(ValueError, match="kl_estimator must be one of k1, k2, k3"):
+        PPOConfig(kl_estimator="k4")
