@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastalign.trainer import byte_tokenizer, tiny_llama
-from fastalign.trainer.rollout import generate_rollouts
+from fastalign.trainer.rollout import _GumbelSampling, generate_rollouts
 
 
 def model(kind="llama"):
@@ -51,6 +51,22 @@ def test_old_logprobs_are_the_sampling_distribution(kind, temperature):
     assert (got[~mask] == 0).all()
     assert rollouts.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     assert len(rollouts.completions) == 6
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.3, 0.8)])
+def test_gumbel_sampling_draws_from_the_tempered_nucleus(temperature, top_p):
+    """The argmax of the processed scores, over 40000 draws, has the frequencies of
+    softmax(logits / T) renormalized over the top_p nucleus (and never leaves it)."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    probs = torch.softmax(logits.double() / temperature, -1)
+    inside = (probs.cumsum(-1) - probs) < top_p  # logits are sorted: the nucleus is a prefix
+    expected = torch.where(inside, probs, 0) / probs[inside].sum()
+    draws = _GumbelSampling(temperature, top_p)(None, logits.expand(40000, -1)).argmax(-1)
+    frequencies = torch.bincount(draws, minlength=6).double() / 40000
+    assert inside.sum() < 6 if top_p < 1 else inside.all()
+    assert (frequencies[~inside] == 0).all()
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.01)
 
 
 def test_completions_stop_at_the_first_stop_token():
