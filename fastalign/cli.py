@@ -2,13 +2,18 @@
 
     fastalign demo                                  # DPO on the built-in tiny model (CPU, ~2 min)
     fastalign train dpo --model tiny --data demo --output runs/dpo
-    fastalign train rm  --model PATH --data prefs.jsonl --eval-data test.jsonl --output runs/rm
+    fastalign train rm  --model tiny --data demo --output runs/rm --learning-rate 1e-3
+    fastalign train grpo --model tiny --output runs/grpo              # rule rewards (CPU, ~3 min)
+    fastalign train ppo --model tiny --reward-model runs/rm --output runs/ppo
+    fastalign bon --model tiny --n 8                                  # Best-of-N, gain over N=1
     fastalign train dpo --config dpo.yaml --resume latest
     fastalign bench                                 # the fused ops beside naive torch
 
 ``--data demo`` is the bundled preference pairs. Rows with a ``split`` field are divided into
-``train`` and ``test`` (held out) unless ``--eval-data`` is given. Every option of
-``DPOConfig`` / ``RewardConfig`` is a flag and a key of the ``--config`` YAML file; flags win.
+``train`` and ``test`` (held out) unless ``--eval-data`` is given. ``--prompts demo`` is their
+prompts (the RL prompt set). With ``--model tiny`` the RL commands first give the untrained
+model a short supervised warm start on the bundled answers (``--warm-start-steps``). Every
+option of the ``*Config`` classes is a flag and a key of the ``--config`` YAML file; flags win.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import argparse
 import dataclasses
 import sys
 
-from .trainer.config import DPOConfig, RewardConfig
+from .trainer.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 
 HELP = {
     "output_dir": "where the model, checkpoints, metrics.jsonl and metrics.png go",
@@ -44,8 +49,29 @@ HELP = {
     "reference": "copy (frozen copy), adapters (PEFT model with LoRA off) or precomputed "
                  "(once, cached on disk)",
     "center_rewards_coefficient": "weight of the mean squared reward (keeps rewards near 0)",
+    "num_generations": "completions per prompt (G), a group",
+    "max_new_tokens": "tokens sampled per completion at most",
+    "temperature": "sampling temperature (the log-probs are taken at the same temperature)",
+    "top_p": "nucleus sampling: keep the most likely tokens holding this probability",
+    "clip_low": "PPO clip range below 1 (ratio >= 1 - clip_low)",
+    "clip_high": "clip range above 1 (default: clip_low; DAPO uses 0.28)",
+    "kl_estimator": "k1, k2 or k3 estimate of the KL to the reference",
+    "num_iterations": "optimizer updates per batch of rollouts",
+    "scale_rewards": "advantage scale: group std, batch std or none (Dr. GRPO)",
+    "monitor_kl": "keep a reference to log the KL even when beta is 0",
+    "mini_batch_size": "rollouts per PPO update",
+    "ppo_epochs": "passes over each batch of rollouts",
+    "kl_coef": "weight of the per-token KL penalty in the rewards",
+    "gamma": "discount of future rewards (GAE)",
+    "lam": "GAE lambda: bias/variance of the advantages",
+    "value_clip": "clip range of the value loss",
+    "vf_coef": "weight of the value loss",
+    "whiten_rewards": "normalize the per-token rewards (keeping their mean)",
+    "missing_eos_penalty": "subtracted from the score of completions without a stop token",
 }
-CONFIGS = {"dpo": DPOConfig, "rm": RewardConfig}
+CONFIGS = {"dpo": DPOConfig, "rm": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
+KIND_HELP = {"dpo": "DPO", "rm": "reward model (Bradley-Terry)",
+             "grpo": "GRPO with reward functions", "ppo": "PPO with a reward model"}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
@@ -73,28 +99,98 @@ def _parser() -> argparse.ArgumentParser:
                         add_help=False)
     commands.add_parser("bench", help="the fused ops beside naive torch (time, memory)",
                         add_help=False)
-    train = commands.add_parser("train", help="train with DPO or a reward model")
+    train = commands.add_parser("train", help="train with DPO, a reward model, GRPO or PPO")
     kinds = train.add_subparsers(dest="kind", required=True)
     for kind, config_class in CONFIGS.items():
-        sub = kinds.add_parser(kind, help="DPO" if kind == "dpo" else "reward model (Bradley-Terry)")
-        sub.add_argument("--model", default="tiny",
-                         help="'tiny' (built in, the default), or a local directory / cached "
-                              "Hugging Face model")
-        sub.add_argument("--data", default="demo",
-                         help="prompt/chosen/rejected rows: a .jsonl file, or 'demo' (the "
-                              "default) for the bundled pairs")
-        sub.add_argument("--eval-data", default=None, help="held-out rows (.jsonl)")
+        sub = kinds.add_parser(kind, help=KIND_HELP[kind])
+        _add_model_flag(sub)
+        if kind in ("dpo", "rm"):
+            sub.add_argument("--data", default="demo",
+                             help="prompt/chosen/rejected rows: a .jsonl file, or 'demo' (the "
+                                  "default) for the bundled pairs")
+            sub.add_argument("--eval-data", default=None, help="held-out rows (.jsonl)")
+        else:
+            _add_rl_flags(sub, kind)
         sub.add_argument("--output", dest="output_dir_flag", default=None, metavar="DIR",
                          help="output directory (same as --output-dir)")
         sub.add_argument("--config", default=None, help="a YAML file of the options below")
         sub.add_argument("--resume", default=None,
                          help="a checkpoint directory, or 'latest' in the output directory")
         _add_config_flags(sub, config_class)
+    bon = commands.add_parser("bon", help="Best-of-N sampling: the reward gain over one sample")
+    _add_model_flag(bon)
+    _add_rl_flags(bon, "bon")
+    bon.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
+    bon.add_argument("--max-new-tokens", type=int, default=32)
+    bon.add_argument("--temperature", type=float, default=1.0)
+    bon.add_argument("--top-p", type=float, default=1.0)
+    bon.add_argument("--show", type=int, default=3, help="best completions to print")
+    bon.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _add_model_flag(parser) -> None:
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' (built in, the default), or a local directory / cached "
+                             "Hugging Face model")
+    parser.add_argument("--device", default=None,
+                        help="where the models run: cpu, cuda, cuda:1, ... (default: cuda when "
+                             "available, else cpu)")
+
+
+def device(args):
+    """The ``--device`` to run on (checked), by default CUDA when there is one."""
+    import torch
+
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
+    return chosen
+
+
+def _add_rl_flags(parser, kind: str) -> None:
+    from .trainer.rewards import BUILT_IN, DEFAULT
+
+    parser.add_argument("--prompts", default="demo",
+                        help="'demo' (the bundled prompts, the default), a .jsonl file of rows "
+                             "with a 'prompt', or a .txt file of one prompt per line")
+    parser.add_argument("--warm-start-steps", type=int, default=None,
+                        help="supervised warm-start steps of --model tiny (default 20; 0: none)")
+    if kind in ("grpo", "bon"):
+        parser.add_argument("--rewards", default=None if kind == "bon" else ",".join(DEFAULT),
+                            help=f"comma-separated reward functions: built in "
+                                 f"({', '.join(BUILT_IN)}) or package.module:function "
+                                 f"(default: {','.join(DEFAULT)})")
+        parser.add_argument("--reward-weights", default=None,
+                            help="comma-separated weights, one per reward function (default 1)")
+    if kind in ("ppo", "bon"):
+        parser.add_argument("--reward-model", default=None, required=kind == "ppo",
+                            help="a reward model directory (e.g. the output of fastalign train "
+                                 "rm)" + (" instead of --rewards" if kind == "bon" else ""))
+
+
+# Settings of the built-in runs (--model tiny): the library defaults suit pretrained models
+# (learning rate 1e-5); an untrained tiny model needs larger steps to learn in a few minutes.
+TINY_DEFAULTS = {
+    "dpo": dict(learning_rate=1e-3),
+    "rm": dict(learning_rate=1e-3, epochs=3.0),
+    "grpo": dict(learning_rate=1e-3, lr_schedule="constant", max_steps=30, num_generations=8,
+                 max_new_tokens=24, beta=0.04),
+    "ppo": dict(learning_rate=1e-3, lr_schedule="constant", max_steps=30, batch_size=16,
+                mini_batch_size=8, ppo_epochs=2, max_new_tokens=24, kl_coef=0.05),
+}
 
 
 def _config(args, config_class):
     values = {}
+    if args.model == "tiny":
+        values.update(TINY_DEFAULTS[args.kind])
+        shown = ", ".join(f"{k}={v}" for k, v in TINY_DEFAULTS[args.kind].items())
+        print(f"--model tiny: the built-in run's settings {shown} (flags and --config win)")
     if args.config:
         import yaml
 
@@ -132,21 +228,23 @@ def _data(args):
 
 
 def _train(args) -> None:
-    from .trainer import (DPOTrainer, RewardTrainer, load_model_and_tokenizer,
-                          tiny_reward_model)
+    from .trainer import DPOTrainer, RewardTrainer, load_model_and_tokenizer, tiny_reward_model
     from .trainer.tokenizer import byte_tokenizer
 
     config = _config(args, CONFIGS[args.kind])
+    if args.kind in ("grpo", "ppo"):
+        from .cli_rl import train_rl
+        return train_rl(args, config)
     train, held_out = _data(args)
     if args.kind == "dpo":
         model, tokenizer = load_model_and_tokenizer(args.model)
-        trainer = DPOTrainer(model, tokenizer, config, train, held_out)
+        trainer = DPOTrainer(model.to(device(args)), tokenizer, config, train, held_out)
     else:
         if args.model == "tiny":
             model, tokenizer = tiny_reward_model(), byte_tokenizer()
         else:
             model, tokenizer = _reward_model(args.model)
-        trainer = RewardTrainer(model, tokenizer, config, train, held_out)
+        trainer = RewardTrainer(model.to(device(args)), tokenizer, config, train, held_out)
     last = trainer.train(resume_from=args.resume)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
                       if k in ("loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies",
@@ -179,6 +277,9 @@ def main(argv=None) -> None:
         return bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
+        if args.command == "bon":
+            from .cli_rl import best_of_n_command
+            return best_of_n_command(args)
         _train(args)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:
         raise SystemExit(f"fastalign: error: {error}") from None

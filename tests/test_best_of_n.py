@@ -40,5 +40,5 @@ def test_with_a_reward_model():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="exactly one of reward_funcs and reward_model"):
         best_of_n(small_model(), byte_tokenizer(), PROMPTS, n=2)
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n and prompts_per_batch must be >= 1"):
         best_of_n(small_model(), byte_tokenizer(), PROMPTS, n=0, reward_funcs=[lowercase_share])

@@ -23,8 +23,8 @@ def small_reward_model(seed=2):
 
 
 class LowercaseReward(torch.nn.Module):
-    """A stand-in reward model with a learnable rule: the share of a sequence's tokens that are
-    lowercase ASCII letters (the byte tokenizer maps them to their byte values)."""
+    """A stand-in reward model with a learnable rule: a sequence's count of lowercase ASCII
+    letters (the byte tokenizer maps them to their byte values), over 10."""
 
     def __init__(self):
         super().__init__()
@@ -33,8 +33,7 @@ class LowercaseReward(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         lower = ((input_ids >= ord("a")) & (input_ids <= ord("z"))).float() * attention_mask
-        share = lower.sum(-1) / attention_mask.sum(-1)
-        return type("Output", (), {"logits": share[:, None]})()
+        return type("Output", (), {"logits": lower.sum(-1, keepdim=True) / 10})()
 
 
 def _naive_logprobs(model, rollouts, temperature):
@@ -144,21 +143,21 @@ def test_step_matches_an_unfused_float64_reference(tmp_path, value_kind):
 
 def test_score_rises_and_resume_restores_the_value_head(tmp_path):
     torch.manual_seed(0)
-    config = PPOConfig(output_dir=str(tmp_path), batch_size=8, mini_batch_size=4, ppo_epochs=2,
-                       max_new_tokens=12, learning_rate=1e-2, kl_coef=0.01, max_steps=30,
+    config = PPOConfig(output_dir=str(tmp_path), batch_size=16, mini_batch_size=8, ppo_epochs=2,
+                       max_new_tokens=12, learning_rate=3e-2, kl_coef=0.01, max_steps=30,
                        save_steps=30, progress=False)
-    trainer = PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS * 2, LowercaseReward())
+    trainer = PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS * 4, LowercaseReward())
     trainer.train()
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     first = sum(row["score"] for row in logged[:5]) / 5
     last = sum(row["score"] for row in logged[-5:]) / 5
-    assert last > first + 0.1, (first, last)
+    assert last > first + 0.3, (first, last)  # 3 more lowercase letters of 12 tokens
     assert all(set(row) >= {"kl", "entropy", "value_loss", "explained_variance",
                             "clip_fraction/low", "clip_fraction/high"} for row in logged)
     assert (tmp_path / "value_head.pt").is_file()
     print(f"score first 5 steps {first:.3f}, last 5 {last:.3f}")
 
-    resumed = PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS * 2, LowercaseReward())
+    resumed = PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS * 4, LowercaseReward())
     resumed.resume("latest")
     assert resumed.step == 30
     torch.testing.assert_close(resumed.value_module.weight, trainer.value_module.weight)

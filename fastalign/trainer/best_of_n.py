@@ -48,29 +48,34 @@ def score_with_reward_model(reward_model, tokenizer, prompts: list, completions:
 
 def best_of_n(policy, tokenizer, prompts: list, *, n: int, reward_funcs: list | None = None,
               reward_model=None, reward_tokenizer=None, max_new_tokens: int = 64,
-              temperature: float = 1.0, top_p: float = 1.0) -> BestOfN:
+              temperature: float = 1.0, top_p: float = 1.0,
+              prompts_per_batch: int = 16) -> BestOfN:
     """Samples ``n`` completions of each prompt and keeps the highest-reward one. Rewards come
     from ``reward_funcs`` (``f(prompts, completions) -> list[float]``, summed) or a
-    ``reward_model`` (with its own ``reward_tokenizer``, default ``tokenizer``).
+    ``reward_model`` (with its own ``reward_tokenizer``, default ``tokenizer``). Generation
+    runs ``prompts_per_batch`` prompts (x ``n`` rows) at a time.
 
     Raises:
-        ValueError: neither or both reward sources, or ``n < 1``.
+        ValueError: neither or both reward sources, or ``n`` or ``prompts_per_batch`` < 1.
     """
     if (reward_funcs is None) == (reward_model is None):
         raise ValueError("pass exactly one of reward_funcs and reward_model")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    rollouts = generate_rollouts(policy, tokenizer, prompts, num_generations=n,
-                                 max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p)
-    repeated = [prompts[i] for i in rollouts.prompt_index.tolist()]
+    if n < 1 or prompts_per_batch < 1:
+        raise ValueError(f"n and prompts_per_batch must be >= 1, got {n} and "
+                         f"{prompts_per_batch}")
+    samples = []
+    for start in range(0, len(prompts), prompts_per_batch):
+        samples += generate_rollouts(policy, tokenizer, prompts[start:start + prompts_per_batch],
+                                     num_generations=n, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p).completions
+    repeated = [prompt for prompt in prompts for _ in range(n)]
     if reward_model is not None:
         rewards = score_with_reward_model(reward_model, reward_tokenizer or tokenizer, repeated,
-                                          rollouts.completions)
+                                          samples)
     else:
-        rewards = score_completions(reward_funcs, repeated, rollouts.completions)
+        rewards = score_completions(reward_funcs, repeated, samples)
     grouped = rewards.view(len(prompts), n)
     best = grouped.argmax(-1)
-    completions = [rollouts.completions[i * n + j] for i, j in enumerate(best.tolist())]
+    completions = [samples[i * n + j] for i, j in enumerate(best.tolist())]
     return BestOfN(completions, grouped.max(-1).values.tolist(), float(rewards.mean()),
                    float(grouped.max(-1).values.mean()))

@@ -98,8 +98,9 @@ class GRPOConfig(TrainConfig):
     """GRPO: ``batch_size`` prompts per step, ``num_generations`` completions each; advantages
     are group-normalized rewards; ``num_iterations`` optimizer updates per batch of rollouts
     (importance ratios against the rollouts' log-probs); ``beta`` > 0 adds the KL estimate to a
-    frozen reference. ``loss_type`` picks the aggregation: grpo (mean of sequence means), bnpo /
-    dapo (token mean), dr_grpo (sum over batch x max_new_tokens)."""
+    frozen reference (``monitor_kl`` keeps one to log the KL even at ``beta = 0``). ``loss_type``
+    picks the aggregation: grpo (mean of sequence means), bnpo / dapo (token mean), dr_grpo (sum
+    over batch x max_new_tokens)."""
     output_dir: str = "fastalign-grpo"
     batch_size: int = 4
     num_generations: int = 4
@@ -113,6 +114,7 @@ class GRPOConfig(TrainConfig):
     kl_estimator: str = "k3"
     num_iterations: int = 1
     scale_rewards: str = "group"
+    monitor_kl: bool = False
 
     def __post_init__(self):
         super().__post_init__()

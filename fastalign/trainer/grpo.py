@@ -20,7 +20,7 @@ from ..losses import group_advantages, policy_loss
 from ._base import Trainer
 from .adapter import CausalLMAdapter
 from .config import GRPO_LOSS_TYPES, GRPOConfig
-from .rollout import Rollouts, generate_rollouts, score_completions
+from .rollout import Rollouts, generate_rollouts, reward_columns, reward_name
 
 
 class GRPOTrainer(Trainer):
@@ -31,7 +31,8 @@ class GRPOTrainer(Trainer):
         prompts: a list of prompts (text or chat messages).
         reward_funcs: callables ``f(prompts, completions) -> list[float]`` (one reward per
             completion; prompts repeated to match), summed with ``reward_weights``.
-        ref_model: the frozen reference for ``beta > 0`` (default: a copy of ``model``).
+        ref_model: the frozen reference for ``beta > 0`` or ``monitor_kl`` (default: a copy of
+            ``model``).
     """
 
     plot_panels = [("loss", ["loss"]), ("reward", ["reward", "reward_std"]),
@@ -57,24 +58,25 @@ class GRPOTrainer(Trainer):
         self.reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
         self.policy = CausalLMAdapter(model)
         self.reference = None
-        if config.beta > 0:
+        if config.beta > 0 or config.monitor_kl:
             reference = ref_model if ref_model is not None else copy.deepcopy(model)
             reference.eval().requires_grad_(False)
             self.reference = CausalLMAdapter(reference)
 
-    def rewards(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        """``[R]`` weighted sum of the reward functions (see ``score_completions``)."""
-        return score_completions(self.reward_funcs, prompts, completions, self.reward_weights)
-
     def rollout(self, prompts: list) -> tuple[Rollouts, torch.Tensor, torch.Tensor]:
-        """Rollouts of ``prompts``, their rewards ``[R]`` and group advantages ``[R]``."""
+        """Rollouts of ``prompts``, their rewards ``[R]`` (the weighted sum of the reward
+        functions; each function's mean is kept in ``self.reward_means`` for the metrics) and
+        group advantages ``[R]``."""
         config = self.config
         rollouts = generate_rollouts(self.model, self.tokenizer, prompts,
                                      num_generations=config.num_generations,
                                      max_new_tokens=config.max_new_tokens,
                                      temperature=config.temperature, top_p=config.top_p)
         repeated = [prompts[i] for i in rollouts.prompt_index.tolist()]
-        rewards = self.rewards(repeated, rollouts.completions)
+        columns = reward_columns(self.reward_funcs, repeated, rollouts.completions)
+        self.reward_means = {f"rewards/{reward_name(f)}": float(column.mean())
+                             for f, column in zip(self.reward_funcs, columns)}
+        rewards = torch.tensor(self.reward_weights) @ columns
         advantages = group_advantages(rewards, config.num_generations, scale=config.scale_rewards)
         return rollouts, rewards, advantages.to(self.device)
 
@@ -118,6 +120,7 @@ class GRPOTrainer(Trainer):
         lengths = rollouts.completion_mask.sum(-1).float()
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
                 "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                **self.reward_means,
                 "completion_length": float(lengths.mean()), "grad_norm": grad_norm,
                 "learning_rate": learning_rate,
                 "epoch": self.step / self.micro_per_epoch}

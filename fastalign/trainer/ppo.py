@@ -178,7 +178,8 @@ class PPOTrainer(Trainer):
         v_loss, v_metrics = value_loss(values, experience.values[rows], experience.returns[rows],
                                        experience.mask[rows], clip=config.value_clip)
         metrics = {"policy_loss": loss.detach(), "value_loss": v_loss.detach(),
-                   "value_clip_fraction": v_metrics["clip_fraction"], **metrics}
+                   "value_clip_fraction": v_metrics["clip_fraction"],
+                   "values/mean": v_metrics["values/mean"], **metrics}
         return loss + config.vf_coef * v_loss, metrics
 
     def training_step(self) -> dict:

@@ -1,0 +1,140 @@
+"""The RL commands of ``fastalign`` (see ``cli.py``): ``train grpo``, ``train ppo`` and ``bon``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+WARM_START_STEPS = 20  # for --model tiny; see fastalign.trainer.tiny.warm_started_tiny
+
+
+def policy(args, progress: bool = True):
+    """``(model, tokenizer)`` of ``--model`` on ``--device``; ``tiny`` gets its supervised
+    warm start there."""
+    from .cli import device
+    from .trainer import load_model_and_tokenizer
+    from .trainer.tiny import TINY, warm_started_tiny
+
+    steps = args.warm_start_steps
+    if args.model == TINY:
+        steps = WARM_START_STEPS if steps is None else steps
+        if steps > 0:
+            return warm_started_tiny(steps=steps, progress=progress, device=device(args))
+    elif steps:
+        raise ValueError("--warm-start-steps is for --model tiny only (fine-tune other models "
+                         "before RL)")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    return model.to(device(args)), tokenizer
+
+
+def reward_model(args):
+    from .cli import _reward_model, device
+
+    model, tokenizer = _reward_model(args.reward_model)
+    return model.to(device(args)), tokenizer
+
+
+def load_prompts(source: str) -> list:
+    """``demo`` (the bundled prompts), a ``.jsonl`` file of rows with a ``prompt`` (text or
+    chat messages), or a text file with one prompt per line."""
+    from .trainer.tiny import demo_prompts
+
+    if source == "demo":
+        return demo_prompts()
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"--prompts {source!r}: no such file (use 'demo', a .jsonl file "
+                                "of rows with a 'prompt', or a .txt file of one prompt per line)")
+    with open(source) as lines:
+        if source.endswith(".jsonl"):
+            prompts = []
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or not row.get("prompt"):
+                    raise ValueError(f"{source} line {number}: a row needs a non-empty 'prompt'")
+                prompts.append(row["prompt"])
+        else:
+            prompts = [line.rstrip("\n") for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {source!r} holds no prompt")
+    return prompts
+
+
+def reward_functions(args) -> tuple[list, list[float] | None]:
+    from .trainer.rewards import reward_function
+
+    functions = [reward_function(name.strip()) for name in args.rewards.split(",") if name.strip()]
+    weights = None
+    if args.reward_weights:
+        try:
+            weights = [float(w) for w in args.reward_weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--reward-weights must be comma-separated numbers, got "
+                             f"{args.reward_weights!r}") from None
+        if len(weights) != len(functions):
+            raise ValueError(f"--reward-weights has {len(weights)} weights for "
+                             f"{len(functions)} reward functions")
+    return functions, weights
+
+
+def train_rl(args, config) -> None:
+    from .trainer import GRPOTrainer, PPOTrainer
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = policy(args, progress=config.progress)
+    prompts = load_prompts(args.prompts)
+    if args.kind == "grpo":
+        functions, weights = reward_functions(args)
+        trainer = GRPOTrainer(model, tokenizer, config, prompts, functions,
+                              reward_weights=weights)
+        progress_key = "reward"
+    else:
+        scorer, reward_tokenizer = reward_model(args)
+        trainer = PPOTrainer(model, tokenizer, config, prompts, scorer,
+                             reward_tokenizer=reward_tokenizer)
+        progress_key = "score"
+    trainer.train(resume_from=args.resume)
+    with open(trainer.output_dir / "metrics.jsonl") as lines:
+        rows = [json.loads(line) for line in lines]
+    values = [row[progress_key] for row in rows if progress_key in row]
+    window = min(10, max(1, len(values) // 2))
+    first, last = sum(values[:window]) / window, sum(values[-window:]) / window
+    kl = f", KL to the reference {rows[-1]['kl']:.3f}" if "kl" in rows[-1] else ""
+    print(f"done: {trainer.step} steps; mean {progress_key} over the first {window} logged steps "
+          f"{first:.3f}, over the last {window} {last:.3f}{kl}; model in {trainer.output_dir}/")
+
+
+def best_of_n_command(args) -> None:
+    from .trainer import best_of_n
+
+    from .trainer.rewards import DEFAULT
+
+    if args.rewards and args.reward_model:
+        raise ValueError("pass --rewards or --reward-model, not both")
+    if not args.reward_model:
+        args.rewards = args.rewards or ",".join(DEFAULT)
+    torch.manual_seed(args.seed)
+    model, tokenizer = policy(args)
+    prompts = load_prompts(args.prompts)
+    options = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p)
+    if args.reward_model:
+        scorer, reward_tokenizer = reward_model(args)
+        result = best_of_n(model, tokenizer, prompts, reward_model=scorer,
+                           reward_tokenizer=reward_tokenizer, **options)
+        source = f"reward model {args.reward_model}"
+    else:
+        functions, weights = reward_functions(args)
+        if weights:
+            raise ValueError("--reward-weights is for GRPO; Best-of-N sums --rewards")
+        result = best_of_n(model, tokenizer, prompts, reward_funcs=functions, **options)
+        source = f"rewards {args.rewards}"
+    print(f"Best-of-{args.n} over {len(prompts)} prompts ({source}): mean reward of one sample "
+          f"{result.mean_reward:.3f}, of the best of {args.n} {result.best_reward:.3f} "
+          f"(gain {result.gain:+.3f})")
+    for prompt, completion, reward in list(zip(prompts, result.completions,
+                                               result.rewards))[:args.show]:
+        print(f"  {prompt!r} -> {completion!r} (reward {reward:.3f})")

@@ -1,0 +1,85 @@
+"""``fastalign train grpo|ppo`` and ``fastalign bon`` end to end in subprocesses (tiny settings),
+the built-in reward functions, and the commands' one-line errors."""
+
+import json
+
+import pytest
+from test_cli import fastalign
+
+from fastalign.trainer import byte_tokenizer, tiny_reward_model
+from fastalign.trainer.rewards import applause, enthusiasm, letters, reward_function
+
+QUICK = ["--warm-start-steps", "2", "--max-steps", "2", "--batch-size", "2",
+         "--max-new-tokens", "4", "--no-progress", "--device", "cpu"]
+
+
+def test_built_in_rewards():
+    completions = ["Gladly! Owls hunt at night!!", "", "!!!!", "ok."]
+    assert enthusiasm(None, completions) == [1.0, 0.0, 1.0, 0.0]
+    assert applause(None, completions) == [0.75, 0.0, 1.0, 0.0]
+    assert letters(None, completions) == pytest.approx([25 / 28, 0.0, 0.0, 2 / 3])
+    assert reward_function("letters") is letters
+    assert reward_function("fastalign.trainer.rewards:applause") is applause
+    with pytest.raises(ValueError, match="unknown reward function 'claps': use one of"):
+        reward_function("claps")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        reward_function("fastalign.trainer.rewards:missing")
+
+
+def test_train_grpo_logs_each_reward_and_the_kl(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about owls.\nName a fruit.\n")
+    done = fastalign("train", "grpo", "--model", "tiny", "--prompts", str(prompts),
+                     "--num-generations", "2", "--output", str(tmp_path / "run"), *QUICK)
+    assert done.returncode == 0, done.stderr
+    assert "--model tiny: the built-in run's settings" in done.stdout
+    assert "done: 2 steps; mean reward over the first 1 logged steps" in done.stdout
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [row["step"] for row in logged] == [1, 2]
+    assert {"rewards/enthusiasm", "rewards/letters", "kl", "reward"} <= set(logged[-1])
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
+    reward_dir = tmp_path / "rm"
+    model = tiny_reward_model(hidden_size=32, num_layers=1)
+    model.config.pad_token_id = byte_tokenizer().pad_token_id
+    model.save_pretrained(reward_dir)
+    byte_tokenizer().save_pretrained(reward_dir)
+    done = fastalign("train", "ppo", "--model", "tiny", "--reward-model", str(reward_dir),
+                     "--mini-batch-size", "1", "--ppo-epochs", "1",
+                     "--output", str(tmp_path / "run"), *QUICK)
+    assert done.returncode == 0, done.stderr
+    assert "done: 2 steps; mean score over the first 1 logged steps" in done.stdout
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert {"score", "kl", "value_loss", "explained_variance", "entropy"} <= set(logged[-1])
+    assert (tmp_path / "run" / "value_head.pt").is_file()
+
+    done = fastalign("bon", "--model", "tiny", "--warm-start-steps", "1", "--n", "3",
+                     "--max-new-tokens", "4", "--reward-model", str(reward_dir), "--show", "1",
+                     "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "Best-of-3 over 240 prompts (reward model" in done.stdout
+    gain = float(done.stdout.split("(gain ")[1].split(")")[0])
+    assert gain >= 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "grpo", "--rewards", "claps"], "unknown reward function 'claps'"),
+    (["train", "grpo", "--reward-weights", "1,2,3"], "--reward-weights has 3 weights for 2"),
+    (["train", "grpo", "--prompts", "missing.txt"], "--prompts 'missing.txt': no such file"),
+    (["train", "grpo", "--device", "cuda:7"], "this machine has no CUDA GPU"),
+    (["bon", "--rewards", "letters", "--reward-model", "runs/rm"],
+     "pass --rewards or --reward-model, not both"),
+])
+def test_errors_are_one_line_messages(args, message, tmp_path):
+    done = fastalign(*args, "--warm-start-steps", "0", *(
+        ["--output", str(tmp_path / "run")] if args[0] == "train" else []))
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastalign: error:") and message in last, done.stderr
+
+
+def test_ppo_needs_a_reward_model():
+    done = fastalign("train", "ppo")
+    assert done.returncode == 2 and "--reward-model" in done.stderr
