@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one call to make on a lent GPU machine (the device tool's `run`): installs fastalign
 # offline, runs the CUDA test subset (real Triton, no interpreter), then the benchmarks, most
-# important first (each step writes its CSV as it ends, so a run cut short still
-# returns what it finished), and prints a short table last.
-# Budget: 4 min 10 s measured on an H100 (2026-11-27), the CUDA tests 70 s of it;
-# run it with the device tool's timeout_s=600. A step cut short by its timeout leaves the ones
+# important first: the trainers and the GRPO step (new), then the kernel benchmarks (each step
+# writes its CSV as it ends, so a run cut short still returns what it finished), and prints a
+# short table last.
+# Budget: 4 min 10 s measured on an H100 (2026-11-27) before the trainer and GRPO-step steps
+# (~2.5 min more), the CUDA tests 70 s of it; run it with the device tool's timeout_s=600. A step cut short by its timeout leaves the ones
 # before it intact in $OUT/results.tar.gz.
 #
 #   device run:  FASTALIGN_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
@@ -35,12 +36,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 step "CUDA tests"
 timeout 240 python3 -P -m pytest tests -q -rfE --tb=short -m "not slow" -p no:cacheprovider 2>&1 | tee "$RUN/tests.log" | tail -25
 
+step "trainers on CUDA: reward model, then GRPO and PPO (the built-in tiny runs, 30 steps each)"
+mkdir -p "$RUN/trainers"
+for kind in rm grpo ppo; do
+  extra=(); [ $kind = ppo ] && extra=(--reward-model /tmp/fa-runs/rm)
+  timeout 150 python3 -m fastalign train $kind --model tiny --device cuda --no-progress \
+    --output /tmp/fa-runs/$kind "${extra[@]}" 2>&1 | tee "$RUN/trainers/$kind.log" | tail -1
+  cp /tmp/fa-runs/$kind/metrics.jsonl "$RUN/trainers/${kind}_metrics.jsonl" 2>/dev/null
+done
+
+step "one GRPO step beside TRL's GRPOTrainer: G=8 x 512 tokens, V=128256, tiny model"
+timeout 240 python3 bench/bench_grpo_step.py --device cuda --repeats 2 \
+  --csv "$RUN/grpo_step_cuda.csv" 2>&1 | tee "$RUN/bench_grpo_step.log" | tail -5
+
 step "fused-linear log-probs: Llama-3 and Gemma-2-2B heads, N=8192, bf16, beside TRL, Liger, CCE"
 timeout 180 python3 bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192 \
   --csv "$RUN/linear_logprobs_cuda.csv" --plot "$RUN/linear_logprobs_cuda.png" 2>&1 | tee "$RUN/bench_linear.log" | tail -3
-
-step "fused-linear tile sweep"
-timeout 90 python3 bench/tune_linear_logprobs.py --csv "$RUN/tune_linear_logprobs_cuda.csv" 2>&1 | tee "$RUN/tune_linear.log"
 
 step "fused DPO and GRPO losses: 8 x 1024 tokens, Llama-3 head, bf16, beside Liger and unfused torch"
 for op in dpo grpo; do
@@ -52,6 +63,10 @@ step "fused-linear KL: Llama-3 head, N=8192, bf16, beside TRL and Liger"
 timeout 90 python3 bench/bench_linear_logprobs.py --op kl --device cuda --shapes llama3 --tokens 8192 \
   --csv "$RUN/linear_kl_cuda.csv" --plot "$RUN/linear_kl_cuda.png" 2>&1 | tee "$RUN/bench_kl.log" | tail -3
 
+if [ "${FULL:-0}" = 1 ]; then  # FULL=1: the fused-linear tile sweep (~1.5 min)
+  step "fused-linear tile sweep"
+  timeout 90 python3 bench/tune_linear_logprobs.py --csv "$RUN/tune_linear_logprobs_cuda.csv" 2>&1 | tee "$RUN/tune_linear.log"
+fi
 if [ "${FULL:-0}" = 1 ]; then  # FULL=1: also the token_logprobs regression check (~1.5 min)
   step "log-probs from logits (regression check of the measured kernels)"
   timeout 150 python3 bench/bench_token_logprobs.py --device cuda --batch 8 --vocab 32768 128256 \
@@ -63,7 +78,9 @@ fi
 
 step "summary"
 grep -E "passed|failed|error" "$RUN/tests.log" | tail -3
-grep -E "cuBLAS|best:" "$RUN/tune_linear.log"
+[ -f "$RUN/tune_linear.log" ] && grep -E "cuBLAS|best:" "$RUN/tune_linear.log"
+tail -n 1 "$RUN"/trainers/*.log
+tail -n 4 "$RUN/bench_grpo_step.log"
 for csv in linear_logprobs fused_dpo fused_grpo linear_kl token_logprobs; do
   [ -f "$RUN/${csv}_cuda.csv" ] && python3 bench/summarize.py "$RUN/${csv}_cuda.csv"
 done

@@ -26,6 +26,7 @@ def test_built_in_rewards():
         reward_function("fastalign.trainer.rewards:missing")
 
 
+@pytest.mark.slow
 def test_train_grpo_logs_each_reward_and_the_kl(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Tell me about owls.\nName a fruit.\n")
@@ -40,6 +41,7 @@ def test_train_grpo_logs_each_reward_and_the_kl(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
     reward_dir = tmp_path / "rm"
     model = tiny_reward_model(hidden_size=32, num_layers=1)
@@ -64,6 +66,7 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
     assert gain >= 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["train", "grpo", "--rewards", "claps"], "unknown reward function 'claps'"),
     (["train", "grpo", "--reward-weights", "1,2,3"], "--reward-weights has 3 weights for 2"),
@@ -80,6 +83,7 @@ def test_errors_are_one_line_messages(args, message, tmp_path):
     assert last.startswith("fastalign: error:") and message in last, done.stderr
 
 
+@pytest.mark.slow
 def test_ppo_needs_a_reward_model():
     done = fastalign("train", "ppo")
     assert done.returncode == 2 and "--reward-model" in done.stderr
