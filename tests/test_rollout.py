@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastalign.trainer import byte_tokenizer, tiny_llama
-from fastalign.trainer.rollout import _GumbelSampling, generate_rollouts
+from fastalign.trainer.rollout import _Sampling, generate_rollouts
 
 
 def model(kind="llama"):
@@ -53,8 +53,9 @@ def test_old_logprobs_are_the_sampling_distribution(kind, temperature):
     assert len(rollouts.completions) == 6
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.3, 0.8)])
-def test_gumbel_sampling_draws_from_the_tempered_nucleus(temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,block", [(1.0, 1.0, 4), (0.5, 1.0, 6), (1.3, 0.8, 4),
+                                                     (1.0, 1.0, 16)])
+def test_sampling_draws_from_the_tempered_nucleus(temperature, top_p, block):
     """The argmax of the processed scores, over 40000 draws, has the frequencies of
     softmax(logits / T) renormalized over the top_p nucleus (and never leaves it)."""
     torch.manual_seed(0)
@@ -62,7 +63,9 @@ def test_gumbel_sampling_draws_from_the_tempered_nucleus(temperature, top_p):
     probs = torch.softmax(logits.double() / temperature, -1)
     inside = (probs.cumsum(-1) - probs) < top_p  # logits are sorted: the nucleus is a prefix
     expected = torch.where(inside, probs, 0) / probs[inside].sum()
-    draws = _GumbelSampling(temperature, top_p)(None, logits.expand(40000, -1)).argmax(-1)
+    sampler = _Sampling(temperature, top_p)
+    sampler.BLOCK = block  # 4: a full block and a partial one; 6: one full; 16: one partial
+    draws = sampler(None, logits.expand(40000, -1)).argmax(-1)
     frequencies = torch.bincount(draws, minlength=6).double() / 40000
     assert inside.sum() < 6 if top_p < 1 else inside.all()
     assert (frequencies[~inside] == 0).all()

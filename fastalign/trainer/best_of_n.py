@@ -46,6 +46,26 @@ def score_with_reward_model(reward_model, tokenizer, prompts: list, completions:
     return torch.cat(scores)
 
 
+def check_reward_model(model, name: str = "reward_model") -> None:
+    if getattr(getattr(model, "config", None), "num_labels", None) != 1:
+        raise ValueError(f"{name} must be a sequence-classification model with one output "
+                         "(num_labels=1), e.g. trained by RewardTrainer")
+
+
+class RewardModelFunction:
+    """A reward model as a reward function ``f(prompts, completions) -> list[float]`` (frozen,
+    scored with ``score_with_reward_model`` through its own ``tokenizer``)."""
+
+    __name__ = "reward_model"
+
+    def __init__(self, model, tokenizer):
+        check_reward_model(model)
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+
+    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
+        return score_with_reward_model(self.model, self.tokenizer, prompts, completions).tolist()
+
+
 def best_of_n(policy, tokenizer, prompts: list, *, n: int, reward_funcs: list | None = None,
               reward_model=None, reward_tokenizer=None, max_new_tokens: int = 64,
               temperature: float = 1.0, top_p: float = 1.0,
@@ -67,7 +87,8 @@ def best_of_n(policy, tokenizer, prompts: list, *, n: int, reward_funcs: list | 
     for start in range(0, len(prompts), prompts_per_batch):
         samples += generate_rollouts(policy, tokenizer, prompts[start:start + prompts_per_batch],
                                      num_generations=n, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p).completions
+                                     temperature=temperature, top_p=top_p,
+                                     logprobs=False).completions
     repeated = [prompt for prompt in prompts for _ in range(n)]
     if reward_model is not None:
         rewards = score_with_reward_model(reward_model, reward_tokenizer or tokenizer, repeated,
