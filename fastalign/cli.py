@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     bon.add_argument("--top-p", type=float, default=1.0)
     bon.add_argument("--show", type=int, default=3, help="best completions to print")
     bon.add_argument("--seed", type=int, default=0)
+    bon.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                     help="show the warm start's progress bar")
     return parser
 
 
@@ -161,23 +163,25 @@ def _add_rl_flags(parser, kind: str) -> None:
     parser.add_argument("--warm-start-steps", type=int, default=None,
                         help="supervised warm-start steps of --model tiny (default 20; 0: none)")
     if kind in ("grpo", "bon"):
-        parser.add_argument("--rewards", default=None if kind == "bon" else ",".join(DEFAULT),
+        parser.add_argument("--rewards", default=None,
                             help=f"comma-separated reward functions: built in "
                                  f"({', '.join(BUILT_IN)}) or package.module:function "
-                                 f"(default: {','.join(DEFAULT)})")
+                                 f"(default without --reward-model: {','.join(DEFAULT)})")
+    if kind == "grpo":
         parser.add_argument("--reward-weights", default=None,
-                            help="comma-separated weights, one per reward function (default 1)")
-    if kind in ("ppo", "bon"):
-        parser.add_argument("--reward-model", default=None, required=kind == "ppo",
-                            help="a reward model directory (e.g. the output of fastalign train "
-                                 "rm)" + (" instead of --rewards" if kind == "bon" else ""))
+                            help="comma-separated weights, one per reward function, then one for "
+                                 "--reward-model (default 1)")
+    parser.add_argument("--reward-model", default=None, required=kind == "ppo",
+                        help="a reward model directory (e.g. the output of fastalign train rm)"
+                             + {"grpo": ", scored after --rewards",
+                                "bon": " instead of --rewards", "ppo": ""}[kind])
 
 
 # Settings of the built-in runs (--model tiny): the library defaults suit pretrained models
 # (learning rate 1e-5); an untrained tiny model needs larger steps to learn in a few minutes.
 TINY_DEFAULTS = {
     "dpo": dict(learning_rate=1e-3),
-    "rm": dict(learning_rate=1e-3, epochs=3.0),
+    "rm": dict(learning_rate=1e-3, epochs=3.0, eval_steps=30),
     "grpo": dict(learning_rate=1e-3, lr_schedule="constant", max_steps=30, num_generations=8,
                  max_new_tokens=24, beta=0.04),
     "ppo": dict(learning_rate=1e-3, lr_schedule="constant", max_steps=30, batch_size=16,

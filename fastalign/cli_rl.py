@@ -52,7 +52,10 @@ def load_prompts(source: str) -> list:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{source} line {number}: not JSON ({error.msg})") from None
                 if not isinstance(row, dict) or not row.get("prompt"):
                     raise ValueError(f"{source} line {number}: a row needs a non-empty 'prompt'")
                 prompts.append(row["prompt"])
@@ -64,11 +67,17 @@ def load_prompts(source: str) -> list:
 
 
 def reward_functions(args) -> tuple[list, list[float] | None]:
-    from .trainer.rewards import reward_function
+    """``--rewards`` (default: the built-in ones unless ``--reward-model`` is given), then the
+    ``--reward-model`` as one more reward function; ``--reward-weights``, one per function."""
+    from .trainer.best_of_n import RewardModelFunction
+    from .trainer.rewards import DEFAULT, reward_function
 
-    functions = [reward_function(name.strip()) for name in args.rewards.split(",") if name.strip()]
+    names = args.rewards or ("" if args.reward_model else ",".join(DEFAULT))
+    functions = [reward_function(name.strip()) for name in names.split(",") if name.strip()]
+    if args.reward_model:
+        functions.append(RewardModelFunction(*reward_model(args)))
     weights = None
-    if args.reward_weights:
+    if getattr(args, "reward_weights", None):
         try:
             weights = [float(w) for w in args.reward_weights.split(",")]
         except ValueError:
@@ -109,29 +118,19 @@ def train_rl(args, config) -> None:
 
 def best_of_n_command(args) -> None:
     from .trainer import best_of_n
-
     from .trainer.rewards import DEFAULT
 
     if args.rewards and args.reward_model:
         raise ValueError("pass --rewards or --reward-model, not both")
-    if not args.reward_model:
-        args.rewards = args.rewards or ",".join(DEFAULT)
     torch.manual_seed(args.seed)
-    model, tokenizer = policy(args)
+    model, tokenizer = policy(args, progress=args.progress)
     prompts = load_prompts(args.prompts)
     options = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p)
-    if args.reward_model:
-        scorer, reward_tokenizer = reward_model(args)
-        result = best_of_n(model, tokenizer, prompts, reward_model=scorer,
-                           reward_tokenizer=reward_tokenizer, **options)
-        source = f"reward model {args.reward_model}"
-    else:
-        functions, weights = reward_functions(args)
-        if weights:
-            raise ValueError("--reward-weights is for GRPO; Best-of-N sums --rewards")
-        result = best_of_n(model, tokenizer, prompts, reward_funcs=functions, **options)
-        source = f"rewards {args.rewards}"
+    functions, _ = reward_functions(args)
+    result = best_of_n(model, tokenizer, prompts, reward_funcs=functions, **options)
+    source = (f"reward model {args.reward_model}" if args.reward_model
+              else f"rewards {args.rewards or ','.join(DEFAULT)}")
     print(f"Best-of-{args.n} over {len(prompts)} prompts ({source}): mean reward of one sample "
           f"{result.mean_reward:.3f}, of the best of {args.n} {result.best_reward:.3f} "
           f"(gain {result.gain:+.3f})")

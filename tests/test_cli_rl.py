@@ -4,7 +4,10 @@ the built-in reward functions, and the commands' one-line errors."""
 import json
 
 import pytest
+import torch
 from test_cli import fastalign
+
+from fastalign.cli import main
 
 from fastalign.trainer import byte_tokenizer, tiny_reward_model
 from fastalign.trainer.rewards import applause, enthusiasm, letters, reward_function
@@ -57,33 +60,56 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
     assert {"score", "kl", "value_loss", "explained_variance", "entropy"} <= set(logged[-1])
     assert (tmp_path / "run" / "value_head.pt").is_file()
 
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about owls.\nName a fruit.\n")
     done = fastalign("bon", "--model", "tiny", "--warm-start-steps", "1", "--n", "3",
                      "--max-new-tokens", "4", "--reward-model", str(reward_dir), "--show", "1",
-                     "--device", "cpu")
+                     "--prompts", str(prompts), "--device", "cpu", "--no-progress")
     assert done.returncode == 0, done.stderr
-    assert "Best-of-3 over 240 prompts (reward model" in done.stdout
+    assert "Best-of-3 over 2 prompts (reward model" in done.stdout
     gain = float(done.stdout.split("(gain ")[1].split(")")[0])
     assert gain >= 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["train", "grpo", "--rewards", "claps"], "unknown reward function 'claps'"),
     (["train", "grpo", "--reward-weights", "1,2,3"], "--reward-weights has 3 weights for 2"),
     (["train", "grpo", "--prompts", "missing.txt"], "--prompts 'missing.txt': no such file"),
     (["train", "grpo", "--device", "cuda:7"], "this machine has no CUDA GPU"),
+    (["train", "ppo", "--reward-model", "missing-dir"], "cannot load model 'missing-dir'"),
     (["bon", "--rewards", "letters", "--reward-model", "runs/rm"],
      "pass --rewards or --reward-model, not both"),
 ])
-def test_errors_are_one_line_messages(args, message, tmp_path):
-    done = fastalign(*args, "--warm-start-steps", "0", *(
-        ["--output", str(tmp_path / "run")] if args[0] == "train" else []))
-    assert done.returncode != 0
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("fastalign: error:") and message in last, done.stderr
+def test_errors_are_one_line_messages(args, message, tmp_path, monkeypatch):
+    """In process: main() exits with the one line the shell shows."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    output = ["--output", str(tmp_path / "run")] if args[0] == "train" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--warm-start-steps", "0", *output])
+    text = str(exit_info.value)
+    assert text.startswith("fastalign: error:") and message in text and "\n" not in text
 
 
-@pytest.mark.slow
-def test_ppo_needs_a_reward_model():
-    done = fastalign("train", "ppo")
-    assert done.returncode == 2 and "--reward-model" in done.stderr
+def test_ppo_needs_a_reward_model(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "ppo"])
+    assert exit_info.value.code == 2 and "--reward-model" in capsys.readouterr().err
+
+
+def test_prompt_files(tmp_path):
+    from fastalign.cli_rl import load_prompts
+
+    assert len(load_prompts("demo")) == 240
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "Hi"}\n\n{"prompt": [{"role": "user", "content": "Yo"}]}\n')
+    assert load_prompts(str(good)) == ["Hi", [{"role": "user", "content": "Yo"}]]
+    text = tmp_path / "prompts.txt"
+    text.write_text("one\n\ntwo\n")
+    assert load_prompts(str(text)) == ["one", "two"]
+    for content, message in [('{"prompt": "Hi"}\n{oops\n', "bad.jsonl line 2: not JSON"),
+                             ('{"text": "Hi"}\n', "bad.jsonl line 1: a row needs a non-empty"),
+                             ("\n", "holds no prompt")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            load_prompts(str(bad))

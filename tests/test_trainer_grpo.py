@@ -75,6 +75,26 @@ def test_reward_rises(tmp_path):
     print(f"reward first 5 steps {first:.3f}, last 5 {last:.3f}")
 
 
+def test_a_reward_model_among_the_reward_functions(tmp_path):
+    from fastalign.trainer import tiny_reward_model
+    from fastalign.trainer.best_of_n import score_with_reward_model
+
+    torch.manual_seed(0)
+    reward_model = tiny_reward_model(vocab_size=300, hidden_size=32, seed=4)
+    config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=4,
+                        max_new_tokens=6, progress=False)
+    trainer = GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS,
+                          [lowercase_share, reward_model], reward_weights=[1.0, 2.0])
+    rollouts, rewards, _ = trainer.rollout(PROMPTS[:2])
+    repeated = [PROMPTS[i] for i in rollouts.prompt_index.tolist()]
+    scores = score_with_reward_model(reward_model, byte_tokenizer(), repeated,
+                                     rollouts.completions)
+    expected = torch.tensor(lowercase_share(None, rollouts.completions)) + 2 * scores
+    torch.testing.assert_close(rewards, expected)
+    assert trainer.reward_means["rewards/reward_model"] == pytest.approx(float(scores.mean()))
+    assert not any(p.requires_grad for p in reward_model.parameters())  # frozen
+
+
 def test_bad_reward_functions(tmp_path):
     config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=2,
                         max_new_tokens=4, progress=False)

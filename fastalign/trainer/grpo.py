@@ -19,6 +19,7 @@ import torch
 from ..losses import group_advantages, policy_loss
 from ._base import Trainer
 from .adapter import CausalLMAdapter
+from .best_of_n import RewardModelFunction
 from .config import GRPO_LOSS_TYPES, GRPOConfig
 from .rollout import Rollouts, generate_rollouts, reward_columns, reward_name
 
@@ -30,7 +31,9 @@ class GRPOTrainer(Trainer):
         config: a ``GRPOConfig``.
         prompts: a list of prompts (text or chat messages).
         reward_funcs: callables ``f(prompts, completions) -> list[float]`` (one reward per
-            completion; prompts repeated to match), summed with ``reward_weights``.
+            completion; prompts repeated to match) and/or reward models (sequence classifiers
+            with one output, frozen; scored through ``reward_tokenizer``, default
+            ``tokenizer``), summed with ``reward_weights``.
         ref_model: the frozen reference for ``beta > 0`` or ``monitor_kl`` (default: a copy of
             ``model``).
     """
@@ -40,7 +43,7 @@ class GRPOTrainer(Trainer):
 
     def __init__(self, model, tokenizer, config: GRPOConfig | None, prompts: list,
                  reward_funcs: list, *, reward_weights: list[float] | None = None,
-                 ref_model=None):
+                 reward_tokenizer=None, ref_model=None):
         config = config or GRPOConfig()
         if not prompts:
             raise ValueError("prompts is empty")
@@ -54,7 +57,8 @@ class GRPOTrainer(Trainer):
             raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                              "tokenizer.pad_token = tokenizer.eos_token")
         super().__init__(model, tokenizer, config, list(prompts))
-        self.reward_funcs = list(reward_funcs)
+        self.reward_funcs = [RewardModelFunction(f, reward_tokenizer or tokenizer)
+                             if isinstance(f, torch.nn.Module) else f for f in reward_funcs]
         self.reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
         self.policy = CausalLMAdapter(model)
         self.reference = None

@@ -26,7 +26,7 @@ from ..losses._reduce import masked_mean
 from ..nn import FusedPolicyLoss
 from ._base import Trainer
 from .adapter import IGNORE_INDEX, CausalLMAdapter, completion_targets
-from .best_of_n import score_with_reward_model
+from .best_of_n import check_reward_model, score_with_reward_model
 from .config import PPOConfig
 from .rollout import Rollouts, generate_rollouts
 
@@ -72,9 +72,7 @@ class PPOTrainer(Trainer):
         config = config or PPOConfig()
         if not prompts:
             raise ValueError("prompts is empty")
-        if getattr(getattr(reward_model, "config", None), "num_labels", None) != 1:
-            raise ValueError("reward_model must be a sequence-classification model with one "
-                             "output (num_labels=1), e.g. trained by RewardTrainer")
+        check_reward_model(reward_model)
         if value_model is not None and not hasattr(value_model, "score"):
             raise TypeError(f"value_model ({type(value_model).__name__}) has no `score` head: "
                             "pass a *ForSequenceClassification model, or None for a value head "

@@ -57,9 +57,8 @@ def warm_started_tiny(*, steps: int = 20, seed: int = 0, progress: bool = True,
     model, tokenizer = tiny_llama(seed=seed).to(device), byte_tokenizer()
     losses = supervised_warm_start(model, tokenizer, demo_preferences("train"), steps=steps,
                                    seed=seed, progress=progress)
-    if progress:
-        print(f"tiny: {steps}-step supervised warm start on the bundled answers, loss "
-              f"{losses[0]:.2f} -> {losses[-1]:.2f}")
+    print(f"tiny: {steps}-step supervised warm start on the bundled answers, loss "
+          f"{losses[0]:.2f} -> {losses[-1]:.2f}")
     return model, tokenizer
 
 
