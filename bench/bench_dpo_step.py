@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import random
 import string
@@ -144,21 +143,8 @@ def main(argv=None) -> None:
                             time_ms=round(timing.get("seconds", float("nan")) * 1e3, 1),
                             peak_mb=round(memory.get("peak_bytes", float("nan")) / 2**20, 1),
                             error=error[:200], **stamp))
-    print(f"\n{'provider':10} {'step (ms)':>10} {'peak extra (MB)':>16}   (fp32 logits of the "
-          f"batch: {logits_mb:.0f} MB)")
-    for row in results:
-        print(f"{row['provider']:10} {row['time_ms']:10.0f} {row['peak_mb']:16.0f}  {row['error']}")
-    if len(results) == 2 and not any(r["error"] for r in results):
-        ours, theirs = results
-        print(f"\nTRL / fastalign: time {theirs['time_ms'] / ours['time_ms']:.2f}x, "
-              f"peak memory {theirs['peak_mb'] / ours['peak_mb']:.2f}x")
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=list(results[0]))
-            writer.writeheader()
-            writer.writerows(results)
-        print(f"CSV: {args.csv}")
+    harness.report_trainer_steps(results, f"fp32 logits of the batch: {logits_mb:.0f} MB",
+                                 args.csv)
 
 
 if __name__ == "__main__":

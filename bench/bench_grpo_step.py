@@ -15,7 +15,6 @@ memory the peak resident set one step adds.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import string
@@ -165,22 +164,8 @@ def main(argv=None) -> None:
                             time_ms=round(timing.get("seconds", float("nan")) * 1e3, 1),
                             peak_mb=round(memory.get("peak_bytes", float("nan")) / 2**20, 1),
                             error=error[:200], **stamp))
-    print(f"\n{'provider':10} {'step (ms)':>10} {'peak extra (MB)':>16} {'mean length':>12}   "
-          f"(fp32 logits of the completions: {logits_mb:.0f} MB)")
-    for row in results:
-        print(f"{row['provider']:10} {row['time_ms']:10.0f} {row['peak_mb']:16.0f} "
-              f"{row['completion_length']:12.1f}  {row['error']}")
-    if len(results) == 2 and not any(r["error"] for r in results):
-        ours, theirs = results
-        print(f"\nTRL / fastalign: time {theirs['time_ms'] / ours['time_ms']:.2f}x, "
-              f"peak memory {theirs['peak_mb'] / ours['peak_mb']:.2f}x")
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=list(results[0]))
-            writer.writeheader()
-            writer.writerows(results)
-        print(f"CSV: {args.csv}")
+    harness.report_trainer_steps(results, f"fp32 logits of the completions: {logits_mb:.0f} MB",
+                                 args.csv, extra="completion_length")
 
 
 if __name__ == "__main__":

@@ -176,3 +176,9 @@ def test_bad_input(tmp_path):
         PPOConfig(batch_size=4, mini_batch_size=8)
     with pytest.raises(ValueError, match="kl_estimator must be one of k1, k2, k3"):
         PPOConfig(kl_estimator="k4")
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        PPOConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        PPOConfig(temperature=0)
+    with pytest.raises(ValueError, match="ppo_epochs must be an integer >= 1, got 0"):
+        PPOConfig(ppo_epochs=0)

@@ -91,10 +91,33 @@ class RewardConfig(TrainConfig):
 GRPO_LOSS_TYPES = {  # loss_type -> policy_loss aggregation
     "grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
     "dr_grpo": "seq_mean_token_sum_norm"}
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class RLConfig(TrainConfig):
+    """What PPO and GRPO share: sampling (``max_new_tokens``, ``temperature``, ``top_p``; the
+    log-probs are taken at the sampling temperature), the clip range of the ratio
+    (``clip_low``; ``clip_high`` defaults to it) and the KL estimator."""
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    kl_estimator: str = "k3"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_positive_ints(self, ["max_new_tokens"])
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
     """GRPO: ``batch_size`` prompts per step, ``num_generations`` completions each; advantages
     are group-normalized rewards; ``num_iterations`` optimizer updates per batch of rollouts
     (importance ratios against the rollouts' log-probs); ``beta`` > 0 adds the KL estimate to a
@@ -104,14 +127,8 @@ class GRPOConfig(TrainConfig):
     output_dir: str = "fastalign-grpo"
     batch_size: int = 4
     num_generations: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
     loss_type: str = "grpo"
-    clip_low: float = 0.2
-    clip_high: float | None = None
     beta: float = 0.0
-    kl_estimator: str = "k3"
     num_iterations: int = 1
     scale_rewards: str = "group"
     monitor_kl: bool = False
@@ -119,17 +136,14 @@ class GRPOConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_choice("loss_type", self.loss_type, tuple(GRPO_LOSS_TYPES))
-        _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
-        for name in ("num_generations", "max_new_tokens", "num_iterations"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        _check_positive_ints(self, ["num_generations", "num_iterations"])
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (0: no KL term), got {self.beta!r}")
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(RLConfig):
     """PPO with a learned reward model (Ouyang et al. 2022): ``batch_size`` prompts are rolled
     out per step (one completion each); per-token rewards are ``-kl_coef`` x the KL estimate to
     the reference plus the reward model's score on the last completion token; GAE (``gamma``,
@@ -141,15 +155,10 @@ class PPOConfig(TrainConfig):
     batch_size: int = 8
     mini_batch_size: int = 4
     ppo_epochs: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
     gamma: float = 1.0
     lam: float = 0.95
-    clip_low: float = 0.2
-    clip_high: float | None = None
     value_clip: float = 0.2
     vf_coef: float = 0.1
     whiten_rewards: bool = False
@@ -157,10 +166,7 @@ class PPOConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
-        for name in ("mini_batch_size", "ppo_epochs", "max_new_tokens"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        _check_positive_ints(self, ["mini_batch_size", "ppo_epochs"])
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size "
                              f"({self.batch_size}), the rollouts of one step")
@@ -169,8 +175,13 @@ class PPOConfig(TrainConfig):
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma!r} and "
                              f"{self.lam!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
+
+def _check_positive_ints(config, names: list[str]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _check_choice(name, value, choices):
