@@ -182,3 +182,33 @@ def test_bad_input(tmp_path):
         PPOConfig(temperature=0)
     with pytest.raises(ValueError, match="ppo_epochs must be an integer >= 1, got 0"):
         PPOConfig(ppo_epochs=0)
+
+
+def test_a_lora_policy_uses_its_base_as_the_reference(tmp_path):
+    """No copy of the weights: the reference pass disables the adapters (PPO and GRPO)."""
+    peft = pytest.importorskip("peft")
+    from fastalign.trainer import CausalLMAdapter, GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    policy = peft.get_peft_model(small_model(), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # adapters that move the policy away from its base
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    config = PPOConfig(output_dir=str(tmp_path), batch_size=4, mini_batch_size=2,
+                       max_new_tokens=6, progress=False)
+    trainer = PPOTrainer(policy, byte_tokenizer(), config, PROMPTS, small_reward_model())
+    assert trainer.reference.uses_base
+    experience = trainer.rollout(PROMPTS)
+    inputs = experience.rollouts.model_inputs()
+    with torch.no_grad():
+        base = CausalLMAdapter(small_model()).completion_logprobs(**inputs)[0]  # same weights
+    torch.testing.assert_close(experience.ref_logprobs, base, rtol=0, atol=1e-5)
+    assert (experience.rollouts.old_logprobs - base).abs().max() > 1e-2  # the policy differs
+    grpo = GRPOTrainer(policy, byte_tokenizer(), GRPOConfig(output_dir=str(tmp_path), beta=0.1,
+                                                            progress=False),
+                       PROMPTS, [lambda prompts, completions: [0.0] * len(completions)])
+    assert grpo.reference.uses_base
+    torch.testing.assert_close(grpo.reference_logprobs(experience.rollouts), base, rtol=0,
+                               atol=1e-5)

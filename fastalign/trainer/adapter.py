@@ -10,6 +10,7 @@ the ``[B, T, V]`` logits never exist, and positions that are not followed by a c
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,28 @@ class CausalLMAdapter:
             if disable_adapters:
                 stack.enter_context(self.model.disable_adapter())
             yield
+
+
+class FrozenReference:
+    """The reference policy of PPO and GRPO: ``ref_model`` when given; else, for a PEFT (LoRA)
+    policy, its base model with the adapters disabled (no second copy of the weights); else a
+    frozen copy of ``model``."""
+
+    def __init__(self, model, ref_model=None):
+        self.uses_base = ref_model is None and hasattr(model, "disable_adapter")
+        if self.uses_base:
+            self.adapter = CausalLMAdapter(model)
+        else:
+            reference = ref_model if ref_model is not None else copy.deepcopy(model)
+            self.adapter = CausalLMAdapter(reference.eval().requires_grad_(False))
+
+    def completion_logprobs(self, input_ids, completion_mask, attention_mask=None, *,
+                            position_ids=None, temperature: float = 1.0) -> torch.Tensor:
+        """``[B, T-1]`` per-token log-probs of the reference, without gradient."""
+        with self.adapter.reference_context(disable_adapters=self.uses_base):
+            return self.adapter.completion_logprobs(
+                input_ids, completion_mask, attention_mask, position_ids=position_ids,
+                temperature=temperature)[0]
 
 
 def _padded(side: dict, length: int):

@@ -11,14 +11,13 @@ from ``linear_logprobs`` (no logits). No value model.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 
 from ..losses import group_advantages, policy_loss
 from ._base import Trainer
-from .adapter import CausalLMAdapter
+from .adapter import CausalLMAdapter, FrozenReference
 from .best_of_n import RewardModelFunction
 from .config import GRPO_LOSS_TYPES, GRPOConfig
 from .rollout import Rollouts, generate_rollouts, reward_columns, reward_name
@@ -34,8 +33,8 @@ class GRPOTrainer(Trainer):
             completion; prompts repeated to match) and/or reward models (sequence classifiers
             with one output, frozen; scored through ``reward_tokenizer``, default
             ``tokenizer``), summed with ``reward_weights``.
-        ref_model: the frozen reference for ``beta > 0`` or ``monitor_kl`` (default: a copy of
-            ``model``).
+        ref_model: the frozen reference for ``beta > 0`` or ``monitor_kl`` (default: a PEFT
+            model's base with its adapters disabled, else a copy of ``model``).
     """
 
     plot_panels = [("loss", ["loss"]), ("reward", ["reward", "reward_std"]),
@@ -61,11 +60,8 @@ class GRPOTrainer(Trainer):
                              if isinstance(f, torch.nn.Module) else f for f in reward_funcs]
         self.reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
         self.policy = CausalLMAdapter(model)
-        self.reference = None
-        if config.beta > 0 or config.monitor_kl:
-            reference = ref_model if ref_model is not None else copy.deepcopy(model)
-            reference.eval().requires_grad_(False)
-            self.reference = CausalLMAdapter(reference)
+        self.reference = (FrozenReference(model, ref_model)
+                          if config.beta > 0 or config.monitor_kl else None)
 
     def rollout(self, prompts: list) -> tuple[Rollouts, torch.Tensor, torch.Tensor]:
         """Rollouts of ``prompts``, their rewards ``[R]`` (the weighted sum of the reward
@@ -87,9 +83,8 @@ class GRPOTrainer(Trainer):
     def reference_logprobs(self, rollouts: Rollouts) -> torch.Tensor | None:
         if self.reference is None:
             return None
-        with torch.no_grad():
-            return self.reference.completion_logprobs(
-                **rollouts.model_inputs(), temperature=self.config.temperature)[0]
+        return self.reference.completion_logprobs(**rollouts.model_inputs(),
+                                                  temperature=self.config.temperature)
 
     def compute_loss(self, rollouts: Rollouts, advantages, ref_logprobs=None):
         """The clipped surrogate (+ beta x KL) of the policy on recorded rollouts."""

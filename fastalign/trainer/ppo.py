@@ -14,7 +14,6 @@ https://arxiv.org/abs/2203.02155) on the thin trainer layer, with the four model
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from ..losses import gae, kl_estimate, value_loss
 from ..losses._reduce import masked_mean
 from ..nn import FusedPolicyLoss
 from ._base import Trainer
-from .adapter import IGNORE_INDEX, CausalLMAdapter, completion_targets
+from .adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
 from .best_of_n import check_reward_model, score_with_reward_model
 from .config import PPOConfig
 from .rollout import Rollouts, generate_rollouts
@@ -58,7 +57,8 @@ class PPOTrainer(Trainer):
         reward_model: a sequence-classification model with one output (frozen here).
         reward_tokenizer: the reward model's tokenizer (default: ``tokenizer``); completions
             are re-tokenized with it, so the two models may have different vocabularies.
-        ref_model: the frozen reference (default: a copy of ``model``).
+        ref_model: the frozen reference (default: a PEFT model's base with its adapters
+            disabled, else a copy of ``model``).
         value_model: a sequence-classification model whose ``score`` head gives a value per
             token (trained jointly), or None (default) for a value head on the policy's backbone.
     """
@@ -93,8 +93,7 @@ class PPOTrainer(Trainer):
         self.shared_value_head = value_model is None
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.reward_tokenizer = reward_tokenizer or tokenizer
-        reference = ref_model if ref_model is not None else copy.deepcopy(model)
-        self.reference = CausalLMAdapter(reference.eval().requires_grad_(False))
+        self.reference = FrozenReference(model, ref_model)
         self.policy_loss = FusedPolicyLoss(
             clip_low=config.clip_low, clip_high=config.clip_high, aggregation="token_mean",
             temperature=config.temperature, softcap=self.policy.softcap,
@@ -146,8 +145,8 @@ class PPOTrainer(Trainer):
             stopped = ((rollouts.input_ids == self.tokenizer.eos_token_id)
                        & rollouts.completion_mask.bool()).any(-1)
             scores = scores - config.missing_eos_penalty * (~stopped).float()
-        ref_logprobs, _ = self.reference.completion_logprobs(**inputs,
-                                                             temperature=config.temperature)
+        ref_logprobs = self.reference.completion_logprobs(**inputs,
+                                                          temperature=config.temperature)
         hidden = self.policy.hidden_states(rollouts.input_ids, rollouts.attention_mask,
                                            rollouts.position_ids)[:, :-1]
         values = self.values(inputs, hidden) * mask
