@@ -92,11 +92,17 @@ class CausalLMAdapter:
         Differentiable w.r.t. the model's parameters (hidden states and lm_head)."""
         targets = completion_targets(input_ids, completion_mask, attention_mask)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)[:, :-1]
-        head = self.head()
-        per_token = linear_logprobs(hidden, head.weight, targets, bias=head.bias,
-                                    temperature=temperature, softcap=head.softcap,
-                                    ignore_index=IGNORE_INDEX)
+        per_token = self.target_logprobs(hidden, targets, temperature=temperature)
         return per_token, (targets != IGNORE_INDEX).sum(-1)
+
+    def target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *,
+                        temperature: float = 1.0) -> torch.Tensor:
+        """``[B, T-1]`` float32 log-probs of ``targets`` (``completion_targets``) from hidden
+        states already computed (``hidden_states(...)[:, :-1]``), through the output head."""
+        head = self.head()
+        return linear_logprobs(hidden, head.weight, targets, bias=head.bias,
+                               temperature=temperature, softcap=head.softcap,
+                               ignore_index=IGNORE_INDEX)
 
     def sequence_logprobs(self, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, *,

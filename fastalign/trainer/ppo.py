@@ -41,6 +41,7 @@ class Experience:
     targets: torch.Tensor
     mask: torch.Tensor
     ref_logprobs: torch.Tensor
+    kl: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
     rewards: torch.Tensor
@@ -134,11 +135,22 @@ class PPOTrainer(Trainer):
         config = self.config
         rollouts = generate_rollouts(self.model, self.tokenizer, prompts,
                                      max_new_tokens=config.max_new_tokens,
-                                     temperature=config.temperature, top_p=config.top_p)
+                                     temperature=config.temperature, top_p=config.top_p,
+                                     logprobs=False)
         inputs = rollouts.model_inputs()
         targets = completion_targets(rollouts.input_ids, rollouts.completion_mask,
                                      rollouts.attention_mask)
         mask = (targets != IGNORE_INDEX).float()
+        # One backbone pass gives the old log-probs and (with the shared head) the values,
+        # in eval mode as the tokens were sampled.
+        was_training = self.model.training
+        self.model.eval()
+        hidden = self.policy.hidden_states(rollouts.input_ids, rollouts.attention_mask,
+                                           rollouts.position_ids)[:, :-1]
+        rollouts.old_logprobs = self.policy.target_logprobs(hidden, targets,
+                                                            temperature=config.temperature)
+        values = self.values(inputs, hidden) * mask
+        self.model.train(was_training)
         scores = score_with_reward_model(self.reward_model, self.reward_tokenizer, prompts,
                                          rollouts.completions).to(self.device)
         if config.missing_eos_penalty is not None:
@@ -147,9 +159,6 @@ class PPOTrainer(Trainer):
             scores = scores - config.missing_eos_penalty * (~stopped).float()
         ref_logprobs = self.reference.completion_logprobs(**inputs,
                                                           temperature=config.temperature)
-        hidden = self.policy.hidden_states(rollouts.input_ids, rollouts.attention_mask,
-                                           rollouts.position_ids)[:, :-1]
-        values = self.values(inputs, hidden) * mask
         kl = kl_estimate(rollouts.old_logprobs, ref_logprobs, config.kl_estimator) * mask
         rewards = -config.kl_coef * kl
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
@@ -157,7 +166,7 @@ class PPOTrainer(Trainer):
         if config.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
-        return Experience(rollouts, targets, mask, ref_logprobs, values, scores, rewards,
+        return Experience(rollouts, targets, mask, ref_logprobs, kl, values, scores, rewards,
                           whiten(advantages, mask), returns)
 
     # -- the update ---------------------------------------------------------------------------
@@ -215,8 +224,7 @@ class PPOTrainer(Trainer):
         """What the rollouts say before the update: reward-model score, KL to the reference
         (the sequence sum of the estimate), the total reward, how well values fit returns."""
         mask = experience.mask
-        kl = (kl_estimate(experience.rollouts.old_logprobs, experience.ref_logprobs,
-                          self.config.kl_estimator) * mask).sum(-1)
+        kl = experience.kl.sum(-1)
         residual = (experience.returns - experience.values) * mask
         explained = 1 - _masked_var(residual, mask) / _masked_var(experience.returns, mask).clamp(
             min=1e-8)
