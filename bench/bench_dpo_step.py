@@ -131,18 +131,13 @@ def main(argv=None) -> None:
     for provider in args.providers:
         print(f"{provider}: one DPO step, {args.pairs} pairs x {args.prompt + args.completion} "
               f"tokens, hidden {args.hidden}, {args.layers} layers, V={args.vocab} ...", flush=True)
-        command = [str(Path(__file__).resolve())]
-        timing = _measure.run_worker(command, dict(spec, provider=provider, measure="time"),
-                                     for_memory=False)
-        memory = _measure.run_worker(command, dict(spec, provider=provider, measure="memory"),
-                                     for_memory=True)
-        error = timing.get("error") or memory.get("error") or ""
+        measured = harness.measure_trainer_step(__file__, dict(spec, provider=provider))
         results.append(dict(op="dpo_step", provider=provider, pairs=args.pairs,
                             seq=args.prompt + args.completion, hidden=args.hidden,
                             layers=args.layers, vocab=args.vocab, logits_mb=round(logits_mb, 1),
-                            time_ms=round(timing.get("seconds", float("nan")) * 1e3, 1),
-                            peak_mb=round(memory.get("peak_bytes", float("nan")) / 2**20, 1),
-                            error=error[:200], **stamp))
+                            time_ms=round(measured["seconds"] * 1e3, 1),
+                            peak_mb=round(measured["peak_bytes"] / 2**20, 1),
+                            error=measured["error"][:200], **stamp))
     harness.report_trainer_steps(results, f"fp32 logits of the batch: {logits_mb:.0f} MB",
                                  args.csv)
 

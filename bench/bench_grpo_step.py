@@ -148,22 +148,17 @@ def main(argv=None) -> None:
         print(f"{provider}: one GRPO step, {args.prompts} prompt(s) x G={args.generations}, "
               f"{args.completion} completion tokens, hidden {args.hidden}, {args.layers} layers, "
               f"V={args.vocab} ...", flush=True)
-        command = [str(Path(__file__).resolve())]
-        timing = _measure.run_worker(command, dict(spec, provider=provider, measure="time"),
-                                     for_memory=False)
-        memory = _measure.run_worker(command, dict(spec, provider=provider, measure="memory"),
-                                     for_memory=True)
-        error = timing.get("error") or memory.get("error") or ""
+        measured = harness.measure_trainer_step(__file__, dict(spec, provider=provider))
         results.append(dict(op="grpo_step", provider=provider, prompts=args.prompts,
                             generations=args.generations, prompt=args.prompt,
                             completion=args.completion,
-                            completion_length=round(memory.get("completion_length", float("nan")),
+                            completion_length=round(measured.get("completion_length", float("nan")),
                                                     1),
                             hidden=args.hidden, layers=args.layers, vocab=args.vocab,
                             logits_mb=round(logits_mb, 1),
-                            time_ms=round(timing.get("seconds", float("nan")) * 1e3, 1),
-                            peak_mb=round(memory.get("peak_bytes", float("nan")) / 2**20, 1),
-                            error=error[:200], **stamp))
+                            time_ms=round(measured["seconds"] * 1e3, 1),
+                            peak_mb=round(measured["peak_bytes"] / 2**20, 1),
+                            error=measured["error"][:200], **stamp))
     harness.report_trainer_steps(results, f"fp32 logits of the completions: {logits_mb:.0f} MB",
                                  args.csv, extra="completion_length")
 

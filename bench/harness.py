@@ -52,6 +52,18 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def measure_trainer_step(script: str, spec: dict) -> dict:
+    """Time and peak memory of one training step of ``spec["provider"]``, each in a fresh
+    process running ``script --worker``: the memory worker's reply (``peak_bytes`` and what
+    else it reports), ``seconds`` from the timing worker, and ``error`` ("" when none)."""
+    command = [str(Path(script).resolve())]
+    timing = _measure.run_worker(command, dict(spec, measure="time"), for_memory=False)
+    memory = _measure.run_worker(command, dict(spec, measure="memory"), for_memory=True)
+    return dict(memory, seconds=timing.get("seconds", float("nan")),
+                peak_bytes=memory.get("peak_bytes", float("nan")),
+                error=timing.get("error") or memory.get("error") or "")
+
+
 def report_trainer_steps(results: list[dict], note: str, csv_path: Path | None,
                          extra: str | None = None) -> None:
     """The table of a one-training-step benchmark (``bench_dpo_step``, ``bench_grpo_step``):
