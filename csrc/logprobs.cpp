@@ -2,17 +2,60 @@
 // columns of a [rows, V] tensor: the native CPU twins of kernels/token_logprobs.py and of the
 // reduction half of kernels/linear_logprobs.py.
 //
-// Forward, per row, one pass over memory with an online log-sum-exp in blocks: the block's max
-// first (from L1), a rescale of the running sums only when that max grows, then one exp per
-// element. It returns the row's statistics; fastalign/ops/token_logprobs_native.py turns them
-// into log-probs, entropy and the log-sum-exp kept for backward.
+// Forward, per row, one pass over memory with an online log-sum-exp in blocks of kBlock columns.
+// Each block is read once, converted and transformed in registers: its exps are taken relative
+// to the running max while its own max is found in the same pass. Only when a block's max
+// exceeds the running max by more than kHeadroom (the first block, a NaN, logits that climb
+// steeply along the row) is the block redone, from cache, relative to its own max. It returns
+// the row's statistics; fastalign/ops/token_logprobs_native.py turns them into log-probs,
+// entropy and the log-sum-exp kept for backward.
 //
 // Backward writes d(go_lp * logprob + go_ent * entropy)/dz in one pass from the saved
-// log-sum-exp, in the output's dtype; the output may be the logits themselves (in place).
+// log-sum-exp, converting in registers to the output's dtype; the output may be the logits
+// themselves (in place).
 #include "kernels.h"
 
 namespace fastalign {
 namespace {
+
+// How far above the running max a block's logits may lie and still have their exps taken
+// relative to it: exp(60) * V stays far below FLT_MAX, and fast_exp is exact up to 88.
+constexpr float kHeadroom = 60.0f;
+
+// The columns [0, n) of one row block, read a pair of vectors at a time and transformed to z'
+// in registers; the lanes past n of the last pair are -inf.
+template <typename scalar_t, Kind kKind>
+struct RowBlock {
+  const scalar_t* src;
+  int64_t n;
+  const VecTransform<kKind>& transform;
+
+  template <typename F>
+  void for_each_pair(F&& f) const {
+    Vec a, b;
+    int64_t j = 0;
+    for (; j + kPair <= n; j += kPair) {
+      load_pair_any(src + j, a, b);  // any order: every caller reduces
+      f(transform(a), transform(b));
+    }
+    if (j < n) {
+      load_pair_partial(src + j, n - j, 0.0f, a, b);
+      a = transform(a);
+      b = transform(b);
+      mask_pair_tail(n - j, a, b);
+      f(a, b);
+    }
+  }
+
+  float max() const {
+    Vec max_a(-INFINITY), max_b(-INFINITY);
+    for_each_pair([&](const Vec& a, const Vec& b) {
+      max_a = nan_maximum(max_a, a);
+      max_b = nan_maximum(max_b, b);
+    });
+    return reduce_max(nan_maximum(max_a, max_b));
+  }
+};
 
 struct RowStats {
   float max = kFiniteMin;    // running max of z'
@@ -20,54 +63,86 @@ struct RowStats {
   float sum_shifted = 0.0f;  // sum exp(z' - max) * (z' - max), for the entropy
   float target = 0.0f;       // z' at the target column, 0 when the target is not in this row
 
-  // Folds in columns z[0:n] whose max is block_max_value.
-  template <bool kEntropy>
-  void add_block(const float* z, int64_t n, float block_max_value) {
-    if (!(block_max_value <= max)) {  // grows, or NaN: NaN then poisons the row
-      const float delta = max - block_max_value;  // <= 0
-      const float rescale = std::exp(delta);
-      // Sums relative to the new max: exp(s + d) (s + d) = e^d (exp(s) s + d exp(s)).
-      sum_shifted = rescale * (sum_shifted + delta * sum_exp);
-      sum_exp *= rescale;
-      max = block_max_value;
-    }
-    const Vec row_max(max), finite_min(kFiniteMin);
+  // Re-expresses the sums relative to a larger max (or poisons them with a NaN one):
+  // exp(s + d) (s + d) = e^d (exp(s) s + d exp(s)) with d = old - new max.
+  void raise_max(float new_max) {
+    const float delta = max - new_max;
+    const float rescale = std::exp(delta);
+    sum_shifted = rescale * (sum_shifted + delta * sum_exp);
+    sum_exp *= rescale;
+    max = new_max;
+  }
+
+  // sum exp(z' - reference) (and its z'-weighted twin) over a block, and the block's max when
+  // kTrackMax.
+  template <bool kEntropy, bool kTrackMax, typename Block>
+  static void block_sums(const Block& block, float reference, float& sum, float& weighted,
+                         float& block_max) {
+    const Vec ref(reference), finite_min(kFiniteMin);
     Vec sum_a(0.0f), sum_b(0.0f), weighted_a(0.0f), weighted_b(0.0f);
-    auto add = [&](const Vec& zv, Vec& sum, Vec& weighted) {
-      const Vec s = zv - row_max;
+    Vec max_a(-INFINITY), max_b(-INFINITY);
+    // Two independent chains per pair: one would be bound by the exp's latency.
+    auto add = [&](const Vec& z, Vec& acc, Vec& acc_weighted, Vec& acc_max) {
+      if constexpr (kTrackMax) {
+        acc_max = nan_maximum(acc_max, z);
+      }
+      const Vec s = z - ref;
       const Vec e = fast_exp(s);
-      sum = sum + e;
+      acc = acc + e;
       if constexpr (kEntropy) {
         // -inf logits: clamp s so that their term is 0 * finite, not 0 * -inf = NaN.
-        weighted = at::vec::fmadd(e, at::vec::maximum(s, finite_min), weighted);
+        acc_weighted = at::vec::fmadd(e, at::vec::maximum(s, finite_min), acc_weighted);
       }
     };
-    const int64_t step = Vec::size();
-    int64_t j = 0;
-    // Two independent chains: one would be bound by the exp's latency, not its throughput.
-    for (; j + 2 * step <= n; j += 2 * step) {
-      add(Vec::loadu(z + j), sum_a, weighted_a);
-      add(Vec::loadu(z + j + step), sum_b, weighted_b);
+    block.for_each_pair([&](const Vec& a, const Vec& b) {
+      add(a, sum_a, weighted_a, max_a);
+      add(b, sum_b, weighted_b, max_b);
+    });
+    sum = horizontal_sum(sum_a + sum_b);
+    weighted = kEntropy ? horizontal_sum(weighted_a + weighted_b) : 0.0f;
+    if constexpr (kTrackMax) {
+      block_max = reduce_max(nan_maximum(max_a, max_b));
     }
-    for (; j + step <= n; j += step) {
-      add(Vec::loadu(z + j), sum_a, weighted_a);
+  }
+
+  // Folds a block in with its max known: the sums move to it if it is larger, then one pass.
+  template <bool kEntropy, typename Block>
+  void add_block_at_max(const Block& block, float block_max) {
+    if (!(block_max <= max)) {  // grows, or NaN: NaN then poisons the row
+      raise_max(block_max);
     }
-    if (j < n) {
-      add(load_tail(z + j, n - j), sum_b, weighted_b);
+    float sum, weighted, unused;
+    block_sums<kEntropy, false>(block, max, sum, weighted, unused);
+    sum_exp += sum;
+    sum_shifted += weighted;
+  }
+
+  template <bool kEntropy, typename Block>
+  void add_block(const Block& block) {
+    if (max == kFiniteMin) {  // nothing finite seen yet: no reference for a one-pass block
+      add_block_at_max<kEntropy>(block, block.max());
+      return;
     }
-    sum_exp += horizontal_sum(sum_a + sum_b);
-    if constexpr (kEntropy) {
-      sum_shifted += horizontal_sum(weighted_a + weighted_b);
+    float sum, weighted, block_max;
+    block_sums<kEntropy, true>(block, max, sum, weighted, block_max);
+    if (!(block_max <= max + kHeadroom)) {  // exps past the headroom (or a NaN): redo
+      add_block_at_max<kEntropy>(block, block_max);
+      return;
+    }
+    sum_exp += sum;
+    sum_shifted += weighted;
+    if (block_max > max) {
+      raise_max(block_max);
     }
   }
 };
 
-template <typename scalar_t, bool kEntropy>
+template <typename scalar_t, Kind kKind, bool kEntropy>
 void stats_rows(const scalar_t* base, const RowLayout& layout, int64_t n_rows,
                 int64_t vocab_size, const int64_t* targets, const TargetSpec& spec,
-                const Transform& transform, float* out) {
+                const Transform& transform_arg, float* out) {
+  const VecTransform<kKind> transform(transform_arg);
   at::parallel_for(0, n_rows, row_grain(vocab_size), [&](int64_t begin, int64_t end) {
-    alignas(64) float buf[kBlock];
     for (int64_t row = begin; row < end; ++row) {
       RowStats stats;
       const int64_t target = targets[row] - spec.target_offset;
@@ -76,14 +151,13 @@ void stats_rows(const scalar_t* base, const RowLayout& layout, int64_t n_rows,
         stats.sum_exp = 1.0f;
       } else {
         const scalar_t* src = base + layout.offset(row);
+        if (target >= 0 && target < vocab_size) {
+          stats.target = transform.scalar(upcast(src[target]));
+        }
         for (int64_t start = 0; start < vocab_size; start += kBlock) {
-          const int64_t n = std::min(kBlock, vocab_size - start);
-          float block_max_value;
-          const float* z = load_block(src + start, n, transform, buf, &block_max_value);
-          if (target >= start && target < start + n) {
-            stats.target = z[target - start];
-          }
-          stats.add_block<kEntropy>(z, n, block_max_value);
+          const RowBlock<scalar_t, kKind> block{src + start, std::min(kBlock, vocab_size - start),
+                                                transform};
+          stats.add_block<kEntropy>(block);
         }
       }
       out[row] = stats.max;
@@ -94,25 +168,58 @@ void stats_rows(const scalar_t* base, const RowLayout& layout, int64_t n_rows,
   });
 }
 
-template <typename scalar_t>
+// What the gradient needs of one row, as vectors. kShift: log p is taken as (z' - max) - log_sum
+// (the max given: z' - max is exact for the columns that matter, so logits near 1000 lose
+// nothing to a rounded max + log_sum), else as z' - lse, one operation less.
+template <Kind kKind, bool kEntropyGrad, bool kShift>
+struct RowGradient {
+  Vec shift, lse, minus_go_lp, go_ent, entropy, inv_t, tanh_per_z;
+  Vec minus_go_lp_table;  // -go_lp * exp_table(): fast_exp_scaled gives -go_lp * p directly
+
+  // d/dz' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
+  //       = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot, times dz'/dz; the onehot
+  // term is added by the caller. log p is clamped at -1000 (exp underflows long before) so
+  // that a -inf logit gives 0 * finite, not 0 * inf = NaN.
+  Vec operator()(const Vec& z) const {
+    const Vec log_p = kShift ? (z - shift) - lse : z - lse;
+    Vec grad;
+    if constexpr (kEntropyGrad) {
+      const Vec p = fast_exp(log_p);
+      grad = p * minus_go_lp - p * go_ent * (at::vec::maximum(log_p, Vec(-1000.0f)) + entropy);
+    } else {
+      grad = fast_exp_scaled(log_p, minus_go_lp_table);
+    }
+    if constexpr (kKind == Kind::kSoftcap) {
+      // dz'/dz = (1 - tanh(z / s)^2) / T, and tanh(z / s) = z' T / s.
+      const Vec tanh = z * tanh_per_z;
+      return grad * ((Vec(1.0f) - tanh * tanh) * inv_t);
+    } else if constexpr (kKind == Kind::kScale) {
+      return grad * inv_t;
+    } else {
+      return grad;
+    }
+  }
+
+  // dz'/dz of one column.
+  float dz(float z) const {
+    const Vec one_column = kKind == Kind::kSoftcap
+                               ? (Vec(1.0f) - (Vec(z) * tanh_per_z) * (Vec(z) * tanh_per_z)) * inv_t
+                               : inv_t;
+    return VecTransform<kKind>::first_lane(one_column);
+  }
+};
+
+template <typename scalar_t, Kind kKind, bool kEntropyGrad, bool kShift>
 void grad_rows(const scalar_t* base, const RowLayout& layout, scalar_t* grad_base,
                const RowLayout& grad_layout, int64_t n_rows, int64_t vocab_size,
-               const int64_t* targets, const TargetSpec& spec, const Transform& transform,
+               const int64_t* targets, const TargetSpec& spec, const Transform& transform_arg,
                const float* row_max, const float* lse, const float* entropy,
                const float* grad_logprobs, const float* grad_entropy) {
-  constexpr bool kFloatOut = std::is_same_v<scalar_t, float>;
-  // dz'/dz = (1 - tanh(z / s)^2) / T with softcap s, and tanh(z / s) = z' T / s; else 1 / T.
-  const bool softcap = transform.has_softcap();
-  const float tanh_per_z = softcap ? 1.0f / (transform.softcap * transform.inv_temperature) : 0.0f;
-  auto dz_scalar = [&](float z) {
-    const float tanh = z * tanh_per_z;
-    return softcap ? (1.0f - tanh * tanh) * transform.inv_temperature : transform.inv_temperature;
-  };
+  const VecTransform<kKind> transform(transform_arg);
+  const float tanh_per_z =
+      kKind == Kind::kSoftcap ? 1.0f / (transform_arg.softcap * transform_arg.inv_temperature)
+                              : 0.0f;
   at::parallel_for(0, n_rows, row_grain(vocab_size), [&](int64_t begin, int64_t end) {
-    alignas(64) float buf[kBlock];
-    const int64_t step = Vec::size();
-    const Vec inv_t(transform.inv_temperature), tanh_per_z_vec(tanh_per_z), one(1.0f);
-    const Vec log_p_floor(-1000.0f);
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* dst = grad_base + grad_layout.offset(row);
       if (spec.has_skip && targets[row] == spec.skip_index) {
@@ -120,56 +227,33 @@ void grad_rows(const scalar_t* base, const RowLayout& layout, scalar_t* grad_bas
         continue;
       }
       const scalar_t* src = base + layout.offset(row);
-      const int64_t target = targets[row] - spec.target_offset;
       const float go_lp = grad_logprobs ? grad_logprobs[row] : 0.0f;
-      // log p = (z' - max) - log_sum when the max is given: z' - max is exact for the columns
-      // that matter, so logits near 1000 lose nothing to a rounded max + log_sum.
-      const Vec shift(row_max ? row_max[row] : 0.0f), row_lse(lse[row]), minus_go_lp(-go_lp);
-      const Vec go_ent(grad_entropy ? grad_entropy[row] : 0.0f);
-      const Vec row_entropy(entropy ? entropy[row] : 0.0f);
-      // grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
-      //             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot, times dz'/dz.
-      // log p is clamped at -1000 (exp underflows long before) so a -inf logit gives
-      // 0 * finite, not 0 * inf = NaN. The onehot term is added after the vector pass.
-      auto grad_of = [&](const Vec& z) {
-        const Vec log_p = (z - shift) - row_lse;
-        const Vec p = fast_exp(log_p);
-        Vec grad = p * minus_go_lp;
-        if (grad_entropy) {
-          grad = grad - p * go_ent * (at::vec::maximum(log_p, log_p_floor) + row_entropy);
-        }
-        if (softcap) {
-          const Vec tanh = z * tanh_per_z_vec;
-          return grad * ((one - tanh * tanh) * inv_t);
-        }
-        return grad * inv_t;
-      };
-      for (int64_t start = 0; start < vocab_size; start += kBlock) {
-        const int64_t n = std::min(kBlock, vocab_size - start);
-        const float* z = load_block(src + start, n, transform, buf, nullptr);
-        const bool has_target = grad_logprobs && target >= start && target < start + n;
-        // Read before the block is overwritten: z and the output may be the same memory.
-        const float target_dz = has_target ? dz_scalar(z[target - start]) : 0.0f;
-        // fp32 gradients go straight to their place; others through buf, then one conversion.
-        float* out = nullptr;
-        if constexpr (kFloatOut) {
-          out = dst + start;
-        } else {
-          out = buf;
-        }
-        int64_t j = 0;
-        for (; j + step <= n; j += step) {
-          grad_of(Vec::loadu(z + j)).store(out + j);
-        }
-        if (j < n) {
-          grad_of(Vec::loadu(z + j, n - j)).store(out + j, n - j);
-        }
-        if (has_target) {
-          out[target - start] += go_lp * target_dz;
-        }
-        if constexpr (!kFloatOut) {
-          store_block(buf, n, dst + start);
-        }
+      const RowGradient<kKind, kEntropyGrad, kShift> gradient{
+          Vec(kShift ? row_max[row] : 0.0f), Vec(lse[row]), Vec(-go_lp),
+          Vec(grad_entropy ? grad_entropy[row] : 0.0f), Vec(entropy ? entropy[row] : 0.0f),
+          Vec(transform_arg.inv_temperature), Vec(tanh_per_z), exp_table() * Vec(-go_lp)};
+      // The target column is read before the row is overwritten (z and the output may be the
+      // same memory), and written last with its onehot term added in fp32.
+      const int64_t target = targets[row] - spec.target_offset;
+      const bool has_target = grad_logprobs && target >= 0 && target < vocab_size;
+      float target_grad = 0.0f;
+      if (has_target) {
+        const float z = transform.scalar(upcast(src[target]));
+        target_grad = VecTransform<kKind>::first_lane(gradient(Vec(z))) + go_lp * gradient.dz(z);
+      }
+      Vec a, b;
+      int64_t j = 0;
+      for (; j + kPair <= vocab_size; j += kPair) {
+        load_pair_any(src + j, a, b);
+        store_pair_any(gradient(transform(a)), gradient(transform(b)), dst + j);
+      }
+      if (j < vocab_size) {
+        load_pair_partial(src + j, vocab_size - j, 0.0f, a, b);
+        store_pair_partial(gradient(transform(a)), gradient(transform(b)), vocab_size - j,
+                           dst + j);
+      }
+      if (has_target) {
+        dst[target] = static_cast<scalar_t>(target_grad);
       }
     }
   });
@@ -188,9 +272,13 @@ at::Tensor softmax_stats(const at::Tensor& x, const LayoutArg& layout_arg, int64
   at::Tensor out = at::empty({4, n_rows}, x.options().dtype(at::kFloat));
   dispatch_float(x.scalar_type(), "logits", [&](auto tag) {
     using scalar_t = decltype(tag);
-    auto run = want_entropy ? stats_rows<scalar_t, true> : stats_rows<scalar_t, false>;
-    run(x.const_data_ptr<scalar_t>(), layout, n_rows, x.size(-1),
-        targets.const_data_ptr<int64_t>(), spec, transform, out.mutable_data_ptr<float>());
+    dispatch_kind(transform, [&](auto kind) {
+      constexpr Kind kKind = decltype(kind)::value;
+      auto run = want_entropy ? stats_rows<scalar_t, kKind, true>
+                              : stats_rows<scalar_t, kKind, false>;
+      run(x.const_data_ptr<scalar_t>(), layout, n_rows, x.size(-1),
+          targets.const_data_ptr<int64_t>(), spec, transform, out.mutable_data_ptr<float>());
+    });
   });
   return out;
 }
@@ -224,10 +312,17 @@ void logprobs_grad(const at::Tensor& x, const LayoutArg& layout_arg, int64_t n_r
   };
   dispatch_float(x.scalar_type(), "logits", [&](auto tag) {
     using scalar_t = decltype(tag);
-    grad_rows(x.const_data_ptr<scalar_t>(), layout, grad_out.mutable_data_ptr<scalar_t>(),
-              grad_layout, n_rows, x.size(-1), targets.const_data_ptr<int64_t>(), spec,
-              transform, ptr(row_max), lse.const_data_ptr<float>(), ptr(entropy),
-              ptr(grad_logprobs), ptr(grad_entropy));
+    dispatch_kind(transform, [&](auto kind) {
+      constexpr Kind kKind = decltype(kind)::value;
+      auto run = grad_entropy ? (row_max ? grad_rows<scalar_t, kKind, true, true>
+                                         : grad_rows<scalar_t, kKind, true, false>)
+                              : (row_max ? grad_rows<scalar_t, kKind, false, true>
+                                         : grad_rows<scalar_t, kKind, false, false>);
+      run(x.const_data_ptr<scalar_t>(), layout, grad_out.mutable_data_ptr<scalar_t>(),
+          grad_layout, n_rows, x.size(-1), targets.const_data_ptr<int64_t>(), spec, transform,
+          ptr(row_max), lse.const_data_ptr<float>(), ptr(entropy), ptr(grad_logprobs),
+          ptr(grad_entropy));
+    });
   });
 }
 

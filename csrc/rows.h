@@ -140,6 +140,144 @@ inline Vec apply(const Transform& t, const Vec& z) {
   return t.inv_temperature != 1.0f ? z * Vec(t.inv_temperature) : z;
 }
 
+// Which transform a call applies, fixed per call: the inner loops are instantiated per kind
+// so that they carry no branch on it (and no reload of its constants after each store).
+enum class Kind { kIdentity, kScale, kSoftcap };
+
+template <Kind kKind>
+using KindTag = std::integral_constant<Kind, kKind>;
+
+// Calls f(KindTag<kind>{}) for the kind of `t`.
+template <typename F>
+inline void dispatch_kind(const Transform& t, F&& f) {
+  if (t.has_softcap()) {
+    f(KindTag<Kind::kSoftcap>{});
+  } else if (t.inv_temperature != 1.0f) {
+    f(KindTag<Kind::kScale>{});
+  } else {
+    f(KindTag<Kind::kIdentity>{});
+  }
+}
+
+// z' = softcap(z) / T on vectors, its constants held in registers.
+template <Kind kKind>
+struct VecTransform {
+  Vec inv_softcap;
+  Vec scale;  // s / T with a softcap s, else 1 / T
+
+  explicit VecTransform(const Transform& t)
+      : inv_softcap(t.has_softcap() ? 1.0f / t.softcap : 0.0f),
+        scale(t.has_softcap() ? t.softcap * t.inv_temperature : t.inv_temperature) {}
+
+  Vec operator()(const Vec& z) const {
+    if constexpr (kKind == Kind::kSoftcap) {
+      return (z * inv_softcap).tanh() * scale;  // softcap(-inf) = -s, finite, as in torch
+    } else if constexpr (kKind == Kind::kScale) {
+      return z * scale;
+    } else {
+      return z;
+    }
+  }
+
+  // The same arithmetic on one value (lane 0 of a broadcast), so a column computed alone (the
+  // target) agrees bit for bit with the vector loops.
+  float scalar(float z) const { return first_lane((*this)(Vec(z))); }
+
+  static float first_lane(const Vec& v) {
+    float lanes[Vec::size()];
+    v.store(lanes);
+    return lanes[0];
+  }
+};
+
+// Pairs of vectors (kPair = 2 * Vec::size() columns) in and out of any input dtype, converted
+// in registers: a bf16/fp16 pair is one 256-bit load or store.
+constexpr int64_t kPair = 2 * Vec::size();
+
+inline void load_pair(const float* src, Vec& a, Vec& b) {
+  a = Vec::loadu(src);
+  b = Vec::loadu(src + Vec::size());
+}
+template <typename scalar_t>
+inline void load_pair(const scalar_t* src, Vec& a, Vec& b) {
+  at::vec::load_to_float<scalar_t>(src, a, b);
+}
+
+inline void store_pair(const Vec& a, const Vec& b, float* dst) {
+  a.store(dst);
+  b.store(dst + Vec::size());
+}
+template <typename scalar_t>
+inline void store_pair(const Vec& a, const Vec& b, scalar_t* dst) {
+  at::vec::convert_from_float<scalar_t>(a, b).store(dst);  // round to nearest even, as .to()
+}
+
+// A pair in any column order: a reduction does not care, and a gradient written back with
+// store_pair_any lands in place. For bf16 the order is even columns, odd columns: a bf16 is the
+// top half of its fp32, so a 256-bit load gives both vectors with one shift and one mask
+// (three fewer operations than the in-order conversion); elsewhere it is load_pair.
+template <typename scalar_t>
+inline void load_pair_any(const scalar_t* src, Vec& a, Vec& b) {
+  load_pair(src, a, b);
+}
+template <typename scalar_t>
+inline void store_pair_any(const Vec& a, const Vec& b, scalar_t* dst) {
+  store_pair(a, b, dst);
+}
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline void load_pair_any(const at::BFloat16* src, Vec& even, Vec& odd) {
+  const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(both, _mm256_set1_epi32(0xFFFF0000)));
+}
+
+// fp32 -> bf16 bits in the top half of each lane, rounded to nearest even; NaN becomes the quiet
+// NaN 0x7FC0 (rounding its bits could carry into the sign), as c10::BFloat16 does.
+inline __m256i round_to_bf16_high(const Vec& x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256 is_number = _mm256_cmp_ps(x, x, _CMP_ORD_Q);
+  return _mm256_blendv_epi8(_mm256_set1_epi32(0x7FC00000), rounded, _mm256_castps_si256(is_number));
+}
+
+template <>
+inline void store_pair_any(const Vec& even, const Vec& odd, at::BFloat16* dst) {
+  const __m256i both = _mm256_or_si256(
+      _mm256_srli_epi32(round_to_bf16_high(even), 16),
+      _mm256_and_si256(round_to_bf16_high(odd), _mm256_set1_epi32(0xFFFF0000)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), both);
+}
+#endif
+
+// The first `count` (< kPair) columns of src, `fill` in the other lanes.
+template <typename scalar_t>
+inline void load_pair_partial(const scalar_t* src, int64_t count, float fill, Vec& a, Vec& b) {
+  alignas(64) float lanes[kPair];
+  for (int64_t k = 0; k < kPair; ++k) {
+    lanes[k] = k < count ? upcast(src[k]) : fill;
+  }
+  a = Vec::loadu(lanes);
+  b = Vec::loadu(lanes + Vec::size());
+}
+
+template <typename scalar_t>
+inline void store_pair_partial(const Vec& a, const Vec& b, int64_t count, scalar_t* dst) {
+  alignas(64) float lanes[kPair];
+  store_pair(a, b, lanes);
+  for (int64_t k = 0; k < count; ++k) {
+    dst[k] = static_cast<scalar_t>(lanes[k]);  // c10's float -> bf16/fp16 rounds to nearest even
+  }
+}
+
+// Lanes at or past `count` of a pair (count < kPair) set to -inf, so max and exp sums ignore them.
+inline void mask_pair_tail(int64_t count, Vec& a, Vec& b) {
+  const Vec minus_inf(-INFINITY);
+  a = Vec::set(minus_inf, a, std::min<int64_t>(count, Vec::size()));
+  b = Vec::set(minus_inf, b, std::max<int64_t>(count - Vec::size(), 0));
+}
+
 // The last, partial vector of a block: its first `count` elements, -inf in the other lanes (so
 // that max and sums over whole vectors ignore them).
 inline Vec load_tail(const float* src, int64_t count) {
@@ -229,13 +367,49 @@ inline void store_zeros(int64_t n, scalar_t* dst) {
   std::fill(dst, dst + n, static_cast<scalar_t>(0.0f));
 }
 
-// exp for the kernels, on the vector unit: exp(x) = 2^n exp(f) with n = round(x / ln 2) and
-// f = x - n ln 2 in [-ln2/2, ln2/2], exp(f) by a degree-5 polynomial (the coefficients of ATen's
-// exp_u20; about 1e-6 relative error, far below the fp32 contract). 2^n is built in the
-// exponent bits, with n <= -127 giving +0.0: -inf and anything below about -87.9 map to exactly
-// 0 (a column with p = 0 must stay 0). x is clamped to [-88.5, 88] with max(lo, x) / min(hi, x),
-// an operand order that keeps NaN, and NaN reaches the result through f: a NaN log-sum-exp
-// poisons its row as torch.exp would. Cheaper than exp_u20 plus a NaN fix-up by about a third.
+// exp for the kernels, on the vector unit, for x <= 88 (every caller passes a difference from a
+// max: at most kHeadroom). It is the inner loop's whole cost, so it is built for throughput:
+//
+//   exp(x) = 2^(k div 8) * 2^((k mod 8) / 8) * exp(r),  k = round(8 x / ln 2),  r = x - k ln2 / 8
+//
+// with |r| <= ln2 / 16: exp(r) by a cubic (least-squares coefficients, relative error 3e-8, under
+// 2e-7 with rounding), 2^(j/8) from an 8-entry table held in a register (vpermps), 2^(k div 8)
+// built in the exponent bits. k comes out of one fmadd with a magic bias: 1.5 * 2^23 + 1016
+// rounds 8 x / ln 2 to an integer and leaves k + 1016 in the low mantissa bits, so those bits
+// give the table index (mod 8) and the biased exponent (div 8) directly. x is first clamped to
+// -88 with max(lo, x), an operand order that keeps NaN; there k + 1016 >= 0 and every x below
+// -87.3 (so -inf) gets a zero exponent field: exactly 0, as a column with p = 0 must stay 0. NaN
+// reaches the result through r, so a NaN log-sum-exp poisons its row as torch.exp would.
+#if defined(CPU_CAPABILITY_AVX2)
+// 2^(j/8) for j = 0..7.
+inline Vec exp_table() {
+  return _mm256_setr_ps(1.0f, 1.09050773f, 1.18920712f, 1.29683955f, 1.41421356f, 1.54221083f,
+                        1.68179283f, 1.83400809f);
+}
+
+// c * exp(x) for the price of exp(x), given c * exp_table(): a row's constant factor (the
+// gradient's -go) rides in the table instead of costing a multiply per vector.
+inline Vec fast_exp_scaled(const Vec& x, const Vec& scaled_table) {
+  const __m256 bias = _mm256_set1_ps(12582912.0f + 1016.0f);
+  const __m256 clamped = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
+  const __m256 t = _mm256_fmadd_ps(clamped, _mm256_set1_ps(11.5415603271117073f), bias);
+  const __m256 k = _mm256_sub_ps(t, bias);
+  const __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-0.0866433975699931636f), clamped);
+  __m256 poly = _mm256_fmadd_ps(r, _mm256_set1_ps(0.16667383f), _mm256_set1_ps(0.50006518f));
+  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(1.0f));
+  poly = _mm256_fmadd_ps(r, poly, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_castps_si256(t);
+  const __m256 eighths = _mm256_permutevar8x32_ps(scaled_table, bits);
+  const __m256i exponent =
+      _mm256_and_si256(_mm256_slli_epi32(bits, 20), _mm256_set1_epi32(0x7F800000));
+  return _mm256_mul_ps(_mm256_mul_ps(poly, eighths), _mm256_castsi256_ps(exponent));
+}
+
+inline Vec fast_exp(const Vec& x) { return fast_exp_scaled(x, exp_table()); }
+#else
+// Without AVX2 (a build for another vector extension): ATen's portable vector ops on the same
+// idea with 2^n instead of 2^(k/8) and a degree-5 polynomial (the coefficients of ATen's
+// exp_u20, about 1e-6 relative error).
 inline Vec fast_exp(const Vec& x) {
   using IntVec = at::vec::Vectorized<int32_t>;
   const Vec clamped = at::vec::clamp_max(at::vec::clamp_min(x, Vec(-88.5f)), Vec(88.0f));
@@ -250,5 +424,14 @@ inline Vec fast_exp(const Vec& x) {
   const IntVec bits = (exponent + IntVec(127)) << IntVec(23);
   return poly * at::vec::cast<float>(bits);
 }
+
+inline Vec exp_table() { return Vec(1.0f); }  // lane 0 carries the factor, as in the table above
+
+inline Vec fast_exp_scaled(const Vec& x, const Vec& scaled_table) {
+  float lanes[Vec::size()];
+  scaled_table.store(lanes);
+  return fast_exp(x) * Vec(lanes[0]);
+}
+#endif
 
 }  // namespace fastalign

@@ -115,6 +115,37 @@ def test_token_kl_agrees_with_every_backend_and_the_reference(monkeypatch, vocab
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_that_climb_or_fall_along_the_row(monkeypatch, dtype):
+    """The forward takes a block's exps relative to the running max in one pass and redoes the
+    block only when its max lies more than 60 above it: rows whose blocks climb by 40 (one pass,
+    the max raised), by 100 (redone), fall, start with -inf blocks, or end in a spike."""
+    monkeypatch.setenv("FASTALIGN_BACKEND", "native")
+    vocab = 4 * 2048 + 37
+    block = torch.arange(vocab) // 2048
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, vocab, generator=gen) * 2
+    logits[0] += 40.0 * block
+    logits[1] += 100.0 * block
+    logits[2] -= 30.0 * block
+    logits[3, : 2 * 2048] = float("-inf")
+    logits[4, -1] = 500.0
+    logits[5] += 61.0 * (torch.arange(vocab) >= vocab - 5)  # the tail's last vector only
+    logits = logits.to(dtype)
+    targets = torch.tensor([vocab - 1, 5000, 7, 2 * 2048 + 3, 100, vocab - 2])
+    logprobs, entropy, grad = _token_logprobs_with_grads(logits, targets)
+    leaf = logits.double().requires_grad_()
+    ref_logprobs, ref_entropy = token_logprobs_reference(leaf, targets, return_entropy=True)
+    weights = torch.randn(2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ((ref_logprobs * weights[0]).sum() + (ref_entropy * weights[1]).sum()).backward()
+    tol = tolerance_for(dtype)
+    assert_close(logprobs, ref_logprobs, tol, "logprobs")
+    assert_close(entropy, ref_entropy, tol, "entropy")
+    assert_close(grad.double(), leaf.grad, tol, "gradient")
+    assert (grad[3, : 2 * 2048] == 0).all()  # p = 0 columns get exactly 0
+
+
+@needs_native
 def test_one_and_two_threads_give_the_same_bits(monkeypatch):
     monkeypatch.setenv("FASTALIGN_BACKEND", "native")
     logits, targets = _strided_case(5003, torch.float32)
