@@ -3,10 +3,17 @@ torch eager, torch.compile, TRL and fastalign's own torch path, with the bandwid
 
 Providers (the same seeded inputs for all; N = --tokens rows, V = --vocab):
   native          fastalign with FASTALIGN_BACKEND=native (csrc/)
+                  (its gradient buffer is reused from call to call, see csrc/buffers.cpp; the
+                  memory column counts it: the kept buffer is freed before each measurement)
+  native_fresh    the same with FASTALIGN_NATIVE_GRAD_CACHE=0: every backward gets a fresh
+                  huge-page gradient, faulted in by the kernel (fwd_bwd only)
   native_inplace  the same, token_logprobs(..., inplace_backward=True): the gradient overwrites
                   the logits, so the backward allocates nothing (fwd_bwd only)
   fastalign_torch fastalign with FASTALIGN_BACKEND=torch (the chunked pure-torch path)
   torch_eager     float32 log_softmax + gather / sum p (log p - log q) / hidden @ weight.T first
+  torch_eager_thp the same with THP_MEM_ALLOC_ENABLE=1, torch's own huge-page switch for all of
+                  its CPU allocations (token_logprobs fwd_bwd only): how much of eager's time is
+                  page faults
   torch_compile   torch.compile of the eager function (token ops)
   trl             TRL's selective_log_softmax (token_logprobs), trl.kernels.ChunkedLogProbFunction
                   (linear_logprobs)
@@ -48,12 +55,17 @@ from fastalign import _measure  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 MODES = ("fwd", "fwd_bwd")
 PROVIDERS = {
-    "token_logprobs": ("native", "native_inplace", "fastalign_torch", "torch_eager",
-                       "torch_compile", "trl"),
-    "token_kl": ("native", "fastalign_torch", "torch_eager", "torch_compile"),
+    "token_logprobs": ("native", "native_fresh", "native_inplace", "fastalign_torch",
+                       "torch_eager", "torch_eager_thp", "torch_compile", "trl"),
+    "token_kl": ("native", "native_fresh", "fastalign_torch", "torch_eager", "torch_compile"),
     "linear_logprobs": ("native", "fastalign_torch", "torch_eager", "trl"),
 }
-BACKEND_OF = {"native": "native", "native_inplace": "native", "fastalign_torch": "torch"}
+BACKEND_OF = {"native": "native", "native_fresh": "native", "native_inplace": "native",
+              "fastalign_torch": "torch"}
+# Set in the worker's environment before it starts (torch reads THP_MEM_ALLOC_ENABLE once).
+PROVIDER_ENV = {"native_fresh": {"FASTALIGN_NATIVE_GRAD_CACHE": "0"},
+                "torch_eager_thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
+BACKWARD_ONLY = ("native_inplace", "native_fresh", "torch_eager_thp")
 
 
 def eager_kl(logits, ref_logits):
@@ -71,7 +83,7 @@ def _token_op(op: str, provider: str):
         return lambda logits, targets: fastalign.token_logprobs(logits, targets,
                                                                 inplace_backward=inplace)
     if op == "token_logprobs":
-        return bench_token_logprobs.make_op(provider, torch.device("cpu"))
+        return bench_token_logprobs.make_op(provider.removesuffix("_thp"), torch.device("cpu"))
     if provider == "torch_compile":
         return torch.compile(eager_kl, dynamic=False)
     return eager_kl
@@ -203,12 +215,12 @@ def main(argv=None) -> None:
         for dtype in dtypes:
             for mode in args.modes:
                 for provider in args.providers or PROVIDERS[op]:
-                    if provider not in PROVIDERS[op] or (provider == "native_inplace" and mode == "fwd"):
+                    if provider not in PROVIDERS[op] or (provider in BACKWARD_ONLY and mode == "fwd"):
                         continue
                     tokens = args.linear_tokens if op == "linear_logprobs" else args.tokens
                     configs.append(dict(op=op, provider=provider, mode=mode, dtype=dtype,
                                         tokens=tokens, vocab=args.vocab, hidden=args.hidden_dim,
-                                        repeats=args.repeats))
+                                        repeats=args.repeats, env=PROVIDER_ENV.get(provider, {})))
     rows = []
     script = str(Path(__file__).resolve())
     for index, spec in enumerate(configs, 1):

@@ -40,4 +40,15 @@ void kl_grad(const at::Tensor& logits, const LayoutArg& layout, const at::Tensor
              const at::Tensor& lse, const at::Tensor& shift, const at::Tensor& grad_kl,
              const at::Tensor& grad_out, const LayoutArg& grad_layout, double inv_temperature);
 
+// A contiguous CPU tensor for a gradient: from at::empty below 32 MiB, else from a huge-page
+// block that (with reuse) is kept when the tensor is freed and handed to the next gradient of
+// a fitting size (buffers.cpp says why).
+at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype, bool reuse);
+
+// Frees the kept gradient block; returns its bytes (0 when none was kept).
+int64_t release_gradient_buffers();
+
+// Bytes of the kept gradient block (0 when none).
+int64_t kept_gradient_bytes();
+
 }  // namespace fastalign

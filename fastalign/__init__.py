@@ -6,10 +6,11 @@ softmax. See DESIGN.md for the public contract.
 
 from . import losses
 from ._backend import available_backends, select_backend
+from ._native import empty_cache
 from .losses import kl_estimate
 from .nn import FusedDPOLoss, FusedPolicyLoss
 from .ops import linear_kl, linear_logprobs, token_kl, token_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedDPOLoss", "FusedPolicyLoss", "token_logprobs", "linear_logprobs", "token_kl", "linear_kl", "kl_estimate", "losses", "available_backends", "select_backend", "__version__"]
+__all__ = ["FusedDPOLoss", "FusedPolicyLoss", "token_logprobs", "linear_logprobs", "token_kl", "linear_kl", "kl_estimate", "losses", "available_backends", "select_backend", "empty_cache", "__version__"]

@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from ._native import empty_cache
+
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +68,9 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         del result
         return torch.cuda.max_memory_allocated(device) - before
+    # The native backend keeps the latest freed gradient's memory for the next one: give it
+    # back first, so a call that needs a gradient shows its bytes instead of reusing resident ones.
+    empty_cache()
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # reset the peak resident set to the current one
@@ -99,8 +104,9 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: i
 def run_worker(command: list[str], spec: dict, *, for_memory: bool, timeout: float = 1800) -> dict:
     """Runs ``python *command --worker JSON`` in a fresh process and returns the JSON it prints
     last; ``{"error": ...}`` if it failed (out of memory, say). ``for_memory`` fixes the mmap
-    threshold (see the module docstring); leave it off for timings, which it would slow down."""
-    env = dict(os.environ, **(_MALLOC_ENV if for_memory else {}))
+    threshold (see the module docstring); leave it off for timings, which it would slow down.
+    ``spec["env"]``, if given, adds environment variables for the worker (read at its start)."""
+    env = dict(os.environ, **(_MALLOC_ENV if for_memory else {}), **spec.get("env", {}))
     try:
         done = subprocess.run([sys.executable, *command, "--worker", json.dumps(spec)],
                               capture_output=True, text=True, env=env, timeout=timeout)

@@ -11,6 +11,10 @@ run ``python -m fastalign._build_native``).
 Without a compiler (or with any other build failure) fastalign keeps working through the torch
 backend and says so once in a warning. ``FASTALIGN_NATIVE=0`` turns the extension off without a
 warning; ``FASTALIGN_NATIVE_BUILD_DIR`` moves the cache.
+
+The native backward kernels write their ``[..., V]`` gradients into buffers from
+``csrc/buffers.cpp``: huge pages, and the latest freed gradient's memory reused by the next
+(``FASTALIGN_NATIVE_GRAD_CACHE=0`` turns reuse off; ``fastalign.empty_cache()`` frees it).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 
 ENABLE_ENV = "FASTALIGN_NATIVE"
 BUILD_DIR_ENV = "FASTALIGN_NATIVE_BUILD_DIR"
-SOURCES = ("bindings.cpp", "logprobs.cpp", "kl.cpp")
+GRAD_CACHE_ENV = "FASTALIGN_NATIVE_GRAD_CACHE"
+SOURCES = ("bindings.cpp", "logprobs.cpp", "kl.cpp", "buffers.cpp")
 
 _build_error: str | None = None
 
@@ -130,3 +135,21 @@ def extension():
         raise RuntimeError(reason)
     return _load()
 
+
+
+def new_gradient(like: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of ``like``'s shape and dtype for a native backward kernel to fill:
+    from the extension's gradient buffers (huge pages; the latest freed gradient's memory
+    reused unless ``FASTALIGN_NATIVE_GRAD_CACHE=0``), see ``csrc/buffers.cpp``."""
+    reuse = os.environ.get(GRAD_CACHE_ENV, "1").strip() != "0"
+    return extension().empty_gradient(list(like.shape), like.dtype, reuse)
+
+
+def empty_cache() -> int:
+    """Frees the gradient buffer the native CPU backend keeps for reuse (as
+    ``torch.cuda.empty_cache`` does for CUDA's caching allocator) and returns its size in bytes;
+    0 when none is kept or the extension was never loaded (it is not built for this)."""
+    if disabled() or _load.cache_info().currsize == 0:
+        return 0
+    module = _load()
+    return 0 if module is None else int(module.release_gradient_buffers())

@@ -145,6 +145,92 @@ def test_logits_that_climb_or_fall_along_the_row(monkeypatch, dtype):
     assert (grad[3, : 2 * 2048] == 0).all()  # p = 0 columns get exactly 0
 
 
+# 64 x 131072 fp32 = 32 MiB: the smallest gradient that comes from the native gradient buffers.
+BIG_ROWS, BIG_VOCAB = 64, 131072
+
+
+def _big_case(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(BIG_ROWS, BIG_VOCAB, generator=gen).to(dtype)
+    targets = torch.randint(0, BIG_VOCAB, (BIG_ROWS,), generator=gen)
+    targets[3] = -100  # an ignored row: written as zeros, not skipped
+    return logits, targets
+
+
+def _logprobs_gradient(logits, targets):
+    leaf = logits.detach().clone().requires_grad_()
+    fa.token_logprobs(leaf, targets).sum().backward()
+    return leaf.grad
+
+
+@needs_native
+def test_a_freed_gradient_buffer_is_reused_and_fully_overwritten(monkeypatch):
+    """The latest freed large gradient's memory is handed to the next one: poisoned with NaN
+    after use, it must come back holding exactly the new gradient, ignored rows included."""
+    monkeypatch.setenv("FASTALIGN_BACKEND", "native")
+    monkeypatch.delenv(_native.GRAD_CACHE_ENV, raising=False)
+    fa.empty_cache()
+    logits, targets = _big_case()
+    expected = _logprobs_gradient(logits, targets).clone()
+    first = _logprobs_gradient(logits, targets)
+    address = first.data_ptr()
+    first.fill_(float("nan"))
+    del first
+    assert _native.extension().kept_gradient_bytes() >= BIG_ROWS * BIG_VOCAB * 4
+    second = _logprobs_gradient(logits, targets)
+    assert second.data_ptr() == address
+    assert torch.equal(second, expected) and (second[3] == 0).all()
+    # token_kl's backward takes the same buffer.
+    second.fill_(float("nan"))
+    del second
+    ref_logits = logits + 0.3
+    kl_grads = []
+    for _ in range(2):
+        leaf = logits.detach().clone().requires_grad_()
+        fa.token_kl(leaf, ref_logits).sum().backward()
+        kl_grads.append(leaf.grad.clone())
+        assert leaf.grad.data_ptr() == address
+        leaf.grad.fill_(float("nan"))
+        del leaf
+    assert torch.isfinite(kl_grads[0]).all() and torch.equal(kl_grads[0], kl_grads[1])
+    assert fa.empty_cache() >= BIG_ROWS * BIG_VOCAB * 4
+    assert fa.empty_cache() == 0 and _native.extension().kept_gradient_bytes() == 0
+
+
+@needs_native
+def test_gradient_reuse_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("FASTALIGN_BACKEND", "native")
+    monkeypatch.setenv(_native.GRAD_CACHE_ENV, "0")
+    fa.empty_cache()
+    logits, targets = _big_case(torch.bfloat16)
+    grad = _logprobs_gradient(logits, targets)
+    reference = _logprobs_gradient(logits.float(), targets)
+    assert_close(grad.float(), reference, tolerance_for(torch.bfloat16), "bf16 gradient")
+    del grad
+    assert _native.extension().kept_gradient_bytes() == 0
+
+
+@needs_native
+def test_small_gradients_and_other_buffers_are_not_kept():
+    ext = _native.extension()
+    fa.empty_cache()
+    small = ext.empty_gradient([4, 1000], torch.float32, True)
+    assert small.shape == (4, 1000) and small.is_contiguous()
+    del small
+    assert ext.kept_gradient_bytes() == 0
+    big = ext.empty_gradient([5 * BIG_ROWS, BIG_VOCAB], torch.float16, True)  # 80 MiB
+    assert big.dtype == torch.float16 and big.shape == (5 * BIG_ROWS, BIG_VOCAB)
+    address = big.data_ptr()
+    del big
+    assert ext.kept_gradient_bytes() == 5 * BIG_ROWS * BIG_VOCAB * 2
+    # Under half the kept block's size: a fresh block; freed, it replaces the kept one.
+    other = ext.empty_gradient([BIG_ROWS, BIG_VOCAB], torch.float32, True)  # 32 MiB
+    assert other.data_ptr() != address
+    del other
+    assert ext.kept_gradient_bytes() == BIG_ROWS * BIG_VOCAB * 4
+    assert fa.empty_cache() > 0
+
+
 @needs_native
 def test_one_and_two_threads_give_the_same_bits(monkeypatch):
     monkeypatch.setenv("FASTALIGN_BACKEND", "native")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 
 def backend_module(op: str, backend: str, kernels_name: str, torch_name: str):
     """``torch_name`` ends in ``_torch``; the native twin has the same stem and ends in ``_native``."""
@@ -17,3 +19,12 @@ def backend_module(op: str, backend: str, kernels_name: str, torch_name: str):
     if backend == "native":
         return importlib.import_module(f"fastalign.ops.{torch_name.removesuffix('_torch')}_native")
     raise RuntimeError(f"{op} has no {backend} backend")
+
+
+def new_gradient(like: torch.Tensor, backend: str) -> torch.Tensor:
+    """The tensor a backward op returns its ``[..., V]`` gradient in: contiguous, ``like``'s
+    shape and dtype; the native backend's comes from its reusable huge-page buffers."""
+    if backend == "native":
+        from .. import _native
+        return _native.new_gradient(like)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)

@@ -21,7 +21,7 @@ from .._backend import select_backend
 from .._layout import RowLayout, row_layout
 from . import _linear_backward, _vocab_stats
 from ._compact import kept_rows, scatter_rows, select_rows
-from ._dispatch import backend_module
+from ._dispatch import backend_module, new_gradient
 from .linear_logprobs_torch import raw_logits_tile
 
 
@@ -66,7 +66,7 @@ def _token_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor,
                        grad_kl: torch.Tensor, inv_temperature: float,
                        backend: str) -> torch.Tensor:
     """The gradient w.r.t. ``logits``: a fresh contiguous tensor of their shape and dtype."""
-    grad_out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_out = new_gradient(logits, backend)
     logits, layout = row_layout(logits)
     ref_logits, ref_layout = row_layout(ref_logits)
     vocab_size = logits.shape[-1]

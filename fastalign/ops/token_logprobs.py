@@ -9,7 +9,7 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from .._layout import needs_copy, row_layout
-from ._dispatch import backend_module
+from ._dispatch import backend_module, new_gradient
 
 
 def _launchers(backend: str):
@@ -59,7 +59,7 @@ def _backward_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                  grad_entropy: Optional[torch.Tensor], inv_temperature: float,
                  softcap: Optional[float], ignore_index: int, backend: str) -> torch.Tensor:
     """The gradient w.r.t. ``logits``: a fresh contiguous tensor of their shape and dtype."""
-    grad_out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad_out = new_gradient(logits, backend)
     _backward_into(grad_out, logits, targets, lse, entropy, grad_logprobs, grad_entropy,
                    inv_temperature, softcap, ignore_index, backend)
     return grad_out
