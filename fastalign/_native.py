@@ -136,7 +136,6 @@ def extension():
     return _load()
 
 
-
 def new_gradient(like: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor of ``like``'s shape and dtype for a native backward kernel to fill:
     from the extension's gradient buffers (huge pages; the latest freed gradient's memory

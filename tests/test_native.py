@@ -260,6 +260,10 @@ def test_nan_logits_poison_only_their_row(monkeypatch):
     assert logprobs[1].isnan() and torch.isfinite(logprobs[[0, 2, 3]]).all()
     kl = fa.token_kl(logits, torch.randn(4, 3000))
     assert kl[1].isnan() and torch.isfinite(kl[[0, 2, 3]]).all()
+    # bf16 gradients are rounded in registers: NaN must stay NaN, the other rows finite.
+    leaf = logits.bfloat16().requires_grad_()
+    fa.token_logprobs(leaf, torch.tensor([0, 1, 2, 3])).sum().backward()
+    assert leaf.grad[1].isnan().all() and torch.isfinite(leaf.grad[[0, 2, 3]]).all()
 
 
 @needs_native

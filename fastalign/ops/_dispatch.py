@@ -9,6 +9,8 @@ import importlib
 
 import torch
 
+from .. import _native
+
 
 def backend_module(op: str, backend: str, kernels_name: str, torch_name: str):
     """``torch_name`` ends in ``_torch``; the native twin has the same stem and ends in ``_native``."""
@@ -25,6 +27,5 @@ def new_gradient(like: torch.Tensor, backend: str) -> torch.Tensor:
     """The tensor a backward op returns its ``[..., V]`` gradient in: contiguous, ``like``'s
     shape and dtype; the native backend's comes from its reusable huge-page buffers."""
     if backend == "native":
-        from .. import _native
         return _native.new_gradient(like)
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
