@@ -101,11 +101,8 @@ class GradientBuffers {
 
 at::Tensor empty_gradient(at::IntArrayRef sizes, at::ScalarType dtype, bool reuse) {
   const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
-  int64_t numel = 1;
-  for (const int64_t size : sizes) {
-    TORCH_CHECK(size >= 0, "empty_gradient: negative size ", size);
-    numel *= size;
-  }
+  const int64_t numel = c10::multiply_integers(sizes);
+  TORCH_CHECK(numel >= 0, "empty_gradient: negative size in ", sizes);
   const size_t bytes = static_cast<size_t>(numel) * at::elementSize(dtype);
   if (bytes < kMinSpecialBytes) {
     return at::empty(sizes, options);

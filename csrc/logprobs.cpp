@@ -202,10 +202,11 @@ struct RowGradient {
 
   // dz'/dz of one column.
   float dz(float z) const {
-    const Vec one_column = kKind == Kind::kSoftcap
-                               ? (Vec(1.0f) - (Vec(z) * tanh_per_z) * (Vec(z) * tanh_per_z)) * inv_t
-                               : inv_t;
-    return VecTransform<kKind>::first_lane(one_column);
+    if constexpr (kKind == Kind::kSoftcap) {
+      const Vec tanh = Vec(z) * tanh_per_z;
+      return first_lane((Vec(1.0f) - tanh * tanh) * inv_t);
+    }
+    return first_lane(inv_t);
   }
 };
 
@@ -239,7 +240,7 @@ void grad_rows(const scalar_t* base, const RowLayout& layout, scalar_t* grad_bas
       float target_grad = 0.0f;
       if (has_target) {
         const float z = transform.scalar(upcast(src[target]));
-        target_grad = VecTransform<kKind>::first_lane(gradient(Vec(z))) + go_lp * gradient.dz(z);
+        target_grad = first_lane(gradient(Vec(z))) + go_lp * gradient.dz(z);
       }
       Vec a, b;
       int64_t j = 0;

@@ -1,12 +1,11 @@
-// Shared pieces of the native CPU kernels: how rows are addressed, and how a block of a row is
-// brought into an fp32 buffer (upcast, soft-capped, scaled) and written back.
+// Shared pieces of the native CPU kernels: how rows are addressed, how vectors of a row are
+// loaded (upcast, soft-capped, scaled) and stored in any input dtype, and the exp they all use.
 //
-// Every kernel walks one row at a time in blocks of kBlock columns: the block is upcast and
-// transformed into a small fp32 buffer that stays in L1 (fp32 logits without a transform are
-// used where they lie), then reduced (or turned into a gradient) from there. The logits are
-// therefore read from memory once per pass, whatever their dtype,
-// and the transcendental work (exp, tanh) runs on ATen's Vectorized<float> (AVX2 when the build
-// enables it, see fastalign/_native.py).
+// Every kernel walks one row at a time and reads it from memory once per pass, whatever its
+// dtype. logprobs.cpp converts and transforms pairs of vectors in registers (VecTransform,
+// load_pair_any / store_pair_any); kl.cpp still brings each block of kBlock columns into a small
+// L1-resident fp32 buffer first (load_block / store_block). Vector code is ATen's
+// Vectorized<float> plus AVX2 intrinsics where the build enables them (fastalign/_native.py).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -140,6 +139,12 @@ inline Vec apply(const Transform& t, const Vec& z) {
   return t.inv_temperature != 1.0f ? z * Vec(t.inv_temperature) : z;
 }
 
+inline float first_lane(const Vec& v) {
+  float lanes[Vec::size()];
+  v.store(lanes);
+  return lanes[0];
+}
+
 // Which transform a call applies, fixed per call: the inner loops are instantiated per kind
 // so that they carry no branch on it (and no reload of its constants after each store).
 enum class Kind { kIdentity, kScale, kSoftcap };
@@ -182,12 +187,6 @@ struct VecTransform {
   // The same arithmetic on one value (lane 0 of a broadcast), so a column computed alone (the
   // target) agrees bit for bit with the vector loops.
   float scalar(float z) const { return first_lane((*this)(Vec(z))); }
-
-  static float first_lane(const Vec& v) {
-    float lanes[Vec::size()];
-    v.store(lanes);
-    return lanes[0];
-  }
 };
 
 // Pairs of vectors (kPair = 2 * Vec::size() columns) in and out of any input dtype, converted
@@ -428,9 +427,7 @@ inline Vec fast_exp(const Vec& x) {
 inline Vec exp_table() { return Vec(1.0f); }  // lane 0 carries the factor, as in the table above
 
 inline Vec fast_exp_scaled(const Vec& x, const Vec& scaled_table) {
-  float lanes[Vec::size()];
-  scaled_table.store(lanes);
-  return fast_exp(x) * Vec(lanes[0]);
+  return fast_exp(x) * Vec(first_lane(scaled_table));
 }
 #endif
 
