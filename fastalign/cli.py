@@ -43,6 +43,10 @@ HELP = {
     "save_steps": "write a checkpoint every N steps (and at the end)",
     "seed": "seed of the data order",
     "progress": "show a progress bar",
+    "overwrite": "start over in an output directory that holds a run (removes what fastalign "
+                 "wrote there); without it such a directory is refused unless --resume is given",
+    "on_nonfinite": "a NaN/inf loss or gradient norm: stop (before the update, nothing saved) "
+                    "or skip the update (counted as skipped_steps)",
     "beta": "DPO's beta: strength of the KL regularization to the reference",
     "loss_type": "sigmoid (DPO), ipo, hinge, robust, exo_pair, ...: fastalign.losses.dpo_loss",
     "label_smoothing": "assumed share of flipped labels (cDPO / robust DPO)",
@@ -190,28 +194,83 @@ TINY_DEFAULTS = {
 
 
 def _config(args, config_class):
+    """The run's options: the built-in run's settings (``--model tiny``) < the resumed
+    checkpoint's options (``--resume``: a resumed run continues as it was) < ``--config`` <
+    flags."""
+    from .trainer.config import ConfigError
+
+    given = _yaml_options(args.config) if args.config else {}
+    from_file = set(given)
+    for field in dataclasses.fields(config_class):
+        value = getattr(args, field.name)
+        if value is not None:
+            given[field.name] = value
+    if args.output_dir_flag:
+        given["output_dir"] = args.output_dir_flag
     values = {}
     if args.model == "tiny":
         values.update(TINY_DEFAULTS[args.kind])
         shown = ", ".join(f"{k}={v}" for k, v in TINY_DEFAULTS[args.kind].items())
         print(f"--model tiny: the built-in run's settings {shown} (flags and --config win)")
-    if args.config:
-        import yaml
-
-        with open(args.config) as source:
-            loaded = yaml.safe_load(source) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"fastalign: error: {args.config} must hold a mapping of options")
-        values.update(loaded)
-    for field in dataclasses.fields(config_class):
-        value = getattr(args, field.name)
-        if value is not None:
-            values[field.name] = value
-    if args.output_dir_flag:
-        values["output_dir"] = args.output_dir_flag
+    if args.resume:
+        output_dir = given.get("output_dir", config_class.output_dir)
+        values.update(_resumed_options(args.resume, output_dir, config_class))
+    values.update(given)
     if values.get("max_grad_norm") == 0:
         values["max_grad_norm"] = None
-    return config_class.from_dict(values)
+    try:
+        return config_class.from_dict(values)
+    except ConfigError as error:  # name the file when the bad option came from it
+        first = str(error).split()[0]
+        from_yaml = first == "unknown" or first in from_file and getattr(args, first) is None
+        raise ConfigError(f"{args.config}: {error}" if args.config and from_yaml
+                          else str(error)) from None
+
+
+def _yaml_options(path: str) -> dict:
+    """The mapping of options in the YAML file ``path``; anything else is a one-line error."""
+    import yaml
+
+    from .trainer.config import ConfigError
+
+    try:
+        with open(path, encoding="utf-8-sig") as source:
+            loaded = yaml.safe_load(source)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path!r} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})"
+                          ) from None
+    except yaml.YAMLError as error:  # malformed, or a tag safe_load refuses (!!python/...)
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{line}: not a valid options file ({problem})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of options (key: value lines), got "
+                          f"{type(loaded).__name__}")
+    return loaded
+
+
+def _resumed_options(resume: str, output_dir: str, config_class) -> dict:
+    """The options saved with the checkpoint ``--resume`` names (none when it has no readable
+    manifest: resuming then fails later with the reason)."""
+    from pathlib import Path
+
+    from .trainer.checkpoint import CheckpointError, latest_checkpoint, read_manifest
+
+    path = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+    if path is None:
+        return {}
+    try:
+        recorded = read_manifest(path)["config"]
+    except CheckpointError:
+        return {}
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return {name: value for name, value in recorded.items()
+            if name in names and name not in ("output_dir", "overwrite")}
 
 
 def _data(args):
@@ -256,19 +315,44 @@ def _train(args) -> None:
     print(f"done: {trainer.step} steps; {shown}; model in {trainer.output_dir}/")
 
 
-def _reward_model(name):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _reward_model(name, *, trained: bool = False):
+    """``(model, tokenizer)`` of a sequence classifier with one output from directory
+    ``name``. ``trained``: its score head must come from the files (a reward model to score
+    with), not be created fresh, as transformers does, with only a warning, for a causal LM."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1,
-                                                                   local_files_only=True)
+        if not trained:
+            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1,
+                                                                       local_files_only=True)
+            info = {"missing_keys": []}
+        else:
+            _check_reward_config(name, config)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, local_files_only=True, output_loading_info=True)
     except OSError as error:
         raise FileNotFoundError(f"cannot load model {name!r} offline: "
                                 f"{str(error).splitlines()[0]}") from None
+    if info["missing_keys"]:
+        raise ValueError(f"--reward-model {name!r} is not a trained reward model: its files lack "
+                         f"{', '.join(sorted(info['missing_keys'])[:3])}, so its score head would "
+                         "be random; train one first (fastalign train rm --output DIR)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_reward_config(name, config) -> None:
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"--reward-model {name!r} is a {', '.join(architectures) or 'model'}, "
+                         "not a trained reward model (a *ForSequenceClassification with one "
+                         "output); train one first (fastalign train rm --output DIR)")
+    if getattr(config, "num_labels", None) != 1:
+        raise ValueError(f"--reward-model {name!r} has {config.num_labels} outputs; a reward "
+                         "model has one (num_labels=1)")
 
 
 def main(argv=None) -> None:

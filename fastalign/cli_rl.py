@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import math
 
 import torch
 
@@ -32,35 +32,32 @@ def policy(args, progress: bool = True):
 def reward_model(args):
     from .cli import _reward_model, device
 
-    model, tokenizer = _reward_model(args.reward_model)
+    model, tokenizer = _reward_model(args.reward_model, trained=True)
     return model.to(device(args)), tokenizer
 
 
 def load_prompts(source: str) -> list:
     """``demo`` (the bundled prompts), a ``.jsonl`` file of rows with a ``prompt`` (text or
     chat messages), or a text file with one prompt per line."""
+    from .trainer.data import read_lines
     from .trainer.tiny import demo_prompts
 
     if source == "demo":
         return demo_prompts()
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"--prompts {source!r}: no such file (use 'demo', a .jsonl file "
-                                "of rows with a 'prompt', or a .txt file of one prompt per line)")
-    with open(source) as lines:
-        if source.endswith(".jsonl"):
-            prompts = []
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{source} line {number}: not JSON ({error.msg})") from None
-                if not isinstance(row, dict) or not row.get("prompt"):
-                    raise ValueError(f"{source} line {number}: a row needs a non-empty 'prompt'")
-                prompts.append(row["prompt"])
-        else:
-            prompts = [line.rstrip("\n") for line in lines if line.strip()]
+    lines = read_lines(source, "--prompts", "'demo', a .jsonl file of rows with a 'prompt', or "
+                                            "a .txt file of one prompt per line")
+    if source.endswith(".jsonl"):
+        prompts = []
+        for number, line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{source} line {number}: not JSON ({error.msg})") from None
+            if not isinstance(row, dict) or not row.get("prompt"):
+                raise ValueError(f"{source} line {number}: a row needs a non-empty 'prompt'")
+            prompts.append(row["prompt"])
+    else:
+        prompts = [line.rstrip("\r\n") for _, line in lines]
     if not prompts:
         raise ValueError(f"--prompts {source!r} holds no prompt")
     return prompts
@@ -81,8 +78,10 @@ def reward_functions(args) -> tuple[list, list[float] | None]:
         try:
             weights = [float(w) for w in args.reward_weights.split(",")]
         except ValueError:
-            raise ValueError(f"--reward-weights must be comma-separated numbers, got "
-                             f"{args.reward_weights!r}") from None
+            weights = []
+        if not weights or not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"--reward-weights must be comma-separated finite numbers, got "
+                             f"{args.reward_weights!r}")
         if len(weights) != len(functions):
             raise ValueError(f"--reward-weights has {len(weights)} weights for "
                              f"{len(functions)} reward functions")

@@ -87,7 +87,8 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=128, help="model width (default 128)")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     parser.add_argument("--output", default="fastalign-demo",
-                        help="output directory: model, metrics.jsonl, metrics.png")
+                        help="output directory: model, metrics.jsonl, metrics.png (a rerun "
+                             "replaces the run there)")
     parser.add_argument("--max-pairs", type=int, default=None,
                         help="use only the first N training pairs (and N/3 held-out): quicker")
     parser.add_argument("--no-memory", action="store_true",
@@ -114,7 +115,8 @@ def main(argv=None) -> None:
     config = DPOConfig(output_dir=args.output, learning_rate=args.learning_rate,
                        max_steps=args.steps, batch_size=args.batch_size,
                        warmup_steps=max(1, args.steps // 10), eval_steps=max(1, args.steps // 2),
-                       reference="precomputed", progress=not args.no_progress, beta=0.1)
+                       reference="precomputed", progress=not args.no_progress, beta=0.1,
+                       overwrite=True)  # a rerun of the demo replaces the last one
     trainer = DPOTrainer(model, tokenizer, config, train, held_out)
     before = trainer.evaluate()
     print(f"before training: held-out preference accuracy "

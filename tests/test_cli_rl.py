@@ -58,7 +58,7 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
     assert "done: 2 steps; mean score over the first 1 logged steps" in done.stdout
     logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert {"score", "kl", "value_loss", "explained_variance", "entropy"} <= set(logged[-1])
-    assert (tmp_path / "run" / "value_head.pt").is_file()
+    assert (tmp_path / "run" / "value_head.safetensors").is_file()
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Tell me about owls.\nName a fruit.\n")
@@ -74,7 +74,7 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["train", "grpo", "--rewards", "claps"], "unknown reward function 'claps'"),
     (["train", "grpo", "--reward-weights", "1,2,3"], "--reward-weights has 3 weights for 2"),
-    (["train", "grpo", "--prompts", "missing.txt"], "--prompts 'missing.txt': no such file"),
+    (["train", "grpo", "--prompts", "missing.txt"], "--prompts 'missing.txt' does not exist"),
     (["train", "grpo", "--device", "cuda:7"], "this machine has no CUDA GPU"),
     (["train", "ppo", "--reward-model", "missing-dir"], "cannot load model 'missing-dir'"),
     (["bon", "--rewards", "letters", "--reward-model", "runs/rm"],

@@ -125,7 +125,7 @@ def test_precomputed_reference_equals_a_frozen_copy(tmp_path):
                 parameter.add_(0.01)
         losses.append(trainer.compute_loss(trainer.collate(trainer.train_pairs))[0].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    assert (tmp_path / "precomputed" / "out" / "reference_logps.pt").is_file()
+    assert (tmp_path / "precomputed" / "out" / "reference_logps.safetensors").is_file()
 
 
 def interrupt_after(trainer, steps):

@@ -35,14 +35,15 @@ def test_unreadable_data(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "p"\n')
     with pytest.raises(DataError, match="line 1: not valid JSON"):
         load_preferences(str(tmp_path / "broken.jsonl"))
-    with pytest.raises(DataError, match="row 1: missing"):
+    # Rows of a list are counted from 1, as the lines of a file are: the second row is row 2.
+    with pytest.raises(DataError, match="row 2: missing"):
         load_preferences([rows(1)[0], {"prompt": "only"}])
 
 
 def test_prompt_longer_than_the_limit(tmp_path):
     data = rows(2)
     data[1]["prompt"] = "x" * 300
-    with pytest.raises(DataError, match="row 1: the prompt is 300 tokens, max_length is 256"):
+    with pytest.raises(DataError, match="row 2: the prompt is 300 tokens, max_length is 256"):
         DPOTrainer(small_model(), byte_tokenizer(),
                    DPOConfig(output_dir=str(tmp_path), max_length=256), data)
 
@@ -80,11 +81,11 @@ def test_output_dir_that_is_a_file(tmp_path):
 
 @pytest.mark.parametrize("option,message", [
     (dict(loss_type="dpo"), "loss_type must be one of sigmoid"),
-    (dict(batch_size=0), "batch_size must be positive"),
-    (dict(max_steps=2.5), "max_steps must be a positive integer"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(max_steps=2.5), "max_steps must be an integer or None, got 2.5"),
     (dict(lr_schedule="step"), "lr_schedule must be one of linear"),
     (dict(reference="none"), "reference must be one of copy"),
-    (dict(beta=0.0), "beta must be positive"),
+    (dict(beta=0.0), "beta must be > 0"),
 ])
 def test_config_errors(option, message):
     with pytest.raises(ValueError, match=message):

@@ -154,7 +154,7 @@ def test_score_rises_and_resume_restores_the_value_head(tmp_path):
     assert last > first + 0.3, (first, last)  # 3 more lowercase letters of 12 tokens
     assert all(set(row) >= {"kl", "entropy", "value_loss", "explained_variance",
                             "clip_fraction/low", "clip_fraction/high"} for row in logged)
-    assert (tmp_path / "value_head.pt").is_file()
+    assert (tmp_path / "value_head.safetensors").is_file()
     print(f"score first 5 steps {first:.3f}, last 5 {last:.3f}")
 
     resumed = PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS * 4, LowercaseReward())

@@ -12,14 +12,26 @@ import contextlib
 import hashlib
 import math
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import run_dir
+from .checkpoint import first_nonfinite, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog
+
+# Options that may differ between a run and its resumption without being reported: where it
+# runs and how it shows progress, not what it computes.
+UNREPORTED_ON_RESUME = ("output_dir", "progress", "overwrite")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm that is NaN or infinite, or a model with such weights: training
+    stops before the optimizer step (``on_nonfinite="skip"`` skips the step instead) and such
+    a model is never saved."""
 
 
 class Trainer:
@@ -45,6 +57,8 @@ class Trainer:
             config.epochs * self.micro_per_epoch / config.gradient_accumulation_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
+        self.skipped_steps = 0  # optimizer updates skipped for a non-finite loss or gradient
+        self.resumed_changes: dict = {}  # option -> (checkpoint's value, this run's value)
 
     # -- to override -------------------------------------------------------------------------
     def collate(self, pairs: list):
@@ -116,16 +130,45 @@ class Trainer:
             (loss * weight).backward()
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 sums[name] = sums[name] + value * weight
-        max_norm = self.config.max_grad_norm or float("inf")
-        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
+        sums["grad_norm"] = self.clip_gradients()
         sums = {name: float(value) for name, value in sums.items()}
         sums["learning_rate"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        self.optimizer_step(sums["loss"], sums["grad_norm"])
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         sums["epoch"] = self.step * accumulation / self.micro_per_epoch
-        return sums
+        return self.with_skip_count(sums)
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clips the trained parameters' gradients to ``max_grad_norm`` (0 / None: no
+        clipping) and returns their total norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.parameters,
+                                              self.config.max_grad_norm or math.inf)
+
+    def optimizer_step(self, loss: float, grad_norm: float) -> bool:
+        """The optimizer update, only when ``loss`` and ``grad_norm`` are finite; returns
+        whether it ran. Otherwise ``on_nonfinite="stop"`` raises (nothing of this step is
+        applied, nothing is saved) and ``"skip"`` drops the gradients and counts the skip.
+        Gradients are zeroed either way."""
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            return True
+        if self.config.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"step {self.step + 1}: the loss is {loss:g} and the gradient norm "
+                f"{grad_norm:g}; stopped before the optimizer step, and the final model was "
+                "not saved. Check the data and the options (learning rate, beta, reward "
+                "weights), or pass --on-nonfinite skip to skip such steps")
+        self.skipped_steps += 1
+        return False
+
+    def with_skip_count(self, metrics: dict) -> dict:
+        if self.config.on_nonfinite == "skip":
+            metrics["skipped_steps"] = float(self.skipped_steps)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, pairs: list | None = None) -> dict:
@@ -151,6 +194,9 @@ class Trainer:
         logged metrics. ``resume_from``: a checkpoint directory, or ``"latest"``."""
         from tqdm.auto import tqdm
 
+        run_dir.prepare(self.output_dir, trainer=type(self).__name__,
+                        config=self.config.to_dict(), resuming=resume_from is not None,
+                        overwrite=self.config.overwrite)
         if resume_from is not None:
             self.resume(resume_from)
         log = MetricsLog(self.output_dir, resume_step=self.step)
@@ -169,9 +215,18 @@ class Trainer:
                 bar.update(1)
                 if self.config.save_steps and (self.step % self.config.save_steps == 0 or done):
                     self.save_checkpoint()
-        self.save_model(self.output_dir)
+        self.check_finite_model("the final model")
+        run_dir.save_final_model(self.output_dir, self.save_model)
         log.plot(self.plot_panels)
         return last
+
+    def check_finite_model(self, what: str) -> None:
+        """Raises ``NonFiniteError`` when a trained parameter holds NaN or infinity."""
+        bad = first_nonfinite((name, p) for module in self.trained_modules()
+                              for name, p in module.named_parameters())
+        if bad is not None:
+            raise NonFiniteError(f"{what} holds non-finite weights ({bad}) after step "
+                                 f"{self.step}; it was not saved")
 
     def save_model(self, directory: Path) -> None:
         """The trained model (and tokenizer) in ``directory``, loadable with ``from_pretrained``."""
@@ -183,12 +238,17 @@ class Trainer:
         return {"loss": f"{metrics['loss']:.4f}"}
 
     def save_checkpoint(self) -> Path:
+        self.check_finite_model(f"checkpoint-{self.step}")
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "setup": self.setup(), "extra": self.extra_state()}
-        return save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, state)
+                 "extra": self.extra_state(), "skipped_steps": self.skipped_steps}
+        return save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, state,
+                               setup=self.setup(), config=self.config.to_dict())
 
     def resume(self, path: str | os.PathLike) -> None:
-        """Restores weights, optimizer, schedule, step and RNG from a checkpoint."""
+        """Restores weights, optimizer, schedule, step and RNG from a checkpoint. Options of
+        this run that differ from the checkpoint's are applied (the learning rate and weight
+        decay reach the restored optimizer) and listed on stderr and in ``resumed_changes``;
+        what the checkpoint must match (model, data, batching, seed) is checked instead."""
         if str(path) == "latest":
             found = latest_checkpoint(self.output_dir)
             if found is None:
@@ -202,6 +262,28 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state.get("extra", {}))
         self.step = state["step"]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._apply_changed_options(Path(path).name, state["config"])
+
+    def _apply_changed_options(self, checkpoint: str, recorded: dict) -> None:
+        current = self.config.to_dict()
+        self.resumed_changes = {
+            name: (recorded.get(name), value) for name, value in current.items()
+            if name not in UNREPORTED_ON_RESUME and recorded.get(name) != value}
+        if not self.resumed_changes:
+            return
+        shown = "; ".join(f"{name} {old!r} -> {new!r}"
+                          for name, (old, new) in self.resumed_changes.items())
+        print(f"fastalign: resuming {checkpoint} with options that differ from its run "
+              f"(checkpoint -> now; the new values apply): {shown}", file=sys.stderr)
+        # The optimizer and schedule were restored with the checkpoint's learning rate and
+        # weight decay: give them this run's, at the resumed step of this run's schedule.
+        self.scheduler.base_lrs = [self.config.learning_rate] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.learning_rate
+            group["weight_decay"] = self.config.weight_decay
+            group["lr"] = self.config.learning_rate * self._lr_factor(self.step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def _digest(value) -> str:

@@ -3,10 +3,19 @@ LR schedule, step and RNG states, written atomically and read back for an exact 
 
 A checkpoint is built in a hidden ``.partial`` directory and renamed into place only when
 complete, so an interrupted save never leaves a half-written ``checkpoint-N``.
+
+Reading one back never executes code: the manifest ``fastalign_checkpoint.json`` (step, the
+run's options, what the run must match, a SHA-256 of every other file) is JSON; the weights are
+safetensors; ``trainer_state.pt`` (optimizer, schedule, RNG) is read with
+``torch.load(weights_only=True)``, which admits tensors and plain containers only, so a pickle
+payload planted in it is refused instead of run. Every file is checked against its recorded
+checksum before it is read, and a damaged one is named.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -15,6 +24,8 @@ from pathlib import Path
 import torch
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "fastalign_checkpoint.json"
+MANIFEST_FORMAT = 2
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # what save_pretrained writes for a PEFT model
 PREFIX = "checkpoint-"
@@ -24,9 +35,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or from a different run set-up."""
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer,
-                    state: dict) -> Path:
-    """Writes ``output_dir/checkpoint-{step}`` and returns its path."""
+def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, state: dict,
+                    *, setup: dict, config: dict) -> Path:
+    """Writes ``output_dir/checkpoint-{step}`` and returns its path. ``state`` holds tensors
+    and plain containers only (it is read back with ``weights_only=True``); ``setup`` (what a
+    resume must match) and ``config`` (the run's options) go into the JSON manifest."""
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
     partial = output_dir / f".{PREFIX}{step}.partial"
@@ -35,8 +48,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer,
     model.save_pretrained(partial, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
-    state = dict(state, step=step, rng=_rng_state())
-    torch.save(state, partial / STATE_FILE)
+    torch.save(dict(state, rng=_rng_state()), partial / STATE_FILE)
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "setup": setup, "config": config,
+                "sha256": {name: _sha256(partial / name) for name in _files(partial)}}
+    (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -48,35 +63,63 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     steps = []
     for path in Path(output_dir).glob(f"{PREFIX}*"):
         suffix = path.name[len(PREFIX):]
-        if suffix.isdigit() and (path / STATE_FILE).is_file():
+        if suffix.isdigit() and all((path / name).is_file() for name in (MANIFEST_FILE,
+                                                                            STATE_FILE)):
             steps.append((int(suffix), path))
     return max(steps)[1] if steps else None
 
 
-def load_checkpoint(path: str | os.PathLike, model, expected: dict) -> dict:
-    """Loads the weights of checkpoint ``path`` into ``model`` and returns its trainer state
-    (optimizer, schedule, step), after restoring the RNG states.
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The JSON manifest of checkpoint ``path`` (step, setup, config, checksums).
 
     Raises:
-        CheckpointError: a missing or unreadable file, weights that do not fit ``model``, or a
-            checkpoint whose recorded set-up differs from ``expected`` (say which key).
+        CheckpointError: no manifest (an incomplete checkpoint, or one from an older fastalign)
+            or one that is not a fastalign manifest.
+    """
+    file = Path(path) / MANIFEST_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: {MANIFEST_FILE} is missing "
+                              "(an interrupted save, or a checkpoint of an older fastalign)")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{file} is corrupt: not JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not all(
+            isinstance(manifest.get(key), dict) for key in ("setup", "config", "sha256")):
+        raise CheckpointError(f"{file} is not a fastalign checkpoint manifest of format "
+                              f"{MANIFEST_FORMAT}")
+    return manifest
+
+
+def load_checkpoint(path: str | os.PathLike, model, expected: dict) -> dict:
+    """Loads the weights of checkpoint ``path`` into ``model`` and returns its trainer state
+    (optimizer, schedule, ``extra``, plus ``step`` and ``config`` from the manifest), after
+    restoring the RNG states.
+
+    Raises:
+        CheckpointError: a missing, corrupt (checksum) or unreadable file, weights that do not
+            fit ``model`` or are not finite, or a checkpoint whose recorded set-up differs from
+            ``expected`` (say which key).
     """
     path = Path(path)
+    manifest = read_manifest(path)
     weights = path / (ADAPTER_FILE if _is_peft(model) else WEIGHTS_FILE)
     for file in (path / STATE_FILE, weights):
         if not file.is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint: {file.name} is missing")
-    try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file: say which, not a pickle trace
-        raise CheckpointError(f"{path / STATE_FILE} is corrupt or not a fastalign trainer "
-                              f"state ({type(error).__name__}: {error})") from None
-    recorded = state.get("setup", {})
+    recorded = manifest["setup"]
     for key, value in expected.items():
         if recorded.get(key) != value:
             raise CheckpointError(
                 f"{path} was written by a different set-up: {key} is {recorded.get(key)!r} "
                 f"there and {value!r} now; resume with the same model, data and batch options")
+    _verify_checksums(path, manifest["sha256"])
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as error:  # a foreign file, or a pickle that wants to run code: refuse
+        raise CheckpointError(f"{path / STATE_FILE} is corrupt or not a fastalign trainer "
+                              f"state; it was not loaded ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
     try:
         missing, unexpected = _load_weights(model, weights)
     except Exception as error:
@@ -85,8 +128,50 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict) -> dict:
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match the model: missing {sorted(missing)[:5]},"
                               f" unexpected {sorted(unexpected)[:5]}")
+    bad = first_nonfinite(model.named_parameters())
+    if bad is not None:
+        raise CheckpointError(f"{weights} holds non-finite weights ({bad}); resume from an "
+                              "earlier checkpoint")
     _set_rng_state(state["rng"])
-    return state
+    return dict(state, step=int(manifest["step"]), config=manifest["config"])
+
+
+def first_nonfinite(named_tensors) -> str | None:
+    """``"name: nan"`` (or inf) for the first tensor holding a non-finite value, else None.
+    One device sync for all of them."""
+    named = [(name, t) for name, t in named_tensors if t.is_floating_point()]
+    if not named:
+        return None
+    flags = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+    for (name, tensor), finite in zip(named, flags.tolist()):
+        if not finite:
+            kind = "nan" if bool(torch.isnan(tensor).any()) else "inf"
+            return f"{name}: {kind}"
+    return None
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as source:
+        for block in iter(lambda: source.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_checksums(path: Path, recorded: dict) -> None:
+    for name, expected in recorded.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint: {name} is missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(
+                f"{file} is corrupt: its SHA-256 differs from the one recorded when the "
+                "checkpoint was saved (the file was changed or damaged); resume from another "
+                "checkpoint")
 
 
 def _is_peft(model) -> bool:

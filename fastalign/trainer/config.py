@@ -1,13 +1,21 @@
-"""Training configurations: dataclasses with defaults, checked on creation, loadable from YAML."""
+"""Training configurations: dataclasses with defaults, checked on creation, loadable from YAML.
+
+Every option is checked when a config is built: its type (an ``int`` option takes no 2.5, a
+float no NaN or infinity, a bool no "yes"), then its range. A bad value is a ``ConfigError``
+(a ``ValueError``) naming the option, so a run never starts on a setting that would train on
+NaN, backwards or not at all.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..losses.dpo import LOSS_TYPES
 
 SCHEDULES = ("linear", "cosine", "constant")
+NONFINITE_POLICIES = ("stop", "skip")
 PRECISIONS = ("fp32", "bf16")
 REFERENCES = ("copy", "adapters", "precomputed")
 
@@ -36,30 +44,42 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
 
+    overwrite: bool = False
+    on_nonfinite: str = "stop"
+
     def __post_init__(self):
-        positive = ["learning_rate", "batch_size", "gradient_accumulation_steps", "epochs",
-                    "max_length", "eval_batch_size", "logging_steps"]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_steps", "eval_steps", "save_steps"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value > 0):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("warmup_steps and weight_decay must be >= 0")
+        _check_types(self)
+        _check_at_least(self, 1, ["batch_size", "gradient_accumulation_steps", "max_length",
+                                  "eval_batch_size", "logging_steps", "max_steps", "eval_steps",
+                                  "save_steps"])
+        _check_at_least(self, 0, ["warmup_steps", "weight_decay", "seed"])
+        _check_greater(self, 0, ["learning_rate", "epochs"])
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise ConfigError(f"max_grad_norm must be > 0 (the clipping norm), or 0 / None for "
+                              f"no clipping, got {self.max_grad_norm!r}")
         _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
 
     @classmethod
     def from_dict(cls, values: dict):
-        """A config from a dict (e.g. a parsed YAML file); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        """A config from a dict (e.g. a parsed YAML file): unknown keys are an error, and
+        numbers written as text are read as numbers (YAML 1.1, PyYAML's dialect, reads
+        ``1e-3`` as the string "1e-3")."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a {cls.__name__} needs a mapping of options, got "
+                              f"{type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(str(key) for key in set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}; "
-                             f"valid: {', '.join(sorted(names))}")
-        return cls(**values)
+            raise ConfigError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}; "
+                              f"valid: {', '.join(sorted(fields))}")
+        coerced = {name: _from_text(fields[name], value) for name, value in values.items()}
+        return cls(**coerced)
+
+    def to_dict(self) -> dict:
+        """The options as plain data (saved with checkpoints, compared on resume)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -77,8 +97,10 @@ class DPOConfig(TrainConfig):
         super().__post_init__()
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("reference", self.reference, REFERENCES)
-        if not self.beta > 0:
-            raise ValueError(f"beta must be positive, got {self.beta!r}")
+        _check_greater(self, 0, ["beta"])
+        if not 0 <= self.label_smoothing < 0.5:  # robust DPO divides by 1 - 2 * smoothing
+            raise ConfigError(f"label_smoothing must be in [0, 0.5) (the assumed share of "
+                              f"flipped labels), got {self.label_smoothing!r}")
 
 
 @dataclass
@@ -86,6 +108,10 @@ class RewardConfig(TrainConfig):
     """Reward model: Bradley-Terry loss, optional per-row ``margin`` column, centering."""
     output_dir: str = "fastalign-rm"
     center_rewards_coefficient: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_at_least(self, 0, ["center_rewards_coefficient"])
 
 
 GRPO_LOSS_TYPES = {  # loss_type -> policy_loss aggregation
@@ -109,11 +135,13 @@ class RLConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_positive_ints(self, ["max_new_tokens"])
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        _check_at_least(self, 1, ["max_new_tokens"])
+        _check_greater(self, 0, ["temperature"])
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.clip_low < 1:  # the ratio's lower bound 1 - clip_low stays positive
+            raise ConfigError(f"clip_low must be in [0, 1), got {self.clip_low!r}")
+        _check_at_least(self, 0, ["clip_high"])
 
 
 @dataclass
@@ -137,9 +165,9 @@ class GRPOConfig(RLConfig):
         super().__post_init__()
         _check_choice("loss_type", self.loss_type, tuple(GRPO_LOSS_TYPES))
         _check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
-        _check_positive_ints(self, ["num_generations", "num_iterations"])
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0 (0: no KL term), got {self.beta!r}")
+        _check_at_least(self, 1, ["num_iterations"])
+        _check_at_least(self, 2, ["num_generations"])  # a group of one has no relative reward
+        _check_at_least(self, 0, ["beta"])  # 0: no KL term
 
 
 @dataclass
@@ -166,24 +194,81 @@ class PPOConfig(RLConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_positive_ints(self, ["mini_batch_size", "ppo_epochs"])
+        _check_at_least(self, 1, ["mini_batch_size", "ppo_epochs"])
         if self.mini_batch_size > self.batch_size:
-            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size "
-                             f"({self.batch_size}), the rollouts of one step")
-        if self.kl_coef < 0 or self.vf_coef < 0:
-            raise ValueError("kl_coef and vf_coef must be >= 0")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma!r} and "
-                             f"{self.lam!r}")
+            raise ConfigError(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size "
+                              f"({self.batch_size}), the rollouts of one step")
+        _check_at_least(self, 0, ["kl_coef", "vf_coef"])
+        _check_greater(self, 0, ["value_clip"])
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
 
 
-def _check_positive_ints(config, names: list[str]) -> None:
+class ConfigError(ValueError):
+    """An option of the wrong type or out of its range; the message names it."""
+
+
+# The annotation of each field (a string under `from __future__ import annotations`) -> the
+# Python types its value may have. bool is an int to Python, so it is refused explicitly.
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _kind(field) -> tuple[str, bool]:
+    """``(base annotation, None allowed)`` of a dataclass field."""
+    annotation = str(field.type).replace(" ", "")
+    optional = annotation.endswith("|None")
+    return annotation.removesuffix("|None"), optional
+
+
+def _from_text(field, value):
+    """A numeric option given as text (YAML's "1e-3") as its number; anything else as is."""
+    base, _ = _kind(field)
+    if isinstance(value, str) and base in ("int", "float"):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{field.name} must be a number, got {value!r}") from None
+        return int(number) if base == "int" and number.is_integer() else number
+    return value
+
+
+def _check_types(config) -> None:
+    """Every field of ``config`` holds a value of its annotated type (floats finite); integral
+    ints given to float options become floats."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        base, optional = _kind(field)
+        if value is None and optional:
+            continue
+        allowed = _KINDS[base]
+        if isinstance(value, bool) and base != "bool" or not isinstance(value, allowed):
+            what = {"int": "an integer", "float": "a number", "bool": "true or false",
+                    "str": "text"}[base]
+            none = " or None" if optional else ""
+            raise ConfigError(f"{field.name} must be {what}{none}, got {value!r} "
+                              f"({type(value).__name__})")
+        if base == "float":
+            if not math.isfinite(value):
+                raise ConfigError(f"{field.name} must be a finite number, got {value!r}")
+            setattr(config, field.name, float(value))
+
+
+def _check_at_least(config, low, names: list[str]) -> None:
     for name in names:
         value = getattr(config, name)
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if value is not None and not value >= low:
+            kind = "an integer " if isinstance(value, int) else ""  # float options hold floats
+            raise ConfigError(f"{name} must be {kind}>= {low}, got {value!r}")
+
+
+def _check_greater(config, low, names: list[str]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not value > low:
+            raise ConfigError(f"{name} must be > {low}, got {value!r}")
 
 
 def _check_choice(name, value, choices):
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -22,6 +22,39 @@ class DataError(ValueError):
     """A preference row that cannot be used; the message names the row and the field."""
 
 
+class Row(dict):
+    """A data row that knows where it came from (``where``: "data.jsonl line 7" or "row 3",
+    1-based either way), so every later message about it names the same place."""
+
+    where = "a row"
+
+
+def where(row, index: int) -> str:
+    """The place of ``row``, the ``index``-th (0-based) of its list, for a message."""
+    return getattr(row, "where", f"row {index + 1}")
+
+
+def read_lines(path, what: str, expected: str = ""):
+    """``(line number, text)`` of each non-blank line of the UTF-8 text file ``path`` (a BOM
+    is skipped); a line that is not UTF-8 is a ``DataError`` naming the file, line and byte.
+    ``what`` and ``expected`` (what the file should hold) word the missing-file message."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {os.fspath(path)!r} does not exist"
+                                + (f" (expected {expected})" if expected else ""))
+    with open(path, "rb") as source:
+        for number, raw in enumerate(source, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{os.fspath(path)} line {number}: not UTF-8 text (byte "
+                                f"0x{raw[error.start]:02x} at column {error.start + 1}); save "
+                                "the file as UTF-8") from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            if line.strip():
+                yield number, line
+
+
 def load_preferences(source, *, split: str | None = None) -> list[dict]:
     """The rows of ``source`` (a ``.jsonl`` path, a ``datasets.Dataset`` or a list of dicts),
     checked: each has non-empty ``prompt``, ``chosen`` and ``rejected``, all text or all
@@ -32,11 +65,15 @@ def load_preferences(source, *, split: str | None = None) -> list[dict]:
         DataError: a malformed row, named by its line (files) or index.
     """
     if isinstance(source, (str, os.PathLike)):
-        rows, where = _read_jsonl(source), f"{os.fspath(source)} line"
+        rows = _read_jsonl(source)
     else:
-        rows, where = [dict(row) for row in source], "row"
-    for number, row in enumerate(rows, start=1 if "line" in where else 0):
-        _check_row(row, f"{where} {number}")
+        rows = []
+        for index, item in enumerate(source):
+            row = Row(item)
+            row.where = f"row {index + 1}"
+            rows.append(row)
+    for row in rows:
+        _check_row(row, row.where)
     if split is not None:
         rows = [row for row in rows if row.get("split") == split]
         if not rows:
@@ -46,24 +83,21 @@ def load_preferences(source, *, split: str | None = None) -> list[dict]:
     return rows
 
 
-def _read_jsonl(path) -> list[dict]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"preference data {os.fspath(path)!r} does not exist "
-                                "(expected a .jsonl file of prompt/chosen/rejected rows)")
+def _read_jsonl(path) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as source:
-        for number, line in enumerate(source, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{os.fspath(path)} line {number}: not valid JSON ({error.msg})"
-                                ) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{os.fspath(path)} line {number}: expected a JSON object with "
-                                f"{', '.join(FIELDS)}, got {type(row).__name__}")
-            rows.append(row)
+    for number, line in read_lines(path, "preference data",
+                                   "a .jsonl file of prompt/chosen/rejected rows"):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{os.fspath(path)} line {number}: not valid JSON ({error.msg})"
+                            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{os.fspath(path)} line {number}: expected a JSON object with "
+                            f"{', '.join(FIELDS)}, got {type(row).__name__}")
+        row = Row(row)
+        row.where = f"{os.fspath(path)} line {number}"
+        rows.append(row)
     return rows
 
 
@@ -139,7 +173,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int = 1024) -> li
                     for side in ("chosen", "rejected")]
         start = min(_common_prefix(prompt, ids) for ids in full)
         if start >= max_length:
-            raise DataError(f"row {index}: the prompt is {start} tokens, max_length is "
+            raise DataError(f"{where(row, index)}: the prompt is {start} tokens, max_length is "
                             f"{max_length}; raise max_length or shorten the prompt")
         chosen, rejected = (ids[start:max_length] for ids in full)
         pairs.append(TokenizedPair(prompt[:start], chosen, rejected))

@@ -12,16 +12,19 @@ from the same model with its LoRA adapters disabled, or from a cache computed on
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import warnings
 
 import torch
 
 from ..losses import dpo_loss
-from ._base import Trainer, _digest
+from ._base import NonFiniteError, Trainer, _digest
 from .adapter import IGNORE_INDEX, CausalLMAdapter, completion_targets
 from .config import DPOConfig
 from .data import collate_pairs, load_preferences, tokenize_pairs
 
-REFERENCE_CACHE = "reference_logps.pt"
+REFERENCE_CACHE = "reference_logps.safetensors"
 
 
 class DPOTrainer(Trainer):
@@ -125,33 +128,75 @@ class DPOTrainer(Trainer):
     @torch.no_grad()
     def _load_or_compute_reference(self) -> dict:
         """``{pair key: [chosen, rejected] summed log-probs}`` of the model as it is now, cached
-        in ``output_dir/reference_logps.pt`` under a fingerprint of the data and the initial
-        weights: computed once, and read back by a resumed run (whose model has moved on)."""
+        in ``output_dir/reference_logps.safetensors`` under a fingerprint of the data and the
+        initial weights: computed once, and read back by a resumed run (whose model has moved
+        on). A cache that is unreadable, damaged (checksum) or not finite is recomputed."""
         path = self.output_dir / REFERENCE_CACHE
         # float64 sums without a float64 copy of the weights, one sync for all of them
         weights = torch.stack([p.detach().sum(dtype=torch.float64)
                                for p in self.model.parameters()]).tolist()
+        keys = [key for key, _ in self.train_pairs + self.eval_pairs]
         data = _digest(([pair for _, pair in self.train_pairs + self.eval_pairs], weights))
-        if path.is_file():
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            if cached.get("data") == data:
-                return cached["logps"]
+        cached = _read_reference_cache(path, data, keys)
+        if cached is not None:
+            return dict(zip(keys, cached))
         logps = {}
         pairs = self.train_pairs + self.eval_pairs
         size = self.config.eval_batch_size
         was_training = self.model.training
         self.model.eval()
         for start in range(0, len(pairs), size):
-            keys, chosen, rejected = self.collate(pairs[start:start + size])
+            batch_keys, chosen, rejected = self.collate(pairs[start:start + size])
             with self._autocast():
                 sums = self._sequence_logps(self.policy, chosen, rejected).float().cpu()
-            for index, key in enumerate(keys):
-                logps[key] = torch.stack([sums[index], sums[index + len(keys)]])
+            for index, key in enumerate(batch_keys):
+                logps[key] = torch.stack([sums[index], sums[index + len(batch_keys)]])
         self.model.train(was_training)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"data": data, "logps": logps}, tmp)
-        tmp.replace(path)
+        table = torch.stack([logps[key] for key in keys])
+        if not bool(torch.isfinite(table).all()):
+            raise NonFiniteError("the reference log-probs of the initial model are not finite "
+                                 "(its weights or the data give NaN or inf); nothing was cached")
+        _write_reference_cache(path, data, keys, table)
         return logps
+
+
+def _read_reference_cache(path, data: str, keys: list[str]) -> torch.Tensor | None:
+    """The ``[pairs, 2]`` table cached at ``path`` for ``data`` and ``keys``, or None when there
+    is none for them; a damaged one is reported and ignored (it is then recomputed)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as cache:
+            meta, table = cache.metadata() or {}, cache.get_tensor("logps")
+    except Exception as error:
+        problem = f"unreadable ({type(error).__name__})"
+    else:
+        if meta.get("data") != data or meta.get("keys") != json.dumps(keys):
+            return None  # another data set or initial model: not this run's cache
+        if meta.get("sha256") != _table_digest(table):
+            problem = "its checksum does not match its values"
+        elif table.shape != (len(keys), 2) or not bool(torch.isfinite(table).all()):
+            problem = "its values are not finite"
+        else:
+            return table
+    warnings.warn(f"the reference cache {path} is damaged ({problem}); recomputing it",
+                  RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _write_reference_cache(path, data: str, keys: list[str], table: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({"logps": table.contiguous()}, str(tmp),
+              metadata={"data": data, "keys": json.dumps(keys), "sha256": _table_digest(table)})
+    tmp.replace(path)
+
+
+def _table_digest(table: torch.Tensor) -> str:
+    return hashlib.sha256(table.float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _indexed(pairs, prefix="train"):

@@ -11,8 +11,6 @@ from ``linear_logprobs`` (no logits). No value model.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..losses import group_advantages, policy_loss
@@ -109,20 +107,18 @@ class GRPOTrainer(Trainer):
             with self._autocast():
                 loss, metrics = self.compute_loss(rollouts, advantages, ref_logprobs)
             loss.backward()
-            max_norm = self.config.max_grad_norm or math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = float(self.clip_gradients())
+            self.optimizer_step(float(loss.detach()), grad_norm)
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
         lengths = rollouts.completion_mask.sum(-1).float()
-        return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
-                "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                **self.reward_means,
-                "completion_length": float(lengths.mean()), "grad_norm": grad_norm,
-                "learning_rate": learning_rate,
-                "epoch": self.step / self.micro_per_epoch}
+        return self.with_skip_count({
+            "loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
+            "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+            **self.reward_means, "completion_length": float(lengths.mean()),
+            "grad_norm": grad_norm, "learning_rate": learning_rate,
+            "epoch": self.step / self.micro_per_epoch})
 
     def evaluate(self, pairs=None) -> dict:
         return {}  # the training reward is GRPO's progress signal; no held-out set here

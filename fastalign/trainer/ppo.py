@@ -14,7 +14,6 @@ https://arxiv.org/abs/2203.02155) on the thin trainer layer, with the four model
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from .best_of_n import check_reward_model, score_with_reward_model
 from .config import PPOConfig
 from .rollout import Rollouts, generate_rollouts
 
-VALUE_HEAD_FILE = "value_head.pt"
+VALUE_HEAD_FILE = "value_head.safetensors"  # weight [1, D], bias [1]
 
 
 @dataclass
@@ -112,7 +111,8 @@ class PPOTrainer(Trainer):
     def save_model(self, directory):
         super().save_model(directory)
         if self.shared_value_head:
-            torch.save(self.value_module.state_dict(), directory / VALUE_HEAD_FILE)
+            from safetensors.torch import save_file
+            save_file(self.value_module.state_dict(), directory / VALUE_HEAD_FILE)
         else:
             self.value_module.save_pretrained(directory / "value_model", safe_serialization=True)
 
@@ -204,10 +204,8 @@ class PPOTrainer(Trainer):
                     loss, metrics = self.compute_loss(
                         experience, order[start:start + config.mini_batch_size])
                 loss.backward()
-                max_norm = config.max_grad_norm or math.inf
-                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                metrics["grad_norm"] = self.clip_gradients()
+                self.optimizer_step(float(loss.detach()), float(metrics["grad_norm"]))
                 for name, value in {"loss": loss.detach(), **metrics}.items():
                     sums[name] = sums[name] + value
                 updates += 1
@@ -218,7 +216,7 @@ class PPOTrainer(Trainer):
         self.scheduler.step()
         self.step += 1
         logged["epoch"] = self.step / self.micro_per_epoch
-        return logged
+        return self.with_skip_count(logged)
 
     def experience_metrics(self, experience: Experience) -> dict:
         """What the rollouts say before the update: reward-model score, KL to the reference

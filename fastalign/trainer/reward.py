@@ -13,12 +13,14 @@ projection happens here, so no fused op is needed: the head is a ``[D, 1]`` matr
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..losses import reward_loss
 from ._base import Trainer
 from .config import RewardConfig
-from .data import _pad, load_preferences, tokenize_pairs
+from .data import DataError, _pad, load_preferences, tokenize_pairs, where
 
 
 class RewardTrainer(Trainer):
@@ -72,10 +74,20 @@ class RewardTrainer(Trainer):
 
 
 def _with_margins(rows, tokenizer, max_length):
-    """``(tokenized pair, margin or None)`` items; a row's ``margin`` must be a number."""
-    for index, row in enumerate(rows):
-        if "margin" in row and not isinstance(row["margin"], (int, float)):
-            raise ValueError(f"row {index}: margin must be a number, got {row['margin']!r}")
+    """``(tokenized pair, margin or None)`` items; ``margin`` is a finite number on every row
+    or on none (a batch mixing both would have no margin to give the others)."""
+    with_margin = [index for index, row in enumerate(rows) if "margin" in row]
+    if with_margin and len(with_margin) < len(rows):
+        missing = next(i for i in range(len(rows)) if "margin" not in rows[i])
+        raise DataError(f"{where(rows[missing], missing)}: no margin, but {len(with_margin)} of "
+                        f"the {len(rows)} rows have one; give every row a margin (0 for none) "
+                        "or none of them")
+    for index in with_margin:
+        margin = rows[index]["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) \
+                or not math.isfinite(margin):
+            raise DataError(f"{where(rows[index], index)}: margin must be a finite number, got "
+                            f"{margin!r}")
     pairs = tokenize_pairs(rows, tokenizer, max_length=max_length)
     return [(pair, float(row["margin"]) if "margin" in row else None)
             for pair, row in zip(pairs, rows)]

@@ -10,6 +10,8 @@ first real token, so a recomputed log-prob is the one the token was sampled with
 
 from __future__ import annotations
 
+import math
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -178,12 +180,19 @@ def reward_columns(reward_funcs: list, prompts: list, completions: list[str]) ->
     list[float]``; a wrong count or a non-finite value is an error naming the function."""
     columns = []
     for function in reward_funcs:
-        values = torch.tensor([float(v) for v in function(prompts, completions)])
+        try:
+            returned = function(prompts, completions)
+        except Exception as error:
+            raise RewardFunctionError(function, error) from error
+        try:
+            values = torch.tensor([float(v) for v in returned], dtype=torch.float64)
+        except (TypeError, ValueError):
+            values = torch.tensor([math.nan])
         if values.shape != (len(completions),) or not torch.isfinite(values).all():
             raise ValueError(f"reward function {reward_name(function)} must return one finite "
                              f"number per completion ({len(completions)}), got "
-                             f"{values.tolist()[:8]}")
-        columns.append(values)
+                             f"{_shown(returned)}")
+        columns.append(values.float())
     return torch.stack(columns)
 
 
@@ -196,3 +205,20 @@ def score_completions(reward_funcs: list, prompts: list, completions: list[str],
 
 def reward_name(function) -> str:
     return getattr(function, "__name__", repr(function))
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised: the message names it and shows its own traceback frames."""
+
+    def __init__(self, function, error: BaseException):
+        frames = traceback.extract_tb(error.__traceback__)[1:]  # from the function down
+        shown = "".join(traceback.format_list(frames)).rstrip()
+        super().__init__(f"reward function {reward_name(function)} raised "
+                         f"{type(error).__name__}: {error}\n{shown}")
+
+
+def _shown(values) -> str:
+    try:
+        return repr(list(values)[:8])
+    except TypeError:
+        return repr(values)

@@ -1,0 +1,103 @@
+"""The output directory of a run: one run per directory, and a final model that is whole or
+absent.
+
+A second run into a directory that already holds one would mix them (its metrics truncated,
+the first run's checkpoints left for a later ``resume="latest"`` to continue under other
+options), so a used directory is refused unless the run resumes it or is told to start over
+(``overwrite``), which removes what fastalign wrote there and nothing else. The marker
+``fastalign_run.json`` records the trainer, the options and the final model's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .checkpoint import PREFIX
+from .metrics import METRICS_FILE, PLOT_FILE
+
+RUN_FILE = "fastalign_run.json"
+FINAL_PARTIAL = ".final-model.partial"
+# Written last, so that a directory with a config holds the weights that go with it.
+CONFIG_FILES = ("adapter_config.json", "config.json")
+
+
+class OutputDirInUse(ValueError):
+    """``output_dir`` holds another run and neither resume nor overwrite was asked for."""
+
+
+def run_artifacts(directory: Path) -> list[Path]:
+    """What fastalign wrote into ``directory`` for a run: checkpoints (complete or partial),
+    metrics, the run marker and the final model files it records."""
+    found = [p for p in directory.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit()]
+    found += list(directory.glob(f".{PREFIX}*.partial"))
+    found += [directory / name for name in (METRICS_FILE, PLOT_FILE, RUN_FILE, FINAL_PARTIAL)
+              if (directory / name).exists()]
+    marker = _read_marker(directory)
+    found += [directory / name for name in marker.get("final_files", [])
+              if (directory / name).exists()]
+    return sorted(set(found))
+
+
+def prepare(directory: Path, *, trainer: str, config: dict, resuming: bool,
+            overwrite: bool) -> None:
+    """Refuses a used ``directory`` (unless ``resuming`` or ``overwrite``), cleans it for an
+    ``overwrite``, and writes the run marker.
+
+    Raises:
+        OutputDirInUse: the directory holds another run; the message says what to pass.
+    """
+    used = run_artifacts(directory)
+    if used and not resuming:
+        if not overwrite:
+            shown = ", ".join(p.name for p in used[:4]) + (", ..." if len(used) > 4 else "")
+            raise OutputDirInUse(
+                f"output_dir {os.fspath(directory)!r} already holds a run ({shown}); resume it "
+                "(--resume latest, or train(resume_from='latest')), start over with --overwrite "
+                "(overwrite=True: removes what fastalign wrote there), or choose another "
+                "output directory")
+        for path in used:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    marker = _read_marker(directory) if resuming else {}
+    marker.update(trainer=trainer, config=config, updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+    _write_marker(directory, marker)
+
+
+def save_final_model(directory: Path, save) -> None:
+    """Calls ``save(partial_dir)`` (``save_pretrained`` and the like), then moves its files
+    into ``directory``: the configs last, with any old config removed first, so an
+    interrupted save leaves no config that lacks its weights."""
+    partial = directory / FINAL_PARTIAL
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    save(partial)
+    names = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+    for name in CONFIG_FILES:
+        (directory / name).unlink(missing_ok=True)
+    for name in sorted(names, key=lambda n: n in CONFIG_FILES):
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial / name, directory / name)
+    shutil.rmtree(partial, ignore_errors=True)
+    marker = _read_marker(directory)
+    marker["final_files"] = sorted(set(marker.get("final_files", [])) | set(names))
+    _write_marker(directory, marker)
+
+
+def _read_marker(directory: Path) -> dict:
+    try:
+        marker = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # no marker, or a damaged one: it only lists files, nothing is run from it
+    return marker if isinstance(marker, dict) else {}
+
+
+def _write_marker(directory: Path, marker: dict) -> None:
+    tmp = directory / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(marker, indent=1))
+    os.replace(tmp, directory / RUN_FILE)
