@@ -240,6 +240,27 @@ def test_reward_data_and_weights_must_be_finite(tmp_path):
             reward_functions(args)
 
 
+def test_bad_options_on_the_command_line_are_one_line_errors(tmp_path, capsys):
+    from fastalign.cli import main
+
+    for flags, message in [(["--max-grad-norm", "-1"], "max_grad_norm must be > 0"),
+                           (["--beta", "inf"], "beta must be a finite number, got inf"),
+                           (["--learning-rate", "nan"], "learning_rate must be a finite")]:
+        with pytest.raises(SystemExit) as raised:
+            main(["train", "dpo", "--output", str(tmp_path), *flags])
+        assert str(raised.value).startswith(f"fastalign: error: {message}")
+        assert "\n" not in str(raised.value)
+
+
+def test_a_damaged_metrics_line_is_left_out_on_resume(tmp_path):
+    from fastalign.trainer.metrics import MetricsLog
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n')
+    with pytest.warns(RuntimeWarning, match="metrics.jsonl line 2 is not a metrics row"):
+        log = MetricsLog(tmp_path, resume_step=2)
+    assert log.rows() == [{"step": 1, "loss": 0.5}]
+
+
 # -- 6. a reward model must be a trained one-output classifier ---------------------------------
 def test_a_causal_lm_is_not_accepted_as_a_reward_model(tmp_path):
     tiny_llama(vocab_size=1000, hidden_size=32, num_layers=1).save_pretrained(tmp_path / "lm")

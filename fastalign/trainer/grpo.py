@@ -11,6 +11,8 @@ from ``linear_logprobs`` (no logits). No value model.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..losses import group_advantages, policy_loss
@@ -50,6 +52,9 @@ class GRPOTrainer(Trainer):
         if reward_weights is not None and len(reward_weights) != len(reward_funcs):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries for "
                              f"{len(reward_funcs)} reward functions")
+        if reward_weights is not None and not all(
+                isinstance(w, (int, float)) and math.isfinite(w) for w in reward_weights):
+            raise ValueError(f"reward_weights must be finite numbers, got {reward_weights}")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                              "tokenizer.pad_token = tokenizer.eos_token")

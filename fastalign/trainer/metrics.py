@@ -22,10 +22,25 @@ class MetricsLog:
             out.writelines(json.dumps(row) + "\n" for row in kept)
 
     def rows(self) -> list[dict]:
+        """The logged rows; a damaged line (a crash mid-write, an edit) is left out with a
+        warning naming it, never a traceback: the log is a record, not a state to resume."""
         if not self.path.is_file():
             return []
-        with open(self.path) as source:
-            return [json.loads(line) for line in source if line.strip()]
+        rows = []
+        with open(self.path, encoding="utf-8", errors="replace") as source:
+            for number, line in enumerate(source, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    warnings.warn(f"{self.path} line {number} is not a metrics row; left out",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
+                rows.append(row)
+        return rows
 
     def log(self, step: int, values: dict) -> None:
         row = {"step": step, **{k: float(v) for k, v in values.items()}}
