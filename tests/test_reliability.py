@@ -190,6 +190,25 @@ def test_skipping_non_finite_steps_counts_them(tmp_path):
     assert not (tmp_path / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_rl_trainers_stop_at_a_non_finite_loss_too(tmp_path, kind):
+    from fastalign.trainer import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
+    from fastalign.trainer.rewards import letters
+
+    common = dict(output_dir=str(tmp_path), batch_size=2, max_new_tokens=4, max_steps=2,
+                  progress=False)
+    if kind == "grpo":
+        trainer = GRPOTrainer(poisoned_model(), byte_tokenizer(),
+                              GRPOConfig(num_generations=2, **common), ["a", "b"], [letters])
+    else:
+        trainer = PPOTrainer(poisoned_model(), byte_tokenizer(),
+                             PPOConfig(mini_batch_size=2, ppo_epochs=1, **common), ["a", "b"],
+                             tiny_reward_model(vocab_size=1000, hidden_size=32, num_layers=1))
+    with pytest.raises(NonFiniteError, match="step 1: the loss is nan"):
+        trainer.train()
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_weights_that_become_non_finite_are_never_saved(tmp_path):
     trainer = dpo(tmp_path, save_steps=None)
     step = trainer.training_step

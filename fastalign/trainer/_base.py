@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -134,7 +135,7 @@ class Trainer:
         sums = {name: float(value) for name, value in sums.items()}
         sums["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.optimizer_step(sums["loss"], sums["grad_norm"])
-        self.scheduler.step()
+        self.scheduler_step()
         self.step += 1
         sums["epoch"] = self.step * accumulation / self.micro_per_epoch
         return self.with_skip_count(sums)
@@ -164,6 +165,14 @@ class Trainer:
                 "weights), or pass --on-nonfinite skip to skip such steps")
         self.skipped_steps += 1
         return False
+
+    def scheduler_step(self) -> None:
+        """Advances the LR schedule by one step, also after a skipped update (the schedule
+        follows the run's steps), without torch's warning about an optimizer not stepped."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
+            self.scheduler.step()
 
     def with_skip_count(self, metrics: dict) -> dict:
         if self.config.on_nonfinite == "skip":

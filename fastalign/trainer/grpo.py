@@ -115,7 +115,7 @@ class GRPOTrainer(Trainer):
             grad_norm = float(self.clip_gradients())
             self.optimizer_step(float(loss.detach()), grad_norm)
         learning_rate = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        self.scheduler_step()
         self.step += 1
         lengths = rollouts.completion_mask.sum(-1).float()
         return self.with_skip_count({

@@ -213,7 +213,7 @@ class PPOTrainer(Trainer):
         logged.update({name: float(value) for name, value in self.experience_metrics(
             experience).items()})
         logged["learning_rate"] = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        self.scheduler_step()
         self.step += 1
         logged["epoch"] = self.step / self.micro_per_epoch
         return self.with_skip_count(logged)
