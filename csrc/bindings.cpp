@@ -16,7 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_stats", &fastalign::kl_stats, "logits"_a, "layout"_a, "ref_logits"_a,
         "ref_layout"_a, "n_rows"_a, "mask"_a, "inv_temperature"_a);
   m.def("kl_grad", &fastalign::kl_grad, "logits"_a, "layout"_a, "ref_logits"_a, "ref_layout"_a,
-        "n_rows"_a, "mask"_a, "lse"_a, "shift"_a, "grad_kl"_a, "grad_out"_a, "grad_layout"_a,
+        "n_rows"_a, "mask"_a, "stats"_a, "grad_kl"_a, "grad_out"_a, "grad_layout"_a,
         "inv_temperature"_a);
   m.def("empty_gradient", &fastalign::empty_gradient, "sizes"_a, "dtype"_a, "reuse"_a);
   m.def("release_gradient_buffers", &fastalign::release_gradient_buffers);

@@ -7,18 +7,18 @@
 
 namespace fastalign {
 
-// [4, n_rows] float32: row max of z', sum exp(z' - max), sum exp(z' - max) (z' - max) (only
-// when want_entropy, else 0), and z' at column targets[row] - target_offset (0 when that column
-// is outside the row). Rows whose target is skip_index are not read: (0, 1, 0, 0).
+// [4, n_rows] float32: row max of the keys softcap(z) (z without a softcap), sum exp(s) and
+// sum exp(s) s with s = (key - max) / T (the latter only when want_entropy, else 0), and the key
+// at column targets[row] - target_offset (0 when that column is outside the row). Rows whose target is skip_index are not read: (0, 1, 0, 0).
 at::Tensor softmax_stats(const at::Tensor& x, const LayoutArg& layout, int64_t n_rows,
                          const at::Tensor& targets, int64_t target_offset,
                          std::optional<int64_t> skip_index, double inv_temperature,
                          std::optional<double> softcap, bool want_entropy);
 
 // Writes d(sum go_lp * logprob + go_ent * entropy)/dz into grad_out (may be x itself), from the
-// forward's per-row log-sum-exp of z' (and entropy): log p = z' - lse, or (z' - row_max) - lse
-// when row_max is given (lse is then the log-sum relative to it). Rows whose target is
-// skip_index get 0.
+// forward's per-row statistics (and entropy): log p = (key - row_max) / T - lse with
+// key = softcap(z) (rows.h's VecTransform), lse then the log-sum relative to row_max; without
+// row_max, log p = z' - lse. Rows whose target is skip_index get 0.
 void logprobs_grad(const at::Tensor& x, const LayoutArg& layout, int64_t n_rows,
                    const at::Tensor& grad_out, const LayoutArg& grad_layout,
                    const at::Tensor& targets, int64_t target_offset,
@@ -28,17 +28,19 @@ void logprobs_grad(const at::Tensor& x, const LayoutArg& layout, int64_t n_rows,
                    const std::optional<at::Tensor>& grad_logprobs,
                    const std::optional<at::Tensor>& grad_entropy);
 
-// [5, n_rows] float32: (max, sum_exp, ref_max, ref_sum_exp, cross) of z / T and z_ref / T, as
-// kernels/kl.py's kl_partials; rows with mask false give statistics that merge to KL = 0.
+// [5, n_rows] float32: (max, sum_exp, ref_max, ref_sum_exp, cross) of both rows (maxes of the raw
+// logits, sums of exp((z - max) / T)), as kernels/kl.py's kl_partials; rows with mask false
+// give statistics that merge to KL = 0.
 at::Tensor kl_stats(const at::Tensor& logits, const LayoutArg& layout,
                     const at::Tensor& ref_logits, const LayoutArg& ref_layout, int64_t n_rows,
                     const std::optional<at::Tensor>& mask, double inv_temperature);
 
-// Writes grad_kl * dKL/dlogits into grad_out (the logits' dtype); masked rows get 0.
+// Writes grad_kl * dKL/dlogits into grad_out (the logits' dtype) from the [n_rows, 4] stats of
+// _vocab_stats.merge_kl_partials (max, log S, ref max, shift); masked rows get 0.
 void kl_grad(const at::Tensor& logits, const LayoutArg& layout, const at::Tensor& ref_logits,
              const LayoutArg& ref_layout, int64_t n_rows, const std::optional<at::Tensor>& mask,
-             const at::Tensor& lse, const at::Tensor& shift, const at::Tensor& grad_kl,
-             const at::Tensor& grad_out, const LayoutArg& grad_layout, double inv_temperature);
+             const at::Tensor& stats, const at::Tensor& grad_kl, const at::Tensor& grad_out,
+             const LayoutArg& grad_layout, double inv_temperature);
 
 // A contiguous CPU tensor for a gradient: from at::empty below 32 MiB, else from a huge-page
 // block that (with reuse) is kept when the tensor is freed and handed to the next gradient of

@@ -6,23 +6,25 @@
 // Each block is read once, converted and transformed in registers: its exps are taken relative
 // to the running max while its own max is found in the same pass. Only when a block's max
 // exceeds the running max by more than kHeadroom (the first block, a NaN, logits that climb
-// steeply along the row) is the block redone, from cache, relative to its own max. It returns
-// the row's statistics; fastalign/ops/token_logprobs_native.py turns them into log-probs,
-// entropy and the log-sum-exp kept for backward.
+// steeply along the row) is the block redone, from cache, relative to its own max. Maxes are of
+// keys (softcap(z), before the temperature: VecTransform in rows.h), exps of (key - max) / T.
+// It returns the row's statistics; fastalign/ops/token_logprobs_native.py turns them into
+// log-probs, entropy and the (max, log-sum) pair kept for backward.
 //
-// Backward writes d(go_lp * logprob + go_ent * entropy)/dz in one pass from the saved
-// log-sum-exp, converting in registers to the output's dtype; the output may be the logits
-// themselves (in place).
+// Backward writes d(go_lp * logprob + go_ent * entropy)/dz in one pass from the saved max and
+// log-sum (log p = (key - max) / T - log_sum; never z' - lse, which rounds at |lse|),
+// converting in registers to the output's dtype; the output may be the logits themselves (in
+// place).
 #include "kernels.h"
 
 namespace fastalign {
 namespace {
 
-// How far above the running max a block's logits may lie and still have their exps taken
-// relative to it: exp(60) * V stays far below FLT_MAX, and fast_exp is exact up to 88.
+// How far above the running max (in z' = key / T) a block's logits may lie and still have their
+// exps taken relative to it: exp(60) * V stays far below FLT_MAX, and fast_exp is exact up to 88.
 constexpr float kHeadroom = 60.0f;
 
-// The columns [0, n) of one row block, read a pair of vectors at a time and transformed to z'
+// The columns [0, n) of one row block, read a pair of vectors at a time and turned into keys
 // in registers; the lanes past n of the last pair are -inf.
 template <typename scalar_t, Kind kKind>
 struct RowBlock {
@@ -58,23 +60,25 @@ struct RowBlock {
 };
 
 struct RowStats {
-  float max = kFiniteMin;    // running max of z'
-  float sum_exp = 0.0f;      // sum exp(z' - max)
-  float sum_shifted = 0.0f;  // sum exp(z' - max) * (z' - max), for the entropy
-  float target = 0.0f;       // z' at the target column, 0 when the target is not in this row
+  float max = kFiniteMin;    // running max of the keys
+  float sum_exp = 0.0f;      // sum exp(s), s = (key - max) / T
+  float sum_shifted = 0.0f;  // sum exp(s) * s, for the entropy
+  float target = 0.0f;       // the key at the target column, 0 when it is not in this row
 
   // Re-expresses the sums relative to a larger max (or poisons them with a NaN one):
-  // exp(s + d) (s + d) = e^d (exp(s) s + d exp(s)) with d = old - new max.
-  void raise_max(float new_max) {
-    const float delta = max - new_max;
+  // exp(s + d) (s + d) = e^d exp(s) s + (e^d d) exp(s) with d = (old - new max) / T. d is
+  // clamped to the most negative float (maxes at opposite ends of the range overflow to -inf):
+  // then e^d d = 0 * finite = 0, where -inf would give 0 * -inf = NaN. NaN stays NaN.
+  void raise_max(float new_max, float inv_temperature) {
+    const float delta = std::max((max - new_max) * inv_temperature, kFiniteMin);
     const float rescale = std::exp(delta);
-    sum_shifted = rescale * (sum_shifted + delta * sum_exp);
+    sum_shifted = rescale * sum_shifted + (rescale * delta) * sum_exp;
     sum_exp *= rescale;
     max = new_max;
   }
 
-  // sum exp(z' - reference) (and its z'-weighted twin) over a block, and the block's max when
-  // kTrackMax.
+  // sum exp((key - reference) / T) (and its weighted twin) over a block, and the block's max
+  // key when kTrackMax.
   template <bool kEntropy, bool kTrackMax, typename Block>
   static void block_sums(const Block& block, float reference, float& sum, float& weighted,
                          float& block_max) {
@@ -86,7 +90,7 @@ struct RowStats {
       if constexpr (kTrackMax) {
         acc_max = nan_maximum(acc_max, z);
       }
-      const Vec s = z - ref;
+      const Vec s = block.transform.shifted(z, ref);
       const Vec e = fast_exp(s);
       acc = acc + e;
       if constexpr (kEntropy) {
@@ -109,7 +113,7 @@ struct RowStats {
   template <bool kEntropy, typename Block>
   void add_block_at_max(const Block& block, float block_max) {
     if (!(block_max <= max)) {  // grows, or NaN: NaN then poisons the row
-      raise_max(block_max);
+      raise_max(block_max, block.transform.inv_temperature);
     }
     float sum, weighted, unused;
     block_sums<kEntropy, false>(block, max, sum, weighted, unused);
@@ -125,14 +129,16 @@ struct RowStats {
     }
     float sum, weighted, block_max;
     block_sums<kEntropy, true>(block, max, sum, weighted, block_max);
-    if (!(block_max <= max + kHeadroom)) {  // exps past the headroom (or a NaN): redo
+    const float inv_temperature = block.transform.inv_temperature;
+    // Exps past the headroom (or a NaN, or a difference that overflows): redo.
+    if (!((block_max - max) * inv_temperature <= kHeadroom)) {
       add_block_at_max<kEntropy>(block, block_max);
       return;
     }
     sum_exp += sum;
     sum_shifted += weighted;
     if (block_max > max) {
-      raise_max(block_max);
+      raise_max(block_max, inv_temperature);
     }
   }
 };
@@ -168,20 +174,20 @@ void stats_rows(const scalar_t* base, const RowLayout& layout, int64_t n_rows,
   });
 }
 
-// What the gradient needs of one row, as vectors. kShift: log p is taken as (z' - max) - log_sum
-// (the max given: z' - max is exact for the columns that matter, so logits near 1000 lose
-// nothing to a rounded max + log_sum), else as z' - lse, one operation less.
-template <Kind kKind, bool kEntropyGrad, bool kShift>
+// What the gradient needs of one row, as vectors: log p = (key - max) / T - log_sum (max 0 and
+// log_sum = lse when the caller gives no max: then log p = z' - lse).
+template <Kind kKind, bool kEntropyGrad>
 struct RowGradient {
-  Vec shift, lse, minus_go_lp, go_ent, entropy, inv_t, tanh_per_z;
+  const VecTransform<kKind>& transform;
+  Vec shift, lse, minus_go_lp, go_ent, entropy;
   Vec minus_go_lp_table;  // -go_lp * exp_table(): fast_exp_scaled gives -go_lp * p directly
 
   // d/dz' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
   //       = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot, times dz'/dz; the onehot
   // term is added by the caller. log p is clamped at -1000 (exp underflows long before) so
   // that a -inf logit gives 0 * finite, not 0 * inf = NaN.
-  Vec operator()(const Vec& z) const {
-    const Vec log_p = kShift ? (z - shift) - lse : z - lse;
+  Vec operator()(const Vec& key) const {
+    const Vec log_p = transform.shifted(key, shift) - lse;
     Vec grad;
     if constexpr (kEntropyGrad) {
       const Vec p = fast_exp(log_p);
@@ -190,36 +196,33 @@ struct RowGradient {
       grad = fast_exp_scaled(log_p, minus_go_lp_table);
     }
     if constexpr (kKind == Kind::kSoftcap) {
-      // dz'/dz = (1 - tanh(z / s)^2) / T, and tanh(z / s) = z' T / s.
-      const Vec tanh = z * tanh_per_z;
-      return grad * ((Vec(1.0f) - tanh * tanh) * inv_t);
+      // dz'/dz = (1 - tanh(z / s)^2) / T, and tanh(z / s) = key / s.
+      const Vec tanh = key * transform.inv_softcap;
+      return grad * ((Vec(1.0f) - tanh * tanh) * transform.inv_t);
     } else if constexpr (kKind == Kind::kScale) {
-      return grad * inv_t;
+      return grad * transform.inv_t;
     } else {
       return grad;
     }
   }
 
   // dz'/dz of one column.
-  float dz(float z) const {
+  float dz(float key) const {
     if constexpr (kKind == Kind::kSoftcap) {
-      const Vec tanh = Vec(z) * tanh_per_z;
-      return first_lane((Vec(1.0f) - tanh * tanh) * inv_t);
+      const Vec tanh = Vec(key) * transform.inv_softcap;
+      return first_lane((Vec(1.0f) - tanh * tanh) * transform.inv_t);
     }
-    return first_lane(inv_t);
+    return first_lane(transform.inv_t);
   }
 };
 
-template <typename scalar_t, Kind kKind, bool kEntropyGrad, bool kShift>
+template <typename scalar_t, Kind kKind, bool kEntropyGrad>
 void grad_rows(const scalar_t* base, const RowLayout& layout, scalar_t* grad_base,
                const RowLayout& grad_layout, int64_t n_rows, int64_t vocab_size,
                const int64_t* targets, const TargetSpec& spec, const Transform& transform_arg,
                const float* row_max, const float* lse, const float* entropy,
                const float* grad_logprobs, const float* grad_entropy) {
   const VecTransform<kKind> transform(transform_arg);
-  const float tanh_per_z =
-      kKind == Kind::kSoftcap ? 1.0f / (transform_arg.softcap * transform_arg.inv_temperature)
-                              : 0.0f;
   at::parallel_for(0, n_rows, row_grain(vocab_size), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* dst = grad_base + grad_layout.offset(row);
@@ -229,10 +232,10 @@ void grad_rows(const scalar_t* base, const RowLayout& layout, scalar_t* grad_bas
       }
       const scalar_t* src = base + layout.offset(row);
       const float go_lp = grad_logprobs ? grad_logprobs[row] : 0.0f;
-      const RowGradient<kKind, kEntropyGrad, kShift> gradient{
-          Vec(kShift ? row_max[row] : 0.0f), Vec(lse[row]), Vec(-go_lp),
+      const RowGradient<kKind, kEntropyGrad> gradient{
+          transform, Vec(row_max ? row_max[row] : 0.0f), Vec(lse[row]), Vec(-go_lp),
           Vec(grad_entropy ? grad_entropy[row] : 0.0f), Vec(entropy ? entropy[row] : 0.0f),
-          Vec(transform_arg.inv_temperature), Vec(tanh_per_z), exp_table() * Vec(-go_lp)};
+          exp_table() * Vec(-go_lp)};
       // The target column is read before the row is overwritten (z and the output may be the
       // same memory), and written last with its onehot term added in fp32.
       const int64_t target = targets[row] - spec.target_offset;
@@ -315,10 +318,8 @@ void logprobs_grad(const at::Tensor& x, const LayoutArg& layout_arg, int64_t n_r
     using scalar_t = decltype(tag);
     dispatch_kind(transform, [&](auto kind) {
       constexpr Kind kKind = decltype(kind)::value;
-      auto run = grad_entropy ? (row_max ? grad_rows<scalar_t, kKind, true, true>
-                                         : grad_rows<scalar_t, kKind, true, false>)
-                              : (row_max ? grad_rows<scalar_t, kKind, false, true>
-                                         : grad_rows<scalar_t, kKind, false, false>);
+      auto run = grad_entropy ? grad_rows<scalar_t, kKind, true>
+                              : grad_rows<scalar_t, kKind, false>;
       run(x.const_data_ptr<scalar_t>(), layout, grad_out.mutable_data_ptr<scalar_t>(),
           grad_layout, n_rows, x.size(-1), targets.const_data_ptr<int64_t>(), spec, transform,
           ptr(row_max), lse.const_data_ptr<float>(), ptr(entropy), ptr(grad_logprobs),

@@ -164,28 +164,43 @@ inline void dispatch_kind(const Transform& t, F&& f) {
   }
 }
 
-// z' = softcap(z) / T on vectors, its constants held in registers.
+// The logits transform on vectors, its constants held in registers, split in two so that no
+// z' = softcap(z) / T is ever formed: operator() gives the key softcap(z) (z itself without a
+// softcap), maxes are taken of keys, and shifted() scales a difference of keys by 1 / T. A
+// large |z| then loses nothing before the subtraction cancels it (key - max is exact near the
+// max), and a tiny T cannot overflow a finite logit.
 template <Kind kKind>
 struct VecTransform {
   Vec inv_softcap;
-  Vec scale;  // s / T with a softcap s, else 1 / T
+  Vec softcap;
+  Vec inv_t;
+  float inv_temperature;
 
   explicit VecTransform(const Transform& t)
       : inv_softcap(t.has_softcap() ? 1.0f / t.softcap : 0.0f),
-        scale(t.has_softcap() ? t.softcap * t.inv_temperature : t.inv_temperature) {}
+        softcap(t.softcap),
+        inv_t(t.inv_temperature),
+        inv_temperature(t.inv_temperature) {}
 
   Vec operator()(const Vec& z) const {
     if constexpr (kKind == Kind::kSoftcap) {
-      return (z * inv_softcap).tanh() * scale;  // softcap(-inf) = -s, finite, as in torch
-    } else if constexpr (kKind == Kind::kScale) {
-      return z * scale;
+      return (z * inv_softcap).tanh() * softcap;  // softcap(-inf) = -s, finite, as in torch
     } else {
       return z;
     }
   }
 
-  // The same arithmetic on one value (lane 0 of a broadcast), so a column computed alone (the
-  // target) agrees bit for bit with the vector loops.
+  // (key - reference) / T.
+  Vec shifted(const Vec& key, const Vec& reference) const {
+    if constexpr (kKind == Kind::kIdentity) {
+      return key - reference;
+    } else {
+      return (key - reference) * inv_t;
+    }
+  }
+
+  // The key of one value (lane 0 of a broadcast), so a column computed alone (the target)
+  // agrees bit for bit with the vector loops.
   float scalar(float z) const { return first_lane((*this)(Vec(z))); }
 };
 

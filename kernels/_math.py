@@ -1,4 +1,11 @@
-"""Elementwise helpers shared by the kernels: the logits transform and its derivative.
+"""Elementwise helpers shared by the kernels: the logits transform, its derivative, and the
+online log-sum-exp step.
+
+Every kernel keeps its maxes in the *key* domain: ``key = softcap(z)`` (the raw logit without a
+softcap), before the temperature divides. Differences are taken there and only then scaled:
+``z' - max z' = (key - max key) / T``. So a finite logit's ``z / T`` is never formed (no
+overflow for a tiny T, no rounding at ``|z / T|`` before the subtraction that cancels it), and
+``key - max key`` is exact for the columns near the max (Sterbenz), whatever ``|z|`` is.
 
 A jit helper returns from one place: Triton 3.6 rejects a function whose constexpr branches
 return a block in one case and a scalar in the other."""
@@ -6,25 +13,53 @@ return a block in one case and a scalar in the other."""
 import triton
 import triton.language as tl
 
+# The most negative finite float32: running maxes start here, not at -inf, so that
+# ``key - max`` is never -inf - -inf; no finite logit lies below it.
+FINITE_MIN = tl.constexpr(-3.4028234663852886e38)
+
+# tanh's Taylor coefficients (x, x^3, ..., x^13): used below |x| = 0.4, where the next term
+# (1.5e-3 x^15) is under 1e-9 relative. Globals a jit function reads must be constexpr.
+_T3 = tl.constexpr(-1.0 / 3.0)
+_T5 = tl.constexpr(2.0 / 15.0)
+_T7 = tl.constexpr(-17.0 / 315.0)
+_T9 = tl.constexpr(62.0 / 2835.0)
+_T11 = tl.constexpr(-1382.0 / 155925.0)
+_T13 = tl.constexpr(21844.0 / 6081075.0)
+
 
 @triton.jit
 def tanh(x):
     # tl has no tanh on every Triton we support (3.6-3.9) and libdevice moved between releases.
     # 1 - 2 / (exp(2x) + 1) saturates to +-1 without overflow (exp -> inf gives 1, exp -> 0
-    # gives -1); its absolute error near 0 is ~1e-7, which is what the softcap multiplies.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    # gives -1), but its absolute error near 0 is ~1e-7: a relative error that grows as 1 / x,
+    # and the softcap multiplies it by s. An odd polynomial keeps the relative precision of
+    # small |x|; NaN fails the comparison and takes the exp branch, which keeps it.
+    x2 = x * x
+    poly = x + x * x2 * (_T3 + x2 * (_T5 + x2 * (_T7 + x2 * (_T9 + x2 * (_T11 + x2 * _T13)))))
+    return tl.where(tl.abs(x) < 0.4, poly, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
 
 @triton.jit
-def transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
-    """z' = softcap(z) / temperature in fp32, with softcap(z) = s * tanh(z / s)."""
+def logit_key(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``softcap(z) = s * tanh(z / s)`` in fp32 (``z`` itself without a softcap): the value
+    maxes are taken of; ``z' = key / T``."""
     if HAS_SOFTCAP:
         z = softcap * tanh(z / softcap)
-    return z * inv_temperature
+    return z
 
 
 @triton.jit
-def softcap_grad(z, softcap):
-    """d softcap(z) / dz = 1 - tanh(z / s)^2, at the raw logits z."""
-    t = tanh(z / softcap)
+def scaled_delta(old_max, new_max, inv_temperature):
+    """``(old_max - new_max) / T`` for an online log-sum-exp: <= 0, never -inf (two maxes at
+    opposite ends of the float range overflow to -inf; clamped to the most negative float it
+    still gives ``exp = 0`` and ``exp(d) * d = 0``, where -inf would give ``0 * -inf = NaN``).
+    NaN stays NaN (the comparison fails)."""
+    delta = (old_max - new_max) * inv_temperature
+    return tl.where(delta < FINITE_MIN, FINITE_MIN, delta)
+
+
+@triton.jit
+def softcap_grad(key, softcap):
+    """d softcap(z) / dz = 1 - tanh(z / s)^2, from the key ``s * tanh(z / s)`` itself."""
+    t = key / softcap
     return 1.0 - t * t

@@ -1,14 +1,17 @@
 """Triton kernels for the exact full-vocabulary KL(softmax(z / T) || softmax(z_ref / T)) per row.
 
 Forward: one program per row streams both rows once, in ``BLOCK_V`` tiles, with two online
-softmaxes: for each side its max ``m`` and ``sum exp(z' - m)``, and for the policy side
-``sum exp(z' - m) * ((z' - m) - (z'_ref - m_ref))``: the row's statistics over the columns
-given. ``fastalign.ops._vocab_stats.merge_kl_partials`` turns them (or several slices of them,
-for the fused-linear form) into ``KL = sum p (z' - z'_ref) - lse + lse_ref``.
+softmaxes: for each side its max ``m`` (of the raw logits) and ``sum exp(s)`` with
+``s = (z - m) / T``, and for the policy side ``sum exp(s) * (s - s_ref)``: the row's statistics
+over the columns given. ``fastalign.ops._vocab_stats.merge_kl_partials`` turns them (or several
+slices of them, for the fused-linear form) into ``KL = sum p (s - s_ref) - log S + log S_ref``.
 
-Backward: one program per (row, tile) writes ``dKL/dz_j = p_j ((z'_j - z'_ref,j) - shift) / T``
-with ``shift = lse - lse_ref + KL`` from the merge; ``z - z_ref`` is taken before scaling, so
-a large common offset of the logits costs no precision.
+Backward: one program per (row, tile) writes
+``dKL/dz_j = p_j ((s_j - log S) - (s_ref,j - log S_ref) - KL) / T`` from the merged
+``(m, log S, m_ref, shift = log S - log S_ref + KL)``. Every difference is taken before the
+1 / T scaling and relative to its own side's max (kernels/_math.py): ``z / T`` never overflows
+for a tiny T, and neither a large common offset of the logits nor policy and reference logits
+of very different sizes costs precision (``log p - log q`` is formed from exact ``z - m``).
 
 Rows are addressed through the same two-level layout as ``token_logprobs`` (a ``[:, :-1]``
 slice of ``[B, T, V]`` logits is read in place); offsets are int64.
@@ -18,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._math import scaled_delta
 from ._rows import block_and_warps, row_offset
 
 FORWARD_BLOCK_V = 4096
@@ -44,31 +48,38 @@ def _kl_forward_kernel(
             return
     p_row = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     q_row = ref_ptr + row_offset(row, ref_n_inner, ref_stride_outer, ref_stride_inner)
-    # Finite starts: (old - new max) terms stay 0 * finite on the first tile, never NaN.
-    max_p = -3.0e38
+    # Maxes start at the most negative float (_math.FINITE_MIN), not -inf: z - max is then
+    # never -inf - -inf.
+    max_p = -3.4028234663852886e38
     sum_p = 0.0
-    max_q = -3.0e38
+    max_q = -3.4028234663852886e38
     sum_q = 0.0
-    # sum exp(z' - max) * ((z' - max) - (z'_ref - max_ref)): relative to both maxes, so a large
-    # common offset of the logits does not cancel away the (often tiny) KL.
+    # sum exp(s) * (s - s_ref): relative to both maxes, so a large common offset of the logits
+    # does not cancel away the (often tiny) KL.
     cross = 0.0
     for start in range(0, vocab_size, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_vocab = cols < vocab_size
-        zp = tl.load(p_row + cols, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
-        zq = tl.load(q_row + cols, mask=in_vocab, other=0.0).to(tl.float32) * inv_temperature
+        zp = tl.load(p_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
+        zq = tl.load(q_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
         zp = tl.where(in_vocab, zp, -float("inf"))
         zq = tl.where(in_vocab, zq, -float("inf"))
         new_max_p = tl.maximum(max_p, tl.max(zp, axis=0))
         new_max_q = tl.maximum(max_q, tl.max(zq, axis=0))
-        rescale_p = tl.exp(max_p - new_max_p)
-        ep = tl.exp(zp - new_max_p)
-        # Columns with p = 0 (masked, -inf logits) add nothing, whatever z'_ref is.
-        term = tl.where(ep > 0, ep * ((zp - new_max_p) - (zq - new_max_q)), 0.0)
-        cross = rescale_p * (cross + sum_p * ((max_p - new_max_p) - (max_q - new_max_q))) \
+        delta_p = scaled_delta(max_p, new_max_p, inv_temperature)
+        delta_q = scaled_delta(max_q, new_max_q, inv_temperature)
+        rescale_p = tl.exp(delta_p)
+        sp = (zp - new_max_p) * inv_temperature
+        sq = (zq - new_max_q) * inv_temperature
+        ep = tl.exp(sp)
+        # Columns with p = 0 (masked, -inf logits) add nothing, whatever z_ref is.
+        term = tl.where(ep > 0, ep * (sp - sq), 0.0)
+        # The running cross term moved to the new maxes: exp(d_p) (cross + (d_p - d_q) sum_p),
+        # as exp(d_p) * (d_p - d_q) so that a vanishing exp(d_p) gives 0, not 0 * inf.
+        cross = rescale_p * cross + (rescale_p * (delta_p - delta_q)) * sum_p \
             + tl.sum(term, axis=0)
         sum_p = sum_p * rescale_p + tl.sum(ep, axis=0)
-        sum_q = sum_q * tl.exp(max_q - new_max_q) + tl.sum(tl.exp(zq - new_max_q), axis=0)
+        sum_q = sum_q * tl.exp(delta_q) + tl.sum(tl.exp(sq), axis=0)
         max_p = new_max_p
         max_q = new_max_q
     tl.store(max_ptr + row, max_p)
@@ -80,7 +91,7 @@ def _kl_forward_kernel(
 
 @triton.jit
 def _kl_backward_kernel(
-    logits_ptr, ref_ptr, mask_ptr, lse_ptr, shift_ptr, grad_kl_ptr, grad_ptr,
+    logits_ptr, ref_ptr, mask_ptr, stats_ptr, grad_kl_ptr, grad_ptr,
     n_inner, stride_outer, stride_inner, ref_n_inner, ref_stride_outer, ref_stride_inner,
     grad_stride_outer, grad_stride_inner, vocab_size, inv_temperature,
     HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -98,9 +109,12 @@ def _kl_backward_kernel(
     q_row = ref_ptr + row_offset(row, ref_n_inner, ref_stride_outer, ref_stride_inner)
     zp = tl.load(p_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
     zq = tl.load(q_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
-    p = tl.exp(zp * inv_temperature - tl.load(lse_ptr + row))
+    # stats: (max, log S, ref max, shift) per row, see merge_kl_partials.
+    sp = (zp - tl.load(stats_ptr + 4 * row)) * inv_temperature
+    p = tl.exp(sp - tl.load(stats_ptr + 4 * row + 1))
+    log_ratio = (sp - (zq - tl.load(stats_ptr + 4 * row + 2)) * inv_temperature) \
+        - tl.load(stats_ptr + 4 * row + 3)
     # p = 0 columns get 0, not 0 * (-inf - finite) = NaN.
-    log_ratio = (zp - zq) * inv_temperature - tl.load(shift_ptr + row)
     grad = tl.where(p > 0, p * log_ratio, 0.0) * (tl.load(grad_kl_ptr + row) * inv_temperature)
     tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
 
@@ -122,15 +136,16 @@ def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature
     return tuple(stats.unbind(0))
 
 
-def kl_grad(logits, ref_logits, layout, ref_layout, mask, lse, shift, grad_kl, grad_out,
+def kl_grad(logits, ref_logits, layout, ref_layout, mask, stats, grad_kl, grad_out,
             grad_layout, *, inv_temperature):
-    """Writes ``grad_kl * dKL/dlogits`` into ``grad_out`` and returns it; ``grad_layout`` has the
-    same ``n_inner`` as ``layout`` (``grad_out`` is the logits' shape, contiguous or not)."""
+    """Writes ``grad_kl * dKL/dlogits`` into ``grad_out`` and returns it; ``stats`` is the
+    contiguous ``[N, 4]`` float32 of ``merge_kl_partials``; ``grad_layout`` has the same
+    ``n_inner`` as ``layout`` (``grad_out`` is the logits' shape, contiguous or not)."""
     n_rows, vocab_size = layout.n_rows, logits.shape[-1]
     block, warps = block_and_warps(vocab_size, BACKWARD_BLOCK_V, BACKWARD_NUM_WARPS)
     if n_rows > 0:
         _kl_backward_kernel[(n_rows, triton.cdiv(vocab_size, block))](
-            logits, ref_logits, lse if mask is None else mask, lse, shift, grad_kl,
+            logits, ref_logits, stats if mask is None else mask, stats, grad_kl,
             grad_out, layout.n_inner, layout.stride_outer, layout.stride_inner,
             ref_layout.n_inner, ref_layout.stride_outer, ref_layout.stride_inner,
             grad_layout.stride_outer, grad_layout.stride_inner, vocab_size, inv_temperature,

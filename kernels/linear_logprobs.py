@@ -2,9 +2,9 @@
 
 Forward (fully fused): a 2-D grid of (token tile, vocabulary split). Each program walks its
 split in ``BLOCK_V`` tiles; each tile of logits is a ``tl.dot`` over ``D`` in ``BLOCK_D`` steps
-with an fp32 accumulator, transformed, masked (columns past V are -inf, never exp(0)) and folded
-into an online log-sum-exp: the split's max, ``sum exp(z' - max)`` and, for the entropy,
-``sum exp(z' - max) * (z' - max)``. The target logit is picked inside the tile. Splits write
+with an fp32 accumulator, soft-capped, masked (columns past V are -inf, never exp(0)) and folded
+into an online log-sum-exp: the split's max key, ``sum exp(x)`` and, for the entropy,
+``sum exp(x) * x`` with ``x = (key - max) / T`` (``_math``, ``fastalign.ops._vocab_stats``). The target logit is picked inside the tile. Splits write
 ``[S, N]`` partial statistics that ``fastalign.ops._vocab_stats`` merges (as it merges ranks).
 No logits leave the registers.
 
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._math import softcap_grad, transform_logits
+from ._math import logit_key, scaled_delta, softcap_grad
 
 # One default per kernel, read at call time (tests shrink them to cover tails). The best of
 # bench/tune_linear_logprobs.py's sweep on an H100 (bench/results/tune_linear_logprobs_cuda.csv:
@@ -85,8 +85,9 @@ def _linear_logprobs_forward_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
-    # Finite start: (old - new max) * sum_exp is 0 * finite on the first tile, not NaN.
-    running_max = tl.full((BLOCK_N,), -3.0e38, dtype=tl.float32)
+    # Maxes of the keys (softcap(z), before the temperature: _math) start at the most negative
+    # float, not -inf, so key - max is never -inf - -inf.
+    running_max = tl.full((BLOCK_N,), -3.4028234663852886e38, dtype=tl.float32)
     sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sum_exp_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -97,19 +98,19 @@ def _linear_logprobs_forward_kernel(
         col_mask = cols < split_end
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask,
                          hidden_dim, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        z = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP)
-        z = tl.where(col_mask[None, :], z, -float("inf"))
+        key = tl.where(col_mask[None, :], logit_key(z, softcap, HAS_SOFTCAP), -float("inf"))
         is_target = (cols[None, :] == targets[:, None]) & col_mask[None, :]
-        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
-        new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        rescale = tl.exp(running_max - new_max)
-        shifted = z - new_max[:, None]
+        target_logit += tl.sum(tl.where(is_target, key, 0.0), axis=1)
+        new_max = tl.maximum(running_max, tl.max(key, axis=1))
+        delta = scaled_delta(running_max, new_max, inv_temperature)
+        rescale = tl.exp(delta)
+        shifted = (key - new_max[:, None]) * inv_temperature
         p = tl.exp(shifted)
         if RETURN_ENTROPY:
-            # Relative to the running max, so large logits do not cancel; -inf clamped so its
-            # term is 0 * finite.
-            sum_exp_shifted = rescale * (sum_exp_shifted + (running_max - new_max) * sum_exp) \
-                + tl.sum(p * tl.maximum(shifted, -3.0e38), axis=1)
+            # Relative to the running max, so large logits do not cancel; exp(d) * d is 0 for
+            # a far smaller old max, and -inf is clamped so its term is 0 * finite.
+            sum_exp_shifted = rescale * sum_exp_shifted + (rescale * delta) * sum_exp \
+                + tl.sum(p * tl.maximum(shifted, -3.4028234663852886e38), axis=1)
         sum_exp = sum_exp * rescale + tl.sum(p, axis=1)
         running_max = new_max
     out = split.to(tl.int64) * n_rows + rows
@@ -137,11 +138,12 @@ def _linear_logprobs_grad_tile_kernel(
     cols = col_start + tile_cols
     z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask,
                      hidden_dim, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-    # log p = (z' - max) - log sum, never z' - lse: near 1000, lse would have lost the low bits.
+    # log p = (key - max) / T - log sum, never z' - lse: near 1e6, lse would have lost the low
+    # bits, near 1e20 all of them.
     row_max = tl.load(stats_ptr + 2 * rows, mask=row_mask, other=0.0)
     log_sum = tl.load(stats_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
-    z_t = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP)
-    log_p = (z_t - row_max[:, None]) - log_sum[:, None]
+    key = logit_key(z, softcap, HAS_SOFTCAP)
+    log_p = (key - row_max[:, None]) * inv_temperature - log_sum[:, None]
     p = tl.exp(log_p)
     grad = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if HAS_LOGPROB_GRAD:
@@ -156,7 +158,7 @@ def _linear_logprobs_grad_tile_kernel(
         grad += go_ent[:, None] * p * (-tl.maximum(log_p, -1000.0) - row_entropy[:, None])
     grad *= inv_temperature
     if HAS_SOFTCAP:
-        grad *= softcap_grad(z, softcap)
+        grad *= softcap_grad(key, softcap)
     tl.store(grad_tile_ptr + rows[:, None] * n_cols + tile_cols[None, :],
              grad.to(grad_tile_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 

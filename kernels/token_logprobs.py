@@ -2,11 +2,14 @@
 
 Forward: one program per row streams the row once in ``BLOCK_V`` tiles with an online
 log-sum-exp, picks the target logit with a single load and (optionally) keeps the running
-``sum(p * (z' - max))`` for the entropy. Nothing of size ``[N, V]`` is allocated.
+``sum(p * (z' - max))`` for the entropy. Nothing of size ``[N, V]`` is allocated. Each row's
+statistics ``(m, log S)`` are kept apart, ``m`` the max of the keys (``_math``: softcap(z), before
+the temperature) and ``S = sum exp((key - m) / T)``, never summed into one log-sum-exp: at
+``|z| = 1e6`` that sum would round ``log p = z' - lse`` by 0.06, at 1e20 by everything.
 
-Backward: one program per (row, tile) recomputes ``p = exp(z' - lse)`` from the saved per-row
-log-sum-exp and writes the gradient of ``go_lp * logprob + go_ent * entropy`` in the logits'
-dtype, either into a fresh buffer or, on request, over the logits themselves.
+Backward: one program per (row, tile) recomputes ``p = exp((key - m) / T - log S)`` from the
+saved statistics and writes the gradient of ``go_lp * logprob + go_ent * entropy`` in the
+logits' dtype, either into a fresh buffer or, on request, over the logits themselves.
 
 Rows address memory as ``(row // n_inner) * stride_outer + (row % n_inner) * stride_inner`` so a
 ``[:, :-1]`` slice of ``[B, T, V]`` logits is read where it lies. Offsets are int64: ``N * V``
@@ -17,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import softcap_grad, transform_logits
+from ._math import logit_key, scaled_delta, softcap_grad
 from ._rows import block_and_warps, row_offset
 
 # One tuned default per kernel (bench/tune_token_logprobs.py sweeps these on a GPU); the
@@ -33,7 +36,7 @@ BACKWARD_NUM_WARPS = 8
 
 @triton.jit
 def _token_logprobs_forward_kernel(
-    logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, stats_ptr,
     n_inner, stride_outer, stride_inner, vocab_size, ignore_index,
     inv_temperature, softcap,
     HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -43,51 +46,56 @@ def _token_logprobs_forward_kernel(
     if target == ignore_index:
         # One branch per row costs nothing here, so ignored rows are not compacted away.
         tl.store(logprobs_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(stats_ptr + 2 * row, 0.0)
+        tl.store(stats_ptr + 2 * row + 1, 0.0)
         if RETURN_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
         return
     row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
 
-    # The running max starts finite (not -inf) so that (old - new max) * sum_exp is 0, not
-    # -inf * 0 = NaN, on the first tile; exp(old - new max) is still exactly 0 there.
-    running_max = -3.0e38
-    sum_exp = 0.0  # sum exp(z' - running_max)
-    sum_exp_shifted = 0.0  # sum exp(z' - running_max) * (z' - running_max), for the entropy
+    # The running max of the keys starts at the most negative float (_math.FINITE_MIN), not
+    # -inf: key - max is then never -inf - -inf, and no finite logit lies below it.
+    running_max = -3.4028234663852886e38
+    sum_exp = 0.0  # sum exp((key - running_max) / T)
+    sum_exp_shifted = 0.0  # sum exp(s) * s with s = (key - running_max) / T, for the entropy
     for start in range(0, vocab_size, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_vocab = cols < vocab_size
         z = tl.load(row_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
         # Columns past V must count as exp(-inf) = 0, never exp(0).
-        z = tl.where(in_vocab, transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP), -float("inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        rescale = tl.exp(running_max - new_max)
-        shifted = z - new_max
+        key = tl.where(in_vocab, logit_key(z, softcap, HAS_SOFTCAP), -float("inf"))
+        new_max = tl.maximum(running_max, tl.max(key, axis=0))
+        delta = scaled_delta(running_max, new_max, inv_temperature)
+        rescale = tl.exp(delta)
+        shifted = (key - new_max) * inv_temperature
         p = tl.exp(shifted)
         if RETURN_ENTROPY:
             # Kept relative to the running max (not as sum p*z') so entropy does not cancel
-            # catastrophically when logits are large. Clamping -inf (masked columns, -inf
-            # logits) to a finite value makes their term 0 * finite = 0 rather than NaN.
-            sum_exp_shifted = rescale * (sum_exp_shifted + (running_max - new_max) * sum_exp) \
-                + tl.sum(p * tl.maximum(shifted, -3.0e38), axis=0)
+            # catastrophically when logits are large; exp(d) * d is 0 (not 0 * -inf) for a
+            # far smaller old max. Clamping -inf (masked columns, -inf logits) to a finite
+            # value makes their term 0 * finite = 0 rather than NaN.
+            sum_exp_shifted = rescale * sum_exp_shifted + (rescale * delta) * sum_exp \
+                + tl.sum(p * tl.maximum(shifted, -3.4028234663852886e38), axis=0)
         sum_exp = sum_exp * rescale + tl.sum(p, axis=0)
         running_max = new_max
 
-    log_sum_exp = tl.log(sum_exp)
+    log_sum = tl.log(sum_exp)
     # An id outside [0, V) is never read: its row reports NaN in every output and gradient.
     valid = (target >= 0) & (target < vocab_size)
     z_target = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
-    z_target = transform_logits(z_target, inv_temperature, softcap, HAS_SOFTCAP)
+    key_target = logit_key(z_target, softcap, HAS_SOFTCAP)
     nan_if_invalid = tl.where(valid, 0.0, float("nan"))
-    tl.store(logprobs_ptr + row, (z_target - running_max) - log_sum_exp + nan_if_invalid)
-    tl.store(lse_ptr + row, running_max + log_sum_exp + nan_if_invalid)
+    tl.store(logprobs_ptr + row,
+             (key_target - running_max) * inv_temperature - log_sum + nan_if_invalid)
+    tl.store(stats_ptr + 2 * row, running_max + nan_if_invalid)
+    tl.store(stats_ptr + 2 * row + 1, log_sum + nan_if_invalid)
     if RETURN_ENTROPY:
-        tl.store(entropy_ptr + row, log_sum_exp - sum_exp_shifted / sum_exp + nan_if_invalid)
+        tl.store(entropy_ptr + row, log_sum - sum_exp_shifted / sum_exp + nan_if_invalid)
 
 
 @triton.jit
 def _token_logprobs_backward_kernel(
-    logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_ptr,
+    logits_ptr, targets_ptr, stats_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr, grad_ptr,
     n_inner, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
     vocab_size, ignore_index, inv_temperature, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_LOGPROB_GRAD: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
@@ -104,8 +112,9 @@ def _token_logprobs_backward_kernel(
         return
     row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     z = tl.load(row_ptr + cols, mask=in_vocab, other=0.0).to(tl.float32)
-    z_t = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP)
-    log_p = z_t - tl.load(lse_ptr + row)  # NaN lse (invalid target) makes the row NaN
+    key = logit_key(z, softcap, HAS_SOFTCAP)
+    # NaN statistics (invalid target) make the row NaN.
+    log_p = (key - tl.load(stats_ptr + 2 * row)) * inv_temperature - tl.load(stats_ptr + 2 * row + 1)
     p = tl.exp(log_p)
     grad = tl.zeros([BLOCK_V], tl.float32)
     if HAS_LOGPROB_GRAD:
@@ -120,7 +129,7 @@ def _token_logprobs_backward_kernel(
         grad += go_ent * p * (-tl.maximum(log_p, -1000.0) - row_entropy)
     grad *= inv_temperature
     if HAS_SOFTCAP:
-        grad *= softcap_grad(z, softcap)
+        grad *= softcap_grad(key, softcap)
     tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
 
 
@@ -133,27 +142,27 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
         logits: the ``[..., V]`` logits, rows laid out as described in the module docstring.
         targets: ``[N]`` contiguous int32/int64 ids.
     Returns:
-        ``(logprobs [N], entropy [N] or None, lse [N])``, float32; ``lse`` is what the
-        backward needs.
+        ``(logprobs [N], entropy [N] or None, stats [N, 2])``, float32; ``stats`` (each row's
+        max key and log-sum, see the module docstring) is what the backward needs.
     """
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
     logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-    lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    stats = torch.empty(n_rows, 2, device=logits.device, dtype=torch.float32)
     entropy = torch.empty(n_rows, device=logits.device, dtype=torch.float32) if return_entropy else None
     block, warps = block_and_warps(vocab_size, block_v or FORWARD_BLOCK_V,
                                     num_warps or FORWARD_NUM_WARPS)
     _token_logprobs_forward_kernel[(n_rows,)](
-        logits, targets, logprobs, logprobs if entropy is None else entropy, lse,
+        logits, targets, logprobs, logprobs if entropy is None else entropy, stats,
         n_inner, stride_outer, stride_inner, vocab_size, ignore_index,
         inv_temperature, 1.0 if softcap is None else softcap,
         HAS_SOFTCAP=softcap is not None, RETURN_ENTROPY=return_entropy, BLOCK_V=block,
         num_warps=warps,
     )
-    return logprobs, entropy, lse
+    return logprobs, entropy, stats
 
 
 def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner,
-                            lse, entropy, grad_logprobs, grad_entropy, grad_out, *,
+                            stats, entropy, grad_logprobs, grad_entropy, grad_out, *,
                             inv_temperature, softcap, ignore_index,
                             block_v=None, num_warps=None):
     """Writes the gradient w.r.t. ``logits`` into ``grad_out`` and returns it.
@@ -169,9 +178,9 @@ def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner
     block, warps = block_and_warps(vocab_size, block_v or BACKWARD_BLOCK_V,
                                     num_warps or BACKWARD_NUM_WARPS)
     _token_logprobs_backward_kernel[(n_rows, triton.cdiv(vocab_size, block))](
-        logits, targets, lse, lse if entropy is None else entropy,
-        lse if grad_logprobs is None else grad_logprobs,
-        lse if grad_entropy is None else grad_entropy, grad_out,
+        logits, targets, stats, stats if entropy is None else entropy,
+        stats if grad_logprobs is None else grad_logprobs,
+        stats if grad_entropy is None else grad_entropy, grad_out,
         n_inner, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
         vocab_size, ignore_index, inv_temperature, 1.0 if softcap is None else softcap,
         HAS_SOFTCAP=softcap is not None, HAS_LOGPROB_GRAD=grad_logprobs is not None,

@@ -1,13 +1,16 @@
 """Merging softmax statistics of vocabulary slices: kernel splits, chunks and ranks alike.
 
 A slice ``s`` of the vocabulary (a Triton split, a torch chunk, or a rank's shard of the lm_head)
-summarizes each row by ``m_s = max z'``, ``S_s = sum exp(z' - m_s)`` and, for the entropy,
-``T_s = sum exp(z' - m_s) * (z' - m_s)``. Both sums are kept relative to the slice's own max,
-so large logits never cancel; merging shifts them to the global max ``M``:
-``S = sum_s exp(m_s - M) S_s`` and ``T = sum_s exp(m_s - M) (T_s + (m_s - M) S_s)``, giving
-``lse = M + log S`` and ``entropy = log S - T / S``. ``M`` and ``log S`` are kept apart (not
-summed into ``lse``): with logits near 1000 the sum would lose the low bits that
-``log p = (z' - M) - log S`` needs.
+summarizes each row by ``m_s = max key`` (``key = softcap(z)``, before the temperature:
+fastalign/kernels/_math.py), ``S_s = sum exp(x)`` and, for the entropy, ``T_s = sum exp(x) x``
+with ``x = (key - m_s) / T``. Both sums are kept relative to the slice's own max, so large
+logits never cancel; merging shifts them to the global max ``M`` with ``d_s = (m_s - M) / T``:
+``S = sum_s exp(d_s) S_s`` and ``T = sum_s exp(d_s) T_s + (exp(d_s) d_s) S_s``, giving
+``entropy = log S - T / S``. ``M`` and ``log S`` are kept apart (never summed into one
+log-sum-exp): with logits near 1e6 the sum would lose the bits that
+``log p = (key - M) / T - log S`` needs, near 1e20 all of them. ``d_s`` is clamped to the most
+negative float: slices at opposite ends of the float range would overflow it to -inf and make
+``exp(d_s) d_s = 0 * -inf`` NaN.
 
 With a ``process_group`` (the lm_head sharded by vocabulary) the same merge runs across ranks:
 one all-reduce of the max, one of the stacked sums.
@@ -17,9 +20,16 @@ from __future__ import annotations
 
 import torch
 
-# Slices start their max here rather than at -inf, so that (m_s - M) * S_s is 0 * finite = 0
-# for a slice whose logits are all -inf; exp(m_s - M) is still exactly 0 for it.
-FINITE_MIN = -3.0e38
+# Slices start their max at the most negative float rather than -inf, so that key - m_s is never
+# -inf - -inf for a slice whose logits are all -inf; exp(d_s) is still exactly 0 for it, and no
+# finite logit lies below it.
+FINITE_MIN = torch.finfo(torch.float32).min
+
+
+def scaled_delta(slice_max: torch.Tensor, global_max: torch.Tensor,
+                 inv_temperature: float) -> torch.Tensor:
+    """``d_s = (m_s - M) / T``, clamped to the most negative float (NaN stays NaN)."""
+    return ((slice_max - global_max) * inv_temperature).clamp_(min=FINITE_MIN)
 
 
 def resolve_group(group_name: str):
@@ -46,10 +56,10 @@ def vocab_shard(process_group, local_vocab: int, device: torch.device) -> tuple[
 
 def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
                          sum_exp_shifted: torch.Tensor | None, target_logit: torch.Tensor,
-                         process_group=None):
+                         process_group=None, inv_temperature: float = 1.0):
     """Merges ``[S, N]`` per-slice statistics (see the module docstring) into per-row results.
 
-    ``target_logit [N]`` is the target's ``z'`` summed over slices, 0 in slices without it.
+    ``target_logit [N]`` is the target's key summed over slices, 0 in slices without it.
     Returns ``(softmax_stats [N, 2], entropy [N] or None, log_prob_target [N])``, float32:
     ``softmax_stats[:, 0] = M`` and ``[:, 1] = log S``, the target's ``log p`` from them.
     """
@@ -58,37 +68,42 @@ def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
     global_max = row_max.amax(0)
     if process_group is not None:
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=process_group)
-    scale = torch.exp(row_max - global_max)
+    delta = scaled_delta(row_max, global_max, inv_temperature)
+    scale = torch.exp(delta)
     sums = [(sum_exp * scale).sum(0), target_logit]
     if sum_exp_shifted is not None:
-        sums.append((scale * (sum_exp_shifted + (row_max - global_max) * sum_exp)).sum(0))
+        sums.append((scale * sum_exp_shifted + (scale * delta) * sum_exp).sum(0))
     if process_group is not None:
         stacked = torch.stack(sums)
         dist.all_reduce(stacked, group=process_group)
         sums = list(stacked.unbind(0))
     log_sum_exp = sums[0].log()
     entropy = None if sum_exp_shifted is None else log_sum_exp - sums[2] / sums[0]
-    log_prob_target = (sums[1] - global_max) - log_sum_exp
+    log_prob_target = (sums[1] - global_max) * inv_temperature - log_sum_exp
     return torch.stack([global_max, log_sum_exp], dim=1), entropy, log_prob_target
 
 
-def merge_kl_partials(row_max, sum_exp, ref_max, ref_sum_exp, cross):
-    """``(kl, lse, shift)`` per row from ``[S, N]`` slice statistics of both softmaxes, with
-    ``cross = sum exp(z' - m) ((z' - m) - (z'_ref - m_ref))`` (see ``fastalign.kernels.kl``):
+def merge_kl_partials(row_max, sum_exp, ref_max, ref_sum_exp, cross, inv_temperature: float = 1.0):
+    """``(kl [N], stats [N, 4])`` per row from ``[S, N]`` slice statistics of both softmaxes (maxes
+    of the raw logits, sums of ``exp(s)`` with ``s = (z - m) / T``, and
+    ``cross = sum exp(s) (s - s_ref)``, see ``fastalign.kernels.kl``):
     ``KL = cross / S - log S + log S_ref`` once all slices are shifted to the global maxes.
 
-    ``shift = lse - lse_ref + KL`` is what the backward subtracts from ``z' - z'_ref``
-    (``dKL/dz'_j = p_j ((z'_j - z'_ref,j) - shift)``); it is formed from the maxes' difference
-    and the log-sums, never as the difference of two large log-sum-exps.
+    ``stats = (M, log S, M_ref, shift)`` with ``shift = log S - log S_ref + KL`` is what the
+    backward needs: ``dKL/dz'_j = p_j (((z_j - M) - (z_ref,j - M_ref)) / T - shift)``, every
+    difference formed relative to its own side's max, never between two large log-sum-exps.
     """
     global_max = row_max.amax(0)
     ref_global_max = ref_max.amax(0)
-    scale = torch.exp(row_max - global_max)
+    delta = scaled_delta(row_max, global_max, inv_temperature)
+    ref_delta = scaled_delta(ref_max, ref_global_max, inv_temperature)
+    scale = torch.exp(delta)
     total = (sum_exp * scale).sum(0)
-    ref_total = (ref_sum_exp * torch.exp(ref_max - ref_global_max)).sum(0)
-    offset = (row_max - global_max) - (ref_max - ref_global_max)
-    cross_total = (scale * (cross + offset * sum_exp)).sum(0)
+    ref_total = (ref_sum_exp * torch.exp(ref_delta)).sum(0)
+    # exp(d) (cross + (d - d_ref) S) as exp(d) cross + (exp(d) (d - d_ref)) S: a slice whose
+    # exp(d) is 0 adds 0, not 0 * inf.
+    cross_total = (scale * cross + (scale * (delta - ref_delta)) * sum_exp).sum(0)
     log_total, ref_log_total = total.log(), ref_total.log()
     kl = cross_total / total - log_total + ref_log_total
-    shift = (global_max - ref_global_max) + (log_total - ref_log_total) + kl
-    return kl, global_max + log_total, shift
+    shift = (log_total - ref_log_total) + kl
+    return kl, torch.stack([global_max, log_total, ref_global_max, shift], dim=1)

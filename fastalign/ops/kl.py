@@ -44,25 +44,30 @@ def _flat_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 @torch.library.custom_op("fastalign::token_kl_forward", mutates_args=())
 def _token_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor,
                       mask: Optional[torch.Tensor], inv_temperature: float, backend: str
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kl, lse, shift)``, float32 ``[N]`` for ``[..., V]`` logits with N rows (``shift``: see
-    ``_vocab_stats.merge_kl_partials``)."""
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kl [N], stats [N, 4])``, float32, for ``[..., V]`` logits with N rows (``stats``: what
+    the backward needs, see ``_vocab_stats.merge_kl_partials``)."""
     logits, layout = row_layout(logits)
     ref_logits, ref_layout = row_layout(ref_logits)
     partials = _backend_module(backend).kl_partials(
         logits, ref_logits, layout, ref_layout, _flat_mask(mask), inv_temperature=inv_temperature)
-    return _vocab_stats.merge_kl_partials(*(x[None] for x in partials))
+    return _vocab_stats.merge_kl_partials(*(x[None] for x in partials),
+                                          inv_temperature=inv_temperature)
+
+
+def _kl_fakes(like: torch.Tensor, n_rows: int):
+    return (like.new_empty(n_rows, dtype=torch.float32),
+            like.new_empty(n_rows, 4, dtype=torch.float32))
 
 
 @_token_kl_forward.register_fake
 def _token_kl_forward_fake(logits, ref_logits, mask, inv_temperature, backend):
-    n_rows = logits.numel() // logits.shape[-1]
-    return tuple(logits.new_empty(n_rows, dtype=torch.float32) for _ in range(3))
+    return _kl_fakes(logits, logits.numel() // logits.shape[-1])
 
 
 @torch.library.custom_op("fastalign::token_kl_backward", mutates_args=())
 def _token_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor,
-                       mask: Optional[torch.Tensor], lse: torch.Tensor, shift: torch.Tensor,
+                       mask: Optional[torch.Tensor], stats: torch.Tensor,
                        grad_kl: torch.Tensor, inv_temperature: float,
                        backend: str) -> torch.Tensor:
     """The gradient w.r.t. ``logits``: a fresh contiguous tensor of their shape and dtype."""
@@ -72,29 +77,28 @@ def _token_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor,
     vocab_size = logits.shape[-1]
     grad_layout = RowLayout(layout.n_outer, layout.n_inner, layout.n_inner * vocab_size, vocab_size)
     return _backend_module(backend).kl_grad(
-        logits, ref_logits, layout, ref_layout, _flat_mask(mask), lse, shift, grad_kl,
+        logits, ref_logits, layout, ref_layout, _flat_mask(mask), stats, grad_kl,
         grad_out, grad_layout, inv_temperature=inv_temperature)
 
 
 @_token_kl_backward.register_fake
-def _token_kl_backward_fake(logits, ref_logits, mask, lse, shift, grad_kl,
-                            inv_temperature, backend):
+def _token_kl_backward_fake(logits, ref_logits, mask, stats, grad_kl, inv_temperature, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _token_kl_setup(ctx, inputs, output):
     logits, ref_logits, mask, inv_temperature, backend = inputs
-    kl, lse, shift = output
-    ctx.save_for_backward(logits, ref_logits, mask, lse, shift)
+    kl, stats = output
+    ctx.save_for_backward(logits, ref_logits, mask, stats)
     ctx.inv_temperature, ctx.backend = inv_temperature, backend
-    ctx.set_materialize_grads(False)  # only kl is public: the others' gradients stay None
+    ctx.set_materialize_grads(False)  # only kl is public: the stats' gradient stays None
 
 
-def _token_kl_grad(ctx, grad_kl, _grad_lse, _grad_shift):
+def _token_kl_grad(ctx, grad_kl, _grad_stats):
     if grad_kl is None:
         return None, None, None, None, None
-    logits, ref_logits, mask, lse, shift = ctx.saved_tensors
-    grad = _token_kl_backward(logits, ref_logits, mask, lse, shift,
+    logits, ref_logits, mask, stats = ctx.saved_tensors
+    grad = _token_kl_backward(logits, ref_logits, mask, stats,
                               grad_kl.float().contiguous(), ctx.inv_temperature, ctx.backend)
     return grad, None, None, None, None
 
@@ -126,8 +130,8 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: flo
     checks.check_same_device("ref_logits", ref_logits, "logits", logits)
     checks.check_mask(mask, logits.shape[:-1], logits.device, "logits")
     checks.check_positive("temperature", temperature)
-    kl, _, _ = _token_kl_forward(logits, ref_logits.detach(), mask, 1.0 / float(temperature),
-                                 select_backend(logits.device))
+    kl, _ = _token_kl_forward(logits, ref_logits.detach(), mask, 1.0 / float(temperature),
+                              select_backend(logits.device))
     return kl.view(logits.shape[:-1])
 
 
@@ -145,8 +149,9 @@ def _linear_kl_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optiona
                        ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
                        ref_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                        inv_temperature: float, backend: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kl, lse, shift)``, float32 ``[N]``, for ``hidden``/``ref_hidden`` ``[N, D]``."""
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kl [N], stats [N, 4])`` as ``_token_kl_forward``, for ``hidden``/``ref_hidden``
+    ``[N, D]``."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     rows = None if mask is None else kept_rows(mask)
     hidden, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
@@ -159,37 +164,36 @@ def _linear_kl_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optiona
         slices.append(module.kl_partials(tile, ref_tile, layout, layout, None,
                                          inv_temperature=inv_temperature))
     stacked = (torch.stack(column) for column in zip(*slices))
-    merged = _vocab_stats.merge_kl_partials(*stacked)
+    merged = _vocab_stats.merge_kl_partials(*stacked, inv_temperature=inv_temperature)
     return tuple(scatter_rows(x, rows, n_rows) for x in merged)
 
 
 @_linear_kl_forward.register_fake
 def _linear_kl_forward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask,
                             inv_temperature, backend):
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+    return _kl_fakes(hidden, hidden.shape[0])
 
 
 @torch.library.custom_op("fastalign::linear_kl_backward", mutates_args=())
 def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
                         ref_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                        lse: torch.Tensor, shift: torch.Tensor,
-                        grad_kl: torch.Tensor, inv_temperature: float, need_hidden: bool,
+                        stats: torch.Tensor, grad_kl: torch.Tensor, inv_temperature: float, need_hidden: bool,
                         need_weight: bool, need_bias: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dHidden, dWeight, dBias)`` of the policy side, each empty when not needed."""
     n_rows = hidden.shape[0]
     rows = None if mask is None else kept_rows(mask)
     hidden_kept, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
-    lse, shift, grad_kl = (select_rows(x, rows) for x in (lse, shift, grad_kl))
+    stats, grad_kl = select_rows(stats, rows), select_rows(grad_kl, rows)
     module = _backend_module(backend)
 
     def grad_tile(start: int, end: int) -> torch.Tensor:
         tile, ref_tile, layout = _logit_tiles(hidden_kept, weight, bias, ref_hidden, ref_weight,
                                               ref_bias, start, end)
         # The policy tile is read before the kernel writes any of the gradient over it.
-        module.kl_grad(tile, ref_tile, layout, layout, None, lse, shift, grad_kl, tile,
-                       layout, inv_temperature=inv_temperature)
+        module.kl_grad(tile, ref_tile, layout, layout, None, stats, grad_kl, tile, layout,
+                       inv_temperature=inv_temperature)
         return tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
 
     grads = _linear_backward.linear_backward(
@@ -204,28 +208,27 @@ def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
 
 
 @_linear_kl_backward.register_fake
-def _linear_kl_backward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, lse,
-                             shift, grad_kl, inv_temperature, need_hidden, need_weight,
+def _linear_kl_backward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask,
+                             stats, grad_kl, inv_temperature, need_hidden, need_weight,
                              need_bias, backend):
     return _linear_backward.fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _linear_kl_setup(ctx, inputs, output):
     *tensors, inv_temperature, backend = inputs
-    kl, lse, shift = output
-    ctx.save_for_backward(*tensors, lse, shift)
+    kl, stats = output
+    ctx.save_for_backward(*tensors, stats)
     ctx.inv_temperature, ctx.backend = inv_temperature, backend
-    ctx.set_materialize_grads(False)  # only kl is public: the others' gradients stay None
+    ctx.set_materialize_grads(False)  # only kl is public: the stats' gradient stays None
 
 
-def _linear_kl_grad(ctx, grad_kl, _grad_lse, _grad_shift):
+def _linear_kl_grad(ctx, grad_kl, _grad_stats):
     if grad_kl is None:
         return (None,) * 9
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, lse, shift = \
-        ctx.saved_tensors
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, stats = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads = _linear_kl_backward(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, lse, shift,
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, stats,
         grad_kl.float().contiguous(), ctx.inv_temperature, need_hidden, need_weight,
         bias is not None and need_bias, ctx.backend)
     grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in
@@ -272,7 +275,7 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
     checks.check_positive("temperature", temperature)
     flat = lambda x: x.reshape(-1, x.shape[-1]).contiguous()  # noqa: E731
     detached = lambda x: None if x is None else x.detach().contiguous()  # noqa: E731
-    kl, _, _ = _linear_kl_forward(
+    kl, _ = _linear_kl_forward(
         flat(hidden), weight.contiguous(), None if bias is None else bias.contiguous(),
         flat(ref_hidden.detach()), detached(ref_weight), detached(ref_bias), _flat_mask(mask),
         1.0 / float(temperature), select_backend(hidden.device))

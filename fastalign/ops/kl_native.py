@@ -17,10 +17,9 @@ def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature
     return tuple(stats.unbind(0))
 
 
-def kl_grad(logits, ref_logits, layout, ref_layout, mask, lse, shift, grad_kl, grad_out,
+def kl_grad(logits, ref_logits, layout, ref_layout, mask, stats, grad_kl, grad_out,
             grad_layout, *, inv_temperature):
     """Same contract as ``fastalign.kernels.kl.kl_grad``."""
     extension().kl_grad(logits, _layout(layout), ref_logits, _layout(ref_layout), layout.n_rows,
-                        mask, lse, shift, grad_kl, grad_out, _layout(grad_layout),
-                        inv_temperature)
+                        mask, stats, grad_kl, grad_out, _layout(grad_layout), inv_temperature)
     return grad_out

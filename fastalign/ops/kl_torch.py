@@ -20,21 +20,23 @@ def _row_ranges(vocab_size: int, *layouts: RowLayout):
     return iter_aligned_row_ranges(list(layouts), _rows_per_chunk(vocab_size))
 
 
-def _scaled(chunk: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """A fresh float32 copy of ``chunk / T``."""
-    return torch.mul(chunk.float() if chunk.dtype != torch.float32 else chunk, inv_temperature)
+def _float(chunk: torch.Tensor) -> torch.Tensor:
+    """A fresh float32 copy of ``chunk``."""
+    return chunk.to(torch.float32, copy=True)
 
 
 def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature):
-    """Same contract as ``fastalign.kernels.kl.kl_partials``."""
+    """Same contract as ``fastalign.kernels.kl.kl_partials``: maxes of the raw logits, exps of
+    ``(z - max) / T`` (the difference before the scaling)."""
     stats = torch.empty(5, layout.n_rows, device=logits.device, dtype=torch.float32)
     for start, stop in _row_ranges(logits.shape[-1], layout, ref_layout):
         rows = slice(start, stop)
-        zp = _scaled(row_block(logits, layout, start, stop), inv_temperature)
-        zq = _scaled(row_block(ref_logits, ref_layout, start, stop), inv_temperature)
+        zp = _float(row_block(logits, layout, start, stop))
+        zq = _float(row_block(ref_logits, ref_layout, start, stop))
         max_p = zp.amax(dim=1, keepdim=True).clamp_(min=FINITE_MIN)
         max_q = zq.amax(dim=1, keepdim=True).clamp_(min=FINITE_MIN)
-        shifted_p, shifted_q = zp.sub_(max_p), zq.sub_(max_q)
+        shifted_p = zp.sub_(max_p).mul_(inv_temperature)
+        shifted_q = zq.sub_(max_q).mul_(inv_temperature)
         ep = shifted_p.exp()
         # p = 0 columns (-inf logits) add nothing, whatever the reference says there.
         cross = torch.where(ep > 0, ep * (shifted_p - shifted_q), 0.0).sum(dim=1)
@@ -47,18 +49,19 @@ def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature
     return tuple(stats.unbind(0))
 
 
-def kl_grad(logits, ref_logits, layout, ref_layout, mask, lse, shift, grad_kl, grad_out,
+def kl_grad(logits, ref_logits, layout, ref_layout, mask, stats, grad_kl, grad_out,
             grad_layout, *, inv_temperature):
     """Same contract as ``fastalign.kernels.kl.kl_grad``."""
     coef = grad_kl * inv_temperature
     for start, stop in _row_ranges(logits.shape[-1], layout, ref_layout, grad_layout):
         rows = slice(start, stop)
-        zp = row_block(logits, layout, start, stop).to(torch.float32, copy=True)
-        zq = row_block(ref_logits, ref_layout, start, stop)
-        p = torch.mul(zp, inv_temperature).sub_(lse[rows, None]).exp_()
-        # dKL/dz'_j = p_j ((z'_j - z'_ref,j) - shift), the difference taken before scaling so a
-        # common offset costs no precision; p = 0 columns give 0, not 0 * -inf.
-        log_ratio = zp.sub_(zq).mul_(inv_temperature).sub_(shift[rows, None])
+        row_max, log_sum, ref_max, shift = (stats[rows, k:k + 1] for k in range(4))
+        sp = _float(row_block(logits, layout, start, stop)).sub_(row_max).mul_(inv_temperature)
+        sq = _float(row_block(ref_logits, ref_layout, start, stop)).sub_(ref_max)
+        p = torch.sub(sp, log_sum).exp_()
+        # dKL/dz'_j = p_j ((s_j - s_ref,j) - shift), each s relative to its own side's max;
+        # p = 0 columns give 0, not 0 * -inf.
+        log_ratio = sp.sub_(sq.mul_(inv_temperature)).sub_(shift)
         grad = torch.where(p > 0, p.mul_(log_ratio), 0.0).mul_(coef[rows, None])
         if mask is not None:  # skipped rows may hold anything, even NaN: overwrite, not scale
             grad.masked_fill_(~mask.reshape(-1)[rows, None], 0.0)

@@ -40,7 +40,8 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         select_rows(hidden, rows), weight, bias, kept_targets - vocab_offset,
         inv_temperature=inv_temperature, softcap=softcap, return_entropy=return_entropy)
     stats, entropy, logprobs = _vocab_stats.merge_vocab_partials(
-        *partials, process_group=_vocab_stats.resolve_group(group_name))
+        *partials, process_group=_vocab_stats.resolve_group(group_name),
+        inv_temperature=inv_temperature)
     # An id outside [0, V) (possible only on CUDA without FASTALIGN_CHECK_TARGETS=1) is never
     # read: its row is NaN in every output and gradient.
     invalid = (kept_targets < 0) | (kept_targets >= vocab_total)

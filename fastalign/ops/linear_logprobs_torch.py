@@ -32,11 +32,10 @@ def raw_logits_tile(hidden, weight, bias, start: int, end: int) -> torch.Tensor:
     return tile if tile.dtype == torch.float32 else tile.float()
 
 
-def transform_(z: torch.Tensor, inv_temperature: float, softcap: float | None) -> torch.Tensor:
-    """z' = softcap(z) / temperature, in place."""
-    if softcap is not None:
-        return z.div_(softcap).tanh_().mul_(softcap * inv_temperature)
-    return z.mul_(inv_temperature) if inv_temperature != 1.0 else z
+def key_(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """The keys ``softcap(z)`` (``z`` itself without a softcap), in place: maxes are taken of
+    keys and ``z' = key / T`` is never formed (``_vocab_stats``)."""
+    return z if softcap is None else z.div_(softcap).tanh_().mul_(softcap)
 
 
 def tile_cols(n_rows: int, vocab_size: int) -> int:
@@ -60,7 +59,8 @@ def partials_buffers(hidden, vocab_size: int, return_entropy: bool):
 
 def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
                              return_entropy):
-    """Per-slice softmax statistics of ``z' = transform(hidden @ weight.T + bias)``.
+    """Per-slice softmax statistics of ``z' = softcap(hidden @ weight.T + bias) / T`` (maxes of
+    the keys ``softcap(z)``, sums of ``exp((key - max) / T)``: ``_vocab_stats``).
 
     Args:
         hidden: ``[N, D]`` contiguous; weight ``[V, D]``; bias ``[V]`` or None.
@@ -75,12 +75,14 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
         hidden, vocab_size, return_entropy)
     for index, start in enumerate(range(0, vocab_size, cols)):
         end = min(start + cols, vocab_size)
-        z = transform_(raw_logits_tile(hidden, weight, bias, start, end), inv_temperature, softcap)
+        z = key_(raw_logits_tile(hidden, weight, bias, start, end), softcap)
         in_slice = (targets >= start) & (targets < end)
         local = torch.where(in_slice, targets - start, 0).long()
         target_logit += torch.where(in_slice, z.gather(1, local[:, None]).squeeze(1), 0.0)
         tile_max = z.amax(dim=1).clamp_(min=FINITE_MIN)
-        shifted = z.sub_(tile_max[:, None])
+        shifted = z.sub_(tile_max[:, None])  # (key - max) / T: the difference first
+        if inv_temperature != 1.0:
+            shifted.mul_(inv_temperature)
         if return_entropy:
             p = shifted.exp()
             sum_exp[index] = p.sum(dim=1)
@@ -104,12 +106,16 @@ def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, gra
     raw = raw_logits_tile(hidden, weight, bias, start, end)
     row_max, log_sum = stats[:, 0:1], stats[:, 1:2]
     if softcap is None:
-        log_p = transform_(raw, inv_temperature, None).sub_(row_max).sub_(log_sum)
+        log_p = raw.sub_(row_max)
     else:
         tanh = raw.div_(softcap).tanh_()
         # dz'/dz = (1 - tanh(z / s)^2) / T
         dz = tanh.square().neg_().add_(1.0).mul_(inv_temperature)
-        log_p = tanh.mul_(softcap * inv_temperature).sub_(row_max).sub_(log_sum)
+        log_p = tanh.mul_(softcap).sub_(row_max)
+    # log p = (key - max) / T - log sum, the difference taken before the scaling.
+    if inv_temperature != 1.0:
+        log_p.mul_(inv_temperature)
+    log_p.sub_(log_sum)
     # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
     #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
     if grad_entropy is None:

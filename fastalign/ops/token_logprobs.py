@@ -23,15 +23,16 @@ def _forward_op(logits: torch.Tensor, targets: torch.Tensor, inv_temperature: fl
                 softcap: Optional[float], ignore_index: int, return_entropy: bool,
                 inplace_backward: bool, backend: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logprobs [N], entropy [N] or [0], lse [N])`` for ``[..., V]`` logits, ``targets [N]``;
-    ``inplace_backward`` only matters to the backward."""
+    """``(logprobs [N], entropy [N] or [0], stats [N, 2])`` for ``[..., V]`` logits,
+    ``targets [N]``: ``stats`` holds each row's max key and log-sum (kernels/token_logprobs.py),
+    what the backward needs; ``inplace_backward`` only matters to the backward."""
     rows, layout = row_layout(logits)
     forward_launcher, _ = _launchers(backend)
-    logprobs, entropy, lse = forward_launcher(
+    logprobs, entropy, stats = forward_launcher(
         rows, targets, layout.n_inner, layout.stride_outer, layout.stride_inner,
         inv_temperature=inv_temperature, softcap=softcap, ignore_index=ignore_index,
         return_entropy=return_entropy)
-    return logprobs, logprobs.new_empty(0) if entropy is None else entropy, lse
+    return logprobs, logprobs.new_empty(0) if entropy is None else entropy, stats
 
 
 @_forward_op.register_fake
@@ -39,47 +40,47 @@ def _forward_fake(logits, targets, inv_temperature, softcap, ignore_index, retur
                   inplace_backward, backend):
     per_row = logits.new_empty(targets.shape[0], dtype=torch.float32)
     entropy = logits.new_empty(targets.shape[0] if return_entropy else 0, dtype=torch.float32)
-    return per_row, entropy, torch.empty_like(per_row)
+    return per_row, entropy, logits.new_empty(targets.shape[0], 2, dtype=torch.float32)
 
 
-def _backward_into(grad_out, logits, targets, lse, entropy, grad_logprobs, grad_entropy,
+def _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, grad_entropy,
                    inv_temperature, softcap, ignore_index, backend):
     rows, layout = row_layout(logits)  # the public function never asks in-place for a copy
     _, backward_launcher = _launchers(backend)
     backward_launcher(
-        rows, targets, layout.n_inner, layout.stride_outer, layout.stride_inner, lse,
+        rows, targets, layout.n_inner, layout.stride_outer, layout.stride_inner, stats,
         entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy,
         rows if grad_out is logits else grad_out, inv_temperature=inv_temperature,
         softcap=softcap, ignore_index=ignore_index)
 
 
 @torch.library.custom_op("fastalign::token_logprobs_backward", mutates_args=())
-def _backward_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+def _backward_op(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
                  entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
                  grad_entropy: Optional[torch.Tensor], inv_temperature: float,
                  softcap: Optional[float], ignore_index: int, backend: str) -> torch.Tensor:
     """The gradient w.r.t. ``logits``: a fresh contiguous tensor of their shape and dtype."""
     grad_out = new_gradient(logits, backend)
-    _backward_into(grad_out, logits, targets, lse, entropy, grad_logprobs, grad_entropy,
+    _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, grad_entropy,
                    inv_temperature, softcap, ignore_index, backend)
     return grad_out
 
 
 @_backward_op.register_fake
-def _backward_fake(logits, targets, lse, entropy, grad_logprobs, grad_entropy, inv_temperature,
+def _backward_fake(logits, targets, stats, entropy, grad_logprobs, grad_entropy, inv_temperature,
                    softcap, ignore_index, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("fastalign::token_logprobs_backward_inplace", mutates_args=("logits",))
-def _backward_inplace_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+def _backward_inplace_op(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
                          entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
                          grad_entropy: Optional[torch.Tensor], inv_temperature: float,
                          softcap: Optional[float], ignore_index: int, backend: str) -> None:
     """Writes the gradient over ``logits`` (``inplace_backward=True``). Declaring the mutation
     bumps the logits' version, so anything else that saved them for its backward raises
     instead of reading gradients as if they were logits."""
-    _backward_into(logits, logits, targets, lse, entropy, grad_logprobs, grad_entropy,
+    _backward_into(logits, logits, targets, stats, entropy, grad_logprobs, grad_entropy,
                    inv_temperature, softcap, ignore_index, backend)
 
 
@@ -89,21 +90,21 @@ _OPTION_NAMES = ("inv_temperature", "softcap", "ignore_index", "return_entropy",
 
 def _setup_context(ctx, inputs, output):
     logits, targets, *options = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, targets, lse, entropy)
+    _, entropy, stats = output
+    ctx.save_for_backward(logits, targets, stats, entropy)
     ctx.options = dict(zip(_OPTION_NAMES, options))
     # Unused outputs (an entropy kept for logging) then get None, not zeros to differentiate.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
     o = ctx.options
     if not o["return_entropy"]:
         grad_entropy = None
     if grad_logprobs is None and grad_entropy is None:
         return (None,) * (2 + len(_OPTION_NAMES))
-    logits, targets, lse, entropy = ctx.saved_tensors
-    args = (targets, lse, entropy,
+    logits, targets, stats, entropy = ctx.saved_tensors
+    args = (targets, stats, entropy,
             None if grad_logprobs is None else grad_logprobs.float().contiguous(),
             None if grad_entropy is None else grad_entropy.float().contiguous(),
             o["inv_temperature"], o["softcap"], o["ignore_index"], o["backend"])

@@ -2,8 +2,9 @@
 each row forward, one backward, parallel over rows. Same launcher signatures as the Triton
 kernels' and the torch twin's, so the op treats all three alike.
 
-The kernel returns each row's softmax statistics; the few ``[N]``-sized steps that turn them
-into log-probs, entropy and the saved log-sum-exp run here in torch.
+The kernel returns each row's softmax statistics (the max key and sums relative to it, see
+``csrc/logprobs.cpp``); the few ``[N]``-sized steps that turn them into log-probs, entropy and
+the saved ``(max, log-sum)`` pair run here in torch.
 """
 
 from __future__ import annotations
@@ -23,16 +24,19 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
         inv_temperature, softcap, return_entropy)
     ignored, _, nan_if_invalid = _target_masks(targets, vocab_size, ignore_index)
     log_sum = sum_exp.log()
-    logprobs = torch.where(ignored, 0.0, target_logit - row_max - log_sum + nan_if_invalid)
-    lse = torch.where(ignored, 0.0, row_max + log_sum + nan_if_invalid)
+    # (key - max) / T, the difference taken before the scaling, as the kernel does.
+    logprobs = torch.where(ignored, 0.0,
+                           (target_logit - row_max) * inv_temperature - log_sum + nan_if_invalid)
+    stats = torch.stack([torch.where(ignored, 0.0, row_max + nan_if_invalid),
+                         torch.where(ignored, 0.0, log_sum + nan_if_invalid)], dim=1)
     entropy = None
     if return_entropy:
         entropy = torch.where(ignored, 0.0, log_sum - sum_shifted / sum_exp + nan_if_invalid)
-    return logprobs, entropy, lse
+    return logprobs, entropy, stats
 
 
 def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner,
-                            lse, entropy, grad_logprobs, grad_entropy, grad_out, *,
+                            stats, entropy, grad_logprobs, grad_entropy, grad_out, *,
                             inv_temperature, softcap, ignore_index):
     vocab_size = logits.shape[-1]
     layout = (n_inner, stride_outer, stride_inner)
@@ -40,5 +44,6 @@ def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner
     grad_layout = layout if grad_out is logits else (n_inner, n_inner * vocab_size, vocab_size)
     extension().logprobs_grad(
         logits, layout, targets.numel(), grad_out, grad_layout, targets.long(), 0, ignore_index,
-        inv_temperature, softcap, None, lse, entropy, grad_logprobs, grad_entropy)
+        inv_temperature, softcap, stats[:, 0].contiguous(), stats[:, 1].contiguous(), entropy,
+        grad_logprobs, grad_entropy)
     return grad_out

@@ -23,35 +23,30 @@ def _rows_per_chunk(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
-def _transformed(chunk: torch.Tensor, inv_temperature: float, softcap: float | None,
-                 out: torch.Tensor | None = None):
-    """z' = softcap(z) / temperature of ``chunk`` in fp32, written into ``out`` (fresh if None)."""
-    out = _fp32_like(chunk) if out is None else out
-    if softcap is None and chunk.dtype == torch.float32:
-        return torch.mul(chunk, inv_temperature, out=out)
-    # Upcast first: an op on bf16/fp16 inputs computes in their precision even with an fp32 out.
-    out.copy_(chunk)
-    if softcap is not None:
-        return out.div_(softcap).tanh_().mul_(softcap * inv_temperature)
-    return out.mul_(inv_temperature) if inv_temperature != 1.0 else out
-
-
 def _fp32_like(chunk: torch.Tensor) -> torch.Tensor:
     return torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device)
 
 
+def _softcapped(chunk: torch.Tensor, softcap: float) -> torch.Tensor:
+    """tanh(z / s) of ``chunk`` as a fresh fp32 tensor (upcast first: an op on bf16/fp16 inputs
+    computes in their precision even with an fp32 out)."""
+    return _fp32_like(chunk).copy_(chunk).div_(softcap).tanh_()
+
+
 def _shifted(chunk: torch.Tensor, inv_temperature: float, softcap: float | None):
-    """(z' - max z', max z') per row; z' - max z' is a fresh fp32 tensor the caller may overwrite."""
-    if softcap is None and chunk.dtype == torch.float32:
-        # No copy of fp32 logits: subtract the raw max first, then scale (temperature > 0).
-        raw_max = chunk.amax(dim=1, keepdim=True)
-        shifted = torch.sub(chunk, raw_max)
-        if inv_temperature != 1.0:
-            shifted.mul_(inv_temperature)
-        return shifted, raw_max * inv_temperature
-    shifted = _transformed(chunk, inv_temperature, softcap)
-    row_max = shifted.amax(dim=1, keepdim=True)
-    return shifted.sub_(row_max), row_max
+    """((key - max key) / T, max key) per row, with key = softcap(z) (z itself without a softcap,
+    fastalign/kernels/_math.py): the max is subtracted before the temperature scales, so no
+    ``z / T`` is formed (it would overflow for a tiny T, round at |z / T| for a large z).
+    The first is a fresh fp32 tensor the caller may overwrite."""
+    if softcap is None:
+        # No copy of the logits: a bf16/fp16 chunk minus an fp32 max computes in fp32.
+        row_max = chunk.amax(dim=1, keepdim=True).float().clamp_(min=_FINITE_MIN)
+        shifted = torch.sub(chunk, row_max)
+    else:
+        keys = _softcapped(chunk, softcap).mul_(softcap)
+        row_max = keys.amax(dim=1, keepdim=True).clamp_(min=_FINITE_MIN)
+        shifted = keys.sub_(row_max)
+    return (shifted.mul_(inv_temperature) if inv_temperature != 1.0 else shifted), row_max
 
 
 def _target_masks(targets: torch.Tensor, vocab_size: int, ignore_index: int):
@@ -69,7 +64,7 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
     layout = RowLayout(n_rows // n_inner, n_inner, stride_outer, stride_inner)
     ignored, safe_targets, nan_if_invalid = _target_masks(targets, vocab_size, ignore_index)
     logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-    lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    stats = torch.empty(n_rows, 2, device=logits.device, dtype=torch.float32)
     entropy = torch.empty(n_rows, device=logits.device, dtype=torch.float32) if return_entropy else None
 
     for start, chunk in iter_row_chunks(logits, layout, _rows_per_chunk(vocab_size)):
@@ -87,14 +82,16 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
         log_sum_exp = sum_exp.log()
         skip, nan_rows = ignored[rows], nan_if_invalid[rows]
         logprobs[rows] = torch.where(skip, 0.0, target_shifted - log_sum_exp + nan_rows)
-        lse[rows] = torch.where(skip, 0.0, row_max.squeeze(1) + log_sum_exp + nan_rows)
+        # The max and the log-sum stay apart: their sum would round at |max|.
+        stats[rows, 0] = torch.where(skip, 0.0, row_max.squeeze(1) + nan_rows)
+        stats[rows, 1] = torch.where(skip, 0.0, log_sum_exp + nan_rows)
         if return_entropy:
             entropy[rows] = torch.where(skip, 0.0, log_sum_exp - weighted / sum_exp + nan_rows)
-    return logprobs, entropy, lse
+    return logprobs, entropy, stats
 
 
 def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner,
-                            lse, entropy, grad_logprobs, grad_entropy, grad_out, *,
+                            stats, entropy, grad_logprobs, grad_entropy, grad_out, *,
                             inv_temperature, softcap, ignore_index):
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
     layout = RowLayout(n_rows // n_inner, n_inner, stride_outer, stride_inner)
@@ -109,17 +106,20 @@ def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner
                  iter_row_chunks(grad_out, grad_layout, rows_per_chunk))
     for (start, chunk), (_, grad_chunk) in chunks:
         rows = slice(start, start + chunk.shape[0])
-        lse_rows = lse[rows, None]  # a NaN lse (id outside [0, V)) makes its row NaN
+        # NaN statistics (an id outside [0, V)) make their row NaN.
+        row_max, log_sum = stats[rows, 0:1], stats[rows, 1:2]
         if softcap is None:
             # Work in the returned gradient itself when it is fp32 (no temporary at all).
             out = grad_chunk if grad_chunk.dtype == torch.float32 else None
-            log_p = (torch.sub(chunk, lse_rows, out=out) if inv_temperature == 1.0 else
-                     _transformed(chunk, inv_temperature, None, out).sub_(lse_rows))
+            log_p = torch.sub(chunk, row_max, out=out)
         else:
-            z = _transformed(chunk, inv_temperature, softcap)
-            # dz'/dz = (1 - tanh(z / s)^2) / T, and tanh(z / s) = z' * T / s.
-            dz = (z * (1.0 / (softcap * inv_temperature))).square_().neg_().add_(1.0).mul_(inv_temperature)
-            log_p = z.sub_(lse_rows)
+            tanh = _softcapped(chunk, softcap)
+            # dz'/dz = (1 - tanh(z / s)^2) / T
+            dz = tanh.square().neg_().add_(1.0).mul_(inv_temperature)
+            log_p = tanh.mul_(softcap).sub_(row_max)
+        if inv_temperature != 1.0:
+            log_p.mul_(inv_temperature)
+        log_p.sub_(log_sum)
         # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
         #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
         if grad_entropy is None:
