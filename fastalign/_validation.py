@@ -84,6 +84,35 @@ def check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def check_inplace_target(name: str, x: torch.Tensor) -> None:
+    """``inplace_backward=True`` writes the gradient over ``x``: refuse memory the caller owns,
+    a leaf tensor or a view of one (slicing a parameter or a data tensor gives such a view;
+    the gradient would silently overwrite that leaf's values)."""
+    if not x.requires_grad:
+        return  # no backward will run
+    if x.is_leaf:
+        raise ValueError(f"inplace_backward=True would overwrite a leaf tensor ({name}) with its "
+                         f"own gradient; use it on {name} produced by a layer, or leave it False")
+    if x._base is not None and x._base.is_leaf:
+        raise ValueError(f"inplace_backward=True would write the gradient into the memory of a "
+                         f"leaf tensor: {name} is a view of one (shape "
+                         f"{tuple(x._base.shape)}); pass {name} produced by a layer (or a copy, "
+                         "e.g. .clone()), or leave it False")
+
+
+def has_internal_overlap(x: torch.Tensor) -> bool:
+    """True unless the elements of ``x`` provably occupy distinct memory: sorted by stride,
+    every dim of size > 1 must step past everything the smaller dims span. Conservative (an
+    exotic interleaved layout may be reported as overlapping), never the other way: stride-0
+    dims (``expand``) and rows closer than their length (``as_strided``) are caught."""
+    extent = 1  # elements spanned by the dims seen so far
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
 def check_same_device(name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
     if x.device != other.device:
         raise ValueError(f"{name} is on {x.device} but {other_name} is on {other.device}; "

@@ -72,6 +72,67 @@ def test_inplace_backward_guards(backend):
         loss.backward()
 
 
+VIEWS_OF_A_LEAF = {
+    "slice": lambda leaf: leaf[:, :-1],
+    "view": lambda leaf: leaf.view(2, 3, 3, 33)[:, 0],
+    "unbind": lambda leaf: leaf.unbind(0)[1],
+}
+
+
+@pytest.mark.parametrize("make", list(VIEWS_OF_A_LEAF.values()), ids=list(VIEWS_OF_A_LEAF))
+def test_inplace_backward_refuses_a_view_of_a_leaf(backend, make):
+    """A slice of a parameter or of a data tensor is not a leaf, but its memory is the leaf's:
+    the gradient written there would replace the leaf's values (it did, on every backend)."""
+    leaf = torch.randn(2, 9, 33, device=DEVICE, requires_grad=True)
+    before = leaf.detach().clone()
+    logits = make(leaf)
+    targets = torch.randint(0, 33, logits.shape[:-1], device=DEVICE)
+    with pytest.raises(ValueError, match=r"inplace_backward=True would write the gradient into "
+                       r"the memory of a leaf tensor: logits is a view of one \(shape \(2, 9, 33\)\); "
+                       r"pass logits produced by a layer \(or a copy"):
+        fa.token_logprobs(logits, targets, inplace_backward=True)
+    fa.token_logprobs(logits, targets).sum().backward()  # without the flag: a fresh gradient
+    assert torch.equal(leaf.detach(), before) and leaf.grad is not None
+
+
+ALIASED_ROWS = {
+    # rows that are the same memory (a stride-0 dim) and rows closer than V apart
+    "expand": lambda base: base[:, None].expand(4, 3, 33),
+    "overlapping_rows": lambda base: base.reshape(-1).as_strided((7, 33), (16, 1)),
+    "expand_outer": lambda base: base[None].expand(2, 4, 33),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("make", list(ALIASED_ROWS.values()), ids=list(ALIASED_ROWS))
+def test_aliased_rows_get_the_right_gradient(backend, make, inplace):
+    """Elements sharing memory: their gradient has more elements than the memory holds, so an
+    in-place write let rows overwrite each other (relative error ~1 on every backend). The op
+    falls back to a fresh gradient, which autograd sums into the shared memory."""
+    base = torch.randn(4, 33, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 33, make(base).shape[:-1], device=DEVICE)
+    logits = make(base * 1)
+    before = logits.detach().clone()
+    lp, ent = fa.token_logprobs(logits, targets, return_entropy=True, inplace_backward=inplace)
+    grad, = torch.autograd.grad(lp.sum() + 0.5 * ent.sum(), base)
+    exact = base.detach().double().requires_grad_()
+    ref_lp, ref_ent = token_logprobs_reference(make(exact), targets, return_entropy=True)
+    ref_grad, = torch.autograd.grad(ref_lp.sum() + 0.5 * ref_ent.sum(), exact)
+    assert_close(lp, ref_lp, 1e-5, "logprobs")
+    assert_close(grad, ref_grad, 1e-5, "grad")
+    assert torch.equal(logits, before), "the shared memory must not be written over"
+
+
+@pytest.mark.parametrize("make,overlaps", [
+    (lambda x: x, False), (lambda x: x[:, :-1], False), (lambda x: x.transpose(0, 1), False),
+    (lambda x: x[:, ::2], False), (lambda x: x[:1].expand(3, 5, 33), True),
+    (lambda x: x.reshape(-1).as_strided((7, 33), (16, 1)), True),
+    (lambda x: x.reshape(-1).as_strided((5, 33), (33, 1)), False)])
+def test_internal_overlap_detection(make, overlaps):
+    from fastalign._validation import has_internal_overlap
+    assert has_internal_overlap(make(torch.randn(4, 5, 33))) == overlaps
+
+
 def test_offsets_past_two_to_the_31(backend):
     """A row that starts beyond 2**31 elements while the row stride itself fits in int32, so
     only 64-bit row offsets reach it. Pages never touched cost no memory."""

@@ -142,9 +142,15 @@ def token_logprobs(
         return_entropy: also return the entropy ``-sum p log p`` of ``softmax(z')`` per row.
         inplace_backward: write the gradient over ``logits`` instead of a new ``[..., V]``
             buffer, saving one logits-sized allocation. Only for logits nobody reads after this
-            call (and not for a leaf tensor); anything else that saved them for its backward
-            then raises instead of reading gradients. Ignored for layouts that need a copy
-            (non-unit vocabulary stride, more than two non-mergeable leading dims).
+            call; anything else that saved them for its backward then raises instead of reading
+            gradients. Memory the caller owns is refused with ``ValueError``: a leaf tensor
+            that requires grad, or a view of any leaf (``param[:, :-1]``, ``data.view(...)``),
+            whose values the gradient would overwrite. Where the flag cannot be honoured
+            without a wrong gradient the op returns a fresh one instead (as without the flag):
+            layouts that need a copy (non-unit vocabulary stride, more than two non-mergeable
+            leading dims) and logits whose elements share memory (``expand``, overlapping
+            ``as_strided`` rows), since their gradient has more elements than that memory
+            holds and writing it there would let rows overwrite each other.
 
     Returns:
         ``logprobs [...]`` float32, or ``(logprobs, entropy)`` when ``return_entropy``; both are
@@ -167,9 +173,8 @@ def token_logprobs(
     checks.check_positive("softcap", softcap, allow_none=True)
     checks.check_flag("return_entropy", return_entropy)
     checks.check_flag("inplace_backward", inplace_backward)
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
-        raise ValueError("inplace_backward=True would overwrite a leaf tensor with its own "
-                         "gradient; use it on logits produced by a layer, or leave it False")
+    if inplace_backward:
+        checks.check_inplace_target("logits", logits)
 
     leading_shape = targets.shape
     if targets.numel() == 0:
@@ -180,8 +185,10 @@ def token_logprobs(
     logprobs, entropy, _ = _forward_op(
         logits, targets.reshape(-1).contiguous(), 1.0 / float(temperature),
         None if softcap is None else float(softcap), int(ignore_index), return_entropy,
-        # Logits whose layout needs a copy get a fresh gradient: the copy is not theirs.
-        inplace_backward and not needs_copy(logits), select_backend(logits.device))
+        # Logits whose layout needs a copy get a fresh gradient (the copy is not theirs), as do
+        # logits whose elements share memory (no room there for each element's gradient).
+        inplace_backward and not needs_copy(logits) and not checks.has_internal_overlap(logits),
+        select_backend(logits.device))
     if return_entropy:
         return logprobs.view(leading_shape), entropy.view(leading_shape)
     return logprobs.view(leading_shape)
