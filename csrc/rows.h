@@ -164,6 +164,22 @@ inline void dispatch_kind(const Transform& t, F&& f) {
   }
 }
 
+// v rounded to float32 here, as an opaque value. GCC contracts a * b - c into one fused
+// multiply-add by default (-ffp-contract=fast): a soft-capped key tanh(z / s) * s could then be
+// rounded where a max is taken and fused into the subtraction of that max elsewhere, and the
+// difference of the two, one rounding of the key, becomes anything once 1 / T (up to 8.5e37)
+// scales it. Through this barrier every pass sees the same key.
+inline Vec rounded(Vec v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256 r = v;
+  __asm__("" : "+x"(r));
+  return Vec(r);
+#else
+  __asm__("" : "+m"(v));
+  return v;
+#endif
+}
+
 // The logits transform on vectors, its constants held in registers, split in two so that no
 // z' = softcap(z) / T is ever formed: operator() gives the key softcap(z) (z itself without a
 // softcap), maxes are taken of keys, and shifted() scales a difference of keys by 1 / T. A
@@ -184,7 +200,8 @@ struct VecTransform {
 
   Vec operator()(const Vec& z) const {
     if constexpr (kKind == Kind::kSoftcap) {
-      return (z * inv_softcap).tanh() * softcap;  // softcap(-inf) = -s, finite, as in torch
+      // softcap(-inf) = -s, finite, as in torch.
+      return rounded((z * inv_softcap).tanh() * softcap);
     } else {
       return z;
     }

@@ -15,6 +15,11 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHECK_TARGETS_ENV = "FASTALIGN_CHECK_TARGETS"
+# Options that scale float32 values (temperature, softcap, beta): the option and its reciprocal
+# must both be normal float32 numbers. Past these bounds 1 / x or x itself becomes inf (or a
+# denormal that loses bits, or 0 where a GPU flushes denormals) inside the kernels, and
+# 0 * inf = NaN follows; within them the kernels match float64 semantics.
+SCALE_RANGE = (torch.finfo(torch.float32).tiny, 1.0 / torch.finfo(torch.float32).tiny)
 
 
 def _dtype_names(dtypes) -> str:
@@ -43,8 +48,7 @@ def check_targets(targets, leading_shape, vocab_size: int, device: torch.device,
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}; "
                         "use targets.long()")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_ignore_index(ignore_index)
     if tuple(targets.shape) != tuple(leading_shape):
         raise ValueError(
             f"targets has shape {tuple(targets.shape)} but must equal {source}.shape[:-1] = "
@@ -70,6 +74,60 @@ def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int
             "Mark positions without a target with ignore_index.")
 
 
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    """`` in [low, high)``, `` > low`` and so on (leading space), or "" when unbounded."""
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f" {'>' if low_open else '>='} {low:.3g}"
+    if low is None:
+        return f" {'<' if high_open else '<='} {high:.3g}"
+    return f" in {'(' if low_open else '['}{low:.3g}, {high:.3g}{')' if high_open else ']'}"
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open: bool = False,
+                 high_open: bool = False, allow_none: bool = False, why: str = "") -> None:
+    """``value`` must be a finite real number (not a bool, not a tensor) in the interval
+    ``low .. high`` (closed unless ``*_open``; None = unbounded). The message names the
+    argument, the interval and ``why``."""
+    if value is None and allow_none:
+        return
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+          and math.isfinite(value)
+          and (low is None or (value > low if low_open else value >= low))
+          and (high is None or (value < high if high_open else value <= high)))
+    if not ok:
+        none = "None or " if allow_none else ""
+        interval = _interval(low, high, low_open, high_open)
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{name} must be {none}a finite number{interval}{reason}, "
+                         f"got {value!r}")
+
+
+def check_scale(name: str, value, allow_none: bool = False) -> None:
+    """An option that scales float32 values: a finite number in ``SCALE_RANGE``."""
+    check_number(name, value, low=SCALE_RANGE[0], high=SCALE_RANGE[1], allow_none=allow_none,
+                 why="it and its reciprocal scale float32 values")
+
+
+def check_temperature(value) -> None:
+    check_scale("temperature", value)
+
+
+def check_softcap(value) -> None:
+    check_scale("softcap", value, allow_none=True)
+
+
+def check_int(name: str, value, *, low: int, allow_none: bool = False, why: str = "") -> None:
+    """``value`` must be an int (not a bool) >= ``low``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        none = "None or " if allow_none else ""
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{name} must be {none}an int >= {low}{reason}, got {value!r}")
+
+
 def check_positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -77,6 +135,11 @@ def check_positive(name: str, value, allow_none: bool = False) -> None:
             or not math.isfinite(value) or value <= 0:
         none = " or None" if allow_none else ""
         raise ValueError(f"{name} must be a positive finite number{none}, got {value!r}")
+
+
+def check_ignore_index(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {value!r}")
 
 
 def check_flag(name: str, value) -> None:

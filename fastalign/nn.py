@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_choice
+from ._validation import (check_choice, check_flag, check_ignore_index, check_softcap,
+                          check_temperature)
 from .losses import dpo_loss, policy_loss
 from .losses._reduce import masked_mean
-from .losses.dpo import LOSS_TYPES
-from .losses.policy import AGGREGATIONS, KL_ESTIMATORS, LEVELS
+from .losses.dpo import LOSS_TYPES, check_dpo_options
+from .losses.policy import AGGREGATIONS, KL_ESTIMATORS, LEVELS, check_policy_options
 from .ops import linear_logprobs
 
 
@@ -44,7 +45,12 @@ class FusedDPOLoss(torch.nn.Module):
                  label_smoothing: float = 0.0, ignore_index: int = -100,
                  average_logprobs: bool = False, temperature: float = 1.0):
         super().__init__()
+        # Every option is checked here, not at the first forward (ValueError / TypeError).
         check_choice("loss_type", loss_type, LOSS_TYPES)
+        check_dpo_options(beta, label_smoothing)
+        check_ignore_index(ignore_index)
+        check_flag("average_logprobs", average_logprobs)
+        check_temperature(temperature)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.ignore_index, self.temperature = ignore_index, temperature
         self.average_logprobs = average_logprobs or loss_type == "ipo"
@@ -98,9 +104,14 @@ class FusedPolicyLoss(torch.nn.Module):
                  temperature: float = 1.0, ignore_index: int = -100,
                  softcap: float | None = None):
         super().__init__()
+        # Every option is checked here, not at the first forward (ValueError / TypeError).
         check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
         check_choice("level", level, LEVELS)
         check_choice("aggregation", aggregation, AGGREGATIONS)
+        check_policy_options(clip_low, clip_high, dual_clip, kl_coef, max_length)
+        check_temperature(temperature)
+        check_softcap(softcap)
+        check_ignore_index(ignore_index)
         self.options = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                             kl_coef=kl_coef, kl_estimator=kl_estimator, level=level,
                             aggregation=aggregation, max_length=max_length)

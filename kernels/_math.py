@@ -7,6 +7,12 @@ softcap), before the temperature divides. Differences are taken there and only t
 overflow for a tiny T, no rounding at ``|z / T|`` before the subtraction that cancels it), and
 ``key - max key`` is exact for the columns near the max (Sterbenz), whatever ``|z|`` is.
 
+With a softcap the key is a product, ``s * tanh(z / s)``, and the compiler's default fusion of
+``a * b - c`` into one FMA could round it where a max is taken and fuse it into the
+subtraction of that max elsewhere: once ``1 / T`` scales that one-rounding difference it is
+anything. The launchers therefore compile the softcap variants with ``enable_fp_fusion=False``
+(``fp_fusion`` below); the others have no product before a subtraction.
+
 A jit helper returns from one place: Triton 3.6 rejects a function whose constexpr branches
 return a block in one case and a scalar in the other."""
 
@@ -16,6 +22,13 @@ import triton.language as tl
 # The most negative finite float32: running maxes start here, not at -inf, so that
 # ``key - max`` is never -inf - -inf; no finite logit lies below it.
 FINITE_MIN = tl.constexpr(-3.4028234663852886e38)
+
+
+
+def fp_fusion(has_softcap: bool) -> dict:
+    """The launch option that keeps every pass's keys bit-identical (see the module docstring)."""
+    return {"enable_fp_fusion": not has_softcap}
+
 
 # tanh's Taylor coefficients (x, x^3, ..., x^13): used below |x| = 0.4, where the next term
 # (1.5e-3 x^15) is under 1e-9 relative. Globals a jit function reads must be constexpr.

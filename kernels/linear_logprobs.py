@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._math import logit_key, scaled_delta, softcap_grad
+from ._math import fp_fusion, logit_key, scaled_delta, softcap_grad
 
 # One default per kernel, read at call time (tests shrink them to cover tails). The best of
 # bench/tune_linear_logprobs.py's sweep on an H100 (bench/results/tune_linear_logprobs_cuda.csv:
@@ -144,6 +144,10 @@ def _linear_logprobs_grad_tile_kernel(
     log_sum = tl.load(stats_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
     key = logit_key(z, softcap, HAS_SOFTCAP)
     log_p = (key - row_max[:, None]) * inv_temperature - log_sum[:, None]
+    # The forward formed this tile with other tiles and splits: a logit an ulp above the max
+    # it saved would give log p > 0, and p > 1 once a tiny T scales it. log p <= 0 holds
+    # exactly; NaN (an invalid target's row) fails the comparison and stays.
+    log_p = tl.where(log_p > 0.0, 0.0, log_p)
     p = tl.exp(log_p)
     grad = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if HAS_LOGPROB_GRAD:
@@ -235,7 +239,7 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             RETURN_ENTROPY=return_entropy, **_dot_options(hidden.dtype),
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, **fp_fusion(softcap is not None),
         )
     return row_max, sum_exp, sum_exp_shifted, target_logit.sum(0)
 
@@ -258,6 +262,6 @@ def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, gra
         HAS_LOGPROB_GRAD=grad_logprobs is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
         **_dot_options(hidden.dtype),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **fp_fusion(softcap is not None),
     )
     return grad_tile

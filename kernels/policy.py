@@ -56,7 +56,8 @@ def _kl_and_grad(lp, ref, KL_KIND: tl.constexpr):
         kl = r * r / 2
         grad = -r
     else:
-        kl = tl.exp(r) - r - 1.0
+        # r = +inf (a -inf log-prob under the policy): exp(r) - r is inf - inf; k3's limit is inf.
+        kl = tl.where(r == float("inf"), r, tl.exp(r) - r - 1.0)
         grad = 1.0 - tl.exp(r)
     return kl, grad
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import logit_key, scaled_delta, softcap_grad
+from ._math import fp_fusion, logit_key, scaled_delta, softcap_grad
 from ._rows import block_and_warps, row_offset
 
 # One tuned default per kernel (bench/tune_token_logprobs.py sweeps these on a GPU); the
@@ -156,7 +156,7 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
         n_inner, stride_outer, stride_inner, vocab_size, ignore_index,
         inv_temperature, 1.0 if softcap is None else softcap,
         HAS_SOFTCAP=softcap is not None, RETURN_ENTROPY=return_entropy, BLOCK_V=block,
-        num_warps=warps,
+        num_warps=warps, **fp_fusion(softcap is not None),
     )
     return logprobs, entropy, stats
 
@@ -185,5 +185,6 @@ def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner
         vocab_size, ignore_index, inv_temperature, 1.0 if softcap is None else softcap,
         HAS_SOFTCAP=softcap is not None, HAS_LOGPROB_GRAD=grad_logprobs is not None,
         HAS_ENTROPY_GRAD=grad_entropy is not None, BLOCK_V=block, num_warps=warps,
+        **fp_fusion(softcap is not None),
     )
     return grad_out

@@ -63,8 +63,10 @@ def compile_variant(fn, constexprs: dict, dtype="bf16", weight_dtype=None, num_w
                     num_stages=3) -> str:
     types, attrs = signature(fn, dtype, weight_dtype or dtype)
     source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
+    # As the launchers do (kernels/_math.py fp_fusion): no FMA fusion in the softcap variants.
     kernel = triton.compile(source, target=TARGET,
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+                            options={"num_warps": num_warps, "num_stages": num_stages,
+                                     "enable_fp_fusion": not constexprs.get("HAS_SOFTCAP", False)})
     pipelined = "async_copy" in kernel.asm["ttgir"]
     return f"shared {kernel.metadata.shared // 1024} KiB, pipelined {pipelined}"
 

@@ -15,6 +15,11 @@ def _targets(*shape, high=10):
     return torch.randint(0, high, shape, device=DEVICE)
 
 
+# Temperature and softcap scale float32 logits: they and their reciprocals must be normal floats.
+SCALE = r"a finite number in \[1.18e-38, 8.51e\+37\] \(it and its reciprocal scale float32 values\)"
+TEMPERATURE = r"temperature must be " + SCALE
+SOFTCAP = r"softcap must be None or " + SCALE
+
 BAD_CALLS = [
     # (description, args, kwargs, exception, message pattern)
     ("integer logits", (torch.ones(4, 10, dtype=torch.long, device=DEVICE), _targets(4)), {},
@@ -38,15 +43,15 @@ BAD_CALLS = [
     ("targets with a vocab dim", (_logits(4, 10), _targets(4, 10)), {},
      ValueError, r"targets has shape \(4, 10\) but must equal logits.shape\[:-1\] = \(4,\)"),
     ("zero temperature", (_logits(4, 10), _targets(4)), {"temperature": 0},
-     ValueError, r"temperature must be a positive finite number, got 0"),
+     ValueError, TEMPERATURE + ", got 0"),
     ("negative temperature", (_logits(4, 10), _targets(4)), {"temperature": -1.0},
-     ValueError, r"temperature must be a positive finite number, got -1.0"),
+     ValueError, TEMPERATURE + ", got -1.0"),
     ("nan temperature", (_logits(4, 10), _targets(4)), {"temperature": float("nan")},
-     ValueError, r"temperature must be a positive finite number"),
+     ValueError, TEMPERATURE),
     ("tensor temperature", (_logits(4, 10), _targets(4)), {"temperature": torch.tensor(1.0)},
-     ValueError, r"temperature must be a positive finite number"),
+     ValueError, TEMPERATURE),
     ("zero softcap", (_logits(4, 10), _targets(4)), {"softcap": 0.0},
-     ValueError, r"softcap must be a positive finite number or None, got 0.0"),
+     ValueError, SOFTCAP + ", got 0.0"),
     ("float ignore_index", (_logits(4, 10), _targets(4)), {"ignore_index": -100.0},
      TypeError, r"ignore_index must be an int, got -100.0"),
     ("non-bool return_entropy", (_logits(4, 10), _targets(4)), {"return_entropy": 1},

@@ -34,9 +34,10 @@ LINEAR_LOGPROBS = [
     ("float targets", (_t(4, 8), _t(10, 8), _t(4)), {},
      TypeError, r"targets must be an integer tensor of token ids"),
     ("temperature", (_t(4, 8), _t(10, 8), _ids(4)), {"temperature": 0.0},
-     ValueError, r"temperature must be a positive finite number"),
+     ValueError, r"temperature must be a finite number in \[1.18e-38, 8.51e\+37\] \(it and its "
+     r"reciprocal scale float32 values\), got (0.0|inf)"),
     ("softcap", (_t(4, 8), _t(10, 8), _ids(4)), {"softcap": -1.0},
-     ValueError, r"softcap must be a positive finite number or None"),
+     ValueError, r"softcap must be None or a finite number in \[1.18e-38, 8.51e\+37\].*, got -1.0"),
     ("process_group", (_t(4, 8), _t(10, 8), _ids(4)), {"process_group": "tp"},
      TypeError, r"process_group must be a torch.distributed ProcessGroup \(e.g. dist.group.WORLD"),
 ]
@@ -56,7 +57,8 @@ TOKEN_KL = [
     ("mask shape", (_t(2, 10), _t(2, 10)), {"mask": torch.ones(3, dtype=torch.bool, device=DEVICE)},
      ValueError, r"mask has shape \(3,\) but must equal logits.shape\[:-1\] = \(2,\)"),
     ("temperature", (_t(2, 10), _t(2, 10)), {"temperature": float("inf")},
-     ValueError, r"temperature must be a positive finite number"),
+     ValueError, r"temperature must be a finite number in \[1.18e-38, 8.51e\+37\] \(it and its "
+     r"reciprocal scale float32 values\), got (0.0|inf)"),
 ]
 
 LINEAR_KL = [

@@ -281,7 +281,8 @@ BAD = [
     (lambda: dpo_loss(*[torch.zeros(4)] * 4, loss_type="dpo"), ValueError,
      r"loss_type='dpo' is not one of: 'sigmoid', 'robust', 'ipo'"),
     (lambda: dpo_loss(*[torch.zeros(4)] * 4, label_smoothing=0.5), ValueError,
-     r"label_smoothing must be in \[0, 0.5\), got 0.5"),
+     r"label_smoothing must be a finite number in \[0, 0.5\) \(the assumed probability that "
+     r"a preference label is flipped\), got 0.5"),
     (lambda: dpo_loss(torch.zeros(4), torch.zeros(3), torch.zeros(4), torch.zeros(4)),
      ValueError, r"policy_rejected_logps has shape \(3,\) but policy_chosen_logps has \(4,\)"),
     (lambda: dpo_loss(*[torch.zeros(4, dtype=torch.long)] * 4), TypeError,
@@ -298,7 +299,9 @@ BAD = [
     (lambda: policy_loss(torch.zeros(2, 3), None, torch.zeros(2), torch.ones(2, 3),
                          kl_estimator="k4"), ValueError, r"kl_estimator='k4' is not one of"),
     (lambda: policy_loss(torch.zeros(2, 3), None, torch.zeros(2), torch.ones(2, 3),
-                         dual_clip=0.5), ValueError, r"dual_clip must be > 1"),
+                         dual_clip=0.5), ValueError,
+     r"dual_clip must be None or a finite number > 1 \(it caps the loss at -dual_clip \* A "
+     r"where A < 0\), got 0.5"),
     (lambda: group_advantages(torch.zeros(6), 4), ValueError,
      r"group_size must be a positive int dividing B = 6"),
     (lambda: group_advantages(torch.zeros(4), 2, scale="std"), ValueError,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_choice, check_same_shape
+from .._validation import check_choice, check_int, check_number, check_same_shape
 from ..ops.policy_stats import (APPROX_KL, CLIP_HIGH, CLIP_LOW, COUNT, KL, KL_KINDS, LOSS,
                                 RATIO, policy_stats)
 from ._reduce import masked_mean
@@ -32,6 +32,22 @@ def _aggregate(stats: torch.Tensor, aggregation: str, max_length: int | None,
     return loss_sums.sum() / (stats.shape[0] * (max_length or length))
 
 
+def check_policy_options(clip_low, clip_high, dual_clip, kl_coef, max_length) -> None:
+    """The numeric options of the clipped surrogate, checked where they are given (policy_loss
+    and FusedPolicyLoss's constructor): a NaN would poison the loss, a negative clip_high
+    would invert the clip range (clamp with min > max), a negative kl_coef or max_length
+    would flip the sign of a term."""
+    check_number("clip_low", clip_low, low=0.0, low_open=True,
+                 why="the ratio is clipped below at 1 - clip_low")
+    check_number("clip_high", clip_high, low=0.0, low_open=True, allow_none=True,
+                 why="the ratio is clipped above at 1 + clip_high")
+    check_number("dual_clip", dual_clip, low=1.0, low_open=True, allow_none=True,
+                 why="it caps the loss at -dual_clip * A where A < 0")
+    check_number("kl_coef", kl_coef, low=0.0, why="the weight of the KL penalty")
+    check_int("max_length", max_length, low=1, allow_none=True,
+              why="the constant normalizer of seq_mean_token_sum_norm")
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None,
                 advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2,
                 clip_high: float | None = None, dual_clip: float | None = None,
@@ -54,6 +70,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None,
         aggregation: ``token_mean`` (sum / count), ``seq_mean_token_mean`` (GRPO),
             ``seq_mean_token_sum``, ``seq_mean_token_sum_norm`` (sum / (B * max_length),
             Dr. GRPO; ``max_length`` defaults to T).
+        clip_low, clip_high: finite and > 0; dual_clip: None or finite and > 1; kl_coef:
+            finite and >= 0; max_length: None or an int >= 1. Anything else raises
+            ``ValueError`` naming the option and its range.
 
     Returns:
         ``(loss, metrics)`` with masked token means: ``clip_fraction/low`` (ratio < 1 -
@@ -78,11 +97,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None,
     if advantages.shape not in (logprobs.shape, logprobs.shape[:1]):
         raise ValueError(f"advantages must be [B, T] = {tuple(logprobs.shape)} or [B] = "
                          f"({logprobs.shape[0]},), got {tuple(advantages.shape)}")
-    if not clip_low > 0:
-        raise ValueError(f"clip_low must be positive, got {clip_low!r}")
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip must be > 1 (it caps the loss at -dual_clip * A), "
-                         f"got {dual_clip!r}")
+    check_policy_options(clip_low, clip_high, dual_clip, kl_coef, max_length)
     clip_high = clip_low if clip_high is None else clip_high
     mask = mask.to(torch.float32)
     advantages = (advantages if advantages.dim() == 2 else advantages[:, None]).expand(
@@ -110,11 +125,14 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     """PPO's clipped value loss:
     ``0.5 * masked_mean(max((V - R)^2, (old + clamp(V - old, -clip, clip) - R)^2))``.
 
-    Returns ``(loss, metrics)`` with ``clip_fraction`` (share of masked tokens where the
-    clipped term is the larger) and ``values/mean``.
+    ``clip`` must be a finite number >= 0 (``ValueError`` otherwise). Returns
+    ``(loss, metrics)`` with ``clip_fraction`` (share of masked tokens where the clipped term
+    is the larger) and ``values/mean``.
     """
     check_same_shape([("values", values), ("old_values", old_values), ("returns", returns)],
                      "per-token values [B, T]")
+    # clamp(x, -clip, clip) with clip < 0 would put every value at old - |clip|.
+    check_number("clip", clip, low=0.0, why="value updates are clipped to [-clip, clip]")
     if tuple(mask.shape) != tuple(values.shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)} but values has "
                          f"{tuple(values.shape)}; they must match")

@@ -114,13 +114,16 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: flo
         logits: ``[..., V]`` policy logits, float16/bfloat16/float32, any strides.
         ref_logits: ``[..., V]`` reference logits, same shape and device (any float dtype);
             treated as constant (no gradient flows to them).
-        temperature: positive; divides both sides' logits.
+        temperature: divides both sides' logits; a finite number in ``[1.18e-38, 8.51e37]``
+            (as in :func:`token_logprobs`; ``z / T`` is never formed, so no finite logit
+            overflows).
         mask: ``[...]`` bool or None. False rows give 0, get zero gradient and are skipped by
             the Triton kernels (the torch path computes and discards them).
 
     Returns:
-        ``kl [...]`` float32, differentiable w.r.t. ``logits``. Extra memory: three float32 per
-        row in forward; the returned gradient only, in backward.
+        ``kl [...]`` float32, differentiable w.r.t. ``logits``. Extra memory: five float32 per
+        row in forward; the returned gradient only, in backward. Logits of any finite size keep
+        float32 precision (each side's differences are taken from its own max, before 1 / T).
     """
     checks.check_float_tensor("logits", logits)
     checks.check_float_tensor("ref_logits", ref_logits)
@@ -129,7 +132,7 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: flo
                          f"logits.shape = {tuple(logits.shape)}")
     checks.check_same_device("ref_logits", ref_logits, "logits", logits)
     checks.check_mask(mask, logits.shape[:-1], logits.device, "logits")
-    checks.check_positive("temperature", temperature)
+    checks.check_temperature(temperature)
     kl, _ = _token_kl_forward(logits, ref_logits.detach(), mask, 1.0 / float(temperature),
                               select_backend(logits.device))
     return kl.view(logits.shape[:-1])
@@ -252,7 +255,7 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
         ref_hidden: ``[..., D_ref]`` reference hidden states (same leading shape); ref_weight
             ``[V, D_ref]``; ref_bias ``[V]`` or None. Treated as constant. The two models may
             differ in width and dtype, not in vocabulary.
-        temperature: positive; divides both sides' logits.
+        temperature: divides both sides' logits, in ``[1.18e-38, 8.51e37]``.
         mask: ``[...]`` bool or None; False rows give 0, get zero gradient and are compacted
             out before any work.
 
@@ -272,7 +275,7 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
                          f"{weight.shape[0]}; both models must share one vocabulary")
     checks.check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
     checks.check_mask(mask, hidden.shape[:-1], hidden.device, "hidden")
-    checks.check_positive("temperature", temperature)
+    checks.check_temperature(temperature)
     flat = lambda x: x.reshape(-1, x.shape[-1]).contiguous()  # noqa: E731
     detached = lambda x: None if x is None else x.detach().contiguous()  # noqa: E731
     kl, _ = _linear_kl_forward(

@@ -182,8 +182,8 @@ def linear_logprobs(
     on CUDA they give NaN rows unless ``FASTALIGN_CHECK_TARGETS=1`` (see :func:`token_logprobs`).
     """
     checks.check_lm_head(hidden, weight, bias)
-    checks.check_positive("temperature", temperature)
-    checks.check_positive("softcap", softcap, allow_none=True)
+    checks.check_temperature(temperature)
+    checks.check_softcap(softcap)
     checks.check_flag("return_entropy", return_entropy)
     checks.check_process_group(process_group)
     vocab_offset, vocab_total = _vocab_stats.vocab_shard(process_group, weight.shape[0],

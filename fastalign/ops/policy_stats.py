@@ -73,13 +73,18 @@ _stats_op.register_autograd(_backward, setup_context=_setup)
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k3"):
     """Sampled-token estimators of KL(pi || pi_ref) (Schulman, "Approximating KL divergence",
     2020), with ``r = ref_logprobs - logprobs``: ``k1 = -r``, ``k2 = r^2 / 2``,
-    ``k3 = exp(r) - r - 1`` (unbiased and always >= 0). Elementwise, differentiable."""
+    ``k3 = exp(r) - r - 1`` (unbiased and always >= 0). Elementwise, differentiable.
+    At ``r = +inf`` (a -inf log-prob under the policy) k3 is inf (its limit), not inf - inf."""
     check_choice("kind", kind, tuple(KL_KINDS))
     r = ref_logprobs - logprobs
     if kind == "k1":
         return -r
     if kind == "k2":
         return r.square() / 2
+    # Clamped to the largest finite value, r = +inf gives expm1 = inf minus a finite number;
+    # its gradient there is 0 (the clamp's), where inf - inf would give NaN.
+    if r.is_floating_point():
+        r = r.clamp(max=torch.finfo(r.dtype).max)
     return torch.expm1(r) - r
 
 

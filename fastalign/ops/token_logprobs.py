@@ -136,8 +136,13 @@ def token_logprobs(
         logits: ``[..., V]`` float16, bfloat16 or float32; any leading shape and strides (the
             ``[:, :-1]`` slice of ``[B, T, V]`` logits is read in place, not copied).
         targets: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
-        temperature: positive; divides the (soft-capped) logits.
-        softcap: ``None`` or a positive cap ``s`` (Gemma-2's ``final_logit_softcapping``).
+        temperature: divides the (soft-capped) logits; a finite number in
+            ``[1.18e-38, 8.51e37]`` (it and its reciprocal normal float32 numbers), else
+            ``ValueError``. Any such T gives float64 semantics: ``z / T`` is never formed (maxes
+            are taken before the scaling), so a tiny T cannot overflow finite logits.
+        softcap: ``None`` or a cap ``s`` in the same range (Gemma-2's
+            ``final_logit_softcapping``); ``s * tanh(z / s)`` keeps float32 relative precision
+            for ``|z| << s`` as for ``|z| >> s``.
         ignore_index: rows whose target equals it give 0 in every output and zero gradient.
         return_entropy: also return the entropy ``-sum p log p`` of ``softmax(z')`` per row.
         inplace_backward: write the gradient over ``logits`` instead of a new ``[..., V]``
@@ -161,7 +166,12 @@ def token_logprobs(
     ``FASTALIGN_CHECK_TARGETS=1``; otherwise the kernel never reads out of bounds and reports the
     row as NaN in every output and in its gradient.
 
-    Memory: forward allocates the outputs and one float32 per row (the log-sum-exp kept for
+    Edges: logits of any finite size (up to 3.4e38) keep float32 precision in the outputs and
+    the gradient (each row's max and log-sum are kept apart, never summed into one rounded
+    log-sum-exp); -inf logits are columns of probability 0; a NaN logit, a +inf logit or a row
+    of only -inf gives NaN in its row (as float64 torch does); no finite input gives NaN.
+
+    Memory: forward allocates the outputs and two float32 per row (the max and log-sum kept for
     backward); backward allocates only the gradient it returns (nothing with
     ``inplace_backward``). The backend follows the device
     (Triton on CUDA, the native C++ kernels on CPU when built, else the chunked torch path)
@@ -169,8 +179,8 @@ def token_logprobs(
     """
     checks.check_float_tensor("logits", logits)
     checks.check_targets(targets, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index)
-    checks.check_positive("temperature", temperature)
-    checks.check_positive("softcap", softcap, allow_none=True)
+    checks.check_temperature(temperature)
+    checks.check_softcap(softcap)
     checks.check_flag("return_entropy", return_entropy)
     checks.check_flag("inplace_backward", inplace_backward)
     if inplace_backward:
