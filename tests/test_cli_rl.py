@@ -34,12 +34,15 @@ def test_train_grpo_logs_each_reward_and_the_kl(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Tell me about owls.\nName a fruit.\n")
     done = fastalign("train", "grpo", "--model", "tiny", "--prompts", str(prompts),
-                     "--num-generations", "2", "--output", str(tmp_path / "run"), *QUICK)
+                     "--num-generations", "2", "--output", str(tmp_path / "run"),
+                     "--gradient-accumulation-steps", "2", *QUICK)
     assert done.returncode == 0, done.stderr
     assert "--model tiny: the built-in run's settings" in done.stdout
     assert "done: 2 steps; mean reward over the first 1 logged steps" in done.stdout
     logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [row["step"] for row in logged] == [1, 2]
+    # 2 prompts, 2 per micro-batch, 2 micro-batches per step: each step is two epochs
+    assert [row["epoch"] for row in logged] == [2.0, 4.0]
     assert {"rewards/enthusiasm", "rewards/letters", "kl", "reward"} <= set(logged[-1])
     assert (tmp_path / "run" / "model.safetensors").is_file()
 

@@ -76,7 +76,7 @@ def test_first_batch_loss_matches_trl_and_float64(tmp_path, loss_type, conversat
     exact = float64_loss(policy, reference, data, loss_type)
     ours = DPOTrainer(policy, byte_tokenizer(), config(tmp_path, loss_type=loss_type), data,
                       ref_model=reference)
-    our_loss, _ = ours.compute_loss(ours.collate(ours.train_pairs))
+    our_loss, _ = ours.compute_loss(ours.collate(ours.train_items))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4,
@@ -106,7 +106,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
                              data, ref_model=small_model(1))
         trainer.micro_per_epoch = 1  # every micro-batch reads the same seeded order
         trainer._micro_batch = (lambda index, t=trainer, b=batch_size:
-                                t.train_pairs[(index * b) % 8:(index * b) % 8 + b])
+                                t.train_items[(index * b) % 8:(index * b) % 8 + b])
         trainer.optimizer.zero_grad = lambda **_: None  # keep the step's gradient to compare
         trainer.training_step()
         results.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -123,7 +123,7 @@ def test_precomputed_reference_equals_a_frozen_copy(tmp_path):
         with torch.no_grad():
             for parameter in trainer.model.parameters():  # the policy moves on; the reference stays
                 parameter.add_(0.01)
-        losses.append(trainer.compute_loss(trainer.collate(trainer.train_pairs))[0].item())
+        losses.append(trainer.compute_loss(trainer.collate(trainer.train_items))[0].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert (tmp_path / "precomputed" / "out" / "reference_logps.safetensors").is_file()
 
@@ -194,7 +194,7 @@ def test_lora_adapters_off_is_the_reference(tmp_path):
                                data)
     with_base = DPOTrainer(lora, byte_tokenizer(), config(tmp_path / "b"), data,
                            ref_model=frozen_base)
-    batch = with_adapters.collate(with_adapters.train_pairs)
+    batch = with_adapters.collate(with_adapters.train_items)
     loss, metrics = with_adapters.compute_loss(batch)
     expected, _ = with_base.compute_loss(batch)
     assert metrics["rewards/margins"] != 0  # the adapters change the model
@@ -215,7 +215,7 @@ def test_datasets_input_and_bf16_autocast(tmp_path):
                              config(tmp_path / precision, precision=precision), data,
                              ref_model=small_model(1, scale=5.0))
         with trainer._autocast():
-            loss, _ = trainer.compute_loss(trainer.collate(trainer.train_pairs))
+            loss, _ = trainer.compute_loss(trainer.collate(trainer.train_items))
         loss.backward()
         losses.append(loss.item())
     assert losses[0] > 0.1 and losses[1] == pytest.approx(losses[0], rel=0.05), losses

@@ -36,7 +36,7 @@ def test_step_loss_matches_an_unfused_float64_reference(tmp_path, loss_type):
     with torch.no_grad():  # the policy moved since the rollouts: ratios != 1, some clipped
         for parameter in policy.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
-    loss, _ = trainer.compute_loss(rollouts, advantages, ref_logprobs)
+    loss, _ = trainer.compute_loss((rollouts, advantages, ref_logprobs))
     loss.backward()
 
     def logprobs64(model):

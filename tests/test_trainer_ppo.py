@@ -118,7 +118,7 @@ def test_step_matches_an_unfused_float64_reference(tmp_path, value_kind):
     exact_policy = copy.deepcopy(policy).double()
     exact_values = copy.deepcopy(trainer.value_module).double()
     rows = torch.tensor([3, 0])
-    loss, metrics = trainer.compute_loss(experience, rows)
+    loss, metrics = trainer.compute_loss((experience, rows))
     loss.backward()
     policy_hidden, logprobs = _naive_logprobs(exact_policy, rollouts, 0.8)
     new_values = _naive_values(trainer, exact_values, rollouts, policy_hidden)

@@ -27,7 +27,7 @@ def test_first_batch_loss_matches_trl(tmp_path, center):
                          RewardConfig(output_dir=str(tmp_path / "out"), batch_size=4,
                                       center_rewards_coefficient=center or 0.0, progress=False),
                          data)
-    our_loss, metrics = ours.compute_loss(ours.collate(ours.train_pairs))
+    our_loss, metrics = ours.compute_loss(ours.collate(ours.train_items))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = trl.RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4,

@@ -1,14 +1,25 @@
-"""The training loop the DPO and reward trainers share: data order, gradient accumulation,
-AdamW with a warmed-up LR schedule, autocast, evaluation, metrics, checkpoints, exact resume.
+"""The trainer core every trainer shares: data order, micro-batches and gradient accumulation,
+AdamW with a warmed-up LR schedule, clipping, non-finite guards, autocast, evaluation, metrics,
+checkpoints and exact resume.
 
-A subclass supplies ``collate(pairs)`` (a batch from tokenized pairs), ``compute_loss(batch)``
-(``(loss, metrics)``, the loss a mean over the batch's pairs) and ``setup()`` (what a checkpoint
-must match to be resumed).
+A trainer supplies what it trains on and its loss; the core owns the loop. One optimizer step:
+
+    micro_item_lists = A lists of ``batch_size`` items (pairs, prompts) from the seeded order
+    work = prepare_step(micro_item_lists)       # DPO/RM: collated batches; RL: the rollouts
+    for micro_batches in updates(work):         # DPO/RM: one update; GRPO: num_iterations;
+        for batch, weight in micro_batches:     #   PPO: ppo_epochs x mini-batches
+            (compute_loss(batch)[0] * weight).backward()
+        clip, then the optimizer update (only when loss and gradient norm are finite)
+    metrics: the updates' mean, plus step_metrics(work); the LR schedule advances once
+
+``weight`` is each micro-batch's share of the update's loss normalizer, so an update's gradient
+is that of one batch holding all its micro-batches (A = ``gradient_accumulation_steps``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -40,29 +51,56 @@ class Trainer:
 
     plot_panels: list[tuple[str, list[str]]] = [("loss", ["loss", "eval_loss"])]
 
-    def __init__(self, model, tokenizer, config: TrainConfig, train_pairs: list,
-                 eval_pairs: list | None = None):
+    def __init__(self, model, tokenizer, config: TrainConfig, train_items: list,
+                 eval_items: list | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
+        self.train_items, self.eval_items = train_items, eval_items or []
         self.output_dir = _writable_dir(config.output_dir)
         self.device = next(model.parameters()).device
-        self.parameters = [p for module in self.trained_modules() for p in module.parameters()
-                           if p.requires_grad]
-        if not self.parameters:
-            raise ValueError("the model has no trainable parameters "
-                             "(requires_grad=False everywhere)")
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate,
-                                           weight_decay=config.weight_decay)
-        self.micro_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
+        self.micro_per_epoch = math.ceil(len(train_items) / config.batch_size)
         self.total_steps = config.max_steps or max(1, math.ceil(
             config.epochs * self.micro_per_epoch / config.gradient_accumulation_steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.skipped_steps = 0  # optimizer updates skipped for a non-finite loss or gradient
         self.resumed_changes: dict = {}  # option -> (checkpoint's value, this run's value)
 
-    # -- to override -------------------------------------------------------------------------
-    def collate(self, pairs: list):
+    # Built on first use, so a subclass may add trained modules (PPO's value head) after this
+    # class's __init__ has run.
+    @functools.cached_property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        parameters = [p for module in self.trained_modules() for p in module.parameters()
+                      if p.requires_grad]
+        if not parameters:
+            raise ValueError("the model has no trainable parameters "
+                             "(requires_grad=False everywhere)")
+        return parameters
+
+    @functools.cached_property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters, lr=self.config.learning_rate,
+                                 weight_decay=self.config.weight_decay)
+
+    @functools.cached_property
+    def scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    # -- to override ----------------------------------------------------------------------------
+    def prepare_step(self, micro_item_lists: list[list]):
+        """What one optimizer step works on, from its A lists of items. Default: each list
+        collated into a batch, weighted by its share of the step's items."""
+        total = sum(len(items) for items in micro_item_lists)
+        return [(self.collate(items), len(items) / total) for items in micro_item_lists]
+
+    def updates(self, work):
+        """The optimizer updates of one step, each a list of ``(batch, weight)`` micro-batches.
+        Default: one update over ``work`` as ``prepare_step`` made it."""
+        yield work
+
+    def step_metrics(self, work) -> dict:
+        """Metrics of the step's data beside the updates' (e.g. rollout rewards)."""
+        return {}
+
+    def collate(self, items: list):
         raise NotImplementedError
 
     def compute_loss(self, batch) -> tuple[torch.Tensor, dict]:
@@ -80,10 +118,15 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    @functools.cached_property
+    def data_digest(self) -> str:
+        """A fingerprint of the training data (once: it does not change during a run)."""
+        return _digest(self.train_items)
+
     def setup(self) -> dict:
         """What a resumed checkpoint must match: model shapes, data, batching."""
         shapes = [(name, tuple(p.shape)) for name, p in self.model.named_parameters()]
-        return {"model": _digest(shapes), "train_pairs": _digest(self.train_pairs),
+        return {"model": _digest(shapes), "train_data": self.data_digest,
                 "batch_size": self.config.batch_size,
                 "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
                 "seed": self.config.seed}
@@ -105,9 +148,9 @@ class Trainer:
         order, so any step's data is known without replaying the ones before it (resume)."""
         epoch, position = divmod(index, self.micro_per_epoch)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_pairs), generator=generator)
+        order = torch.randperm(len(self.train_items), generator=generator)
         chosen = order[position * self.config.batch_size:(position + 1) * self.config.batch_size]
-        return [self.train_pairs[i] for i in chosen.tolist()]
+        return [self.train_items[i] for i in chosen.tolist()]
 
     def _autocast(self):
         if self.config.precision == "bf16":
@@ -115,30 +158,36 @@ class Trainer:
         return contextlib.nullcontext()
 
     def training_step(self) -> dict:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; each
-        micro-batch's mean loss is weighted by its share of the step's pairs, so the step's
-        gradient is that of the mean over all of them whatever the micro-batch sizes."""
+        """One optimizer step (see the module docstring): its ``gradient_accumulation_steps``
+        micro-batches of items, ``prepare_step``, then each of ``updates``; returns its
+        metrics, one device sync per update."""
         self.model.train()
         accumulation = self.config.gradient_accumulation_steps
-        batches = [self._micro_batch(self.step * accumulation + j) for j in range(accumulation)]
-        total = sum(len(pairs) for pairs in batches)
-        # Tensors until the end of the step: one device sync, not one per metric and micro-batch.
-        sums = defaultdict(float)
-        for pairs in batches:
-            weight = len(pairs) / total
-            with self._autocast():
-                loss, metrics = self.compute_loss(self.collate(pairs))
-            (loss * weight).backward()
-            for name, value in {"loss": loss.detach(), **metrics}.items():
-                sums[name] = sums[name] + value * weight
-        sums["grad_norm"] = self.clip_gradients()
-        sums = {name: float(value) for name, value in sums.items()}
-        sums["learning_rate"] = self.scheduler.get_last_lr()[0]
-        self.optimizer_step(sums["loss"], sums["grad_norm"])
+        work = self.prepare_step([self._micro_batch(self.step * accumulation + j)
+                                  for j in range(accumulation)])
+        sums, updates = defaultdict(float), 0
+        for micro_batches in self.updates(work):
+            # Tensors until the end of the update: one device sync, not one per metric.
+            update = defaultdict(float)
+            for batch, weight in micro_batches:
+                with self._autocast():
+                    loss, metrics = self.compute_loss(batch)
+                (loss * weight).backward()
+                for name, value in {"loss": loss.detach(), **metrics}.items():
+                    update[name] = update[name] + value * weight
+            update["grad_norm"] = self.clip_gradients()
+            update = {name: float(value) for name, value in update.items()}
+            self.optimizer_step(update["loss"], update["grad_norm"])
+            for name, value in update.items():
+                sums[name] += value
+            updates += 1
+        logged = {name: value / updates for name, value in sums.items()}
+        logged.update({name: float(value) for name, value in self.step_metrics(work).items()})
+        logged["learning_rate"] = self.scheduler.get_last_lr()[0]
         self.scheduler_step()
         self.step += 1
-        sums["epoch"] = self.step * accumulation / self.micro_per_epoch
-        return self.with_skip_count(sums)
+        logged["epoch"] = self.step * accumulation / self.micro_per_epoch
+        return self.with_skip_count(logged)
 
     def clip_gradients(self) -> torch.Tensor:
         """Clips the trained parameters' gradients to ``max_grad_norm`` (0 / None: no
@@ -181,8 +230,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, pairs: list | None = None) -> dict:
-        """Mean metrics over ``pairs`` (default: the evaluation data), names prefixed ``eval_``."""
-        pairs = self.eval_pairs if pairs is None else pairs
+        """Mean metrics over ``pairs`` (default: the evaluation data), names prefixed ``eval_``;
+        ``{}`` without any (the RL trainers: their rollouts are the progress signal)."""
+        pairs = self.eval_items if pairs is None else pairs
         if not pairs:
             return {}
         was_training = self.model.training
@@ -215,7 +265,8 @@ class Trainer:
             while self.step < self.total_steps:
                 metrics = self.training_step()
                 done = self.step == self.total_steps
-                if self.config.eval_steps and (self.step % self.config.eval_steps == 0 or done):
+                eval_steps = getattr(self.config, "eval_steps", None)  # preference trainers'
+                if eval_steps and (self.step % eval_steps == 0 or done):
                     metrics.update(self.evaluate())
                 if self.step % self.config.logging_steps == 0 or done or "eval_loss" in metrics:
                     log.log(self.step, metrics)
@@ -267,6 +318,9 @@ class Trainer:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
         state = load_checkpoint(path, self.model, self.setup())
+        # The scheduler first: building it sets the optimizer's learning rate to step 0's,
+        # which must not overwrite the one restored below.
+        _ = self.scheduler
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state.get("extra", {}))

@@ -35,10 +35,7 @@ class TrainConfig:
     lr_schedule: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    max_length: int = 1024
     precision: str = "fp32"
-    eval_batch_size: int = 16
-    eval_steps: int | None = None
     logging_steps: int = 1
     save_steps: int | None = None
     seed: int = 0
@@ -49,9 +46,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self)
-        _check_at_least(self, 1, ["batch_size", "gradient_accumulation_steps", "max_length",
-                                  "eval_batch_size", "logging_steps", "max_steps", "eval_steps",
-                                  "save_steps"])
+        _check_at_least(self, 1, ["batch_size", "gradient_accumulation_steps", "logging_steps",
+                                  "max_steps", "save_steps"])
         _check_at_least(self, 0, ["warmup_steps", "weight_decay", "seed"])
         _check_greater(self, 0, ["learning_rate", "epochs"])
         if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
@@ -83,7 +79,20 @@ class TrainConfig:
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class PreferenceConfig(TrainConfig):
+    """What the trainers on preference pairs (DPO, reward model) add: the length limit of
+    prompt + completion, and evaluation on held-out pairs."""
+    max_length: int = 1024
+    eval_batch_size: int = 16
+    eval_steps: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_at_least(self, 1, ["max_length", "eval_batch_size", "eval_steps"])
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
     """DPO: ``loss_type`` is any of ``fastalign.losses.dpo_loss``'s (IPO gets length-averaged
     log-probs, as TRL's); the reference is a frozen ``copy`` of the model, the model with its
     LoRA ``adapters`` disabled, or ``precomputed`` once over the data and cached on disk."""
@@ -104,7 +113,7 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(PreferenceConfig):
     """Reward model: Bradley-Terry loss, optional per-row ``margin`` column, centering."""
     output_dir: str = "fastalign-rm"
     center_rewards_coefficient: float = 0.0
@@ -124,7 +133,10 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 class RLConfig(TrainConfig):
     """What PPO and GRPO share: sampling (``max_new_tokens``, ``temperature``, ``top_p``; the
     log-probs are taken at the sampling temperature), the clip range of the ratio
-    (``clip_low``; ``clip_high`` defaults to it) and the KL estimator."""
+    (``clip_low``; ``clip_high`` defaults to it) and the KL estimator. An optimizer step
+    samples ``batch_size x gradient_accumulation_steps`` prompts; the updates on them run in
+    micro-batches of ``batch_size`` prompts' rollouts (GRPO) or ``mini_batch_size`` rows (PPO),
+    their gradients accumulated."""
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0

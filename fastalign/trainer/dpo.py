@@ -121,7 +121,7 @@ class DPOTrainer(Trainer):
         return shown
 
     def setup(self):
-        return dict(super().setup(), eval_pairs=_digest(self.eval_pairs),
+        return dict(super().setup(), eval_data=_digest(self.eval_items),
                     loss_type=self.config.loss_type, reference=self.config.reference)
 
     # -- the precomputed reference ------------------------------------------------------------
@@ -135,13 +135,13 @@ class DPOTrainer(Trainer):
         # float64 sums without a float64 copy of the weights, one sync for all of them
         weights = torch.stack([p.detach().sum(dtype=torch.float64)
                                for p in self.model.parameters()]).tolist()
-        keys = [key for key, _ in self.train_pairs + self.eval_pairs]
-        data = _digest(([pair for _, pair in self.train_pairs + self.eval_pairs], weights))
+        keys = [key for key, _ in self.train_items + self.eval_items]
+        data = _digest(([pair for _, pair in self.train_items + self.eval_items], weights))
         cached = _read_reference_cache(path, data, keys)
         if cached is not None:
             return dict(zip(keys, cached))
         logps = {}
-        pairs = self.train_pairs + self.eval_pairs
+        pairs = self.train_items + self.eval_items
         size = self.config.eval_batch_size
         was_training = self.model.training
         self.model.eval()

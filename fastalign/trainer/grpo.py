@@ -12,6 +12,7 @@ from ``linear_logprobs`` (no logits). No value model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -89,8 +90,37 @@ class GRPOTrainer(Trainer):
         return self.reference.completion_logprobs(**rollouts.model_inputs(),
                                                   temperature=self.config.temperature)
 
-    def compute_loss(self, rollouts: Rollouts, advantages, ref_logprobs=None):
-        """The clipped surrogate (+ beta x KL) of the policy on recorded rollouts."""
+    def prepare_step(self, micro_item_lists: list[list]) -> GRPOStep:
+        """Rollouts of all the step's prompts at once (the same sampling as one batch of them),
+        rewards and advantages; the micro-batches are each prompt list's rows."""
+        prompts = [prompt for items in micro_item_lists for prompt in items]
+        rollouts, rewards, advantages = self.rollout(prompts)
+        ref_logprobs = self.reference_logprobs(rollouts)
+        bounds, start = [], 0
+        for items in micro_item_lists:
+            bounds.append((start, start + len(items) * self.config.num_generations))
+            start = bounds[-1][1]
+        return GRPOStep(rollouts, rewards, advantages, ref_logprobs, bounds,
+                        dict(self.reward_means))
+
+    def updates(self, work: GRPOStep):
+        """``num_iterations`` updates, each over the step's micro-batches of rollouts weighted
+        by their share of the aggregation's normalizer (tokens for a token mean, sequences
+        otherwise), so their sum is the loss of all rollouts at once."""
+        mask = work.rollouts.completion_mask[:, 1:]
+        by_tokens = GRPO_LOSS_TYPES[self.config.loss_type] == "token_mean"
+        sizes = [mask[a:b].sum() if by_tokens else torch.tensor(float(b - a))
+                 for a, b in work.bounds]
+        total = sum(sizes).clamp(min=1)
+        micro_batches = [(work.micro_batch(a, b), size / total)
+                         for (a, b), size in zip(work.bounds, sizes)]
+        for _ in range(self.config.num_iterations):
+            yield micro_batches
+
+    def compute_loss(self, batch: tuple[Rollouts, torch.Tensor, torch.Tensor | None]):
+        """The clipped surrogate (+ beta x KL) of the policy on recorded rollouts:
+        ``batch = (rollouts, advantages, ref_logprobs or None)``."""
+        rollouts, advantages, ref_logprobs = batch
         config = self.config
         logprobs, _ = self.policy.completion_logprobs(**rollouts.model_inputs(),
                                                       temperature=config.temperature)
@@ -101,32 +131,26 @@ class GRPOTrainer(Trainer):
                            aggregation=GRPO_LOSS_TYPES[config.loss_type],
                            max_length=config.max_new_tokens)
 
-    def training_step(self) -> dict:
-        """One batch of prompts: rollouts, rewards, advantages, then ``num_iterations``
-        optimizer updates on them. The LR schedule advances once per batch."""
-        self.model.train()
-        prompts = self._micro_batch(self.step)
-        rollouts, rewards, advantages = self.rollout(prompts)
-        ref_logprobs = self.reference_logprobs(rollouts)
-        for _ in range(self.config.num_iterations):
-            with self._autocast():
-                loss, metrics = self.compute_loss(rollouts, advantages, ref_logprobs)
-            loss.backward()
-            grad_norm = float(self.clip_gradients())
-            self.optimizer_step(float(loss.detach()), grad_norm)
-        learning_rate = self.scheduler.get_last_lr()[0]
-        self.scheduler_step()
-        self.step += 1
-        lengths = rollouts.completion_mask.sum(-1).float()
-        return self.with_skip_count({
-            "loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()},
-            "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-            **self.reward_means, "completion_length": float(lengths.mean()),
-            "grad_norm": grad_norm, "learning_rate": learning_rate,
-            "epoch": self.step / self.micro_per_epoch})
-
-    def evaluate(self, pairs=None) -> dict:
-        return {}  # the training reward is GRPO's progress signal; no held-out set here
+    def step_metrics(self, work: GRPOStep) -> dict:
+        lengths = work.rollouts.completion_mask.sum(-1).float()
+        return {"reward": work.rewards.mean(), "reward_std": work.rewards.std(),
+                **work.reward_means, "completion_length": lengths.mean()}
 
     def progress_metrics(self, metrics):
         return {"loss": f"{metrics['loss']:.4f}", "reward": f"{metrics['reward']:.3f}"}
+
+
+@dataclass
+class GRPOStep:
+    """One step's rollouts ``[R, T]`` (a prompt's generations adjacent), rewards and
+    advantages ``[R]``, reference log-probs (or None) and each micro-batch's row range."""
+    rollouts: Rollouts
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    bounds: list[tuple[int, int]]
+    reward_means: dict
+
+    def micro_batch(self, start: int, end: int):
+        ref = None if self.ref_logprobs is None else self.ref_logprobs[start:end]
+        return self.rollouts.rows(start, end), self.advantages[start:end], ref

@@ -14,7 +14,6 @@ https://arxiv.org/abs/2203.02155) on the thin trainer layer, with the four model
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -80,16 +79,15 @@ class PPOTrainer(Trainer):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                              "tokenizer.pad_token = tokenizer.eos_token")
+        super().__init__(model, tokenizer, config, list(prompts))
         self.policy = CausalLMAdapter(model)
-        device = next(model.parameters()).device
         if value_model is None:  # zero-initialized: values start at 0, the mean return early on
             hidden_size = self.policy.lm_head.weight.shape[1]
-            self.value_module = torch.nn.Linear(hidden_size, 1, device=device)
+            self.value_module = torch.nn.Linear(hidden_size, 1, device=self.device)
             torch.nn.init.zeros_(self.value_module.weight)
             torch.nn.init.zeros_(self.value_module.bias)
         else:
             self.value_module = value_model
-        super().__init__(model, tokenizer, config, list(prompts))
         self.shared_value_head = value_model is None
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.reward_tokenizer = reward_tokenizer or tokenizer
@@ -170,8 +168,33 @@ class PPOTrainer(Trainer):
                           whiten(advantages, mask), returns)
 
     # -- the update ---------------------------------------------------------------------------
-    def compute_loss(self, experience: Experience, rows: torch.Tensor):
-        """Clipped policy loss + ``vf_coef`` x clipped value loss on ``rows`` of the rollouts."""
+    def prepare_step(self, micro_item_lists: list[list]) -> Experience:
+        """The rollouts of all the step's prompts, one completion each, and what PPO derives
+        from them."""
+        return self.rollout([prompt for items in micro_item_lists for prompt in items])
+
+    def updates(self, experience: Experience):
+        """``ppo_epochs`` shuffled passes over the rollouts in mini-batches of
+        ``mini_batch_size x gradient_accumulation_steps`` rows, each one update of
+        ``gradient_accumulation_steps`` micro-batches weighted by their share of its tokens
+        (both losses are token means)."""
+        config, accumulation = self.config, self.config.gradient_accumulation_steps
+        rows_total = experience.mask.shape[0]
+        rows_per_update = config.mini_batch_size * accumulation
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(rows_total, generator=generator).to(self.device)
+            for start in range(0, rows_total, rows_per_update):
+                rows = order[start:start + rows_per_update]
+                parts = rows.split(config.mini_batch_size)
+                tokens = experience.mask[rows].sum().clamp(min=1)
+                yield [((experience, part), experience.mask[part].sum() / tokens)
+                       for part in parts]
+
+    def compute_loss(self, batch: tuple[Experience, torch.Tensor]):
+        """Clipped policy loss + ``vf_coef`` x clipped value loss on rows ``batch[1]`` of the
+        rollouts ``batch[0]``."""
+        experience, rows = batch
         config = self.config
         inputs = {name: value[rows] for name, value in experience.rollouts.model_inputs().items()}
         hidden = self.policy.hidden_states(inputs["input_ids"], inputs["attention_mask"],
@@ -188,35 +211,8 @@ class PPOTrainer(Trainer):
                    "values/mean": v_metrics["values/mean"], **metrics}
         return loss + config.vf_coef * v_loss, metrics
 
-    def training_step(self) -> dict:
-        """One batch of prompts: rollouts, then ``ppo_epochs`` shuffled passes of
-        ``mini_batch_size`` rows, one optimizer update each. The LR schedule advances once."""
-        config = self.config
-        self.model.train()
-        experience = self.rollout(self._micro_batch(self.step))
-        rows_total = experience.mask.shape[0]
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
-        sums, updates = defaultdict(float), 0
-        for _ in range(config.ppo_epochs):
-            order = torch.randperm(rows_total, generator=generator).to(self.device)
-            for start in range(0, rows_total, config.mini_batch_size):
-                with self._autocast():
-                    loss, metrics = self.compute_loss(
-                        experience, order[start:start + config.mini_batch_size])
-                loss.backward()
-                metrics["grad_norm"] = self.clip_gradients()
-                self.optimizer_step(float(loss.detach()), float(metrics["grad_norm"]))
-                for name, value in {"loss": loss.detach(), **metrics}.items():
-                    sums[name] = sums[name] + value
-                updates += 1
-        logged = {name: float(value) / updates for name, value in sums.items()}
-        logged.update({name: float(value) for name, value in self.experience_metrics(
-            experience).items()})
-        logged["learning_rate"] = self.scheduler.get_last_lr()[0]
-        self.scheduler_step()
-        self.step += 1
-        logged["epoch"] = self.step / self.micro_per_epoch
-        return self.with_skip_count(logged)
+    def step_metrics(self, experience: Experience) -> dict:
+        return self.experience_metrics(experience)
 
     def experience_metrics(self, experience: Experience) -> dict:
         """What the rollouts say before the update: reward-model score, KL to the reference
@@ -230,9 +226,6 @@ class PPOTrainer(Trainer):
                 "reward": (experience.scores - self.config.kl_coef * kl).mean(),
                 "explained_variance": explained,
                 "completion_length": mask.sum(-1).mean()}
-
-    def evaluate(self, pairs=None) -> dict:
-        return {}  # the reward-model score of the rollouts is the progress signal
 
     def progress_metrics(self, metrics):
         return {"score": f"{metrics['score']:.3f}", "kl": f"{metrics['kl']:.3f}"}

@@ -38,6 +38,13 @@ class Rollouts:
         return dict(input_ids=self.input_ids, completion_mask=self.completion_mask,
                     attention_mask=self.attention_mask, position_ids=self.position_ids)
 
+    def rows(self, start: int, end: int) -> Rollouts:
+        """Rows ``start:end`` (views, no copies)."""
+        return Rollouts(self.input_ids[start:end], self.attention_mask[start:end],
+                        self.completion_mask[start:end], self.position_ids[start:end],
+                        None if self.old_logprobs is None else self.old_logprobs[start:end],
+                        self.prompt_index[start:end], self.completions[start:end])
+
 
 def _left_padded(rows: list[list[int]], pad_token_id: int):
     length = max(len(row) for row in rows)

@@ -1,0 +1,97 @@
+"""Gradient accumulation in the RL trainers: a step of A micro-batches of B prompts uses every
+prompt of its schedule and equals, in loss and gradients, a step of one batch of A x B prompts.
+"""
+
+import pytest
+import torch
+
+from fastalign.trainer import (GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, byte_tokenizer,
+                               tiny_llama, tiny_reward_model)
+
+PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?",
+           "Count to three.", "Say yes.", "Pick a color.", "Tell a joke."]
+
+
+def lowercase_share(prompts, completions):
+    return [sum(c.islower() for c in text) / max(len(text), 1) for text in completions]
+
+
+def small_model(seed=0):
+    return tiny_llama(vocab_size=300, hidden_size=32, num_layers=2, seed=seed)
+
+
+def recorded(trainer):
+    """Runs one optimizer step of ``trainer`` and returns (prompts rolled out, the logged
+    metrics, the gradients the optimizer update saw)."""
+    prompts, gradients = [], []
+    rollout, optimizer_step = trainer.rollout, trainer.optimizer_step
+
+    def recording_rollout(batch):
+        prompts.extend(batch)
+        return rollout(batch)
+
+    def recording_optimizer_step(loss, grad_norm):
+        gradients.append([p.grad.clone() for p in trainer.parameters])
+        return optimizer_step(loss, grad_norm)
+    trainer.rollout, trainer.optimizer_step = recording_rollout, recording_optimizer_step
+    torch.manual_seed(1234)  # the same sampling for both runs
+    metrics = trainer.training_step()
+    return prompts, metrics, gradients
+
+
+def assert_same_step(accumulated, one_batch):
+    prompts_a, metrics_a, gradients_a = accumulated
+    prompts_b, metrics_b, gradients_b = one_batch
+    assert prompts_a == prompts_b
+    assert metrics_a["loss"] == pytest.approx(metrics_b["loss"], rel=1e-5, abs=1e-7)
+    assert len(gradients_a) == len(gradients_b)
+    for update_a, update_b in zip(gradients_a, gradients_b):
+        for a, b in zip(update_a, update_b):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("bnpo", 0.04), ("dr_grpo", 0.0)])
+def test_grpo_accumulation_equals_one_batch_of_all_its_prompts(tmp_path, loss_type, beta):
+    def trainer(batch_size, accumulation):
+        config = GRPOConfig(output_dir=str(tmp_path / f"{batch_size}"), batch_size=batch_size,
+                            gradient_accumulation_steps=accumulation, num_generations=2,
+                            max_new_tokens=6, loss_type=loss_type, beta=beta, num_iterations=2,
+                            clip_low=0.1, progress=False)
+        return GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, [lowercase_share],
+                           ref_model=small_model(1))
+    accumulated = trainer(2, 2)
+    assert accumulated.total_steps == 2  # 8 prompts, 4 per step: one epoch
+    assert_same_step(recorded(accumulated), recorded(trainer(4, 1)))
+
+
+def test_grpo_accumulation_uses_every_prompt_of_its_schedule(tmp_path):
+    config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, gradient_accumulation_steps=2,
+                        num_generations=2, max_new_tokens=4, progress=False)
+    trainer = GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, [lowercase_share])
+    seen = []
+    rollout = trainer.rollout
+    trainer.rollout = lambda batch: (seen.extend(batch), rollout(batch))[1]
+    trainer.train()
+    assert trainer.step == 2 and sorted(seen) == sorted(PROMPTS)
+
+
+def test_ppo_accumulation_equals_one_batch_of_all_its_rows(tmp_path):
+    def trainer(batch_size, mini_batch_size, accumulation):
+        config = PPOConfig(output_dir=str(tmp_path / f"{batch_size}"), batch_size=batch_size,
+                           mini_batch_size=mini_batch_size, ppo_epochs=2,
+                           gradient_accumulation_steps=accumulation, max_new_tokens=6,
+                           progress=False)
+        reward_model = tiny_reward_model(vocab_size=300, hidden_size=32, seed=2)
+        return PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, reward_model,
+                          ref_model=small_model(1))
+    assert_same_step(recorded(trainer(2, 1, 2)), recorded(trainer(4, 2, 1)))
+
+
+def test_options_that_do_not_apply_to_rl_are_refused():
+    from fastalign.trainer.config import ConfigError
+
+    for name in ("max_length", "eval_steps", "eval_batch_size"):
+        with pytest.raises(ConfigError, match=f"unknown GRPOConfig option\\(s\\): {name}"):
+            GRPOConfig.from_dict({name: 4})
+        with pytest.raises(TypeError):
+            PPOConfig(**{name: 4})
