@@ -10,11 +10,15 @@ builds the wheel and checks both mappings.
 from setuptools import setup
 
 setup(
-    packages=["fastalign", "fastalign.ops", "fastalign.losses", "fastalign.trainer", "fastalign.kernels",
-              "fastalign.csrc"],
+    packages=["fastalign", "fastalign.ops", "fastalign.losses", "fastalign.trainer",
+              "fastalign.kernels", "fastalign.csrc", "fastalign.data"],
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels",
                  "fastalign.csrc": "csrc"},
     # The C++ sources travel with the package: fastalign._native builds them on first use. The
-    # demo's preference pairs travel as package data (fastalign/data is not a Python package).
-    package_data={"fastalign.csrc": ["*.cpp", "*.h"], "fastalign": ["data/*.jsonl"]},
+    # demo's preference pairs are the data-only package fastalign.data (declared, so setuptools
+    # has nothing to warn about).
+    package_data={"fastalign.csrc": ["*.cpp", "*.h"], "fastalign.data": ["*.jsonl"]},
+    # Here rather than in pyproject.toml: the TOML-table form is deprecated by setuptools >= 77,
+    # and the SPDX-string form is refused by the older setuptools of some GPU images.
+    license="Apache-2.0",
 )

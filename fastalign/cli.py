@@ -45,6 +45,8 @@ HELP = {
     "progress": "show a progress bar",
     "overwrite": "start over in an output directory that holds a run (removes what fastalign "
                  "wrote there); without it such a directory is refused unless --resume is given",
+    "report_to": "also write the metrics as TensorBoard events in OUTPUT/tensorboard "
+                 "(tensorboard; needs the tensorboard package) or not (none)",
     "on_nonfinite": "a NaN/inf loss or gradient norm: stop (before the update, nothing saved) "
                     "or skip the update (counted as skipped_steps)",
     "beta": "DPO's beta: strength of the KL regularization to the reference",

@@ -6,6 +6,7 @@ where they are read, reward functions and final saves that fail cleanly."""
 import json
 import math
 import os
+import sys
 from argparse import Namespace
 
 import pytest
@@ -380,3 +381,20 @@ def test_an_interrupted_final_save_leaves_no_config_without_weights(tmp_path):
     trainer.train()  # the next save cleans up the leftover and completes
     assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
     assert not (tmp_path / ".final-model.partial").exists()
+
+
+def test_metrics_reach_tensorboard_or_a_clear_error(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dpo(tmp_path / "tb", max_steps=3, save_steps=None, report_to="tensorboard").train()
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in open(tmp_path / "tb" / "metrics.jsonl")]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(
+        [row["loss"] for row in logged])
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(ValueError, match="report_to='tensorboard' needs the tensorboard "
+                                         "package: pip install tensorboard"):
+        dpo(tmp_path / "none", report_to="tensorboard").train()
+    assert not (tmp_path / "none" / "fastalign_run.json").exists()  # refused before touching it

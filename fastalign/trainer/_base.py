@@ -33,7 +33,7 @@ import torch
 from . import run_dir
 from .checkpoint import first_nonfinite, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .metrics import MetricsLog
+from .metrics import MetricsLog, check_reporter
 
 # Options that may differ between a run and its resumption without being reported: where it
 # runs and how it shows progress, not what it computes.
@@ -253,12 +253,13 @@ class Trainer:
         logged metrics. ``resume_from``: a checkpoint directory, or ``"latest"``."""
         from tqdm.auto import tqdm
 
+        check_reporter(self.config.report_to)
         run_dir.prepare(self.output_dir, trainer=type(self).__name__,
                         config=self.config.to_dict(), resuming=resume_from is not None,
                         overwrite=self.config.overwrite)
         if resume_from is not None:
             self.resume(resume_from)
-        log = MetricsLog(self.output_dir, resume_step=self.step)
+        log = MetricsLog(self.output_dir, resume_step=self.step, report_to=self.config.report_to)
         last: dict = {}
         with tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress,
                   desc=type(self).__name__, unit="step", dynamic_ncols=True) as bar:
@@ -275,6 +276,7 @@ class Trainer:
                 bar.update(1)
                 if self.config.save_steps and (self.step % self.config.save_steps == 0 or done):
                     self.save_checkpoint()
+        log.close()
         self.check_finite_model("the final model")
         run_dir.save_final_model(self.output_dir, self.save_model)
         log.plot(self.plot_panels)

@@ -16,6 +16,7 @@ from ..losses.dpo import LOSS_TYPES
 
 SCHEDULES = ("linear", "cosine", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
+REPORTERS = ("none", "tensorboard")
 PRECISIONS = ("fp32", "bf16")
 REFERENCES = ("copy", "adapters", "precomputed")
 
@@ -43,6 +44,7 @@ class TrainConfig:
 
     overwrite: bool = False
     on_nonfinite: str = "stop"
+    report_to: str = "none"
 
     def __post_init__(self):
         _check_types(self)
@@ -56,6 +58,7 @@ class TrainConfig:
         _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        _check_choice("report_to", self.report_to, REPORTERS)
 
     @classmethod
     def from_dict(cls, values: dict):

@@ -9,17 +9,44 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def check_reporter(report_to: str) -> None:
+    """Raises ``ValueError`` when ``report_to`` needs a package that is not installed (called
+    before a run touches its output directory)."""
+    if report_to == "tensorboard":
+        _summary_writer_class()
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("report_to='tensorboard' needs the tensorboard package: pip install "
+                         "tensorboard (or 'fastalign[tensorboard]'), or report_to='none' for "
+                         "metrics.jsonl and metrics.png only") from None
+    return SummaryWriter
+
+
+def _tensorboard_writer(directory: Path, resume_step: int):
+    return _summary_writer_class()(str(directory), purge_step=resume_step or None)
 
 
 class MetricsLog:
     """Appends ``{"step": ..., name: value, ...}`` lines to ``output_dir/metrics.jsonl``; on a
-    resume, lines past the resumed step are dropped first, so the file reads as one run."""
+    resume, lines past the resumed step are dropped first, so the file reads as one run.
+    ``report_to="tensorboard"`` also writes each value as a scalar to TensorBoard event files
+    in ``output_dir/tensorboard`` (events past a resumed step are purged there too)."""
 
-    def __init__(self, output_dir: str | os.PathLike, resume_step: int = 0):
+    def __init__(self, output_dir: str | os.PathLike, resume_step: int = 0,
+                 report_to: str = "none"):
         self.path = Path(output_dir) / METRICS_FILE
         kept = [row for row in self.rows() if row["step"] <= resume_step] if resume_step else []
         with open(self.path, "w") as out:
             out.writelines(json.dumps(row) + "\n" for row in kept)
+        self.writer = (_tensorboard_writer(Path(output_dir) / TENSORBOARD_DIR, resume_step)
+                       if report_to == "tensorboard" else None)
 
     def rows(self) -> list[dict]:
         """The logged rows; a damaged line (a crash mid-write, an edit) is left out with a
@@ -46,6 +73,15 @@ class MetricsLog:
         row = {"step": step, **{k: float(v) for k, v in values.items()}}
         with open(self.path, "a") as out:
             out.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for name, value in row.items():
+                if name != "step":
+                    self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def plot(self, panels: list[tuple[str, list[str]]]) -> Path | None:
         """One panel per ``(title, metric names)``; returns the PNG's path, or None without

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import PREFIX
-from .metrics import METRICS_FILE, PLOT_FILE
+from .metrics import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR
 
 RUN_FILE = "fastalign_run.json"
 FINAL_PARTIAL = ".final-model.partial"
@@ -34,8 +34,8 @@ def run_artifacts(directory: Path) -> list[Path]:
     metrics, the run marker and the final model files it records."""
     found = [p for p in directory.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit()]
     found += list(directory.glob(f".{PREFIX}*.partial"))
-    found += [directory / name for name in (METRICS_FILE, PLOT_FILE, RUN_FILE, FINAL_PARTIAL)
-              if (directory / name).exists()]
+    found += [directory / name for name in (METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, RUN_FILE,
+                                            FINAL_PARTIAL) if (directory / name).exists()]
     marker = _read_marker(directory)
     found += [directory / name for name in marker.get("final_files", [])
               if (directory / name).exists()]
