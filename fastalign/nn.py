@@ -15,15 +15,13 @@ from .losses.policy import AGGREGATIONS, KL_ESTIMATORS, LEVELS, check_policy_opt
 from .ops import linear_logprobs
 
 
-def _sequence_logps(hidden, weight, bias, targets, ignore_index, temperature, average):
-    """Per-sequence sums (or completion-token means) of the targets' log-probs, ``[rows]``."""
+def _sequence_logps(hidden, weight, bias, targets, ignore_index, temperature, softcap):
+    """``(sums [rows], counts [rows])``: each sequence's summed log-probs of its targets and its
+    count of completion tokens (at least 1, so a mean of none is 0)."""
     logprobs = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                               ignore_index=ignore_index)
-    sums = logprobs.sum(dim=-1)
-    if not average:
-        return sums
+                               softcap=softcap, ignore_index=ignore_index)
     counts = (targets != ignore_index).sum(dim=-1).clamp(min=1)
-    return sums / counts
+    return logprobs.sum(dim=-1), counts
 
 
 class FusedDPOLoss(torch.nn.Module):
@@ -37,13 +35,19 @@ class FusedDPOLoss(torch.nn.Module):
     ``average_logprobs`` divides each sequence's sum by its completion-token count (always for
     ``loss_type="ipo"``, as IPO defines it).
 
+    ``softcap`` (Gemma-2's ``final_logit_softcapping``) caps both models' logits as
+    ``linear_logprobs`` does.
+
     Returns ``(loss, metrics)``: ``dpo_loss``'s metrics plus ``logps/chosen`` and
-    ``logps/rejected`` (batch means of the policy's sequence log-probs).
+    ``logps/rejected`` (batch means of the policy's sequence log-probs, as the loss sees them)
+    and ``preference_accuracy`` (the share of pairs whose chosen completion has the higher mean
+    per-token log-prob under the policy itself).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, ignore_index: int = -100,
-                 average_logprobs: bool = False, temperature: float = 1.0):
+                 average_logprobs: bool = False, temperature: float = 1.0,
+                 softcap: float | None = None):
         super().__init__()
         # Every option is checked here, not at the first forward (ValueError / TypeError).
         check_choice("loss_type", loss_type, LOSS_TYPES)
@@ -51,8 +55,9 @@ class FusedDPOLoss(torch.nn.Module):
         check_ignore_index(ignore_index)
         check_flag("average_logprobs", average_logprobs)
         check_temperature(temperature)
+        check_softcap(softcap)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.ignore_index, self.temperature = ignore_index, temperature
+        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
         self.average_logprobs = average_logprobs or loss_type == "ipo"
 
     def forward(self, hidden, weight, targets, *, bias=None, ref_chosen_logps=None,
@@ -60,8 +65,9 @@ class FusedDPOLoss(torch.nn.Module):
         if hidden.dim() != 3 or hidden.shape[0] % 2:
             raise ValueError(f"hidden must be [2B, T, D] (chosen rows, then rejected), got "
                              f"{tuple(hidden.shape)}")
-        options = (self.ignore_index, self.temperature, self.average_logprobs)
-        policy = _sequence_logps(hidden, weight, bias, targets, *options)
+        options = (self.ignore_index, self.temperature, self.softcap)
+        sums, counts = _sequence_logps(hidden, weight, bias, targets, *options)
+        policy = sums / counts if self.average_logprobs else sums
         chosen, rejected = policy.chunk(2)
         precomputed = ref_chosen_logps is not None or ref_rejected_logps is not None
         if precomputed == (ref_hidden is not None or ref_weight is not None):
@@ -75,13 +81,18 @@ class FusedDPOLoss(torch.nn.Module):
             if ref_hidden is None or ref_weight is None:
                 raise ValueError("ref_hidden and ref_weight go together")
             with torch.no_grad():
-                reference = _sequence_logps(ref_hidden, ref_weight, ref_bias, targets, *options)
+                reference, _ = _sequence_logps(ref_hidden, ref_weight, ref_bias, targets,
+                                               *options)
+            if self.average_logprobs:
+                reference = reference / counts
             ref_chosen, ref_rejected = reference.chunk(2)
         loss, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta,
                                  loss_type=self.loss_type,
                                  label_smoothing=self.label_smoothing)
         metrics["logps/chosen"] = chosen.detach().mean()
         metrics["logps/rejected"] = rejected.detach().mean()
+        per_token_chosen, per_token_rejected = (sums.detach() / counts).chunk(2)
+        metrics["preference_accuracy"] = (per_token_chosen > per_token_rejected).float().mean()
         return loss, metrics
 
 

@@ -61,6 +61,43 @@ def test_fused_dpo_equals_the_composition(loss_type):
     assert {"logps/chosen", "logps/rejected"} <= metrics.keys()
 
 
+def test_fused_dpo_softcap_and_preference_accuracy():
+    (hidden, weight), ref_hidden, ref_weight, targets = preference_batch(seed=2)
+    module = fa.FusedDPOLoss(beta=0.3, softcap=2.0)
+    loss, metrics = module(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+
+    def sums(h, w):
+        return fa.linear_logprobs(h, w, targets, softcap=2.0).sum(-1)
+    chosen, rejected = sums(hidden, weight).chunk(2)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = sums(ref_hidden, ref_weight).chunk(2)
+    expected, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3)
+    assert_same_loss(loss, grads, {}, expected, torch.autograd.grad(expected, (hidden, weight)),
+                     {})
+    uncapped, _ = fa.FusedDPOLoss(beta=0.3)(hidden, weight, targets, ref_hidden=ref_hidden,
+                                            ref_weight=ref_weight)
+    assert abs(uncapped.item() - loss.detach().item()) > 1e-3  # the cap changes the loss
+    counts = (targets != -100).sum(-1)
+    mean_chosen, mean_rejected = (sums(hidden, weight).detach() / counts).chunk(2)
+    assert float(metrics["preference_accuracy"]) == float(
+        (mean_chosen > mean_rejected).float().mean())
+    with pytest.raises(ValueError, match="softcap"):
+        fa.FusedDPOLoss(softcap=-1.0)
+
+
+def test_fused_dpo_averages_an_empty_completion_to_zero():
+    (hidden, weight), ref_hidden, ref_weight, targets = preference_batch(seed=3)
+    targets[1] = -100  # a chosen row without completion tokens
+    loss, metrics = fa.FusedDPOLoss(loss_type="ipo")(hidden, weight, targets,
+                                                     ref_hidden=ref_hidden, ref_weight=ref_weight)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    expected, _ = composed_dpo(hidden, weight, targets, ref_hidden, ref_weight, average=True,
+                               loss_type="ipo")
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert_close(loss, expected, TOL, "loss")
+
+
 def test_fused_dpo_with_precomputed_reference():
     (hidden, weight), ref_hidden, ref_weight, targets = preference_batch(seed=1)
     module = fa.FusedDPOLoss()

@@ -123,23 +123,23 @@ def test_preference_logprobs_is_one_pass_equal_to_two():
     calls = []
     handle = adapter.backbone.register_forward_hook(lambda *args: calls.append(1))
     with adapter.reference_context():
-        got_chosen, got_rejected = adapter.preference_logprobs(chosen, rejected, average=True)
+        got_chosen, got_rejected = adapter.preference_logprobs(chosen, rejected)
     handle.remove()
     assert len(calls) == 1  # chosen and rejected in one concatenated forward
     with torch.no_grad():
-        want_chosen = adapter.sequence_logprobs(**chosen, average=True)
-        want_rejected = adapter.sequence_logprobs(**rejected, average=True)
+        want_chosen = adapter.sequence_logprobs(**chosen)
+        want_rejected = adapter.sequence_logprobs(**rejected)
     assert_close(got_chosen, want_chosen, 1e-5, "chosen")
     assert_close(got_rejected, want_rejected, 1e-5, "rejected")
     assert not got_chosen.requires_grad  # the reference context is no_grad
 
 
-def test_empty_completion_averages_to_zero_and_errors_are_named():
+def test_empty_completion_sums_to_zero_and_errors_are_named():
     adapter = CausalLMAdapter(tiny_model("llama"))
     input_ids, completion_mask, attention_mask = batch()
     completion_mask[1] = 0
     with torch.no_grad():
-        values = adapter.sequence_logprobs(input_ids, completion_mask, attention_mask, average=True)
+        values = adapter.sequence_logprobs(input_ids, completion_mask, attention_mask)
     assert torch.isfinite(values).all() and values[1] == 0
     with pytest.raises(ValueError, match="chosen has 2 rows but rejected has 1"):
         side = dict(input_ids=input_ids, completion_mask=completion_mask)

@@ -106,18 +106,16 @@ class CausalLMAdapter:
 
     def sequence_logprobs(self, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, *,
-                          temperature: float = 1.0, average: bool = False) -> torch.Tensor:
-        """``[B]`` float32: each row's completion log-prob, summed (or averaged over its
-        completion tokens; a row without any gives 0, not NaN)."""
-        per_token, counts = self.completion_logprobs(input_ids, completion_mask, attention_mask,
-                                                     temperature=temperature)
-        sums = per_token.sum(-1)
-        return sums / counts.clamp(min=1) if average else sums
+                          temperature: float = 1.0) -> torch.Tensor:
+        """``[B]`` float32: each row's summed completion log-prob (0 for a row without any)."""
+        per_token, _ = self.completion_logprobs(input_ids, completion_mask, attention_mask,
+                                                temperature=temperature)
+        return per_token.sum(-1)
 
-    def preference_logprobs(self, chosen: dict, rejected: dict, *, temperature: float = 1.0,
-                            average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(chosen [B], rejected [B])`` sequence log-probs from ONE forward pass over the
-        concatenated batch (right-padded to the longer of the two).
+    def preference_inputs(self, chosen: dict, rejected: dict
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask [2B, T], targets [2B, T-1])``: the chosen rows then the
+        rejected ones, right-padded to the longer of the two, for ONE forward of both.
 
         ``chosen`` and ``rejected`` hold ``input_ids``, ``completion_mask`` and optionally
         ``attention_mask``, each ``[B, T]`` (their T may differ).
@@ -128,9 +126,16 @@ class CausalLMAdapter:
             raise ValueError(f"chosen has {parts[0][0].shape[0]} rows but rejected has "
                              f"{parts[1][0].shape[0]}; pass one rejected per chosen")
         input_ids, completion_mask, attention_mask = (torch.cat(pair) for pair in zip(*parts))
-        both = self.sequence_logprobs(input_ids, completion_mask, attention_mask,
-                                      temperature=temperature, average=average)
-        return both.chunk(2)
+        return input_ids, attention_mask, completion_targets(input_ids, completion_mask,
+                                                             attention_mask)
+
+    def preference_logprobs(self, chosen: dict, rejected: dict, *, temperature: float = 1.0
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen [B], rejected [B])`` summed sequence log-probs from one forward pass over
+        both (``preference_inputs``)."""
+        input_ids, attention_mask, targets = self.preference_inputs(chosen, rejected)
+        hidden = self.hidden_states(input_ids, attention_mask)[:, :-1]
+        return self.target_logprobs(hidden, targets, temperature=temperature).sum(-1).chunk(2)
 
     @contextlib.contextmanager
     def reference_context(self, disable_adapters: bool = False):

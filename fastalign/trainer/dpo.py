@@ -18,9 +18,9 @@ import warnings
 
 import torch
 
-from ..losses import dpo_loss
+from ..nn import FusedDPOLoss
 from ._base import NonFiniteError, Trainer, _digest
-from .adapter import IGNORE_INDEX, CausalLMAdapter, completion_targets
+from .adapter import IGNORE_INDEX, CausalLMAdapter
 from .config import DPOConfig
 from .data import collate_pairs, load_preferences, tokenize_pairs
 
@@ -54,6 +54,10 @@ class DPOTrainer(Trainer):
                                    max_length=config.max_length) if eval_data is not None else [])
         super().__init__(model, tokenizer, config, _indexed(train), _indexed(held_out, "eval"))
         self.policy = CausalLMAdapter(model)
+        # IPO compares length-averaged log-probs (as TRL); FusedDPOLoss does that for it.
+        self.loss = FusedDPOLoss(beta=config.beta, loss_type=config.loss_type,
+                                 label_smoothing=config.label_smoothing,
+                                 ignore_index=IGNORE_INDEX, softcap=self.policy.softcap)
         self.reference = None
         self.reference_logps = None
         if ref_model is not None:
@@ -78,40 +82,30 @@ class DPOTrainer(Trainer):
         """Summed completion log-probs ``[2B]`` (chosen then rejected), one forward."""
         return torch.cat(adapter.preference_logprobs(chosen, rejected))
 
-    def _reference_sums(self, keys, chosen, rejected):
+    def _reference(self, keys, input_ids, attention_mask, targets) -> dict:
+        """``FusedDPOLoss``'s reference arguments: the cached sums (length-averaged for IPO, as
+        the loss averages the policy's), or the reference's hidden states and head."""
         if self.reference_logps is not None:
             values = torch.stack([self.reference_logps[key] for key in keys])  # [B, 2]
-            return values.t().reshape(-1).to(self.device)
-        if self.reference is not None:
-            with self.reference.reference_context():
-                return self._sequence_logps(self.reference, chosen, rejected)
-        with self.policy.reference_context(disable_adapters=True):
-            return self._sequence_logps(self.policy, chosen, rejected)
+            sums = values.t().reshape(-1).to(self.device)
+            if self.loss.average_logprobs:
+                sums = sums / (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
+            chosen, rejected = sums.chunk(2)
+            return dict(ref_chosen_logps=chosen, ref_rejected_logps=rejected)
+        adapter = self.reference or self.policy
+        with adapter.reference_context(disable_adapters=self.reference is None):
+            hidden = adapter.hidden_states(input_ids, attention_mask)[:, :-1]
+        head = adapter.head()
+        return dict(ref_hidden=hidden, ref_weight=head.weight, ref_bias=head.bias)
 
     def compute_loss(self, batch):
+        """``FusedDPOLoss`` on one concatenated forward of the chosen and rejected rows."""
         keys, chosen, rejected = batch
-        policy = self._sequence_logps(self.policy, chosen, rejected)
-        reference = self._reference_sums(keys, chosen, rejected).to(policy.dtype)
-        counts = torch.cat([_completion_counts(chosen), _completion_counts(rejected)])
-        if self.config.loss_type == "ipo":  # IPO compares length-averaged log-probs (as TRL)
-            scale = counts.clamp(min=1).to(policy.dtype)
-            policy_scores, reference_scores = policy / scale, reference / scale
-        else:
-            policy_scores, reference_scores = policy, reference
-        pc, pr = policy_scores.chunk(2)
-        rc, rr = reference_scores.chunk(2)
-        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=self.config.beta,
-                                 loss_type=self.config.loss_type,
-                                 label_smoothing=self.config.label_smoothing)
-        with torch.no_grad():
-            chosen_sum, rejected_sum = policy.detach().chunk(2)
-            chosen_count, rejected_count = counts.clamp(min=1).chunk(2)
-            metrics["logps/chosen"] = chosen_sum.mean()
-            metrics["logps/rejected"] = rejected_sum.mean()
-            # The policy's own preference: a higher mean per-token log-prob for chosen.
-            metrics["preference_accuracy"] = (chosen_sum / chosen_count >
-                                              rejected_sum / rejected_count).float().mean()
-        return loss, metrics
+        input_ids, attention_mask, targets = self.policy.preference_inputs(chosen, rejected)
+        hidden = self.policy.hidden_states(input_ids, attention_mask)[:, :-1]
+        head = self.policy.head()
+        return self.loss(hidden, head.weight, targets, bias=head.bias,
+                         **self._reference(keys, input_ids, attention_mask, targets))
 
     def progress_metrics(self, metrics):
         shown = {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['rewards/accuracies']:.2f}",
@@ -209,11 +203,3 @@ def _frozen(model):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
-
-
-def _completion_counts(side: dict) -> torch.Tensor:
-    """Completion tokens per row that are predicted (every completion token but a first one at
-    position 0, which nothing precedes)."""
-    targets = completion_targets(side["input_ids"], side["completion_mask"],
-                                 side["attention_mask"])
-    return (targets != IGNORE_INDEX).sum(-1)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import group_advantages, policy_loss
+from ..losses import group_advantages
+from ..nn import FusedPolicyLoss
 from ._base import Trainer
-from .adapter import CausalLMAdapter, FrozenReference
+from .adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
 from .best_of_n import RewardModelFunction
 from .config import GRPO_LOSS_TYPES, GRPOConfig
 from .rollout import Rollouts, generate_rollouts, reward_columns, reward_name
@@ -64,6 +65,11 @@ class GRPOTrainer(Trainer):
                              if isinstance(f, torch.nn.Module) else f for f in reward_funcs]
         self.reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
         self.policy = CausalLMAdapter(model)
+        self.loss = FusedPolicyLoss(
+            clip_low=config.clip_low, clip_high=config.clip_high, kl_coef=config.beta,
+            kl_estimator=config.kl_estimator, aggregation=GRPO_LOSS_TYPES[config.loss_type],
+            max_length=config.max_new_tokens, temperature=config.temperature,
+            ignore_index=IGNORE_INDEX, softcap=self.policy.softcap)
         self.reference = (FrozenReference(model, ref_model)
                           if config.beta > 0 or config.monitor_kl else None)
 
@@ -118,18 +124,16 @@ class GRPOTrainer(Trainer):
             yield micro_batches
 
     def compute_loss(self, batch: tuple[Rollouts, torch.Tensor, torch.Tensor | None]):
-        """The clipped surrogate (+ beta x KL) of the policy on recorded rollouts:
-        ``batch = (rollouts, advantages, ref_logprobs or None)``."""
+        """``FusedPolicyLoss``, the clipped surrogate (+ beta x KL), of the policy on recorded
+        rollouts: ``batch = (rollouts, advantages, ref_logprobs or None)``."""
         rollouts, advantages, ref_logprobs = batch
-        config = self.config
-        logprobs, _ = self.policy.completion_logprobs(**rollouts.model_inputs(),
-                                                      temperature=config.temperature)
-        return policy_loss(logprobs, rollouts.old_logprobs, advantages,
-                           rollouts.completion_mask[:, 1:], clip_low=config.clip_low,
-                           clip_high=config.clip_high, ref_logprobs=ref_logprobs,
-                           kl_coef=config.beta, kl_estimator=config.kl_estimator,
-                           aggregation=GRPO_LOSS_TYPES[config.loss_type],
-                           max_length=config.max_new_tokens)
+        targets = completion_targets(rollouts.input_ids, rollouts.completion_mask,
+                                     rollouts.attention_mask)
+        hidden = self.policy.hidden_states(rollouts.input_ids, rollouts.attention_mask,
+                                           rollouts.position_ids)[:, :-1]
+        head = self.policy.head()
+        return self.loss(hidden, head.weight, targets, advantages, bias=head.bias,
+                         old_logprobs=rollouts.old_logprobs, ref_logprobs=ref_logprobs)
 
     def step_metrics(self, work: GRPOStep) -> dict:
         lengths = work.rollouts.completion_mask.sum(-1).float()
