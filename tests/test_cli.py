@@ -6,16 +6,11 @@ import sys
 
 import pytest
 
-from test_trainer_dpo import rows
-
-
-def fastalign(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "fastalign", *args], capture_output=True,
-                          text=True, timeout=timeout)
+from helpers import preference_rows, run_cli
 
 
 def test_help_explains_every_flag():
-    done = fastalign("train", "dpo", "--help")
+    done = run_cli("train", "dpo", "--help")
     assert done.returncode == 0, done.stderr
     for flag in ("--model", "--data", "--config", "--resume", "--beta", "--loss-type",
                  "--gradient-accumulation-steps", "--reference", "--precision"):
@@ -26,15 +21,15 @@ def test_help_explains_every_flag():
 @pytest.mark.slow
 def test_train_dpo_then_resume_from_the_command_line(tmp_path):
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows(8)))
+    data.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(8)))
     config = tmp_path / "dpo.yaml"
     config.write_text("batch_size: 4\nlearning_rate: 0.001\nsave_steps: 1\n")
     common = ["train", "dpo", "--model", "tiny", "--data", str(data), "--config", str(config),
               "--output", str(tmp_path / "run"), "--no-progress"]
-    done = fastalign(*common, "--max-steps", "1")
+    done = run_cli(*common, "--max-steps", "1")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "checkpoint-1" / "model.safetensors").is_file()
-    done = fastalign(*common, "--max-steps", "2", "--resume", "latest")
+    done = run_cli(*common, "--max-steps", "2", "--resume", "latest")
     assert done.returncode == 0, done.stderr
     assert "done: 2 steps" in done.stdout
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -42,10 +37,10 @@ def test_train_dpo_then_resume_from_the_command_line(tmp_path):
 
 
 def test_errors_are_one_line_messages(tmp_path):
-    done = fastalign("train", "dpo", "--data", str(tmp_path / "missing.jsonl"))
+    done = run_cli("train", "dpo", "--data", str(tmp_path / "missing.jsonl"))
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("fastalign: error: preference data")
-    done = fastalign("train", "rm", "--loss-type", "sigmoid")  # a DPO flag on the reward trainer
+    done = run_cli("train", "rm", "--loss-type", "sigmoid")  # a DPO flag on the reward trainer
     assert done.returncode != 0 and "unrecognized arguments: --loss-type" in done.stderr
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_cli import fastalign
+from helpers import run_cli
 
 from fastalign.cli import main
 
@@ -33,7 +33,7 @@ def test_built_in_rewards():
 def test_train_grpo_logs_each_reward_and_the_kl(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Tell me about owls.\nName a fruit.\n")
-    done = fastalign("train", "grpo", "--model", "tiny", "--prompts", str(prompts),
+    done = run_cli("train", "grpo", "--model", "tiny", "--prompts", str(prompts),
                      "--num-generations", "2", "--output", str(tmp_path / "run"),
                      "--gradient-accumulation-steps", "2", *QUICK)
     assert done.returncode == 0, done.stderr
@@ -54,7 +54,7 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
     model.config.pad_token_id = byte_tokenizer().pad_token_id
     model.save_pretrained(reward_dir)
     byte_tokenizer().save_pretrained(reward_dir)
-    done = fastalign("train", "ppo", "--model", "tiny", "--reward-model", str(reward_dir),
+    done = run_cli("train", "ppo", "--model", "tiny", "--reward-model", str(reward_dir),
                      "--mini-batch-size", "1", "--ppo-epochs", "1",
                      "--output", str(tmp_path / "run"), *QUICK)
     assert done.returncode == 0, done.stderr
@@ -65,7 +65,7 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Tell me about owls.\nName a fruit.\n")
-    done = fastalign("bon", "--model", "tiny", "--warm-start-steps", "1", "--n", "3",
+    done = run_cli("bon", "--model", "tiny", "--warm-start-steps", "1", "--n", "3",
                      "--max-new-tokens", "4", "--reward-model", str(reward_dir), "--show", "1",
                      "--prompts", str(prompts), "--device", "cpu", "--no-progress")
     assert done.returncode == 0, done.stderr

@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 from conftest import DEVICE, assert_close
+from helpers import policy_reference
 
 import fastalign as fa
 from fastalign.losses import (dpo_loss, gae, group_advantages, policy_loss, reward_loss,
@@ -93,43 +94,6 @@ def test_dpo_metrics():
     assert metrics["rewards/accuracies"].item() == pytest.approx(0.5)
     assert metrics["rewards/margins"].item() == pytest.approx(0.25)
     assert all(not m.requires_grad and m.dim() == 0 for m in metrics.values())
-
-
-def policy_reference(lp, old, adv, mask, clip_low, clip_high, dual_clip, ref, kl_coef, kind,
-                     level, aggregation, max_length):
-    """Case by case: A >= 0 keeps min(r, 1 + eps_high) A; A < 0 keeps max(r, 1 - eps_low) A."""
-    batch, length = lp.shape
-    adv = adv if adv.dim() == 2 else adv[:, None].expand(batch, length)
-    rows = []
-    for b in range(batch):
-        count = mask[b].sum()
-        if level == "sequence":
-            mean_log_ratio = ((lp[b] - old[b]) * mask[b]).sum() / max(count, 1)
-        row = []
-        for t in range(length):
-            log_ratio = mean_log_ratio if level == "sequence" else lp[b, t] - old[b, t]
-            ratio, a = torch.exp(log_ratio), adv[b, t]
-            if a >= 0:
-                loss = -a * torch.clamp(ratio, max=1 + clip_high)
-            else:
-                loss = -a * torch.clamp(ratio, min=1 - clip_low)
-                if dual_clip is not None:
-                    loss = torch.clamp(loss, max=-dual_clip * a)
-            if ref is not None:
-                r = ref[b, t] - lp[b, t]
-                kl = {"k1": -r, "k2": r * r / 2, "k3": torch.exp(r) - r - 1}[kind]
-                loss = loss + kl_coef * kl
-            row.append(loss * mask[b, t])
-        rows.append(torch.stack(row))
-    per_token = torch.stack(rows)
-    sums, counts = per_token.sum(1), mask.sum(1)
-    if aggregation == "token_mean":
-        return sums.sum() / counts.sum()
-    if aggregation == "seq_mean_token_mean":
-        return torch.stack([s / max(c, 1) for s, c in zip(sums, counts)]).mean()
-    if aggregation == "seq_mean_token_sum":
-        return sums.mean()
-    return sums.sum() / (batch * (max_length or length))
 
 
 POLICY_CASES = {
@@ -275,6 +239,28 @@ def test_kl_estimate(kind):
     _check(lambda lp, rf: fa.kl_estimate(lp, rf, kind).sum(), reference, [logprobs, ref], kind)
     if kind == "k3":
         assert (fa.kl_estimate(logprobs, ref, kind) >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k3_keeps_its_precision_for_small_ratios(backend, dtype):
+    """k3 = exp(r) - r - 1 cancels for small |r|: evaluated as written its float32 error was
+    3e-4 relative at r = 1e-4 (bf16: 100%, computed in bf16). A series below |r| = 0.1 and a
+    float32 evaluation for bf16/fp16 inputs keep it within the dtype's tolerance, in
+    kl_estimate and in policy_loss's fused pass (the "kl" metric, the kl_coef term)."""
+    r = torch.tensor([1e-5, -3e-4, 2e-3, -0.05, 0.0999, 0.1, -0.7, 3.0], dtype=torch.float64)
+    lp = torch.zeros_like(r)  # so that bf16 holds r itself
+    ref = r.to(dtype).double()  # what the inputs hold
+    r = ref - lp
+    expected = torch.expm1(r) - r
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    k3 = fa.kl_estimate(lp.to(dtype), ref.to(dtype), "k3")
+    assert ((k3.double() - expected).abs() / expected).max() < tol
+    if dtype == torch.float32:
+        lp32 = (lp.float() - 2.0).to(DEVICE)[None].requires_grad_()
+        mask = torch.ones_like(lp32)
+        _, metrics = policy_loss(lp32, lp32.detach(), torch.zeros(1, device=DEVICE), mask,
+                                 ref_logprobs=(ref.float() - 2.0).to(DEVICE)[None], kl_coef=1.0)
+        assert abs(metrics["kl"].item() - expected.mean().item()) < 1e-6 * expected.mean().item()
 
 
 BAD = [

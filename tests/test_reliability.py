@@ -11,7 +11,7 @@ from argparse import Namespace
 
 import pytest
 import torch
-from test_trainer_dpo import rows, small_model
+from helpers import preference_rows, small_llama
 
 from fastalign.cli import _config, _parser, _reward_model
 from fastalign.cli_rl import load_prompts, reward_functions
@@ -27,9 +27,9 @@ from fastalign.trainer.run_dir import OutputDirInUse
 
 def dpo(out, *, model=None, **options):
     options = dict(dict(batch_size=2, max_steps=2, save_steps=2, progress=False), **options)
-    reference = None if "reference" in options else small_model(1)
-    return DPOTrainer(model or small_model(), byte_tokenizer(),
-                      DPOConfig(output_dir=str(out), **options), rows(4), ref_model=reference)
+    reference = None if "reference" in options else small_llama(1)
+    return DPOTrainer(model or small_llama(), byte_tokenizer(),
+                      DPOConfig(output_dir=str(out), **options), preference_rows(4), ref_model=reference)
 
 
 class Payload:
@@ -164,7 +164,7 @@ def test_the_command_line_resumes_with_the_checkpoints_options(tmp_path):
 
 # -- 4, 5. no NaN training, no non-finite model saved ------------------------------------------
 def poisoned_model():
-    model = small_model()
+    model = small_llama()
     with torch.no_grad():
         model.model.norm.weight[0] = math.nan
     return model
@@ -245,7 +245,7 @@ def test_numeric_options_are_checked_for_type_range_and_finiteness(option, messa
 
 
 def test_reward_data_and_weights_must_be_finite(tmp_path):
-    data = [dict(row, margin=1.0) for row in rows(3)]
+    data = [dict(row, margin=1.0) for row in preference_rows(3)]
     data[1]["margin"] = math.nan
     with pytest.raises(DataError, match="row 2: margin must be a finite number, got nan"):
         RewardTrainer(tiny_reward_model(vocab_size=1000, hidden_size=32, num_layers=1),
@@ -326,14 +326,14 @@ def test_yaml_tags_that_would_run_code_are_refused(tmp_path):
 
 # -- 10. text files, row numbers, reward functions, the final save ---------------------------
 def test_text_files_non_utf8_and_bom(tmp_path):
-    good = json.dumps(rows(1)[0]) + "\n"
+    good = json.dumps(preference_rows(1)[0]) + "\n"
     path = tmp_path / "data.jsonl"
     path.write_bytes(good.encode() + b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(DataError, match="data.jsonl line 2: not UTF-8 text \\(byte 0xe9 at "
                                         "column 16\\)"):
         load_preferences(str(path))
     path.write_bytes(b"\xef\xbb\xbf" + good.encode())  # what Windows editors write
-    assert load_preferences(str(path))[0]["prompt"] == rows(1)[0]["prompt"]
+    assert load_preferences(str(path))[0]["prompt"] == preference_rows(1)[0]["prompt"]
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"\xef\xbb\xbfName a fruit.\r\nTell me\xff\n")
     with pytest.raises(DataError, match="prompts.txt line 2: not UTF-8 text \\(byte 0xff"):
@@ -343,13 +343,13 @@ def test_text_files_non_utf8_and_bom(tmp_path):
 
 
 def test_row_numbers_are_the_same_in_every_message(tmp_path):
-    data = rows(3)
+    data = preference_rows(3)
     data[2]["prompt"] = "x" * 300
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in data) + "\n")
     for source, place in [(data, "row 3"), (str(path), "data.jsonl line 3")]:
         with pytest.raises(DataError, match=f"{place}: the prompt is 300 tokens"):
-            DPOTrainer(small_model(), byte_tokenizer(),
+            DPOTrainer(small_llama(), byte_tokenizer(),
                        DPOConfig(output_dir=str(tmp_path / "out"), max_length=256), source)
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import DEVICE, TOLERANCE, assert_close
+from helpers import run_both
 
 import fastalign as fa
 from fastalign.reference import token_logprobs_reference
@@ -20,23 +21,6 @@ def random_case(shape, vocab, dtype, *, scale=4.0, ignore_share=0.2, ignore_inde
     ignored = torch.rand(shape, device=DEVICE) < ignore_share
     ignored.view(-1)[0] = False
     return logits, targets.masked_fill(ignored, ignore_index)
-
-
-def run_both(logits, targets, *, entropy_weight=True, **options):
-    """fastalign and the float64 reference on the same inputs, with random upstream gradients
-    on both outputs. Returns ((lp, ent, grad), (ref_lp, ref_ent, ref_grad))."""
-    results = []
-    grad_lp = torch.randn(targets.shape, device=DEVICE)
-    grad_ent = torch.randn(targets.shape, device=DEVICE) if entropy_weight else None
-    for fn in (fa.token_logprobs, token_logprobs_reference):
-        leaf = logits.detach().clone().requires_grad_()
-        logprobs, entropy = fn(leaf * 1, targets, return_entropy=True, **options)  # non-leaf input
-        loss = (logprobs * grad_lp).sum()
-        if grad_ent is not None:
-            loss = loss + (entropy * grad_ent).sum()
-        loss.backward()
-        results.append((logprobs, entropy, leaf.grad))
-    return results
 
 
 @pytest.mark.parametrize("shape,vocab", SHAPES)

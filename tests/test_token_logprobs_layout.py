@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import DEVICE, assert_close
-from test_token_logprobs import run_both
+from helpers import run_both
 
 import fastalign as fa
 from fastalign._layout import row_layout
@@ -70,6 +70,19 @@ def test_inplace_backward_guards(backend):
     loss = fa.token_logprobs(logits, targets, inplace_backward=True).sum() + squared
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_one_column_vocabulary_with_a_stride(backend):
+    """Found by tests/test_fuzz_ops.py: x[..., ::2] of a V = 2 tensor has V = 1 and stride 2,
+    which torch's contiguous() keeps (a size-1 dim's stride is free); the native kernels
+    refused it ("logits needs a unit stride in its last dim"). One column needs no stride."""
+    full = torch.randn(4, 2, device=DEVICE)
+    logits = full[:, ::2]
+    assert logits.stride(-1) == 2
+    targets = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    lp, ent = fa.token_logprobs(logits, targets, return_entropy=True)
+    assert (lp == 0).all() and (ent == 0).all()
+    assert (fa.token_kl(logits, logits + 1.0) == 0).all()
 
 
 VIEWS_OF_A_LEAF = {

@@ -4,20 +4,13 @@ prompt of its schedule and equals, in loss and gradients, a step of one batch of
 
 import pytest
 import torch
+from helpers import lowercase_share, small_policy
 
 from fastalign.trainer import (GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, byte_tokenizer,
-                               tiny_llama, tiny_reward_model)
+                               tiny_reward_model)
 
 PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?",
            "Count to three.", "Say yes.", "Pick a color.", "Tell a joke."]
-
-
-def lowercase_share(prompts, completions):
-    return [sum(c.islower() for c in text) / max(len(text), 1) for text in completions]
-
-
-def small_model(seed=0):
-    return tiny_llama(vocab_size=300, hidden_size=32, num_layers=2, seed=seed)
 
 
 def recorded(trainer):
@@ -57,8 +50,8 @@ def test_grpo_accumulation_equals_one_batch_of_all_its_prompts(tmp_path, loss_ty
                             gradient_accumulation_steps=accumulation, num_generations=2,
                             max_new_tokens=6, loss_type=loss_type, beta=beta, num_iterations=2,
                             clip_low=0.1, progress=False)
-        return GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, [lowercase_share],
-                           ref_model=small_model(1))
+        return GRPOTrainer(small_policy(), byte_tokenizer(), config, PROMPTS, [lowercase_share],
+                           ref_model=small_policy(1))
     accumulated = trainer(2, 2)
     assert accumulated.total_steps == 2  # 8 prompts, 4 per step: one epoch
     assert_same_step(recorded(accumulated), recorded(trainer(4, 1)))
@@ -67,7 +60,7 @@ def test_grpo_accumulation_equals_one_batch_of_all_its_prompts(tmp_path, loss_ty
 def test_grpo_accumulation_uses_every_prompt_of_its_schedule(tmp_path):
     config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, gradient_accumulation_steps=2,
                         num_generations=2, max_new_tokens=4, progress=False)
-    trainer = GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, [lowercase_share])
+    trainer = GRPOTrainer(small_policy(), byte_tokenizer(), config, PROMPTS, [lowercase_share])
     seen = []
     rollout = trainer.rollout
     trainer.rollout = lambda batch: (seen.extend(batch), rollout(batch))[1]
@@ -82,8 +75,8 @@ def test_ppo_accumulation_equals_one_batch_of_all_its_rows(tmp_path):
                            gradient_accumulation_steps=accumulation, max_new_tokens=6,
                            progress=False)
         reward_model = tiny_reward_model(vocab_size=300, hidden_size=32, seed=2)
-        return PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, reward_model,
-                          ref_model=small_model(1))
+        return PPOTrainer(small_policy(), byte_tokenizer(), config, PROMPTS, reward_model,
+                          ref_model=small_policy(1))
     assert_same_step(recorded(trainer(2, 1, 2)), recorded(trainer(4, 2, 1)))
 
 

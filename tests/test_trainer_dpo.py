@@ -9,32 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastalign.trainer import (DPOConfig, DPOTrainer, byte_tokenizer, load_preferences,
-                               tiny_llama)
+from helpers import preference_rows, small_llama
+
+from fastalign.trainer import DPOConfig, DPOTrainer, byte_tokenizer
 from fastalign.trainer.data import collate_pairs, tokenize_pairs
-
-DATA = "fastalign/data/demo_preferences.jsonl"
-
-
-def rows(n=4, conversational=False):
-    picked = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
-              for r in load_preferences(DATA, split="train")[:n]]
-    if conversational:
-        picked = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                   "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in picked]
-    return picked
-
-
-def small_model(seed=0, scale=1.0):
-    """A 1-layer Llama over 1000 tokens; ``scale`` multiplies every weight so the policy and
-    the reference give clearly different, non-uniform distributions."""
-    model = tiny_llama(vocab_size=1000, hidden_size=32, num_layers=1, seed=seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(scale)
-    return model
-
 
 def config(tmp_path, **options):
     return DPOConfig(output_dir=str(tmp_path / "out"), batch_size=4, progress=False, **options)
@@ -71,8 +49,8 @@ def test_first_batch_loss_matches_trl_and_float64(tmp_path, loss_type, conversat
     within 1e-5 of the float64 loss."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    data = rows(conversational=conversational)
-    policy, reference = small_model(0, scale=10.0), small_model(1, scale=10.0)
+    data = preference_rows(conversational=conversational)
+    policy, reference = small_llama(0, scale=10.0), small_llama(1, scale=10.0)
     exact = float64_loss(policy, reference, data, loss_type)
     ours = DPOTrainer(policy, byte_tokenizer(), config(tmp_path, loss_type=loss_type), data,
                       ref_model=reference)
@@ -94,16 +72,16 @@ def test_first_batch_loss_matches_trl_and_float64(tmp_path, loss_type, conversat
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     """8 pairs in one micro-batch, or 4 x 2 accumulated: the same gradient (each micro-batch's
     mean loss is weighted by its share of the pairs)."""
-    data = rows(8)
+    data = preference_rows(8)
     results = []
     for batch_size, accumulation in ((8, 1), (4, 2)):
-        model = small_model(0)
+        model = small_llama(0)
         trainer = DPOTrainer(model, byte_tokenizer(),
                              DPOConfig(output_dir=str(tmp_path / f"b{batch_size}"),
                                        batch_size=batch_size,
                                        gradient_accumulation_steps=accumulation,
                                        max_steps=1, learning_rate=1e-2, progress=False),
-                             data, ref_model=small_model(1))
+                             data, ref_model=small_llama(1))
         trainer.micro_per_epoch = 1  # every micro-batch reads the same seeded order
         trainer._micro_batch = (lambda index, t=trainer, b=batch_size:
                                 t.train_items[(index * b) % 8:(index * b) % 8 + b])
@@ -115,10 +93,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_precomputed_reference_equals_a_frozen_copy(tmp_path):
-    data = rows(4)
+    data = preference_rows(4)
     losses = []
     for reference in ("copy", "precomputed"):
-        trainer = DPOTrainer(small_model(0, scale=5.0), byte_tokenizer(),
+        trainer = DPOTrainer(small_llama(0, scale=5.0), byte_tokenizer(),
                              config(tmp_path / reference, reference=reference), data)
         with torch.no_grad():
             for parameter in trainer.model.parameters():  # the policy moves on; the reference stays
@@ -144,13 +122,13 @@ def interrupt_after(trainer, steps):
 def test_resume_is_exact(tmp_path):
     """20 steps in one run, or 10, a checkpoint, a fresh process-like restart and 10 more:
     identical final weights (CPU, fp32)."""
-    data = rows(12)
+    data = preference_rows(12)
 
     def trainer(out, steps):
         options = dict(output_dir=str(out), batch_size=4, max_steps=steps, learning_rate=1e-2,
                        warmup_steps=3, save_steps=10, progress=False, seed=3)
-        return DPOTrainer(small_model(0), byte_tokenizer(), DPOConfig(**options), data,
-                          ref_model=small_model(1))
+        return DPOTrainer(small_llama(0), byte_tokenizer(), DPOConfig(**options), data,
+                          ref_model=small_llama(1))
 
     straight = trainer(tmp_path / "a", 20)
     straight.train()
@@ -165,9 +143,9 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_outputs_and_metric_names(tmp_path):
-    trainer = DPOTrainer(small_model(0), byte_tokenizer(),
-                         config(tmp_path, max_steps=2, eval_steps=2, save_steps=2), rows(8),
-                         rows(4))
+    trainer = DPOTrainer(small_llama(0), byte_tokenizer(),
+                         config(tmp_path, max_steps=2, eval_steps=2, save_steps=2), preference_rows(8),
+                         preference_rows(4))
     last = trainer.train()
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                  "rewards/margins", "logps/chosen", "logps/rejected", "learning_rate",
@@ -185,11 +163,11 @@ def test_lora_adapters_off_is_the_reference(tmp_path):
     """reference='adapters': the PEFT model with its LoRA adapters disabled is the reference,
     with no second copy: the loss equals the one against the base model itself."""
     peft = pytest.importorskip("peft")
-    base = small_model(0, scale=5.0)
+    base = small_llama(0, scale=5.0)
     frozen_base = copy.deepcopy(base)
     lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                      init_lora_weights=False))
-    data = rows(4)
+    data = preference_rows(4)
     with_adapters = DPOTrainer(lora, byte_tokenizer(), config(tmp_path / "a", reference="adapters"),
                                data)
     with_base = DPOTrainer(lora, byte_tokenizer(), config(tmp_path / "b"), data,
@@ -208,12 +186,12 @@ def test_datasets_input_and_bf16_autocast(tmp_path):
     """A ``datasets.Dataset`` is read like a list of rows, and a bf16-autocast step gives the
     fp32 loss to bf16 precision."""
     datasets = pytest.importorskip("datasets")
-    data = datasets.Dataset.from_list(rows(4))
+    data = datasets.Dataset.from_list(preference_rows(4))
     losses = []
     for precision in ("fp32", "bf16"):
-        trainer = DPOTrainer(small_model(0, scale=5.0), byte_tokenizer(),
+        trainer = DPOTrainer(small_llama(0, scale=5.0), byte_tokenizer(),
                              config(tmp_path / precision, precision=precision), data,
-                             ref_model=small_model(1, scale=5.0))
+                             ref_model=small_llama(1, scale=5.0))
         with trainer._autocast():
             loss, _ = trainer.compute_loss(trainer.collate(trainer.train_items))
         loss.backward()
@@ -229,12 +207,12 @@ def test_lora_resume_is_exact(tmp_path):
 
     def trainer(out, steps):
         torch.manual_seed(0)  # the random LoRA initialisation
-        lora = peft.get_peft_model(small_model(0), peft.LoraConfig(
+        lora = peft.get_peft_model(small_llama(0), peft.LoraConfig(
             r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         return DPOTrainer(lora, byte_tokenizer(),
                           DPOConfig(output_dir=str(out), batch_size=4, max_steps=steps,
                                     learning_rate=1e-2, save_steps=2, progress=False,
-                                    reference="adapters"), rows(8))
+                                    reference="adapters"), preference_rows(8))
 
     straight = trainer(tmp_path / "a", 4)
     straight.train()

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from test_trainer_dpo import rows, small_model
+from helpers import preference_rows, small_llama
 
 from fastalign.trainer import (CheckpointError, DataError, DPOConfig, DPOTrainer, byte_tokenizer,
                                load_model_and_tokenizer, load_preferences, tiny_llama)
@@ -24,7 +24,7 @@ def write_jsonl(path, items):
      "line 2: prompt, chosen and rejected must be all text or all messages"),
 ])
 def test_bad_rows_are_named(tmp_path, bad, message):
-    path = write_jsonl(tmp_path / "data.jsonl", [rows(1)[0], bad])
+    path = write_jsonl(tmp_path / "data.jsonl", [preference_rows(1)[0], bad])
     with pytest.raises(DataError, match=message):
         load_preferences(path)
 
@@ -37,14 +37,14 @@ def test_unreadable_data(tmp_path):
         load_preferences(str(tmp_path / "broken.jsonl"))
     # Rows of a list are counted from 1, as the lines of a file are: the second row is row 2.
     with pytest.raises(DataError, match="row 2: missing"):
-        load_preferences([rows(1)[0], {"prompt": "only"}])
+        load_preferences([preference_rows(1)[0], {"prompt": "only"}])
 
 
 def test_prompt_longer_than_the_limit(tmp_path):
-    data = rows(2)
+    data = preference_rows(2)
     data[1]["prompt"] = "x" * 300
     with pytest.raises(DataError, match="row 2: the prompt is 300 tokens, max_length is 256"):
-        DPOTrainer(small_model(), byte_tokenizer(),
+        DPOTrainer(small_llama(), byte_tokenizer(),
                    DPOConfig(output_dir=str(tmp_path), max_length=256), data)
 
 
@@ -52,14 +52,14 @@ def test_tokenizer_without_pad_token_or_chat_template(tmp_path):
     tokenizer = byte_tokenizer()
     tokenizer.pad_token = None
     with pytest.raises(ValueError, match="no pad token"):
-        DPOTrainer(small_model(), tokenizer, DPOConfig(output_dir=str(tmp_path)), rows(2))
+        DPOTrainer(small_llama(), tokenizer, DPOConfig(output_dir=str(tmp_path)), preference_rows(2))
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = None
     chat = [{"prompt": [{"role": "user", "content": "hi"}],
              "chosen": [{"role": "assistant", "content": "hello"}],
              "rejected": [{"role": "assistant", "content": "go away"}]}]
     with pytest.raises(ValueError, match="no chat_template"):
-        DPOTrainer(small_model(), tokenizer, DPOConfig(output_dir=str(tmp_path)), chat)
+        DPOTrainer(small_llama(), tokenizer, DPOConfig(output_dir=str(tmp_path)), chat)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
@@ -68,15 +68,15 @@ def test_unwritable_output_dir(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     with pytest.raises(PermissionError, match="output_dir .* is not writable"):
-        DPOTrainer(small_model(), byte_tokenizer(), DPOConfig(output_dir=str(locked / "run")),
-                   rows(2))
+        DPOTrainer(small_llama(), byte_tokenizer(), DPOConfig(output_dir=str(locked / "run")),
+                   preference_rows(2))
 
 
 def test_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(PermissionError, match="is not writable"):
-        DPOTrainer(small_model(), byte_tokenizer(), DPOConfig(output_dir=str(tmp_path / "file")),
-                   rows(2))
+        DPOTrainer(small_llama(), byte_tokenizer(), DPOConfig(output_dir=str(tmp_path / "file")),
+                   preference_rows(2))
 
 
 @pytest.mark.parametrize("option,message", [
@@ -96,24 +96,24 @@ def test_config_errors(option, message):
 
 def test_adapters_reference_needs_peft(tmp_path):
     with pytest.raises(ValueError, match="reference='adapters' needs a PEFT model"):
-        DPOTrainer(small_model(), byte_tokenizer(),
-                   DPOConfig(output_dir=str(tmp_path), reference="adapters"), rows(2))
+        DPOTrainer(small_llama(), byte_tokenizer(),
+                   DPOConfig(output_dir=str(tmp_path), reference="adapters"), preference_rows(2))
 
 
 def trained(tmp_path, steps=2, **options):
-    trainer = DPOTrainer(small_model(), byte_tokenizer(),
+    trainer = DPOTrainer(small_llama(), byte_tokenizer(),
                          DPOConfig(output_dir=str(tmp_path / "run"), batch_size=2, max_steps=steps,
-                                   save_steps=steps, progress=False, **options), rows(4),
-                         ref_model=small_model(1))
+                                   save_steps=steps, progress=False, **options), preference_rows(4),
+                         ref_model=small_llama(1))
     trainer.train()
     return tmp_path / "run" / f"checkpoint-{steps}"
 
 
 def test_resume_from_a_corrupt_or_missing_checkpoint(tmp_path):
     checkpoint = trained(tmp_path)
-    fresh = DPOTrainer(small_model(), byte_tokenizer(),
+    fresh = DPOTrainer(small_llama(), byte_tokenizer(),
                        DPOConfig(output_dir=str(tmp_path / "run"), batch_size=2, max_steps=4,
-                                 progress=False), rows(4), ref_model=small_model(1))
+                                 progress=False), preference_rows(4), ref_model=small_llama(1))
     (checkpoint / "trainer_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="trainer_state.pt is corrupt"):
         fresh.resume(checkpoint)
@@ -128,14 +128,14 @@ def test_resume_from_a_corrupt_or_missing_checkpoint(tmp_path):
 
 def test_resume_from_a_mismatched_checkpoint(tmp_path):
     checkpoint = trained(tmp_path)
-    other = DPOTrainer(small_model(), byte_tokenizer(),
+    other = DPOTrainer(small_llama(), byte_tokenizer(),
                        DPOConfig(output_dir=str(tmp_path / "other"), batch_size=3, max_steps=4,
-                                 progress=False), rows(4), ref_model=small_model(1))
+                                 progress=False), preference_rows(4), ref_model=small_llama(1))
     with pytest.raises(CheckpointError, match="batch_size is 2 there and 3 now"):
         other.resume(checkpoint)
     wider = DPOTrainer(tiny_llama(vocab_size=1000, hidden_size=64, num_layers=1), byte_tokenizer(),
                        DPOConfig(output_dir=str(tmp_path / "wide"), batch_size=2, progress=False),
-                       rows(4), ref_model=small_model(1))
+                       preference_rows(4), ref_model=small_llama(1))
     with pytest.raises(CheckpointError, match="model is"):
         wider.resume(checkpoint)
 

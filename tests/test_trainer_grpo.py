@@ -6,32 +6,20 @@ import json
 
 import pytest
 import torch
-from test_losses import policy_reference
+from helpers import RL_PROMPTS, lowercase_share, policy_reference, small_policy
 
-from fastalign.trainer import GRPOConfig, GRPOTrainer, byte_tokenizer, tiny_llama
-
-PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?"]
-
-
-def lowercase_share(prompts, completions):
-    """The share of a completion's characters that are lowercase letters (0 when empty)."""
-    return [sum(c.islower() for c in text) / max(len(text), 1) for text in completions]
-
-
-def small_model(seed=0):
-    return tiny_llama(vocab_size=300, hidden_size=32, num_layers=2, seed=seed)
-
+from fastalign.trainer import GRPOConfig, GRPOTrainer, byte_tokenizer
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_step_loss_matches_an_unfused_float64_reference(tmp_path, loss_type):
     torch.manual_seed(0)
-    policy, reference = small_model(0), small_model(1)
+    policy, reference = small_policy(0), small_policy(1)
     config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=4,
                         max_new_tokens=10, temperature=0.8, beta=0.1, clip_high=0.28,
                         loss_type=loss_type, progress=False)
-    trainer = GRPOTrainer(policy, byte_tokenizer(), config, PROMPTS[:2], [lowercase_share],
+    trainer = GRPOTrainer(policy, byte_tokenizer(), config, RL_PROMPTS[:2], [lowercase_share],
                           ref_model=reference)
-    rollouts, rewards, advantages = trainer.rollout(PROMPTS[:2])
+    rollouts, rewards, advantages = trainer.rollout(RL_PROMPTS[:2])
     ref_logprobs = trainer.reference_logprobs(rollouts)
     with torch.no_grad():  # the policy moved since the rollouts: ratios != 1, some clipped
         for parameter in policy.parameters():
@@ -67,7 +55,7 @@ def test_reward_rises(tmp_path):
     torch.manual_seed(0)
     config = GRPOConfig(output_dir=str(tmp_path), batch_size=4, num_generations=8,
                         max_new_tokens=12, learning_rate=1e-2, max_steps=30, progress=False)
-    trainer = GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, [lowercase_share])
+    trainer = GRPOTrainer(small_policy(), byte_tokenizer(), config, RL_PROMPTS, [lowercase_share])
     trainer.train()
     rewards = [json.loads(line)["reward"] for line in open(tmp_path / "metrics.jsonl")]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -83,10 +71,10 @@ def test_a_reward_model_among_the_reward_functions(tmp_path):
     reward_model = tiny_reward_model(vocab_size=300, hidden_size=32, seed=4)
     config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=4,
                         max_new_tokens=6, progress=False)
-    trainer = GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS,
+    trainer = GRPOTrainer(small_policy(), byte_tokenizer(), config, RL_PROMPTS,
                           [lowercase_share, reward_model], reward_weights=[1.0, 2.0])
-    rollouts, rewards, _ = trainer.rollout(PROMPTS[:2])
-    repeated = [PROMPTS[i] for i in rollouts.prompt_index.tolist()]
+    rollouts, rewards, _ = trainer.rollout(RL_PROMPTS[:2])
+    repeated = [RL_PROMPTS[i] for i in rollouts.prompt_index.tolist()]
     scores = score_with_reward_model(reward_model, byte_tokenizer(), repeated,
                                      rollouts.completions)
     expected = torch.tensor(lowercase_share(None, rollouts.completions)) + 2 * scores
@@ -99,8 +87,8 @@ def test_bad_reward_functions(tmp_path):
     config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=2,
                         max_new_tokens=4, progress=False)
     with pytest.raises(ValueError, match="reward_funcs must be a non-empty list"):
-        GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, [])
-    trainer = GRPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS,
+        GRPOTrainer(small_policy(), byte_tokenizer(), config, RL_PROMPTS, [])
+    trainer = GRPOTrainer(small_policy(), byte_tokenizer(), config, RL_PROMPTS,
                           [lambda prompts, completions: [float("nan")] * len(completions)])
     with pytest.raises(ValueError, match="must return one finite number per completion"):
         trainer.training_step()

@@ -7,16 +7,9 @@ import json
 
 import pytest
 import torch
-from test_losses import policy_reference
+from helpers import RL_PROMPTS, policy_reference, small_policy
 
-from fastalign.trainer import PPOConfig, PPOTrainer, byte_tokenizer, tiny_llama, tiny_reward_model
-
-PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?"]
-
-
-def small_model(seed=0):
-    return tiny_llama(vocab_size=300, hidden_size=32, num_layers=2, seed=seed)
-
+from fastalign.trainer import PPOConfig, PPOTrainer, byte_tokenizer, tiny_reward_model
 
 def small_reward_model(seed=2):
     return tiny_reward_model(vocab_size=300, hidden_size=32, seed=seed)
@@ -80,15 +73,15 @@ def _perturb(*modules, scale):
 @pytest.mark.parametrize("value_kind", ["head", "model"])
 def test_step_matches_an_unfused_float64_reference(tmp_path, value_kind):
     torch.manual_seed(0)
-    policy, reference, reward_model = small_model(0), small_model(1), small_reward_model()
+    policy, reference, reward_model = small_policy(0), small_policy(1), small_reward_model()
     value_model = None if value_kind == "head" else small_reward_model(seed=3)
     config = PPOConfig(output_dir=str(tmp_path), batch_size=4, mini_batch_size=2,
                        max_new_tokens=8, temperature=0.8, kl_coef=0.1, clip_high=0.28,
                        vf_coef=0.5, value_clip=0.05, gamma=0.9, lam=0.8, progress=False)
-    trainer = PPOTrainer(policy, byte_tokenizer(), config, PROMPTS, reward_model,
+    trainer = PPOTrainer(policy, byte_tokenizer(), config, RL_PROMPTS, reward_model,
                          ref_model=reference, value_model=value_model)
     _perturb(trainer.value_module, scale=0.3)  # old values != 0
-    experience = trainer.rollout(PROMPTS)
+    experience = trainer.rollout(RL_PROMPTS)
     rollouts, mask = experience.rollouts, experience.mask.double()
 
     exact_policy = copy.deepcopy(policy).double()
@@ -98,7 +91,7 @@ def test_step_matches_an_unfused_float64_reference(tmp_path, value_kind):
         _, ref = _naive_logprobs(copy.deepcopy(reference).double(), rollouts, 0.8)
         values = _naive_values(trainer, exact_values, rollouts, policy_hidden) * mask
         scores = []
-        for prompt, completion in zip(PROMPTS, rollouts.completions):  # one row, no padding
+        for prompt, completion in zip(RL_PROMPTS, rollouts.completions):  # one row, no padding
             ids = torch.tensor([list(prompt.encode()) + list(completion.encode())])
             scores.append(copy.deepcopy(reward_model).double()(input_ids=ids).logits[0, 0])
     scores = torch.stack(scores)
@@ -146,7 +139,7 @@ def test_score_rises_and_resume_restores_the_value_head(tmp_path):
     config = PPOConfig(output_dir=str(tmp_path), batch_size=16, mini_batch_size=8, ppo_epochs=2,
                        max_new_tokens=12, learning_rate=3e-2, kl_coef=0.01, max_steps=30,
                        save_steps=30, progress=False)
-    trainer = PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS * 4, LowercaseReward())
+    trainer = PPOTrainer(small_policy(), byte_tokenizer(), config, RL_PROMPTS * 4, LowercaseReward())
     trainer.train()
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     first = sum(row["score"] for row in logged[:5]) / 5
@@ -157,7 +150,7 @@ def test_score_rises_and_resume_restores_the_value_head(tmp_path):
     assert (tmp_path / "value_head.safetensors").is_file()
     print(f"score first 5 steps {first:.3f}, last 5 {last:.3f}")
 
-    resumed = PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS * 4, LowercaseReward())
+    resumed = PPOTrainer(small_policy(), byte_tokenizer(), config, RL_PROMPTS * 4, LowercaseReward())
     resumed.resume("latest")
     assert resumed.step == 30
     torch.testing.assert_close(resumed.value_module.weight, trainer.value_module.weight)
@@ -166,12 +159,12 @@ def test_score_rises_and_resume_restores_the_value_head(tmp_path):
 def test_bad_input(tmp_path):
     config = PPOConfig(output_dir=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="reward_model must be a sequence-classification"):
-        PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, small_model())
+        PPOTrainer(small_policy(), byte_tokenizer(), config, RL_PROMPTS, small_policy())
     with pytest.raises(TypeError, match="has no `score` head"):
-        PPOTrainer(small_model(), byte_tokenizer(), config, PROMPTS, small_reward_model(),
-                   value_model=small_model())
+        PPOTrainer(small_policy(), byte_tokenizer(), config, RL_PROMPTS, small_reward_model(),
+                   value_model=small_policy())
     with pytest.raises(ValueError, match="prompts is empty"):
-        PPOTrainer(small_model(), byte_tokenizer(), config, [], small_reward_model())
+        PPOTrainer(small_policy(), byte_tokenizer(), config, [], small_reward_model())
     with pytest.raises(ValueError, match=r"mini_batch_size \(8\) must be <= batch_size"):
         PPOConfig(batch_size=4, mini_batch_size=8)
     with pytest.raises(ValueError, match="kl_estimator must be one of k1, k2, k3"):
@@ -190,7 +183,7 @@ def test_a_lora_policy_uses_its_base_as_the_reference(tmp_path):
     from fastalign.trainer import CausalLMAdapter, GRPOConfig, GRPOTrainer
 
     torch.manual_seed(0)
-    policy = peft.get_peft_model(small_model(), peft.LoraConfig(
+    policy = peft.get_peft_model(small_policy(), peft.LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():  # adapters that move the policy away from its base
         for name, parameter in policy.named_parameters():
@@ -198,17 +191,17 @@ def test_a_lora_policy_uses_its_base_as_the_reference(tmp_path):
                 parameter.normal_(0, 0.5)
     config = PPOConfig(output_dir=str(tmp_path), batch_size=4, mini_batch_size=2,
                        max_new_tokens=6, progress=False)
-    trainer = PPOTrainer(policy, byte_tokenizer(), config, PROMPTS, small_reward_model())
+    trainer = PPOTrainer(policy, byte_tokenizer(), config, RL_PROMPTS, small_reward_model())
     assert trainer.reference.uses_base
-    experience = trainer.rollout(PROMPTS)
+    experience = trainer.rollout(RL_PROMPTS)
     inputs = experience.rollouts.model_inputs()
     with torch.no_grad():
-        base = CausalLMAdapter(small_model()).completion_logprobs(**inputs)[0]  # same weights
+        base = CausalLMAdapter(small_policy()).completion_logprobs(**inputs)[0]  # same weights
     torch.testing.assert_close(experience.ref_logprobs, base, rtol=0, atol=1e-5)
     assert (experience.rollouts.old_logprobs - base).abs().max() > 1e-2  # the policy differs
     grpo = GRPOTrainer(policy, byte_tokenizer(), GRPOConfig(output_dir=str(tmp_path), beta=0.1,
                                                             progress=False),
-                       PROMPTS, [lambda prompts, completions: [0.0] * len(completions)])
+                       RL_PROMPTS, [lambda prompts, completions: [0.0] * len(completions)])
     assert grpo.reference.uses_base
     torch.testing.assert_close(grpo.reference_logprobs(experience.rollouts), base, rtol=0,
                                atol=1e-5)

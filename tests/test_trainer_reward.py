@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from test_trainer_dpo import rows
+from helpers import preference_rows
 
 from fastalign.trainer import RewardConfig, RewardTrainer, byte_tokenizer, tiny_reward_model
 
@@ -21,7 +21,7 @@ def small_reward_model(scale=10.0):
 def test_first_batch_loss_matches_trl(tmp_path, center):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    data = [dict(row, margin=0.5 * i) for i, row in enumerate(rows(4))]
+    data = [dict(row, margin=0.5 * i) for i, row in enumerate(preference_rows(4))]
     model = small_reward_model()
     ours = RewardTrainer(model, byte_tokenizer(),
                          RewardConfig(output_dir=str(tmp_path / "out"), batch_size=4,
@@ -45,7 +45,7 @@ def test_training_separates_chosen_from_rejected(tmp_path):
     trainer = RewardTrainer(small_reward_model(scale=1.0), byte_tokenizer(),
                             RewardConfig(output_dir=str(tmp_path / "out"), batch_size=8,
                                          max_steps=15, learning_rate=3e-3, eval_steps=15,
-                                         progress=False), rows(32), rows(8))
+                                         progress=False), preference_rows(32), preference_rows(8))
     last = trainer.train()
     assert last["eval_accuracy"] >= 0.75 and last["eval_loss"] < 0.6, last
     assert (tmp_path / "out" / "metrics.png").is_file()
@@ -55,4 +55,4 @@ def test_reward_model_needs_one_output(tmp_path):
     from fastalign.trainer import tiny_llama
     with pytest.raises(ValueError, match="num_labels=1"):
         RewardTrainer(tiny_llama(vocab_size=1000, hidden_size=32, num_layers=1), byte_tokenizer(),
-                      RewardConfig(output_dir=str(tmp_path)), rows(2))
+                      RewardConfig(output_dir=str(tmp_path)), preference_rows(2))

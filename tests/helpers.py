@@ -1,0 +1,108 @@
+"""What several test files share: small models, data, a CLI runner, unfused references. Test
+files import from here, never from each other (conftest.py holds the device, backends and
+tolerances)."""
+
+import subprocess
+import sys
+
+import torch
+from conftest import DEVICE
+
+import fastalign as fa
+from fastalign.reference import token_logprobs_reference
+from fastalign.trainer import load_preferences, tiny_llama
+
+DEMO_DATA = "fastalign/data/demo_preferences.jsonl"
+RL_PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?"]
+
+
+def preference_rows(n=4, conversational=False):
+    """The first ``n`` bundled training pairs, as text or as chat messages."""
+    picked = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+              for r in load_preferences(DEMO_DATA, split="train")[:n]]
+    if conversational:
+        picked = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                   "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in picked]
+    return picked
+
+
+def small_llama(seed=0, scale=1.0):
+    """A 1-layer Llama over 1000 tokens (the preference trainers' tests); ``scale`` multiplies
+    every weight so the policy and the reference give clearly different, non-uniform
+    distributions."""
+    model = tiny_llama(vocab_size=1000, hidden_size=32, num_layers=1, seed=seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    return model
+
+
+def small_policy(seed=0):
+    """A 2-layer Llama over 300 tokens (the RL trainers' tests: the byte tokenizer's range)."""
+    return tiny_llama(vocab_size=300, hidden_size=32, num_layers=2, seed=seed)
+
+
+def lowercase_share(prompts, completions):
+    """The share of a completion's characters that are lowercase letters (0 when empty)."""
+    return [sum(c.islower() for c in text) / max(len(text), 1) for text in completions]
+
+
+def run_cli(*args, timeout=600):
+    """``python -m fastalign ARGS`` in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "fastalign", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def policy_reference(lp, old, adv, mask, clip_low, clip_high, dual_clip, ref, kl_coef, kind,
+                     level, aggregation, max_length):
+    """Case by case: A >= 0 keeps min(r, 1 + eps_high) A; A < 0 keeps max(r, 1 - eps_low) A."""
+    batch, length = lp.shape
+    adv = adv if adv.dim() == 2 else adv[:, None].expand(batch, length)
+    rows = []
+    for b in range(batch):
+        count = mask[b].sum()
+        if level == "sequence":
+            mean_log_ratio = ((lp[b] - old[b]) * mask[b]).sum() / max(count, 1)
+        row = []
+        for t in range(length):
+            log_ratio = mean_log_ratio if level == "sequence" else lp[b, t] - old[b, t]
+            ratio, a = torch.exp(log_ratio), adv[b, t]
+            if a >= 0:
+                loss = -a * torch.clamp(ratio, max=1 + clip_high)
+            else:
+                loss = -a * torch.clamp(ratio, min=1 - clip_low)
+                if dual_clip is not None:
+                    loss = torch.clamp(loss, max=-dual_clip * a)
+            if ref is not None:
+                r = ref[b, t] - lp[b, t]
+                kl = {"k1": -r, "k2": r * r / 2, "k3": torch.exp(r) - r - 1}[kind]
+                loss = loss + kl_coef * kl
+            row.append(loss * mask[b, t])
+        rows.append(torch.stack(row))
+    per_token = torch.stack(rows)
+    sums, counts = per_token.sum(1), mask.sum(1)
+    if aggregation == "token_mean":
+        return sums.sum() / counts.sum()
+    if aggregation == "seq_mean_token_mean":
+        return torch.stack([s / max(c, 1) for s, c in zip(sums, counts)]).mean()
+    if aggregation == "seq_mean_token_sum":
+        return sums.mean()
+    return sums.sum() / (batch * (max_length or length))
+
+
+def run_both(logits, targets, *, entropy_weight=True, **options):
+    """fastalign and the float64 reference on the same inputs, with random upstream gradients
+    on both outputs. Returns ((lp, ent, grad), (ref_lp, ref_ent, ref_grad))."""
+    results = []
+    grad_lp = torch.randn(targets.shape, device=DEVICE)
+    grad_ent = torch.randn(targets.shape, device=DEVICE) if entropy_weight else None
+    for fn in (fa.token_logprobs, token_logprobs_reference):
+        leaf = logits.detach().clone().requires_grad_()
+        logprobs, entropy = fn(leaf * 1, targets, return_entropy=True, **options)  # non-leaf input
+        loss = (logprobs * grad_lp).sum()
+        if grad_ent is not None:
+            loss = loss + (entropy * grad_ent).sum()
+        loss.backward()
+        results.append((logprobs, entropy, leaf.grad))
+    return results
