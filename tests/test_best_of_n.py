@@ -8,6 +8,9 @@ from helpers import RL_PROMPTS, lowercase_share, small_policy
 from fastalign.trainer import byte_tokenizer, tiny_reward_model
 from fastalign.trainer.best_of_n import best_of_n, score_with_reward_model
 
+# Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 
 def test_keeps_the_best_of_each_group():
     torch.manual_seed(0)

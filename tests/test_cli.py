@@ -8,6 +8,9 @@ import pytest
 
 from helpers import preference_rows, run_cli
 
+# Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 
 def test_help_explains_every_flag():
     done = run_cli("train", "dpo", "--help")
@@ -18,7 +21,6 @@ def test_help_explains_every_flag():
     assert "KL regularization" in done.stdout  # flags carry explanations, not only names
 
 
-@pytest.mark.slow
 def test_train_dpo_then_resume_from_the_command_line(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(8)))
@@ -44,7 +46,6 @@ def test_errors_are_one_line_messages(tmp_path):
     assert done.returncode != 0 and "unrecognized arguments: --loss-type" in done.stderr
 
 
-@pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_short_schedule(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastalign.demo", "--steps", "2",
                            "--max-pairs", "16", "--output", str(tmp_path / "demo"),

@@ -6,6 +6,9 @@ import torch
 from fastalign.trainer import byte_tokenizer, tiny_llama
 from fastalign.trainer.rollout import _Sampling, generate_rollouts
 
+# Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 
 def model(kind="llama"):
     """A tiny Llama (rotary, relative positions) or GPT-2 (learned absolute positions)."""

@@ -9,6 +9,10 @@ from helpers import lowercase_share, small_policy
 from fastalign.trainer import (GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, byte_tokenizer,
                                tiny_reward_model)
 
+# Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
+
 PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?",
            "Count to three.", "Say yes.", "Pick a color.", "Tell a joke."]
 

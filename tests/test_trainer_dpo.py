@@ -8,11 +8,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import preference_rows, small_llama
 
 from fastalign.trainer import DPOConfig, DPOTrainer, byte_tokenizer
 from fastalign.trainer.data import collate_pairs, tokenize_pairs
+
+# Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 
 def config(tmp_path, **options):
     return DPOConfig(output_dir=str(tmp_path / "out"), batch_size=4, progress=False, **options)

@@ -10,6 +10,10 @@ from helpers import RL_PROMPTS, lowercase_share, policy_reference, small_policy
 
 from fastalign.trainer import GRPOConfig, GRPOTrainer, byte_tokenizer
 
+# Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_step_loss_matches_an_unfused_float64_reference(tmp_path, loss_type):
     torch.manual_seed(0)

@@ -11,6 +11,10 @@ from helpers import RL_PROMPTS, policy_reference, small_policy
 
 from fastalign.trainer import PPOConfig, PPOTrainer, byte_tokenizer, tiny_reward_model
 
+# Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
+
 def small_reward_model(seed=2):
     return tiny_reward_model(vocab_size=300, hidden_size=32, seed=seed)
 

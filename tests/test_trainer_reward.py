@@ -8,6 +8,9 @@ from helpers import preference_rows
 
 from fastalign.trainer import RewardConfig, RewardTrainer, byte_tokenizer, tiny_reward_model
 
+# Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
+pytestmark = pytest.mark.slow
+
 
 def small_reward_model(scale=10.0):
     model = tiny_reward_model(vocab_size=1000, hidden_size=32, num_layers=1)
