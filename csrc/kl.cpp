@@ -34,12 +34,16 @@ struct KlStats {
     ref_max = new_ref_max;
 
     const Vec m(max), m_ref(ref_max), inv_t(inv_temperature), zero(0.0f);
+    const Vec minus_inf(-INFINITY), plus_inf(INFINITY);
     Vec sum_p(0.0f), sum_q(0.0f), cross_acc(0.0f);
     auto add = [&](const Vec& p, const Vec& q) {
       const Vec sp = (p - m) * inv_t, sq = (q - m_ref) * inv_t;
       const Vec ep = fast_exp(sp);
-      // Columns with p = 0 (the tail's padding, -inf logits) add nothing, whatever z_ref is.
-      cross_acc = cross_acc + Vec::blendv(zero, ep * (sp - sq), ep > zero);
+      // Columns with p = 0 (the tail's padding, -inf logits) add nothing, whatever z_ref is; a
+      // finite logit where the reference's is -inf makes the KL +inf, even where exp(s)
+      // underflows to 0 (0 * inf would be NaN, and dropping it would give a finite KL).
+      const Vec term = Vec::blendv(ep * (sp - sq), plus_inf, sq == minus_inf);
+      cross_acc = cross_acc + Vec::blendv(term, zero, sp == minus_inf);
       sum_p = sum_p + ep;
       sum_q = sum_q + fast_exp(sq);
     };
@@ -112,12 +116,15 @@ void kl_grad_rows(const p_t* p_base, const RowLayout& p_layout, const q_t* q_bas
       const float* row_stats = stats + 4 * row;
       const Vec row_max(row_stats[0]), log_sum(row_stats[1]), ref_max(row_stats[2]),
           row_shift(row_stats[3]), coef(grad_kl[row] * inv_temperature);
+      const Vec poison((row_stats[3] - row_stats[3]) * grad_kl[row]);  // 0, or NaN
       auto grad_of = [&](const Vec& z, const Vec& z_ref) {
         const Vec s = (z - row_max) * inv_t;
         const Vec p = fast_exp(s - log_sum);
         const Vec log_ratio = (s - (z_ref - ref_max) * inv_t) - row_shift;
-        // p = 0 columns get 0, not 0 * (-inf - finite) = NaN.
-        return Vec::blendv(zero, p * log_ratio * coef, p > zero);
+        // p = 0 columns get 0, not 0 * (-inf - finite) = NaN, unless the row's KL is NaN or
+        // inf (shift - shift is then NaN: the row is poisoned, as log_softmax's backward
+        // poisons it). A NaN p (a NaN or +inf logit, a row of only -inf) stays NaN.
+        return Vec::blendv(p * log_ratio * coef, poison, p == zero);
       };
       for (int64_t start = 0; start < vocab_size; start += kBlock) {
         const int64_t n = std::min(kBlock, vocab_size - start);

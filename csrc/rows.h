@@ -54,7 +54,10 @@ inline RowLayout checked_layout(const at::Tensor& x, const LayoutArg& arg, int64
                                 const char* name) {
   const auto [n_inner, stride_outer, stride_inner] = arg;
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(x.dim() >= 1 && x.stride(-1) == 1, name, " needs a unit stride in its last dim");
+  // A one-column row reads one element: its stride does not matter (and torch's contiguous()
+  // keeps any stride on a size-1 dim, so a [..., ::2] slice of V = 2 arrives with stride 2).
+  TORCH_CHECK(x.dim() >= 1 && (x.stride(-1) == 1 || x.size(-1) == 1), name,
+              " needs a unit stride in its last dim");
   TORCH_CHECK(n_rows == 0 || (n_inner > 0 && n_rows % n_inner == 0 && stride_outer >= 0 &&
                                stride_inner >= 0), name, ": bad row layout");
   if (n_rows > 0) {

@@ -64,7 +64,16 @@ def token_kl_reference(logits: torch.Tensor, ref_logits: torch.Tensor, *,
     """``sum p (log p - log q)`` over the vocabulary with full log-softmaxes; masked rows 0."""
     log_p = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)
     log_q = torch.log_softmax(ref_logits.to(compute_dtype) / temperature, dim=-1)
-    kl = (log_p.exp() * _zero_where_p_is_zero(log_p, log_p - log_q)).sum(-1)
+    # p = 0 columns (log p = -inf) add 0. A column the reference gives probability 0 and the
+    # policy does not (a finite log p, however small its exp) makes the KL +inf, where
+    # exp(log p) * inf could be 0 * inf = NaN. Each product sees only values it is defined for
+    # (selected before multiplying, so no NaN reaches the gradient either); a NaN log p (a NaN
+    # or +inf logit) stays NaN.
+    dead = log_p == float("-inf")
+    impossible = (log_q == float("-inf")) & ~dead
+    safe_p, safe_q = torch.where(dead, 0.0, log_p), torch.where(dead | impossible, 0.0, log_q)
+    terms = torch.where(impossible, float("inf"), safe_p.exp() * (safe_p - safe_q))
+    kl = torch.where(dead, 0.0, terms).sum(-1)
     return kl if mask is None else kl.masked_fill(~mask, 0.0)
 
 

@@ -72,8 +72,11 @@ def _kl_forward_kernel(
         sp = (zp - new_max_p) * inv_temperature
         sq = (zq - new_max_q) * inv_temperature
         ep = tl.exp(sp)
-        # Columns with p = 0 (masked, -inf logits) add nothing, whatever z_ref is.
-        term = tl.where(ep > 0, ep * (sp - sq), 0.0)
+        # Columns with p = 0 (masked, -inf logits) add nothing, whatever z_ref is; a finite
+        # logit where the reference's is -inf makes the KL +inf, even where exp(s) underflows
+        # to 0 (0 * inf would be NaN, and dropping it would give a finite KL).
+        term = tl.where(sp == -float("inf"), 0.0,
+                        tl.where(sq == -float("inf"), float("inf"), ep * (sp - sq)))
         # The running cross term moved to the new maxes: exp(d_p) (cross + (d_p - d_q) sum_p),
         # as exp(d_p) * (d_p - d_q) so that a vanishing exp(d_p) gives 0, not 0 * inf.
         cross = rescale_p * cross + (rescale_p * (delta_p - delta_q)) * sum_p \
@@ -114,8 +117,12 @@ def _kl_backward_kernel(
     p = tl.exp(sp - tl.load(stats_ptr + 4 * row + 1))
     log_ratio = (sp - (zq - tl.load(stats_ptr + 4 * row + 2)) * inv_temperature) \
         - tl.load(stats_ptr + 4 * row + 3)
-    # p = 0 columns get 0, not 0 * (-inf - finite) = NaN.
-    grad = tl.where(p > 0, p * log_ratio, 0.0) * (tl.load(grad_kl_ptr + row) * inv_temperature)
+    # p = 0 columns get 0, not 0 * (-inf - finite) = NaN, unless the row's KL is NaN or inf
+    # (shift - shift is then NaN: the row is poisoned, as log_softmax's backward poisons it). A
+    # NaN p (a NaN or +inf logit, a row of only -inf) fails p == 0 and stays NaN.
+    shift = tl.load(stats_ptr + 4 * row + 3)
+    grad = tl.where(p == 0.0, shift - shift, p * log_ratio) \
+        * (tl.load(grad_kl_ptr + row) * inv_temperature)
     tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
 
 

@@ -56,9 +56,15 @@ def _kl_and_grad(lp, ref, KL_KIND: tl.constexpr):
         kl = r * r / 2
         grad = -r
     else:
-        # r = +inf (a -inf log-prob under the policy): exp(r) - r is inf - inf; k3's limit is inf.
-        kl = tl.where(r == float("inf"), r, tl.exp(r) - r - 1.0)
-        grad = 1.0 - tl.exp(r)
+        # Below |r| = 0.1 a series (exp(r) - r - 1 and 1 - exp(r) cancel: fastalign/ops/
+        # policy_stats.K3_SERIES_BELOW); r = +inf (a -inf log-prob under the policy) would make
+        # exp(r) - r inf - inf, and k3's limit there is inf.
+        small = tl.abs(r) < 0.1
+        s = tl.where(small, r, 0.0)
+        series = s * s * (0.5 + s * (1.0 / 6 + s * (1.0 / 24 + s * (1.0 / 120 + s / 720))))
+        series_grad = -s * (1.0 + s * (0.5 + s * (1.0 / 6 + s * (1.0 / 24 + s / 120))))
+        kl = tl.where(small, series, tl.where(r == float("inf"), r, tl.exp(r) - r - 1.0))
+        grad = tl.where(small, series_grad, 1.0 - tl.exp(r))
     return kl, grad
 
 

@@ -90,6 +90,41 @@ def test_token_kl_leaves_inputs_alone(backend):
     assert torch.equal(full.detach(), before[0]) and torch.equal(ref, before[1])
 
 
+def test_token_kl_of_degenerate_rows_is_never_silently_finite(backend):
+    """Found by tests/test_fuzz_ops.py. A row whose KL is NaN (a NaN or +inf policy logit, a
+    row of only -inf) used to get a clean gradient: where(p > 0, ...) dropped the NaN p. And a
+    finite policy logit where the reference's is -inf makes the KL +inf even where p underflows
+    to 0 in float32 (log p = -200): it came out finite."""
+    logits = torch.randn(5, 40, device=DEVICE)
+    ref_logits = torch.randn(5, 40, device=DEVICE)
+    logits[0, 3] = float("nan")
+    logits[1, 7] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, 5] = -200.0  # p = e^-200: 0 in float32, not in float64
+    ref_logits[3, 5] = float("-inf")
+    leaf = logits.clone().requires_grad_()
+    kl = fa.token_kl(leaf, ref_logits)
+    grad, = torch.autograd.grad(kl[:4].nansum() + kl[4], leaf)
+    assert kl[:3].isnan().all() and kl[3] == float("inf") and torch.isfinite(kl[4])
+    assert grad[:3].isnan().all(), "a NaN KL must not give a finite gradient"
+    assert not torch.isfinite(grad[3]).all() and torch.isfinite(grad[4]).all()
+    expected = token_kl_reference(logits.double(), ref_logits.double())
+    assert expected[3] == float("inf") and expected[:3].isnan().all()
+    assert_close(kl[4], expected[4], 1e-5, "the healthy row")
+
+
+def test_token_kl_with_an_empty_leading_dim(backend):
+    """Found by the fuzzer: a 0-sized dim between others made no row layout (torch does not
+    copy empty tensors into a contiguous layout) and raised a bare unpacking error."""
+    full = torch.randn(3, 2, 4, 33, device=DEVICE)
+    logits = full[:, :0, :3]
+    leaf = full.clone().requires_grad_()
+    kl = fa.token_kl(leaf[:, :0, :3], logits + 1.0)
+    assert kl.shape == (3, 0, 3)
+    kl.sum().backward()
+    assert (leaf.grad == 0).all()
+
+
 def random_pair(shape, vocab, dtype, *, ref_dim=48, seed=0):
     """Policy (hidden, weight, bias) leaves and a reference (hidden, weight, bias) of another
     width, both giving logits of std ~2."""

@@ -57,7 +57,8 @@ def test_huge_logits_keep_their_precision(backend, dtype, offset, temperature):
     targets = torch.randint(0, VOCAB, (ROWS,), generator=gen).to(DEVICE)
     go_lp, go_ent = torch.randn(2, ROWS, generator=gen).to(DEVICE)
     options = dict(temperature=temperature)
-    lp, ent, grad = _logprobs_and_grads(fa.token_logprobs, logits, targets, go_lp, go_ent, **options)
+    lp, ent, grad = _logprobs_and_grads(fa.token_logprobs, logits, targets, go_lp, go_ent,
+                                        **options)
     ref_lp, ref_ent, ref_grad = _logprobs_and_grads(token_logprobs_reference, logits.double(),
                                                     targets, go_lp, go_ent, **options)
     tol = TOLERANCE[dtype]
@@ -97,7 +98,8 @@ def test_softcap_keeps_the_relative_precision_of_small_logits(backend, dtype, sc
     go_lp, go_ent = torch.randn(2, ROWS, generator=gen).to(DEVICE)
     # T small enough that the softmax of tiny logits is not uniform (uniform would hide errors).
     options = dict(softcap=30.0, temperature=scale / 4)
-    lp, ent, grad = _logprobs_and_grads(fa.token_logprobs, logits, targets, go_lp, go_ent, **options)
+    lp, ent, grad = _logprobs_and_grads(fa.token_logprobs, logits, targets, go_lp, go_ent,
+                                        **options)
     ref_lp, ref_ent, ref_grad = _logprobs_and_grads(token_logprobs_reference, logits.double(),
                                                     targets, go_lp, go_ent, **options)
     tol = TOLERANCE[dtype]

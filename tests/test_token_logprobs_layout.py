@@ -101,8 +101,8 @@ def test_inplace_backward_refuses_a_view_of_a_leaf(backend, make):
     logits = make(leaf)
     targets = torch.randint(0, 33, logits.shape[:-1], device=DEVICE)
     with pytest.raises(ValueError, match=r"inplace_backward=True would write the gradient into "
-                       r"the memory of a leaf tensor: logits is a view of one \(shape \(2, 9, 33\)\); "
-                       r"pass logits produced by a layer \(or a copy"):
+                       r"the memory of a leaf tensor: logits is a view of one "
+                       r"\(shape \(2, 9, 33\)\); pass logits produced by a layer \(or a copy"):
         fa.token_logprobs(logits, targets, inplace_backward=True)
     fa.token_logprobs(logits, targets).sum().backward()  # without the flag: a fresh gradient
     assert torch.equal(leaf.detach(), before) and leaf.grad is not None

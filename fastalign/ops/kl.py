@@ -133,6 +133,10 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: flo
     checks.check_same_device("ref_logits", ref_logits, "logits", logits)
     checks.check_mask(mask, logits.shape[:-1], logits.device, "logits")
     checks.check_temperature(temperature)
+    if logits.numel() == 0:
+        # No rows (a leading dim of 0, perhaps between others: no row layout describes that
+        # without a copy that torch skips for empty tensors). Keep the result on the graph.
+        return logits.sum(-1, dtype=torch.float32) * 0.0
     kl, _ = _token_kl_forward(logits, ref_logits.detach(), mask, 1.0 / float(temperature),
                               select_backend(logits.device))
     return kl.view(logits.shape[:-1])

@@ -38,8 +38,11 @@ def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature
         shifted_p = zp.sub_(max_p).mul_(inv_temperature)
         shifted_q = zq.sub_(max_q).mul_(inv_temperature)
         ep = shifted_p.exp()
-        # p = 0 columns (-inf logits) add nothing, whatever the reference says there.
-        cross = torch.where(ep > 0, ep * (shifted_p - shifted_q), 0.0).sum(dim=1)
+        # p = 0 columns (-inf logits) add nothing, whatever the reference says there; a finite
+        # logit where the reference's is -inf makes the KL +inf (even where exp underflows).
+        inf = float("inf")
+        cross = torch.where(shifted_p == -inf, 0.0, torch.where(
+            shifted_q == -inf, inf, ep * (shifted_p - shifted_q))).sum(dim=1)
         stats[:, rows] = torch.stack([max_p.squeeze(1), ep.sum(dim=1), max_q.squeeze(1),
                                       shifted_q.exp_().sum(dim=1), cross])
     if mask is not None:
@@ -60,9 +63,10 @@ def kl_grad(logits, ref_logits, layout, ref_layout, mask, stats, grad_kl, grad_o
         sq = _float(row_block(ref_logits, ref_layout, start, stop)).sub_(ref_max)
         p = torch.sub(sp, log_sum).exp_()
         # dKL/dz'_j = p_j ((s_j - s_ref,j) - shift), each s relative to its own side's max;
-        # p = 0 columns give 0, not 0 * -inf.
+        # p = 0 columns give 0, not 0 * -inf, unless the row's KL is NaN or inf (shift - shift
+        # is then NaN: the row is poisoned, as log_softmax's backward poisons it); a NaN p stays.
         log_ratio = sp.sub_(sq.mul_(inv_temperature)).sub_(shift)
-        grad = torch.where(p > 0, p.mul_(log_ratio), 0.0).mul_(coef[rows, None])
+        grad = torch.where(p == 0, shift - shift, p * log_ratio).mul_(coef[rows, None])
         if mask is not None:  # skipped rows may hold anything, even NaN: overwrite, not scale
             grad.masked_fill_(~mask.reshape(-1)[rows, None], 0.0)
         row_block(grad_out, grad_layout, start, stop).copy_(grad)
