@@ -124,6 +124,11 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: flo
         ``kl [...]`` float32, differentiable w.r.t. ``logits``. Extra memory: five float32 per
         row in forward; the returned gradient only, in backward. Logits of any finite size keep
         float32 precision (each side's differences are taken from its own max, before 1 / T).
+        A NaN or +inf logit (either side) or a row of only -inf gives a NaN KL and a NaN
+        gradient row; a finite policy logit where the reference's is -inf gives +inf (its
+        gradient row is then not finite either). A KL within a factor V of float32's max may
+        overflow to inf: the row's sum of p * log-ratio is accumulated before dividing by the
+        sum of p.
     """
     checks.check_float_tensor("logits", logits)
     checks.check_float_tensor("ref_logits", ref_logits)
