@@ -47,6 +47,7 @@ OPTION_CALLS = {  # option -> a call with that option set to the value
     "FusedDPOLoss.beta": lambda v: fa.FusedDPOLoss(beta=v),
     "FusedDPOLoss.label_smoothing": lambda v: fa.FusedDPOLoss(label_smoothing=v),
     "FusedDPOLoss.temperature": lambda v: fa.FusedDPOLoss(temperature=v),
+    "FusedDPOLoss.softcap": lambda v: fa.FusedDPOLoss(softcap=v),
     "FusedPolicyLoss.temperature": lambda v: fa.FusedPolicyLoss(temperature=v),
     "FusedPolicyLoss.softcap": lambda v: fa.FusedPolicyLoss(softcap=v),
     "value_loss.clip": lambda v: value_loss(_t(B, T), _t(B, T), _t(B, T), torch.ones(B, T),
