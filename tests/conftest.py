@@ -45,7 +45,7 @@ def small_tiles(monkeypatch):
     """Shrinks Triton tiles and torch chunks so small vocabularies cross several of them and end
     in a partial one (V=507 -> 4 tiles of 128, the last holding 123 columns)."""
     from fastalign.kernels import kl, linear_logprobs, token_logprobs
-    from fastalign.ops import linear_logprobs_torch, token_logprobs_torch
+    from fastalign.ops import _tiles, token_logprobs_torch
 
     for module in (token_logprobs, kl):
         for name in ("FORWARD_BLOCK_V", "BACKWARD_BLOCK_V"):
@@ -61,7 +61,7 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(linear, f"{prefix}_NUM_WARPS", 2)
     monkeypatch.setattr(linear, "FORWARD_TARGET_PROGRAMS", 8)
     monkeypatch.setattr(linear, "GRAD_TILE_ELEMENTS", 64 * 128)
-    monkeypatch.setattr(linear_logprobs_torch, "TILE_ELEMENTS", 1024)
+    monkeypatch.setattr(_tiles, "TILE_ELEMENTS", 1024)
 
 
 @pytest.fixture(autouse=True)

@@ -159,8 +159,10 @@ def test_matches_trl_chunked_logprob_function(backend):
 def test_unused_entropy_costs_no_entropy_gradient(backend, monkeypatch):
     """return_entropy=True with only the log-probs in the loss (entropy kept for logging): the
     backward gets no zero-filled entropy gradient to differentiate."""
-    from fastalign.ops._dispatch import backend_module
-    module = backend_module("test", backend, "linear_logprobs", "linear_logprobs_torch")
+    import importlib
+    module = importlib.import_module({"triton": "fastalign.kernels.linear_logprobs",
+                                      "native": "fastalign.ops.linear_logprobs_native",
+                                      "torch": "fastalign.ops.linear_logprobs_torch"}[backend])
     original, seen = module.linear_logprobs_grad_tile, []
 
     def spy(*args, **kwargs):

@@ -161,8 +161,9 @@ def test_offsets_past_two_to_the_31(backend):
 
 
 def _launchers(backend):
-    from fastalign.ops.token_logprobs import _launchers
-    return _launchers(backend)
+    from fastalign.ops._backends import token_logprobs_launchers
+    launchers = token_logprobs_launchers(backend)
+    return launchers.forward, launchers.backward
 
 
 def test_out_of_range_targets_are_nan_not_read(backend):

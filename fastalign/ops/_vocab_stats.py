@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import torch
 
-# Slices start their max at the most negative float rather than -inf, so that key - m_s is never
-# -inf - -inf for a slice whose logits are all -inf; exp(d_s) is still exactly 0 for it, and no
-# finite logit lies below it.
-FINITE_MIN = torch.finfo(torch.float32).min
+from ._tiles import FINITE_MIN  # noqa: F401  (slices start their max there, see _tiles)
 
 
 def scaled_delta(slice_max: torch.Tensor, global_max: torch.Tensor,

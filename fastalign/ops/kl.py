@@ -21,18 +21,13 @@ from .._backend import select_backend
 from .._layout import RowLayout, row_layout
 from . import _linear_backward, _vocab_stats
 from ._compact import kept_rows, scatter_rows, select_rows
-from ._dispatch import backend_module, new_gradient
-from .linear_logprobs_torch import raw_logits_tile
-
-
-def _backend_module(backend: str):
-    return backend_module("the KL ops", backend, "kl", "kl_torch")
+from ._backends import kl_launchers, linear_logprobs_launchers, new_gradient
+from ._tiles import raw_logits_tile
 
 
 def _tile_cols(backend: str, n_rows: int, vocab_size: int) -> int:
     """Vocabulary columns per logits slice: the backend's fused-linear tile size."""
-    module = backend_module("linear_kl", backend, "linear_logprobs", "linear_logprobs_torch")
-    return module.tile_cols(n_rows, vocab_size)
+    return linear_logprobs_launchers(backend).tile_cols(n_rows, vocab_size)
 
 
 def _flat_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -49,7 +44,7 @@ def _token_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor,
     the backward needs, see ``_vocab_stats.merge_kl_partials``)."""
     logits, layout = row_layout(logits)
     ref_logits, ref_layout = row_layout(ref_logits)
-    partials = _backend_module(backend).kl_partials(
+    partials = kl_launchers(backend).forward(
         logits, ref_logits, layout, ref_layout, _flat_mask(mask), inv_temperature=inv_temperature)
     return _vocab_stats.merge_kl_partials(*(x[None] for x in partials),
                                           inv_temperature=inv_temperature)
@@ -76,7 +71,7 @@ def _token_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor,
     ref_logits, ref_layout = row_layout(ref_logits)
     vocab_size = logits.shape[-1]
     grad_layout = RowLayout(layout.n_outer, layout.n_inner, layout.n_inner * vocab_size, vocab_size)
-    return _backend_module(backend).kl_grad(
+    return kl_launchers(backend).backward(
         logits, ref_logits, layout, ref_layout, _flat_mask(mask), stats, grad_kl,
         grad_out, grad_layout, inv_temperature=inv_temperature)
 
@@ -167,13 +162,13 @@ def _linear_kl_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optiona
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     rows = None if mask is None else kept_rows(mask)
     hidden, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
-    module = _backend_module(backend)
+    launchers = kl_launchers(backend)
     cols = _tile_cols(backend, hidden.shape[0], vocab_size)
     slices = []
     for start in range(0, vocab_size, cols):
         tile, ref_tile, layout = _logit_tiles(hidden, weight, bias, ref_hidden, ref_weight,
                                               ref_bias, start, min(start + cols, vocab_size))
-        slices.append(module.kl_partials(tile, ref_tile, layout, layout, None,
+        slices.append(launchers.forward(tile, ref_tile, layout, layout, None,
                                          inv_temperature=inv_temperature))
     stacked = (torch.stack(column) for column in zip(*slices))
     merged = _vocab_stats.merge_kl_partials(*stacked, inv_temperature=inv_temperature)
@@ -198,13 +193,13 @@ def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     rows = None if mask is None else kept_rows(mask)
     hidden_kept, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
     stats, grad_kl = select_rows(stats, rows), select_rows(grad_kl, rows)
-    module = _backend_module(backend)
+    launchers = kl_launchers(backend)
 
     def grad_tile(start: int, end: int) -> torch.Tensor:
         tile, ref_tile, layout = _logit_tiles(hidden_kept, weight, bias, ref_hidden, ref_weight,
                                               ref_bias, start, end)
         # The policy tile is read before the kernel writes any of the gradient over it.
-        module.kl_grad(tile, ref_tile, layout, layout, None, stats, grad_kl, tile, layout,
+        launchers.backward(tile, ref_tile, layout, layout, None, stats, grad_kl, tile, layout,
                        inv_temperature=inv_temperature)
         return tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
 

@@ -9,7 +9,7 @@ import torch
 
 from .._layout import RowLayout, iter_aligned_row_ranges, row_block
 from . import token_logprobs_torch
-from ._vocab_stats import FINITE_MIN
+from ._tiles import FINITE_MIN
 
 
 def _rows_per_chunk(vocab_size: int) -> int:

@@ -19,11 +19,7 @@ from .. import _validation as checks
 from .._backend import select_backend
 from . import _linear_backward, _vocab_stats
 from ._compact import kept_rows, scatter_rows, select_rows
-from ._dispatch import backend_module
-
-
-def _backend_module(backend: str):
-    return backend_module("linear_logprobs", backend, "linear_logprobs", "linear_logprobs_torch")
+from ._backends import linear_logprobs_launchers
 
 
 @torch.library.custom_op("fastalign::linear_logprobs_forward", mutates_args=())
@@ -36,7 +32,7 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     n_rows = targets.shape[0]
     rows = kept_rows(targets != ignore_index)
     kept_targets = select_rows(targets, rows)
-    partials = _backend_module(backend).linear_logprobs_partials(
+    partials = linear_logprobs_launchers(backend).forward(
         select_rows(hidden, rows), weight, bias, kept_targets - vocab_offset,
         inv_temperature=inv_temperature, softcap=softcap, return_entropy=return_entropy)
     stats, entropy, logprobs = _vocab_stats.merge_vocab_partials(
@@ -77,15 +73,15 @@ def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     stats = select_rows(stats, rows)
     entropy = select_rows(entropy, rows) if grad_entropy is not None else None
     grad_logprobs, grad_entropy = select_rows(grad_logprobs, rows), select_rows(grad_entropy, rows)
-    module = _backend_module(backend)
+    launchers = linear_logprobs_launchers(backend)
 
     def grad_tile(start: int, end: int) -> torch.Tensor:
-        return module.linear_logprobs_grad_tile(
+        return launchers.backward(
             hidden_kept, weight, bias, targets_kept, stats, entropy, grad_logprobs, grad_entropy,
             start, end, inv_temperature=inv_temperature, softcap=softcap)
 
     grad_hidden, grad_weight, grad_bias = _linear_backward.linear_backward(
-        hidden_kept, weight, module.tile_cols(hidden_kept.shape[0], weight.shape[0]), grad_tile,
+        hidden_kept, weight, launchers.tile_cols(hidden_kept.shape[0], weight.shape[0]), grad_tile,
         need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
     if grad_hidden is not None:
         group = _vocab_stats.resolve_group(group_name)

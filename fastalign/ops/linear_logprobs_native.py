@@ -1,5 +1,5 @@
 """Native C++ backend of ``linear_logprobs``: the torch backend's tiles (one matmul per
-vocabulary slice, ``linear_logprobs_torch``), reduced and differentiated by the native row
+vocabulary slice, ``_tiles.raw_logits_tile``), reduced and differentiated by the native row
 kernels of ``csrc/logprobs.cpp`` instead of a chain of elementwise torch ops. Same launcher
 signatures as ``fastalign.kernels.linear_logprobs``.
 """
@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._native import extension
-from .linear_logprobs_torch import partials_buffers, raw_logits_tile, tile_cols
-
-__all__ = ["linear_logprobs_partials", "linear_logprobs_grad_tile", "tile_cols"]
+from ._tiles import partials_buffers, raw_logits_tile
 
 
 def _tile_layout(tile: torch.Tensor) -> tuple[int, int, int]:

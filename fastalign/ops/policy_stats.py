@@ -10,15 +10,11 @@ import torch
 
 from .._backend import select_backend
 from .._validation import check_choice
-from ._dispatch import backend_module
+from ._backends import policy_launchers
 
 # Columns of the [B, 7] sums (the same order as kernels/policy.py).
 LOSS, COUNT, CLIP_LOW, CLIP_HIGH, RATIO, APPROX_KL, KL = range(7)
 KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}
-
-
-def _triton():
-    return backend_module("policy_loss", "triton", "policy", "policy_stats")
 
 
 @torch.library.custom_op("fastalign::policy_stats", mutates_args=())
@@ -26,7 +22,7 @@ def _stats_op(logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tenso
               mask: torch.Tensor, ref: Optional[torch.Tensor], clip_low: float, clip_high: float,
               dual_clip: Optional[float], kl_coef: float, kl_kind: int,
               sequence_level: bool) -> torch.Tensor:
-    return _triton().policy_stats(logprobs, old, advantages, mask, ref, clip_low=clip_low,
+    return policy_launchers("triton").forward(logprobs, old, advantages, mask, ref, clip_low=clip_low,
                                   clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                                   kl_kind=kl_kind, sequence_level=sequence_level)
 
@@ -42,7 +38,7 @@ def _grad_op(logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor
              mask: torch.Tensor, ref: Optional[torch.Tensor], weights: torch.Tensor,
              clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float,
              kl_kind: int, sequence_level: bool) -> torch.Tensor:
-    return _triton().policy_grad(logprobs, old, advantages, mask, ref, weights,
+    return policy_launchers("triton").backward(logprobs, old, advantages, mask, ref, weights,
                                  clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                                  kl_coef=kl_coef, kl_kind=kl_kind, sequence_level=sequence_level)
 

@@ -9,13 +9,7 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from .._layout import needs_copy, row_layout
-from ._dispatch import backend_module, new_gradient
-
-
-def _launchers(backend: str):
-    """(forward, backward) launchers of a backend."""
-    module = backend_module("token_logprobs", backend, "token_logprobs", "token_logprobs_torch")
-    return module.token_logprobs_forward, module.token_logprobs_backward
+from ._backends import new_gradient, token_logprobs_launchers
 
 
 @torch.library.custom_op("fastalign::token_logprobs_forward", mutates_args=())
@@ -27,8 +21,7 @@ def _forward_op(logits: torch.Tensor, targets: torch.Tensor, inv_temperature: fl
     ``targets [N]``: ``stats`` holds each row's max key and log-sum (kernels/token_logprobs.py),
     what the backward needs; ``inplace_backward`` only matters to the backward."""
     rows, layout = row_layout(logits)
-    forward_launcher, _ = _launchers(backend)
-    logprobs, entropy, stats = forward_launcher(
+    logprobs, entropy, stats = token_logprobs_launchers(backend).forward(
         rows, targets, layout.n_inner, layout.stride_outer, layout.stride_inner,
         inv_temperature=inv_temperature, softcap=softcap, ignore_index=ignore_index,
         return_entropy=return_entropy)
@@ -46,8 +39,7 @@ def _forward_fake(logits, targets, inv_temperature, softcap, ignore_index, retur
 def _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, grad_entropy,
                    inv_temperature, softcap, ignore_index, backend):
     rows, layout = row_layout(logits)  # the public function never asks in-place for a copy
-    _, backward_launcher = _launchers(backend)
-    backward_launcher(
+    token_logprobs_launchers(backend).backward(
         rows, targets, layout.n_inner, layout.stride_outer, layout.stride_inner, stats,
         entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy,
         rows if grad_out is logits else grad_out, inv_temperature=inv_temperature,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._native import extension
-from .token_logprobs_torch import _target_masks
+from ._tiles import target_masks
 
 
 def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner, *,
@@ -22,7 +22,7 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
     row_max, sum_exp, sum_shifted, target_logit = extension().softmax_stats(
         logits, (n_inner, stride_outer, stride_inner), n_rows, targets.long(), 0, ignore_index,
         inv_temperature, softcap, return_entropy)
-    ignored, _, nan_if_invalid = _target_masks(targets, vocab_size, ignore_index)
+    ignored, _, nan_if_invalid = target_masks(targets, vocab_size, ignore_index)
     log_sum = sum_exp.log()
     # (key - max) / T, the difference taken before the scaling, as the kernel does.
     logprobs = torch.where(ignored, 0.0,

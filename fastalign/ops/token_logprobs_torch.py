@@ -12,25 +12,15 @@ from __future__ import annotations
 import torch
 
 from .._layout import RowLayout, iter_row_chunks
+from ._tiles import FINITE_MIN, logits_grad_, softcapped, target_masks
 
 # ~1 MiB of fp32 per temporary: large enough that per-chunk overhead is small, small enough to
 # stay in a CPU's L2 across the several passes each chunk takes.
 CHUNK_ELEMENTS = 1 << 18
-_FINITE_MIN = torch.finfo(torch.float32).min
 
 
 def _rows_per_chunk(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab_size)
-
-
-def _fp32_like(chunk: torch.Tensor) -> torch.Tensor:
-    return torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device)
-
-
-def _softcapped(chunk: torch.Tensor, softcap: float) -> torch.Tensor:
-    """tanh(z / s) of ``chunk`` as a fresh fp32 tensor (upcast first: an op on bf16/fp16 inputs
-    computes in their precision even with an fp32 out)."""
-    return _fp32_like(chunk).copy_(chunk).div_(softcap).tanh_()
 
 
 def _shifted(chunk: torch.Tensor, inv_temperature: float, softcap: float | None):
@@ -40,29 +30,20 @@ def _shifted(chunk: torch.Tensor, inv_temperature: float, softcap: float | None)
     The first is a fresh fp32 tensor the caller may overwrite."""
     if softcap is None:
         # No copy of the logits: a bf16/fp16 chunk minus an fp32 max computes in fp32.
-        row_max = chunk.amax(dim=1, keepdim=True).float().clamp_(min=_FINITE_MIN)
+        row_max = chunk.amax(dim=1, keepdim=True).float().clamp_(min=FINITE_MIN)
         shifted = torch.sub(chunk, row_max)
     else:
-        keys = _softcapped(chunk, softcap).mul_(softcap)
-        row_max = keys.amax(dim=1, keepdim=True).clamp_(min=_FINITE_MIN)
+        keys = softcapped(chunk, softcap).mul_(softcap)
+        row_max = keys.amax(dim=1, keepdim=True).clamp_(min=FINITE_MIN)
         shifted = keys.sub_(row_max)
     return (shifted.mul_(inv_temperature) if inv_temperature != 1.0 else shifted), row_max
-
-
-def _target_masks(targets: torch.Tensor, vocab_size: int, ignore_index: int):
-    """(ignored rows, ids safe to gather, 0 or NaN per row for ids outside [0, V))."""
-    ignored = targets == ignore_index
-    valid = (targets >= 0) & (targets < vocab_size)
-    safe_targets = torch.where(valid, targets, 0).long()
-    nan_if_invalid = torch.where(valid | ignored, 0.0, float("nan"))
-    return ignored, safe_targets, nan_if_invalid
 
 
 def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner, *,
                            inv_temperature, softcap, ignore_index, return_entropy):
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
     layout = RowLayout(n_rows // n_inner, n_inner, stride_outer, stride_inner)
-    ignored, safe_targets, nan_if_invalid = _target_masks(targets, vocab_size, ignore_index)
+    ignored, safe_targets, nan_if_invalid = target_masks(targets, vocab_size, ignore_index)
     logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     stats = torch.empty(n_rows, 2, device=logits.device, dtype=torch.float32)
     entropy = torch.empty(n_rows, device=logits.device, dtype=torch.float32) if return_entropy else None
@@ -76,7 +57,7 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
             sum_exp = p.sum(dim=1)
             # entropy = log sum exp(s) - sum(exp(s) * s) / sum exp(s) with s = z' - max; clamping
             # -inf logits to a finite value keeps 0 * -inf from turning into NaN.
-            weighted = p.mul_(shifted.clamp_(min=_FINITE_MIN)).sum(dim=1)
+            weighted = p.mul_(shifted.clamp_(min=FINITE_MIN)).sum(dim=1)
         else:
             sum_exp = shifted.exp_().sum(dim=1)
         log_sum_exp = sum_exp.log()
@@ -99,45 +80,21 @@ def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner
         grad_layout = layout
     else:
         grad_layout = RowLayout(layout.n_outer, n_inner, n_inner * vocab_size, vocab_size)
-    ignored, safe_targets, _ = _target_masks(targets, vocab_size, ignore_index)
+    ignored, safe_targets, _ = target_masks(targets, vocab_size, ignore_index)
     rows_per_chunk = _rows_per_chunk(vocab_size)
 
     chunks = zip(iter_row_chunks(logits, layout, rows_per_chunk),
                  iter_row_chunks(grad_out, grad_layout, rows_per_chunk))
     for (start, chunk), (_, grad_chunk) in chunks:
         rows = slice(start, start + chunk.shape[0])
-        # NaN statistics (an id outside [0, V)) make their row NaN.
-        row_max, log_sum = stats[rows, 0:1], stats[rows, 1:2]
-        if softcap is None:
-            # Work in the returned gradient itself when it is fp32 (no temporary at all).
-            out = grad_chunk if grad_chunk.dtype == torch.float32 else None
-            log_p = torch.sub(chunk, row_max, out=out)
-        else:
-            tanh = _softcapped(chunk, softcap)
-            # dz'/dz = (1 - tanh(z / s)^2) / T
-            dz = tanh.square().neg_().add_(1.0).mul_(inv_temperature)
-            log_p = tanh.mul_(softcap).sub_(row_max)
-        if inv_temperature != 1.0:
-            log_p.mul_(inv_temperature)
-        log_p.sub_(log_sum)
-        # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
-        #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
-        if grad_entropy is None:
-            grad = log_p.exp_().mul_(-grad_logprobs[rows, None])
-        else:
-            p = log_p.exp()
-            # Clamping log p at -1000 (exp underflows below ~-104) keeps -inf logits at
-            # 0 * finite rather than 0 * inf = NaN, even after scaling by go_ent.
-            coef = log_p.clamp_(min=-1000.0).add_(entropy[rows, None]).mul_(grad_entropy[rows, None])
-            if grad_logprobs is not None:
-                coef.add_(grad_logprobs[rows, None])
-            grad = coef.mul_(p).neg_()
-        if grad_logprobs is not None:
-            grad.scatter_add_(1, safe_targets[rows, None], grad_logprobs[rows, None])
-        if softcap is not None:
-            grad.mul_(dz)
-        elif inv_temperature != 1.0:
-            grad.mul_(inv_temperature)
+        # NaN statistics (an id outside [0, V)) make their row NaN. Without a softcap, work in
+        # the returned gradient itself when it is fp32 (no temporary at all).
+        go_lp = None if grad_logprobs is None else grad_logprobs[rows]
+        grad = logits_grad_(
+            chunk, stats[rows], None if entropy is None else entropy[rows], go_lp,
+            None if grad_entropy is None else grad_entropy[rows], safe_targets[rows], go_lp,
+            inv_temperature=inv_temperature, softcap=softcap,
+            out=grad_chunk if grad_chunk.dtype == torch.float32 else None)
         grad.masked_fill_(ignored[rows, None], 0.0)
         if grad is not grad_chunk:
             grad_chunk.copy_(grad)

@@ -1,0 +1,174 @@
+"""The backend contract: for each op family a record of its launchers, and ONE table
+``(family, backend) -> record`` (``_TABLE`` below) that every op looks its launchers up in.
+
+Every record names its launchers ``forward`` and ``backward`` (the functions behind them keep
+the names of their files: ``linear_logprobs_partials`` is the fused-linear ``forward``, and so
+on); the docstring of each record says what they take and return. The records hold real
+function objects, imported explicitly in the builders below, so go-to-definition follows them.
+Builders import lazily (the Triton kernels need ``triton``, the native ones a built
+extension) and run on each lookup, so a test that monkeypatches a launcher in its module is
+seen (a lookup costs an import-cache hit and a dataclass, microseconds).
+
+Adding a backend: one builder per family it implements, one row per family in ``_TABLE``
+(docs/architecture.md, "Adding an op or a backend").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import _native
+
+
+@dataclass(frozen=True)
+class TokenLogprobsLaunchers:
+    """``forward(logits, targets, n_inner, stride_outer, stride_inner, *, inv_temperature,
+    softcap, ignore_index, return_entropy) -> (logprobs [N], entropy [N] or None, stats [N, 2])``;
+    ``backward(logits, targets, n_inner, stride_outer, stride_inner, stats, entropy,
+    grad_logprobs, grad_entropy, grad_out, *, inv_temperature, softcap, ignore_index)`` writes
+    the gradient into ``grad_out`` (the logits themselves, or a contiguous tensor of their
+    shape) and returns it."""
+    forward: Callable
+    backward: Callable
+
+
+@dataclass(frozen=True)
+class LinearLogprobsLaunchers:
+    """``forward(hidden, weight, bias, targets, *, inv_temperature, softcap, return_entropy)
+    -> (row_max, sum_exp, sum_exp_shifted or None, target_logit)`` per-slice statistics
+    (``[S, N]``, ``[N]``) that ``_vocab_stats.merge_vocab_partials`` merges;
+    ``backward(hidden, weight, bias, targets, stats, entropy, grad_logprobs, grad_entropy,
+    start, end, *, inv_temperature, softcap) -> [N, end - start]`` the logits-gradient tile of
+    vocabulary columns ``[start, end)`` in ``hidden``'s dtype; ``tile_cols(n_rows, vocab_size)``
+    the slice width ``_linear_backward`` walks (also the width of ``linear_kl``'s slices)."""
+    forward: Callable
+    backward: Callable
+    tile_cols: Callable
+
+
+@dataclass(frozen=True)
+class KLLaunchers:
+    """``forward(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature)
+    -> (max, sum_exp, ref_max, ref_sum_exp, cross)``, each ``[N]``, merged by
+    ``_vocab_stats.merge_kl_partials``; ``backward(logits, ref_logits, layout, ref_layout, mask,
+    stats, grad_kl, grad_out, grad_layout, *, inv_temperature)`` writes the gradient into
+    ``grad_out`` and returns it. Layouts are :class:`fastalign._layout.RowLayout`."""
+    forward: Callable
+    backward: Callable
+
+
+@dataclass(frozen=True)
+class PolicyLaunchers:
+    """``forward(logprobs, old, advantages, mask, ref, *, clip_low, clip_high, dual_clip,
+    kl_coef, kl_kind, sequence_level) -> [B, 7]`` per-sequence sums;
+    ``backward(..., ref, weights, *, same options) -> [B, T]`` the gradient w.r.t. logprobs
+    (Triton only: the torch path is plain torch ops with autograd, ``policy_stats``)."""
+    forward: Callable
+    backward: Callable
+
+
+def _triton_token_logprobs() -> TokenLogprobsLaunchers:
+    from ..kernels import token_logprobs as k
+    return TokenLogprobsLaunchers(forward=k.token_logprobs_forward,
+                                  backward=k.token_logprobs_backward)
+
+
+def _native_token_logprobs() -> TokenLogprobsLaunchers:
+    from . import token_logprobs_native as k
+    return TokenLogprobsLaunchers(forward=k.token_logprobs_forward,
+                                  backward=k.token_logprobs_backward)
+
+
+def _torch_token_logprobs() -> TokenLogprobsLaunchers:
+    from . import token_logprobs_torch as k
+    return TokenLogprobsLaunchers(forward=k.token_logprobs_forward,
+                                  backward=k.token_logprobs_backward)
+
+
+def _triton_linear_logprobs() -> LinearLogprobsLaunchers:
+    from ..kernels import linear_logprobs as k
+    return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
+                                   backward=k.linear_logprobs_grad_tile, tile_cols=k.tile_cols)
+
+
+def _native_linear_logprobs() -> LinearLogprobsLaunchers:
+    from . import _tiles
+    from . import linear_logprobs_native as k
+    return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
+                                   backward=k.linear_logprobs_grad_tile, tile_cols=_tiles.tile_cols)
+
+
+def _torch_linear_logprobs() -> LinearLogprobsLaunchers:
+    from . import _tiles
+    from . import linear_logprobs_torch as k
+    return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
+                                   backward=k.linear_logprobs_grad_tile, tile_cols=_tiles.tile_cols)
+
+
+def _triton_kl() -> KLLaunchers:
+    from ..kernels import kl as k
+    return KLLaunchers(forward=k.kl_partials, backward=k.kl_grad)
+
+
+def _native_kl() -> KLLaunchers:
+    from . import kl_native as k
+    return KLLaunchers(forward=k.kl_partials, backward=k.kl_grad)
+
+
+def _torch_kl() -> KLLaunchers:
+    from . import kl_torch as k
+    return KLLaunchers(forward=k.kl_partials, backward=k.kl_grad)
+
+
+def _triton_policy() -> PolicyLaunchers:
+    from ..kernels import policy as k
+    return PolicyLaunchers(forward=k.policy_stats, backward=k.policy_grad)
+
+
+# The one table: (op family, backend) -> builder of that family's launchers record.
+_TABLE: dict[tuple[str, str], Callable[[], object]] = {
+    ("token_logprobs", "triton"): _triton_token_logprobs,
+    ("token_logprobs", "native"): _native_token_logprobs,
+    ("token_logprobs", "torch"): _torch_token_logprobs,
+    ("linear_logprobs", "triton"): _triton_linear_logprobs,
+    ("linear_logprobs", "native"): _native_linear_logprobs,
+    ("linear_logprobs", "torch"): _torch_linear_logprobs,
+    ("kl", "triton"): _triton_kl,
+    ("kl", "native"): _native_kl,
+    ("kl", "torch"): _torch_kl,
+    ("policy", "triton"): _triton_policy,
+}
+
+
+def _lookup(family: str, backend: str):
+    builder = _TABLE.get((family, backend))
+    if builder is None:
+        raise RuntimeError(f"{family} has no {backend} backend")
+    return builder()
+
+
+def token_logprobs_launchers(backend: str) -> TokenLogprobsLaunchers:
+    return _lookup("token_logprobs", backend)
+
+
+def linear_logprobs_launchers(backend: str) -> LinearLogprobsLaunchers:
+    return _lookup("linear_logprobs", backend)
+
+
+def kl_launchers(backend: str) -> KLLaunchers:
+    return _lookup("kl", backend)
+
+
+def policy_launchers(backend: str) -> PolicyLaunchers:
+    return _lookup("policy", backend)
+
+
+def new_gradient(like: torch.Tensor, backend: str) -> torch.Tensor:
+    """The tensor a backward op returns its ``[..., V]`` gradient in: contiguous, ``like``'s
+    shape and dtype; the native backend's comes from its reusable huge-page buffers."""
+    if backend == "native":
+        return _native.new_gradient(like)
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)

@@ -1,0 +1,115 @@
+"""The torch home of the softmax math the torch and native backends share: the finite-minimum
+constant, the log-p floor, target masks, the fused-linear logits tiles, and the gradient of
+``go_lp * log p[target] + go_ent * entropy`` w.r.t. a block of raw logits (used by
+``token_logprobs_torch`` and ``linear_logprobs_torch`` alike). The merge of per-slice statistics
+lives in ``_vocab_stats``; the Triton twin of this module is ``kernels/_math.py``, the C++ one
+``csrc/rows.h``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Maxes start at the most negative float rather than -inf, so that key - max is never
+# -inf - -inf for a block whose logits are all -inf; exp of it is still exactly 0, and no finite
+# logit lies below it. (kernels/_math.py FINITE_MIN, csrc/rows.h kFiniteMin.)
+FINITE_MIN = torch.finfo(torch.float32).min
+# log p is clamped here (exp underflows below ~-104) in the entropy gradient: a -inf logit then
+# gives 0 * finite rather than 0 * inf = NaN. (kernels/_math.py LOG_P_FLOOR, csrc/rows.h kLogPFloor.)
+LOG_P_FLOOR = -1000.0
+
+# A [N, cols] float32 tile of about 4 MiB: wide enough for efficient matmuls, small enough that
+# the elementwise passes over it stay mostly in cache (in a quick sweep at N = 2048, D = 256 on
+# 2 cores it beat 4x larger tiles in backward), and far below the logits' size.
+TILE_ELEMENTS = 1 << 20
+
+
+def target_masks(targets: torch.Tensor, vocab_size: int, ignore_index: int):
+    """(ignored rows, ids safe to gather, 0 or NaN per row for ids outside [0, V))."""
+    ignored = targets == ignore_index
+    valid = (targets >= 0) & (targets < vocab_size)
+    safe_targets = torch.where(valid, targets, 0).long()
+    nan_if_invalid = torch.where(valid | ignored, 0.0, float("nan"))
+    return ignored, safe_targets, nan_if_invalid
+
+
+def softcapped(z: torch.Tensor, softcap: float) -> torch.Tensor:
+    """tanh(z / s) of ``z`` as a fresh fp32 tensor (upcast first: an op on bf16/fp16 inputs
+    computes in their precision even with an fp32 out)."""
+    return torch.empty(z.shape, dtype=torch.float32, device=z.device).copy_(z).div_(softcap).tanh_()
+
+
+def raw_logits_tile(hidden, weight, bias, start: int, end: int) -> torch.Tensor:
+    """``hidden @ weight[start:end].T + bias[start:end]`` as a fresh float32 ``[N, end-start]``
+    tile, computed in ``hidden``'s dtype (the rounding torch's own bf16 path has); a weight or
+    bias of another dtype is cast one slice at a time."""
+    w = weight[start:end].to(hidden.dtype)
+    if bias is None:
+        tile = torch.mm(hidden, w.t())
+    else:
+        tile = torch.addmm(bias[start:end].to(hidden.dtype), hidden, w.t())
+    return tile if tile.dtype == torch.float32 else tile.float()
+
+
+def tile_cols(n_rows: int, vocab_size: int) -> int:
+    """Vocabulary columns per tile of the torch and native fused-linear backends:
+    ``TILE_ELEMENTS`` in all, at least 256 columns so that huge batches still get matmuls of a
+    useful width."""
+    return min(vocab_size, max(256, TILE_ELEMENTS // max(n_rows, 1)))
+
+
+def partials_buffers(hidden, vocab_size: int, return_entropy: bool):
+    """``(cols, (row_max, sum_exp, sum_exp_shifted or None, target_logit))``: the slice width and
+    the float32 outputs of a fused-linear ``partials`` launcher (``[S, N]`` each;
+    ``target_logit [N]`` zeroed, since every slice adds to it)."""
+    n_rows = hidden.shape[0]
+    cols = tile_cols(n_rows, vocab_size)
+    n_slices = -(-vocab_size // cols)
+    new = dict(device=hidden.device, dtype=torch.float32)
+    sum_exp_shifted = torch.empty(n_slices, n_rows, **new) if return_entropy else None
+    return cols, (torch.empty(n_slices, n_rows, **new), torch.empty(n_slices, n_rows, **new),
+                  sum_exp_shifted, torch.zeros(n_rows, **new))
+
+
+def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, grad_entropy,
+                 target_cols, target_grad, *, inv_temperature: float, softcap,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of ``sum(go_lp * log p[target] + go_ent * entropy)`` w.r.t. the raw logits ``z``
+    (``[r, c]`` rows, any float dtype), as float32.
+
+    ``stats [r, 2]`` holds each row's max key and log-sum (NaN poisons the row); ``entropy``,
+    ``grad_logprobs``, ``grad_entropy`` are float32 ``[r]`` or None; ``target_grad [r]`` is added
+    at column ``target_cols [r]`` (0 where the target lies outside ``z``'s columns).
+    Without a softcap the result is written into ``out`` when given (``z`` itself, or an fp32
+    buffer); with one, ``z`` is overwritten only when ``out is z``.
+    """
+    row_max, log_sum = stats[:, 0:1], stats[:, 1:2]
+    dz = None
+    if softcap is None:
+        log_p = torch.sub(z, row_max, out=out)
+    else:
+        tanh = z.div_(softcap).tanh_() if out is z else softcapped(z, softcap)
+        # dz'/dz = (1 - tanh(z / s)^2) / T
+        dz = tanh.square().neg_().add_(1.0).mul_(inv_temperature)
+        log_p = tanh.mul_(softcap).sub_(row_max)
+    # log p = (key - max) / T - log sum, the difference taken before the scaling.
+    if inv_temperature != 1.0:
+        log_p.mul_(inv_temperature)
+    log_p.sub_(log_sum)
+    # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
+    #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
+    if grad_entropy is None:
+        grad = log_p.exp_().mul_(-grad_logprobs[:, None])
+    else:
+        p = log_p.exp()
+        coef = log_p.clamp_(min=LOG_P_FLOOR).add_(entropy[:, None]).mul_(grad_entropy[:, None])
+        if grad_logprobs is not None:
+            coef.add_(grad_logprobs[:, None])
+        grad = coef.mul_(p).neg_()
+    if grad_logprobs is not None:
+        grad.scatter_add_(1, target_cols[:, None], target_grad[:, None])
+    if dz is not None:
+        grad.mul_(dz)
+    elif inv_temperature != 1.0:
+        grad.mul_(inv_temperature)
+    return grad
