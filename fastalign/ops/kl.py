@@ -20,7 +20,8 @@ from .. import _validation as checks
 from .._backend import select_backend
 from .._layout import RowLayout, row_layout
 from . import _linear_backward, _vocab_stats
-from ._compact import kept_rows, scatter_rows, select_rows
+from ._compact import (fake_saved_rows, kept_rows, rows_to_save, saved_rows, scatter_rows,
+                       select_rows)
 from ._backends import kl_launchers, linear_logprobs_launchers, new_gradient
 from ._tiles import raw_logits_tile
 
@@ -156,9 +157,9 @@ def _linear_kl_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optiona
                        ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
                        ref_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                        inv_temperature: float, backend: str
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kl [N], stats [N, 4])`` as ``_token_kl_forward``, for ``hidden``/``ref_hidden``
-    ``[N, D]``."""
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl [N], stats [N, 4], rows [K])`` as ``_token_kl_forward``, for ``hidden``/``ref_hidden``
+    ``[N, D]``, and the kept rows' indices (``_compact.rows_to_save``) for the backward."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     rows = None if mask is None else kept_rows(mask)
     hidden, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
@@ -172,25 +173,27 @@ def _linear_kl_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optiona
                                          inv_temperature=inv_temperature))
     stacked = (torch.stack(column) for column in zip(*slices))
     merged = _vocab_stats.merge_kl_partials(*stacked, inv_temperature=inv_temperature)
-    return tuple(scatter_rows(x, rows, n_rows) for x in merged)
+    kl, stats = (scatter_rows(x, rows, n_rows) for x in merged)
+    return kl, stats, rows_to_save(rows, n_rows, hidden.device)
 
 
 @_linear_kl_forward.register_fake
 def _linear_kl_forward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask,
                             inv_temperature, backend):
-    return _kl_fakes(hidden, hidden.shape[0])
+    return (*_kl_fakes(hidden, hidden.shape[0]), fake_saved_rows(hidden))
 
 
 @torch.library.custom_op("fastalign::linear_kl_backward", mutates_args=())
 def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
                         ref_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                        stats: torch.Tensor, grad_kl: torch.Tensor, inv_temperature: float, need_hidden: bool,
+                        stats: torch.Tensor, rows: torch.Tensor, grad_kl: torch.Tensor,
+                        inv_temperature: float, need_hidden: bool,
                         need_weight: bool, need_bias: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dHidden, dWeight, dBias)`` of the policy side, each empty when not needed."""
     n_rows = hidden.shape[0]
-    rows = None if mask is None else kept_rows(mask)
+    rows = saved_rows(rows, n_rows)  # the forward's kept rows: no second host sync
     hidden_kept, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
     stats, grad_kl = select_rows(stats, rows), select_rows(grad_kl, rows)
     launchers = kl_launchers(backend)
@@ -216,26 +219,26 @@ def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
 
 @_linear_kl_backward.register_fake
 def _linear_kl_backward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask,
-                             stats, grad_kl, inv_temperature, need_hidden, need_weight,
+                             stats, rows, grad_kl, inv_temperature, need_hidden, need_weight,
                              need_bias, backend):
     return _linear_backward.fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _linear_kl_setup(ctx, inputs, output):
     *tensors, inv_temperature, backend = inputs
-    kl, stats = output
-    ctx.save_for_backward(*tensors, stats)
+    kl, stats, rows = output
+    ctx.save_for_backward(*tensors, stats, rows)
     ctx.inv_temperature, ctx.backend = inv_temperature, backend
     ctx.set_materialize_grads(False)  # only kl is public: the stats' gradient stays None
 
 
-def _linear_kl_grad(ctx, grad_kl, _grad_stats):
+def _linear_kl_grad(ctx, grad_kl, _grad_stats, _grad_rows):
     if grad_kl is None:
         return (None,) * 9
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, stats = ctx.saved_tensors
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, stats, rows = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads = _linear_kl_backward(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, stats,
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, stats, rows,
         grad_kl.float().contiguous(), ctx.inv_temperature, need_hidden, need_weight,
         bias is not None and need_bias, ctx.backend)
     grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in
@@ -282,7 +285,7 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
     checks.check_temperature(temperature)
     flat = lambda x: x.reshape(-1, x.shape[-1]).contiguous()  # noqa: E731
     detached = lambda x: None if x is None else x.detach().contiguous()  # noqa: E731
-    kl, _ = _linear_kl_forward(
+    kl, _, _ = _linear_kl_forward(
         flat(hidden), weight.contiguous(), None if bias is None else bias.contiguous(),
         flat(ref_hidden.detach()), detached(ref_weight), detached(ref_bias), _flat_mask(mask),
         1.0 / float(temperature), select_backend(hidden.device))

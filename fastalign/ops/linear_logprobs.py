@@ -18,7 +18,8 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from . import _linear_backward, _vocab_stats
-from ._compact import kept_rows, scatter_rows, select_rows
+from ._compact import (fake_saved_rows, kept_rows, rows_to_save, saved_rows, scatter_rows,
+                       select_rows)
 from ._backends import linear_logprobs_launchers
 
 
@@ -26,9 +27,11 @@ from ._backends import linear_logprobs_launchers
 def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 targets: torch.Tensor, inv_temperature: float, softcap: Optional[float],
                 ignore_index: int, return_entropy: bool, vocab_offset: int, vocab_total: int,
-                group_name: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logprobs [N], entropy [N] or [0], softmax_stats [N, 2])`` for ``hidden [N, D]``,
-    ``targets [N]``; ``softmax_stats`` (max and log-sum of each row) is what backward needs."""
+                group_name: str, backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logprobs [N], entropy [N] or [0], softmax_stats [N, 2], rows [K])`` for
+    ``hidden [N, D]``, ``targets [N]``; ``softmax_stats`` (max and log-sum of each row) and the
+    kept rows' indices (``_compact.rows_to_save``) are what backward needs."""
     n_rows = targets.shape[0]
     rows = kept_rows(targets != ignore_index)
     kept_targets = select_rows(targets, rows)
@@ -45,7 +48,8 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     logprobs = scatter_rows(logprobs.masked_fill(invalid, float("nan")), rows, n_rows)
     entropy = hidden.new_empty(0, dtype=torch.float32) if entropy is None \
         else scatter_rows(entropy.masked_fill(invalid, float("nan")), rows, n_rows)
-    return logprobs, entropy, scatter_rows(stats, rows, n_rows)
+    return (logprobs, entropy, scatter_rows(stats, rows, n_rows),
+            rows_to_save(rows, n_rows, targets.device))
 
 
 @_forward_op.register_fake
@@ -54,20 +58,21 @@ def _forward_fake(hidden, weight, bias, targets, inv_temperature, softcap, ignor
     n_rows = targets.shape[0]
     per_row = hidden.new_empty(n_rows, dtype=torch.float32)
     entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=torch.float32)
-    return per_row, entropy, hidden.new_empty(n_rows, 2, dtype=torch.float32)
+    return (per_row, entropy, hidden.new_empty(n_rows, 2, dtype=torch.float32),
+            fake_saved_rows(targets))
 
 
 @torch.library.custom_op("fastalign::linear_logprobs_backward", mutates_args=())
 def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  targets: torch.Tensor, stats: torch.Tensor, entropy: torch.Tensor,
-                 grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                 rows: torch.Tensor, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                  inv_temperature: float, softcap: Optional[float], ignore_index: int,
                  vocab_offset: int, group_name: str, need_hidden: bool, need_weight: bool,
                  need_bias: bool, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dHidden, dWeight, dBias)``, each empty when not needed."""
     n_rows = targets.shape[0]
-    rows = kept_rows(targets != ignore_index)
+    rows = saved_rows(rows, n_rows)  # the forward's kept rows: no second host sync
     hidden_kept = select_rows(hidden, rows)
     targets_kept = select_rows(targets, rows) - vocab_offset
     stats = select_rows(stats, rows)
@@ -95,7 +100,7 @@ def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 @_backward_op.register_fake
-def _backward_fake(hidden, weight, bias, targets, stats, entropy, grad_logprobs, grad_entropy,
+def _backward_fake(hidden, weight, bias, targets, stats, entropy, rows, grad_logprobs, grad_entropy,
                    inv_temperature, softcap, ignore_index, vocab_offset, group_name, need_hidden,
                    need_weight, need_bias, backend):
     return _linear_backward.fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
@@ -107,23 +112,23 @@ _OPTION_NAMES = ("inv_temperature", "softcap", "ignore_index", "return_entropy",
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, *options = inputs
-    _, entropy, stats = output
-    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
+    _, entropy, stats, rows = output
+    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy, rows)
     ctx.options = dict(zip(_OPTION_NAMES, options))
     # Unused outputs (an entropy kept for logging) then get None, not zeros to differentiate.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats, _grad_rows):
     o = ctx.options
     if not o["return_entropy"]:
         grad_entropy = None
     if grad_logprobs is None and grad_entropy is None:
         return (None,) * (4 + len(_OPTION_NAMES))
-    hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
+    hidden, weight, bias, targets, stats, entropy, rows = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads = _backward_op(
-        hidden, weight, bias, targets, stats, entropy,
+        hidden, weight, bias, targets, stats, entropy, rows,
         None if grad_logprobs is None else grad_logprobs.float().contiguous(),
         None if grad_entropy is None else grad_entropy.float().contiguous(),
         o["inv_temperature"], o["softcap"], o["ignore_index"], o["vocab_offset"],
@@ -187,7 +192,7 @@ def linear_logprobs(
     checks.check_targets(targets, hidden.shape[:-1], vocab_total, hidden.device, ignore_index,
                          source="hidden")
     group_name = "" if process_group is None else process_group.group_name
-    logprobs, entropy, _ = _forward_op(
+    logprobs, entropy, _, _ = _forward_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(),
         1.0 / float(temperature), None if softcap is None else float(softcap), int(ignore_index),
