@@ -41,7 +41,7 @@ mkdir -p "$RUN/trainers"
 for kind in rm grpo ppo; do
   extra=(); [ $kind = ppo ] && extra=(--reward-model /tmp/fa-runs/rm)
   timeout 150 python3 -m fastalign train $kind --model tiny --device cuda --no-progress \
-    --output /tmp/fa-runs/$kind "${extra[@]}" 2>&1 | tee "$RUN/trainers/$kind.log" | tail -1
+    --output /tmp/fa-runs/$kind --overwrite "${extra[@]}" 2>&1 | tee "$RUN/trainers/$kind.log" | tail -1
   cp /tmp/fa-runs/$kind/metrics.jsonl "$RUN/trainers/${kind}_metrics.jsonl" 2>/dev/null
 done
 

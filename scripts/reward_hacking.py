@@ -28,7 +28,7 @@ def run(beta: float, output: Path, steps: int) -> list[dict]:
     command = [sys.executable, "-m", "fastalign", "train", "grpo", "--model", "tiny",
                "--rewards", "applause,letters", "--reward-weights", "1,0", "--beta", str(beta),
                "--monitor-kl", "--max-steps", str(steps), "--output", str(output),
-               "--no-progress", "--device", "cpu"]
+               "--no-progress", "--device", "cpu", "--overwrite"]  # a rerun replaces the last
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
     with open(output / "metrics.jsonl") as lines:
