@@ -184,14 +184,13 @@ struct RowGradient {
 
   // d/dz' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
   //       = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot, times dz'/dz; the onehot
-  // term is added by the caller. log p is clamped at -1000 (exp underflows long before) so
-  // that a -inf logit gives 0 * finite, not 0 * inf = NaN.
+  // term is added by the caller. log p is clamped at kLogPFloor (rows.h).
   Vec operator()(const Vec& key) const {
     const Vec log_p = transform.shifted(key, shift) - lse;
     Vec grad;
     if constexpr (kEntropyGrad) {
       const Vec p = fast_exp(log_p);
-      grad = p * minus_go_lp - p * go_ent * (at::vec::maximum(log_p, Vec(-1000.0f)) + entropy);
+      grad = p * minus_go_lp - p * go_ent * (at::vec::maximum(log_p, Vec(kLogPFloor)) + entropy);
     } else {
       grad = fast_exp_scaled(log_p, minus_go_lp_table);
     }

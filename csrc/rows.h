@@ -30,6 +30,9 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 2048;
 // A finite stand-in for -inf as a running max: (old - new max) stays finite, never -inf - -inf.
 constexpr float kFiniteMin = -FLT_MAX;
+// The entropy gradient clamps log p here (exp underflows long before), so that a -inf logit gives
+// 0 * finite, not 0 * inf = NaN (the same constant: kernels/_math.py, fastalign/ops/_tiles.py).
+constexpr float kLogPFloor = -1000.0f;
 
 // Two-level row addressing (fastalign/_layout.py): row r starts at element
 // (r / n_inner) * stride_outer + (r % n_inner) * stride_inner. int64 throughout: N * V passes

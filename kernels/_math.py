@@ -22,6 +22,10 @@ import triton.language as tl
 # The most negative finite float32: running maxes start here, not at -inf, so that
 # ``key - max`` is never -inf - -inf; no finite logit lies below it.
 FINITE_MIN = tl.constexpr(-3.4028234663852886e38)
+# The entropy gradient clamps log p here: exp underflows to 0 below about -104, so no term with
+# p > 0 changes, and a -inf logit gives 0 * finite instead of 0 * inf = NaN. (The same constant:
+# fastalign/ops/_tiles.py LOG_P_FLOOR, csrc/rows.h kLogPFloor.)
+LOG_P_FLOOR = tl.constexpr(-1000.0)
 
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._math import fp_fusion, logit_key, scaled_delta, softcap_grad
+from ._math import LOG_P_FLOOR, fp_fusion, logit_key, scaled_delta, softcap_grad
 
 # One default per kernel, read at call time (tests shrink them to cover tails). The best of
 # bench/tune_linear_logprobs.py's sweep on an H100 (bench/results/tune_linear_logprobs_cuda.csv:
@@ -155,11 +155,10 @@ def _linear_logprobs_grad_tile_kernel(
         targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
         grad += go_lp[:, None] * (tl.where(cols[None, :] == targets[:, None], 1.0, 0.0) - p)
     if HAS_ENTROPY_GRAD:
-        # d entropy / dz'_j = p_j * (-log p_j - entropy); log p clamped at -1000 (exp is 0
-        # there anyway) so a -inf logit gives 0 * finite, not NaN.
+        # d entropy / dz'_j = p_j * (-log p_j - entropy), log p clamped at LOG_P_FLOOR (_math).
         go_ent = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
         row_entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
-        grad += go_ent[:, None] * p * (-tl.maximum(log_p, -1000.0) - row_entropy[:, None])
+        grad += go_ent[:, None] * p * (-tl.maximum(log_p, LOG_P_FLOOR) - row_entropy[:, None])
     grad *= inv_temperature
     if HAS_SOFTCAP:
         grad *= softcap_grad(key, softcap)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import fp_fusion, logit_key, scaled_delta, softcap_grad
+from ._math import LOG_P_FLOOR, fp_fusion, logit_key, scaled_delta, softcap_grad
 from ._rows import block_and_warps, row_offset
 
 # One tuned default per kernel (bench/tune_token_logprobs.py sweeps these on a GPU); the
@@ -121,12 +121,10 @@ def _token_logprobs_backward_kernel(
         go_lp = tl.load(grad_logprobs_ptr + row)
         grad += go_lp * (tl.where(cols == target, 1.0, 0.0) - p)
     if HAS_ENTROPY_GRAD:
-        # d entropy / dz'_j = p_j * (-log p_j - entropy). exp underflows to 0 below about
-        # -104, so clamping log p at -1000 changes no term with p > 0 and makes a -inf logit
-        # contribute 0 * finite instead of 0 * inf = NaN.
+        # d entropy / dz'_j = p_j * (-log p_j - entropy), log p clamped at LOG_P_FLOOR (_math).
         go_ent = tl.load(grad_entropy_ptr + row)
         row_entropy = tl.load(entropy_ptr + row)
-        grad += go_ent * p * (-tl.maximum(log_p, -1000.0) - row_entropy)
+        grad += go_ent * p * (-tl.maximum(log_p, LOG_P_FLOOR) - row_entropy)
     grad *= inv_temperature
     if HAS_SOFTCAP:
         grad *= softcap_grad(key, softcap)
