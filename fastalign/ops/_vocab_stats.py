@@ -37,33 +37,24 @@ def resolve_group(group_name: str):
     return _resolve_process_group(group_name)
 
 
-# (group name, world size, rank, local vocabulary) -> (offset, total vocabulary).
-_SHARD_CACHE: dict[tuple[str, int, int, int], tuple[int, int]] = {}
-
-
 def vocab_shard(process_group, local_vocab: int, device: torch.device) -> tuple[int, int]:
     """(offset of this rank's first vocabulary id, total vocabulary) of a head sharded by rows in
     rank order; ``(0, local_vocab)`` without a group. Shards may differ in size.
 
-    The all-gather of the shard sizes (a collective and a host sync) runs once per group and
-    local size; later calls read the cache. So a rank's shard size, once seen in a group, must
-    not come with other ranks' sizes changing while its own stays (a second head sharded
-    differently over the same group): that rank would skip the collective the others enter.
+    The shard sizes are all-gathered on every call (one int per rank). They are not cached:
+    a rank cannot know that the other ranks' sizes are unchanged (a second head sharded
+    differently over the same group), and a rank that skipped the collective the others enter
+    would hang them.
     """
     if process_group is None:
         return 0, local_vocab
     import torch.distributed as dist
     world_size, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-    key = (process_group.group_name, world_size, rank, local_vocab)
-    cached = _SHARD_CACHE.get(key)
-    if cached is not None:
-        return cached
     sizes = torch.zeros(world_size, dtype=torch.int64, device=device)
     mine = torch.tensor([local_vocab], dtype=torch.int64, device=device)
     dist.all_gather_into_tensor(sizes, mine, group=process_group)
     sizes = sizes.tolist()
-    _SHARD_CACHE[key] = int(sum(sizes[:rank])), int(sum(sizes))
-    return _SHARD_CACHE[key]
+    return int(sum(sizes[:rank])), int(sum(sizes))
 
 
 def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
