@@ -324,23 +324,23 @@ def _reward_model(name, *, trained: bool = False):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        if not trained:
-            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1,
-                                                                       local_files_only=True)
-            info = {"missing_keys": []}
-        else:
-            _check_reward_config(name, config)
+        if trained:
+            _check_reward_config(name, AutoConfig.from_pretrained(name, local_files_only=True))
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 name, local_files_only=True, output_loading_info=True)
+            missing = sorted(info["missing_keys"])
+        else:  # the base of a reward model to train: a fresh score head is what is wanted
+            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1,
+                                                                       local_files_only=True)
+            missing = []
     except OSError as error:
         raise FileNotFoundError(f"cannot load model {name!r} offline: "
                                 f"{str(error).splitlines()[0]}") from None
-    if info["missing_keys"]:
+    if missing:
         raise ValueError(f"--reward-model {name!r} is not a trained reward model: its files lack "
-                         f"{', '.join(sorted(info['missing_keys'])[:3])}, so its score head would "
-                         "be random; train one first (fastalign train rm --output DIR)")
+                         f"{', '.join(missing[:3])}, so its score head would be random; train "
+                         "one first (fastalign train rm --output DIR)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

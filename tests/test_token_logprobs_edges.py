@@ -45,6 +45,17 @@ def _logprobs_and_grads(fn, logits, targets, go_lp, go_ent, **options):
     return lp, ent, leaf.grad
 
 
+def _assert_matches_reference(logits, targets, go_lp, go_ent, tol, **options):
+    """token_logprobs' log-probs, entropy and gradient equal the float64 reference's."""
+    lp, ent, grad = _logprobs_and_grads(fa.token_logprobs, logits, targets, go_lp, go_ent,
+                                        **options)
+    ref_lp, ref_ent, ref_grad = _logprobs_and_grads(token_logprobs_reference, logits.double(),
+                                                    targets, go_lp, go_ent, **options)
+    assert_close(lp, ref_lp, tol, "logprobs")
+    assert_close(ent, ref_ent, tol, "entropy")
+    assert_close(grad, ref_grad, tol, "grad")
+
+
 @pytest.mark.parametrize("dtype,offset", CASES, ids=[f"{d}-{c:g}".removeprefix("torch.")
                                                        for d, c in CASES])
 @pytest.mark.parametrize("temperature", [1.0, 0.25, 3.0])
@@ -56,15 +67,8 @@ def test_huge_logits_keep_their_precision(backend, dtype, offset, temperature):
     gen = torch.Generator().manual_seed(1)
     targets = torch.randint(0, VOCAB, (ROWS,), generator=gen).to(DEVICE)
     go_lp, go_ent = torch.randn(2, ROWS, generator=gen).to(DEVICE)
-    options = dict(temperature=temperature)
-    lp, ent, grad = _logprobs_and_grads(fa.token_logprobs, logits, targets, go_lp, go_ent,
-                                        **options)
-    ref_lp, ref_ent, ref_grad = _logprobs_and_grads(token_logprobs_reference, logits.double(),
-                                                    targets, go_lp, go_ent, **options)
-    tol = TOLERANCE[dtype]
-    assert_close(lp, ref_lp, tol, "logprobs")
-    assert_close(ent, ref_ent, tol, "entropy")
-    assert_close(grad, ref_grad, tol, "grad")
+    _assert_matches_reference(logits, targets, go_lp, go_ent, TOLERANCE[dtype],
+                              temperature=temperature)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,15 +101,8 @@ def test_softcap_keeps_the_relative_precision_of_small_logits(backend, dtype, sc
     targets = torch.randint(0, VOCAB, (ROWS,), generator=gen).to(DEVICE)
     go_lp, go_ent = torch.randn(2, ROWS, generator=gen).to(DEVICE)
     # T small enough that the softmax of tiny logits is not uniform (uniform would hide errors).
-    options = dict(softcap=30.0, temperature=scale / 4)
-    lp, ent, grad = _logprobs_and_grads(fa.token_logprobs, logits, targets, go_lp, go_ent,
-                                        **options)
-    ref_lp, ref_ent, ref_grad = _logprobs_and_grads(token_logprobs_reference, logits.double(),
-                                                    targets, go_lp, go_ent, **options)
-    tol = TOLERANCE[dtype]
-    assert_close(lp, ref_lp, tol, "logprobs")
-    assert_close(ent, ref_ent, tol, "entropy")
-    assert_close(grad, ref_grad, tol, "grad")
+    _assert_matches_reference(logits, targets, go_lp, go_ent, TOLERANCE[dtype], softcap=30.0,
+                              temperature=scale / 4)
 
 
 @pytest.mark.parametrize("offsets", [(1e6, 1e6), (1e6, 0.0), (-3e38, 3e38), (1e20, 1e20)])
