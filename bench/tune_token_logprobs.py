@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from fastalign import kernels  # noqa: E402
+from fastalign._layout import RowLayout  # noqa: E402
 
 
 def copy_bandwidth_gbs(device) -> float:
@@ -37,8 +38,8 @@ def sweep(dtype, n_rows: int, vocab: int, device) -> list[dict]:
     grad_out = torch.empty_like(logits)
     ones = torch.ones(n_rows, device=device)
     common = dict(inv_temperature=1.0, softcap=None, ignore_index=-100)
-    layout = (n_rows, 0, vocab)  # n_inner, stride_outer, stride_inner of contiguous rows
-    _, entropy, lse = kernels.token_logprobs_forward(logits, targets, *layout, return_entropy=True,
+    layout = RowLayout(1, n_rows, 0, vocab)  # contiguous rows
+    _, entropy, lse = kernels.token_logprobs_forward(logits, targets, layout, return_entropy=True,
                                                      **common)
     logits_bytes = logits.numel() * logits.element_size()
     rows = []
@@ -47,11 +48,12 @@ def sweep(dtype, n_rows: int, vocab: int, device) -> list[dict]:
             tiles = dict(block_v=block, num_warps=warps)
             runs = {  # kernel: (call, bytes it must move)
                 "forward": (lambda: kernels.token_logprobs_forward(
-                    logits, targets, *layout, return_entropy=False, **tiles, **common), logits_bytes),
+                    logits, targets, layout, return_entropy=False, **tiles, **common), logits_bytes),
                 "forward_entropy": (lambda: kernels.token_logprobs_forward(
-                    logits, targets, *layout, return_entropy=True, **tiles, **common), logits_bytes),
+                    logits, targets, layout, return_entropy=True, **tiles, **common), logits_bytes),
                 "backward": (lambda: kernels.token_logprobs_backward(
-                    logits, targets, *layout, lse, entropy, ones, None, grad_out, **tiles, **common),
+                    logits, targets, layout, lse, entropy, ones, None, grad_out, layout, **tiles,
+                    **common),
                     2 * logits_bytes),
             }
             for kernel, (call, moved) in runs.items():

@@ -16,6 +16,9 @@ import torch
 
 @dataclass(frozen=True)
 class RowLayout:
+    """The one row-layout type: every launcher (torch, Triton, native) takes it whole. The C++
+    kernels hold the same struct (``csrc/rows.h`` ``RowLayout``) and receive it as
+    :meth:`native_arg`; Triton kernels take its fields as scalars (``kernels/_rows.py``)."""
     n_outer: int
     n_inner: int
     stride_outer: int
@@ -24,6 +27,15 @@ class RowLayout:
     @property
     def n_rows(self) -> int:
         return self.n_outer * self.n_inner
+
+    def packed(self, vocab_size: int) -> "RowLayout":
+        """The same rows in a fresh contiguous ``[..., V]`` tensor (where a gradient goes)."""
+        return RowLayout(self.n_outer, self.n_inner, self.n_inner * vocab_size, vocab_size)
+
+    def native_arg(self) -> tuple[int, int, int]:
+        """``(n_inner, stride_outer, stride_inner)``: what ``csrc/rows.h`` ``checked_layout``
+        turns back into its ``RowLayout`` (``n_outer`` follows from the row count)."""
+        return self.n_inner, self.stride_outer, self.stride_inner
 
 
 def _merged_leading_dims(x: torch.Tensor) -> list[tuple[int, int]]:

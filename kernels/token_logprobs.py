@@ -131,13 +131,13 @@ def _token_logprobs_backward_kernel(
     tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
 
 
-def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner, *,
+def token_logprobs_forward(logits, targets, layout, *,
                            inv_temperature, softcap, ignore_index, return_entropy,
                            block_v=None, num_warps=None):
     """Launches the forward kernel over ``targets.numel()`` rows.
 
     Args:
-        logits: the ``[..., V]`` logits, rows laid out as described in the module docstring.
+        logits: the ``[..., V]`` logits, rows laid out as ``layout`` (a ``RowLayout``) says.
         targets: ``[N]`` contiguous int32/int64 ids.
     Returns:
         ``(logprobs [N], entropy [N] or None, stats [N, 2])``, float32; ``stats`` (each row's
@@ -151,7 +151,7 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
                                     num_warps or FORWARD_NUM_WARPS)
     _token_logprobs_forward_kernel[(n_rows,)](
         logits, targets, logprobs, logprobs if entropy is None else entropy, stats,
-        n_inner, stride_outer, stride_inner, vocab_size, ignore_index,
+        layout.n_inner, layout.stride_outer, layout.stride_inner, vocab_size, ignore_index,
         inv_temperature, 1.0 if softcap is None else softcap,
         HAS_SOFTCAP=softcap is not None, RETURN_ENTROPY=return_entropy, BLOCK_V=block,
         num_warps=warps, **fp_fusion(softcap is not None),
@@ -159,8 +159,8 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
     return logprobs, entropy, stats
 
 
-def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner,
-                            stats, entropy, grad_logprobs, grad_entropy, grad_out, *,
+def token_logprobs_backward(logits, targets, layout, stats, entropy, grad_logprobs,
+                            grad_entropy, grad_out, grad_layout, *,
                             inv_temperature, softcap, ignore_index,
                             block_v=None, num_warps=None):
     """Writes the gradient w.r.t. ``logits`` into ``grad_out`` and returns it.
@@ -169,17 +169,14 @@ def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner
     backward); ``grad_logprobs`` / ``grad_entropy`` are contiguous ``[N]`` float32 or None.
     """
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
-    if grad_out is logits:
-        grad_stride_outer, grad_stride_inner = stride_outer, stride_inner
-    else:
-        grad_stride_outer, grad_stride_inner = n_inner * vocab_size, vocab_size
     block, warps = block_and_warps(vocab_size, block_v or BACKWARD_BLOCK_V,
                                     num_warps or BACKWARD_NUM_WARPS)
     _token_logprobs_backward_kernel[(n_rows, triton.cdiv(vocab_size, block))](
         logits, targets, stats, stats if entropy is None else entropy,
         stats if grad_logprobs is None else grad_logprobs,
         stats if grad_entropy is None else grad_entropy, grad_out,
-        n_inner, stride_outer, stride_inner, grad_stride_outer, grad_stride_inner,
+        layout.n_inner, layout.stride_outer, layout.stride_inner,
+        grad_layout.stride_outer, grad_layout.stride_inner,
         vocab_size, ignore_index, inv_temperature, 1.0 if softcap is None else softcap,
         HAS_SOFTCAP=softcap is not None, HAS_LOGPROB_GRAD=grad_logprobs is not None,
         HAS_ENTROPY_GRAD=grad_entropy is not None, BLOCK_V=block, num_warps=warps,

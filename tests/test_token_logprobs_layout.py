@@ -6,7 +6,7 @@ from conftest import DEVICE, assert_close
 from helpers import run_both
 
 import fastalign as fa
-from fastalign._layout import row_layout
+from fastalign._layout import RowLayout, row_layout
 from fastalign.reference import token_logprobs_reference
 
 
@@ -173,14 +173,15 @@ def test_out_of_range_targets_are_nan_not_read(backend):
     logits = torch.randn(4, 50, device=DEVICE)
     targets = torch.tensor([3, 50, -1, 7], device=DEVICE)
     options = dict(inv_temperature=1.0, softcap=None, ignore_index=-100)
-    lp, ent, lse = forward(logits, targets, 4, 0, 50, return_entropy=True, **options)
+    layout = RowLayout(1, 4, 0, 50)
+    lp, ent, lse = forward(logits, targets, layout, return_entropy=True, **options)
     assert torch.isnan(lp[1:3]).all() and torch.isnan(ent[1:3]).all()
     expected_lp, expected_ent = token_logprobs_reference(logits, targets.clamp(0, 49),
                                                          return_entropy=True)
     assert_close(lp[[0, 3]], expected_lp[[0, 3]], 1e-5, "valid rows")
     assert_close(ent[[0, 3]], expected_ent[[0, 3]], 1e-5, "valid rows")
-    grad = backward(logits, targets, 4, 0, 50, lse, ent, torch.ones(4, device=DEVICE), None,
-                    torch.empty_like(logits), **options)
+    grad = backward(logits, targets, layout, lse, ent, torch.ones(4, device=DEVICE), None,
+                    torch.empty_like(logits), layout, **options)
     assert torch.isnan(grad[1:3]).all() and torch.isfinite(grad[[0, 3]]).all()
 
 

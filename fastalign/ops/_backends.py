@@ -25,12 +25,13 @@ from .. import _native
 
 @dataclass(frozen=True)
 class TokenLogprobsLaunchers:
-    """``forward(logits, targets, n_inner, stride_outer, stride_inner, *, inv_temperature,
-    softcap, ignore_index, return_entropy) -> (logprobs [N], entropy [N] or None, stats [N, 2])``;
-    ``backward(logits, targets, n_inner, stride_outer, stride_inner, stats, entropy,
-    grad_logprobs, grad_entropy, grad_out, *, inv_temperature, softcap, ignore_index)`` writes
-    the gradient into ``grad_out`` (the logits themselves, or a contiguous tensor of their
-    shape) and returns it."""
+    """``forward(logits, targets, layout, *, inv_temperature, softcap, ignore_index,
+    return_entropy) -> (logprobs [N], entropy [N] or None, stats [N, 2])``;
+    ``backward(logits, targets, layout, stats, entropy, grad_logprobs, grad_entropy, grad_out,
+    grad_layout, *, inv_temperature, softcap, ignore_index)`` writes the gradient into
+    ``grad_out`` (the logits themselves with ``grad_layout = layout``, or a contiguous tensor of
+    their shape with ``layout.packed(V)``) and returns it. Layouts are
+    :class:`fastalign._layout.RowLayout`, as in every record."""
     forward: Callable
     backward: Callable
 

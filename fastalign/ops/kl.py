@@ -70,8 +70,7 @@ def _token_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor,
     grad_out = new_gradient(logits, backend)
     logits, layout = row_layout(logits)
     ref_logits, ref_layout = row_layout(ref_logits)
-    vocab_size = logits.shape[-1]
-    grad_layout = RowLayout(layout.n_outer, layout.n_inner, layout.n_inner * vocab_size, vocab_size)
+    grad_layout = layout.packed(logits.shape[-1])
     return kl_launchers(backend).backward(
         logits, ref_logits, layout, ref_layout, _flat_mask(mask), stats, grad_kl,
         grad_out, grad_layout, inv_temperature=inv_temperature)

@@ -6,13 +6,9 @@ from __future__ import annotations
 from .._native import extension
 
 
-def _layout(layout):
-    return layout.n_inner, layout.stride_outer, layout.stride_inner
-
-
 def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature):
     """Same contract as ``fastalign.kernels.kl.kl_partials``."""
-    stats = extension().kl_stats(logits, _layout(layout), ref_logits, _layout(ref_layout),
+    stats = extension().kl_stats(logits, layout.native_arg(), ref_logits, ref_layout.native_arg(),
                                  layout.n_rows, mask, inv_temperature)
     return tuple(stats.unbind(0))
 
@@ -20,6 +16,7 @@ def kl_partials(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature
 def kl_grad(logits, ref_logits, layout, ref_layout, mask, stats, grad_kl, grad_out,
             grad_layout, *, inv_temperature):
     """Same contract as ``fastalign.kernels.kl.kl_grad``."""
-    extension().kl_grad(logits, _layout(layout), ref_logits, _layout(ref_layout), layout.n_rows,
-                        mask, stats, grad_kl, grad_out, _layout(grad_layout), inv_temperature)
+    extension().kl_grad(logits, layout.native_arg(), ref_logits, ref_layout.native_arg(),
+                        layout.n_rows, mask, stats, grad_kl, grad_out, grad_layout.native_arg(),
+                        inv_temperature)
     return grad_out

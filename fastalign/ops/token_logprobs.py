@@ -22,8 +22,7 @@ def _forward_op(logits: torch.Tensor, targets: torch.Tensor, inv_temperature: fl
     what the backward needs; ``inplace_backward`` only matters to the backward."""
     rows, layout = row_layout(logits)
     logprobs, entropy, stats = token_logprobs_launchers(backend).forward(
-        rows, targets, layout.n_inner, layout.stride_outer, layout.stride_inner,
-        inv_temperature=inv_temperature, softcap=softcap, ignore_index=ignore_index,
+        rows, targets, layout, inv_temperature=inv_temperature, softcap=softcap, ignore_index=ignore_index,
         return_entropy=return_entropy)
     return logprobs, logprobs.new_empty(0) if entropy is None else entropy, stats
 
@@ -39,10 +38,11 @@ def _forward_fake(logits, targets, inv_temperature, softcap, ignore_index, retur
 def _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, grad_entropy,
                    inv_temperature, softcap, ignore_index, backend):
     rows, layout = row_layout(logits)  # the public function never asks in-place for a copy
+    in_place = grad_out is logits
     token_logprobs_launchers(backend).backward(
-        rows, targets, layout.n_inner, layout.stride_outer, layout.stride_inner, stats,
-        entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy,
-        rows if grad_out is logits else grad_out, inv_temperature=inv_temperature,
+        rows, targets, layout, stats, entropy if grad_entropy is not None else None,
+        grad_logprobs, grad_entropy, rows if in_place else grad_out,
+        layout if in_place else layout.packed(rows.shape[-1]), inv_temperature=inv_temperature,
         softcap=softcap, ignore_index=ignore_index)
 
 

@@ -15,12 +15,12 @@ from .._native import extension
 from ._tiles import target_masks
 
 
-def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner, *,
+def token_logprobs_forward(logits, targets, layout, *,
                            inv_temperature, softcap, ignore_index, return_entropy):
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
     # Ignored rows are not read at all (padding costs nothing).
     row_max, sum_exp, sum_shifted, target_logit = extension().softmax_stats(
-        logits, (n_inner, stride_outer, stride_inner), n_rows, targets.long(), 0, ignore_index,
+        logits, layout.native_arg(), n_rows, targets.long(), 0, ignore_index,
         inv_temperature, softcap, return_entropy)
     ignored, _, nan_if_invalid = target_masks(targets, vocab_size, ignore_index)
     log_sum = sum_exp.log()
@@ -35,15 +35,12 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
     return logprobs, entropy, stats
 
 
-def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner,
-                            stats, entropy, grad_logprobs, grad_entropy, grad_out, *,
+def token_logprobs_backward(logits, targets, layout, stats, entropy, grad_logprobs,
+                            grad_entropy, grad_out, grad_layout, *,
                             inv_temperature, softcap, ignore_index):
-    vocab_size = logits.shape[-1]
-    layout = (n_inner, stride_outer, stride_inner)
-    # grad_out is the logits themselves (in place) or a fresh contiguous tensor of their shape.
-    grad_layout = layout if grad_out is logits else (n_inner, n_inner * vocab_size, vocab_size)
     extension().logprobs_grad(
-        logits, layout, targets.numel(), grad_out, grad_layout, targets.long(), 0, ignore_index,
+        logits, layout.native_arg(), targets.numel(), grad_out, grad_layout.native_arg(),
+        targets.long(), 0, ignore_index,
         inv_temperature, softcap, stats[:, 0].contiguous(), stats[:, 1].contiguous(), entropy,
         grad_logprobs, grad_entropy)
     return grad_out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._layout import RowLayout, iter_row_chunks
+from .._layout import iter_row_chunks
 from ._tiles import FINITE_MIN, logits_grad_, softcapped, target_masks
 
 # ~1 MiB of fp32 per temporary: large enough that per-chunk overhead is small, small enough to
@@ -39,10 +39,9 @@ def _shifted(chunk: torch.Tensor, inv_temperature: float, softcap: float | None)
     return (shifted.mul_(inv_temperature) if inv_temperature != 1.0 else shifted), row_max
 
 
-def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner, *,
+def token_logprobs_forward(logits, targets, layout, *,
                            inv_temperature, softcap, ignore_index, return_entropy):
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
-    layout = RowLayout(n_rows // n_inner, n_inner, stride_outer, stride_inner)
     ignored, safe_targets, nan_if_invalid = target_masks(targets, vocab_size, ignore_index)
     logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     stats = torch.empty(n_rows, 2, device=logits.device, dtype=torch.float32)
@@ -71,15 +70,10 @@ def token_logprobs_forward(logits, targets, n_inner, stride_outer, stride_inner,
     return logprobs, entropy, stats
 
 
-def token_logprobs_backward(logits, targets, n_inner, stride_outer, stride_inner,
-                            stats, entropy, grad_logprobs, grad_entropy, grad_out, *,
+def token_logprobs_backward(logits, targets, layout, stats, entropy, grad_logprobs,
+                            grad_entropy, grad_out, grad_layout, *,
                             inv_temperature, softcap, ignore_index):
-    n_rows, vocab_size = targets.numel(), logits.shape[-1]
-    layout = RowLayout(n_rows // n_inner, n_inner, stride_outer, stride_inner)
-    if grad_out is logits:
-        grad_layout = layout
-    else:
-        grad_layout = RowLayout(layout.n_outer, n_inner, n_inner * vocab_size, vocab_size)
+    vocab_size = logits.shape[-1]
     ignored, safe_targets, _ = target_masks(targets, vocab_size, ignore_index)
     rows_per_chunk = _rows_per_chunk(vocab_size)
 
