@@ -15,6 +15,13 @@ if DEVICE.type == "cuda" or shutil.which("g++") or shutil.which("clang++"):
     COMPILERS.append("inductor")
 
 
+@pytest.fixture(autouse=True)
+def fresh_inductor_cache(tmp_path, monkeypatch):
+    """Each test compiles into its own cache: a graph cached by an older tree (whose ops took
+    other arguments) would otherwise be replayed against the new schemas."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+
 def every_op(logits, ref_logits, targets, hidden, weight, ref_hidden, ref_weight, mask):
     lp, ent = fa.token_logprobs(logits, targets, return_entropy=True, softcap=5.0)
     kl = fa.token_kl(logits, ref_logits, mask=mask, temperature=0.9)

@@ -12,8 +12,6 @@ logits one ``[N, cols]`` vocabulary slice at a time with a matmul, so neither mo
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _validation as checks
@@ -23,6 +21,7 @@ from . import _linear_backward, _vocab_stats
 from ._compact import (fake_saved_rows, kept_rows, rows_to_save, saved_rows, scatter_rows,
                        select_rows)
 from ._backends import kl_launchers, linear_logprobs_launchers, new_gradient
+from ._fused_op import Options, fused_op
 from ._tiles import raw_logits_tile
 
 
@@ -37,18 +36,24 @@ def _flat_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 # ---------------------------------------------------------------------------------- token_kl
 
-@torch.library.custom_op("fastalign::token_kl_forward", mutates_args=())
-def _token_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor,
-                      mask: Optional[torch.Tensor], inv_temperature: float, backend: str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+OPTIONS = Options("KLOptions", "float inv_temperature, str backend")
+# linear_kl's backward also learns which gradients autograd wants.
+LINEAR_GRAD_OPTIONS = OPTIONS.extended("LinearKLGradOptions",
+                                       "bool need_hidden, bool need_weight, bool need_bias")
+
+
+@fused_op("fastalign::token_kl_forward", OPTIONS,
+          tensors="Tensor logits, Tensor ref_logits, Tensor? mask", returns="(Tensor, Tensor)")
+def _token_kl_forward(logits, ref_logits, mask, o):
     """``(kl [N], stats [N, 4])``, float32, for ``[..., V]`` logits with N rows (``stats``: what
     the backward needs, see ``_vocab_stats.merge_kl_partials``)."""
     logits, layout = row_layout(logits)
     ref_logits, ref_layout = row_layout(ref_logits)
-    partials = kl_launchers(backend).forward(
-        logits, ref_logits, layout, ref_layout, _flat_mask(mask), inv_temperature=inv_temperature)
+    partials = kl_launchers(o.backend).forward(
+        logits, ref_logits, layout, ref_layout, _flat_mask(mask),
+        inv_temperature=o.inv_temperature)
     return _vocab_stats.merge_kl_partials(*(x[None] for x in partials),
-                                          inv_temperature=inv_temperature)
+                                          inv_temperature=o.inv_temperature)
 
 
 def _kl_fakes(like: torch.Tensor, n_rows: int):
@@ -57,48 +62,45 @@ def _kl_fakes(like: torch.Tensor, n_rows: int):
 
 
 @_token_kl_forward.register_fake
-def _token_kl_forward_fake(logits, ref_logits, mask, inv_temperature, backend):
+def _token_kl_forward_fake(logits, ref_logits, mask, o):
     return _kl_fakes(logits, logits.numel() // logits.shape[-1])
 
 
-@torch.library.custom_op("fastalign::token_kl_backward", mutates_args=())
-def _token_kl_backward(logits: torch.Tensor, ref_logits: torch.Tensor,
-                       mask: Optional[torch.Tensor], stats: torch.Tensor,
-                       grad_kl: torch.Tensor, inv_temperature: float,
-                       backend: str) -> torch.Tensor:
+@fused_op("fastalign::token_kl_backward", OPTIONS,
+          tensors="Tensor logits, Tensor ref_logits, Tensor? mask, Tensor stats, Tensor grad_kl",
+          returns="Tensor")
+def _token_kl_backward(logits, ref_logits, mask, stats, grad_kl, o):
     """The gradient w.r.t. ``logits``: a fresh contiguous tensor of their shape and dtype."""
-    grad_out = new_gradient(logits, backend)
+    grad_out = new_gradient(logits, o.backend)
     logits, layout = row_layout(logits)
     ref_logits, ref_layout = row_layout(ref_logits)
     grad_layout = layout.packed(logits.shape[-1])
-    return kl_launchers(backend).backward(
+    return kl_launchers(o.backend).backward(
         logits, ref_logits, layout, ref_layout, _flat_mask(mask), stats, grad_kl,
-        grad_out, grad_layout, inv_temperature=inv_temperature)
+        grad_out, grad_layout, inv_temperature=o.inv_temperature)
 
 
 @_token_kl_backward.register_fake
-def _token_kl_backward_fake(logits, ref_logits, mask, stats, grad_kl, inv_temperature, backend):
+def _token_kl_backward_fake(logits, *_):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _token_kl_setup(ctx, inputs, output):
-    logits, ref_logits, mask, inv_temperature, backend = inputs
+def _token_kl_setup(ctx, tensors, o, output):
     kl, stats = output
-    ctx.save_for_backward(logits, ref_logits, mask, stats)
-    ctx.inv_temperature, ctx.backend = inv_temperature, backend
+    ctx.save_for_backward(*tensors, stats)
     ctx.set_materialize_grads(False)  # only kl is public: the stats' gradient stays None
 
 
 def _token_kl_grad(ctx, grad_kl, _grad_stats):
     if grad_kl is None:
-        return None, None, None, None, None
+        return None, None, None
     logits, ref_logits, mask, stats = ctx.saved_tensors
-    grad = _token_kl_backward(logits, ref_logits, mask, stats,
-                              grad_kl.float().contiguous(), ctx.inv_temperature, ctx.backend)
-    return grad, None, None, None, None
+    grad = _token_kl_backward(logits, ref_logits, mask, stats, grad_kl.float().contiguous(),
+                              ctx.options)
+    return grad, None, None
 
 
-_token_kl_forward.register_autograd(_token_kl_grad, setup_context=_token_kl_setup)
+_token_kl_forward.register_autograd(_token_kl_setup, _token_kl_grad)
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
@@ -137,8 +139,8 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: flo
         # No rows (a leading dim of 0, perhaps between others: no row layout describes that
         # without a copy that torch skips for empty tensors). Keep the result on the graph.
         return logits.sum(-1, dtype=torch.float32) * 0.0
-    kl, _ = _token_kl_forward(logits, ref_logits.detach(), mask, 1.0 / float(temperature),
-                              select_backend(logits.device))
+    kl, _ = _token_kl_forward(logits, ref_logits.detach(), mask,
+                              OPTIONS.new(1.0 / float(temperature), select_backend(logits.device)))
     return kl.view(logits.shape[:-1])
 
 
@@ -151,63 +153,60 @@ def _logit_tiles(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, start, 
     return tile, ref_tile, RowLayout(1, tile.shape[0], 0, tile.shape[1])
 
 
-@torch.library.custom_op("fastalign::linear_kl_forward", mutates_args=())
-def _linear_kl_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
-                       ref_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                       inv_temperature: float, backend: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+_LINEAR_TENSORS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, "
+                   "Tensor ref_weight, Tensor? ref_bias, Tensor? mask")
+
+
+@fused_op("fastalign::linear_kl_forward", OPTIONS, tensors=_LINEAR_TENSORS,
+          returns="(Tensor, Tensor, Tensor)")
+def _linear_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, o):
     """``(kl [N], stats [N, 4], rows [K])`` as ``_token_kl_forward``, for ``hidden``/``ref_hidden``
     ``[N, D]``, and the kept rows' indices (``_compact.rows_to_save``) for the backward."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     rows = None if mask is None else kept_rows(mask)
     hidden, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
-    launchers = kl_launchers(backend)
-    cols = _tile_cols(backend, hidden.shape[0], vocab_size)
+    launchers = kl_launchers(o.backend)
+    cols = _tile_cols(o.backend, hidden.shape[0], vocab_size)
     slices = []
     for start in range(0, vocab_size, cols):
         tile, ref_tile, layout = _logit_tiles(hidden, weight, bias, ref_hidden, ref_weight,
                                               ref_bias, start, min(start + cols, vocab_size))
         slices.append(launchers.forward(tile, ref_tile, layout, layout, None,
-                                         inv_temperature=inv_temperature))
+                                        inv_temperature=o.inv_temperature))
     stacked = (torch.stack(column) for column in zip(*slices))
-    merged = _vocab_stats.merge_kl_partials(*stacked, inv_temperature=inv_temperature)
+    merged = _vocab_stats.merge_kl_partials(*stacked, inv_temperature=o.inv_temperature)
     kl, stats = (scatter_rows(x, rows, n_rows) for x in merged)
     return kl, stats, rows_to_save(rows, n_rows, hidden.device)
 
 
 @_linear_kl_forward.register_fake
-def _linear_kl_forward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask,
-                            inv_temperature, backend):
+def _linear_kl_forward_fake(hidden, *_):
     return (*_kl_fakes(hidden, hidden.shape[0]), fake_saved_rows(hidden))
 
 
-@torch.library.custom_op("fastalign::linear_kl_backward", mutates_args=())
-def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
-                        ref_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                        stats: torch.Tensor, rows: torch.Tensor, grad_kl: torch.Tensor,
-                        inv_temperature: float, need_hidden: bool,
-                        need_weight: bool, need_bias: bool, backend: str
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@fused_op("fastalign::linear_kl_backward", LINEAR_GRAD_OPTIONS,
+          tensors=f"{_LINEAR_TENSORS}, Tensor stats, Tensor rows, Tensor grad_kl",
+          returns="(Tensor, Tensor, Tensor)")
+def _linear_kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, stats,
+                        rows, grad_kl, o):
     """``(dHidden, dWeight, dBias)`` of the policy side, each empty when not needed."""
     n_rows = hidden.shape[0]
     rows = saved_rows(rows, n_rows)  # the forward's kept rows: no second host sync
     hidden_kept, ref_hidden = select_rows(hidden, rows), select_rows(ref_hidden, rows)
     stats, grad_kl = select_rows(stats, rows), select_rows(grad_kl, rows)
-    launchers = kl_launchers(backend)
+    launchers = kl_launchers(o.backend)
 
     def grad_tile(start: int, end: int) -> torch.Tensor:
         tile, ref_tile, layout = _logit_tiles(hidden_kept, weight, bias, ref_hidden, ref_weight,
                                               ref_bias, start, end)
         # The policy tile is read before the kernel writes any of the gradient over it.
         launchers.backward(tile, ref_tile, layout, layout, None, stats, grad_kl, tile, layout,
-                       inv_temperature=inv_temperature)
+                           inv_temperature=o.inv_temperature)
         return tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
 
     grads = _linear_backward.linear_backward(
-        hidden_kept, weight, _tile_cols(backend, hidden_kept.shape[0], weight.shape[0]), grad_tile,
-        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        hidden_kept, weight, _tile_cols(o.backend, hidden_kept.shape[0], weight.shape[0]),
+        grad_tile, need_hidden=o.need_hidden, need_weight=o.need_weight, need_bias=o.need_bias)
     grad_hidden, grad_weight, grad_bias = grads
     if grad_hidden is not None:
         grad_hidden = scatter_rows(grad_hidden, rows, n_rows).to(hidden.dtype)
@@ -217,35 +216,34 @@ def _linear_kl_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
 
 
 @_linear_kl_backward.register_fake
-def _linear_kl_backward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask,
-                             stats, rows, grad_kl, inv_temperature, need_hidden, need_weight,
-                             need_bias, backend):
-    return _linear_backward.fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+def _linear_kl_backward_fake(hidden, weight, bias, *_tensors_then_options):
+    o = _tensors_then_options[-1]
+    return _linear_backward.fake_grads(hidden, weight, bias, o.need_hidden, o.need_weight,
+                                       o.need_bias)
 
 
-def _linear_kl_setup(ctx, inputs, output):
-    *tensors, inv_temperature, backend = inputs
+def _linear_kl_setup(ctx, tensors, o, output):
     kl, stats, rows = output
     ctx.save_for_backward(*tensors, stats, rows)
-    ctx.inv_temperature, ctx.backend = inv_temperature, backend
     ctx.set_materialize_grads(False)  # only kl is public: the stats' gradient stays None
 
 
 def _linear_kl_grad(ctx, grad_kl, _grad_stats, _grad_rows):
     if grad_kl is None:
-        return (None,) * 9
+        return (None,) * 7
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, stats, rows = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads = _linear_kl_backward(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, stats, rows,
-        grad_kl.float().contiguous(), ctx.inv_temperature, need_hidden, need_weight,
-        bias is not None and need_bias, ctx.backend)
+        grad_kl.float().contiguous(),
+        LINEAR_GRAD_OPTIONS.of(ctx.options, need_hidden=need_hidden, need_weight=need_weight,
+                               need_bias=bias is not None and need_bias))
     grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in
                                            zip(grads, (need_hidden, need_weight, need_bias)))
-    return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+    return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-_linear_kl_forward.register_autograd(_linear_kl_grad, setup_context=_linear_kl_setup)
+_linear_kl_forward.register_autograd(_linear_kl_setup, _linear_kl_grad)
 
 
 def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
@@ -287,5 +285,5 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
     kl, _, _ = _linear_kl_forward(
         flat(hidden), weight.contiguous(), None if bias is None else bias.contiguous(),
         flat(ref_hidden.detach()), detached(ref_weight), detached(ref_bias), _flat_mask(mask),
-        1.0 / float(temperature), select_backend(hidden.device))
+        OPTIONS.new(1.0 / float(temperature), select_backend(hidden.device)))
     return kl.view(hidden.shape[:-1])

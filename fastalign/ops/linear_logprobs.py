@@ -11,8 +11,6 @@ logits-gradient tiles.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _validation as checks
@@ -21,29 +19,36 @@ from . import _linear_backward, _vocab_stats
 from ._compact import (fake_saved_rows, kept_rows, rows_to_save, saved_rows, scatter_rows,
                        select_rows)
 from ._backends import linear_logprobs_launchers
+from ._fused_op import Options, fused_op
 
 
-@torch.library.custom_op("fastalign::linear_logprobs_forward", mutates_args=())
-def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                targets: torch.Tensor, inv_temperature: float, softcap: Optional[float],
-                ignore_index: int, return_entropy: bool, vocab_offset: int, vocab_total: int,
-                group_name: str, backend: str
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+OPTIONS = Options("LinearLogprobsOptions",
+                  "float inv_temperature, float? softcap, int ignore_index, bool return_entropy, "
+                  "int vocab_offset, int vocab_total, str group_name, str backend")
+# The backward also learns which gradients autograd wants.
+GRAD_OPTIONS = OPTIONS.extended("LinearLogprobsGradOptions",
+                                "bool need_hidden, bool need_weight, bool need_bias")
+
+
+@fused_op("fastalign::linear_logprobs_forward", OPTIONS,
+          tensors="Tensor hidden, Tensor weight, Tensor? bias, Tensor targets",
+          returns="(Tensor, Tensor, Tensor, Tensor)")
+def _forward_op(hidden, weight, bias, targets, o):
     """``(logprobs [N], entropy [N] or [0], softmax_stats [N, 2], rows [K])`` for
     ``hidden [N, D]``, ``targets [N]``; ``softmax_stats`` (max and log-sum of each row) and the
     kept rows' indices (``_compact.rows_to_save``) are what backward needs."""
     n_rows = targets.shape[0]
-    rows = kept_rows(targets != ignore_index)
+    rows = kept_rows(targets != o.ignore_index)
     kept_targets = select_rows(targets, rows)
-    partials = linear_logprobs_launchers(backend).forward(
-        select_rows(hidden, rows), weight, bias, kept_targets - vocab_offset,
-        inv_temperature=inv_temperature, softcap=softcap, return_entropy=return_entropy)
+    partials = linear_logprobs_launchers(o.backend).forward(
+        select_rows(hidden, rows), weight, bias, kept_targets - o.vocab_offset,
+        inv_temperature=o.inv_temperature, softcap=o.softcap, return_entropy=o.return_entropy)
     stats, entropy, logprobs = _vocab_stats.merge_vocab_partials(
-        *partials, process_group=_vocab_stats.resolve_group(group_name),
-        inv_temperature=inv_temperature)
+        *partials, process_group=_vocab_stats.resolve_group(o.group_name),
+        inv_temperature=o.inv_temperature)
     # An id outside [0, V) (possible only on CUDA without FASTALIGN_CHECK_TARGETS=1) is never
     # read: its row is NaN in every output and gradient.
-    invalid = (kept_targets < 0) | (kept_targets >= vocab_total)
+    invalid = (kept_targets < 0) | (kept_targets >= o.vocab_total)
     stats = stats.masked_fill(invalid[:, None], float("nan"))
     logprobs = scatter_rows(logprobs.masked_fill(invalid, float("nan")), rows, n_rows)
     entropy = hidden.new_empty(0, dtype=torch.float32) if entropy is None \
@@ -53,43 +58,40 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 @_forward_op.register_fake
-def _forward_fake(hidden, weight, bias, targets, inv_temperature, softcap, ignore_index,
-                  return_entropy, vocab_offset, vocab_total, group_name, backend):
+def _forward_fake(hidden, weight, bias, targets, o):
     n_rows = targets.shape[0]
     per_row = hidden.new_empty(n_rows, dtype=torch.float32)
-    entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=torch.float32)
+    entropy = hidden.new_empty(n_rows if o.return_entropy else 0, dtype=torch.float32)
     return (per_row, entropy, hidden.new_empty(n_rows, 2, dtype=torch.float32),
             fake_saved_rows(targets))
 
 
-@torch.library.custom_op("fastalign::linear_logprobs_backward", mutates_args=())
-def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 targets: torch.Tensor, stats: torch.Tensor, entropy: torch.Tensor,
-                 rows: torch.Tensor, grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-                 inv_temperature: float, softcap: Optional[float], ignore_index: int,
-                 vocab_offset: int, group_name: str, need_hidden: bool, need_weight: bool,
-                 need_bias: bool, backend: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@fused_op("fastalign::linear_logprobs_backward", GRAD_OPTIONS,
+          tensors="Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor stats, "
+                  "Tensor entropy, Tensor rows, Tensor? grad_logprobs, Tensor? grad_entropy",
+          returns="(Tensor, Tensor, Tensor)")
+def _backward_op(hidden, weight, bias, targets, stats, entropy, rows, grad_logprobs,
+                 grad_entropy, o):
     """``(dHidden, dWeight, dBias)``, each empty when not needed."""
     n_rows = targets.shape[0]
     rows = saved_rows(rows, n_rows)  # the forward's kept rows: no second host sync
     hidden_kept = select_rows(hidden, rows)
-    targets_kept = select_rows(targets, rows) - vocab_offset
+    targets_kept = select_rows(targets, rows) - o.vocab_offset
     stats = select_rows(stats, rows)
     entropy = select_rows(entropy, rows) if grad_entropy is not None else None
     grad_logprobs, grad_entropy = select_rows(grad_logprobs, rows), select_rows(grad_entropy, rows)
-    launchers = linear_logprobs_launchers(backend)
+    launchers = linear_logprobs_launchers(o.backend)
 
     def grad_tile(start: int, end: int) -> torch.Tensor:
         return launchers.backward(
             hidden_kept, weight, bias, targets_kept, stats, entropy, grad_logprobs, grad_entropy,
-            start, end, inv_temperature=inv_temperature, softcap=softcap)
+            start, end, inv_temperature=o.inv_temperature, softcap=o.softcap)
 
     grad_hidden, grad_weight, grad_bias = _linear_backward.linear_backward(
         hidden_kept, weight, launchers.tile_cols(hidden_kept.shape[0], weight.shape[0]), grad_tile,
-        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        need_hidden=o.need_hidden, need_weight=o.need_weight, need_bias=o.need_bias)
     if grad_hidden is not None:
-        group = _vocab_stats.resolve_group(group_name)
+        group = _vocab_stats.resolve_group(o.group_name)
         if group is not None:
             # Each rank holds one vocabulary slice: dHidden is the sum of every slice's part.
             import torch.distributed as dist
@@ -100,45 +102,39 @@ def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 @_backward_op.register_fake
-def _backward_fake(hidden, weight, bias, targets, stats, entropy, rows, grad_logprobs, grad_entropy,
-                   inv_temperature, softcap, ignore_index, vocab_offset, group_name, need_hidden,
-                   need_weight, need_bias, backend):
-    return _linear_backward.fake_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
+def _backward_fake(hidden, weight, bias, *_tensors_then_options):
+    o = _tensors_then_options[-1]
+    return _linear_backward.fake_grads(hidden, weight, bias, o.need_hidden, o.need_weight,
+                                       o.need_bias)
 
 
-_OPTION_NAMES = ("inv_temperature", "softcap", "ignore_index", "return_entropy", "vocab_offset",
-                 "vocab_total", "group_name", "backend")
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, *options = inputs
+def _setup_context(ctx, tensors, o, output):
     _, entropy, stats, rows = output
-    ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy, rows)
-    ctx.options = dict(zip(_OPTION_NAMES, options))
+    ctx.save_for_backward(*tensors, stats, entropy, rows)
     # Unused outputs (an entropy kept for logging) then get None, not zeros to differentiate.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats, _grad_rows):
     o = ctx.options
-    if not o["return_entropy"]:
+    if not o.return_entropy:
         grad_entropy = None
     if grad_logprobs is None and grad_entropy is None:
-        return (None,) * (4 + len(_OPTION_NAMES))
+        return None, None, None, None
     hidden, weight, bias, targets, stats, entropy, rows = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grads = _backward_op(
         hidden, weight, bias, targets, stats, entropy, rows,
         None if grad_logprobs is None else grad_logprobs.float().contiguous(),
         None if grad_entropy is None else grad_entropy.float().contiguous(),
-        o["inv_temperature"], o["softcap"], o["ignore_index"], o["vocab_offset"],
-        o["group_name"], need_hidden, need_weight, bias is not None and need_bias, o["backend"])
+        GRAD_OPTIONS.of(o, need_hidden=need_hidden, need_weight=need_weight,
+                        need_bias=bias is not None and need_bias))
     grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in
                                            zip(grads, (need_hidden, need_weight, need_bias)))
-    return (grad_hidden, grad_weight, grad_bias) + (None,) * (1 + len(_OPTION_NAMES))
+    return grad_hidden, grad_weight, grad_bias, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_op.register_autograd(_setup_context, _backward)
 
 
 def linear_logprobs(
@@ -192,10 +188,13 @@ def linear_logprobs(
     checks.check_targets(targets, hidden.shape[:-1], vocab_total, hidden.device, ignore_index,
                          source="hidden")
     group_name = "" if process_group is None else process_group.group_name
+    options = OPTIONS.new(
+        inv_temperature=1.0 / float(temperature),
+        softcap=None if softcap is None else float(softcap), ignore_index=int(ignore_index),
+        return_entropy=return_entropy, vocab_offset=vocab_offset, vocab_total=vocab_total,
+        group_name=group_name, backend=select_backend(hidden.device))
     logprobs, entropy, _, _ = _forward_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
-        None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(),
-        1.0 / float(temperature), None if softcap is None else float(softcap), int(ignore_index),
-        return_entropy, vocab_offset, vocab_total, group_name, select_backend(hidden.device))
+        None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(), options)
     logprobs = logprobs.view(targets.shape)
     return (logprobs, entropy.view(targets.shape)) if return_entropy else logprobs

@@ -4,66 +4,58 @@ Triton backend; the torch backend computes the same sums with torch ops (and aut
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .._backend import select_backend
 from .._validation import check_choice
 from ._backends import policy_launchers
+from ._fused_op import Options, fused_op
 
 # Columns of the [B, 7] sums (the same order as kernels/policy.py).
 LOSS, COUNT, CLIP_LOW, CLIP_HIGH, RATIO, APPROX_KL, KL = range(7)
 KL_KINDS = {"k1": 1, "k2": 2, "k3": 3}
 
 
-@torch.library.custom_op("fastalign::policy_stats", mutates_args=())
-def _stats_op(logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, ref: Optional[torch.Tensor], clip_low: float, clip_high: float,
-              dual_clip: Optional[float], kl_coef: float, kl_kind: int,
-              sequence_level: bool) -> torch.Tensor:
-    return policy_launchers("triton").forward(logprobs, old, advantages, mask, ref, clip_low=clip_low,
-                                  clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                                  kl_kind=kl_kind, sequence_level=sequence_level)
+OPTIONS = Options("PolicyOptions", "float clip_low, float clip_high, float? dual_clip, "
+                                   "float kl_coef, int kl_kind, bool sequence_level")
+_TENSORS = "Tensor logprobs, Tensor old, Tensor advantages, Tensor mask, Tensor? ref"
+
+
+@fused_op("fastalign::policy_stats", OPTIONS, tensors=_TENSORS, returns="Tensor")
+def _stats_op(logprobs, old, advantages, mask, ref, o):
+    return policy_launchers("triton").forward(logprobs, old, advantages, mask, ref, **o._asdict())
 
 
 @_stats_op.register_fake
-def _stats_fake(logprobs, old, advantages, mask, ref, clip_low, clip_high, dual_clip, kl_coef,
-                kl_kind, sequence_level):
+def _stats_fake(logprobs, *_):
     return logprobs.new_empty(logprobs.shape[0], 7)
 
 
-@torch.library.custom_op("fastalign::policy_stats_backward", mutates_args=())
-def _grad_op(logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor,
-             mask: torch.Tensor, ref: Optional[torch.Tensor], weights: torch.Tensor,
-             clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float,
-             kl_kind: int, sequence_level: bool) -> torch.Tensor:
+@fused_op("fastalign::policy_stats_backward", OPTIONS, tensors=f"{_TENSORS}, Tensor weights",
+          returns="Tensor")
+def _grad_op(logprobs, old, advantages, mask, ref, weights, o):
     return policy_launchers("triton").backward(logprobs, old, advantages, mask, ref, weights,
-                                 clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                                 kl_coef=kl_coef, kl_kind=kl_kind, sequence_level=sequence_level)
+                                               **o._asdict())
 
 
 @_grad_op.register_fake
-def _grad_fake(logprobs, old, advantages, mask, ref, weights, clip_low, clip_high, dual_clip,
-               kl_coef, kl_kind, sequence_level):
+def _grad_fake(logprobs, *_):
     return torch.empty_like(logprobs)
 
 
-def _setup(ctx, inputs, output):
-    logprobs, old, advantages, mask, ref, *options = inputs
-    ctx.save_for_backward(logprobs, old, advantages, mask, ref)
-    ctx.options = options
+def _setup(ctx, tensors, o, output):
+    ctx.save_for_backward(*tensors)
 
 
 def _backward(ctx, grad_stats):
     logprobs, old, advantages, mask, ref = ctx.saved_tensors
     # Only the loss column is differentiable; the other columns are metrics (counts, sums).
     weights = grad_stats[:, LOSS].float().contiguous()
-    grad = _grad_op(logprobs, old, advantages, mask, ref, weights, *ctx.options)
-    return (grad,) + (None,) * 10
+    grad = _grad_op(logprobs, old, advantages, mask, ref, weights, ctx.options)
+    return grad, None, None, None, None
 
 
-_stats_op.register_autograd(_backward, setup_context=_setup)
+_stats_op.register_autograd(_setup, _backward)
 
 
 # k3 = exp(r) - r - 1 = r^2 (1/2 + r/6 + r^2/24 + ...) for |r| below this: expm1(r) - r would
@@ -144,5 +136,7 @@ def policy_stats(logprobs, old, advantages, mask, ref, *, clip_low, clip_high, d
                             None if ref is None else ref.float(), clip_low, clip_high,
                             dual_clip, kl_coef, kl_estimator, sequence_level)
     prepared = [x.float().contiguous() for x in (logprobs, old, advantages, mask)]
-    return _stats_op(*prepared, None if ref is None else ref.float().contiguous(), clip_low,
-                     clip_high, dual_clip, kl_coef, KL_KINDS.get(kl_estimator, 0), sequence_level)
+    options = OPTIONS.new(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                          kl_coef=kl_coef, kl_kind=KL_KINDS.get(kl_estimator, 0),
+                          sequence_level=sequence_level)
+    return _stats_op(*prepared, None if ref is None else ref.float().contiguous(), options)

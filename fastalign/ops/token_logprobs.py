@@ -2,111 +2,100 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .. import _validation as checks
 from .._backend import select_backend
 from .._layout import needs_copy, row_layout
 from ._backends import new_gradient, token_logprobs_launchers
+from ._fused_op import Options, fused_op
 
 
-@torch.library.custom_op("fastalign::token_logprobs_forward", mutates_args=())
-def _forward_op(logits: torch.Tensor, targets: torch.Tensor, inv_temperature: float,
-                softcap: Optional[float], ignore_index: int, return_entropy: bool,
-                inplace_backward: bool, backend: str
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+OPTIONS = Options("TokenLogprobsOptions",
+                  "float inv_temperature, float? softcap, int ignore_index, bool return_entropy, "
+                  "bool inplace_backward, str backend")
+_BACKWARD_TENSORS = ("Tensor targets, Tensor stats, Tensor entropy, Tensor? grad_logprobs, "
+                     "Tensor? grad_entropy")
+
+
+@fused_op("fastalign::token_logprobs_forward", OPTIONS, tensors="Tensor logits, Tensor targets",
+          returns="(Tensor, Tensor, Tensor)")
+def _forward_op(logits, targets, o):
     """``(logprobs [N], entropy [N] or [0], stats [N, 2])`` for ``[..., V]`` logits,
     ``targets [N]``: ``stats`` holds each row's max key and log-sum (kernels/token_logprobs.py),
     what the backward needs; ``inplace_backward`` only matters to the backward."""
     rows, layout = row_layout(logits)
-    logprobs, entropy, stats = token_logprobs_launchers(backend).forward(
-        rows, targets, layout, inv_temperature=inv_temperature, softcap=softcap, ignore_index=ignore_index,
-        return_entropy=return_entropy)
+    logprobs, entropy, stats = token_logprobs_launchers(o.backend).forward(
+        rows, targets, layout, inv_temperature=o.inv_temperature, softcap=o.softcap,
+        ignore_index=o.ignore_index, return_entropy=o.return_entropy)
     return logprobs, logprobs.new_empty(0) if entropy is None else entropy, stats
 
 
 @_forward_op.register_fake
-def _forward_fake(logits, targets, inv_temperature, softcap, ignore_index, return_entropy,
-                  inplace_backward, backend):
+def _forward_fake(logits, targets, o):
     per_row = logits.new_empty(targets.shape[0], dtype=torch.float32)
-    entropy = logits.new_empty(targets.shape[0] if return_entropy else 0, dtype=torch.float32)
+    entropy = logits.new_empty(targets.shape[0] if o.return_entropy else 0, dtype=torch.float32)
     return per_row, entropy, logits.new_empty(targets.shape[0], 2, dtype=torch.float32)
 
 
-def _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, grad_entropy,
-                   inv_temperature, softcap, ignore_index, backend):
+def _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, grad_entropy, o):
     rows, layout = row_layout(logits)  # the public function never asks in-place for a copy
     in_place = grad_out is logits
-    token_logprobs_launchers(backend).backward(
+    token_logprobs_launchers(o.backend).backward(
         rows, targets, layout, stats, entropy if grad_entropy is not None else None,
         grad_logprobs, grad_entropy, rows if in_place else grad_out,
-        layout if in_place else layout.packed(rows.shape[-1]), inv_temperature=inv_temperature,
-        softcap=softcap, ignore_index=ignore_index)
+        layout if in_place else layout.packed(rows.shape[-1]), inv_temperature=o.inv_temperature,
+        softcap=o.softcap, ignore_index=o.ignore_index)
 
 
-@torch.library.custom_op("fastalign::token_logprobs_backward", mutates_args=())
-def _backward_op(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
-                 entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
-                 grad_entropy: Optional[torch.Tensor], inv_temperature: float,
-                 softcap: Optional[float], ignore_index: int, backend: str) -> torch.Tensor:
+@fused_op("fastalign::token_logprobs_backward", OPTIONS,
+          tensors=f"Tensor logits, {_BACKWARD_TENSORS}", returns="Tensor")
+def _backward_op(logits, targets, stats, entropy, grad_logprobs, grad_entropy, o):
     """The gradient w.r.t. ``logits``: a fresh contiguous tensor of their shape and dtype."""
-    grad_out = new_gradient(logits, backend)
-    _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, grad_entropy,
-                   inv_temperature, softcap, ignore_index, backend)
+    grad_out = new_gradient(logits, o.backend)
+    _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, grad_entropy, o)
     return grad_out
 
 
 @_backward_op.register_fake
-def _backward_fake(logits, targets, stats, entropy, grad_logprobs, grad_entropy, inv_temperature,
-                   softcap, ignore_index, backend):
+def _backward_fake(logits, *_):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.custom_op("fastalign::token_logprobs_backward_inplace", mutates_args=("logits",))
-def _backward_inplace_op(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
-                         entropy: torch.Tensor, grad_logprobs: Optional[torch.Tensor],
-                         grad_entropy: Optional[torch.Tensor], inv_temperature: float,
-                         softcap: Optional[float], ignore_index: int, backend: str) -> None:
+@fused_op("fastalign::token_logprobs_backward_inplace", OPTIONS,
+          tensors=f"Tensor(a!) logits, {_BACKWARD_TENSORS}", returns="()", mutates=("logits",))
+def _backward_inplace_op(logits, targets, stats, entropy, grad_logprobs, grad_entropy, o):
     """Writes the gradient over ``logits`` (``inplace_backward=True``). Declaring the mutation
     bumps the logits' version, so anything else that saved them for its backward raises
     instead of reading gradients as if they were logits."""
-    _backward_into(logits, logits, targets, stats, entropy, grad_logprobs, grad_entropy,
-                   inv_temperature, softcap, ignore_index, backend)
+    _backward_into(logits, logits, targets, stats, entropy, grad_logprobs, grad_entropy, o)
 
 
-_OPTION_NAMES = ("inv_temperature", "softcap", "ignore_index", "return_entropy",
-                 "inplace_backward", "backend")
-
-
-def _setup_context(ctx, inputs, output):
-    logits, targets, *options = inputs
+def _setup_context(ctx, tensors, o, output):
+    logits, targets = tensors
     _, entropy, stats = output
     ctx.save_for_backward(logits, targets, stats, entropy)
-    ctx.options = dict(zip(_OPTION_NAMES, options))
     # Unused outputs (an entropy kept for logging) then get None, not zeros to differentiate.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
     o = ctx.options
-    if not o["return_entropy"]:
+    if not o.return_entropy:
         grad_entropy = None
     if grad_logprobs is None and grad_entropy is None:
-        return (None,) * (2 + len(_OPTION_NAMES))
+        return None, None
     logits, targets, stats, entropy = ctx.saved_tensors
     args = (targets, stats, entropy,
             None if grad_logprobs is None else grad_logprobs.float().contiguous(),
-            None if grad_entropy is None else grad_entropy.float().contiguous(),
-            o["inv_temperature"], o["softcap"], o["ignore_index"], o["backend"])
-    if o["inplace_backward"]:
+            None if grad_entropy is None else grad_entropy.float().contiguous(), o)
+    if o.inplace_backward:
         _backward_inplace_op(logits, *args)
-        return (logits,) + (None,) * (1 + len(_OPTION_NAMES))
-    return (_backward_op(logits, *args),) + (None,) * (1 + len(_OPTION_NAMES))
+        return logits, None
+    return _backward_op(logits, *args), None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_op.register_autograd(_setup_context, _backward)
 
 
 def token_logprobs(
@@ -184,13 +173,16 @@ def token_logprobs(
         logprobs = logits.sum(-1, dtype=torch.float32) * 0.0
         return (logprobs, logprobs.clone()) if return_entropy else logprobs
 
-    logprobs, entropy, _ = _forward_op(
-        logits, targets.reshape(-1).contiguous(), 1.0 / float(temperature),
-        None if softcap is None else float(softcap), int(ignore_index), return_entropy,
+    options = OPTIONS.new(
+        inv_temperature=1.0 / float(temperature),
+        softcap=None if softcap is None else float(softcap), ignore_index=int(ignore_index),
+        return_entropy=return_entropy,
         # Logits whose layout needs a copy get a fresh gradient (the copy is not theirs), as do
         # logits whose elements share memory (no room there for each element's gradient).
-        inplace_backward and not needs_copy(logits) and not checks.has_internal_overlap(logits),
-        select_backend(logits.device))
+        inplace_backward=(inplace_backward and not needs_copy(logits)
+                          and not checks.has_internal_overlap(logits)),
+        backend=select_backend(logits.device))
+    logprobs, entropy, _ = _forward_op(logits, targets.reshape(-1).contiguous(), options)
     if return_entropy:
         return logprobs.view(leading_shape), entropy.view(leading_shape)
     return logprobs.view(leading_shape)
