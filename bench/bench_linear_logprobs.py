@@ -17,6 +17,8 @@ modes x shapes.
   trl          TRL's trl.kernels.ChunkedDivergenceFunction with beta = 1 (reverse KL)
   liger        Liger's LigerFusedLinearJSDFunction with jsd_beta = 1 (a scalar token mean; CUDA)
   fastalign    fastalign.linear_kl
+``--baseline REV ...`` (CPU) also runs the fastalign provider from those git revisions, in the
+same run, named ``fastalign@REV`` (bench/harness.py ``stage_revisions``).
 Modes: fwd (no grad, e.g. the reference model) and fwd_bwd (gradient w.r.t. hidden and weight).
 
 Time is the median of several calls (CUDA: triton.testing.do_bench; the CSV adds TFLOP/s from
@@ -170,6 +172,7 @@ def main(argv=None) -> None:
                         choices=sorted({p for names in PROVIDERS.values() for p in names}),
                         help="default: every provider of --op")
     harness.add_run_arguments(parser, MODES)
+    harness.add_baseline_argument(parser)
     args = parser.parse_args(argv)
     if harness.served_as_worker(args, make_call):
         return
@@ -183,9 +186,16 @@ def main(argv=None) -> None:
     csv_path = args.csv or RESULTS / f"{op_name}_{device.type}.csv"
     plot_path = args.plot or csv_path.with_suffix(".png")
     stamp = harness.stamp(device)
-    configs = [dict(op=args.op, provider=p, mode=m, dtype=d, shape=s, tokens=tokens, hidden=SHAPES[s][0],
-                    vocab=SHAPES[s][1], repeats=args.repeats)
-               for d in dtypes for m in args.modes for s in shapes for p in args.providers or PROVIDERS[args.op]]
+    if args.baseline and cuda:
+        parser.error("--baseline measures in CPU workers; run it without --device cuda")
+    trees = harness.stage_revisions(args.baseline)
+    configs = [spec
+               for d in dtypes for m in args.modes for s in shapes
+               for p in args.providers or PROVIDERS[args.op]
+               for spec in harness.per_revision(
+                   dict(op=args.op, provider=p, mode=m, dtype=d, shape=s, tokens=tokens,
+                        hidden=SHAPES[s][0], vocab=SHAPES[s][1], repeats=args.repeats),
+                   trees, own=p == "fastalign")]
     rows = []
     for index, spec in enumerate(configs, 1):
         print(f"[{index}/{len(configs)}] {spec['provider']} {spec['mode']} {spec['dtype']} "

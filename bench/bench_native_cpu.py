@@ -17,6 +17,10 @@ Providers (the same seeded inputs for all; N = --tokens rows, V = --vocab):
   torch_compile   torch.compile of the eager function (token ops)
   trl             TRL's selective_log_softmax (token_logprobs), trl.kernels.ChunkedLogProbFunction
                   (linear_logprobs)
+With ``--baseline REV [REV ...]`` the fastalign providers (native, native_fresh, native_inplace,
+fastalign_torch) also run from those git revisions of this repository, in the same run and on
+the same inputs: named ``native@REV``, each revision's package staged by ``git archive`` (its own
+native build cache) and imported through ``PYTHONPATH`` ahead of the installed tree.
 Modes: fwd (no grad) and fwd_bwd (gradient w.r.t. the logits / hidden and weight).
 
 Besides time and peak memory (each in a fresh subprocess, see fastalign/_measure.py), every
@@ -30,6 +34,7 @@ does not pay it.
 
     python bench/bench_native_cpu.py                 # N=4096, V=128256, float32 and bfloat16
     python bench/bench_native_cpu.py --ops token_logprobs --modes fwd_bwd
+    python bench/bench_native_cpu.py --baseline 6b29097 --providers native fastalign_torch
 """
 
 from __future__ import annotations
@@ -135,7 +140,9 @@ def make_call(spec: dict, device: torch.device):
 
 def cpu_worker(spec: dict) -> dict:
     """Like harness.cpu_worker, but the in-place provider's input copy is made before each
-    timed call (it stands for the model output the gradient overwrites)."""
+    timed call (it stands for the model output the gradient overwrites). A provider of
+    another revision (``native@REV``) runs as its base provider, from that revision's tree."""
+    spec = harness.as_own_revision(spec)
     call = make_call(spec, torch.device("cpu"))
     prepare = getattr(call, "prepare", None)
     if prepare is None:
@@ -196,6 +203,7 @@ def main(argv=None) -> None:
     parser.add_argument("--providers", nargs="+", default=None,
                         choices=sorted({p for names in PROVIDERS.values() for p in names}))
     harness.add_run_arguments(parser, MODES)
+    harness.add_baseline_argument(parser)
     args = parser.parse_args(argv)
     if args.worker:
         import json
@@ -209,6 +217,7 @@ def main(argv=None) -> None:
     for dtype, numbers in bandwidth.items():
         print(f"copy bandwidth {dtype}: {numbers['copy_gbps']:.1f} GB/s, first touch of a fresh "
               f"logits-sized buffer +{numbers['first_touch_ms']:.0f} ms")
+    trees = harness.stage_revisions(args.baseline)
     configs = []
     for op in args.ops:
         dtypes = ["float32"] if op == "linear_logprobs" else args.dtypes
@@ -218,9 +227,11 @@ def main(argv=None) -> None:
                     if provider not in PROVIDERS[op] or (provider in BACKWARD_ONLY and mode == "fwd"):
                         continue
                     tokens = args.linear_tokens if op == "linear_logprobs" else args.tokens
-                    configs.append(dict(op=op, provider=provider, mode=mode, dtype=dtype,
-                                        tokens=tokens, vocab=args.vocab, hidden=args.hidden_dim,
-                                        repeats=args.repeats, env=PROVIDER_ENV.get(provider, {})))
+                    configs += harness.per_revision(
+                        dict(op=op, provider=provider, mode=mode, dtype=dtype, tokens=tokens,
+                             vocab=args.vocab, hidden=args.hidden_dim, repeats=args.repeats,
+                             env=PROVIDER_ENV.get(provider, {})),
+                        trees, own=provider in BACKEND_OF)
     rows = []
     script = str(Path(__file__).resolve())
     for index, spec in enumerate(configs, 1):

@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import io
 import json
 import os
 import platform
+import shutil
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import torch
@@ -162,9 +166,76 @@ def add_run_arguments(parser: argparse.ArgumentParser, modes) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
 
 
+def add_baseline_argument(parser: argparse.ArgumentParser) -> None:
+    """``--baseline REV ...``: see :func:`stage_revisions` (CPU scripts that measure in
+    workers)."""
+    parser.add_argument("--baseline", nargs="+", default=[], metavar="REV",
+                        help="also run fastalign's own providers from these git revisions of "
+                             "this repository, in the same run, named provider@REV")
+
+
 def served_as_worker(args, make_call) -> bool:
     """In a ``--worker`` process: measure the one configuration, print it, and say so."""
     if not args.worker:
         return False
-    print(json.dumps(cpu_worker(make_call, json.loads(args.worker))))
+    print(json.dumps(cpu_worker(make_call, as_own_revision(json.loads(args.worker)))))
     return True
+
+
+# --baseline: fastalign's providers from other git revisions, beside this tree's, in one run.
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _stage_revision(rev: str, root: Path) -> dict:
+    """The worker environment that imports fastalign as of git revision ``rev``: its package
+    (with ``kernels/`` and ``csrc/`` where the installed package has them) extracted under
+    ``root``, first on ``PYTHONPATH`` (ahead of the installed tree), with its own native build
+    cache, built here once so that no measurement includes a build."""
+    target = root / rev
+    if not (target / "fastalign").is_dir():
+        archive = subprocess.run(["git", "archive", rev, "fastalign", "kernels", "csrc"],
+                                 cwd=REPO, capture_output=True, check=True).stdout
+        shutil.rmtree(target, ignore_errors=True)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(target, filter="data")
+        for folder in ("kernels", "csrc"):
+            shutil.move(str(target / folder), str(target / "fastalign" / folder))
+    env = {"PYTHONPATH": str(target), "FASTALIGN_NATIVE_BUILD_DIR": str(target / ".native")}
+    build = subprocess.run(
+        [sys.executable, "-c", "from fastalign import _native; assert _native.extension()"],
+        env=dict(os.environ, **env), cwd=root, capture_output=True, text=True)
+    if build.returncode:
+        raise SystemExit(f"--baseline {rev}: its native kernels did not build:\n{build.stderr}")
+    return env
+
+
+def stage_revisions(revisions: list[str]) -> dict[str, dict]:
+    """``{revision: worker environment}``, this tree first (``""``, no extra environment)."""
+    root = Path(os.environ.get("TMPDIR", "/tmp")) / "fastalign-baselines"
+    trees = {"": {}}
+    for rev in revisions:
+        print(f"staging {rev} and building its native kernels ...", flush=True)
+        trees[rev] = _stage_revision(rev, root)
+    return trees
+
+
+def per_revision(spec: dict, trees: dict[str, dict], own: bool) -> list[dict]:
+    """``spec`` for this tree, and for each other revision when the provider is fastalign's
+    own (``own``), as provider ``name@REV``."""
+    specs = []
+    for rev, env in trees.items():
+        if rev and not own:
+            continue
+        specs.append(dict(spec, provider=f"{spec['provider']}@{rev}" if rev else spec["provider"],
+                          tree=env.get("PYTHONPATH", ""), env={**spec.get("env", {}), **env}))
+    return specs
+
+
+def as_own_revision(spec: dict) -> dict:
+    """In a worker: ``spec`` with its base provider name, after checking that fastalign was
+    imported from the revision the spec names (a wrong tree would be a silent mislabel)."""
+    import fastalign
+    tree = spec.get("tree")
+    if tree and not Path(fastalign.__file__).resolve().is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"fastalign was imported from {fastalign.__file__}, not from {tree}")
+    return dict(spec, provider=spec["provider"].partition("@")[0])
