@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import scaled_delta
+from ._math import FINITE_MIN, scaled_delta
 from ._rows import block_and_warps, row_offset
 
 FORWARD_BLOCK_V = 4096
@@ -48,11 +48,11 @@ def _kl_forward_kernel(
             return
     p_row = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     q_row = ref_ptr + row_offset(row, ref_n_inner, ref_stride_outer, ref_stride_inner)
-    # Maxes start at the most negative float (_math.FINITE_MIN), not -inf: z - max is then
+    # Maxes start at the most negative float (FINITE_MIN), not -inf: z - max is then
     # never -inf - -inf.
-    max_p = -3.4028234663852886e38
+    max_p = FINITE_MIN
     sum_p = 0.0
-    max_q = -3.4028234663852886e38
+    max_q = FINITE_MIN
     sum_q = 0.0
     # sum exp(s) * (s - s_ref): relative to both maxes, so a large common offset of the logits
     # does not cancel away the (often tiny) KL.

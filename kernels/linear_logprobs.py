@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._math import LOG_P_FLOOR, fp_fusion, logit_key, scaled_delta, softcap_grad
+from ._math import FINITE_MIN, LOG_P_FLOOR, fp_fusion, logit_key, scaled_delta, softcap_grad
 
 # One default per kernel, read at call time (tests shrink them to cover tails). The best of
 # bench/tune_linear_logprobs.py's sweep on an H100 (bench/results/tune_linear_logprobs_cuda.csv:
@@ -87,7 +87,7 @@ def _linear_logprobs_forward_kernel(
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     # Maxes of the keys (softcap(z), before the temperature: _math) start at the most negative
     # float, not -inf, so key - max is never -inf - -inf.
-    running_max = tl.full((BLOCK_N,), -3.4028234663852886e38, dtype=tl.float32)
+    running_max = tl.full((BLOCK_N,), FINITE_MIN, dtype=tl.float32)
     sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sum_exp_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -110,7 +110,7 @@ def _linear_logprobs_forward_kernel(
             # Relative to the running max, so large logits do not cancel; exp(d) * d is 0 for
             # a far smaller old max, and -inf is clamped so its term is 0 * finite.
             sum_exp_shifted = rescale * sum_exp_shifted + (rescale * delta) * sum_exp \
-                + tl.sum(p * tl.maximum(shifted, -3.4028234663852886e38), axis=1)
+                + tl.sum(p * tl.maximum(shifted, FINITE_MIN), axis=1)
         sum_exp = sum_exp * rescale + tl.sum(p, axis=1)
         running_max = new_max
     out = split.to(tl.int64) * n_rows + rows

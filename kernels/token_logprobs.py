@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import LOG_P_FLOOR, fp_fusion, logit_key, scaled_delta, softcap_grad
+from ._math import FINITE_MIN, LOG_P_FLOOR, fp_fusion, logit_key, scaled_delta, softcap_grad
 from ._rows import block_and_warps, row_offset
 
 # One tuned default per kernel (bench/tune_token_logprobs.py sweeps these on a GPU); the
@@ -53,9 +53,9 @@ def _token_logprobs_forward_kernel(
         return
     row_ptr = logits_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
 
-    # The running max of the keys starts at the most negative float (_math.FINITE_MIN), not
+    # The running max of the keys starts at the most negative float (FINITE_MIN), not
     # -inf: key - max is then never -inf - -inf, and no finite logit lies below it.
-    running_max = -3.4028234663852886e38
+    running_max = FINITE_MIN
     sum_exp = 0.0  # sum exp((key - running_max) / T)
     sum_exp_shifted = 0.0  # sum exp(s) * s with s = (key - running_max) / T, for the entropy
     for start in range(0, vocab_size, BLOCK_V):
@@ -75,7 +75,7 @@ def _token_logprobs_forward_kernel(
             # far smaller old max. Clamping -inf (masked columns, -inf logits) to a finite
             # value makes their term 0 * finite = 0 rather than NaN.
             sum_exp_shifted = rescale * sum_exp_shifted + (rescale * delta) * sum_exp \
-                + tl.sum(p * tl.maximum(shifted, -3.4028234663852886e38), axis=0)
+                + tl.sum(p * tl.maximum(shifted, FINITE_MIN), axis=0)
         sum_exp = sum_exp * rescale + tl.sum(p, axis=0)
         running_max = new_max
 
