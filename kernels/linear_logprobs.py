@@ -4,7 +4,9 @@ Forward (fully fused): a 2-D grid of (token tile, vocabulary split). Each progra
 split in ``BLOCK_V`` tiles; each tile of logits is a ``tl.dot`` over ``D`` in ``BLOCK_D`` steps
 with an fp32 accumulator, soft-capped, masked (columns past V are -inf, never exp(0)) and folded
 into an online log-sum-exp: the split's max key, ``sum exp(x)`` and, for the entropy,
-``sum exp(x) * x`` with ``x = (key - max) / T`` (``_math``, ``fastalign.ops._vocab_stats``). The target logit is picked inside the tile. Splits write
+``sum exp(x) * x`` with ``x = (key - max) / T`` (``_math``, ``fastalign.ops._vocab_stats``);
+on request also the row statistics TRL logs (``ROW_STATS``: the sum of the keys, ``sum exp(2x)``
+and the max key before the target). The target logit is picked inside the tile. Splits write
 ``[S, N]`` partial statistics that ``fastalign.ops._vocab_stats`` merges (as it merges ranks).
 No logits leave the registers.
 
@@ -76,9 +78,10 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mas
 def _linear_logprobs_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
     row_max_ptr, sum_exp_ptr, sum_exp_shifted_ptr, target_logit_ptr,
+    key_sum_ptr, sum_sq_exp_ptr, max_before_ptr,
     n_rows, vocab_size, hidden_dim, cols_per_split, inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROW_STATS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     split = tl.program_id(1)
@@ -91,6 +94,11 @@ def _linear_logprobs_forward_kernel(
     sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sum_exp_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # ROW_STATS: sum of the keys, sum exp(2 x) (relative to the running max, like sum_exp), and
+    # the max key of the columns before the target (-inf where none: the first-max tie rule).
+    key_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_sq_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    max_before = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
     split_start = split * cols_per_split
     split_end = tl.minimum(split_start + cols_per_split, vocab_size)
     for v_start in range(split_start, split_end, BLOCK_V):
@@ -111,6 +119,12 @@ def _linear_logprobs_forward_kernel(
             # a far smaller old max, and -inf is clamped so its term is 0 * finite.
             sum_exp_shifted = rescale * sum_exp_shifted + (rescale * delta) * sum_exp \
                 + tl.sum(p * tl.maximum(shifted, FINITE_MIN), axis=1)
+        if ROW_STATS:
+            key_sum += tl.sum(tl.where(col_mask[None, :], key, 0.0), axis=1)
+            sum_sq_exp = sum_sq_exp * (rescale * rescale) + tl.sum(p * p, axis=1)
+            before = (cols[None, :] < targets[:, None]) & col_mask[None, :]
+            max_before = tl.maximum(max_before,
+                                    tl.max(tl.where(before, key, -float("inf")), axis=1))
         sum_exp = sum_exp * rescale + tl.sum(p, axis=1)
         running_max = new_max
     out = split.to(tl.int64) * n_rows + rows
@@ -120,6 +134,10 @@ def _linear_logprobs_forward_kernel(
         tl.store(sum_exp_shifted_ptr + out, sum_exp_shifted, mask=row_mask)
     # Each target lies in one split: partial sums over splits give its logit (0 elsewhere).
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
+    if ROW_STATS:
+        tl.store(key_sum_ptr + out, key_sum, mask=row_mask)
+        tl.store(sum_sq_exp_ptr + out, sum_sq_exp, mask=row_mask)
+        tl.store(max_before_ptr + out, max_before, mask=row_mask)
 
 
 @triton.jit
@@ -214,7 +232,7 @@ def tile_cols(n_rows: int, vocab_size: int) -> int:
 
 
 def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
-                             return_entropy):
+                             return_entropy, return_row_stats=False):
     """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_partials``."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     block_n, block_v, block_d, num_warps, num_stages = _tiles("FORWARD", hidden)
@@ -229,18 +247,21 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
     sum_exp = torch.empty(n_splits, n_rows, **new)
     sum_exp_shifted = torch.empty(n_splits, n_rows, **new) if return_entropy else None
     target_logit = torch.empty(n_splits, n_rows, **new)
+    row_stats = tuple(torch.empty(n_splits, n_rows, **new) for _ in range(3)) \
+        if return_row_stats else None
     if n_rows > 0:
         _linear_logprobs_forward_kernel[(row_tiles, n_splits)](
             hidden, weight, hidden if bias is None else bias, targets,
             row_max, sum_exp, sum_exp if sum_exp_shifted is None else sum_exp_shifted,
-            target_logit, n_rows, vocab_size, hidden.shape[1], cols_per_split,
-            inv_temperature, 1.0 if softcap is None else softcap,
+            target_logit, *(row_stats or (sum_exp,) * 3), n_rows, vocab_size, hidden.shape[1],
+            cols_per_split, inv_temperature, 1.0 if softcap is None else softcap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            RETURN_ENTROPY=return_entropy, **_dot_options(hidden.dtype),
+            RETURN_ENTROPY=return_entropy, ROW_STATS=return_row_stats,
+            **_dot_options(hidden.dtype),
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
             num_warps=num_warps, num_stages=num_stages, **fp_fusion(softcap is not None),
         )
-    return row_max, sum_exp, sum_exp_shifted, target_logit.sum(0)
+    return row_max, sum_exp, sum_exp_shifted, target_logit.sum(0), row_stats
 
 
 def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,

@@ -22,17 +22,21 @@ def inputs():
     bias = torch.randn(sum(VOCAB_SPLIT), generator=gen)
     targets = torch.randint(0, sum(VOCAB_SPLIT), (3, 7), generator=gen)
     targets[1, 2] = -100
+    logits = (hidden @ weight.T + bias).reshape(-1, sum(VOCAB_SPLIT))
+    top = logits.argmax(-1).view(3, 7)
+    targets[0, :3] = top[0, :3]  # top-1 targets, wherever they fall
     upstream = torch.randn(2, 3, 7, generator=gen)
     return hidden, weight, bias, targets, upstream
 
 
 def run(hidden, weight, bias, targets, upstream, group=None):
     hidden, weight, bias = (x.clone().requires_grad_() for x in (hidden, weight, bias))
-    lp, ent = fa.linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
-                                 temperature=0.9, softcap=6.0, process_group=group)
+    lp, ent, stats = fa.linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                                        return_row_stats=True, temperature=0.9, softcap=6.0,
+                                        process_group=group)
     loss = (lp * upstream[0]).sum() + (ent * upstream[1]).sum()
     grads = torch.autograd.grad(loss, (hidden, weight, bias))
-    return [x.detach() for x in (lp, ent, *grads)]
+    return [x.detach() for x in (lp, ent, *grads)] + [stats]
 
 
 def _worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
@@ -53,10 +57,14 @@ def _worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
 def test_sharded_head_equals_unsharded(backend, tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend),
              nprocs=WORLD_SIZE, join=True)
-    lp, ent, grad_hidden, grad_weight, grad_bias = run(*inputs())
+    lp, ent, grad_hidden, grad_weight, grad_bias, stats = run(*inputs())
+    # Some targets are the top-1 token (inputs()), some are not: both outcomes merge across ranks.
+    assert stats["is_top1"].any() and not stats["is_top1"].all()
     start = 0
     for rank, size in enumerate(VOCAB_SPLIT):
-        r_lp, r_ent, r_hidden, r_weight, r_bias = torch.load(tmp_path / f"rank{rank}.pt")
+        r_lp, r_ent, r_hidden, r_weight, r_bias, r_stats = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, value in stats.items():
+            torch.testing.assert_close(r_stats[name], value, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r_lp, lp, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r_ent, ent, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r_hidden, grad_hidden, rtol=1e-5, atol=1e-5)

@@ -38,9 +38,10 @@ class TokenLogprobsLaunchers:
 
 @dataclass(frozen=True)
 class LinearLogprobsLaunchers:
-    """``forward(hidden, weight, bias, targets, *, inv_temperature, softcap, return_entropy)
-    -> (row_max, sum_exp, sum_exp_shifted or None, target_logit)`` per-slice statistics
-    (``[S, N]``, ``[N]``) that ``_vocab_stats.merge_vocab_partials`` merges;
+    """``forward(hidden, weight, bias, targets, *, inv_temperature, softcap, return_entropy,
+    return_row_stats=False) -> (row_max, sum_exp, sum_exp_shifted or None, target_logit,
+    row_stats or None)`` per-slice statistics (``[S, N]``, ``[N]``; ``row_stats`` the three
+    ``[S, N]`` of ``_tiles.row_stat_slice_``) that ``_vocab_stats.merge_vocab_partials`` merges;
     ``backward(hidden, weight, bias, targets, stats, entropy, grad_logprobs, grad_entropy,
     start, end, *, inv_temperature, softcap) -> [N, end - start]`` the logits-gradient tile of
     vocabulary columns ``[start, end)`` in ``hidden``'s dtype; ``tile_cols(n_rows, vocab_size)``

@@ -71,6 +71,30 @@ def partials_buffers(hidden, vocab_size: int, return_entropy: bool):
                   sum_exp_shifted, torch.zeros(n_rows, **new))
 
 
+def row_stat_partials(n_slices: int, like: torch.Tensor):
+    """``(key_sum, sum_sq_exp, max_before)``, each an empty float32 ``[S, N]``: the per-slice
+    row statistics a fused-linear forward fills on request (``row_stat_slice_``)."""
+    return tuple(like.new_empty(n_slices, like.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+def row_stat_slice_(keys: torch.Tensor, tile_max: torch.Tensor, local_targets: torch.Tensor,
+                    inv_temperature: float, partials, index: int) -> None:
+    """Slice ``index`` of the row statistics from a float32 ``[N, cols]`` tile of keys
+    (``softcap(z)``) and its rows' max key: the sum of the keys (the mean logit), ``sum
+    exp(2 (key - max) / T)`` (``log sum p^2``) and the max key of the columns before each row's
+    target (``local_targets``, ids relative to the tile: past its end the whole tile counts,
+    before it none; for the first-max rule of "is the target the top-1 token")."""
+    key_sum, sum_sq_exp, max_before = partials
+    key_sum[index] = keys.sum(dim=1)
+    shifted = torch.sub(keys, tile_max[:, None])
+    if inv_temperature != 1.0:
+        shifted.mul_(inv_temperature)
+    sum_sq_exp[index] = shifted.mul_(2.0).exp_().sum(dim=1)
+    columns = torch.arange(keys.shape[1], device=keys.device)
+    before = columns[None, :] < local_targets[:, None]
+    max_before[index] = keys.masked_fill(~before, float("-inf")).amax(dim=1)
+
+
 def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, grad_entropy,
                  target_cols, target_grad, *, inv_temperature: float, softcap,
                  out: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,6 +14,10 @@ negative float: slices at opposite ends of the float range would overflow it to 
 
 With a ``process_group`` (the lm_head sharded by vocabulary) the same merge runs across ranks:
 one all-reduce of the max, one of the stacked sums.
+
+The row statistics TRL logs merge the same way: ``sum exp(2 x)`` shifted by ``exp(2 d_s)``
+(``log sum p^2 = log sum exp(2x) - 2 log S``), the key sums added, the maxes before the target
+taken (the target is the top-1 token when its key is the max and no earlier column reaches it).
 """
 
 from __future__ import annotations
@@ -59,12 +63,17 @@ def vocab_shard(process_group, local_vocab: int, device: torch.device) -> tuple[
 
 def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
                          sum_exp_shifted: torch.Tensor | None, target_logit: torch.Tensor,
-                         process_group=None, inv_temperature: float = 1.0):
+                         row_stats=None, process_group=None, inv_temperature: float = 1.0,
+                         vocab_total: int = 0):
     """Merges ``[S, N]`` per-slice statistics (see the module docstring) into per-row results.
 
-    ``target_logit [N]`` is the target's key summed over slices, 0 in slices without it.
-    Returns ``(softmax_stats [N, 2], entropy [N] or None, log_prob_target [N])``, float32:
-    ``softmax_stats[:, 0] = M`` and ``[:, 1] = log S``, the target's ``log p`` from them.
+    ``target_logit [N]`` is the target's key summed over slices, 0 in slices without it;
+    ``row_stats`` None or the ``[S, N]`` ``(key_sum, sum_sq_exp, max_before)`` of
+    ``_tiles.row_stat_slice_`` (``vocab_total`` then the whole vocabulary's size).
+    Returns ``(softmax_stats [N, 2], entropy [N] or None, log_prob_target [N],
+    row_stats [N, 3] or None)``, float32: ``softmax_stats[:, 0] = M`` and ``[:, 1] = log S``,
+    the target's ``log p`` from them; ``row_stats`` = (mean of z', 1.0 where the target is the
+    top-1 token else 0.0, log sum p^2).
     """
     import torch.distributed as dist
 
@@ -76,14 +85,29 @@ def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
     sums = [(sum_exp * scale).sum(0), target_logit]
     if sum_exp_shifted is not None:
         sums.append((scale * sum_exp_shifted + (scale * delta) * sum_exp).sum(0))
+    if row_stats is not None:
+        key_sum, sum_sq_exp, max_before = row_stats
+        sums += [key_sum.sum(0), (sum_sq_exp * scale.square()).sum(0)]
+        max_before = max_before.amax(0)
     if process_group is not None:
         stacked = torch.stack(sums)
         dist.all_reduce(stacked, group=process_group)
         sums = list(stacked.unbind(0))
+        if row_stats is not None:
+            dist.all_reduce(max_before, op=dist.ReduceOp.MAX, group=process_group)
     log_sum_exp = sums[0].log()
     entropy = None if sum_exp_shifted is None else log_sum_exp - sums[2] / sums[0]
     log_prob_target = (sums[1] - global_max) * inv_temperature - log_sum_exp
-    return torch.stack([global_max, log_sum_exp], dim=1), entropy, log_prob_target
+    merged_row_stats = None
+    if row_stats is not None:
+        key_total, sum_sq_total = sums[-2], sums[-1]
+        target_key = sums[1]
+        is_top1 = (target_key >= global_max) & (target_key > max_before)
+        merged_row_stats = torch.stack([key_total * (inv_temperature / vocab_total),
+                                        is_top1.float(),
+                                        sum_sq_total.log() - 2.0 * log_sum_exp], dim=1)
+    return (torch.stack([global_max, log_sum_exp], dim=1), entropy, log_prob_target,
+            merged_row_stats)
 
 
 def merge_kl_partials(row_max, sum_exp, ref_max, ref_sum_exp, cross, inv_temperature: float = 1.0):

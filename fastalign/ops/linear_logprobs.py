@@ -24,7 +24,8 @@ from ._fused_op import Options, fused_op
 
 OPTIONS = Options("LinearLogprobsOptions",
                   "float inv_temperature, float? softcap, int ignore_index, bool return_entropy, "
-                  "int vocab_offset, int vocab_total, str group_name, str backend")
+                  "bool return_row_stats, int vocab_offset, int vocab_total, str group_name, "
+                  "str backend")
 # The backward also learns which gradients autograd wants.
 GRAD_OPTIONS = OPTIONS.extended("LinearLogprobsGradOptions",
                                 "bool need_hidden, bool need_weight, bool need_bias")
@@ -32,20 +33,21 @@ GRAD_OPTIONS = OPTIONS.extended("LinearLogprobsGradOptions",
 
 @fused_op("fastalign::linear_logprobs_forward", OPTIONS,
           tensors="Tensor hidden, Tensor weight, Tensor? bias, Tensor targets",
-          returns="(Tensor, Tensor, Tensor, Tensor)")
+          returns="(Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _forward_op(hidden, weight, bias, targets, o):
-    """``(logprobs [N], entropy [N] or [0], softmax_stats [N, 2], rows [K])`` for
-    ``hidden [N, D]``, ``targets [N]``; ``softmax_stats`` (max and log-sum of each row) and the
-    kept rows' indices (``_compact.rows_to_save``) are what backward needs."""
+    """``(logprobs [N], entropy [N] or [0], softmax_stats [N, 2], rows [K], row_stats [N, 3]
+    or [0])`` for ``hidden [N, D]``, ``targets [N]``; ``softmax_stats`` (max and log-sum of each
+    row) and the kept rows' indices (``_compact.rows_to_save``) are what backward needs."""
     n_rows = targets.shape[0]
     rows = kept_rows(targets != o.ignore_index)
     kept_targets = select_rows(targets, rows)
     partials = linear_logprobs_launchers(o.backend).forward(
         select_rows(hidden, rows), weight, bias, kept_targets - o.vocab_offset,
-        inv_temperature=o.inv_temperature, softcap=o.softcap, return_entropy=o.return_entropy)
-    stats, entropy, logprobs = _vocab_stats.merge_vocab_partials(
+        inv_temperature=o.inv_temperature, softcap=o.softcap, return_entropy=o.return_entropy,
+        return_row_stats=o.return_row_stats)
+    stats, entropy, logprobs, row_stats = _vocab_stats.merge_vocab_partials(
         *partials, process_group=_vocab_stats.resolve_group(o.group_name),
-        inv_temperature=o.inv_temperature)
+        inv_temperature=o.inv_temperature, vocab_total=o.vocab_total)
     # An id outside [0, V) (possible only on CUDA without FASTALIGN_CHECK_TARGETS=1) is never
     # read: its row is NaN in every output and gradient.
     invalid = (kept_targets < 0) | (kept_targets >= o.vocab_total)
@@ -53,8 +55,10 @@ def _forward_op(hidden, weight, bias, targets, o):
     logprobs = scatter_rows(logprobs.masked_fill(invalid, float("nan")), rows, n_rows)
     entropy = hidden.new_empty(0, dtype=torch.float32) if entropy is None \
         else scatter_rows(entropy.masked_fill(invalid, float("nan")), rows, n_rows)
+    row_stats = hidden.new_empty(0, dtype=torch.float32) if row_stats is None \
+        else scatter_rows(row_stats.masked_fill(invalid[:, None], float("nan")), rows, n_rows)
     return (logprobs, entropy, scatter_rows(stats, rows, n_rows),
-            rows_to_save(rows, n_rows, targets.device))
+            rows_to_save(rows, n_rows, targets.device), row_stats)
 
 
 @_forward_op.register_fake
@@ -62,8 +66,9 @@ def _forward_fake(hidden, weight, bias, targets, o):
     n_rows = targets.shape[0]
     per_row = hidden.new_empty(n_rows, dtype=torch.float32)
     entropy = hidden.new_empty(n_rows if o.return_entropy else 0, dtype=torch.float32)
+    row_stats = hidden.new_empty((n_rows, 3) if o.return_row_stats else (0,), dtype=torch.float32)
     return (per_row, entropy, hidden.new_empty(n_rows, 2, dtype=torch.float32),
-            fake_saved_rows(targets))
+            fake_saved_rows(targets), row_stats)
 
 
 @fused_op("fastalign::linear_logprobs_backward", GRAD_OPTIONS,
@@ -109,13 +114,13 @@ def _backward_fake(hidden, weight, bias, *_tensors_then_options):
 
 
 def _setup_context(ctx, tensors, o, output):
-    _, entropy, stats, rows = output
+    _, entropy, stats, rows, _ = output
     ctx.save_for_backward(*tensors, stats, entropy, rows)
     # Unused outputs (an entropy kept for logging) then get None, not zeros to differentiate.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats, _grad_rows):
+def _backward(ctx, grad_logprobs, grad_entropy, _grad_stats, _grad_rows, _grad_row_stats):
     o = ctx.options
     if not o.return_entropy:
         grad_entropy = None
@@ -147,6 +152,7 @@ def linear_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_row_stats: bool = False,
     process_group=None,
 ):
     """Log-probabilities of the chosen tokens under ``softmax(z')`` with
@@ -163,13 +169,19 @@ def linear_logprobs(
             ``ignore_index``. Already shifted: target ``t`` is the token after position ``t``.
         bias: ``[V]`` or None (any float dtype, like ``weight``).
         temperature, softcap, ignore_index, return_entropy: as in :func:`token_logprobs`.
+        return_row_stats: also return, from the same pass over the vocabulary, a dict of the
+            per-token statistics TRL logs, without gradient: ``mean_logit`` (the mean of
+            ``z'`` over the vocabulary), ``is_top1`` (bool: the target is the most likely
+            token, the first of equal maxima counting) and ``log_sum_sq_probs``
+            (``log sum_v p_v^2``); 0 / False at ignored rows. A few extra sums per row.
         process_group: a ``torch.distributed`` group over which ``weight`` is sharded by
             vocabulary; every rank passes the same ``hidden`` and ``targets`` and gets the full
             results and the full ``hidden`` gradient (one all-reduce of three floats per row in
             forward, one of ``[N, D]`` in backward). Eager mode only.
 
     Returns:
-        ``logprobs [...]`` float32, or ``(logprobs, entropy)``; differentiable w.r.t. ``hidden``,
+        ``logprobs [...]`` float32, or ``(logprobs, entropy)``, each followed by the row
+        statistics' dict with ``return_row_stats``; differentiable w.r.t. ``hidden``,
         ``weight`` and ``bias``. No weight gradient is computed when ``weight`` does not require
         grad (a frozen head, LoRA). Ignored rows cost nothing: they are compacted out first.
 
@@ -182,6 +194,7 @@ def linear_logprobs(
     checks.check_temperature(temperature)
     checks.check_softcap(softcap)
     checks.check_flag("return_entropy", return_entropy)
+    checks.check_flag("return_row_stats", return_row_stats)
     checks.check_process_group(process_group)
     vocab_offset, vocab_total = _vocab_stats.vocab_shard(process_group, weight.shape[0],
                                                          weight.device)
@@ -191,10 +204,17 @@ def linear_logprobs(
     options = OPTIONS.new(
         inv_temperature=1.0 / float(temperature),
         softcap=None if softcap is None else float(softcap), ignore_index=int(ignore_index),
-        return_entropy=return_entropy, vocab_offset=vocab_offset, vocab_total=vocab_total,
-        group_name=group_name, backend=select_backend(hidden.device))
-    logprobs, entropy, _, _ = _forward_op(
+        return_entropy=return_entropy, return_row_stats=return_row_stats,
+        vocab_offset=vocab_offset, vocab_total=vocab_total, group_name=group_name,
+        backend=select_backend(hidden.device))
+    logprobs, entropy, _, _, row_stats = _forward_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(), options)
-    logprobs = logprobs.view(targets.shape)
-    return (logprobs, entropy.view(targets.shape)) if return_entropy else logprobs
+    results = [logprobs.view(targets.shape)]
+    if return_entropy:
+        results.append(entropy.view(targets.shape))
+    if return_row_stats:
+        stats = row_stats.detach().view(*targets.shape, 3).unbind(-1)
+        results.append({"mean_logit": stats[0], "is_top1": stats[1] > 0.5,
+                        "log_sum_sq_probs": stats[2]})
+    return results[0] if len(results) == 1 else tuple(results)

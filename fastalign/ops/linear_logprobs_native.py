@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from .._native import extension
-from ._tiles import partials_buffers, raw_logits_tile
+from ._tiles import (partials_buffers, raw_logits_tile, row_stat_partials, row_stat_slice_,
+                     softcapped)
 
 
 def _tile_layout(tile: torch.Tensor) -> tuple[int, int, int]:
@@ -17,12 +18,14 @@ def _tile_layout(tile: torch.Tensor) -> tuple[int, int, int]:
 
 
 def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
-                             return_entropy):
-    """Same contract as ``linear_logprobs_torch.linear_logprobs_partials``."""
+                             return_entropy, return_row_stats=False):
+    """Same contract as ``linear_logprobs_torch.linear_logprobs_partials``. The row statistics
+    (on request) are reduced by torch from the same logits tile: no second matmul."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     cols, (row_max, sum_exp, sum_exp_shifted, target_logit) = partials_buffers(
         hidden, vocab_size, return_entropy)
     targets = targets.long()
+    row_stats = row_stat_partials(row_max.shape[0], hidden) if return_row_stats else None
     for index, start in enumerate(range(0, vocab_size, cols)):
         tile = raw_logits_tile(hidden, weight, bias, start, min(start + cols, vocab_size))
         # Columns outside this slice give a target logit of 0: the sum over slices is exact.
@@ -32,7 +35,10 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
         if return_entropy:
             sum_exp_shifted[index] = stats[2]
         target_logit += stats[3]
-    return row_max, sum_exp, sum_exp_shifted, target_logit
+        if row_stats is not None:
+            keys = tile if softcap is None else softcapped(tile, softcap).mul_(softcap)
+            row_stat_slice_(keys, stats[0], targets - start, inv_temperature, row_stats, index)
+    return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
 
 
 def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,

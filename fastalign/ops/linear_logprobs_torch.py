@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._tiles import FINITE_MIN, logits_grad_, partials_buffers, raw_logits_tile
+from ._tiles import (FINITE_MIN, logits_grad_, partials_buffers, raw_logits_tile,
+                     row_stat_partials, row_stat_slice_)
 
 
 def key_(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -22,7 +23,7 @@ def key_(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 
 def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
-                             return_entropy):
+                             return_entropy, return_row_stats=False):
     """Per-slice softmax statistics of ``z' = softcap(hidden @ weight.T + bias) / T`` (maxes of
     the keys ``softcap(z)``, sums of ``exp((key - max) / T)``: ``_vocab_stats``).
 
@@ -32,11 +33,14 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
             ``[0, V)``: they add nothing to ``target_logit``).
     Returns:
         ``(row_max, sum_exp, sum_exp_shifted or None)``, each ``[S, N]`` float32 for
-        ``S = ceil(V / tile_cols)`` slices, and ``target_logit [N]`` (see ``_vocab_stats``).
+        ``S = ceil(V / tile_cols)`` slices, ``target_logit [N]`` (see ``_vocab_stats``), and
+        with ``return_row_stats`` the ``[S, N]`` row statistics ``(key_sum, sum_sq_exp,
+        max_before)`` of ``_tiles.row_stat_slice_`` (else None).
     """
     vocab_size = weight.shape[0]
     cols, (row_max, sum_exp, sum_exp_shifted, target_logit) = partials_buffers(
         hidden, vocab_size, return_entropy)
+    row_stats = row_stat_partials(row_max.shape[0], hidden) if return_row_stats else None
     for index, start in enumerate(range(0, vocab_size, cols)):
         end = min(start + cols, vocab_size)
         z = key_(raw_logits_tile(hidden, weight, bias, start, end), softcap)
@@ -44,6 +48,8 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
         local = torch.where(in_slice, targets - start, 0).long()
         target_logit += torch.where(in_slice, z.gather(1, local[:, None]).squeeze(1), 0.0)
         tile_max = z.amax(dim=1).clamp_(min=FINITE_MIN)
+        if row_stats is not None:
+            row_stat_slice_(z, tile_max, targets - start, inv_temperature, row_stats, index)
         shifted = z.sub_(tile_max[:, None])  # (key - max) / T: the difference first
         if inv_temperature != 1.0:
             shifted.mul_(inv_temperature)
@@ -55,7 +61,7 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
         else:
             sum_exp[index] = shifted.exp_().sum(dim=1)
         row_max[index] = tile_max
-    return row_max, sum_exp, sum_exp_shifted, target_logit
+    return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
 
 
 def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
