@@ -1,0 +1,480 @@
+"""fastalign.integrations.trl: TRL 1.16's trainers with fastalign's fused head. Each parity
+test runs one training step of the same trainer twice, on the same model, data and seed:
+unpatched TRL, and patched with TRL's own chunked function made to raise (so fastalign must
+have served every call), and compares the loss, every logged metric and every gradient."""
+
+import re
+import warnings
+
+import pytest
+import torch
+from helpers import small_policy
+
+pytest.importorskip("trl")
+import fastalign.integrations.trl as fatrl  # noqa: E402
+from fastalign.trainer import byte_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["the cat sat on", "a dog ran to", "my hat is", "one two three"]
+
+
+@pytest.fixture(autouse=True)
+def always_disabled_after():
+    yield
+    fatrl.disable()
+
+
+class _Forbidden:
+    """Stands in for TRL's chunked log-prob function in patched runs."""
+
+    @staticmethod
+    def apply(*args, **kwargs):
+        raise AssertionError("TRL's own chunked log-prob function ran in a patched run")
+
+
+def _forbid_trl_head(monkeypatch):
+    import trl.trainer.utils
+    monkeypatch.setattr(trl.trainer.utils, "_ChunkedLogProbFunction", _Forbidden)
+
+
+def distinct_letters(prompts, completions, **_):
+    return [float(len(set(text))) for text in completions]
+
+
+def _saved_policy(tmp_path):
+    """The RL tests' policy as a directory: with beta > 0, TRL loads its reference from the
+    policy's path."""
+    path = tmp_path / "policy"
+    small_policy().save_pretrained(path)
+    return str(path)
+
+
+def _grpo_step(tmp_path, **options):
+    """(loss, logged metrics, {name: gradient}) of one GRPOTrainer step, seed 0."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    settings = dict(per_device_train_batch_size=4, num_generations=4, steps_per_generation=1,
+                    max_completion_length=6, learning_rate=1e-3, temperature=0.7, top_p=1.0,
+                    beta=0.1, report_to=[], use_cpu=True, bf16=False, logging_steps=10**6,
+                    seed=0)
+    settings.update(options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = GRPOConfig(output_dir=str(tmp_path), **settings)
+        trainer = GRPOTrainer(model=_saved_policy(tmp_path), reward_funcs=[distinct_letters],
+                              args=args,
+                              processing_class=byte_tokenizer(),
+                              train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    torch.manual_seed(1)
+    loss = trainer.training_step(trainer.model, inputs, None)
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return float(loss), metrics, grads
+
+
+# Wall-clock metrics: the one logged value that may differ between two runs.
+TIMING_METRICS = {"step_time"}
+
+
+def _assert_same_step(expected, actual, rtol=1e-5):
+    loss, metrics, grads = actual
+    ref_loss, ref_metrics, ref_grads = expected
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=1e-7)
+    assert metrics.keys() == ref_metrics.keys() and len(ref_metrics) > len(TIMING_METRICS)
+    for name, value in ref_metrics.items():
+        if name in TIMING_METRICS:
+            continue
+        torch.testing.assert_close(float(metrics[name]), float(value), rtol=rtol, atol=1e-6,
+                                   msg=lambda m: f"metric {name}: {m}")
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=rtol, atol=1e-7,
+                                   msg=lambda m: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("options", [
+    dict(),                                          # temperature 0.7, beta 0.1 (k3 KL)
+    dict(top_entropy_quantile=0.5, beta=0.0),        # entropy-masked tokens
+    dict(loss_type="dr_grpo", temperature=1.3),
+], ids=["beta", "entropy_mask", "dr_grpo"])
+def test_grpo_step_matches_unpatched_trl(tmp_path, monkeypatch, options):
+    expected = _grpo_step(tmp_path / "trl", **options)
+    _forbid_trl_head(monkeypatch)
+    with fatrl.enabled():
+        actual = _grpo_step(tmp_path / "fastalign", **options)
+    _assert_same_step(expected, actual)
+
+
+def _collated_step(trainer, rows):
+    """(loss, logged metrics, gradients) of one compute_loss + backward on ``rows``."""
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return float(loss), metrics, grads
+
+
+def _dpo_step(tmp_path, policy, reference, **options):
+    from datasets import Dataset
+    from helpers import preference_rows
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    data = preference_rows()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=0.1,
+                         report_to=[], use_cpu=True, bf16=False, max_length=1024,
+                         **options)
+        trainer = DPOTrainer(model=policy, ref_model=reference, args=args,
+                             train_dataset=Dataset.from_list(data),
+                             processing_class=byte_tokenizer())
+    return _collated_step(trainer, len(data))
+
+
+def _gemma2(seed):
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8,
+                                       final_logit_softcapping=3.0, tie_word_embeddings=False,
+                                       pad_token_id=byte_tokenizer().pad_token_id)
+    model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():  # logits of a few units: the cap of 3 then matters
+        model.get_output_embeddings().weight.mul_(50.0)
+    return model
+
+
+def _dpo_models(kind):
+    from helpers import small_llama
+    if kind == "gemma2":
+        return _gemma2(0), _gemma2(1)
+    policy, reference = small_llama(0, scale=10.0), small_llama(1, scale=10.0)
+    if kind == "lora":
+        peft = pytest.importorskip("peft")
+        lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                               init_lora_weights=False)
+        torch.manual_seed(0)  # the adapters' random initialisation, the same in both runs
+        return peft.get_peft_model(policy, lora), None  # reference: the adapters off
+    return policy, reference
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("llama", dict(loss_type=["sigmoid"])),
+    ("llama", dict(loss_type=["ipo"])),
+    ("llama", dict(loss_type=["sigmoid"], use_weighting=True)),  # WPO: log_sum_sq_probs
+    ("llama", dict(loss_type=["sigmoid"], precompute_ref_log_probs=True)),
+    ("lora", dict(loss_type=["sigmoid"])),
+    ("gemma2", dict(loss_type=["sigmoid"])),
+], ids=["sigmoid", "ipo", "wpo", "precomputed_reference", "lora", "gemma2_softcap"])
+def test_dpo_step_matches_unpatched_trl(tmp_path, monkeypatch, kind, options):
+    expected = _dpo_step(tmp_path / "trl", *_dpo_models(kind), **options)
+    _forbid_trl_head(monkeypatch)
+    with fatrl.enabled():
+        actual = _dpo_step(tmp_path / "fastalign", *_dpo_models(kind), **options)
+    _assert_same_step(expected, actual)
+
+
+def _rloo_step(tmp_path, **options):
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = RLOOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                          num_generations=4, steps_per_generation=1, max_completion_length=6,
+                          learning_rate=1e-3, temperature=0.8, top_p=1.0, beta=0.05,
+                          report_to=[], use_cpu=True, bf16=False, logging_steps=10**6, seed=0,
+                          **options)
+        trainer = RLOOTrainer(model=_saved_policy(tmp_path), reward_funcs=[distinct_letters],
+                              args=args,
+                              processing_class=byte_tokenizer(),
+                              train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    torch.manual_seed(1)
+    loss = trainer.training_step(trainer.model, inputs, None)
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return float(loss), metrics, grads
+
+
+def test_rloo_step_matches_unpatched_trl(tmp_path, monkeypatch):
+    expected = _rloo_step(tmp_path / "trl")
+    _forbid_trl_head(monkeypatch)
+    with fatrl.enabled():
+        actual = _rloo_step(tmp_path / "fastalign")
+    _assert_same_step(expected, actual)
+
+
+def _kto_step(tmp_path):
+    from datasets import Dataset
+    from helpers import preference_rows, small_llama
+    from trl import KTOConfig, KTOTrainer
+
+    torch.manual_seed(0)
+    rows = [dict(prompt=r["prompt"], completion=r[side], label=side == "chosen")
+            for r in preference_rows() for side in ("chosen", "rejected")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=0.1,
+                         report_to=[], use_cpu=True, bf16=False, max_length=1024)
+        trainer = KTOTrainer(model=small_llama(0, scale=10.0), ref_model=small_llama(1, scale=10.0),
+                             args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=byte_tokenizer())
+    return _collated_step(trainer, 4)
+
+
+def test_kto_step_matches_unpatched_trl(tmp_path, monkeypatch):
+    expected = _kto_step(tmp_path / "trl")
+    _forbid_trl_head(monkeypatch)
+    with fatrl.enabled():
+        actual = _kto_step(tmp_path / "fastalign")
+    _assert_same_step(expected, actual)
+
+
+def _sft_step(tmp_path):
+    from datasets import Dataset
+    from helpers import preference_rows, small_llama
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    rows = [{"text": r["prompt"] + r["chosen"]} for r in preference_rows()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[],
+                         use_cpu=True, bf16=False, max_length=256)
+        trainer = SFTTrainer(model=small_llama(0, scale=10.0), args=args,
+                             train_dataset=Dataset.from_list(rows),
+                             processing_class=byte_tokenizer())
+    return _collated_step(trainer, 4)
+
+
+def test_sft_step_matches_unpatched_trl(tmp_path, monkeypatch):
+    expected = _sft_step(tmp_path / "trl")
+    _forbid_trl_head(monkeypatch)
+    with fatrl.enabled():
+        actual = _sft_step(tmp_path / "fastalign")
+    _assert_same_step(expected, actual)
+
+
+# ------------------------------------------------------------------ the head itself
+
+
+def _models_for_head(kind):
+    import transformers
+    from helpers import small_llama
+    if kind == "gemma2":
+        return _gemma2(0)
+    if kind == "cohere":  # logit_scale multiplies the logits
+        torch.manual_seed(0)
+        config = transformers.CohereConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=4,
+                                           num_key_value_heads=2, logit_scale=0.25)
+        model = transformers.CohereForCausalLM(config)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(40.0)
+        return model
+    model = small_llama(0, scale=10.0)
+    if kind == "lora_head":
+        peft = pytest.importorskip("peft")
+        lora = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0,
+                               init_lora_weights=False)
+        model = peft.get_peft_model(model, lora)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["tied_llama", "gemma2", "cohere", "lora_head"])
+def test_fused_head_equals_the_models_own_logits(kind):
+    """log_probs, entropy, mean logit, top-1 and log sum p^2 of the fused forward against the
+    model's own logits in float64 (soft cap, logit scale, a LoRA adapter on lm_head folded in)."""
+    model = _models_for_head(kind)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fatrl.add_fused_lm_head(base, temperature=0.8, outputs=fatrl.OUTPUTS)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 262, (2, 9), generator=gen)
+    labels = input_ids.clone()
+    labels[0, :3] = -100
+    out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    logits = model(input_ids=input_ids).logits[:, :-1].double() / 0.8
+    log_p = torch.log_softmax(logits, -1)
+    target = labels[:, 1:]
+    mask = target != -100
+    expected_lp = log_p.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * mask
+    torch.testing.assert_close(out.log_probs.double(), expected_lp, rtol=1e-5, atol=1e-5)
+    entropy = -(log_p.exp() * log_p).sum(-1) * mask
+    torch.testing.assert_close(out.entropy.double(), entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.mean_logits.double(), logits.mean(-1) * mask, rtol=1e-5,
+                               atol=1e-5)
+    assert torch.equal(out.is_top1, (logits.argmax(-1) == target) & mask)
+    torch.testing.assert_close(out.log_sum_sq_probs.double(),
+                               torch.logsumexp(2 * log_p, -1) * mask, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.label_mask, mask)
+    torch.testing.assert_close(out.loss.double(), -expected_lp.sum() / mask.sum(), rtol=1e-5,
+                               atol=1e-6)
+    # The LoRA delta is trained through the fold.
+    out.loss.backward()
+    if kind == "lora_head":
+        grads = [p.grad for n, p in model.named_parameters() if "lm_head" in n and "lora" in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_lora_head_with_dropout_is_refused():
+    peft = pytest.importorskip("peft")
+    from helpers import small_llama
+    model = peft.get_peft_model(small_llama(0), peft.LoraConfig(
+        r=4, target_modules=["lm_head"], lora_dropout=0.1))
+    fatrl.add_fused_lm_head(model.get_base_model())
+    model.train()
+    ids = torch.randint(0, 262, (1, 5))
+    with pytest.raises(ValueError, match="lm_head has dropout 0.1.*lora_dropout=0"):
+        model(input_ids=ids, labels=ids, fused_lm_head=True)
+
+
+def test_generate_and_plain_forward_are_unchanged():
+    from helpers import small_llama
+    model = small_llama(0, scale=10.0)
+    ids = torch.randint(0, 262, (1, 4))
+    before = model.generate(ids, max_new_tokens=5, do_sample=False)
+    plain = model(input_ids=ids).logits
+    fatrl.add_fused_lm_head(model, outputs=("log_probs",))
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), before)
+    assert torch.equal(model(input_ids=ids).logits, plain)
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert out.entropy is None and out.mean_logits is None
+
+
+def test_unknown_outputs_are_refused_when_the_trainer_is_built():
+    from helpers import small_llama
+    with pytest.raises(NotImplementedError, match="'top_k_probs'"):
+        fatrl.add_fused_lm_head(small_llama(0), outputs=("log_probs", "top_k_probs"))
+
+
+# ------------------------------------------------------------------ switch, patch, guard
+
+
+def test_enable_disable_restore_trls_installer():
+    import trl.trainer.dpo_trainer
+    import trl.trainer.utils
+    original = trl.trainer.utils.add_fused_lm_head
+    with fatrl.enabled():
+        assert trl.trainer.utils.add_fused_lm_head is fatrl.add_fused_lm_head
+        assert trl.trainer.dpo_trainer.add_fused_lm_head is fatrl.add_fused_lm_head
+        fatrl.enable()  # idempotent
+    assert trl.trainer.utils.add_fused_lm_head is original
+    assert trl.trainer.dpo_trainer.add_fused_lm_head is original
+    assert not fatrl.is_enabled()
+
+
+def test_unsupported_trl_version_is_refused(monkeypatch):
+    import trl
+    monkeypatch.setattr(trl, "__version__", "1.99.0")
+    with pytest.raises(RuntimeError, match="supports TRL 1.16, not 1.99.0.*FASTALIGN_TRL_UNCHECKED"):
+        fatrl.enable()
+    assert not fatrl.is_enabled()
+    monkeypatch.setenv("FASTALIGN_TRL_UNCHECKED", "1")
+    with pytest.warns(RuntimeWarning, match="not 1.99.0"):
+        fatrl.enable()
+    assert fatrl.is_enabled()
+
+
+def test_patch_a_built_trainer_and_the_guard(tmp_path, monkeypatch):
+    """A trainer built without fastalign gets its head from patch() (TRL's chunked function
+    forbidden, the step still runs); a forward replaced after that makes the guard warn."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from helpers import preference_rows, small_llama
+
+    rows = [{"text": r["prompt"] + r["chosen"]} for r in preference_rows()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[],
+                         use_cpu=True, bf16=False, max_length=256, max_steps=2,
+                         logging_steps=10**6, save_strategy="no")
+        trainer = SFTTrainer(model=small_llama(0), args=args,
+                             train_dataset=Dataset.from_list(rows),
+                             processing_class=byte_tokenizer())
+    _forbid_trl_head(monkeypatch)
+    assert fatrl.patch(trainer) is trainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the guard must stay quiet
+        warnings.filterwarnings("ignore", message="(?!fastalign)")
+        trainer.train()
+
+    # Something replaces the forward afterwards: TRL's head (made harmless here) serves it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = SFTTrainer(model=small_llama(0), args=args,
+                             train_dataset=Dataset.from_list(rows),
+                             processing_class=byte_tokenizer())
+    fatrl.patch(trainer)
+    trainer.model.forward = _plain_fused_forward(trainer.model)
+    with pytest.warns(RuntimeWarning, match="served none of this SFTTrainer step"):
+        trainer.train()
+
+
+def _plain_fused_forward(model):
+    """A forward that answers fused_lm_head=True calls without fastalign (TRL's loss from the
+    model's own logits), as another library's patch would."""
+    import types
+
+    from trl.trainer.utils import FusedCausalLMOutput
+    original = model.forward.__func__.fastalign_fused_head["original_forward"]
+
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        out = original(*args, **kwargs)
+        if not fused_lm_head:
+            return out
+        log_p = torch.log_softmax(out.logits[:, :-1].float(), -1)
+        target = labels[:, 1:]
+        mask = target != -100
+        lp = log_p.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * mask
+        return FusedCausalLMOutput(loss=-lp.sum() / mask.sum(), log_probs=lp,
+                                   entropy=torch.zeros_like(lp), is_top1=mask & False,
+                                   label_mask=mask)
+    return types.MethodType(forward, model)
+
+
+def test_patch_refuses_a_trainer_without_trls_head():
+    from helpers import small_llama
+
+    class NotATrlTrainer:
+        model = small_llama(0)
+        ref_model = None
+    with pytest.raises(ValueError, match="is not TRL's fused head"):
+        fatrl.patch(NotATrlTrainer())
+
+
+def test_the_trl_extra_pins_the_supported_versions():
+    """pyproject's `trl` extra installs what SUPPORTED_TRL says is supported."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    (requirement,) = project["project"]["optional-dependencies"]["trl"]
+    low, high = re.fullmatch(r"trl>=(\d+\.\d+),<(\d+\.\d+)", requirement).groups()
+    major, minor = map(int, low.split("."))
+    assert fatrl.SUPPORTED_TRL == tuple(f"{major}.{m}" for m in range(minor, int(high.split(".")[1])))
+
+
+def test_deepspeed_zero3_is_refused_clearly(monkeypatch):
+    import transformers.integrations.deepspeed as ds
+    from helpers import small_llama
+    model = small_llama(0)
+    fatrl.add_fused_lm_head(model)
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    ids = torch.randint(0, 262, (1, 5))
+    with pytest.raises(NotImplementedError, match="ZeRO-3.*FSDP2"):
+        model(input_ids=ids, labels=ids, fused_lm_head=True)
