@@ -90,12 +90,16 @@ def _assert_same_step(expected, actual, rtol=1e-5):
     for name, value in ref_metrics.items():
         if name in TIMING_METRICS:
             continue
-        torch.testing.assert_close(float(metrics[name]), float(value), rtol=rtol, atol=1e-6,
+        # atol 1e-5: margins and rewards are differences of log-prob sums, where both runs'
+        # float32 roundings of the sums (~1e-7 of hundreds) survive the cancellation.
+        torch.testing.assert_close(float(metrics[name]), float(value), rtol=rtol, atol=1e-5,
                                    msg=lambda m: f"metric {name}: {m}")
     assert grads.keys() == ref_grads.keys() and grads
     for name, grad in ref_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=rtol, atol=1e-7,
-                                   msg=lambda m: f"gradient of {name}: {m}")
+        # Relative to the gradient's norm: elements far below it (an embedding row seen once)
+        # carry only float32 rounding, which recomputation (checkpointing) reorders.
+        error = float((grads[name] - grad).norm() / grad.norm().clamp(min=1e-30))
+        assert error <= rtol, f"gradient of {name}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("options", [
@@ -173,9 +177,11 @@ def _dpo_models(kind):
     ("llama", dict(loss_type=["ipo"])),
     ("llama", dict(loss_type=["sigmoid"], use_weighting=True)),  # WPO: log_sum_sq_probs
     ("llama", dict(loss_type=["sigmoid"], precompute_ref_log_probs=True)),
+    ("llama", dict(loss_type=["sigmoid"], gradient_checkpointing=True)),
     ("lora", dict(loss_type=["sigmoid"])),
     ("gemma2", dict(loss_type=["sigmoid"])),
-], ids=["sigmoid", "ipo", "wpo", "precomputed_reference", "lora", "gemma2_softcap"])
+], ids=["sigmoid", "ipo", "wpo", "precomputed_reference", "checkpointing", "lora",
+        "gemma2_softcap"])
 def test_dpo_step_matches_unpatched_trl(tmp_path, monkeypatch, kind, options):
     expected = _dpo_step(tmp_path / "trl", *_dpo_models(kind), **options)
     _forbid_trl_head(monkeypatch)
@@ -478,3 +484,46 @@ def test_deepspeed_zero3_is_refused_clearly(monkeypatch):
     ids = torch.randint(0, 262, (1, 5))
     with pytest.raises(NotImplementedError, match="ZeRO-3.*FSDP2"):
         model(input_ids=ids, labels=ids, fused_lm_head=True)
+
+
+@pytest.mark.parametrize("cast", [False, True], ids=["autocast", "cast_lm_head_to_fp32"])
+def test_bf16_autocast_gradients_as_close_as_trls_head(cast):
+    """Under CPU bf16 autocast both heads give gradients of the same dtypes, and fastalign's are
+    as close to the float32 run's (no autocast) as TRL's own head's are."""
+    from helpers import small_llama
+    from trl.trainer.utils import add_fused_lm_head as trl_head
+
+    ids = torch.randint(0, 262, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def run(install, autocast):
+        # Unscaled weights: bf16 errors stay rounding-sized (a model with large logits turns
+        # them chaotic, and any two bf16 runs then differ by tens of percent).
+        model = small_llama(0)
+        install(model, temperature=0.9, cast_lm_head_to_fp32=cast,
+                outputs=("log_probs", "entropy"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+            (out.loss + out.entropy.sum() * 0.1).backward()
+        return out.log_probs.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    exact_lp, exact = run(trl_head, autocast=False)
+    trl_lp, trl_grads = run(trl_head, autocast=True)
+    lp, grads = run(fatrl.add_fused_lm_head, autocast=True)
+    error = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
+    assert error(lp, exact_lp) <= 1.5 * error(trl_lp, exact_lp) + 1e-3
+    for name, grad in exact.items():
+        assert grads[name].dtype == trl_grads[name].dtype, name
+        assert error(grads[name], grad) <= 1.5 * error(trl_grads[name], grad) + 1e-3, name
+
+
+def test_disable_restores_modules_first_imported_by_enable():
+    """In a fresh process where no trainer module is imported yet, enable() imports them all
+    before replacing anything, so disable() gives each TRL's own installer back."""
+    import subprocess
+    import sys
+    code = ("import trl.trainer.utils as u; original = u.add_fused_lm_head\n"
+            "import fastalign.integrations.trl as fatrl; fatrl.enable(); fatrl.disable()\n"
+            "import trl.trainer.dpo_trainer as d, trl.trainer.sft_trainer as s\n"
+            "assert d.add_fused_lm_head is original and s.add_fused_lm_head is original\n"
+            "assert u.add_fused_lm_head is original\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

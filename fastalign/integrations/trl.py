@@ -199,8 +199,10 @@ def enable() -> None:
     """TRL trainers built from now on compute their log-probs through fastalign (see the
     module docstring). Idempotent; :func:`disable` undoes it."""
     _check_version()
-    for module_name in _INSTALLER_MODULES:
-        module = importlib.import_module(module_name)
+    # Import every module before replacing anything: a trainer module imported after
+    # trl.trainer.utils was patched would bind (and we would record) the replacement.
+    modules = [importlib.import_module(name) for name in _INSTALLER_MODULES]
+    for module in modules:
         if hasattr(module, "add_fused_lm_head"):
             _replace(module, "add_fused_lm_head", add_fused_lm_head)
     for module_name, class_name in _TRAINERS:
