@@ -47,7 +47,7 @@ def _model(spec):
     from fastalign.trainer import tiny_llama
 
     return tiny_llama(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
-                      num_layers=spec["layers"], max_positions=2048)
+                      num_layers=spec["layers"], max_positions=2048).to(spec.get("device", "cpu"))
 
 
 def _fastalign_step(spec, rows, out):
@@ -68,7 +68,8 @@ def _trl_step(spec, rows, out):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = DPOConfig(output_dir=out, per_device_train_batch_size=spec["pairs"],
-                         learning_rate=1e-6, report_to=[], use_cpu=True, bf16=False,
+                         learning_rate=1e-6, report_to=[],
+                         use_cpu=spec.get("device", "cpu") == "cpu", bf16=False,
                          max_length=2048, max_grad_norm=0.0)
         model = _model(spec)
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,

@@ -49,6 +49,10 @@ step "one GRPO step beside TRL's GRPOTrainer: G=8 x 512 tokens, V=128256, tiny m
 timeout 240 python3 bench/bench_grpo_step.py --device cuda --repeats 2 \
   --csv "$RUN/grpo_step_cuda.csv" 2>&1 | tee "$RUN/bench_grpo_step.log" | tail -5
 
+step "TRL's DPO and GRPO steps, unpatched (TRL's Triton head) beside fastalign.integrations.trl"
+timeout 240 python3 bench/bench_trl_step.py --device cuda --repeats 2 \
+  --csv "$RUN/trl_step_cuda.csv" 2>&1 | tee "$RUN/bench_trl_step.log" | tail -6
+
 step "fused-linear log-probs: Llama-3 and Gemma-2-2B heads, N=8192, bf16, beside TRL, Liger, CCE"
 timeout 180 python3 bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192 \
   --csv "$RUN/linear_logprobs_cuda.csv" --plot "$RUN/linear_logprobs_cuda.png" 2>&1 | tee "$RUN/bench_linear.log" | tail -3
@@ -81,6 +85,7 @@ grep -E "passed|failed|error" "$RUN/tests.log" | tail -3
 [ -f "$RUN/tune_linear.log" ] && grep -E "cuBLAS|best:" "$RUN/tune_linear.log"
 tail -n 1 "$RUN"/trainers/*.log
 tail -n 4 "$RUN/bench_grpo_step.log"
+tail -n 3 "$RUN/bench_trl_step.log"
 for csv in linear_logprobs fused_dpo fused_grpo linear_kl token_logprobs; do
   [ -f "$RUN/${csv}_cuda.csv" ] && python3 bench/summarize.py "$RUN/${csv}_cuda.csv"
 done

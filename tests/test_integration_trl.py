@@ -527,3 +527,19 @@ def test_disable_restores_modules_first_imported_by_enable():
             "assert d.add_fused_lm_head is original and s.add_fused_lm_head is original\n"
             "assert u.add_fused_lm_head is original\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_the_readme_example_runs_as_written(tmp_path):
+    """README "Use fastalign inside TRL" points at examples/trl_dpo.py: it runs offline and
+    trains through fastalign's head."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / "trl_dpo.py"
+    assert "examples/trl_dpo.py" in (script.parent.parent / "README.md").read_text()
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "final reward accuracy:" in done.stdout
+    assert "served none" not in done.stderr  # the guard: fastalign served the steps

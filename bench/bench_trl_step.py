@@ -1,0 +1,119 @@
+"""One TRL training step, unpatched beside patched with fastalign.integrations.trl: the same
+TRL trainer, model, data and settings, time and peak memory, each in a fresh process.
+
+Steps (the tiny Llama, V = 128256, fp32, AdamW; one warm-up step first):
+  dpo    TRL's DPOTrainer, 4 pairs of 512 tokens, a frozen reference copy (bench_dpo_step.py's)
+  grpo   TRL's GRPOTrainer, 1 prompt x G=8 completions of up to 512 tokens (bench_grpo_step.py's)
+Providers: trl (TRL 1.16's own fused head) and trl+fastalign (built inside
+``fastalign.integrations.trl.enabled()``).
+
+    python bench/bench_trl_step.py --csv bench/results/trl_step_cpu.csv
+    python bench/bench_trl_step.py --device cuda --csv bench/results/trl_step_cuda.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_dpo_step  # noqa: E402
+import bench_grpo_step  # noqa: E402
+import harness  # noqa: E402
+
+from fastalign import _measure  # noqa: E402
+
+PROVIDERS = ("trl", "trl+fastalign")
+STEPS = ("dpo", "grpo")
+
+
+def _patched(provider: str):
+    if provider == "trl":
+        return contextlib.nullcontext()
+    import fastalign.integrations.trl as fatrl
+    return fatrl.enabled()
+
+
+def _worker(spec: dict) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    with tempfile.TemporaryDirectory() as out, _patched(spec["provider"]):
+        if spec["step"] == "dpo":
+            rows = bench_dpo_step._rows(spec["pairs"], spec["prompt"], spec["completion"])
+            step = bench_dpo_step._trl_step(spec, rows, out)
+        else:
+            prompts = bench_grpo_step._prompts(spec["repeats"] + 2, spec["prompt"])
+            step = bench_grpo_step._trl_step(dict(spec, prompts=1), prompts, out)
+        step()  # warm-up: AdamW state, lazy initialisation
+        if spec["measure"] == "memory":
+            return {"peak_bytes": _measure.peak_extra_bytes(step, device)}
+        return {"seconds": _measure.median_seconds(step, device, repeats=spec["repeats"],
+                                                   warmup=0)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
+    parser.add_argument("--pairs", type=int, default=4, help="DPO pairs")
+    parser.add_argument("--prompt", type=int, default=256, help="DPO prompt tokens (GRPO: 64)")
+    parser.add_argument("--completion", type=int, default=256,
+                        help="DPO completion tokens per side (GRPO: --grpo-completion)")
+    parser.add_argument("--generations", type=int, default=8, help="GRPO completions (G)")
+    parser.add_argument("--grpo-completion", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+
+    stamp = harness.stamp(torch.device(args.device))
+    results = []
+    for step in args.steps:
+        if step == "dpo":
+            shape = dict(pairs=args.pairs, prompt=args.prompt, completion=args.completion)
+            label = f"{args.pairs} pairs x {args.prompt + args.completion} tokens"
+        else:
+            shape = dict(generations=args.generations, prompt=64,
+                         completion=args.grpo_completion)
+            label = f"G={args.generations} x {args.grpo_completion} completion tokens"
+        for provider in args.providers:
+            spec = dict(shape, step=step, provider=provider, hidden=args.hidden,
+                        layers=args.layers, vocab=args.vocab, repeats=args.repeats,
+                        device=args.device)
+            print(f"{provider}: one TRL {step} step, {label}, V={args.vocab} ...", flush=True)
+            measured = harness.measure_trainer_step(__file__, spec)
+            results.append(dict(op=f"trl_{step}_step", provider=provider, step=step,
+                                shape=label, hidden=args.hidden, layers=args.layers,
+                                vocab=args.vocab, time_ms=round(measured["seconds"] * 1e3, 1),
+                                peak_mb=round(measured["peak_bytes"] / 2**20, 1),
+                                error=measured["error"][:200], **stamp))
+    print(f"\n{'step':5} {'provider':14} {'time (ms)':>10} {'peak extra (MB)':>16}")
+    for row in results:
+        print(f"{row['step']:5} {row['provider']:14} {row['time_ms']:10.0f} {row['peak_mb']:16.0f}"
+              f"  {row['error']}")
+    for step in args.steps:
+        pair = [r for r in results if r["step"] == step and not r["error"]]
+        if len(pair) == 2:
+            trl, ours = pair
+            print(f"{step}: patched / unpatched time {ours['time_ms'] / trl['time_ms']:.2f}x, "
+                  f"peak memory {ours['peak_mb'] / trl['peak_mb']:.3f}x")
+    if args.csv:
+        harness.write_csv(results, args.csv)
+        print(f"CSV: {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
