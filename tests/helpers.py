@@ -10,7 +10,7 @@ from conftest import DEVICE
 
 import fastalign as fa
 from fastalign.reference import token_logprobs_reference
-from fastalign.trainer import load_preferences, tiny_llama
+from fastalign.trainer import byte_tokenizer, load_preferences, tiny_llama
 
 DEMO_DATA = "fastalign/data/demo_preferences.jsonl"
 RL_PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?"]
@@ -106,3 +106,32 @@ def run_both(logits, targets, *, entropy_weight=True, **options):
         loss.backward()
         results.append((logprobs, entropy, leaf.grad))
     return results
+
+
+class _ForbiddenTrlHead:
+    """Stands in for TRL's chunked log-prob function in patched runs."""
+
+    @staticmethod
+    def apply(*args, **kwargs):
+        raise AssertionError("TRL's own chunked log-prob function ran in a patched run")
+
+
+def forbid_trl_head(monkeypatch):
+    """TRL's chunked log-prob function raises from here on: a patched run must not use it."""
+    import trl.trainer.utils
+    monkeypatch.setattr(trl.trainer.utils, "_ChunkedLogProbFunction", _ForbiddenTrlHead)
+
+
+def tiny_gemma2(seed):
+    """A 1-layer Gemma-2 over 300 tokens with a final-logit soft cap of 3 that matters."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8,
+                                       final_logit_softcapping=3.0, tie_word_embeddings=False,
+                                       pad_token_id=byte_tokenizer().pad_token_id)
+    model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():  # logits of a few units: the cap of 3 then matters
+        model.get_output_embeddings().weight.mul_(50.0)
+    return model

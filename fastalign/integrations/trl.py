@@ -31,8 +31,6 @@ import os
 import types
 import warnings
 
-import torch
-
 from . import _lm_head
 
 # TRL versions (major.minor) whose add_fused_lm_head / FusedCausalLMOutput contract this module
