@@ -35,33 +35,50 @@ def _saved_policy(tmp_path):
     return str(path)
 
 
-def _grpo_step(tmp_path, **options):
-    """(loss, logged metrics, {name: gradient}) of one GRPOTrainer step, seed 0."""
+def _step_results(trainer, loss):
+    """(loss, logged metrics, {name: gradient}) after one step's backward."""
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return float(loss), metrics, grads
+
+
+def _rl_step(trainer_class, config_class, tmp_path, **settings):
+    """One step of TRL's GRPOTrainer or RLOOTrainer (the same constructor and loop), seed 0:
+    generation, rewards and the update's backward."""
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(0)
-    settings = dict(per_device_train_batch_size=4, num_generations=4, steps_per_generation=1,
-                    max_completion_length=6, learning_rate=1e-3, temperature=0.7, top_p=1.0,
-                    beta=0.1, report_to=[], use_cpu=True, bf16=False, logging_steps=10**6,
-                    seed=0)
-    settings.update(options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        args = GRPOConfig(output_dir=str(tmp_path), **settings)
-        trainer = GRPOTrainer(model=_saved_policy(tmp_path), reward_funcs=[distinct_letters],
-                              args=args,
-                              processing_class=byte_tokenizer(),
-                              train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
+        args = config_class(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                            num_generations=4, steps_per_generation=1, max_completion_length=6,
+                            learning_rate=1e-3, top_p=1.0, report_to=[], use_cpu=True,
+                            bf16=False, logging_steps=10**6, seed=0, **settings)
+        trainer = trainer_class(model=_saved_policy(tmp_path), reward_funcs=[distinct_letters],
+                                args=args, processing_class=byte_tokenizer(),
+                                train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     trainer.current_gradient_accumulation_steps = 1
     inputs = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     torch.manual_seed(1)
-    loss = trainer.training_step(trainer.model, inputs, None)
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return float(loss), metrics, grads
+    return _step_results(trainer, trainer.training_step(trainer.model, inputs, None))
+
+
+def _grpo_step(tmp_path, **options):
+    from trl import GRPOConfig, GRPOTrainer
+    return _rl_step(GRPOTrainer, GRPOConfig, tmp_path,
+                    **{"temperature": 0.7, "beta": 0.1, **options})
+
+
+def _unpatched_and_patched(step, tmp_path, monkeypatch, *args, **options):
+    """``step`` run with TRL's own head, then built inside ``fatrl.enabled()`` with TRL's
+    chunked function made to raise: (expected, actual)."""
+    expected = step(tmp_path / "trl", *args, **options)
+    forbid_trl_head(monkeypatch)
+    with fatrl.enabled():
+        actual = step(tmp_path / "fastalign", *args, **options)
+    return expected, actual
 
 
 # Wall-clock metrics: the one logged value that may differ between two runs.
@@ -94,11 +111,7 @@ def _assert_same_step(expected, actual, rtol=1e-5):
     dict(loss_type="dr_grpo", temperature=1.3),
 ], ids=["beta", "entropy_mask", "dr_grpo"])
 def test_grpo_step_matches_unpatched_trl(tmp_path, monkeypatch, options):
-    expected = _grpo_step(tmp_path / "trl", **options)
-    forbid_trl_head(monkeypatch)
-    with fatrl.enabled():
-        actual = _grpo_step(tmp_path / "fastalign", **options)
-    _assert_same_step(expected, actual)
+    _assert_same_step(*_unpatched_and_patched(_grpo_step, tmp_path, monkeypatch, **options))
 
 
 def _collated_step(trainer, rows):
@@ -107,16 +120,15 @@ def _collated_step(trainer, rows):
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return float(loss), metrics, grads
+    return _step_results(trainer, loss)
 
 
-def _dpo_step(tmp_path, policy, reference, **options):
+def _dpo_step(tmp_path, kind, **options):
     from datasets import Dataset
     from helpers import preference_rows
     from trl import DPOConfig, DPOTrainer
 
+    policy, reference = _dpo_models(kind)  # fresh models for each run
     torch.manual_seed(0)
     data = preference_rows()
     with warnings.catch_warnings():
@@ -155,46 +167,17 @@ def _dpo_models(kind):
 ], ids=["sigmoid", "ipo", "wpo", "precomputed_reference", "checkpointing", "lora",
         "gemma2_softcap"])
 def test_dpo_step_matches_unpatched_trl(tmp_path, monkeypatch, kind, options):
-    expected = _dpo_step(tmp_path / "trl", *_dpo_models(kind), **options)
-    forbid_trl_head(monkeypatch)
-    with fatrl.enabled():
-        actual = _dpo_step(tmp_path / "fastalign", *_dpo_models(kind), **options)
-    _assert_same_step(expected, actual)
+    _assert_same_step(*_unpatched_and_patched(_dpo_step, tmp_path, monkeypatch, kind,
+                                              **options))
 
 
-def _rloo_step(tmp_path, **options):
-    from datasets import Dataset
+def _rloo_step(tmp_path):
     from trl import RLOOConfig, RLOOTrainer
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        args = RLOOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
-                          num_generations=4, steps_per_generation=1, max_completion_length=6,
-                          learning_rate=1e-3, temperature=0.8, top_p=1.0, beta=0.05,
-                          report_to=[], use_cpu=True, bf16=False, logging_steps=10**6, seed=0,
-                          **options)
-        trainer = RLOOTrainer(model=_saved_policy(tmp_path), reward_funcs=[distinct_letters],
-                              args=args,
-                              processing_class=byte_tokenizer(),
-                              train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]))
-    trainer.create_optimizer_and_scheduler(num_training_steps=10)
-    trainer.current_gradient_accumulation_steps = 1
-    inputs = next(iter(trainer.get_train_dataloader()))
-    trainer.model.train()
-    torch.manual_seed(1)
-    loss = trainer.training_step(trainer.model, inputs, None)
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return float(loss), metrics, grads
+    return _rl_step(RLOOTrainer, RLOOConfig, tmp_path, temperature=0.8, beta=0.05)
 
 
 def test_rloo_step_matches_unpatched_trl(tmp_path, monkeypatch):
-    expected = _rloo_step(tmp_path / "trl")
-    forbid_trl_head(monkeypatch)
-    with fatrl.enabled():
-        actual = _rloo_step(tmp_path / "fastalign")
-    _assert_same_step(expected, actual)
+    _assert_same_step(*_unpatched_and_patched(_rloo_step, tmp_path, monkeypatch))
 
 
 def _kto_step(tmp_path):
@@ -216,11 +199,7 @@ def _kto_step(tmp_path):
 
 
 def test_kto_step_matches_unpatched_trl(tmp_path, monkeypatch):
-    expected = _kto_step(tmp_path / "trl")
-    forbid_trl_head(monkeypatch)
-    with fatrl.enabled():
-        actual = _kto_step(tmp_path / "fastalign")
-    _assert_same_step(expected, actual)
+    _assert_same_step(*_unpatched_and_patched(_kto_step, tmp_path, monkeypatch))
 
 
 def _sft_step(tmp_path):
@@ -241,8 +220,4 @@ def _sft_step(tmp_path):
 
 
 def test_sft_step_matches_unpatched_trl(tmp_path, monkeypatch):
-    expected = _sft_step(tmp_path / "trl")
-    forbid_trl_head(monkeypatch)
-    with fatrl.enabled():
-        actual = _sft_step(tmp_path / "fastalign")
-    _assert_same_step(expected, actual)
+    _assert_same_step(*_unpatched_and_patched(_sft_step, tmp_path, monkeypatch))
