@@ -17,7 +17,7 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from .._layout import RowLayout, row_layout
-from . import _linear_backward, _vocab_stats
+from . import _linear_backward, _sharded_head, _vocab_stats
 from ._compact import (fake_saved_rows, kept_rows, rows_to_save, saved_rows, scatter_rows,
                        select_rows)
 from ._backends import kl_launchers, linear_logprobs_launchers, new_gradient
@@ -267,7 +267,25 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
         ``kl [...]`` float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` (no
         weight gradient when ``weight`` does not require grad). Memory: two ``[N, cols]``
         float32 logits tiles at a time, plus what ``linear_logprobs`` needs in backward.
+
+    Sharded heads, as in :func:`linear_logprobs` (``fastalign/ops/_sharded_head.py``): an FSDP2
+    ``DTensor`` ``weight``/``bias`` with a plain ``hidden`` is gathered once per call, its
+    gradient the average over ranks of each rank's; a ``DTensor`` ``hidden`` replicated on a
+    1-D mesh with ``weight`` ``Shard(0)`` on it gathers the weight, each rank's gradient being
+    its shard of the (identical) full one; a DTensor reference head is gathered without
+    gradient; DeepSpeed ZeRO-3 ``ds_id`` parameters (either model's) are gathered in forward
+    and again in backward, which recomputes the forward. The result is a plain tensor.
     """
+    if not _sharded_head.is_plain(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask):
+        return _sharded_head.linear_kl(_linear_kl, hidden, weight, ref_hidden, ref_weight,
+                                       bias=bias, ref_bias=ref_bias, temperature=temperature,
+                                       mask=mask)
+    return _linear_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
+                      temperature=temperature, mask=mask)
+
+
+def _linear_kl(hidden, weight, ref_hidden, ref_weight, *, bias, ref_bias, temperature, mask):
+    """``linear_kl`` on plain tensors (sharded heads already resolved)."""
     checks.check_lm_head(hidden, weight, bias)
     checks.check_lm_head(ref_hidden, ref_weight, ref_bias, weight_name="ref_weight",
                          hidden_name="ref_hidden", bias_name="ref_bias")

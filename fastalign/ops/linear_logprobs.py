@@ -15,7 +15,7 @@ import torch
 
 from .. import _validation as checks
 from .._backend import select_backend
-from . import _linear_backward, _vocab_stats
+from . import _linear_backward, _sharded_head, _vocab_stats
 from ._compact import (fake_saved_rows, kept_rows, rows_to_save, saved_rows, scatter_rows,
                        select_rows)
 from ._backends import linear_logprobs_launchers
@@ -189,7 +189,35 @@ def linear_logprobs(
     ``[N, cols]`` logits-gradient tile, plus a float32 ``[N, D]`` accumulator for bf16/fp16
     inputs, beyond the gradients it returns. Targets outside ``[0, V)`` raise for CPU tensors;
     on CUDA they give NaN rows unless ``FASTALIGN_CHECK_TARGETS=1`` (see :func:`token_logprobs`).
+
+    Sharded heads (``fastalign/ops/_sharded_head.py``):
+
+    * an FSDP2 ``DTensor`` ``weight`` (and ``bias``) with a plain ``hidden`` (data parallel:
+      each rank its own rows) is gathered once per call; its gradient comes back sharded like
+      the weight, holding the average over ranks of each rank's gradient (as FSDP2 and DDP
+      reduce every other parameter's);
+    * a ``DTensor`` ``hidden`` replicated on a 1-D mesh with ``weight`` ``Shard(0)`` on it (a
+      vocabulary-parallel head) runs the ``process_group`` path on the local shards;
+    * a DeepSpeed ZeRO-3 ``weight``/``bias`` (a ``ds_id`` parameter) is gathered with
+      ``deepspeed.zero.GatheredParameters`` in forward and again in backward, where the
+      forward pass is recomputed (one more pass over the vocabulary).
+
+    The results are plain tensors; any other layout raises, saying what to do.
     """
+    if not _sharded_head.is_plain(hidden, weight, bias, targets):
+        return _sharded_head.linear_logprobs(
+            _linear_logprobs, hidden, weight, targets, bias=bias, process_group=process_group,
+            temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+            return_entropy=return_entropy, return_row_stats=return_row_stats)
+    return _linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                            softcap=softcap, ignore_index=ignore_index,
+                            return_entropy=return_entropy, return_row_stats=return_row_stats,
+                            process_group=process_group)
+
+
+def _linear_logprobs(hidden, weight, targets, *, bias, temperature, softcap, ignore_index,
+                     return_entropy, return_row_stats, process_group):
+    """``linear_logprobs`` on plain tensors (a sharded head already resolved)."""
     checks.check_lm_head(hidden, weight, bias)
     checks.check_temperature(temperature)
     checks.check_softcap(softcap)
