@@ -135,3 +135,45 @@ def tiny_gemma2(seed):
     with torch.no_grad():  # logits of a few units: the cap of 3 then matters
         model.get_output_embeddings().weight.mul_(50.0)
     return model
+
+
+class FakeZero3:
+    """A stand-in for ``deepspeed`` (installed in ``sys.modules`` by ``fake_deepspeed``) with
+    ZeRO-3's contract for a partitioned parameter: ``p.ds_id`` set, ``p.data`` empty except
+    inside ``zero.GatheredParameters([p, ...], modifier_rank=None)``, which fills it from a
+    stored full copy and empties it again on exit. ``enters`` counts the gathers."""
+
+    def __init__(self):
+        import contextlib
+        self.enters = 0
+        self.full = {}
+        fake = self
+
+        @contextlib.contextmanager
+        def gathered_parameters(params, modifier_rank=None, enabled=True):
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            params = [p for p in params if hasattr(p, "ds_id")]
+            fake.enters += 1
+            for p in params:
+                p.data = fake.full[p.ds_id]
+            try:
+                yield
+            finally:
+                for p in params:
+                    p.data = torch.empty(0, dtype=p.dtype)
+
+        self.zero = type("zero", (), {"GatheredParameters": staticmethod(gathered_parameters)})
+
+    def partition(self, parameter: torch.nn.Parameter) -> torch.nn.Parameter:
+        """``parameter`` partitioned: its full data stored here, an empty tensor left."""
+        parameter.ds_id = len(self.full)
+        self.full[parameter.ds_id] = parameter.data.clone()
+        parameter.data = torch.empty(0, dtype=parameter.dtype)
+        return parameter
+
+
+def fake_deepspeed(monkeypatch) -> FakeZero3:
+    """A FakeZero3 installed as ``deepspeed`` for this test."""
+    fake = FakeZero3()
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    return fake
