@@ -49,6 +49,9 @@ HELP = {
                  "(tensorboard; needs the tensorboard package) or not (none)",
     "on_nonfinite": "a NaN/inf loss or gradient norm: stop (before the update, nothing saved) "
                     "or skip the update (counted as skipped_steps)",
+    "parallelism": "on several processes (torchrun): ddp (replicated model, gradients "
+                   "all-reduced) or fsdp (FSDP2: parameters, gradients and optimizer state "
+                   "sharded per decoder layer)",
     "beta": "DPO's beta: strength of the KL regularization to the reference",
     "loss_type": "sigmoid (DPO), ipo, hinge, robust, exo_pair, ...: fastalign.losses.dpo_loss",
     "label_smoothing": "assumed share of flipped labels (cDPO / robust DPO)",

@@ -21,17 +21,20 @@ def recorded(trainer):
     """Runs one optimizer step of ``trainer`` and returns (prompts rolled out, the logged
     metrics, the gradients the optimizer update saw)."""
     prompts, gradients = [], []
-    rollout, optimizer_step = trainer.rollout, trainer.optimizer_step
+    # GRPO samples through _sample (prepare_step), PPO through rollout.
+    name = "_sample" if isinstance(trainer, GRPOTrainer) else "rollout"
+    sample, optimizer_step = getattr(trainer, name), trainer.optimizer_step
 
-    def recording_rollout(batch):
+    def recording_sample(batch, *rest):
         prompts.extend(batch)
-        return rollout(batch)
+        return sample(batch, *rest)
 
     def recording_optimizer_step(loss, grad_norm):
         gradients.append([p.grad.clone() for p in trainer.parameters])
         return optimizer_step(loss, grad_norm)
-    trainer.rollout, trainer.optimizer_step = recording_rollout, recording_optimizer_step
-    torch.manual_seed(1234)  # the same sampling for both runs
+    setattr(trainer, name, recording_sample)
+    trainer.optimizer_step = recording_optimizer_step
+    torch.manual_seed(1234)  # the same sampling for both PPO runs (GRPO seeds each prompt)
     metrics = trainer.training_step()
     return prompts, metrics, gradients
 
@@ -66,8 +69,8 @@ def test_grpo_accumulation_uses_every_prompt_of_its_schedule(tmp_path):
                         num_generations=2, max_new_tokens=4, progress=False)
     trainer = GRPOTrainer(small_policy(), byte_tokenizer(), config, PROMPTS, [lowercase_share])
     seen = []
-    rollout = trainer.rollout
-    trainer.rollout = lambda batch: (seen.extend(batch), rollout(batch))[1]
+    sample = trainer._sample
+    trainer._sample = lambda batch, seeds: (seen.extend(batch), sample(batch, seeds))[1]
     trainer.train()
     assert trainer.step == 2 and sorted(seen) == sorted(PROMPTS)
 

@@ -14,6 +14,14 @@ A trainer supplies what it trains on and its loss; the core owns the loop. One o
 
 ``weight`` is each micro-batch's share of the update's loss normalizer, so an update's gradient
 is that of one batch holding all its micro-batches (A = ``gradient_accumulation_steps``).
+
+On several processes (``distributed.Processes``) each list is the rank's share of a global
+micro-batch of ``batch_size x world size`` items, the normalizer is global (summed over ranks)
+and each rank's loss is scaled by the world size before backward, since DDP and FSDP2 average
+gradients: an update equals the single-process one of the global batch. A rank whose share is
+empty (a short last batch) runs a copy of the first item with weight 0, so that no rank waits
+alone in a collective. Metrics are reduced over ranks; rank 0 alone writes files, logs and
+draws the progress bar.
 """
 
 from __future__ import annotations
@@ -31,13 +39,25 @@ from pathlib import Path
 import torch
 
 from . import run_dir
-from .checkpoint import first_nonfinite, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (first_nonfinite, latest_checkpoint, load_checkpoint, rng_state,
+                         save_checkpoint)
 from .config import TrainConfig
+from .distributed import Processes
 from .metrics import MetricsLog, check_reporter
 
 # Options that may differ between a run and its resumption without being reported: where it
 # runs and how it shows progress, not what it computes.
-UNREPORTED_ON_RESUME = ("output_dir", "progress", "overwrite")
+UNREPORTED_ON_RESUME = ("output_dir", "progress", "overwrite", "parallelism")
+
+
+class Share(list):
+    """A rank's items of a global micro-batch, and where they start in it. ``padding``: a
+    stand-in for a rank the batch has no item for (a copy of its first item), run with weight
+    0 so that the collectives of every rank match."""
+
+    def __init__(self, items, start: int, padding: bool = False):
+        super().__init__(items)
+        self.start, self.padding = start, padding
 
 
 class NonFiniteError(RuntimeError):
@@ -57,7 +77,9 @@ class Trainer:
         self.train_items, self.eval_items = train_items, eval_items or []
         self.output_dir = _writable_dir(config.output_dir)
         self.device = next(model.parameters()).device
-        self.micro_per_epoch = math.ceil(len(train_items) / config.batch_size)
+        self.processes = Processes.setup(config.parallelism, self.device)
+        self.global_batch_size = config.batch_size * self.processes.world_size
+        self.micro_per_epoch = math.ceil(len(train_items) / self.global_batch_size)
         self.total_steps = config.max_steps or max(1, math.ceil(
             config.epochs * self.micro_per_epoch / config.gradient_accumulation_steps))
         self.step = 0
@@ -65,9 +87,22 @@ class Trainer:
         self.resumed_changes: dict = {}  # option -> (checkpoint's value, this run's value)
 
     # Built on first use, so a subclass may add trained modules (PPO's value head) after this
-    # class's __init__ has run.
+    # class's __init__ has run, and (on several processes) after the wrapping below, which
+    # FSDP2 does in place, replacing the parameters by sharded ones.
+    @functools.cached_property
+    def root(self) -> torch.nn.Module:
+        """The module forward passes run through: the model, its DDP wrapper, or the model
+        sharded in place by FSDP2 (``Processes.wrap``)."""
+        root = self.processes.wrap(self.model, self.config.precision)
+        self.on_wrapped(root)
+        return root
+
+    def on_wrapped(self, root: torch.nn.Module) -> None:
+        """Called once the model is wrapped: point adapters at ``root``, shard frozen models."""
+
     @functools.cached_property
     def parameters(self) -> list[torch.nn.Parameter]:
+        _ = self.root
         parameters = [p for module in self.trained_modules() for p in module.parameters()
                       if p.requires_grad]
         if not parameters:
@@ -88,8 +123,11 @@ class Trainer:
     def prepare_step(self, micro_item_lists: list[list]):
         """What one optimizer step works on, from its A lists of items. Default: each list
         collated into a batch, weighted by its share of the step's items."""
-        total = sum(len(items) for items in micro_item_lists)
-        return [(self.collate(items), len(items) / total) for items in micro_item_lists]
+        sizes = [0 if getattr(items, "padding", False) else len(items)
+                 for items in micro_item_lists]
+        total = float(self.processes.sum(torch.tensor(float(sum(sizes)))))
+        return [(self.collate(items), size / total)
+                for items, size in zip(micro_item_lists, sizes)]
 
     def updates(self, work):
         """The optimizer updates of one step, each a list of ``(batch, weight)`` micro-batches.
@@ -124,10 +162,11 @@ class Trainer:
         return _digest(self.train_items)
 
     def setup(self) -> dict:
-        """What a resumed checkpoint must match: model shapes, data, batching."""
+        """What a resumed checkpoint must match: model shapes, data, batching (the global
+        batch: a run may resume on another number of processes with the same global batch)."""
         shapes = [(name, tuple(p.shape)) for name, p in self.model.named_parameters()]
         return {"model": _digest(shapes), "train_data": self.data_digest,
-                "batch_size": self.config.batch_size,
+                "batch_size": self.global_batch_size,
                 "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
                 "seed": self.config.seed}
 
@@ -144,13 +183,19 @@ class Trainer:
         return 1.0
 
     def _micro_batch(self, index: int) -> list:
-        """Micro-batch ``index`` of the run: epochs follow each other, each in its own seeded
-        order, so any step's data is known without replaying the ones before it (resume)."""
+        """Global micro-batch ``index`` of the run: epochs follow each other, each in its own
+        seeded order, so any step's data is known without replaying the ones before it
+        (resume), whatever the number of processes."""
         epoch, position = divmod(index, self.micro_per_epoch)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.train_items), generator=generator)
-        chosen = order[position * self.config.batch_size:(position + 1) * self.config.batch_size]
-        return [self.train_items[i] for i in chosen.tolist()]
+        size = self.global_batch_size
+        return [self.train_items[i] for i in order[position * size:(position + 1) * size].tolist()]
+
+    def _local_share(self, items: list) -> Share:
+        """This rank's share of a global micro-batch."""
+        start, end = self.processes.share_bounds(len(items))
+        return Share(items[start:end], start) if end > start else Share(items[:1], 0, True)
 
     def _autocast(self):
         if self.config.precision == "bf16":
@@ -161,20 +206,27 @@ class Trainer:
         """One optimizer step (see the module docstring): its ``gradient_accumulation_steps``
         micro-batches of items, ``prepare_step``, then each of ``updates``; returns its
         metrics, one device sync per update."""
+        root = self.root
         self.model.train()
         accumulation = self.config.gradient_accumulation_steps
-        work = self.prepare_step([self._micro_batch(self.step * accumulation + j)
+        work = self.prepare_step([self._local_share(self._micro_batch(self.step * accumulation
+                                                                      + j))
                                   for j in range(accumulation)])
         sums, updates = defaultdict(float), 0
+        # DDP and FSDP2 average the ranks' gradients; each rank's share is of the global
+        # normalizer, so its loss is scaled back up to make the average the global gradient.
+        scale = self.processes.world_size
         for micro_batches in self.updates(work):
             # Tensors until the end of the update: one device sync, not one per metric.
             update = defaultdict(float)
-            for batch, weight in micro_batches:
-                with self._autocast():
-                    loss, metrics = self.compute_loss(batch)
-                (loss * weight).backward()
+            for index, (batch, weight) in enumerate(micro_batches):
+                with self.processes.no_sync(root, last=index == len(micro_batches) - 1):
+                    with self._autocast():
+                        loss, metrics = self.compute_loss(batch)
+                    (loss * (weight * scale)).backward()
                 for name, value in {"loss": loss.detach(), **metrics}.items():
                     update[name] = update[name] + value * weight
+            update = self._reduced(update)
             update["grad_norm"] = self.clip_gradients()
             update = {name: float(value) for name, value in update.items()}
             self.optimizer_step(update["loss"], update["grad_norm"])
@@ -189,11 +241,22 @@ class Trainer:
         logged["epoch"] = self.step * accumulation / self.micro_per_epoch
         return self.with_skip_count(logged)
 
+    def _reduced(self, update: dict) -> dict:
+        """An update's weighted metric sums, summed over ranks (their weights are shares of
+        the global normalizer), in one collective."""
+        if not self.processes.distributed:
+            return update
+        names = sorted(update)
+        values = torch.stack([torch.as_tensor(update[name], dtype=torch.float32,
+                                              device=self.device).reshape(()) for name in names])
+        return dict(zip(names, self.processes.sum(values).unbind()))
+
     def clip_gradients(self) -> torch.Tensor:
         """Clips the trained parameters' gradients to ``max_grad_norm`` (0 / None: no
-        clipping) and returns their total norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(self.parameters,
+        clipping) and returns their total norm before clipping (over all shards)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters,
                                               self.config.max_grad_norm or math.inf)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def optimizer_step(self, loss: float, grad_norm: float) -> bool:
         """The optimizer update, only when ``loss`` and ``grad_norm`` are finite; returns
@@ -253,16 +316,19 @@ class Trainer:
         logged metrics. ``resume_from``: a checkpoint directory, or ``"latest"``."""
         from tqdm.auto import tqdm
 
+        main, processes = self.processes.is_main, self.processes
         check_reporter(self.config.report_to)
-        run_dir.prepare(self.output_dir, trainer=type(self).__name__,
-                        config=self.config.to_dict(), resuming=resume_from is not None,
-                        overwrite=self.config.overwrite)
+        processes.on_main(lambda: run_dir.prepare(
+            self.output_dir, trainer=type(self).__name__, config=self.config.to_dict(),
+            resuming=resume_from is not None, overwrite=self.config.overwrite))
         if resume_from is not None:
             self.resume(resume_from)
-        log = MetricsLog(self.output_dir, resume_step=self.step, report_to=self.config.report_to)
+        log = processes.on_main(lambda: MetricsLog(self.output_dir, resume_step=self.step,
+                                                   report_to=self.config.report_to))
         last: dict = {}
-        with tqdm(total=self.total_steps, initial=self.step, disable=not self.config.progress,
-                  desc=type(self).__name__, unit="step", dynamic_ncols=True) as bar:
+        with tqdm(total=self.total_steps, initial=self.step,
+                  disable=not (self.config.progress and main), desc=type(self).__name__,
+                  unit="step", dynamic_ncols=True) as bar:
             while self.step < self.total_steps:
                 metrics = self.training_step()
                 done = self.step == self.total_steps
@@ -270,47 +336,70 @@ class Trainer:
                 if eval_steps and (self.step % eval_steps == 0 or done):
                     metrics.update(self.evaluate())
                 if self.step % self.config.logging_steps == 0 or done or "eval_loss" in metrics:
-                    log.log(self.step, metrics)
+                    if main:
+                        log.log(self.step, metrics)
                     last = metrics
                 bar.set_postfix(self.progress_metrics(metrics), refresh=False)
                 bar.update(1)
                 if self.config.save_steps and (self.step % self.config.save_steps == 0 or done):
                     self.save_checkpoint()
-        log.close()
+        if main:
+            log.close()
         self.check_finite_model("the final model")
-        run_dir.save_final_model(self.output_dir, self.save_model)
-        log.plot(self.plot_panels)
+        state = processes.model_state(self.model)  # every rank takes part in gathering it
+        processes.on_main(lambda: run_dir.save_final_model(
+            self.output_dir, lambda directory: self.save_model(directory, state)))
+        processes.on_main(lambda: log.plot(self.plot_panels))
         return last
 
     def check_finite_model(self, what: str) -> None:
-        """Raises ``NonFiniteError`` when a trained parameter holds NaN or infinity."""
+        """Raises ``NonFiniteError`` (on every rank) when a trained parameter holds NaN or
+        infinity (in any rank's shard)."""
         bad = first_nonfinite((name, p) for module in self.trained_modules()
                               for name, p in module.named_parameters())
+        bad = next((found for found in self.processes.gather_objects(bad) if found), None)
         if bad is not None:
             raise NonFiniteError(f"{what} holds non-finite weights ({bad}) after step "
                                  f"{self.step}; it was not saved")
 
-    def save_model(self, directory: Path) -> None:
-        """The trained model (and tokenizer) in ``directory``, loadable with ``from_pretrained``."""
-        self.model.save_pretrained(directory, safe_serialization=True)
+    def save_model(self, directory: Path, state_dict: dict | None = None) -> None:
+        """The trained model (and tokenizer) in ``directory``, loadable with ``from_pretrained``;
+        ``state_dict``: its full weights when the model is sharded (``Processes.model_state``)."""
+        self.model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
     def progress_metrics(self, metrics: dict) -> dict:
         return {"loss": f"{metrics['loss']:.4f}"}
 
+    def _trained(self) -> torch.nn.Module:
+        """The trained modules as one, the names the optimizer state is keyed by."""
+        modules = self.trained_modules()
+        return modules[0] if len(modules) == 1 else torch.nn.ModuleList(modules)
+
     def save_checkpoint(self) -> Path:
+        """Writes ``checkpoint-{step}`` (rank 0, with the gathered state of every rank) and
+        returns its path; every rank must call it."""
         self.check_finite_model(f"checkpoint-{self.step}")
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "extra": self.extra_state(), "skipped_steps": self.skipped_steps}
-        return save_checkpoint(self.output_dir, self.step, self.model, self.tokenizer, state,
-                               setup=self.setup(), config=self.config.to_dict())
+        processes = self.processes
+        model_state = processes.model_state(self.model)
+        state = {"optimizer": processes.optimizer_state(self._trained(), self.optimizer),
+                 "scheduler": self.scheduler.state_dict(), "extra": self.extra_state(),
+                 "skipped_steps": self.skipped_steps,
+                 "rng": processes.gather_objects(rng_state())}
+        path = processes.on_main(lambda: save_checkpoint(
+            self.output_dir, self.step, self.model, self.tokenizer, state, setup=self.setup(),
+            config=self.config.to_dict(), model_state=model_state))
+        processes.barrier()  # no rank reads or resumes from it before it is complete
+        return path or self.output_dir / f"checkpoint-{self.step}"
 
     def resume(self, path: str | os.PathLike) -> None:
         """Restores weights, optimizer, schedule, step and RNG from a checkpoint. Options of
         this run that differ from the checkpoint's are applied (the learning rate and weight
         decay reach the restored optimizer) and listed on stderr and in ``resumed_changes``;
-        what the checkpoint must match (model, data, batching, seed) is checked instead."""
+        what the checkpoint must match (model, data, global batch, seed) is checked instead.
+        A checkpoint resumes on any number of processes and with either engine; each rank gets
+        its own RNG state back when the number is the same."""
         if str(path) == "latest":
             found = latest_checkpoint(self.output_dir)
             if found is None:
@@ -319,11 +408,15 @@ class Trainer:
             path = found
         if not Path(path).is_dir():
             raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
-        state = load_checkpoint(path, self.model, self.setup())
+        _ = self.root  # wrapped (and, with FSDP2, sharded) before the weights go in
+        loader = (functools.partial(self.processes.load_model_state, self.model)
+                  if self.processes.sharded(self.model) else None)
+        state = load_checkpoint(path, self.model, self.setup(), rank=self.processes.rank,
+                                load_weights=loader)
         # The scheduler first: building it sets the optimizer's learning rate to step 0's,
         # which must not overwrite the one restored below.
         _ = self.scheduler
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.processes.load_optimizer_state(self._trained(), self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state.get("extra", {}))
         self.step = state["step"]
@@ -339,8 +432,9 @@ class Trainer:
             return
         shown = "; ".join(f"{name} {old!r} -> {new!r}"
                           for name, (old, new) in self.resumed_changes.items())
-        print(f"fastalign: resuming {checkpoint} with options that differ from its run "
-              f"(checkpoint -> now; the new values apply): {shown}", file=sys.stderr)
+        if self.processes.is_main:
+            print(f"fastalign: resuming {checkpoint} with options that differ from its run "
+                  f"(checkpoint -> now; the new values apply): {shown}", file=sys.stderr)
         # The optimizer and schedule were restored with the checkpoint's learning rate and
         # weight decay: give them this run's, at the resumed step of this run's schedule.
         self.scheduler.base_lrs = [self.config.learning_rate] * len(self.optimizer.param_groups)
@@ -359,7 +453,7 @@ def _writable_dir(path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".fastalign-write-test"
+        probe = path / f".fastalign-write-test-{os.getpid()}"  # one per process: ranks race
         probe.write_text("")
         probe.unlink()
     except OSError as error:

@@ -1,10 +1,16 @@
 """Completion-token log-probs of a Hugging Face causal LM through ``linear_logprobs``.
 
-The model's backbone runs to its last hidden states; the output embedding (``lm_head``, tied
-or not) is applied only inside ``fastalign.linear_logprobs``, one vocabulary slice at a time, so
-the ``[B, T, V]`` logits never exist, and positions that are not followed by a completion token
-(the prompt, the padding) are compacted out before any projection. Gemma-2's
-``final_logit_softcapping`` is read from the config and applied as ``softcap``.
+The whole model runs, through its root module, with its output embedding (``lm_head``, tied or
+not) swapped for the duration of the call: instead of the logits it computes what the trainer
+asks from the last hidden states and its own weight, inside ``fastalign.linear_logprobs``, one
+vocabulary slice at a time, so the ``[B, T, V]`` logits never exist, and positions that are not
+followed by a completion token (the prompt, the padding) are compacted out before any
+projection. Going through the root (not the backbone submodule) is what lets distributed
+engines do their work: DDP prepares its gradient all-reduce in its forward, and FSDP2 unshards
+the root's parameters (embeddings, final norm, the head) in the root's forward hook and keeps
+them so through backward, so the head's weight is a whole tensor exactly while the swapped head
+runs (see ``docs/architecture.md``). Gemma-2's ``final_logit_softcapping`` is read from the
+config and applied as ``softcap``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..integrations._lm_head import head_parameters
 from ..ops import linear_logprobs
 
 IGNORE_INDEX = -100
@@ -66,6 +73,8 @@ class CausalLMAdapter:
                 f"{type(model).__name__} is not a causal LM with a separate backbone and output "
                 "embedding (expected a transformers *ForCausalLM model)")
         self.model = model
+        # What forward passes run through: the model, or its DDP wrapper (trainers set it).
+        self.root = model
         self.backbone = backbone
         self.lm_head = head
         config = getattr(inner, "config", None)
@@ -83,6 +92,34 @@ class CausalLMAdapter:
                                use_cache=False, return_dict=True, **extra)
         return output.last_hidden_state
 
+    def forward_with_head(self, head_fn, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None):
+        """Runs the model through ``root`` with its head computing
+        ``head_fn(hidden [B, T-1, D], weight [V, D], bias [V] | None)`` in place of the logits,
+        and returns what ``head_fn`` returned (e.g. a fused loss, differentiable w.r.t. all
+        parameters). ``hidden`` is cut to the positions that have a next token; the weight
+        has any LoRA adapter on the head folded in (``head_parameters``)."""
+        results = []
+
+        def fused_head(hidden):
+            weight, bias = head_parameters(self.lm_head)
+            results.append(head_fn(hidden[:, :-1], weight, bias))
+            # What the model's forward goes on with (a soft cap, a cast): no vocabulary.
+            return hidden.new_empty(*hidden.shape[:-1], 0)
+
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        self.lm_head.forward = fused_head  # the instance attribute shadows the class's forward
+        try:
+            self.root(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                      return_dict=True, **extra)
+        finally:
+            del self.lm_head.forward
+        if len(results) != 1:
+            raise RuntimeError(f"{type(self.model).__name__}'s forward called its output "
+                               f"embedding {len(results)} times; fastalign expects once")
+        return results[0]
+
     def completion_logprobs(self, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                             attention_mask: torch.Tensor | None = None, *,
                             position_ids: torch.Tensor | None = None,
@@ -91,9 +128,17 @@ class CausalLMAdapter:
         given what precedes it (0 elsewhere) and the number of completion tokens per row.
         Differentiable w.r.t. the model's parameters (hidden states and lm_head)."""
         targets = completion_targets(input_ids, completion_mask, attention_mask)
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)[:, :-1]
-        per_token = self.target_logprobs(hidden, targets, temperature=temperature)
+        per_token = self.forward_with_head(
+            lambda hidden, weight, bias: self.head_logprobs(hidden, weight, bias, targets,
+                                                            temperature=temperature),
+            input_ids, attention_mask, position_ids)
         return per_token, (targets != IGNORE_INDEX).sum(-1)
+
+    def head_logprobs(self, hidden, weight, bias, targets, *, temperature: float = 1.0):
+        """``[B, T-1]`` float32 log-probs of ``targets`` under the head ``(weight, bias)`` with
+        the model's soft cap."""
+        return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                               softcap=self.softcap, ignore_index=IGNORE_INDEX)
 
     def target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *,
                         temperature: float = 1.0) -> torch.Tensor:
@@ -134,8 +179,11 @@ class CausalLMAdapter:
         """``(chosen [B], rejected [B])`` summed sequence log-probs from one forward pass over
         both (``preference_inputs``)."""
         input_ids, attention_mask, targets = self.preference_inputs(chosen, rejected)
-        hidden = self.hidden_states(input_ids, attention_mask)[:, :-1]
-        return self.target_logprobs(hidden, targets, temperature=temperature).sum(-1).chunk(2)
+        per_token = self.forward_with_head(
+            lambda hidden, weight, bias: self.head_logprobs(hidden, weight, bias, targets,
+                                                            temperature=temperature),
+            input_ids, attention_mask)
+        return per_token.sum(-1).chunk(2)
 
     @contextlib.contextmanager
     def reference_context(self, disable_adapters: bool = False):

@@ -8,7 +8,9 @@ Reading one back never executes code: the manifest ``fastalign_checkpoint.json``
 run's options, what the run must match, a SHA-256 of every other file) is JSON; the weights are
 safetensors; ``trainer_state.pt`` (optimizer, schedule, RNG) is read with
 ``torch.load(weights_only=True)``, which admits tensors and plain containers only, so a pickle
-payload planted in it is refused instead of run. Every file is checked against its recorded
+payload planted in it is refused instead of run. The optimizer state is keyed by parameter
+names and the weights are whole (gathered from FSDP2 shards), so a checkpoint resumes on any
+number of processes; the RNG states are one per rank of the run that wrote it. Every file is checked against its recorded
 checksum before it is read, and a damaged one is named.
 """
 
@@ -25,7 +27,7 @@ import torch
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "fastalign_checkpoint.json"
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3  # 3: optimizer state keyed by parameter names, RNG per rank
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # what save_pretrained writes for a PEFT model
 PREFIX = "checkpoint-"
@@ -36,19 +38,21 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, state: dict,
-                    *, setup: dict, config: dict) -> Path:
+                    *, setup: dict, config: dict, model_state: dict | None = None) -> Path:
     """Writes ``output_dir/checkpoint-{step}`` and returns its path. ``state`` holds tensors
-    and plain containers only (it is read back with ``weights_only=True``); ``setup`` (what a
-    resume must match) and ``config`` (the run's options) go into the JSON manifest."""
+    and plain containers only (it is read back with ``weights_only=True``), and ``rng``, the
+    list of each rank's ``rng_state()`` (default: this process's); ``setup`` (what a resume
+    must match) and ``config`` (the run's options) go into the JSON manifest;
+    ``model_state``: the model's full weights when it is sharded."""
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
     partial = output_dir / f".{PREFIX}{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    model.save_pretrained(partial, safe_serialization=True)
+    model.save_pretrained(partial, safe_serialization=True, state_dict=model_state)
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
-    torch.save(dict(state, rng=_rng_state()), partial / STATE_FILE)
+    torch.save(dict(state, rng=state.get("rng") or [rng_state()]), partial / STATE_FILE)
     manifest = {"format": MANIFEST_FORMAT, "step": step, "setup": setup, "config": config,
                 "sha256": {name: _sha256(partial / name) for name in _files(partial)}}
     (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
@@ -91,10 +95,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_checkpoint(path: str | os.PathLike, model, expected: dict) -> dict:
+def load_checkpoint(path: str | os.PathLike, model, expected: dict, *, rank: int = 0,
+                    load_weights=None) -> dict:
     """Loads the weights of checkpoint ``path`` into ``model`` and returns its trainer state
     (optimizer, schedule, ``extra``, plus ``step`` and ``config`` from the manifest), after
-    restoring the RNG states.
+    restoring the RNG states of rank ``rank`` (modulo the ranks that wrote it).
+    ``load_weights(state_dict) -> (missing, unexpected)`` loads a sharded model's weights.
 
     Raises:
         CheckpointError: a missing, corrupt (checksum) or unreadable file, weights that do not
@@ -121,7 +127,7 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict) -> dict:
                               f"state; it was not loaded ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''})") from None
     try:
-        missing, unexpected = _load_weights(model, weights)
+        missing, unexpected = _load_weights(model, weights, load_weights)
     except Exception as error:
         raise CheckpointError(f"{weights} cannot be read into the model "
                               f"({type(error).__name__}: {error})") from None
@@ -132,14 +138,16 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict) -> dict:
     if bad is not None:
         raise CheckpointError(f"{weights} holds non-finite weights ({bad}); resume from an "
                               "earlier checkpoint")
-    _set_rng_state(state["rng"])
+    _set_rng_state(state["rng"][rank % len(state["rng"])])
     return dict(state, step=int(manifest["step"]), config=manifest["config"])
 
 
 def first_nonfinite(named_tensors) -> str | None:
     """``"name: nan"`` (or inf) for the first tensor holding a non-finite value, else None.
     One device sync for all of them."""
-    named = [(name, t) for name, t in named_tensors if t.is_floating_point()]
+    # An FSDP2 parameter is checked in this rank's shard (the trainer gathers the verdicts).
+    named = [(name, t.to_local() if hasattr(t, "to_local") else t)
+             for name, t in named_tensors if t.is_floating_point()]
     if not named:
         return None
     flags = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
@@ -178,11 +186,16 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def _load_weights(model, file: Path) -> tuple[list[str], list[str]]:
+def _load_weights(model, file: Path, load_weights=None) -> tuple[list[str], list[str]]:
     """Loads ``file`` into ``model``; returns (missing, unexpected) names, tied parameters not
-    counted as missing. A PEFT model's checkpoint holds its adapters only (the base is frozen)."""
+    counted as missing. A PEFT model's checkpoint holds its adapters only (the base is frozen).
+    ``load_weights``: how a sharded model takes the whole state dict."""
     from safetensors.torch import load_file, load_model
 
+    if load_weights is not None:
+        missing, unexpected = load_weights(load_file(file))
+        tied = set(getattr(model, "_tied_weights_keys", None) or ())
+        return [name for name in missing if name not in tied], list(unexpected)
     if _is_peft(model):
         from peft import set_peft_model_state_dict
 
@@ -201,7 +214,7 @@ def _is_tied(model, name: str) -> bool:
     return any(other != name and p.data_ptr() == pointer for other, p in params.items())
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

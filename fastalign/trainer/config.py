@@ -19,13 +19,16 @@ NONFINITE_POLICIES = ("stop", "skip")
 REPORTERS = ("none", "tensorboard")
 PRECISIONS = ("fp32", "bf16")
 REFERENCES = ("copy", "adapters", "precomputed")
+PARALLELISMS = ("ddp", "fsdp")
 
 
 @dataclass
 class TrainConfig:
     """What every trainer shares. ``max_steps`` counts optimizer steps (each of
-    ``gradient_accumulation_steps`` micro-batches of ``batch_size`` pairs); when it is None,
-    ``epochs`` passes over the training data."""
+    ``gradient_accumulation_steps`` micro-batches of ``batch_size`` pairs per process); when it
+    is None, ``epochs`` passes over the training data. On several processes (``torchrun``) the
+    global batch is ``batch_size x world size x gradient_accumulation_steps`` and
+    ``parallelism`` picks the engine: DDP, or FSDP2 sharding."""
     output_dir: str = "fastalign-output"
     learning_rate: float = 1e-5
     batch_size: int = 8
@@ -45,6 +48,7 @@ class TrainConfig:
     overwrite: bool = False
     on_nonfinite: str = "stop"
     report_to: str = "none"
+    parallelism: str = "ddp"
 
     def __post_init__(self):
         _check_types(self)
@@ -59,6 +63,7 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _check_choice("report_to", self.report_to, REPORTERS)
+        _check_choice("parallelism", self.parallelism, PARALLELISMS)
 
     @classmethod
     def from_dict(cls, values: dict):

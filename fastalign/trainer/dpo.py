@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from ..nn import FusedDPOLoss
+from ..ops import linear_logprobs
 from ._base import NonFiniteError, Trainer, _digest
 from .adapter import IGNORE_INDEX, CausalLMAdapter
 from .config import DPOConfig
@@ -71,6 +72,11 @@ class DPOTrainer(Trainer):
         else:  # precomputed: from the model as it is now, before any step
             self.reference_logps = self._load_or_compute_reference()
 
+    def on_wrapped(self, root):
+        self.policy.root = root
+        if self.reference is not None:  # sharded too under FSDP2, replicated under DDP
+            self.processes.shard(self.reference.model, self.config.precision)
+
     # -- batches -----------------------------------------------------------------------------
     def collate(self, pairs):
         chosen, rejected = collate_pairs([pair for _, pair in pairs], self.tokenizer.pad_token_id)
@@ -83,29 +89,35 @@ class DPOTrainer(Trainer):
         return torch.cat(adapter.preference_logprobs(chosen, rejected))
 
     def _reference(self, keys, input_ids, attention_mask, targets) -> dict:
-        """``FusedDPOLoss``'s reference arguments: the cached sums (length-averaged for IPO, as
-        the loss averages the policy's), or the reference's hidden states and head."""
+        """``FusedDPOLoss``'s precomputed reference arguments: the cached sums, or those of a
+        no-grad forward of the reference (its own root module), length-averaged for IPO as the
+        loss averages the policy's."""
         if self.reference_logps is not None:
             values = torch.stack([self.reference_logps[key] for key in keys])  # [B, 2]
             sums = values.t().reshape(-1).to(self.device)
-            if self.loss.average_logprobs:
-                sums = sums / (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
-            chosen, rejected = sums.chunk(2)
-            return dict(ref_chosen_logps=chosen, ref_rejected_logps=rejected)
-        adapter = self.reference or self.policy
-        with adapter.reference_context(disable_adapters=self.reference is None):
-            hidden = adapter.hidden_states(input_ids, attention_mask)[:, :-1]
-        head = adapter.head()
-        return dict(ref_hidden=hidden, ref_weight=head.weight, ref_bias=head.bias)
+        else:
+            adapter = self.reference or self.policy
+            with adapter.reference_context(disable_adapters=self.reference is None):
+                sums = adapter.forward_with_head(
+                    lambda hidden, weight, bias: linear_logprobs(
+                        hidden, weight, targets, bias=bias, temperature=self.loss.temperature,
+                        softcap=self.loss.softcap, ignore_index=IGNORE_INDEX).sum(-1),
+                    input_ids, attention_mask)
+        if self.loss.average_logprobs:
+            sums = sums / (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
+        chosen, rejected = sums.chunk(2)
+        return dict(ref_chosen_logps=chosen, ref_rejected_logps=rejected)
 
     def compute_loss(self, batch):
-        """``FusedDPOLoss`` on one concatenated forward of the chosen and rejected rows."""
+        """``FusedDPOLoss`` on one concatenated forward of the chosen and rejected rows, run
+        inside the policy's head (``forward_with_head``)."""
         keys, chosen, rejected = batch
         input_ids, attention_mask, targets = self.policy.preference_inputs(chosen, rejected)
-        hidden = self.policy.hidden_states(input_ids, attention_mask)[:, :-1]
-        head = self.policy.head()
-        return self.loss(hidden, head.weight, targets, bias=head.bias,
-                         **self._reference(keys, input_ids, attention_mask, targets))
+        reference = self._reference(keys, input_ids, attention_mask, targets)
+        return self.policy.forward_with_head(
+            lambda hidden, weight, bias: self.loss(hidden, weight, targets, bias=bias,
+                                                   **reference),
+            input_ids, attention_mask)
 
     def progress_metrics(self, metrics):
         shown = {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['rewards/accuracies']:.2f}",
@@ -150,7 +162,7 @@ class DPOTrainer(Trainer):
         if not bool(torch.isfinite(table).all()):
             raise NonFiniteError("the reference log-probs of the initial model are not finite "
                                  "(its weights or the data give NaN or inf); nothing was cached")
-        _write_reference_cache(path, data, keys, table)
+        self.processes.on_main(lambda: _write_reference_cache(path, data, keys, table))
         return logps
 
 

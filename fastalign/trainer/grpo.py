@@ -73,22 +73,38 @@ class GRPOTrainer(Trainer):
         self.reference = (FrozenReference(model, ref_model)
                           if config.beta > 0 or config.monitor_kl else None)
 
-    def rollout(self, prompts: list) -> tuple[Rollouts, torch.Tensor, torch.Tensor]:
-        """Rollouts of ``prompts``, their rewards ``[R]`` (the weighted sum of the reward
+    def on_wrapped(self, root):
+        self.policy.root = root
+        if self.reference is not None:
+            if self.reference.uses_base:  # the policy with its adapters off
+                self.reference.adapter.root = root
+            else:
+                self.processes.shard(self.reference.adapter.model, self.config.precision)
+
+    def rollout(self, prompts: list, seeds: list | None = None
+                ) -> tuple[Rollouts, torch.Tensor, torch.Tensor]:
+        """Rollouts of ``prompts`` (sampled with ``seeds``, one per prompt, see
+        ``generate_rollouts``), their rewards ``[R]`` (the weighted sum of the reward
         functions; each function's mean is kept in ``self.reward_means`` for the metrics) and
-        group advantages ``[R]``."""
-        config = self.config
-        rollouts = generate_rollouts(self.model, self.tokenizer, prompts,
-                                     num_generations=config.num_generations,
-                                     max_new_tokens=config.max_new_tokens,
-                                     temperature=config.temperature, top_p=config.top_p)
-        repeated = [prompts[i] for i in rollouts.prompt_index.tolist()]
-        columns = reward_columns(self.reward_funcs, repeated, rollouts.completions)
+        group advantages ``[R]``. On one process; ``prepare_step`` does the same over all."""
+        rollouts, columns = self._sample(prompts, seeds)
         self.reward_means = {f"rewards/{reward_name(f)}": float(column.mean())
                              for f, column in zip(self.reward_funcs, columns)}
         rewards = torch.tensor(self.reward_weights) @ columns
-        advantages = group_advantages(rewards, config.num_generations, scale=config.scale_rewards)
+        advantages = group_advantages(rewards, self.config.num_generations,
+                                      scale=self.config.scale_rewards)
         return rollouts, rewards, advantages.to(self.device)
+
+    def _sample(self, prompts: list, seeds: list | None) -> tuple[Rollouts, torch.Tensor]:
+        """Rollouts of ``prompts`` and the reward functions' columns ``[F, R]``."""
+        config = self.config
+        rollouts = generate_rollouts(
+            self.model, self.tokenizer, prompts, num_generations=config.num_generations,
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p, seeds=seeds,
+            synced=self.processes.distributed and self.processes.parallelism == "fsdp")
+        repeated = [prompts[i] for i in rollouts.prompt_index.tolist()]
+        return rollouts, reward_columns(self.reward_funcs, repeated, rollouts.completions)
 
     def reference_logprobs(self, rollouts: Rollouts) -> torch.Tensor | None:
         if self.reference is None:
@@ -97,29 +113,54 @@ class GRPOTrainer(Trainer):
                                                   temperature=self.config.temperature)
 
     def prepare_step(self, micro_item_lists: list[list]) -> GRPOStep:
-        """Rollouts of all the step's prompts at once (the same sampling as one batch of them),
-        rewards and advantages; the micro-batches are each prompt list's rows."""
-        prompts = [prompt for items in micro_item_lists for prompt in items]
-        rollouts, rewards, advantages = self.rollout(prompts)
-        ref_logprobs = self.reference_logprobs(rollouts)
+        """Rollouts of all this rank's prompts of the step at once, each sampled with a seed of
+        its place in the step's global batch (the same completions on any number of processes
+        and with any accumulation), rewards and group advantages (a prompt's group is on one
+        rank; the rewards of all ranks are gathered, so ``scale_rewards="batch"`` sees the
+        whole batch); the micro-batches are each prompt list's rows."""
+        generations = self.config.num_generations
+        batch = self.global_batch_size
+        prompts, seeds, real = [], [], []
+        for index, items in enumerate(micro_item_lists):
+            start = getattr(items, "start", 0)
+            prompts += items
+            seeds += [f"{self.config.seed}/{self.step}/{index * batch + start + i}"
+                      for i in range(len(items))]
+            real += [not getattr(items, "padding", False)] * (len(items) * generations)
+        rollouts, columns = self._sample(prompts, seeds)
+        real = torch.tensor(real)
+        # Every real rollout's reward columns [F, R_all], rank after rank: whole groups.
+        everyone = self.processes.gather(columns[:, real].t().contiguous()).t()
+        rewards = torch.tensor(self.reward_weights) @ everyone
+        advantages = group_advantages(rewards, generations, scale=self.config.scale_rewards)
+        counts = self.processes.gather_objects(int(real.sum()))
+        offset = sum(counts[:self.processes.rank])
+        local = torch.zeros(len(real))
+        local[real] = advantages[offset:offset + counts[self.processes.rank]]
+        lengths = self.processes.gather(
+            rollouts.completion_mask[real.to(self.device)].sum(-1).float().cpu())
         bounds, start = [], 0
         for items in micro_item_lists:
-            bounds.append((start, start + len(items) * self.config.num_generations))
-            start = bounds[-1][1]
-        return GRPOStep(rollouts, rewards, advantages, ref_logprobs, bounds,
-                        dict(self.reward_means))
+            end = start + len(items) * generations
+            bounds.append((start, end, not getattr(items, "padding", False)))
+            start = end
+        reward_means = {f"rewards/{reward_name(f)}": float(column.mean())
+                        for f, column in zip(self.reward_funcs, everyone)}
+        return GRPOStep(rollouts, rewards, local.to(self.device), self.reference_logprobs(rollouts),
+                        bounds, reward_means, lengths)
 
     def updates(self, work: GRPOStep):
         """``num_iterations`` updates, each over the step's micro-batches of rollouts weighted
-        by their share of the aggregation's normalizer (tokens for a token mean, sequences
-        otherwise), so their sum is the loss of all rollouts at once."""
+        by their share of the aggregation's normalizer over all ranks (tokens for a token
+        mean, sequences otherwise), so their sum is the loss of all rollouts at once."""
         mask = work.rollouts.completion_mask[:, 1:]
         by_tokens = GRPO_LOSS_TYPES[self.config.loss_type] == "token_mean"
-        sizes = [mask[a:b].sum() if by_tokens else torch.tensor(float(b - a))
-                 for a, b in work.bounds]
-        total = sum(sizes).clamp(min=1)
+        sizes = [(mask[a:b].sum().float() if by_tokens else torch.tensor(float(b - a),
+                                                                        device=mask.device))
+                 * real for a, b, real in work.bounds]
+        total = self.processes.sum(sum(sizes)).clamp(min=1)
         micro_batches = [(work.micro_batch(a, b), size / total)
-                         for (a, b), size in zip(work.bounds, sizes)]
+                         for (a, b, _), size in zip(work.bounds, sizes)]
         for _ in range(self.config.num_iterations):
             yield micro_batches
 
@@ -129,16 +170,16 @@ class GRPOTrainer(Trainer):
         rollouts, advantages, ref_logprobs = batch
         targets = completion_targets(rollouts.input_ids, rollouts.completion_mask,
                                      rollouts.attention_mask)
-        hidden = self.policy.hidden_states(rollouts.input_ids, rollouts.attention_mask,
-                                           rollouts.position_ids)[:, :-1]
-        head = self.policy.head()
-        return self.loss(hidden, head.weight, targets, advantages, bias=head.bias,
-                         old_logprobs=rollouts.old_logprobs, ref_logprobs=ref_logprobs)
+        return self.policy.forward_with_head(
+            lambda hidden, weight, bias: self.loss(
+                hidden, weight, targets, advantages, bias=bias,
+                old_logprobs=rollouts.old_logprobs, ref_logprobs=ref_logprobs),
+            rollouts.input_ids, rollouts.attention_mask, rollouts.position_ids)
 
     def step_metrics(self, work: GRPOStep) -> dict:
-        lengths = work.rollouts.completion_mask.sum(-1).float()
+        """Of all ranks' rollouts."""
         return {"reward": work.rewards.mean(), "reward_std": work.rewards.std(),
-                **work.reward_means, "completion_length": lengths.mean()}
+                **work.reward_means, "completion_length": work.lengths.mean()}
 
     def progress_metrics(self, metrics):
         return {"loss": f"{metrics['loss']:.4f}", "reward": f"{metrics['reward']:.3f}"}
@@ -146,14 +187,17 @@ class GRPOTrainer(Trainer):
 
 @dataclass
 class GRPOStep:
-    """One step's rollouts ``[R, T]`` (a prompt's generations adjacent), rewards and
-    advantages ``[R]``, reference log-probs (or None) and each micro-batch's row range."""
+    """One step's rollouts on this rank ``[R, T]`` (a prompt's generations adjacent), their
+    advantages ``[R]`` (0 on padding rows), reference log-probs (or None), each micro-batch's
+    ``(start, end, real)`` rows; the rewards, the functions' means and the completion
+    lengths of the real rollouts of all ranks."""
     rollouts: Rollouts
     rewards: torch.Tensor
     advantages: torch.Tensor
     ref_logprobs: torch.Tensor | None
-    bounds: list[tuple[int, int]]
+    bounds: list[tuple[int, int, bool]]
     reward_means: dict
+    lengths: torch.Tensor
 
     def micro_batch(self, start: int, end: int):
         ref = None if self.ref_logprobs is None else self.ref_logprobs[start:end]

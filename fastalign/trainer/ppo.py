@@ -80,6 +80,11 @@ class PPOTrainer(Trainer):
             raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                              "tokenizer.pad_token = tokenizer.eos_token")
         super().__init__(model, tokenizer, config, list(prompts))
+        if self.processes.distributed:
+            raise NotImplementedError(
+                "PPOTrainer runs on one process only for now: its reward whitening, advantage "
+                "whitening and mini-batch shuffles span the whole batch of rollouts; use "
+                "GRPOTrainer, DPOTrainer or RewardTrainer on several processes")
         self.policy = CausalLMAdapter(model)
         if value_model is None:  # zero-initialized: values start at 0, the mean return early on
             hidden_size = self.policy.lm_head.weight.shape[1]
@@ -106,8 +111,8 @@ class PPOTrainer(Trainer):
     def load_extra_state(self, state):
         self.value_module.load_state_dict(state["value"])
 
-    def save_model(self, directory):
-        super().save_model(directory)
+    def save_model(self, directory, state_dict=None):
+        super().save_model(directory, state_dict)
         if self.shared_value_head:
             from safetensors.torch import save_file
             save_file(self.value_module.state_dict(), directory / VALUE_HEAD_FILE)

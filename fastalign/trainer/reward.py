@@ -63,7 +63,7 @@ class RewardTrainer(Trainer):
 
     def compute_loss(self, batch):
         input_ids, attention_mask, margin = batch
-        rewards = self.model(input_ids=input_ids, attention_mask=attention_mask,
+        rewards = self.root(input_ids=input_ids, attention_mask=attention_mask,
                              use_cache=False).logits.squeeze(-1).float()
         chosen, rejected = rewards.chunk(2)
         return reward_loss(chosen, rejected, margin=margin,

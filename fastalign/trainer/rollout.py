@@ -11,6 +11,7 @@ first real token, so a recomputed log-prob is the one the token was sampled with
 from __future__ import annotations
 
 import math
+import random
 import traceback
 from dataclasses import dataclass
 
@@ -65,12 +66,17 @@ class _Sampling:
     chosen block, both cumulated in float64 (a cumulative sum over 128k tokens in float32 could
     misplace up to ~1% of the mass), from one uniform number per row: on a [128, 128256] CPU
     batch it costs ~0.1 s where ``torch.multinomial`` costs 0.6 s and the Gumbel-max trick (a
-    random number per token) 0.35 s."""
+    random number per token) 0.35 s.
+
+    ``generators``: one ``random.Random`` per row, drawn from once per step; a row's tokens
+    then depend only on its seed and its own logits, not on which rows share its batch or
+    process (rollouts equal on any number of processes). None: ``torch.rand``.
+    """
 
     BLOCK = 1024
 
-    def __init__(self, temperature: float, top_p: float):
-        self.temperature, self.top_p = temperature, top_p
+    def __init__(self, temperature: float, top_p: float, generators: list | None = None):
+        self.temperature, self.top_p, self.generators = temperature, top_p, generators
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() / self.temperature
@@ -81,14 +87,19 @@ class _Sampling:
             probs.masked_fill_((probs.cumsum(-1) - probs) >= self.top_p, 0.0)
         else:
             probs = scores.softmax(-1)
-        index = _draw(probs, self.BLOCK)
+        uniform = None
+        if self.generators is not None:
+            uniform = torch.tensor([[g.random()] for g in self.generators], dtype=torch.float64,
+                                   device=probs.device)
+        index = _draw(probs, self.BLOCK, uniform)
         if order is not None:
             index = order.gather(-1, index)
         return scores.fill_(-torch.inf).scatter_(-1, index, 0.0)
 
 
-def _draw(probs: torch.Tensor, block: int) -> torch.Tensor:
-    """``[R, 1]`` indices drawn from the rows of ``probs`` (``[R, V]``, >= 0, not normalized)."""
+def _draw(probs: torch.Tensor, block: int, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """``[R, 1]`` indices drawn from the rows of ``probs`` (``[R, V]``, >= 0, not normalized)
+    with the float64 uniform numbers ``uniform [R, 1]`` (default: fresh ones)."""
     rows, vocab = probs.shape
     full = vocab // block * block
     # float32 block sums (a relative error ~1e-7 in each block's mass; float64 costs 3x here).
@@ -97,7 +108,9 @@ def _draw(probs: torch.Tensor, block: int) -> torch.Tensor:
         sums.append(probs[:, full:].sum(-1, keepdim=True))
     block_sums = torch.cat(sums, 1).double()
     block_cdf = block_sums.cumsum(-1)
-    target = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * block_cdf[:, -1:]
+    if uniform is None:
+        uniform = torch.rand(rows, 1, dtype=torch.float64, device=probs.device)
+    target = uniform * block_cdf[:, -1:]
     chosen = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_sums.shape[1] - 1)
     target -= block_cdf.gather(-1, chosen) - block_sums.gather(-1, chosen)  # left in the block
     positions = chosen * block + torch.arange(block, device=probs.device)
@@ -119,10 +132,16 @@ def _stop_mask(completion: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int = 1,
                       max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                      stop_tokens: list[str] | None = None, logprobs: bool = True) -> Rollouts:
+                      stop_tokens: list[str] | None = None, logprobs: bool = True,
+                      seeds: list[int] | None = None, synced: bool = False) -> Rollouts:
     """Samples ``num_generations`` completions of each prompt (text, or chat messages rendered
     with the generation prompt) and recomputes their log-probs with ``linear_logprobs``
     (``logprobs=False``: not, ``old_logprobs`` is None; sampling only, as Best-of-N).
+
+    ``seeds``: one per prompt; its generation ``g`` samples from ``random.Random(f"{seed}/{g}")``,
+    so a completion is the same whatever else is generated beside it (default: the global
+    torch RNG). ``synced``: keep stepping until every process is done (``generate``'s
+    ``synced_gpus``), which FSDP2 needs: each forward pass gathers parameters collectively.
 
     Raises:
         ValueError: no prompts, a non-positive count or length, a temperature <= 0, a top_p
@@ -141,6 +160,8 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                          "tokenizer.pad_token = tokenizer.eos_token")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for token in stop_tokens or []:
         ids = tokenizer(token, add_special_tokens=False)["input_ids"]
@@ -157,10 +178,13 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     model.eval()
     # Sampling is greedy decoding of scores _Sampling has drawn from: the same distribution as
     # do_sample=True, without torch.multinomial (0.6 s per call on a [128, 128256] CPU batch).
+    generators = None if seeds is None else [
+        random.Random(f"{seed}/{g}") for seed in seeds for g in range(num_generations)]
     sequences = model.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, num_beams=1,
-        logits_processor=[_Sampling(temperature, top_p)], max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids or None, pad_token_id=tokenizer.pad_token_id)
+        logits_processor=[_Sampling(temperature, top_p, generators)],
+        max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
+        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
     completion = sequences[:, prompt_ids.shape[1]:]
     completion_part = _stop_mask(completion, stop_ids) if stop_ids else torch.ones_like(completion)
     input_ids = torch.cat([prompt_ids, completion.masked_fill(completion_part == 0,

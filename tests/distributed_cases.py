@@ -1,0 +1,111 @@
+"""Training runs of the distributed tests: DPO and GRPO on small models, each recorded as its
+per-step losses, the gradients of its first update and its final weights (whole, gathered from
+FSDP2 shards), on whatever number of processes runs this file.
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed_cases.py OUT_DIR
+
+runs every case on 2 gloo processes and writes ``OUT_DIR/<case>.pt`` from rank 0 (and, for DDP,
+``<case>.rank<r>.pt``, each rank's own weights); test_distributed_trainers.py runs the same
+cases on one process with the same global batch and compares.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import lowercase_share, preference_rows, small_llama, small_policy  # noqa: E402
+
+from fastalign.trainer import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer,  # noqa: E402
+                               byte_tokenizer)
+
+GLOBAL_BATCH = 4
+STEPS = 5
+PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?",
+           "Count to three.", "Say yes.", "Pick a color.", "Tell a joke."]
+
+
+class Interrupted(Exception):
+    """Raised in place of a crash, after ``interrupt_after`` steps."""
+
+
+def trainer_for(kind: str, output_dir, *, world_size: int, parallelism: str = "ddp",
+                steps: int = STEPS, save_steps=None):
+    common = dict(output_dir=str(output_dir), batch_size=GLOBAL_BATCH // world_size,
+                  max_steps=steps, learning_rate=1e-3, lr_schedule="constant",
+                  parallelism=parallelism, progress=False, save_steps=save_steps)
+    if kind == "dpo":
+        return DPOTrainer(small_llama(), byte_tokenizer(), DPOConfig(**common, beta=0.5),
+                          preference_rows(8))
+    config = GRPOConfig(**common, num_generations=2, max_new_tokens=6, beta=0.04,
+                        num_iterations=2, clip_low=0.1)
+    return GRPOTrainer(small_policy(), byte_tokenizer(), config, PROMPTS, [lowercase_share],
+                       ref_model=small_policy(1))
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
+def run(trainer, *, resume=None, interrupt_after=None) -> dict:
+    """Trains; returns ``{"losses", "grads" (first update), "weights"}`` (whole tensors; on
+    ranks other than 0 ``weights`` is empty under FSDP2)."""
+    record = {"losses": [], "grads": None}
+    step, optimizer_step = trainer.training_step, trainer.optimizer_step
+
+    def recording_step():
+        if interrupt_after is not None and trainer.step == interrupt_after:
+            raise Interrupted(f"stopped after step {interrupt_after}")
+        metrics = step()
+        record["losses"].append(metrics["loss"])
+        return metrics
+
+    def recording_optimizer_step(loss, grad_norm):
+        if record["grads"] is None:
+            record["grads"] = {name: _whole(p.grad) for name, p in
+                               trainer.model.named_parameters() if p.grad is not None}
+        return optimizer_step(loss, grad_norm)
+
+    trainer.training_step, trainer.optimizer_step = recording_step, recording_optimizer_step
+    try:
+        trainer.train(resume_from=resume)
+    except Interrupted:
+        pass
+    state = trainer.processes.model_state(trainer.model)
+    if state is None:  # not sharded: the model's own tensors, a tied weight under one name
+        state = dict(trainer.model.named_parameters())
+    record["weights"] = {name: tensor.detach().clone() for name, tensor in state.items()}
+    return record
+
+
+def main(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    out = Path(out_dir)
+    world_size = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    for kind in ("dpo", "grpo"):
+        for parallelism in ("ddp", "fsdp"):
+            case = f"{kind}-{parallelism}"
+            trainer = trainer_for(kind, out / case, world_size=world_size,
+                                  parallelism=parallelism)
+            record = run(trainer)
+            if parallelism == "ddp":
+                torch.save(record["weights"], out / f"{case}.rank{rank}.pt")
+            if rank == 0:
+                torch.save(record, out / f"{case}.pt")
+    # An interrupted FSDP2 DPO run, and its resumption on the same processes.
+    directory = out / "dpo-fsdp-resumed"
+    run(trainer_for("dpo", directory, world_size=world_size, parallelism="fsdp",
+                    save_steps=2), interrupt_after=3)
+    record = run(trainer_for("dpo", directory, world_size=world_size, parallelism="fsdp",
+                             save_steps=2), resume="latest")
+    if rank == 0:
+        torch.save(record, out / "dpo-fsdp-resumed.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
