@@ -1,5 +1,5 @@
 """fastalign.integrations.trl's head on its own (against the model's own float64 logits, LoRA
-on lm_head, bf16 autocast beside TRL's head, generate(), ZeRO-3) and its switch: enable /
+on lm_head, bf16 autocast beside TRL's head, generate(), a ZeRO-3 head) and its switch: enable /
 disable, the supported versions, patch(trainer), the guard, the README example."""
 
 import re
@@ -218,14 +218,43 @@ def test_the_trl_extra_pins_the_supported_versions():
     assert fatrl.SUPPORTED_TRL == tuple(f"{major}.{m}" for m in range(minor, int(high.split(".")[1])))
 
 
-def test_deepspeed_zero3_is_refused_clearly(monkeypatch):
+def _zero3_head_run(model, ids):
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    out.loss.backward()
+    return out.log_probs.detach(), out.loss.detach(), model.lm_head.weight.grad
+
+
+def test_deepspeed_zero3_head_is_gathered_in_forward_and_backward(monkeypatch):
+    """A ZeRO-3 partitioned lm_head (a fake deepspeed: empty outside GatheredParameters) gives
+    the unpartitioned head's log-probs, loss and head gradient, gathered once in forward and
+    once in backward."""
     import transformers.integrations.deepspeed as ds
-    from helpers import small_llama
-    model = small_llama(0)
-    fatrl.add_fused_lm_head(model)
+    from helpers import fake_deepspeed
+    ids = torch.randint(0, 262, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = tiny_gemma2(0)
+    fatrl.add_fused_lm_head(model, outputs=("log_probs",))
+    expected = _zero3_head_run(model, ids)
+    model = tiny_gemma2(0)
+    fatrl.add_fused_lm_head(model, outputs=("log_probs",))
+    fake = fake_deepspeed(monkeypatch)
     monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    fake.partition(model.lm_head.weight)
+    actual = _zero3_head_run(model, ids)
+    assert fake.enters == 2 and model.lm_head.weight.numel() == 0
+    for name, a, e in zip(("log_probs", "loss", "lm_head grad"), actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_lora_on_a_deepspeed_zero3_head_is_refused_clearly(monkeypatch):
+    peft = pytest.importorskip("peft")
+    from helpers import fake_deepspeed
+    lora = peft.LoraConfig(r=4, target_modules=["lm_head"], lora_dropout=0.0)
+    model = peft.get_peft_model(tiny_gemma2(0), lora)
+    fatrl.add_fused_lm_head(model.get_base_model())
+    fake_deepspeed(monkeypatch).partition(model.get_output_embeddings().get_base_layer().weight)
     ids = torch.randint(0, 262, (1, 5))
-    with pytest.raises(NotImplementedError, match="ZeRO-3.*FSDP2"):
+    with pytest.raises(NotImplementedError, match="LoRA adapter 'default' on lm_head cannot be "
+                                                  "folded into a DeepSpeed ZeRO-3.*target_modules"):
         model(input_ids=ids, labels=ids, fused_lm_head=True)
 
 

@@ -1,5 +1,6 @@
 """The LM head of a Hugging Face causal LM, read the way ``fastalign.linear_logprobs`` needs it:
-its weight and bias (a LoRA adapter on the head folded in, a sharded FSDP2 head gathered), and
+its weight and bias (a LoRA adapter on the head folded in, a sharded FSDP2 head gathered, a
+DeepSpeed ZeRO-3 head left to ``linear_logprobs`` to gather), and
 the transform the model applies to its logits (Gemma-2's soft cap, the logit scales of Cohere,
 Granite, Falcon-H1 and others), so that per-token log-probs come from the hidden states without
 the ``[N, V]`` logits. Shared by the TRL and transformers integrations.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import linear_logprobs
+from ..ops import _sharded_head
 
 
 @dataclass(frozen=True)
@@ -54,29 +56,23 @@ def logit_transform(model) -> LogitTransform:
                           scale=1.0 if scale is None else float(scale))
 
 
-def _full(tensor):
-    """A DTensor (an FSDP2-sharded head) gathered to the whole tensor, differentiably."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return tensor
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+def _full(name: str, tensor):
+    """A DTensor (an FSDP2-sharded head) gathered to the whole tensor, differentiably, its
+    gradient the average over ranks of each rank's (each rank brings its own rows): see
+    ``fastalign/ops/_sharded_head.py``."""
+    return _sharded_head.gather_data_parallel(name, tensor)
 
 
-def _refuse_zero3() -> None:
-    """DeepSpeed ZeRO-3 keeps lm_head's weight gathered only inside the head's own forward; the
-    fused head reads it directly and reads it again in backward (to recompute the logits
-    tiles), after ZeRO-3 has partitioned it back to an empty tensor."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:
-        return
-    if is_deepspeed_zero3_enabled():
+def _refuse_zero3_lora(name: str, base) -> None:
+    """Folding a LoRA adapter reads the base weight (and A, B) outside any gather; under ZeRO-3
+    they are empty there."""
+    partitioned = [p for p in (base.weight, base.bias) if p is not None and hasattr(p, "ds_id")]
+    if partitioned:
         raise NotImplementedError(
-            "fastalign's fused head does not run under DeepSpeed ZeRO-3 (lm_head's weight is "
-            "partitioned outside the head's own forward, and the fused backward reads it "
-            "again); use FSDP2 (its sharded head is gathered) or ZeRO-2, or leave fastalign's "
-            "integration disabled for this run")
+            f"the LoRA adapter {name!r} on lm_head cannot be folded into a DeepSpeed ZeRO-3 "
+            f"partitioned head (its weight is gathered only inside fastalign's op, not where "
+            f"the adapter is added); leave lm_head out of target_modules, merge the adapter "
+            f"first, or use FSDP2 or ZeRO-2")
 
 
 def head_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,17 +81,21 @@ def head_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     A PEFT LoRA adapter on the head itself is folded in (``W + scaling * B @ A`` for each active,
     unmerged adapter; one ``[V, D]`` temporary, gradients reach A and B through it): reading
     ``head.weight`` alone would silently drop it. Where folding would not equal the model's own
-    forward, it raises: adapter dropout in training, DoRA; so does DeepSpeed ZeRO-3.
+    forward, it raises: adapter dropout in training, DoRA, an adapter on a ZeRO-3 head.
+
+    An FSDP2 head is gathered here (its gradient averaged over the ranks); a DeepSpeed ZeRO-3
+    head is returned as its partitioned parameters, which ``linear_logprobs`` gathers in forward
+    and again in backward.
     """
-    _refuse_zero3()
     if hasattr(head, "lora_A") and hasattr(head, "get_base_layer"):
         base = head.get_base_layer()
-        weight, bias = _full(base.weight), None if base.bias is None else _full(base.bias)
+        weight, bias = _full("lm_head.weight", base.weight), _full("lm_head.bias", base.bias)
         if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
             return weight, bias
         for name in head.active_adapters:
             if name not in head.lora_A:
                 continue
+            _refuse_zero3_lora(name, base)
             if getattr(head, "use_dora", {}).get(name, False):
                 raise ValueError(f"the LoRA adapter {name!r} on lm_head uses DoRA, which "
                                  f"fastalign's fused head cannot fold into the weight; leave "
@@ -109,8 +109,7 @@ def head_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
             delta = head.lora_B[name].weight @ head.lora_A[name].weight
             weight = weight + delta.to(weight.dtype) * head.scaling[name]
         return weight, bias
-    bias = getattr(head, "bias", None)
-    return _full(head.weight), None if bias is None else _full(bias)
+    return _full("lm_head.weight", head.weight), _full("lm_head.bias", getattr(head, "bias", None))
 
 
 def head_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float,
