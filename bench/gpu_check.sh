@@ -53,6 +53,13 @@ step "TRL's DPO and GRPO steps, unpatched (TRL's Triton head) beside fastalign.i
 timeout 240 python3 bench/bench_trl_step.py --device cuda --repeats 2 \
   --csv "$RUN/trl_step_cuda.csv" 2>&1 | tee "$RUN/bench_trl_step.log" | tail -6
 
+GPUS=$(nvidia-smi -L | wc -l)
+if [ "$GPUS" -ge 2 ]; then  # several GPUs: DDP beside FSDP2 on all of them (nccl)
+  step "one DPO step on $GPUS GPUs, DDP beside FSDP2: per-rank training state and peak memory"
+  timeout 240 python3 bench/bench_distributed.py --device cuda --nproc "$GPUS" \
+    --csv "$RUN/distributed_dpo_cuda.csv" 2>&1 | tee "$RUN/bench_distributed.log" | tail -4
+fi
+
 step "fused-linear log-probs: Llama-3 and Gemma-2-2B heads, N=8192, bf16, beside TRL, Liger, CCE"
 timeout 180 python3 bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192 \
   --csv "$RUN/linear_logprobs_cuda.csv" --plot "$RUN/linear_logprobs_cuda.png" 2>&1 | tee "$RUN/bench_linear.log" | tail -3
@@ -86,6 +93,7 @@ grep -E "passed|failed|error" "$RUN/tests.log" | tail -3
 tail -n 1 "$RUN"/trainers/*.log
 tail -n 4 "$RUN/bench_grpo_step.log"
 tail -n 3 "$RUN/bench_trl_step.log"
+[ -f "$RUN/bench_distributed.log" ] && tail -n 3 "$RUN/bench_distributed.log"
 for csv in linear_logprobs fused_dpo fused_grpo linear_kl token_logprobs; do
   [ -f "$RUN/${csv}_cuda.csv" ] && python3 bench/summarize.py "$RUN/${csv}_cuda.csv"
 done

@@ -7,6 +7,7 @@
     fastalign train ppo --model tiny --reward-model runs/rm --output runs/ppo
     fastalign bon --model tiny --n 8                                  # Best-of-N, gain over N=1
     fastalign train dpo --config dpo.yaml --resume latest
+    torchrun --nproc_per_node 2 -m fastalign train dpo --parallelism fsdp   # 2 processes
     fastalign bench                                 # the fused ops beside naive torch
 
 ``--data demo`` is the bundled preference pairs. Rows with a ``split`` field are divided into
@@ -150,8 +151,11 @@ def _add_model_flag(parser) -> None:
 
 
 def device(args):
-    """The ``--device`` to run on (checked), by default CUDA when there is one."""
+    """The ``--device`` to run on (checked), by default CUDA when there is one; under
+    ``torchrun``, ``cuda`` is this rank's GPU."""
     import torch
+
+    from .trainer.distributed import local_device
 
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -160,7 +164,7 @@ def device(args):
         raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1)") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
-    return chosen
+    return local_device(chosen)
 
 
 def _add_rl_flags(parser, kind: str) -> None:
@@ -361,7 +365,26 @@ def _check_reward_config(name, config) -> None:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    import contextlib
+    import os
+
+    # Under torchrun, rank 0 alone speaks (its trainer alone logs and draws the progress bar).
+    quiet = os.environ.get("RANK", "0") != "0"
+    with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out:
+        with contextlib.redirect_stdout(out):
+            _main(sys.argv[1:] if argv is None else argv)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroys the process group a trainer joined (torch warns about one left behind)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _main(argv) -> None:
     if argv[:1] == ["demo"]:
         from .demo import main as demo
         return demo(argv[1:])

@@ -91,8 +91,12 @@ def reward_functions(args) -> tuple[list, list[float] | None]:
 def train_rl(args, config) -> None:
     from .trainer import GRPOTrainer, PPOTrainer
 
+    import os
+
     torch.manual_seed(config.seed)
-    model, tokenizer = policy(args, progress=config.progress)
+    # Every rank warms the tiny model up the same way (same seed); rank 0 shows it.
+    main_rank = os.environ.get("RANK", "0") == "0"
+    model, tokenizer = policy(args, progress=config.progress and main_rank)
     prompts = load_prompts(args.prompts)
     if args.kind == "grpo":
         functions, weights = reward_functions(args)
