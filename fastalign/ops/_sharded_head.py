@@ -40,6 +40,8 @@ def is_plain(*tensors) -> bool:
 
 def _dtensor_api():
     """``torch.distributed.tensor`` or None (torch built without distributed)."""
+    if not torch.distributed.is_available():
+        return None
     try:
         import torch.distributed.tensor as api
     except ImportError:
@@ -85,19 +87,20 @@ def _gather_constant(name: str, tensor):
 
 def _check_bias(bias_name: str, bias, weight_name: str, weight) -> None:
     """A bias sharded exactly like its weight, or both plain."""
-    if bias is None or _is_dtensor(bias) == _is_dtensor(weight):
-        if bias is not None and _is_dtensor(bias) and (
-                bias.device_mesh != weight.device_mesh or bias.placements != weight.placements):
-            raise ValueError(
-                f"{bias_name} is a DTensor with {_layout(bias)} but {weight_name} has "
-                f"{_layout(weight)}: shard the head's bias like its weight (fully_shard on the "
-                f"head module does)")
+    if bias is None:
         return
-    kinds = ("a DTensor", "a plain tensor") if _is_dtensor(bias) else ("a plain tensor",
-                                                                     "a DTensor")
-    raise TypeError(f"{bias_name} is {kinds[0]} but {weight_name} is {kinds[1]}: pass the "
-                    f"head's weight and bias both sharded (as fully_shard leaves them) or both "
-                    f"plain")
+    if _is_dtensor(bias) != _is_dtensor(weight):
+        kinds = ("a DTensor", "a plain tensor")
+        bias_kind, weight_kind = kinds if _is_dtensor(bias) else kinds[::-1]
+        raise TypeError(f"{bias_name} is {bias_kind} but {weight_name} is {weight_kind}: pass "
+                        f"the head's weight and bias both sharded (as fully_shard leaves them) "
+                        f"or both plain")
+    if _is_dtensor(bias) and (bias.device_mesh != weight.device_mesh
+                              or bias.placements != weight.placements):
+        raise ValueError(
+            f"{bias_name} is a DTensor with {_layout(bias)} but {weight_name} has "
+            f"{_layout(weight)}: shard the head's bias like its weight (fully_shard on the "
+            f"head module does)")
 
 
 def _replicated_local(name: str, tensor, mesh, hidden_name: str):
