@@ -1,4 +1,4 @@
-"""Training runs of the distributed tests: DPO and GRPO on small models, each recorded as its
+"""Training runs of the distributed tests: DPO, GRPO and reward models on small models, each recorded as its
 per-step losses, the gradients of its first update and its final weights (whole, gathered from
 FSDP2 shards), on whatever number of processes runs this file.
 
@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import lowercase_share, preference_rows, small_llama, small_policy  # noqa: E402
 
 from fastalign.trainer import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer,  # noqa: E402
-                               byte_tokenizer)
+                               RewardConfig, RewardTrainer, byte_tokenizer, tiny_reward_model)
 
 GLOBAL_BATCH = 4
+KINDS = ("dpo", "grpo", "rm")
 STEPS = 5
 PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?",
            "Count to three.", "Say yes.", "Pick a color.", "Tell a joke."]
@@ -39,6 +40,9 @@ def trainer_for(kind: str, output_dir, *, world_size: int, parallelism: str = "d
     if kind == "dpo":
         return DPOTrainer(small_llama(), byte_tokenizer(), DPOConfig(**common, beta=0.5),
                           preference_rows(8))
+    if kind == "rm":
+        return RewardTrainer(tiny_reward_model(vocab_size=300, hidden_size=32, seed=2),
+                             byte_tokenizer(), RewardConfig(**common), preference_rows(8))
     config = GRPOConfig(**common, num_generations=2, max_new_tokens=6, beta=0.04,
                         num_iterations=2, clip_low=0.1)
     return GRPOTrainer(small_policy(), byte_tokenizer(), config, PROMPTS, [lowercase_share],
@@ -86,7 +90,7 @@ def main(out_dir: str) -> None:
     out = Path(out_dir)
     world_size = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
-    for kind in ("dpo", "grpo"):
+    for kind in KINDS:
         for parallelism in ("ddp", "fsdp"):
             case = f"{kind}-{parallelism}"
             trainer = trainer_for(kind, out / case, world_size=world_size,

@@ -1,8 +1,8 @@
 """The trainers on 2 processes (``torchrun --standalone --nproc_per_node 2``, gloo, CPU), DDP and
-FSDP2, against one process with the same global batch: DPO and GRPO give the same first-step
-loss and gradients (rel 1e-5, fp32) and the same loss curve over 5 steps (1e-3); DDP leaves
-every rank with the same weights, FSDP2's gathered weights equal the single-process ones; an
-interrupted run resumes exactly, on the same processes and on one process.
+FSDP2, against one process with the same global batch: DPO, GRPO and the reward model give the
+same first-step loss and gradients (rel 1e-5, fp32) and the same loss curve over 5 steps
+(1e-3); DDP leaves every rank with the same weights, FSDP2's gathered weights equal the
+single-process ones; an interrupted run resumes exactly, on the same processes and on one.
 
 One torchrun launch runs every case (tests/distributed_cases.py); the tests compare."""
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_cases import STEPS, run, trainer_for
+from distributed_cases import KINDS, STEPS, run, trainer_for
 
 pytestmark = pytest.mark.slow
-CASES = [f"{kind}-{parallelism}" for kind in ("dpo", "grpo") for parallelism in ("ddp", "fsdp")]
+CASES = [f"{kind}-{parallelism}" for kind in KINDS for parallelism in ("ddp", "fsdp")]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def two_ranks(tmp_path_factory):
 def one_rank(tmp_path_factory):
     """The same runs on this one process: ``{kind: record}``."""
     out = tmp_path_factory.mktemp("one-rank")
-    return {kind: run(trainer_for(kind, out / kind, world_size=1)) for kind in ("dpo", "grpo")}
+    return {kind: run(trainer_for(kind, out / kind, world_size=1)) for kind in KINDS}
 
 
 def _close(actual: dict, expected: dict, rtol: float, what: str) -> None:
@@ -59,7 +59,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, one_r
     _close(record["weights"], single["weights"], 1e-3, f"{case} final")
 
 
-@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_ddp_leaves_every_rank_with_the_same_weights(two_ranks, kind):
     rank0, rank1 = (torch.load(two_ranks / f"{kind}-ddp.rank{r}.pt") for r in (0, 1))
     for name in rank0:
