@@ -3,9 +3,12 @@ FSDP2, against one process with the same global batch: DPO, GRPO and the reward 
 same first-step loss and gradients (rel 1e-5, fp32) and the same loss curve over 5 steps
 (1e-3); DDP leaves every rank with the same weights, FSDP2's gathered weights equal the
 single-process ones; an interrupted run resumes exactly, on the same processes and on one.
+``fastalign train dpo --parallelism fsdp`` on 2 processes: rank 0 alone speaks and writes, the
+final model is a plain ``save_pretrained`` directory.
 
 One torchrun launch runs every case (tests/distributed_cases.py); the tests compare."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_cases import KINDS, STEPS, run, trainer_for
+from helpers import small_llama
+
+from fastalign.trainer import byte_tokenizer
 
 pytestmark = pytest.mark.slow
 CASES = [f"{kind}-{parallelism}" for kind in KINDS for parallelism in ("ddp", "fsdp")]
@@ -21,15 +27,17 @@ CASES = [f"{kind}-{parallelism}" for kind in KINDS for parallelism in ("ddp", "f
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """The directory the 2-process run wrote its records to."""
-    out = tmp_path_factory.mktemp("two-ranks")
+    """``(directory of the records, stdout)`` of the 2-process run."""
+    out, base = tmp_path_factory.mktemp("two-ranks"), tmp_path_factory.mktemp("model")
+    small_llama().save_pretrained(base)
+    byte_tokenizer().save_pretrained(base)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(Path(__file__).parent / "distributed_cases.py"), str(out)],
+         str(Path(__file__).parent / "distributed_cases.py"), str(out), str(base)],
         capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return out
+    return out, result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +56,7 @@ def _close(actual: dict, expected: dict, rtol: float, what: str) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, one_rank, case):
+    two_ranks, _ = two_ranks
     record = torch.load(two_ranks / f"{case}.pt")
     single = one_rank[case.split("-")[0]]
     assert len(record["losses"]) == len(single["losses"]) == STEPS
@@ -61,12 +70,14 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, one_r
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_ddp_leaves_every_rank_with_the_same_weights(two_ranks, kind):
+    two_ranks, _ = two_ranks
     rank0, rank1 = (torch.load(two_ranks / f"{kind}-ddp.rank{r}.pt") for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
 
 
 def test_fsdp_run_interrupted_and_resumed_continues_exactly(two_ranks):
+    two_ranks, _ = two_ranks
     uninterrupted = torch.load(two_ranks / "dpo-fsdp.pt")
     resumed = torch.load(two_ranks / "dpo-fsdp-resumed.pt")
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"][2:], rel=1e-6)
@@ -74,8 +85,21 @@ def test_fsdp_run_interrupted_and_resumed_continues_exactly(two_ranks):
 
 
 def test_two_rank_fsdp_checkpoint_resumes_on_one_process(two_ranks, tmp_path):
+    two_ranks, _ = two_ranks
     uninterrupted = torch.load(two_ranks / "dpo-fsdp.pt")
     checkpoint = two_ranks / "dpo-fsdp-resumed" / "checkpoint-2"
     record = run(trainer_for("dpo", tmp_path, world_size=1), resume=str(checkpoint))
     assert record["losses"] == pytest.approx(uninterrupted["losses"][2:], rel=1e-5)
     _close(record["weights"], uninterrupted["weights"], 1e-4, "resumed on one process")
+
+
+def test_torchrun_fsdp_dpo_from_the_command_line(two_ranks):
+    from transformers import AutoModelForCausalLM
+
+    out, stdout = two_ranks
+    run_dir = out / "cli"
+    assert stdout.count("done: 2 steps") == 1, stdout  # rank 0 alone prints
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]  # written once, not once per rank
+    assert AutoModelForCausalLM.from_pretrained(run_dir).config.vocab_size == 1000
+    assert (run_dir / "checkpoint-2" / "fastalign_checkpoint.json").is_file()
