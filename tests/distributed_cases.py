@@ -1,4 +1,4 @@
-"""Training runs of the distributed tests: DPO, GRPO and reward models on small models, each recorded as its
+"""Training runs of the distributed tests: DPO, GRPO, PPO and reward models on small models, each recorded as its
 per-step losses, the gradients of its first update and its final weights (whole, gathered from
 FSDP2 shards), on whatever number of processes runs this file.
 
@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import lowercase_share, preference_rows, small_llama, small_policy  # noqa: E402
 
 from fastalign.trainer import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer,  # noqa: E402
-                               RewardConfig, RewardTrainer, byte_tokenizer, tiny_reward_model)
+                               PPOConfig, PPOTrainer, RewardConfig, RewardTrainer,
+                               byte_tokenizer, tiny_reward_model)
 
 GLOBAL_BATCH = 4
-KINDS = ("dpo", "grpo", "rm")
+KINDS = ("dpo", "grpo", "ppo", "rm")
 STEPS = 5
 PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?",
            "Count to three.", "Say yes.", "Pick a color.", "Tell a joke."]
@@ -46,6 +47,12 @@ def trainer_for(kind: str, output_dir, *, world_size: int, parallelism: str = "d
     if kind == "rm":
         return RewardTrainer(tiny_reward_model(vocab_size=300, hidden_size=32, seed=2),
                              byte_tokenizer(), RewardConfig(**common), preference_rows(8))
+    if kind == "ppo":  # 2 epochs over mini-batches of 2 rollouts per rank (4 in all)
+        config = PPOConfig(**common, mini_batch_size=GLOBAL_BATCH // world_size // 2,
+                           ppo_epochs=2, max_new_tokens=6)
+        return PPOTrainer(small_policy(), byte_tokenizer(), config, PROMPTS,
+                          tiny_reward_model(vocab_size=300, hidden_size=32, seed=2),
+                          ref_model=small_policy(1))
     config = GRPOConfig(**common, num_generations=2, max_new_tokens=6, beta=0.04,
                         num_iterations=2, clip_low=0.1)
     return GRPOTrainer(small_policy(), byte_tokenizer(), config, PROMPTS, [lowercase_share],

@@ -1,6 +1,6 @@
 """The trainers on 2 processes (``torchrun --standalone --nproc_per_node 2``, gloo, CPU), DDP and
-FSDP2, against one process with the same global batch: DPO, GRPO and the reward model give the
-same first-step loss and gradients (rel 1e-5, fp32) and the same loss curve over 5 steps
+FSDP2, against one process with the same global batch: DPO, GRPO, PPO and the reward model give
+the same first-step loss and gradients (rel 1e-5, fp32) and the same loss curve over 5 steps
 (1e-3); DDP leaves every rank with the same weights, FSDP2's gathered weights equal the
 single-process ones; an interrupted run resumes exactly, on the same processes and on one.
 ``fastalign train dpo --parallelism fsdp`` on 2 processes: rank 0 alone speaks and writes, the
@@ -48,10 +48,13 @@ def one_rank(tmp_path_factory):
 
 
 def _close(actual: dict, expected: dict, rtol: float, what: str) -> None:
+    """Each tensor within ``rtol`` norm-wise: ||actual - expected|| <= rtol ||expected||."""
     assert actual.keys() == expected.keys(), what
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=1e-7,
-                                   msg=lambda m: f"{what} {name}: {m}")
+        error = (actual[name].double() - expected[name].double()).norm()
+        assert error <= rtol * expected[name].double().norm() + 1e-12, (
+            f"{what} {name}: relative error {error / expected[name].double().norm():.3g} "
+            f"> {rtol}")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -100,6 +100,10 @@ class Trainer:
     def on_wrapped(self, root: torch.nn.Module) -> None:
         """Called once the model is wrapped: point adapters at ``root``, shard frozen models."""
 
+    def wrapped_roots(self) -> list[torch.nn.Module]:
+        """Every trained module's wrapper (PPO adds its value head's)."""
+        return [self.root]
+
     @functools.cached_property
     def parameters(self) -> list[torch.nn.Parameter]:
         _ = self.root
@@ -206,7 +210,7 @@ class Trainer:
         """One optimizer step (see the module docstring): its ``gradient_accumulation_steps``
         micro-batches of items, ``prepare_step``, then each of ``updates``; returns its
         metrics, one device sync per update."""
-        root = self.root
+        _ = self.root
         self.model.train()
         accumulation = self.config.gradient_accumulation_steps
         work = self.prepare_step([self._local_share(self._micro_batch(self.step * accumulation
@@ -220,7 +224,8 @@ class Trainer:
             # Tensors until the end of the update: one device sync, not one per metric.
             update = defaultdict(float)
             for index, (batch, weight) in enumerate(micro_batches):
-                with self.processes.no_sync(root, last=index == len(micro_batches) - 1):
+                with self.processes.no_sync(self.wrapped_roots(),
+                                            last=index == len(micro_batches) - 1):
                     with self._autocast():
                         loss, metrics = self.compute_loss(batch)
                     (loss * (weight * scale)).backward()
@@ -346,7 +351,7 @@ class Trainer:
         if main:
             log.close()
         self.check_finite_model("the final model")
-        state = processes.model_state(self.model)  # every rank takes part in gathering it
+        state = self.gathered_state()  # every rank takes part in gathering it
         processes.on_main(lambda: run_dir.save_final_model(
             self.output_dir, lambda directory: self.save_model(directory, state)))
         processes.on_main(lambda: log.plot(self.plot_panels))
@@ -362,9 +367,14 @@ class Trainer:
             raise NonFiniteError(f"{what} holds non-finite weights ({bad}) after step "
                                  f"{self.step}; it was not saved")
 
+    def gathered_state(self):
+        """What ``save_model`` needs of sharded modules, gathered on rank 0 (every rank calls
+        it): the model's full weights under FSDP2, else None."""
+        return self.processes.model_state(self.model)
+
     def save_model(self, directory: Path, state_dict: dict | None = None) -> None:
         """The trained model (and tokenizer) in ``directory``, loadable with ``from_pretrained``;
-        ``state_dict``: its full weights when the model is sharded (``Processes.model_state``)."""
+        ``state_dict``: its full weights when the model is sharded (``gathered_state``)."""
         self.model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)

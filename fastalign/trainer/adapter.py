@@ -212,6 +212,14 @@ class FrozenReference:
             reference = ref_model if ref_model is not None else copy.deepcopy(model)
             self.adapter = CausalLMAdapter(reference.eval().requires_grad_(False))
 
+    def place(self, processes, root: torch.nn.Module, precision: str) -> None:
+        """On several processes: the adapters-off reference runs through the policy's
+        ``root``; a separate copy is sharded under FSDP2 (replicated under DDP)."""
+        if self.uses_base:
+            self.adapter.root = root
+        else:
+            processes.shard(self.adapter.model, precision)
+
     def completion_logprobs(self, input_ids, completion_mask, attention_mask=None, *,
                             position_ids=None, temperature: float = 1.0) -> torch.Tensor:
         """``[B, T-1]`` per-token log-probs of the reference, without gradient."""

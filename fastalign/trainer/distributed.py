@@ -159,12 +159,13 @@ class Processes:
         return result
 
     # -- models -------------------------------------------------------------------------------
-    def wrap(self, model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, precision: str = "fp32", *,
+             per_layer: bool = True) -> torch.nn.Module:
         """The module to run forward passes through: ``model`` itself on one process;
         ``DistributedDataParallel(model)``; or ``model`` sharded in place by FSDP2, each
         decoder layer (``_no_split_modules``) its own unit, then the root (embeddings, final
         norm, head), parameters in bf16 for ``precision="bf16"`` with float32 gradient
-        reduction."""
+        reduction. ``per_layer=False``: one unit (a small module, PPO's value head)."""
         if not self.distributed:
             return model
         if self.parallelism == "ddp":
@@ -172,9 +173,10 @@ class Processes:
 
             device_ids = [model_device(model)] if model_device(model).type == "cuda" else None
             return DistributedDataParallel(model, device_ids=device_ids)
-        return self.shard(model, precision)
+        return self.shard(model, precision, per_layer=per_layer)
 
-    def shard(self, model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
+    def shard(self, model: torch.nn.Module, precision: str = "fp32", *,
+              per_layer: bool = True) -> torch.nn.Module:
         """``model`` sharded in place by FSDP2 (see ``wrap``); frozen models too (a reference,
         a reward model) with ``parallelism="fsdp"``, replicated otherwise."""
         if not self.distributed or self.parallelism != "fsdp":
@@ -186,18 +188,19 @@ class Processes:
                                       "supported yet; use parallelism='ddp'")
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if precision == "bf16" else MixedPrecisionPolicy())
-        layers = decoder_layers(model)
-        for layer in layers:
+        for layer in decoder_layers(model) if per_layer else []:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
 
-    def no_sync(self, root: torch.nn.Module, last: bool):
+    def no_sync(self, roots: list[torch.nn.Module], last: bool):
         """DDP skips its gradient all-reduce on the micro-batches before an update's last
         (the gradients keep accumulating locally); a no-op otherwise."""
-        if not last and hasattr(root, "no_sync"):
-            return root.no_sync()
-        return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for root in roots if not last else []:
+            if hasattr(root, "no_sync"):
+                stack.enter_context(root.no_sync())
+        return stack
 
     # -- state dicts --------------------------------------------------------------------------
     def model_state(self, model: torch.nn.Module) -> dict | None:
@@ -215,6 +218,18 @@ class Processes:
         aliases = ({name for name, _ in model.named_parameters(remove_duplicate=False)}
                    - {name for name, _ in model.named_parameters()})
         return {name: value for name, value in state.items() if name not in aliases}
+
+    def module_state(self, module: torch.nn.Module) -> dict:
+        """``module``'s whole state dict: gathered on rank 0 when sharded (every rank must
+        call it), else its own."""
+        state = self.model_state(module)
+        return module.state_dict() if state is None else state
+
+    def load_module_state(self, module: torch.nn.Module, state: dict) -> None:
+        if self.sharded(module):
+            self.load_model_state(module, state)
+        else:
+            module.load_state_dict(state)
 
     def load_model_state(self, model: torch.nn.Module, state: dict
                          ) -> tuple[list[str], list[str]]:

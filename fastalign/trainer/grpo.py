@@ -76,10 +76,7 @@ class GRPOTrainer(Trainer):
     def on_wrapped(self, root):
         self.policy.root = root
         if self.reference is not None:
-            if self.reference.uses_base:  # the policy with its adapters off
-                self.reference.adapter.root = root
-            else:
-                self.processes.shard(self.reference.adapter.model, self.config.precision)
+            self.reference.place(self.processes, root, self.config.precision)
 
     def rollout(self, prompts: list, seeds: list | None = None
                 ) -> tuple[Rollouts, torch.Tensor, torch.Tensor]:

@@ -10,6 +10,11 @@ https://arxiv.org/abs/2203.02155) on the thin trainer layer, with the four model
 
     from fastalign.trainer import PPOConfig, PPOTrainer
     PPOTrainer(policy, tokenizer, PPOConfig(), prompts, reward_model).train()
+
+On several processes each rank samples and scores its own prompts (each completion from a seed
+of its place in the global batch); whitening and the metrics use all ranks' rollouts, and every
+update takes the same global mini-batch of rows as one process would, each rank running its
+rows of it: the updates equal one process's with the same global batch.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Experience:
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    real: torch.Tensor  # [R] bool: False on a padding row (see _base.Share)
 
 
 class PPOTrainer(Trainer):
@@ -80,11 +86,10 @@ class PPOTrainer(Trainer):
             raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                              "tokenizer.pad_token = tokenizer.eos_token")
         super().__init__(model, tokenizer, config, list(prompts))
-        if self.processes.distributed:
+        if self.processes.distributed and value_model is not None:
             raise NotImplementedError(
-                "PPOTrainer runs on one process only for now: its reward whitening, advantage "
-                "whitening and mini-batch shuffles span the whole batch of rollouts; use "
-                "GRPOTrainer, DPOTrainer or RewardTrainer on several processes")
+                "a separate value_model is not supported on several processes yet; leave "
+                "value_model=None (a value head on the policy, trained with it)")
         self.policy = CausalLMAdapter(model)
         if value_model is None:  # zero-initialized: values start at 0, the mean return early on
             hidden_size = self.policy.lm_head.weight.shape[1]
@@ -94,6 +99,7 @@ class PPOTrainer(Trainer):
         else:
             self.value_module = value_model
         self.shared_value_head = value_model is None
+        self.value_root = self.value_module  # its DDP wrapper on several processes
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.reward_tokenizer = reward_tokenizer or tokenizer
         self.reference = FrozenReference(model, ref_model)
@@ -102,20 +108,34 @@ class PPOTrainer(Trainer):
             temperature=config.temperature, softcap=self.policy.softcap,
             ignore_index=IGNORE_INDEX)
 
+    def on_wrapped(self, root):
+        self.policy.root = root
+        self.value_root = self.processes.wrap(self.value_module, self.config.precision,
+                                              per_layer=False)
+        self.reference.place(self.processes, root, self.config.precision)
+
+    def wrapped_roots(self):
+        return [self.root, self.value_root]
+
     def trained_modules(self):
         return [self.model, self.value_module]
 
     def extra_state(self):
-        return {"value": self.value_module.state_dict()}
+        return {"value": self.processes.module_state(self.value_module)}
 
     def load_extra_state(self, state):
-        self.value_module.load_state_dict(state["value"])
+        self.processes.load_module_state(self.value_module, state["value"])
+
+    def gathered_state(self):
+        return {"model": self.processes.model_state(self.model),
+                "value": self.processes.module_state(self.value_module)}
 
     def save_model(self, directory, state_dict=None):
-        super().save_model(directory, state_dict)
+        state = state_dict or {"model": None, "value": self.value_module.state_dict()}
+        super().save_model(directory, state["model"])
         if self.shared_value_head:
             from safetensors.torch import save_file
-            save_file(self.value_module.state_dict(), directory / VALUE_HEAD_FILE)
+            save_file(state["value"], directory / VALUE_HEAD_FILE)
         else:
             self.value_module.save_pretrained(directory / "value_model", safe_serialization=True)
 
@@ -123,8 +143,8 @@ class PPOTrainer(Trainer):
     def values(self, inputs: dict, policy_hidden: torch.Tensor) -> torch.Tensor:
         """``[R, T-1]`` float32 value of each position (the state before the next token)."""
         if self.shared_value_head:
-            head = self.value_module
-            return head(policy_hidden.to(head.weight.dtype)).squeeze(-1).float()
+            return self.value_root(policy_hidden.to(self.value_module.weight.dtype)
+                                   ).squeeze(-1).float()
         hidden = self.value_module.base_model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
             position_ids=inputs["position_ids"], use_cache=False).last_hidden_state
@@ -132,27 +152,36 @@ class PPOTrainer(Trainer):
 
     # -- experience ---------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, prompts: list) -> Experience:
-        """Samples one completion per prompt and computes scores, per-token rewards, values,
-        GAE advantages (whitened) and returns."""
+    def rollout(self, prompts: list, seeds: list | None = None,
+                real: torch.Tensor | None = None) -> Experience:
+        """Samples one completion per prompt (with ``seeds``, see ``generate_rollouts``) and
+        computes scores, per-token rewards, values, GAE advantages (whitened over the ``real``
+        rows of all ranks: default all) and returns."""
         config = self.config
-        rollouts = generate_rollouts(self.model, self.tokenizer, prompts,
-                                     max_new_tokens=config.max_new_tokens,
-                                     temperature=config.temperature, top_p=config.top_p,
-                                     logprobs=False)
+        processes = self.processes
+        rollouts = generate_rollouts(
+            self.model, self.tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature, top_p=config.top_p, logprobs=False, seeds=seeds,
+            synced=processes.distributed and processes.parallelism == "fsdp")
         inputs = rollouts.model_inputs()
         targets = completion_targets(rollouts.input_ids, rollouts.completion_mask,
                                      rollouts.attention_mask)
         mask = (targets != IGNORE_INDEX).float()
-        # One backbone pass gives the old log-probs and (with the shared head) the values,
+        real = torch.ones(len(prompts), dtype=torch.bool) if real is None else real
+        whole = mask * real.to(mask.device)[:, None]  # the rows whitening and metrics see
+        # One pass of the model gives the old log-probs and (with the shared head) the values,
         # in eval mode as the tokens were sampled.
         was_training = self.model.training
         self.model.eval()
-        hidden = self.policy.hidden_states(rollouts.input_ids, rollouts.attention_mask,
-                                           rollouts.position_ids)[:, :-1]
-        rollouts.old_logprobs = self.policy.target_logprobs(hidden, targets,
-                                                            temperature=config.temperature)
-        values = self.values(inputs, hidden) * mask
+        rollouts.old_logprobs, values = self.policy.forward_with_head(
+            lambda hidden, weight, bias: (
+                self.policy.head_logprobs(hidden, weight, bias, targets,
+                                          temperature=config.temperature),
+                self.values(inputs, hidden) if self.shared_value_head else None),
+            rollouts.input_ids, rollouts.attention_mask, rollouts.position_ids)
+        if values is None:
+            values = self.values(inputs, None)
+        values = values * mask
         self.model.train(was_training)
         scores = score_with_reward_model(self.reward_model, self.reward_tokenizer, prompts,
                                          rollouts.completions).to(self.device)
@@ -167,16 +196,23 @@ class PPOTrainer(Trainer):
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
         rewards[torch.arange(len(prompts), device=mask.device), last] += scores
         if config.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+            rewards = whiten(rewards, whole, shift_mean=False, processes=processes)
         advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
         return Experience(rollouts, targets, mask, ref_logprobs, kl, values, scores, rewards,
-                          whiten(advantages, mask), returns)
+                          whiten(advantages, whole, processes=processes), returns, real)
 
     # -- the update ---------------------------------------------------------------------------
     def prepare_step(self, micro_item_lists: list[list]) -> Experience:
-        """The rollouts of all the step's prompts, one completion each, and what PPO derives
-        from them."""
-        return self.rollout([prompt for items in micro_item_lists for prompt in items])
+        """The rollouts of all this rank's prompts of the step, one completion each, sampled
+        with seeds of their places in the global batch, and what PPO derives from them."""
+        prompts, seeds, real = [], [], []
+        for index, items in enumerate(micro_item_lists):
+            start = getattr(items, "start", 0)
+            prompts += items
+            seeds += [f"{self.config.seed}/{self.step}/{index * self.global_batch_size + start + i}"
+                      for i in range(len(items))]
+            real += [not getattr(items, "padding", False)] * len(items)
+        return self.rollout(prompts, seeds, torch.tensor(real))
 
     def updates(self, experience: Experience):
         """``ppo_epochs`` shuffled passes over the rollouts in mini-batches of
@@ -184,17 +220,26 @@ class PPOTrainer(Trainer):
         ``gradient_accumulation_steps`` micro-batches weighted by their share of its tokens
         (both losses are token means)."""
         config, accumulation = self.config, self.config.gradient_accumulation_steps
-        rows_total = experience.mask.shape[0]
-        rows_per_update = config.mini_batch_size * accumulation
+        processes = self.processes
+        # The real rows of all ranks, numbered rank after rank: this rank holds [first, end).
+        counts = processes.gather_objects(int(experience.real.sum()))
+        first = sum(counts[:processes.rank])
+        end = first + counts[processes.rank]
+        local = experience.real.nonzero().squeeze(-1).to(self.device)  # local row of each
+        rows_per_update = config.mini_batch_size * processes.world_size * accumulation
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.step)
         for _ in range(config.ppo_epochs):
-            order = torch.randperm(rows_total, generator=generator).to(self.device)
-            for start in range(0, rows_total, rows_per_update):
+            order = torch.randperm(sum(counts), generator=generator).to(self.device)
+            for start in range(0, len(order), rows_per_update):
                 rows = order[start:start + rows_per_update]
-                parts = rows.split(config.mini_batch_size)
-                tokens = experience.mask[rows].sum().clamp(min=1)
-                yield [((experience, part), experience.mask[part].sum() / tokens)
-                       for part in parts]
+                mine = local[rows[(rows >= first) & (rows < end)] - first]
+                tokens = processes.sum(experience.mask[mine].sum()).clamp(min=1)
+                # The same number of micro-batches on every rank (FSDP2's collectives):
+                # an empty one reruns row 0 with weight 0.
+                padding = ((experience, torch.zeros(1, dtype=torch.long, device=self.device)),
+                           torch.zeros((), device=self.device))
+                yield [((experience, part), experience.mask[part].sum() / tokens) if len(part)
+                       else padding for part in mine.tensor_split(accumulation)]
 
     def compute_loss(self, batch: tuple[Experience, torch.Tensor]):
         """Clipped policy loss + ``vf_coef`` x clipped value loss on rows ``batch[1]`` of the
@@ -202,13 +247,17 @@ class PPOTrainer(Trainer):
         experience, rows = batch
         config = self.config
         inputs = {name: value[rows] for name, value in experience.rollouts.model_inputs().items()}
-        hidden = self.policy.hidden_states(inputs["input_ids"], inputs["attention_mask"],
-                                           inputs["position_ids"])[:, :-1]
-        head = self.policy.head()
-        loss, metrics = self.policy_loss(
-            hidden, head.weight, experience.targets[rows], experience.advantages[rows],
-            bias=head.bias, old_logprobs=experience.rollouts.old_logprobs[rows])
-        values = self.values(inputs, hidden)
+
+        def head_fn(hidden, weight, bias):
+            policy = self.policy_loss(
+                hidden, weight, experience.targets[rows], experience.advantages[rows],
+                bias=bias, old_logprobs=experience.rollouts.old_logprobs[rows])
+            return policy, self.values(inputs, hidden) if self.shared_value_head else None
+
+        (loss, metrics), values = self.policy.forward_with_head(
+            head_fn, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
+        if values is None:
+            values = self.values(inputs, None)
         v_loss, v_metrics = value_loss(values, experience.values[rows], experience.returns[rows],
                                        experience.mask[rows], clip=config.value_clip)
         metrics = {"policy_loss": loss.detach(), "value_loss": v_loss.detach(),
@@ -222,29 +271,42 @@ class PPOTrainer(Trainer):
     def experience_metrics(self, experience: Experience) -> dict:
         """What the rollouts say before the update: reward-model score, KL to the reference
         (the sequence sum of the estimate), the total reward, how well values fit returns."""
-        mask = experience.mask
-        kl = experience.kl.sum(-1)
+        real = experience.real.to(self.device)
+        gather = self.processes.gather
+        mask = experience.mask * real[:, None]
         residual = (experience.returns - experience.values) * mask
-        explained = 1 - _masked_var(residual, mask) / _masked_var(experience.returns, mask).clamp(
-            min=1e-8)
-        return {"score": experience.scores.mean(), "kl": kl.mean(),
-                "reward": (experience.scores - self.config.kl_coef * kl).mean(),
+        explained = 1 - (_masked_var(residual, mask, self.processes)
+                         / _masked_var(experience.returns, mask, self.processes).clamp(min=1e-8))
+        scores, kl = gather(experience.scores[real]), gather(experience.kl.sum(-1)[real])
+        return {"score": scores.mean(), "kl": kl.mean(),
+                "reward": (scores - self.config.kl_coef * kl).mean(),
                 "explained_variance": explained,
-                "completion_length": mask.sum(-1).mean()}
+                "completion_length": gather(mask.sum(-1)[real]).mean()}
 
     def progress_metrics(self, metrics):
         return {"score": f"{metrics['score']:.3f}", "kl": f"{metrics['kl']:.3f}"}
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
+           processes=None) -> torch.Tensor:
     """``values`` normalized to mean 0 (kept when ``shift_mean`` is False) and variance 1 over
-    ``mask``; 0 outside it."""
-    mean = masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(_masked_var(values, mask) + 1e-8)
+    ``mask`` (of every rank's rows with ``processes``); 0 outside it."""
+    mean = _masked_mean(values, mask, processes)
+    whitened = (values - mean) * torch.rsqrt(_masked_var(values, mask, processes) + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
 
 
-def _masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return masked_mean((values - masked_mean(values, mask)).square(), mask)
+def _masked_mean(values, mask, processes=None) -> torch.Tensor:
+    """``masked_mean`` over every rank's rows."""
+    if processes is None or not processes.distributed:
+        return masked_mean(values, mask)
+    mask = mask.to(values.dtype)
+    sums = processes.sum(torch.stack([(values * mask).sum(), mask.sum()]))
+    return sums[0] / sums[1].clamp(min=1.0)
+
+
+def _masked_var(values, mask, processes=None) -> torch.Tensor:
+    return _masked_mean((values - _masked_mean(values, mask, processes)).square(), mask,
+                        processes)
