@@ -1,0 +1,111 @@
+"""The gradient-in-forward mode of the fused losses (``fastalign.nn``): which rows go together
+in a chunk, each chunk's coefficients (``dLoss/dlogp`` of its rows) taken by autograd from the
+loss function itself, and when the mode applies (``ops/linear_loss.py`` does the pass).
+
+A chunk's coefficients come from the same ``policy_loss`` / ``dpo_loss`` the two-pass path
+calls, on a full-size log-prob tensor whose other rows are constants: exact whenever the loss
+is a sum of independent terms of the chunk's rows and of the others' — tokens for token-level
+PPO/GRPO, whole sequences for GSPO's sequence ratios, chosen-rejected pairs for every
+DPO-family loss (each is a mean of per-pair terms). Chunks are grouped accordingly; a group too
+large for one chunk falls back to the two-pass path, said in a debug log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .ops.linear_loss import Plan, linear_loss, rows_per_chunk
+
+logger = logging.getLogger("fastalign")
+
+
+def applies(hidden, weight, bias, *constants) -> bool:
+    """Whether the one-pass mode can run here: gradients wanted w.r.t. the head's inputs only
+    (none through the advantages, old or reference log-probs), plain tensors (a DTensor or a
+    ZeRO-3 head goes through ``linear_logprobs``' gathering), and not while ``torch.compile``
+    traces (the two-pass path is a custom op it captures whole)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    tensors = [t for t in (hidden, weight, bias) if t is not None]
+    if not any(t.requires_grad for t in tensors):
+        return False  # forward only: the two-pass forward is the same work without a chunk
+    if any(c is not None and c.requires_grad for c in constants):
+        return False
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and not hasattr(t, "ds_id")
+               for t in tensors)
+
+
+def _packed(groups: list[torch.Tensor], limit: int) -> list[torch.Tensor] | None:
+    """Consecutive groups of row indices packed into chunks of at most ``limit`` rows; None
+    when one group alone is larger."""
+    chunks, current, size = [], [], 0
+    for group in groups:
+        if group.numel() > limit:
+            return None
+        if size + group.numel() > limit and current:
+            chunks.append(torch.cat(current))
+            current, size = [], 0
+        current.append(group)
+        size += group.numel()
+    if current:
+        chunks.append(torch.cat(current))
+    return [chunk for chunk in chunks if chunk.numel()]
+
+
+def _sequence_rows(mask: torch.Tensor) -> list[torch.Tensor]:
+    """Flat indices of each row's kept positions of a ``[R, T]`` mask."""
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    return list(flat.split(mask.sum(-1).tolist()))
+
+
+def _with_grad(index: torch.Tensor, logprobs: torch.Tensor, shape, loss_of):
+    """``dLoss/dlogprobs`` of the chunk rows ``index``: ``loss_of(per_token [shape])`` on a
+    tensor that is ``logprobs`` there and 0 elsewhere."""
+    with torch.enable_grad():
+        live = logprobs.detach().requires_grad_()
+        full = torch.zeros(shape.numel(), dtype=live.dtype, device=live.device)
+        loss = loss_of(full.index_copy(0, index, live).view(shape))
+        (grad,) = torch.autograd.grad(loss, live)
+    return grad
+
+
+def one_pass(hidden, weight, bias, targets, *, groups, loss_of, chunk_mb, temperature,
+             softcap, need_entropy, backend, what):
+    """``(anchor, per-token logprobs [targets.shape], entropy or None)`` from the one-pass
+    chunks of ``groups`` (flat row indices that must share a chunk; a single tensor: rows that
+    may be split anywhere), or None (fall back) when a group does not fit ``chunk_mb``.
+    ``loss_of(per_token)`` is the whole loss from per-token log-probs."""
+    limit = rows_per_chunk(chunk_mb, weight.shape[0])
+    chunks = groups.split(limit) if torch.is_tensor(groups) else _packed(groups, limit)
+    if chunks is None:
+        logger.debug("%s: a group of rows exceeds the %s MiB chunk (%d rows of V=%d); using "
+                     "the two-pass path", what, chunk_mb, limit, weight.shape[0])
+        return None
+    shape = targets.shape
+    plan = Plan(targets=targets.reshape(-1), chunks=chunks,
+                coefficients=lambda index, logprobs, _entropy: (
+                    _with_grad(index, logprobs, shape, loss_of), None),
+                inv_temperature=1.0 / float(temperature),
+                softcap=None if softcap is None else float(softcap),
+                need_entropy=need_entropy, backend=backend)
+    anchor, logprobs, entropy = linear_loss(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                            plan)
+    return (anchor, logprobs.view(shape),
+            None if entropy is None else entropy.view(shape))
+
+
+def token_groups(mask: torch.Tensor, sequence_level: bool):
+    """Row groups of a policy loss: every kept token on its own (one tensor: split anywhere),
+    or each sequence whole (GSPO)."""
+    if sequence_level:
+        return _sequence_rows(mask)
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def pair_groups(mask: torch.Tensor) -> list[torch.Tensor]:
+    """Row groups of a DPO-family loss: pair ``i`` is rows ``i`` and ``B + i`` of ``[2B, T]``."""
+    rows = _sequence_rows(mask)
+    half = len(rows) // 2
+    return [torch.cat([rows[i], rows[half + i]]) for i in range(half)]

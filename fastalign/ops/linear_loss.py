@@ -1,0 +1,167 @@
+"""A fused-linear loss whose gradient is formed in the forward ("gradient in forward").
+
+``linear_logprobs`` does not know, in its forward, what the loss will do with its log-probs, so
+its backward must recompute every logits tile: 4 matmul passes over the head (8·N·D·V FLOPs).
+A loss that can say, from a chunk's log-probs alone, how much the loss moves with each of them
+(``dLoss/dlogp`` and ``dLoss/dentropy`` of those rows, its *coefficients*) lets that chunk's
+logits turn into their own gradient while they exist, and the hidden and weight gradients follow
+at once: 3 matmuls (6·N·D·V), no recompute, and the gradients wait in buffers for backward.
+
+Per chunk of rows (whole sequences, or pairs, as the loss needs; at most ``rows_per_chunk``):
+
+    Z   = hidden[chunk] @ weight.T + bias        one matmul, [rows, V] float32 (cuBLAS, MKL)
+    stats, log p, entropy of each row            from Z: the token_logprobs kernels (Triton on
+    g   = coefficients(chunk, log p, entropy)      CUDA, native C++ on the CPU) on the chunk;
+    G   = dLoss/dZ written over Z                  the loss's own derivative, a few per row
+    dHidden[chunk] = G @ weight ;  dWeight += G.T @ hidden[chunk] ;  dBias += G.sum(0)
+
+so the extra memory is one chunk of float32 logits (``rows_per_chunk x V``) beside the
+gradients themselves. The losses (``fastalign.nn``) then compute their value and metrics from
+the log-probs with the same functions as the two-pass path, so both agree to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .._layout import row_layout
+from ._backends import token_logprobs_launchers
+from ._linear_backward import _addmm_fp32_
+from ._tiles import raw_logits_tile
+
+# A chunk of float32 logits: 256 MiB is 523 rows of a 128k vocabulary, wide enough for
+# efficient matmuls, and far below a batch's logits.
+DEFAULT_CHUNK_MB = 256.0
+# Chunks hold kept rows only: no target is ignored (an id no row has).
+_NO_TARGET = -(2**62)
+
+
+def rows_per_chunk(chunk_mb: float, vocab_size: int) -> int:
+    """Rows of a float32 ``[rows, V]`` chunk within ``chunk_mb`` MiB (at least one)."""
+    return max(1, int(chunk_mb * 2**20) // (4 * max(vocab_size, 1)))
+
+
+@dataclass
+class Plan:
+    """What one gradient-in-forward pass does.
+
+    ``targets [N]`` (flattened, ``ignore_index`` rows are never in a chunk); ``chunks``: index
+    tensors of rows, each a group the loss can differentiate on its own (disjoint);
+    ``coefficients(index, logprobs, entropy) -> (dLoss/dlogp [r], dLoss/dentropy [r] or None)``
+    float32; ``need_entropy``: compute the entropy (for the coefficients or the metrics)."""
+    targets: torch.Tensor
+    chunks: list[torch.Tensor]
+    coefficients: Callable
+    inv_temperature: float
+    softcap: float | None
+    need_entropy: bool
+    backend: str
+
+
+def _epilogues(plan: Plan, tile: torch.Tensor, targets: torch.Tensor):
+    """``(stats [r, 2], log p [r], entropy [r] or None, write_grad)`` of a float32 logits
+    chunk through the backend's ``token_logprobs`` kernels (Triton on CUDA, native on the
+    CPU); ``write_grad(grad_logprobs, grad_entropy)`` then turns the chunk into
+    ``dLoss/dZ`` in place."""
+    launchers = token_logprobs_launchers(plan.backend)
+    rows, layout = row_layout(tile)
+    options = dict(inv_temperature=plan.inv_temperature, softcap=plan.softcap,
+                   ignore_index=_NO_TARGET)
+    logprobs, entropy, stats = launchers.forward(rows, targets, layout,
+                                                 return_entropy=plan.need_entropy, **options)
+
+    def write_grad(grad_logprobs, grad_entropy):
+        launchers.backward(rows, targets, layout, stats,
+                           entropy if grad_entropy is not None else None, grad_logprobs,
+                           grad_entropy, rows, layout, **options)
+        return tile
+    return stats, logprobs, entropy, write_grad
+
+
+def run(hidden, weight, bias, plan: Plan, *, need_hidden: bool, need_weight: bool,
+        need_bias: bool):
+    """``(logprobs [N], entropy [N] or None, dHidden [N, D] or None, dWeight or None,
+    dBias or None)``: the chunked pass (module docstring), float32 results, gradients in the
+    inputs' dtypes (accumulated in float32)."""
+    n_rows = plan.targets.shape[0]
+    new = dict(dtype=torch.float32, device=hidden.device)
+    logprobs = torch.zeros(n_rows, **new)
+    entropy = torch.zeros(n_rows, **new) if plan.need_entropy else None
+    grad_hidden = torch.zeros(hidden.shape, **new) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, **new) if need_weight else None
+    grad_bias = torch.zeros(weight.shape[0], **new) if need_bias else None
+    # One float32 chunk buffer for all chunks: a fresh 256 MiB tensor per chunk would cost its
+    # page faults again each time (a quarter of the logits matmul's time on a CPU).
+    buffer = torch.empty(max((len(c) for c in plan.chunks), default=0), weight.shape[0], **new)
+    for index in plan.chunks:
+        rows = hidden.index_select(0, index)
+        targets = plan.targets.index_select(0, index).long()
+        tile = _logits(rows, weight, bias, buffer[:len(index)])
+        _, chunk_logprobs, chunk_entropy, write_grad = _epilogues(plan, tile, targets)
+        logprobs.index_copy_(0, index, chunk_logprobs)
+        if entropy is not None:
+            entropy.index_copy_(0, index, chunk_entropy)
+        grad = write_grad(*plan.coefficients(index, chunk_logprobs, chunk_entropy))
+        grad = grad if grad.dtype == hidden.dtype else grad.to(hidden.dtype)
+        if need_hidden:
+            grad_hidden.index_add_(0, index, _matmul_fp32(grad, weight))
+        if need_weight:
+            _addmm_fp32_(grad_weight, grad.t(), rows)
+        if need_bias:
+            grad_bias += grad.sum(0, dtype=torch.float32)
+    return (logprobs, entropy,
+            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+def _logits(rows, weight, bias, out: torch.Tensor) -> torch.Tensor:
+    """``rows @ weight.T + bias`` as float32 ``[r, V]``, into ``out`` where the dtypes allow
+    (float32 operands), else a fresh tile (``raw_logits_tile``: the inputs' rounding)."""
+    if not (rows.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)):
+        return raw_logits_tile(rows, weight, bias, 0, weight.shape[0])
+    if bias is None:
+        return torch.mm(rows, weight.t(), out=out)
+    return torch.addmm(bias, rows, weight.t(), out=out)
+
+
+def _matmul_fp32(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(grad.shape[0], weight.shape[1], dtype=torch.float32, device=grad.device)
+    _addmm_fp32_(out, grad, weight.to(grad.dtype))
+    return out
+
+
+class _GradInForward(torch.autograd.Function):
+    """Outputs ``(anchor, logprobs, entropy)``: ``anchor`` is a 0 whose gradient is the loss's
+    (the caller adds it to the loss value it computes from the log-probs); the others carry no
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        logprobs, entropy, *grads = run(hidden, weight, bias, plan, need_hidden=need_hidden,
+                                        need_weight=need_weight, need_bias=need_bias)
+        ctx.save_for_backward(*(g if g is not None else hidden.new_empty(0) for g in grads))
+        ctx.present = [g is not None for g in grads]
+        entropy = logprobs.new_empty(0) if entropy is None else entropy
+        ctx.mark_non_differentiable(logprobs, entropy)
+        return logprobs.new_zeros(()), logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_anchor, _grad_logprobs, _grad_entropy):
+        grads = [grad_anchor.to(g.dtype) * g if present else None
+                 for g, present in zip(ctx.saved_tensors, ctx.present)]
+        return (*grads, None)
+
+
+def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                plan: Plan):
+    """``(anchor, logprobs [N], entropy [N] or None)`` of ``hidden [N, D]`` (see
+    ``_GradInForward``); the loss is ``value.detach() + anchor``."""
+    anchor, logprobs, entropy = _GradInForward.apply(hidden, weight, bias, plan)
+    return anchor, logprobs, entropy if plan.need_entropy else None
