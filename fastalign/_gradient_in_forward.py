@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from .ops.linear_loss import Plan, linear_loss, rows_per_chunk
+from .ops.linear_loss import Plan, chunked_logprobs, linear_loss, rows_per_chunk
 
 logger = logging.getLogger("fastalign")
 
@@ -94,6 +94,20 @@ def one_pass(hidden, weight, bias, targets, *, groups, loss_of, chunk_mb, temper
                                             plan)
     return (anchor, logprobs.view(shape),
             None if entropy is None else entropy.view(shape))
+
+
+def reference_logprobs(hidden, weight, bias, targets, *, ignore_index, chunk_mb, temperature,
+                       softcap, backend) -> torch.Tensor:
+    """A reference model's per-token log-probs ``[targets.shape]`` (0 at ignored targets),
+    without gradient, in chunks of ``chunk_mb``."""
+    kept = (targets != ignore_index).reshape(-1).nonzero().squeeze(1)
+    plan = Plan(targets=targets.reshape(-1), coefficients=None,
+                chunks=list(kept.split(rows_per_chunk(chunk_mb, weight.shape[0]))),
+                inv_temperature=1.0 / float(temperature),
+                softcap=None if softcap is None else float(softcap), need_entropy=False,
+                backend=backend)
+    return chunked_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                            plan).view(targets.shape)
 
 
 def token_groups(mask: torch.Tensor, sequence_level: bool):

@@ -90,9 +90,15 @@ class FusedDPOLoss(torch.nn.Module):
         else:
             if ref_hidden is None or ref_weight is None:
                 raise ValueError("ref_hidden and ref_weight go together")
-            with torch.no_grad():
-                reference, _ = _sequence_logps(ref_hidden, ref_weight, ref_bias, targets,
-                                               *options)
+            if self.gradient_in_forward and one_pass.applies(hidden, weight, bias):
+                reference = one_pass.reference_logprobs(
+                    ref_hidden, ref_weight, ref_bias, targets, ignore_index=self.ignore_index,
+                    chunk_mb=self.chunk_mb, temperature=self.temperature,
+                    softcap=self.softcap, backend=select_backend(hidden.device)).sum(-1)
+            else:
+                with torch.no_grad():
+                    reference, _ = _sequence_logps(ref_hidden, ref_weight, ref_bias, targets,
+                                                   *options)
             if self.average_logprobs:
                 reference = reference / (targets != self.ignore_index).sum(-1).clamp(min=1)
             ref_chosen, ref_rejected = reference.chunk(2)

@@ -51,10 +51,11 @@ class Plan:
     ``targets [N]`` (flattened, ``ignore_index`` rows are never in a chunk); ``chunks``: index
     tensors of rows, each a group the loss can differentiate on its own (disjoint);
     ``coefficients(index, logprobs, entropy) -> (dLoss/dlogp [r], dLoss/dentropy [r] or None)``
-    float32; ``need_entropy``: compute the entropy (for the coefficients or the metrics)."""
+    float32, or None for a pass without gradient (a reference model's log-probs);
+    ``need_entropy``: compute the entropy (for the coefficients or the metrics)."""
     targets: torch.Tensor
     chunks: list[torch.Tensor]
-    coefficients: Callable
+    coefficients: Callable | None
     inv_temperature: float
     softcap: float | None
     need_entropy: bool
@@ -104,6 +105,8 @@ def run(hidden, weight, bias, plan: Plan, *, need_hidden: bool, need_weight: boo
         logprobs.index_copy_(0, index, chunk_logprobs)
         if entropy is not None:
             entropy.index_copy_(0, index, chunk_entropy)
+        if plan.coefficients is None:
+            continue
         grad = write_grad(*plan.coefficients(index, chunk_logprobs, chunk_entropy))
         grad = grad if grad.dtype == hidden.dtype else grad.to(hidden.dtype)
         if need_hidden:
@@ -157,6 +160,15 @@ class _GradInForward(torch.autograd.Function):
         grads = [grad_anchor.to(g.dtype) * g if present else None
                  for g, present in zip(ctx.saved_tensors, ctx.present)]
         return (*grads, None)
+
+
+@torch.no_grad()
+def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     plan: Plan) -> torch.Tensor:
+    """``[N]`` float32 log-probs without gradient from the same chunks (one wide matmul per
+    chunk instead of ``linear_logprobs``' narrow tiles): a reference model's side."""
+    return run(hidden, weight, bias, plan, need_hidden=False, need_weight=False,
+               need_bias=False)[0]
 
 
 def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
