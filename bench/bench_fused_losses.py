@@ -8,13 +8,21 @@ chunked fused-linear losses, time and peak memory.
   trl            TRL's path: the logits, trl.trainer.utils.selective_log_softmax (row-chunked
                  log-softmax, as DPOTrainer and GRPOTrainer call it), masked sums, the loss
   liger          liger_kernel LigerFusedLinearDPOLoss (compiled=False on CPU, as its docs allow)
-  fastalign      fastalign.FusedDPOLoss
+  fastalign      fastalign.FusedDPOLoss (gradient in forward: 3 matmul passes over the head)
+  fastalign_two_pass  the same with gradient_in_forward=False (linear_logprobs, then the loss:
+                 4 passes)
 --op grpo: 2B sequences, one advantage each, old and reference per-token log-probs given.
   torch_unfused  logits, float32 log_softmax + gather, policy_loss (token_mean, k3 KL)
   liger          LigerFusedLinearGRPOLoss (loss_type="dapo": the same token mean; beta = kl)
-  fastalign      fastalign.FusedPolicyLoss
+  fastalign      fastalign.FusedPolicyLoss (gradient in forward)
+  fastalign_two_pass  the same with gradient_in_forward=False
 Gradients w.r.t. the policy's hidden states and head. Memory is the peak beyond the inputs,
-gradients included (see bench_linear_logprobs.py for how it is measured).
+gradients included (see bench_linear_logprobs.py for how it is measured). ``matmul_efficiency``:
+the provider's head matmul FLOPs (per row and vocabulary entry, 2·D per pass: 3 passes for a
+loss that forms its gradient in the forward or from the logits, 4 for the two-pass op, +1 for
+DPO's reference; fastalign skips the ignored prompt rows, the others do not) over its time,
+as a share of the rate of the three matmuls of a pass over the batch measured in the same run
+(``matmul_gflops``): 1.0 is "as fast as three plain matmuls".
 
     python bench/bench_fused_losses.py --op dpo              # CPU: 4 pairs x 256 tokens, D=256, V=128256
     python bench/bench_fused_losses.py --op grpo --device cuda --pairs 4 --seq 1024 --hidden 4096
@@ -36,7 +44,7 @@ import fastalign  # noqa: E402
 from fastalign import _measure  # noqa: E402
 from fastalign.losses import dpo_loss, policy_loss  # noqa: E402
 
-PROVIDERS = ("torch_unfused", "trl", "liger", "fastalign")
+PROVIDERS = ("torch_unfused", "trl", "liger", "fastalign_two_pass", "fastalign")
 MODES = ("fwd_bwd",)
 RESULTS = Path(__file__).parent / "results"
 BETA, KL_COEF = 0.1, 0.04
@@ -74,8 +82,9 @@ def make_call(spec: dict, device: torch.device):
         old = fastalign.linear_logprobs(hidden, weight, targets)
         ref = fastalign.linear_logprobs(ref_hidden, ref_weight, targets)
 
-    if op == "dpo" and provider == "fastalign":
-        module = fastalign.FusedDPOLoss(beta=BETA)
+    one_pass = provider == "fastalign"
+    if op == "dpo" and provider.startswith("fastalign"):
+        module = fastalign.FusedDPOLoss(beta=BETA, gradient_in_forward=one_pass)
 
         def loss():
             return module(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight)[0]
@@ -93,8 +102,8 @@ def make_call(spec: dict, device: torch.device):
             with torch.no_grad():
                 ref_c, ref_r = logprobs_of(ref_hidden, ref_weight, targets).sum(-1).chunk(2)
             return dpo_loss(chosen, rejected, ref_c, ref_r, beta=BETA)[0]
-    elif provider == "fastalign":
-        module = fastalign.FusedPolicyLoss(kl_coef=KL_COEF)
+    elif provider.startswith("fastalign"):
+        module = fastalign.FusedPolicyLoss(kl_coef=KL_COEF, gradient_in_forward=one_pass)
 
         def loss():
             return module(hidden, weight, targets, advantages, old_logprobs=old,
@@ -117,6 +126,44 @@ def make_call(spec: dict, device: torch.device):
                                kl_coef=KL_COEF)[0]
 
     return lambda: torch.autograd.grad(loss(), (hidden, weight))
+
+
+def matmul_gflops(spec: dict, device: torch.device) -> float:
+    """The machine's matmul rate on the three matmuls of one fused-linear pass over the batch
+    (``[N, D] @ [D, V]``, ``[N, V] @ [V, D]``, ``[V, N] @ [N, D]``, into outputs written once
+    before: no page faults), in the benchmark's dtype, the best of 3: ``6 N D V`` FLOPs over
+    their time, so ``matmul_efficiency`` 1.0 means "as fast as those three matmuls"."""
+    import time
+
+    dtype = _measure.DTYPES[spec["dtype"]]
+    n, d, v = 2 * spec["pairs"] * spec["seq"], spec["hidden"], spec["vocab"]
+    hidden = torch.randn(n, d, device=device).to(dtype)
+    weight = torch.randn(v, d, device=device).to(dtype)
+    logits = torch.zeros(n, v, device=device, dtype=dtype)
+    grad_hidden = torch.zeros(n, d, device=device, dtype=dtype)
+    grad_weight = torch.zeros(v, d, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(hidden, weight.t(), out=logits)
+        torch.mm(logits, weight, out=grad_hidden)
+        torch.mm(logits.t(), hidden, out=grad_weight)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 6 * n * d * v / best / 1e9
+
+
+def head_flops(spec: dict, provider: str) -> float:
+    """The matmul FLOPs of one forward + backward (see the module docstring)."""
+    tokens = 2 * spec["pairs"] * spec["seq"]
+    rows = tokens - 2 * spec["pairs"] * (spec["seq"] // 4) if provider.startswith("fastalign") \
+        else tokens
+    passes = 4 if provider == "fastalign_two_pass" else 3
+    passes += 1 if spec["op"] == "dpo" else 0
+    return passes * 2 * rows * spec["hidden"] * spec["vocab"]
 
 
 def measure(spec: dict, device: torch.device) -> dict:
@@ -147,6 +194,7 @@ def main(argv=None) -> None:
     tokens = 2 * args.pairs * args.seq
     itemsize = _measure.DTYPES[dtype].itemsize
     rows = []
+    rate = None
     for index, provider in enumerate(args.providers, 1):
         spec = dict(op=args.op, provider=provider, mode="fwd_bwd", dtype=dtype, pairs=args.pairs,
                     seq=args.seq, hidden=args.hidden, vocab=args.vocab, repeats=args.repeats)
@@ -158,6 +206,11 @@ def main(argv=None) -> None:
                      "floor_mb": round((tokens + args.vocab) * args.hidden * itemsize / 2**20, 1),
                      "time_ms": None, "peak_mb": None, "error": "",
                      **measure(spec, device), **stamp})
+        rate = rate or matmul_gflops(spec, device)  # after the first worker: a warm machine
+        seconds = (rows[-1]["time_ms"] or float("nan")) / 1e3
+        rows[-1]["matmul_gflops"] = round(rate, 1)
+        rows[-1]["matmul_efficiency"] = round(head_flops(spec, provider) / seconds / 1e9 / rate,
+                                              3)
     harness.write_csv(rows, csv_path)
     print(f"\nCSV: {csv_path}\n")
     summarize.summarize(str(csv_path), markdown=False)

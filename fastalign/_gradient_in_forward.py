@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from . import _validation as checks
 from .ops.linear_loss import Plan, chunked_logprobs, linear_loss, rows_per_chunk
 
 logger = logging.getLogger("fastalign")
@@ -29,6 +30,8 @@ def applies(hidden, weight, bias, *constants) -> bool:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     tensors = [t for t in (hidden, weight, bias) if t is not None]
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False  # linear_logprobs names what is wrong
     if not any(t.requires_grad for t in tensors):
         return False  # forward only: the two-pass forward is the same work without a chunk
     if any(c is not None and c.requires_grad for c in constants):
@@ -71,12 +74,20 @@ def _with_grad(index: torch.Tensor, logprobs: torch.Tensor, shape, loss_of):
     return grad
 
 
+def _checked(hidden, weight, bias, targets, ignore_index) -> None:
+    """``linear_logprobs``' checks at the public boundary (the kernels below trust them)."""
+    checks.check_lm_head(hidden, weight, bias)
+    checks.check_targets(targets, hidden.shape[:-1], weight.shape[0], hidden.device,
+                         ignore_index, source="hidden")
+
+
 def one_pass(hidden, weight, bias, targets, *, groups, loss_of, chunk_mb, temperature,
-             softcap, need_entropy, backend, what):
+             softcap, need_entropy, backend, what, ignore_index):
     """``(anchor, per-token logprobs [targets.shape], entropy or None)`` from the one-pass
     chunks of ``groups`` (flat row indices that must share a chunk; a single tensor: rows that
     may be split anywhere), or None (fall back) when a group does not fit ``chunk_mb``.
     ``loss_of(per_token)`` is the whole loss from per-token log-probs."""
+    _checked(hidden, weight, bias, targets, ignore_index)
     limit = rows_per_chunk(chunk_mb, weight.shape[0])
     chunks = groups.split(limit) if torch.is_tensor(groups) else _packed(groups, limit)
     if chunks is None:
@@ -100,6 +111,7 @@ def reference_logprobs(hidden, weight, bias, targets, *, ignore_index, chunk_mb,
                        softcap, backend) -> torch.Tensor:
     """A reference model's per-token log-probs ``[targets.shape]`` (0 at ignored targets),
     without gradient, in chunks of ``chunk_mb``."""
+    _checked(hidden, weight, bias, targets, ignore_index)
     kept = (targets != ignore_index).reshape(-1).nonzero().squeeze(1)
     plan = Plan(targets=targets.reshape(-1), coefficients=None,
                 chunks=list(kept.split(rows_per_chunk(chunk_mb, weight.shape[0]))),

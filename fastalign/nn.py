@@ -117,7 +117,8 @@ class FusedDPOLoss(torch.nn.Module):
                 hidden, weight, bias, targets,
                 groups=one_pass.pair_groups(targets != self.ignore_index), loss_of=loss_of,
                 chunk_mb=self.chunk_mb, temperature=self.temperature, softcap=self.softcap,
-                need_entropy=False, backend=select_backend(hidden.device), what="FusedDPOLoss")
+                need_entropy=False, backend=select_backend(hidden.device), what="FusedDPOLoss",
+                ignore_index=self.ignore_index)
             if result is not None:
                 anchor, per_token, _ = result
                 sums = per_token.sum(-1)
@@ -191,7 +192,7 @@ class FusedPolicyLoss(torch.nn.Module):
                     **self.options)[0],
                 chunk_mb=self.chunk_mb, temperature=self.temperature, softcap=self.softcap,
                 need_entropy=True, backend=select_backend(hidden.device),
-                what="FusedPolicyLoss")
+                what="FusedPolicyLoss", ignore_index=self.ignore_index)
             if result is not None:
                 anchor, logprobs, entropy = result
         if anchor is None:

@@ -174,3 +174,21 @@ def test_options_are_checked_with_their_names(module):
         module(gradient_in_forward=1)
     with pytest.raises(ValueError, match="chunk_mb must be a positive finite number"):
         module(chunk_mb=0)
+
+
+def test_bad_input_is_named_as_linear_logprobs_names_it(passes):
+    """The one-pass path checks what linear_logprobs checks before any kernel runs."""
+    leaves, targets, gen = _head(2, seed=8, bias=False)
+    hidden, weight = leaves
+    advantages = torch.randn(2, generator=gen).to(DEVICE)
+    bad = targets.clone()
+    bad[1, 1] = V
+    with pytest.raises(ValueError, match="targets"):
+        fa.FusedPolicyLoss()(hidden, weight, bad, advantages)
+    with pytest.raises(ValueError, match=r"weight must have shape \[V, D\]"):
+        fa.FusedPolicyLoss()(hidden, weight[:, :-1], targets, advantages)
+    zero = torch.zeros(1, device=DEVICE)
+    with pytest.raises(TypeError, match="integer tensor"):
+        fa.FusedDPOLoss()(hidden, weight, targets.float(), ref_chosen_logps=zero,
+                          ref_rejected_logps=zero)
+    assert not passes
