@@ -7,7 +7,7 @@ bring (fastalign/ops/_sharded_head.py), against the unsharded op in float32:
 * a DeepSpeed ZeRO-3 head, through a fake ``deepspeed`` (tests/helpers.py::FakeZero3);
 * every layout that is refused, by its message.
 
-The DTensor tests spawn one 2-rank gloo group each; V = 37 gives uneven shards (19 + 18).
+The DTensor checks share one spawned 2-rank gloo group; V = 37 gives uneven shards (19 + 18).
 """
 
 import importlib
@@ -98,144 +98,143 @@ def _init(rank, init_file):
 
 # ------------------------------------------------------------------ FSDP2, data parallel
 
-def _data_parallel_worker(rank, init_file):
+def _data_parallel_checks(rank, mesh):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
-    mesh = _init(rank, init_file)
-    try:
-        weight, bias = _head(0)
-        ref_weight, ref_bias = _head(1)
-        sharded_ref = [distribute_tensor(x, mesh, [Shard(0)]) for x in (ref_weight, ref_bias)]
-        plain_cases = _cases(ref_weight, ref_bias)
-        for name, fn in _cases(*sharded_ref).items():
-            linear = torch.nn.Linear(D, V)
-            with torch.no_grad():
-                linear.weight.copy_(weight), linear.bias.copy_(bias)
-            fully_shard(linear, mesh=mesh)
-            assert linear.weight.to_local().shape[0] == (19, 18)[rank]  # uneven shards
-            hidden = _rows(rank)[0].requires_grad_()
-            outputs, (grad_hidden, grad_weight, grad_bias) = _grads(
-                lambda h, w, b: fn(rank, h, w, b), [hidden, linear.weight, linear.bias])
-            per_rank = [_grads(lambda h, w, b: plain_cases[name](r, h, w, b),
-                               _plain(_rows(r)[0], weight, bias)) for r in range(WORLD_SIZE)]
-            expected_outputs, (expected_hidden, _, _) = per_rank[rank]
-            _close(outputs, expected_outputs, f"{name} outputs")
-            _close([grad_hidden], [expected_hidden], f"{name} hidden grad")
-            average = [sum(grads[i] for _, grads in per_rank) / WORLD_SIZE for i in (1, 2)]
-            _close([grad_weight.full_tensor(), grad_bias.full_tensor()], average,
-                   f"{name} head grads (the average over ranks)")
-            # Ranks with different rows: the average is not this rank's own gradient.
-            assert not torch.allclose(average[0], per_rank[rank][1][1], **TOL)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_fsdp2_head_under_data_parallelism_averages_the_head_gradient(tmp_path):
-    _spawn(_data_parallel_worker, tmp_path)
+    weight, bias = _head(0)
+    ref_weight, ref_bias = _head(1)
+    sharded_ref = [distribute_tensor(x, mesh, [Shard(0)]) for x in (ref_weight, ref_bias)]
+    plain_cases = _cases(ref_weight, ref_bias)
+    for name, fn in _cases(*sharded_ref).items():
+        linear = torch.nn.Linear(D, V)
+        with torch.no_grad():
+            linear.weight.copy_(weight), linear.bias.copy_(bias)
+        fully_shard(linear, mesh=mesh)
+        assert linear.weight.to_local().shape[0] == (19, 18)[rank]  # uneven shards
+        hidden = _rows(rank)[0].requires_grad_()
+        outputs, (grad_hidden, grad_weight, grad_bias) = _grads(
+            lambda h, w, b: fn(rank, h, w, b), [hidden, linear.weight, linear.bias])
+        per_rank = [_grads(lambda h, w, b: plain_cases[name](r, h, w, b),
+                           _plain(_rows(r)[0], weight, bias)) for r in range(WORLD_SIZE)]
+        expected_outputs, (expected_hidden, _, _) = per_rank[rank]
+        _close(outputs, expected_outputs, f"{name} outputs")
+        _close([grad_hidden], [expected_hidden], f"{name} hidden grad")
+        average = [sum(grads[i] for _, grads in per_rank) / WORLD_SIZE for i in (1, 2)]
+        _close([grad_weight.full_tensor(), grad_bias.full_tensor()], average,
+               f"{name} head grads (the average over ranks)")
+        # Ranks with different rows: the average is not this rank's own gradient.
+        assert not torch.allclose(average[0], per_rank[rank][1][1], **TOL)
 
 
 # ------------------------------------------------------- vocabulary parallel, refused layouts
 
-def _vocab_parallel_worker(rank, init_file):
+def _vocab_parallel_checks(rank, mesh):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
     lp_module = importlib.import_module("fastalign.ops.linear_logprobs")  # not the function
+    weight, bias = _head(0)
+    ref_weight, ref_bias = _head(1)
+    hidden, targets, mask = _rows(0)[:3]  # every rank the same rows
+
+    def dt(x, placement, grad=True, on=mesh):
+        return distribute_tensor(x, on, [placement]).requires_grad_(grad)
+
+    groups = []
+    real_op = lp_module._linear_logprobs
+
+    def spy(*args, process_group, **kwargs):
+        groups.append(process_group)
+        return real_op(*args, process_group=process_group, **kwargs)
+    lp_module._linear_logprobs = spy
+    plain_cases = _cases(ref_weight, ref_bias)
+    sharded_refs = {"linear_logprobs": plain_cases["linear_logprobs"],
+                    "linear_kl": lambda _, h, w, b: fa.linear_kl(
+                        h, w, dt(_ref_hidden(0), Replicate(), False),
+                        dt(ref_weight, Shard(0), False), bias=b,
+                        ref_bias=dt(ref_bias, Shard(0), False),
+                        mask=distribute_tensor(mask, mesh, [Replicate()]), temperature=1.1),
+                    "linear_logprobs, DTensor targets": lambda _, h, w, b: fa.linear_logprobs(
+                        h, w, distribute_tensor(targets, mesh, [Replicate()]), bias=b,
+                        return_entropy=True, temperature=0.9, softcap=5.0)}
+    for name, fn in sharded_refs.items():
+        inputs = [dt(hidden, Replicate()), dt(weight, Shard(0)), dt(bias, Shard(0))]
+        groups.clear()
+        outputs, grads = _grads(lambda h, w, b: fn(0, h, w, b), inputs)
+        if name.startswith("linear_logprobs"):
+            # It ran on the local shards over the mesh's group, never gathering the weight.
+            assert groups and all(g is mesh.get_group() for g in groups), groups
+        plain = plain_cases[name.split(",")[0]]
+        expected_outputs, expected_grads = _grads(lambda h, w, b: plain(0, h, w, b),
+                                                  _plain(hidden, weight, bias))
+        _close(outputs, expected_outputs, f"vocabulary-parallel {name} outputs")
+        assert [g.placements for g in grads] == [(Replicate(),), (Shard(0),), (Shard(0),)]
+        _close([g.full_tensor() for g in grads], expected_grads,
+               f"vocabulary-parallel {name} grads")
+    lp_module._linear_logprobs = real_op
+
+    h_rep, w_shard, b_shard = dt(hidden, Replicate()), dt(weight, Shard(0)), dt(bias, Shard(0))
+    w_partial = torch.distributed.tensor.DTensor.from_local(weight / 2, mesh, [Partial()])
+    # The same ranks under a dimension name: another mesh (no new process group).
+    other_mesh = init_device_mesh("cpu", (WORLD_SIZE,), mesh_dim_names=("tp",))
+    refused = [
+        (lambda: fa.linear_logprobs(hidden, w_shard, targets, process_group=dist.group.WORLD),
+         ValueError, r"process_group was given with a DTensor weight.*process_group=None"),
+        (lambda: fa.linear_logprobs(hidden, w_partial, targets),
+         ValueError, r"weight is a DTensor with placements \(Partial\(sum\),\).*redistribute"),
+        (lambda: fa.linear_logprobs(dt(hidden, Shard(0)), w_shard, targets),
+         ValueError, r"hidden is a DTensor with placements \(Shard\(dim=0\),\).*only "
+                     r"replicated.*plain tensor \(data parallel\)"),
+        (lambda: fa.linear_logprobs(h_rep, dt(weight, Shard(0), on=other_mesh), targets),
+         ValueError, r"hidden and weight are DTensors on different device meshes"),
+        (lambda: fa.linear_logprobs(h_rep, weight, targets),
+         TypeError, r"hidden is a DTensor but weight is a plain tensor"),
+        (lambda: fa.linear_logprobs(h_rep, dt(weight, Replicate()), targets),
+         ValueError, r"weight is a DTensor with placements \(Replicate\(\),\).*must be "
+                     r"Shard\(0\) on a 1-D mesh"),
+        (lambda: fa.linear_logprobs(hidden, w_shard, targets, bias=bias),
+         TypeError, r"bias is a plain tensor but weight is a DTensor.*both sharded"),
+        (lambda: fa.linear_logprobs(hidden, weight, targets, bias=b_shard),
+         TypeError, r"bias is a DTensor but weight is a plain tensor"),
+        (lambda: fa.linear_logprobs(hidden, w_shard, targets, bias=dt(bias, Replicate())),
+         ValueError, r"bias is a DTensor with placements \(Replicate\(\),\).*shard the "
+                     r"head's bias like its weight"),
+        (lambda: fa.linear_logprobs(hidden, w_shard,
+                                    distribute_tensor(targets, mesh, [Replicate()])),
+         TypeError, r"targets is a DTensor but hidden is a plain tensor"),
+        (lambda: fa.linear_logprobs(h_rep, w_shard,
+                                    distribute_tensor(targets[:6], mesh, [Shard(0)])),
+         ValueError, r"targets is a DTensor with placements \(Shard\(dim=0\),\).*must be "
+                     r"replicated on hidden's mesh"),
+        (lambda: fa.linear_kl(hidden, w_shard, dt(hidden, Replicate(), False), weight),
+         TypeError, r"ref_hidden is a DTensor but hidden is a plain tensor"),
+        (lambda: fa.linear_kl(hidden, weight, hidden, w_partial),
+         ValueError, r"ref_weight is a DTensor with placements \(Partial\(sum\),\)"),
+        (lambda: fa.linear_kl(hidden, weight, hidden, w_shard, ref_bias=ref_bias),
+         TypeError, r"ref_bias is a plain tensor but ref_weight is a DTensor"),
+        (lambda: fa.linear_kl(dt(hidden, Shard(0)), w_shard, hidden, weight),
+         ValueError, r"hidden is a DTensor with placements \(Shard\(dim=0\),\)"),
+    ]
+    for i, (call, error, message) in enumerate(refused):
+        with pytest.raises(error, match=message):
+            call()
+
+
+def _worker(rank, init_file):
     mesh = _init(rank, init_file)
     try:
-        weight, bias = _head(0)
-        ref_weight, ref_bias = _head(1)
-        hidden, targets, mask = _rows(0)[:3]  # every rank the same rows
-
-        def dt(x, placement, grad=True, on=mesh):
-            return distribute_tensor(x, on, [placement]).requires_grad_(grad)
-
-        groups = []
-        real_op = lp_module._linear_logprobs
-
-        def spy(*args, process_group, **kwargs):
-            groups.append(process_group)
-            return real_op(*args, process_group=process_group, **kwargs)
-        lp_module._linear_logprobs = spy
-        plain_cases = _cases(ref_weight, ref_bias)
-        sharded_refs = {"linear_logprobs": plain_cases["linear_logprobs"],
-                        "linear_kl": lambda _, h, w, b: fa.linear_kl(
-                            h, w, dt(_ref_hidden(0), Replicate(), False),
-                            dt(ref_weight, Shard(0), False), bias=b,
-                            ref_bias=dt(ref_bias, Shard(0), False),
-                            mask=distribute_tensor(mask, mesh, [Replicate()]), temperature=1.1),
-                        "linear_logprobs, DTensor targets": lambda _, h, w, b: fa.linear_logprobs(
-                            h, w, distribute_tensor(targets, mesh, [Replicate()]), bias=b,
-                            return_entropy=True, temperature=0.9, softcap=5.0)}
-        for name, fn in sharded_refs.items():
-            inputs = [dt(hidden, Replicate()), dt(weight, Shard(0)), dt(bias, Shard(0))]
-            groups.clear()
-            outputs, grads = _grads(lambda h, w, b: fn(0, h, w, b), inputs)
-            if name.startswith("linear_logprobs"):
-                # It ran on the local shards over the mesh's group, never gathering the weight.
-                assert groups and all(g is mesh.get_group() for g in groups), groups
-            plain = plain_cases[name.split(",")[0]]
-            expected_outputs, expected_grads = _grads(lambda h, w, b: plain(0, h, w, b),
-                                                      _plain(hidden, weight, bias))
-            _close(outputs, expected_outputs, f"vocabulary-parallel {name} outputs")
-            assert [g.placements for g in grads] == [(Replicate(),), (Shard(0),), (Shard(0),)]
-            _close([g.full_tensor() for g in grads], expected_grads,
-                   f"vocabulary-parallel {name} grads")
-        lp_module._linear_logprobs = real_op
-
-        h_rep, w_shard, b_shard = dt(hidden, Replicate()), dt(weight, Shard(0)), dt(bias, Shard(0))
-        w_partial = torch.distributed.tensor.DTensor.from_local(weight / 2, mesh, [Partial()])
-        # The same ranks under a dimension name: another mesh (no new process group).
-        other_mesh = init_device_mesh("cpu", (WORLD_SIZE,), mesh_dim_names=("tp",))
-        refused = [
-            (lambda: fa.linear_logprobs(hidden, w_shard, targets, process_group=dist.group.WORLD),
-             ValueError, r"process_group was given with a DTensor weight.*process_group=None"),
-            (lambda: fa.linear_logprobs(hidden, w_partial, targets),
-             ValueError, r"weight is a DTensor with placements \(Partial\(sum\),\).*redistribute"),
-            (lambda: fa.linear_logprobs(dt(hidden, Shard(0)), w_shard, targets),
-             ValueError, r"hidden is a DTensor with placements \(Shard\(dim=0\),\).*only "
-                         r"replicated.*plain tensor \(data parallel\)"),
-            (lambda: fa.linear_logprobs(h_rep, dt(weight, Shard(0), on=other_mesh), targets),
-             ValueError, r"hidden and weight are DTensors on different device meshes"),
-            (lambda: fa.linear_logprobs(h_rep, weight, targets),
-             TypeError, r"hidden is a DTensor but weight is a plain tensor"),
-            (lambda: fa.linear_logprobs(h_rep, dt(weight, Replicate()), targets),
-             ValueError, r"weight is a DTensor with placements \(Replicate\(\),\).*must be "
-                         r"Shard\(0\) on a 1-D mesh"),
-            (lambda: fa.linear_logprobs(hidden, w_shard, targets, bias=bias),
-             TypeError, r"bias is a plain tensor but weight is a DTensor.*both sharded"),
-            (lambda: fa.linear_logprobs(hidden, weight, targets, bias=b_shard),
-             TypeError, r"bias is a DTensor but weight is a plain tensor"),
-            (lambda: fa.linear_logprobs(hidden, w_shard, targets, bias=dt(bias, Replicate())),
-             ValueError, r"bias is a DTensor with placements \(Replicate\(\),\).*shard the "
-                         r"head's bias like its weight"),
-            (lambda: fa.linear_logprobs(hidden, w_shard,
-                                        distribute_tensor(targets, mesh, [Replicate()])),
-             TypeError, r"targets is a DTensor but hidden is a plain tensor"),
-            (lambda: fa.linear_logprobs(h_rep, w_shard,
-                                        distribute_tensor(targets[:6], mesh, [Shard(0)])),
-             ValueError, r"targets is a DTensor with placements \(Shard\(dim=0\),\).*must be "
-                         r"replicated on hidden's mesh"),
-            (lambda: fa.linear_kl(hidden, w_shard, dt(hidden, Replicate(), False), weight),
-             TypeError, r"ref_hidden is a DTensor but hidden is a plain tensor"),
-            (lambda: fa.linear_kl(hidden, weight, hidden, w_partial),
-             ValueError, r"ref_weight is a DTensor with placements \(Partial\(sum\),\)"),
-            (lambda: fa.linear_kl(hidden, weight, hidden, w_shard, ref_bias=ref_bias),
-             TypeError, r"ref_bias is a plain tensor but ref_weight is a DTensor"),
-            (lambda: fa.linear_kl(dt(hidden, Shard(0)), w_shard, hidden, weight),
-             ValueError, r"hidden is a DTensor with placements \(Shard\(dim=0\),\)"),
-        ]
-        for i, (call, error, message) in enumerate(refused):
-            with pytest.raises(error, match=message):
-                call()
+        _data_parallel_checks(rank, mesh)
+        _vocab_parallel_checks(rank, mesh)  # last: it replaces an op with a spy
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_vocabulary_parallel_dtensor_head_and_refused_layouts(tmp_path):
-    _spawn(_vocab_parallel_worker, tmp_path)
+def test_fsdp2_data_parallel_and_vocabulary_parallel_heads_and_refused_layouts(tmp_path):
+    """One 2-rank group (a spawn costs ~10 s of start-up): an FSDP2 head under data
+    parallelism averages its gradient over ranks; a Shard(0) head beside a replicated hidden
+    runs vocabulary-parallel; the other layouts are refused by name."""
+    _spawn(_worker, tmp_path)
 
 
 # ------------------------------------------------------------------------ DeepSpeed ZeRO-3
