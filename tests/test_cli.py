@@ -48,8 +48,8 @@ def test_errors_are_one_line_messages(tmp_path):
 
 def test_demo_runs_end_to_end_on_a_short_schedule(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastalign.demo", "--steps", "2",
-                           "--max-pairs", "16", "--output", str(tmp_path / "demo"),
-                           "--no-progress"],
+                           "--max-pairs", "16", "--batch-size", "2",
+                           "--output", str(tmp_path / "demo"), "--no-progress"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     out = done.stdout
