@@ -216,9 +216,9 @@ class PPOTrainer(Trainer):
 
     def updates(self, experience: Experience):
         """``ppo_epochs`` shuffled passes over the rollouts in mini-batches of
-        ``mini_batch_size x gradient_accumulation_steps`` rows, each one update of
-        ``gradient_accumulation_steps`` micro-batches weighted by their share of its tokens
-        (both losses are token means)."""
+        ``mini_batch_size x world size x gradient_accumulation_steps`` rows, each one update of
+        ``gradient_accumulation_steps`` micro-batches per rank weighted by their share of its
+        tokens (both losses are token means)."""
         config, accumulation = self.config, self.config.gradient_accumulation_steps
         processes = self.processes
         # The real rows of all ranks, numbered rank after rank: this rank holds [first, end).
@@ -238,8 +238,10 @@ class PPOTrainer(Trainer):
                 # an empty one reruns row 0 with weight 0.
                 padding = ((experience, torch.zeros(1, dtype=torch.long, device=self.device)),
                            torch.zeros((), device=self.device))
+                parts = [part for part in mine.tensor_split(accumulation)
+                         if len(part) or processes.distributed]  # one process: no padding
                 yield [((experience, part), experience.mask[part].sum() / tokens) if len(part)
-                       else padding for part in mine.tensor_split(accumulation)]
+                       else padding for part in parts]
 
     def compute_loss(self, batch: tuple[Experience, torch.Tensor]):
         """Clipped policy loss + ``vf_coef`` x clipped value loss on rows ``batch[1]`` of the
