@@ -201,6 +201,20 @@ class Trainer:
         start, end = self.processes.share_bounds(len(items))
         return Share(items[start:end], start) if end > start else Share(items[:1], 0, True)
 
+    def seeded_prompts(self, micro_item_lists: list[list]):
+        """``(prompts, seeds, real [P] bool)`` of this rank's shares of the step (RL trainers):
+        each prompt's sampling seed names its place in the step's global batch, so a completion
+        is the same on any number of processes and with any accumulation; ``real`` is False on
+        ``Share.padding`` stand-ins."""
+        prompts, seeds, real = [], [], []
+        for index, items in enumerate(micro_item_lists):
+            start = getattr(items, "start", 0)
+            prompts += items
+            seeds += [f"{self.config.seed}/{self.step}/{index * self.global_batch_size + start + i}"
+                      for i in range(len(items))]
+            real += [not getattr(items, "padding", False)] * len(items)
+        return prompts, seeds, torch.tensor(real, dtype=torch.bool)
+
     def _autocast(self):
         if self.config.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)

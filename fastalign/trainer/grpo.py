@@ -116,16 +116,9 @@ class GRPOTrainer(Trainer):
         rank; the rewards of all ranks are gathered, so ``scale_rewards="batch"`` sees the
         whole batch); the micro-batches are each prompt list's rows."""
         generations = self.config.num_generations
-        batch = self.global_batch_size
-        prompts, seeds, real = [], [], []
-        for index, items in enumerate(micro_item_lists):
-            start = getattr(items, "start", 0)
-            prompts += items
-            seeds += [f"{self.config.seed}/{self.step}/{index * batch + start + i}"
-                      for i in range(len(items))]
-            real += [not getattr(items, "padding", False)] * (len(items) * generations)
+        prompts, seeds, real = self.seeded_prompts(micro_item_lists)
         rollouts, columns = self._sample(prompts, seeds)
-        real = torch.tensor(real)
+        real = real.repeat_interleave(generations)  # a prompt's generations are adjacent
         # Every real rollout's reward columns [F, R_all], rank after rank: whole groups.
         everyone = self.processes.gather(columns[:, real].t().contiguous()).t()
         rewards = torch.tensor(self.reward_weights) @ everyone

@@ -205,14 +205,7 @@ class PPOTrainer(Trainer):
     def prepare_step(self, micro_item_lists: list[list]) -> Experience:
         """The rollouts of all this rank's prompts of the step, one completion each, sampled
         with seeds of their places in the global batch, and what PPO derives from them."""
-        prompts, seeds, real = [], [], []
-        for index, items in enumerate(micro_item_lists):
-            start = getattr(items, "start", 0)
-            prompts += items
-            seeds += [f"{self.config.seed}/{self.step}/{index * self.global_batch_size + start + i}"
-                      for i in range(len(items))]
-            real += [not getattr(items, "padding", False)] * len(items)
-        return self.rollout(prompts, seeds, torch.tensor(real))
+        return self.rollout(*self.seeded_prompts(micro_item_lists))
 
     def updates(self, experience: Experience):
         """``ppo_epochs`` shuffled passes over the rollouts in mini-batches of
