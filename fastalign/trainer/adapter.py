@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +47,6 @@ def completion_targets(input_ids: torch.Tensor, completion_mask: torch.Tensor,
     return torch.where(keep, input_ids[:, 1:], IGNORE_INDEX)
 
 
-@dataclass(frozen=True)
-class _Head:
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    softcap: float | None
-
-
 class CausalLMAdapter:
     """Wraps a ``transformers`` causal LM (Llama, Qwen2, Mistral, Gemma-2, GPT-2, ... or a PEFT
     model around one) for fused completion log-probs.
@@ -79,18 +71,6 @@ class CausalLMAdapter:
         self.lm_head = head
         config = getattr(inner, "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None) or None
-
-    def head(self) -> _Head:
-        return _Head(self.lm_head.weight, getattr(self.lm_head, "bias", None), self.softcap)
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, T, D]`` last hidden states (after the final norm), no logits. Left-padded rows
-        (generation) need ``position_ids`` that start at their first real token."""
-        extra = {} if position_ids is None else {"position_ids": position_ids}
-        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False, return_dict=True, **extra)
-        return output.last_hidden_state
 
     def forward_with_head(self, head_fn, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None = None,
@@ -139,15 +119,6 @@ class CausalLMAdapter:
         the model's soft cap."""
         return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                softcap=self.softcap, ignore_index=IGNORE_INDEX)
-
-    def target_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *,
-                        temperature: float = 1.0) -> torch.Tensor:
-        """``[B, T-1]`` float32 log-probs of ``targets`` (``completion_targets``) from hidden
-        states already computed (``hidden_states(...)[:, :-1]``), through the output head."""
-        head = self.head()
-        return linear_logprobs(hidden, head.weight, targets, bias=head.bias,
-                               temperature=temperature, softcap=head.softcap,
-                               ignore_index=IGNORE_INDEX)
 
     def sequence_logprobs(self, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, *,

@@ -278,8 +278,3 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
                          "parallelism='ddp'")
     return layers
 
-
-def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a ``DistributedDataParallel`` wrapper (FSDP2 shards in place)."""
-    return getattr(module, "module", module) if type(module).__name__ == \
-        "DistributedDataParallel" else module
