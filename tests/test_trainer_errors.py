@@ -84,8 +84,13 @@ def test_output_dir_that_is_a_file(tmp_path):
     (dict(batch_size=0), "batch_size must be an integer >= 1"),
     (dict(max_steps=2.5), "max_steps must be an integer or None, got 2.5"),
     (dict(lr_schedule="step"), "lr_schedule must be one of linear"),
-    (dict(reference="none"), "reference must be one of copy"),
+    (dict(reference="none"), "reference must be one of auto, copy"),
     (dict(beta=0.0), "beta must be > 0"),
+    (dict(lora_r=-1), "lora_r must be an integer >= 0"),
+    (dict(lora_alpha=0.0), "lora_alpha must be > 0"),
+    (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
+    (dict(lora_target_modules=" , "), "lora_target_modules must name modules"),
+    (dict(gradient_checkpointing="yes"), "gradient_checkpointing must be true or false"),
 ])
 def test_config_errors(option, message):
     with pytest.raises(ValueError, match=message):

@@ -14,11 +14,13 @@ from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .ppo import PPOTrainer
 from .reward import RewardTrainer, tiny_reward_model
-from .tiny import load_model_and_tokenizer, tiny_llama
+from .lora import merge_adapter
+from .models import load_model_and_tokenizer
+from .tiny import tiny_llama
 from .tokenizer import byte_tokenizer
 
 __all__ = ["BestOfN", "CausalLMAdapter", "CheckpointError", "DPOConfig", "DPOTrainer",
            "DataError", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer",
            "TrainConfig", "best_of_n", "byte_tokenizer", "completion_targets",
-           "load_model_and_tokenizer", "load_preferences", "tiny_llama", "tiny_reward_model",
+           "load_model_and_tokenizer", "load_preferences", "merge_adapter", "tiny_llama", "tiny_reward_model",
            "tokenize_pairs"]

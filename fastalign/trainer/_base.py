@@ -43,6 +43,7 @@ from .checkpoint import (first_nonfinite, latest_checkpoint, load_checkpoint, rn
                          save_checkpoint)
 from .config import TrainConfig
 from .distributed import Processes
+from .lora import prepare_model, save_options
 from .metrics import MetricsLog, check_reporter
 
 # Options that may differ between a run and its resumption without being reported: where it
@@ -73,6 +74,7 @@ class Trainer:
 
     def __init__(self, model, tokenizer, config: TrainConfig, train_items: list,
                  eval_items: list | None = None):
+        model = prepare_model(model, config)  # LoRA adapters, gradient checkpointing
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.train_items, self.eval_items = train_items, eval_items or []
         self.output_dir = _writable_dir(config.output_dir)
@@ -389,7 +391,8 @@ class Trainer:
     def save_model(self, directory: Path, state_dict: dict | None = None) -> None:
         """The trained model (and tokenizer) in ``directory``, loadable with ``from_pretrained``;
         ``state_dict``: its full weights when the model is sharded (``gathered_state``)."""
-        self.model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+        self.model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict,
+                                   **save_options(self.model))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 

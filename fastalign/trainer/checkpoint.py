@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .lora import is_peft, save_options
+
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "fastalign_checkpoint.json"
 MANIFEST_FORMAT = 3  # 3: optimizer state keyed by parameter names, RNG per rank
@@ -49,7 +51,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
     partial = output_dir / f".{PREFIX}{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    model.save_pretrained(partial, safe_serialization=True, state_dict=model_state)
+    model.save_pretrained(partial, safe_serialization=True, state_dict=model_state,
+                          **save_options(model))
     if tokenizer is not None:
         tokenizer.save_pretrained(partial)
     torch.save(dict(state, rng=state.get("rng") or [rng_state()]), partial / STATE_FILE)
@@ -109,7 +112,7 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict, *, rank: int
     """
     path = Path(path)
     manifest = read_manifest(path)
-    weights = path / (ADAPTER_FILE if _is_peft(model) else WEIGHTS_FILE)
+    weights = path / (ADAPTER_FILE if is_peft(model) else WEIGHTS_FILE)
     for file in (path / STATE_FILE, weights):
         if not file.is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint: {file.name} is missing")
@@ -182,10 +185,6 @@ def _verify_checksums(path: Path, recorded: dict) -> None:
                 "checkpoint")
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def _load_weights(model, file: Path, load_weights=None) -> tuple[list[str], list[str]]:
     """Loads ``file`` into ``model``; returns (missing, unexpected) names, tied parameters not
     counted as missing. A PEFT model's checkpoint holds its adapters only (the base is frozen).
@@ -196,7 +195,7 @@ def _load_weights(model, file: Path, load_weights=None) -> tuple[list[str], list
         missing, unexpected = load_weights(load_file(file))
         tied = set(getattr(model, "_tied_weights_keys", None) or ())
         return [name for name in missing if name not in tied], list(unexpected)
-    if _is_peft(model):
+    if is_peft(model):
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(file))

@@ -18,7 +18,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
 REPORTERS = ("none", "tensorboard")
 PRECISIONS = ("fp32", "bf16")
-REFERENCES = ("copy", "adapters", "precomputed")
+REFERENCES = ("auto", "copy", "adapters", "precomputed")
 PARALLELISMS = ("ddp", "fsdp")
 
 
@@ -28,7 +28,9 @@ class TrainConfig:
     ``gradient_accumulation_steps`` micro-batches of ``batch_size`` pairs per process); when it
     is None, ``epochs`` passes over the training data. On several processes (``torchrun``) the
     global batch is ``batch_size x world size x gradient_accumulation_steps`` and
-    ``parallelism`` picks the engine: DDP, or FSDP2 sharding."""
+    ``parallelism`` picks the engine: DDP, or FSDP2 sharding. ``lora_r > 0`` trains LoRA
+    adapters (PEFT) on ``lora_target_modules`` instead of the whole model, and
+    ``gradient_checkpointing`` recomputes activations in the backward (``trainer.lora``)."""
     output_dir: str = "fastalign-output"
     learning_rate: float = 1e-5
     batch_size: int = 8
@@ -49,6 +51,11 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     report_to: str = "none"
     parallelism: str = "ddp"
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         _check_types(self)
@@ -64,6 +71,13 @@ class TrainConfig:
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _check_choice("report_to", self.report_to, REPORTERS)
         _check_choice("parallelism", self.parallelism, PARALLELISMS)
+        _check_at_least(self, 0, ["lora_r"])
+        _check_greater(self, 0, ["lora_alpha"])
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not self.lora_target_modules.replace(",", "").strip():
+            raise ConfigError("lora_target_modules must name modules (comma-separated, e.g. "
+                              "q_proj,v_proj) or be all-linear, got an empty value")
 
     @classmethod
     def from_dict(cls, values: dict):
@@ -103,12 +117,13 @@ class PreferenceConfig(TrainConfig):
 class DPOConfig(PreferenceConfig):
     """DPO: ``loss_type`` is any of ``fastalign.losses.dpo_loss``'s (IPO gets length-averaged
     log-probs, as TRL's); the reference is a frozen ``copy`` of the model, the model with its
-    LoRA ``adapters`` disabled, or ``precomputed`` once over the data and cached on disk."""
+    LoRA ``adapters`` disabled, or ``precomputed`` once over the data and cached on disk;
+    ``auto`` (the default) is ``adapters`` for a LoRA model, else ``copy``."""
     output_dir: str = "fastalign-dpo"
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
-    reference: str = "copy"
+    reference: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()

@@ -54,6 +54,7 @@ class DPOTrainer(Trainer):
         held_out = (tokenize_pairs(load_preferences(eval_data), tokenizer,
                                    max_length=config.max_length) if eval_data is not None else [])
         super().__init__(model, tokenizer, config, _indexed(train), _indexed(held_out, "eval"))
+        model = self.model  # with config.lora_r, the PEFT model around the one given
         self.policy = CausalLMAdapter(model)
         # IPO compares length-averaged log-probs (as TRL); FusedDPOLoss does that for it.
         self.loss = FusedDPOLoss(beta=config.beta, loss_type=config.loss_type,
@@ -61,11 +62,14 @@ class DPOTrainer(Trainer):
                                  ignore_index=IGNORE_INDEX, softcap=self.policy.softcap)
         self.reference = None
         self.reference_logps = None
+        self.reference_kind = "model" if ref_model is not None else config.reference
+        if self.reference_kind == "auto":
+            self.reference_kind = "adapters" if hasattr(model, "disable_adapter") else "copy"
         if ref_model is not None:
             self.reference = CausalLMAdapter(_frozen(ref_model))
-        elif config.reference == "copy":
+        elif self.reference_kind == "copy":
             self.reference = CausalLMAdapter(_frozen(copy.deepcopy(model)))
-        elif config.reference == "adapters":
+        elif self.reference_kind == "adapters":
             if not hasattr(model, "disable_adapter"):
                 raise ValueError("reference='adapters' needs a PEFT model with LoRA adapters; "
                                  f"{type(model).__name__} has none (use 'copy' or 'precomputed')")
@@ -128,7 +132,7 @@ class DPOTrainer(Trainer):
 
     def setup(self):
         return dict(super().setup(), eval_data=_digest(self.eval_items),
-                    loss_type=self.config.loss_type, reference=self.config.reference)
+                    loss_type=self.config.loss_type, reference=self.reference_kind)
 
     # -- the precomputed reference ------------------------------------------------------------
     @torch.no_grad()

@@ -61,6 +61,7 @@ class GRPOTrainer(Trainer):
             raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                              "tokenizer.pad_token = tokenizer.eos_token")
         super().__init__(model, tokenizer, config, list(prompts))
+        model = self.model  # with config.lora_r, the PEFT model around the one given
         self.reward_funcs = [RewardModelFunction(f, reward_tokenizer or tokenizer)
                              if isinstance(f, torch.nn.Module) else f for f in reward_funcs]
         self.reward_weights = list(reward_weights or [1.0] * len(reward_funcs))

@@ -86,6 +86,7 @@ class PPOTrainer(Trainer):
             raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                              "tokenizer.pad_token = tokenizer.eos_token")
         super().__init__(model, tokenizer, config, list(prompts))
+        model = self.model  # with config.lora_r, the PEFT model around the one given
         if self.processes.distributed and value_model is not None:
             raise NotImplementedError(
                 "a separate value_model is not supported on several processes yet; leave "

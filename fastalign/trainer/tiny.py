@@ -3,8 +3,6 @@ Llama-3's 128256-token vocabulary, and the byte-level tokenizer."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .tokenizer import byte_tokenizer
@@ -59,29 +57,4 @@ def warm_started_tiny(*, steps: int = 20, seed: int = 0, progress: bool = True,
                                    seed=seed, progress=progress)
     print(f"tiny: {steps}-step supervised warm start on the bundled answers, loss "
           f"{losses[0]:.2f} -> {losses[-1]:.2f}")
-    return model, tokenizer
-
-
-def load_model_and_tokenizer(name_or_path: str, **tiny_options):
-    """``(model, tokenizer)``: ``"tiny"`` builds the built-in default; anything else is loaded
-    with ``from_pretrained`` from a local directory or the local Hugging Face cache only.
-
-    Raises:
-        FileNotFoundError: the model is not available offline, with what to do.
-    """
-    if name_or_path == TINY:
-        return tiny_llama(**tiny_options), byte_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True)
-    except OSError as error:
-        where = "directory" if os.path.isdir(name_or_path) else "name"
-        raise FileNotFoundError(
-            f"cannot load model {name_or_path!r} offline ({where}): {str(error).splitlines()[0]} "
-            "Pass a local directory saved with save_pretrained, a model already in the Hugging "
-            f"Face cache, or {TINY!r} for the built-in model.") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

