@@ -67,6 +67,8 @@ HELP = {
                            "all-linear (every linear layer but the output head)",
     "gradient_checkpointing": "recompute each layer's activations in the backward (less "
                               "memory, about a third more compute)",
+    "padding_free": "run each batch's real tokens packed into one row, sequences kept apart "
+                    "by their position ids (no compute on padding)",
     "center_rewards_coefficient": "weight of the mean squared reward (keeps rewards near 0)",
     "num_generations": "completions per prompt (G), a group",
     "max_new_tokens": "tokens sampled per completion at most",
@@ -188,8 +190,16 @@ def _add_rl_flags(parser, kind: str) -> None:
     from .trainer.rewards import BUILT_IN, DEFAULT
 
     parser.add_argument("--prompts", default="demo",
-                        help="'demo' (the bundled prompts, the default), a .jsonl file of rows "
-                             "with a 'prompt', or a .txt file of one prompt per line")
+                        help="'demo' (the bundled prompts, the default), 'arithmetic' (the "
+                             "bundled word problems, for --rewards correct_answer), a .jsonl "
+                             "file of rows with a 'prompt' (other fields go to the reward "
+                             "functions; rows with a 'split' train on 'train'), or a .txt file "
+                             "of one prompt per line")
+    if kind == "grpo":
+        parser.add_argument("--eval-prompts", default=None,
+                            help="held-out prompts scored on greedy completions before, every "
+                                 "--eval-steps and after training (default: the 'test' rows "
+                                 "of --prompts)")
     parser.add_argument("--warm-start-steps", type=int, default=None,
                         help="supervised warm-start steps of --model tiny (default 20; 0: none)")
     if kind in ("grpo", "bon"):

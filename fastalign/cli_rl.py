@@ -36,16 +36,26 @@ def reward_model(args):
     return model.to(device(args)), tokenizer
 
 
-def load_prompts(source: str) -> list:
-    """``demo`` (the bundled prompts), a ``.jsonl`` file of rows with a ``prompt`` (text or
-    chat messages), or a text file with one prompt per line."""
+BUNDLED_PROMPTS = {"arithmetic": "arithmetic.jsonl"}  # --prompts NAME: fastalign/data/FILE
+
+
+def load_prompts(source: str, split: str | None = "train") -> list:
+    """``demo`` (the bundled prompts), ``arithmetic`` (the bundled word problems, rows with an
+    ``answer``), a ``.jsonl`` file of rows with a ``prompt`` (text or chat messages; a row's
+    other fields go to the reward functions by name), or a text file with one prompt per line.
+    Rows with a ``split`` field are kept where it is ``split`` (None: all); rows without one
+    count as ``train``."""
+    from importlib.resources import files
+
     from .trainer.data import read_lines
     from .trainer.tiny import demo_prompts
 
     if source == "demo":
-        return demo_prompts()
-    lines = read_lines(source, "--prompts", "'demo', a .jsonl file of rows with a 'prompt', or "
-                                            "a .txt file of one prompt per line")
+        return demo_prompts() if split in ("train", None) else []
+    if source in BUNDLED_PROMPTS:
+        source = str(files("fastalign") / "data" / BUNDLED_PROMPTS[source])
+    lines = read_lines(source, "--prompts", "'demo', 'arithmetic', a .jsonl file of rows with a "
+                                            "'prompt', or a .txt file of one prompt per line")
     if source.endswith(".jsonl"):
         prompts = []
         for number, line in lines:
@@ -55,10 +65,13 @@ def load_prompts(source: str) -> list:
                 raise ValueError(f"{source} line {number}: not JSON ({error.msg})") from None
             if not isinstance(row, dict) or not row.get("prompt"):
                 raise ValueError(f"{source} line {number}: a row needs a non-empty 'prompt'")
-            prompts.append(row["prompt"])
+            if split is not None and row.pop("split", "train") != split:
+                continue
+            row.pop("split", None)
+            prompts.append(row if len(row) > 1 else row["prompt"])
     else:
-        prompts = [line.rstrip("\r\n") for _, line in lines]
-    if not prompts:
+        prompts = [line.rstrip("\r\n") for _, line in lines] if split in ("train", None) else []
+    if not prompts and split in ("train", None):
         raise ValueError(f"--prompts {source!r} holds no prompt")
     return prompts
 
@@ -98,10 +111,17 @@ def train_rl(args, config) -> None:
     main_rank = os.environ.get("RANK", "0") == "0"
     model, tokenizer = policy(args, progress=config.progress and main_rank)
     prompts = load_prompts(args.prompts)
+    before = None
     if args.kind == "grpo":
         functions, weights = reward_functions(args)
+        held_out = (load_prompts(args.eval_prompts, split=None) if args.eval_prompts
+                    else load_prompts(args.prompts, split="test"))
         trainer = GRPOTrainer(model, tokenizer, config, prompts, functions,
-                              reward_weights=weights)
+                              reward_weights=weights, eval_prompts=held_out)
+        if held_out and args.resume is None:
+            before = trainer.evaluate()
+            print(f"held-out ({len(held_out)} prompts, greedy) before training: "
+                  f"{_shown(before)}")
         progress_key = "reward"
     else:
         scorer, reward_tokenizer = reward_model(args)
@@ -117,10 +137,20 @@ def train_rl(args, config) -> None:
     kl = f", KL to the reference {rows[-1]['kl']:.3f}" if "kl" in rows[-1] else ""
     print(f"done: {trainer.step} steps; mean {progress_key} over the first {window} logged steps "
           f"{first:.3f}, over the last {window} {last:.3f}{kl}; model in {trainer.output_dir}/")
+    if args.kind == "grpo" and trainer.eval_items:
+        after = rows[-1] if "eval_reward" in rows[-1] else trainer.evaluate()
+        print(f"held-out ({len(trainer.eval_items)} prompts, greedy) after training: "
+              f"{_shown(after)}" + (f" (before: {_shown(before)})" if before else ""))
+
+
+def _shown(metrics: dict) -> str:
+    return ", ".join(f"{name.removeprefix('eval_')} {value:.3f}" for name, value in metrics.items()
+                     if name.startswith("eval_"))
 
 
 def best_of_n_command(args) -> None:
     from .trainer import best_of_n
+    from .trainer.rollout import prompt_text
     from .trainer.rewards import DEFAULT
 
     if args.rewards and args.reward_model:
@@ -139,4 +169,4 @@ def best_of_n_command(args) -> None:
           f"(gain {result.gain:+.3f})")
     for prompt, completion, reward in list(zip(prompts, result.completions,
                                                result.rewards))[:args.show]:
-        print(f"  {prompt!r} -> {completion!r} (reward {reward:.3f})")
+        print(f"  {prompt_text(prompt)!r} -> {completion!r} (reward {reward:.3f})")

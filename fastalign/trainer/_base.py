@@ -353,10 +353,11 @@ class Trainer:
             while self.step < self.total_steps:
                 metrics = self.training_step()
                 done = self.step == self.total_steps
-                eval_steps = getattr(self.config, "eval_steps", None)  # preference trainers'
-                if eval_steps and (self.step % eval_steps == 0 or done):
+                eval_steps = getattr(self.config, "eval_steps", None)  # preference, GRPO
+                evaluated = bool(eval_steps) and (self.step % eval_steps == 0 or done)
+                if evaluated:
                     metrics.update(self.evaluate())
-                if self.step % self.config.logging_steps == 0 or done or "eval_loss" in metrics:
+                if self.step % self.config.logging_steps == 0 or done or evaluated:
                     if main:
                         log.log(self.step, metrics)
                     last = metrics

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..integrations._lm_head import head_parameters
 from ..ops import linear_logprobs
+from .packing import Packing, check_packing_supported
 
 IGNORE_INDEX = -100
 
@@ -56,7 +57,7 @@ class CausalLMAdapter:
             a backbone (``base_model``) returning ``last_hidden_state``.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, padding_free: bool = False):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         backbone = getattr(inner, "base_model", None)
@@ -71,6 +72,10 @@ class CausalLMAdapter:
         self.lm_head = head
         config = getattr(inner, "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None) or None
+        # Run the real tokens of a padded batch as one packed row (``packing.py``).
+        if padding_free:
+            check_packing_supported(inner)
+        self.padding_free = padding_free
 
     def forward_with_head(self, head_fn, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None = None,
@@ -79,15 +84,24 @@ class CausalLMAdapter:
         ``head_fn(hidden [B, T-1, D], weight [V, D], bias [V] | None)`` in place of the logits,
         and returns what ``head_fn`` returned (e.g. a fused loss, differentiable w.r.t. all
         parameters). ``hidden`` is cut to the positions that have a next token; the weight
-        has any LoRA adapter on the head folded in (``head_parameters``)."""
+        has any LoRA adapter on the head folded in (``head_parameters``). With
+        ``padding_free``, the rows' real tokens run packed into one row and ``hidden`` is
+        scattered back to ``[B, T-1, D]`` (zeros at padding) before ``head_fn``."""
         results = []
+        packing = (Packing(attention_mask, position_ids)
+                   if self.padding_free and attention_mask is not None else None)
 
         def fused_head(hidden):
             weight, bias = head_parameters(self.lm_head)
+            if packing is not None:
+                hidden = packing.unpack(hidden)
             results.append(head_fn(hidden[:, :-1], weight, bias))
             # What the model's forward goes on with (a soft cap, a cast): no vocabulary.
             return hidden.new_empty(*hidden.shape[:-1], 0)
 
+        if packing is not None:  # no attention mask: the positions keep the sequences apart
+            input_ids, attention_mask = packing.pack(input_ids), None
+            position_ids = packing.position_ids
         extra = {} if position_ids is None else {"position_ids": position_ids}
         self.lm_head.forward = fused_head  # the instance attribute shadows the class's forward
         try:
@@ -175,13 +189,14 @@ class FrozenReference:
     policy, its base model with the adapters disabled (no second copy of the weights); else a
     frozen copy of ``model``."""
 
-    def __init__(self, model, ref_model=None):
+    def __init__(self, model, ref_model=None, *, padding_free: bool = False):
         self.uses_base = ref_model is None and hasattr(model, "disable_adapter")
         if self.uses_base:
-            self.adapter = CausalLMAdapter(model)
+            self.adapter = CausalLMAdapter(model, padding_free=padding_free)
         else:
             reference = ref_model if ref_model is not None else copy.deepcopy(model)
-            self.adapter = CausalLMAdapter(reference.eval().requires_grad_(False))
+            self.adapter = CausalLMAdapter(reference.eval().requires_grad_(False),
+                                           padding_free=padding_free)
 
     def place(self, processes, root: torch.nn.Module, precision: str) -> None:
         """On several processes: the adapters-off reference runs through the policy's

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rollout import generate_rollouts, score_completions
+from .rollout import generate_rollouts, prompt_text, score_completions
 
 
 @dataclass
@@ -33,7 +33,7 @@ def score_with_reward_model(reward_model, tokenizer, prompts: list, completions:
     from .data import _ids, _pad
 
     device = next(reward_model.parameters()).device
-    rows = [(_ids(tokenizer, p), tokenizer(c, add_special_tokens=False)["input_ids"])
+    rows = [(_ids(tokenizer, prompt_text(p)), tokenizer(c, add_special_tokens=False)["input_ids"])
             for p, c in zip(prompts, completions)]
     scores = []
     reward_model.eval()

@@ -30,7 +30,8 @@ class TrainConfig:
     global batch is ``batch_size x world size x gradient_accumulation_steps`` and
     ``parallelism`` picks the engine: DDP, or FSDP2 sharding. ``lora_r > 0`` trains LoRA
     adapters (PEFT) on ``lora_target_modules`` instead of the whole model, and
-    ``gradient_checkpointing`` recomputes activations in the backward (``trainer.lora``)."""
+    ``gradient_checkpointing`` recomputes activations in the backward (``trainer.lora``);
+    ``padding_free`` runs each batch's real tokens as one packed row (``trainer.packing``)."""
     output_dir: str = "fastalign-output"
     learning_rate: float = 1e-5
     batch_size: int = 8
@@ -56,6 +57,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
     gradient_checkpointing: bool = False
+    padding_free: bool = False
 
     def __post_init__(self):
         _check_types(self)
@@ -186,7 +188,9 @@ class GRPOConfig(RLConfig):
     (importance ratios against the rollouts' log-probs); ``beta`` > 0 adds the KL estimate to a
     frozen reference (``monitor_kl`` keeps one to log the KL even at ``beta = 0``). ``loss_type``
     picks the aggregation: grpo (mean of sequence means), bnpo / dapo (token mean), dr_grpo (sum
-    over batch x max_new_tokens)."""
+    over batch x max_new_tokens). With held-out prompts, every ``eval_steps`` steps (and at the
+    end) their greedy completions are scored by the reward functions (``eval_rewards/...``),
+    ``eval_batch_size`` prompts at a time."""
     output_dir: str = "fastalign-grpo"
     batch_size: int = 4
     num_generations: int = 4
@@ -195,9 +199,12 @@ class GRPOConfig(RLConfig):
     num_iterations: int = 1
     scale_rewards: str = "group"
     monitor_kl: bool = False
+    eval_steps: int | None = None
+    eval_batch_size: int = 32
 
     def __post_init__(self):
         super().__post_init__()
+        _check_at_least(self, 1, ["eval_steps", "eval_batch_size"])
         _check_choice("loss_type", self.loss_type, tuple(GRPO_LOSS_TYPES))
         _check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         _check_at_least(self, 1, ["num_iterations"])

@@ -55,7 +55,7 @@ class DPOTrainer(Trainer):
                                    max_length=config.max_length) if eval_data is not None else [])
         super().__init__(model, tokenizer, config, _indexed(train), _indexed(held_out, "eval"))
         model = self.model  # with config.lora_r, the PEFT model around the one given
-        self.policy = CausalLMAdapter(model)
+        self.policy = CausalLMAdapter(model, padding_free=config.padding_free)
         # IPO compares length-averaged log-probs (as TRL); FusedDPOLoss does that for it.
         self.loss = FusedDPOLoss(beta=config.beta, loss_type=config.loss_type,
                                  label_smoothing=config.label_smoothing,
@@ -66,9 +66,11 @@ class DPOTrainer(Trainer):
         if self.reference_kind == "auto":
             self.reference_kind = "adapters" if hasattr(model, "disable_adapter") else "copy"
         if ref_model is not None:
-            self.reference = CausalLMAdapter(_frozen(ref_model))
+            self.reference = CausalLMAdapter(_frozen(ref_model),
+                                            padding_free=config.padding_free)
         elif self.reference_kind == "copy":
-            self.reference = CausalLMAdapter(_frozen(copy.deepcopy(model)))
+            self.reference = CausalLMAdapter(_frozen(copy.deepcopy(model)),
+                                            padding_free=config.padding_free)
         elif self.reference_kind == "adapters":
             if not hasattr(model, "disable_adapter"):
                 raise ValueError("reference='adapters' needs a PEFT model with LoRA adapters; "

@@ -30,21 +30,24 @@ class GRPOTrainer(Trainer):
         model: the policy, a ``transformers`` causal LM (or PEFT model around one).
         tokenizer: its tokenizer (a pad token is required).
         config: a ``GRPOConfig``.
-        prompts: a list of prompts (text or chat messages).
-        reward_funcs: callables ``f(prompts, completions) -> list[float]`` (one reward per
-            completion; prompts repeated to match) and/or reward models (sequence classifiers
-            with one output, frozen; scored through ``reward_tokenizer``, default
-            ``tokenizer``), summed with ``reward_weights``.
+        prompts: a list of prompts (text or chat messages), or of rows with a ``"prompt"``
+            whose other fields (e.g. ``answer``) the reward functions get by name.
+        reward_funcs: callables ``f(prompts, completions, **fields) -> list[float]`` (one
+            reward per completion; prompts repeated to match; see ``rollout.reward_columns``)
+            and/or reward models (sequence classifiers with one output, frozen; scored through
+            ``reward_tokenizer``, default ``tokenizer``), summed with ``reward_weights``.
+        eval_prompts: held-out prompts (as ``prompts``), scored on greedy completions by
+            ``evaluate`` every ``config.eval_steps`` steps and at the end.
         ref_model: the frozen reference for ``beta > 0`` or ``monitor_kl`` (default: a PEFT
             model's base with its adapters disabled, else a copy of ``model``).
     """
 
-    plot_panels = [("loss", ["loss"]), ("reward", ["reward", "reward_std"]),
+    plot_panels = [("loss", ["loss"]), ("reward", ["reward", "reward_std", "eval_reward"]),
                    ("KL to the reference", ["kl"])]
 
     def __init__(self, model, tokenizer, config: GRPOConfig | None, prompts: list,
                  reward_funcs: list, *, reward_weights: list[float] | None = None,
-                 reward_tokenizer=None, ref_model=None):
+                 reward_tokenizer=None, ref_model=None, eval_prompts: list | None = None):
         config = config or GRPOConfig()
         if not prompts:
             raise ValueError("prompts is empty")
@@ -60,19 +63,20 @@ class GRPOTrainer(Trainer):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                              "tokenizer.pad_token = tokenizer.eos_token")
-        super().__init__(model, tokenizer, config, list(prompts))
+        super().__init__(model, tokenizer, config, list(prompts), list(eval_prompts or []))
         model = self.model  # with config.lora_r, the PEFT model around the one given
         self.reward_funcs = [RewardModelFunction(f, reward_tokenizer or tokenizer)
                              if isinstance(f, torch.nn.Module) else f for f in reward_funcs]
         self.reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
-        self.policy = CausalLMAdapter(model)
+        self.policy = CausalLMAdapter(model, padding_free=config.padding_free)
         self.loss = FusedPolicyLoss(
             clip_low=config.clip_low, clip_high=config.clip_high, kl_coef=config.beta,
             kl_estimator=config.kl_estimator, aggregation=GRPO_LOSS_TYPES[config.loss_type],
             max_length=config.max_new_tokens, temperature=config.temperature,
             ignore_index=IGNORE_INDEX, softcap=self.policy.softcap)
-        self.reference = (FrozenReference(model, ref_model)
-                          if config.beta > 0 or config.monitor_kl else None)
+        self.reference = (
+            FrozenReference(model, ref_model, padding_free=config.padding_free)
+            if config.beta > 0 or config.monitor_kl else None)
 
     def on_wrapped(self, root):
         self.policy.root = root
@@ -99,7 +103,7 @@ class GRPOTrainer(Trainer):
         rollouts = generate_rollouts(
             self.model, self.tokenizer, prompts, num_generations=config.num_generations,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            top_p=config.top_p, seeds=seeds,
+            top_p=config.top_p, seeds=seeds, padding_free=config.padding_free,
             synced=self.processes.distributed and self.processes.parallelism == "fsdp")
         repeated = [prompts[i] for i in rollouts.prompt_index.tolist()]
         return rollouts, reward_columns(self.reward_funcs, repeated, rollouts.completions)
@@ -173,7 +177,42 @@ class GRPOTrainer(Trainer):
                 **work.reward_means, "completion_length": work.lengths.mean()}
 
     def progress_metrics(self, metrics):
-        return {"loss": f"{metrics['loss']:.4f}", "reward": f"{metrics['reward']:.3f}"}
+        shown = {"loss": f"{metrics['loss']:.4f}", "reward": f"{metrics['reward']:.3f}"}
+        if "eval_reward" in metrics:
+            shown["eval_reward"] = f"{metrics['eval_reward']:.3f}"
+        return shown
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list | None = None) -> dict:
+        """The reward functions' means on greedy completions of the held-out prompts (default:
+        ``eval_prompts``), ``eval_rewards/<name>`` and their weighted sum ``eval_reward``;
+        ``{}`` without any. On several processes each rank completes its share."""
+        prompts = self.eval_items if prompts is None else prompts
+        if not prompts:
+            return {}
+        _ = self.root
+        start, end = self.processes.share_bounds(len(prompts))
+        size = self.config.eval_batch_size
+        # Every rank generates as many chunks as the largest share needs: under FSDP2 each
+        # forward gathers parameters from all ranks, so a rank that stopped early would hang
+        # the others. A rank out of prompts completes a stand-in one and drops the result.
+        chunks = math.ceil(math.ceil(len(prompts) / self.processes.world_size) / size)
+        columns = []
+        for index in range(chunks):
+            chunk = prompts[start + index * size:min(start + (index + 1) * size, end)]
+            rollouts = generate_rollouts(
+                self.model, self.tokenizer, chunk or prompts[:1],
+                max_new_tokens=self.config.max_new_tokens, logprobs=False, greedy=True,
+                synced=self.processes.distributed and self.processes.parallelism == "fsdp")
+            if chunk:
+                columns.append(reward_columns(self.reward_funcs, chunk, rollouts.completions))
+        local = (torch.cat(columns, 1) if columns
+                 else torch.zeros(len(self.reward_funcs), 0)).t().contiguous()
+        everyone = self.processes.gather(local.to(self.device)).cpu().t()  # [F, len(prompts)]
+        means = {f"eval_rewards/{reward_name(f)}": float(column.mean())
+                 for f, column in zip(self.reward_funcs, everyone)}
+        total = float((torch.tensor(self.reward_weights) @ everyone).mean())
+        return {"eval_reward": total, **means}
 
 
 @dataclass

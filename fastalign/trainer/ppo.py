@@ -91,7 +91,7 @@ class PPOTrainer(Trainer):
             raise NotImplementedError(
                 "a separate value_model is not supported on several processes yet; leave "
                 "value_model=None (a value head on the policy, trained with it)")
-        self.policy = CausalLMAdapter(model)
+        self.policy = CausalLMAdapter(model, padding_free=config.padding_free)
         if value_model is None:  # zero-initialized: values start at 0, the mean return early on
             hidden_size = self.policy.lm_head.weight.shape[1]
             self.value_module = torch.nn.Linear(hidden_size, 1, device=self.device)
@@ -103,7 +103,7 @@ class PPOTrainer(Trainer):
         self.value_root = self.value_module  # its DDP wrapper on several processes
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.reward_tokenizer = reward_tokenizer or tokenizer
-        self.reference = FrozenReference(model, ref_model)
+        self.reference = FrozenReference(model, ref_model, padding_free=config.padding_free)
         self.policy_loss = FusedPolicyLoss(
             clip_low=config.clip_low, clip_high=config.clip_high, aggregation="token_mean",
             temperature=config.temperature, softcap=self.policy.softcap,

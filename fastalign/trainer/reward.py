@@ -21,6 +21,7 @@ from ..losses import reward_loss
 from ._base import Trainer
 from .config import RewardConfig
 from .data import DataError, _pad, load_preferences, tokenize_pairs, where
+from .packing import Packing, check_packing_supported
 
 
 class RewardTrainer(Trainer):
@@ -50,6 +51,8 @@ class RewardTrainer(Trainer):
         splits = [_with_margins(load_preferences(data), tokenizer, config.max_length)
                   for data in (train_data, eval_data) if data is not None]
         super().__init__(model, tokenizer, config, splits[0], splits[1] if len(splits) > 1 else [])
+        if config.padding_free:
+            check_packing_supported(model)
 
     def collate(self, items):
         batch = _pad([(pair.prompt, pair.chosen) for pair, _ in items]
@@ -63,14 +66,41 @@ class RewardTrainer(Trainer):
 
     def compute_loss(self, batch):
         input_ids, attention_mask, margin = batch
-        rewards = self.root(input_ids=input_ids, attention_mask=attention_mask,
-                             use_cache=False).logits.squeeze(-1).float()
+        if self.config.padding_free:
+            rewards = self._packed_rewards(input_ids, attention_mask)
+        else:
+            rewards = self.root(input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache=False).logits.squeeze(-1).float()
         chosen, rejected = rewards.chunk(2)
         return reward_loss(chosen, rejected, margin=margin,
                            center_coef=self.config.center_rewards_coefficient)
 
     def progress_metrics(self, metrics):
         return {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['accuracy']:.2f}"}
+
+    def _packed_rewards(self, input_ids, attention_mask) -> torch.Tensor:
+        """``[2B]`` rewards of a padding-free forward (``packing.py``): inside the model's
+        forward, its score head runs on each row's last token that is not the pad token (the
+        token transformers' classifiers pool), its output for the packed row is left unused."""
+        packing = Packing(attention_mask)
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        head, scores = inner.score, []
+        pad_id = inner.config.pad_token_id
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (columns * (input_ids != pad_id)).argmax(-1)
+
+        def pooled_score(hidden):
+            rows = packing.unpack(hidden)[torch.arange(len(last), device=last.device), last]
+            scores.append(type(head).forward(head, rows))
+            return hidden.new_zeros(*hidden.shape[:-1], 1)
+
+        head.forward = pooled_score  # the instance attribute shadows the class's forward
+        try:
+            self.root(input_ids=packing.pack(input_ids), position_ids=packing.position_ids,
+                      use_cache=False)
+        finally:
+            del head.forward
+        return scores[0].squeeze(-1).float()
 
 
 def _with_margins(rows, tokenizer, max_length):

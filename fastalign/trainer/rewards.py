@@ -11,11 +11,22 @@ its rewards are rules on characters that it can learn in a few dozen steps on a 
   proxy that loves exclamation marks, which an optimizer satisfies with "!!!!!!!!" and no text.
   Pair it with ``letters`` at weight 0 to watch the true goal fall while the proxy rises (see
   docs/reward_hacking.md), and with the KL penalty (``beta``) to hold it back.
+
+Verifiers, for prompts with a known answer (rows with an ``answer`` field, as the bundled
+arithmetic problems, ``fastalign/data/arithmetic.jsonl``):
+
+- ``correct_answer``: 1 when the completion's stated answer is the answer: the number after
+  its last "Answer:", or without one its last number ("... so 6 x 9 = 54 cards.");
+- ``answer_format``: 1 when the completion states its answer as "Answer: <number>".
 """
 
 from __future__ import annotations
 
 import importlib
+import re
+
+_ANSWER = re.compile(r"Answer:\s*\**\s*(-?[\d,]*\d)")
+_NUMBER = re.compile(r"-?\d[\d,]*\d|-?\d")
 
 
 def enthusiasm(prompts, completions) -> list[float]:
@@ -34,7 +45,35 @@ def applause(prompts, completions) -> list[float]:
     return [text.count("!") / 4 for text in completions]
 
 
-BUILT_IN = {"enthusiasm": enthusiasm, "letters": letters, "applause": applause}
+def final_answer(text: str) -> int | None:
+    """The integer after the last "Answer:" in ``text`` (commas and a bold ``**`` allowed),
+    or None."""
+    found = _ANSWER.findall(text)
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def stated_answer(text: str) -> int | None:
+    """``final_answer``, else the last number in ``text``, else None."""
+    found = final_answer(text)
+    if found is None and (numbers := _NUMBER.findall(text)):
+        found = int(numbers[-1].replace(",", ""))
+    return found
+
+
+def correct_answer(prompts, completions, answer=None) -> list[float]:
+    """1 where ``stated_answer`` equals the row's ``answer``, else 0."""
+    if answer is None or any(value is None for value in answer):
+        raise ValueError("correct_answer needs an 'answer' field in every prompt row")
+    return [float(stated_answer(text) == int(value)) for text, value in zip(completions, answer)]
+
+
+def answer_format(prompts, completions) -> list[float]:
+    """1 where the completion gives an "Answer: <number>", else 0."""
+    return [float(final_answer(text) is not None) for text in completions]
+
+
+BUILT_IN = {"enthusiasm": enthusiasm, "letters": letters, "applause": applause,
+            "correct_answer": correct_answer, "answer_format": answer_format}
 DEFAULT = ("enthusiasm", "letters")
 
 

@@ -10,6 +10,7 @@ first real token, so a recomputed log-prob is the one the token was sampled with
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import traceback
@@ -19,6 +20,21 @@ import torch
 
 from .adapter import CausalLMAdapter
 from .data import _ids
+
+
+def prompt_text(item):
+    """The prompt of a prompt item: the item itself (text or chat messages), or a row's
+    ``"prompt"`` (a row's other fields, e.g. a verifier's ``answer``, go to the reward
+    functions: ``prompt_columns``)."""
+    return item["prompt"] if isinstance(item, dict) else item
+
+
+def prompt_columns(items: list) -> dict[str, list]:
+    """The fields of prompt rows besides ``"prompt"``, one list per field aligned with
+    ``items`` (None where an item lacks it), as TRL passes dataset columns to reward functions."""
+    names = sorted({key for item in items if isinstance(item, dict) for key in item} - {"prompt"})
+    return {name: [item.get(name) if isinstance(item, dict) else None for item in items]
+            for name in names}
 
 
 @dataclass
@@ -133,10 +149,14 @@ def _stop_mask(completion: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
 def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int = 1,
                       max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
                       stop_tokens: list[str] | None = None, logprobs: bool = True,
-                      seeds: list[int] | None = None, synced: bool = False) -> Rollouts:
+                      seeds: list[int] | None = None, synced: bool = False,
+                      greedy: bool = False, padding_free: bool = False) -> Rollouts:
     """Samples ``num_generations`` completions of each prompt (text, or chat messages rendered
-    with the generation prompt) and recomputes their log-probs with ``linear_logprobs``
-    (``logprobs=False``: not, ``old_logprobs`` is None; sampling only, as Best-of-N).
+    with the generation prompt; or rows with a ``"prompt"``, see ``prompt_text``) and
+    recomputes their log-probs with ``linear_logprobs`` (``logprobs=False``: not,
+    ``old_logprobs`` is None; sampling only, as Best-of-N). ``greedy``: the most likely token
+    at each step instead of a sample (held-out evaluation), ``temperature`` then only scales
+    the recomputed log-probs. ``padding_free``: recompute them packed (``packing.py``).
 
     ``seeds``: one per prompt; its generation ``g`` samples from ``random.Random(f"{seed}/{g}")``,
     so a completion is the same whatever else is generated beside it (default: the global
@@ -150,6 +170,7 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     """
     if not prompts:
         raise ValueError("prompts is empty")
+    prompts = [prompt_text(item) for item in prompts]
     if num_generations < 1 or max_new_tokens < 1:
         raise ValueError(f"num_generations and max_new_tokens must be >= 1, got "
                          f"{num_generations} and {max_new_tokens}")
@@ -182,7 +203,7 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
         random.Random(f"{seed}/{g}") for seed in seeds for g in range(num_generations)]
     sequences = model.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, num_beams=1,
-        logits_processor=[_Sampling(temperature, top_p, generators)],
+        logits_processor=[] if greedy else [_Sampling(temperature, top_p, generators)],
         max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
         pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
     completion = sequences[:, prompt_ids.shape[1]:]
@@ -194,7 +215,7 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     old_logprobs = None
     if logprobs:
-        old_logprobs, _ = CausalLMAdapter(model).completion_logprobs(
+        old_logprobs, _ = CausalLMAdapter(model, padding_free=padding_free).completion_logprobs(
             input_ids, completion_mask, attention_mask, position_ids=position_ids,
             temperature=temperature)
     model.train(was_training)
@@ -207,12 +228,16 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
 
 
 def reward_columns(reward_funcs: list, prompts: list, completions: list[str]) -> torch.Tensor:
-    """``[len(reward_funcs), len(completions)]``: each ``f(prompts, completions) ->
-    list[float]``; a wrong count or a non-finite value is an error naming the function."""
+    """``[len(reward_funcs), len(completions)]``: each ``f(prompts, completions, **fields) ->
+    list[float]``, where ``fields`` are the prompt rows' other fields (``prompt_columns``) that
+    ``f`` takes by name, or all of them when it takes ``**kwargs``; a wrong count or a
+    non-finite value is an error naming the function."""
+    fields = prompt_columns(prompts)
+    prompts = [prompt_text(item) for item in prompts]
     columns = []
     for function in reward_funcs:
         try:
-            returned = function(prompts, completions)
+            returned = function(prompts, completions, **_taken(function, fields))
         except Exception as error:
             raise RewardFunctionError(function, error) from error
         try:
@@ -232,6 +257,18 @@ def score_completions(reward_funcs: list, prompts: list, completions: list[str],
     """``[len(completions)]`` weighted sum of the ``reward_columns``."""
     weights = torch.tensor(weights or [1.0] * len(reward_funcs))
     return weights @ reward_columns(reward_funcs, prompts, completions)
+
+
+def _taken(function, fields: dict) -> dict:
+    """The ``fields`` that ``function`` accepts as keyword arguments."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: prompts and completions
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return fields
+    names = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {name: values for name, values in fields.items() if name in names}
 
 
 def reward_name(function) -> str:

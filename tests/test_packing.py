@@ -1,0 +1,99 @@
+"""Padding-free batches: the real tokens of a padded batch run as one packed row, sequences kept
+apart by their position ids. Everything a packed pass returns must equal the padded pass."""
+
+import pytest
+import torch
+from helpers import preference_rows, small_llama
+
+from fastalign.trainer import (CausalLMAdapter, DPOConfig, DPOTrainer, RewardConfig,
+                               RewardTrainer, byte_tokenizer, tiny_reward_model)
+from fastalign.trainer.packing import Packing
+
+
+def _mixed_batch(left_padded: bool):
+    """Rows of 3, 11, 7 and 1 real tokens over 1000 ids (left- or right-padded to 11), every
+    token after the first a completion token."""
+    torch.manual_seed(0)
+    lengths, width = [3, 11, 7, 1], 11
+    input_ids = torch.randint(0, 1000, (len(lengths), width))
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        span = slice(width - length, width) if left_padded else slice(0, length)
+        attention_mask[row, span] = 1
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    completion_mask = attention_mask.clone()
+    first = attention_mask.argmax(-1)
+    completion_mask[torch.arange(len(lengths)), first] = 0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, completion_mask, attention_mask, position_ids
+
+
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_packed_logprobs_and_gradients_equal_the_padded_batch(left_padded):
+    input_ids, completion_mask, attention_mask, position_ids = _mixed_batch(left_padded)
+    results = []
+    for padding_free in (False, True):
+        model = small_llama(seed=1, scale=3.0)
+        adapter = CausalLMAdapter(model, padding_free=padding_free)
+        per_token, counts = adapter.completion_logprobs(input_ids, completion_mask,
+                                                        attention_mask, position_ids=position_ids)
+        (per_token * torch.linspace(0.5, 2, per_token.shape[1])).sum().backward()
+        results.append((per_token, counts, {n: p.grad for n, p in model.named_parameters()}))
+    (padded, padded_counts, padded_grads), (packed, packed_counts, packed_grads) = results
+    assert torch.equal(packed_counts, padded_counts) and padded_counts.sum() > 10
+    assert padded.abs().sum() > 0
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for name, grad in padded_grads.items():  # fp32 sums in another order: relative to the norm
+        error = (packed_grads[name] - grad).norm() / grad.norm()
+        assert grad.norm() > 0 and error < 1e-5, (name, float(error))
+
+
+def test_no_token_attends_across_a_boundary():
+    """Changing one sequence changes no other sequence's log-probs in the packed row."""
+    input_ids, completion_mask, attention_mask, _ = _mixed_batch(left_padded=False)
+    adapter = CausalLMAdapter(small_llama(seed=1, scale=3.0), padding_free=True)
+    with torch.no_grad():
+        before, _ = adapter.completion_logprobs(input_ids, completion_mask, attention_mask)
+        changed = input_ids.clone()
+        changed[0, :3] = torch.tensor([5, 6, 7])  # the row packed first
+        after, _ = adapter.completion_logprobs(changed, completion_mask, attention_mask)
+    assert not torch.allclose(after[0], before[0])
+    assert torch.equal(after[1:], before[1:])
+
+
+def test_packing_round_trip_and_positions():
+    _, _, attention_mask, _ = _mixed_batch(left_padded=True)
+    packing = Packing(attention_mask)
+    assert packing.position_ids.tolist() == [[0, 1, 2, *range(11), *range(7), 0]]
+    values = torch.randn(*attention_mask.shape, 2)
+    back = packing.unpack(packing.pack(values))
+    assert torch.equal(back, values * attention_mask[..., None])
+
+
+def test_padding_free_dpo_and_reward_losses_equal_the_padded(tmp_path):
+    losses = {}
+    for padding_free in (False, True):
+        config = DPOConfig(output_dir=str(tmp_path / f"dpo{padding_free}"), batch_size=3,
+                           progress=False, padding_free=padding_free)
+        trainer = DPOTrainer(small_llama(seed=2, scale=2.0), byte_tokenizer(), config,
+                             preference_rows(3), ref_model=small_llama(seed=3, scale=2.0))
+        loss, _ = trainer.compute_loss(trainer.collate(trainer.train_items[:3]))
+        config = RewardConfig(output_dir=str(tmp_path / f"rm{padding_free}"), batch_size=3,
+                              progress=False, padding_free=padding_free)
+        model = tiny_reward_model(vocab_size=300, hidden_size=32, num_layers=1, seed=4)
+        scorer = RewardTrainer(model, byte_tokenizer(), config, preference_rows(3))
+        input_ids, attention_mask, _ = scorer.collate(scorer.train_items[:3])
+        assert (attention_mask == 0).any()  # the rows differ in length: there is padding
+        losses[padding_free] = (loss, scorer._packed_rewards(input_ids, attention_mask)
+                                if padding_free else model(
+                                    input_ids=input_ids, attention_mask=attention_mask
+                                ).logits.squeeze(-1))
+    torch.testing.assert_close(losses[True][0], losses[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[True][1], losses[False][1], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_free_refuses_an_attention_it_cannot_trust():
+    model = small_llama()
+    model.config._attn_implementation = "paged_attention"
+    with pytest.raises(ValueError, match="'paged_attention' is not known to keep packed"):
+        CausalLMAdapter(model, padding_free=True)
