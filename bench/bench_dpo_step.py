@@ -1,12 +1,18 @@
 """One DPO training step on the CPU: fastalign's DPOTrainer beside TRL's DPOTrainer, same model,
 data and settings, time and peak memory, each in a fresh process.
 
-Model: the tiny Llama (hidden 256, 4 layers, V = 128256, untrained), fp32; 4 pairs of 512 tokens
-(256 of prompt, 256 of completion); reference = a frozen copy; AdamW. Both trainers run one
-warm-up step (AdamW's state exists afterwards), then the measured steps: time is the median
-step, memory the peak resident set one step adds (gradients, activations, logits).
+Model: the tiny Llama (hidden 256, 4 layers, V = 128256, untrained), fp32, or with ``--model
+smollm2`` SmolLM2-135M-Instruct (``make real``); 4 pairs of 512 tokens (256 of prompt, 256 of
+completion); reference = a frozen copy; AdamW. Both trainers run one warm-up step (AdamW's state
+exists afterwards), then the measured steps: time is the median step, memory the peak resident
+set one step adds (gradients, activations, logits). ``fastalign_packed`` is fastalign with
+``padding_free=True``; ``--length-mix`` draws each pair's prompt and completion lengths between
+a quarter of the given ones and all of them (a realistic spread: the padded batch then spends
+compute on padding, the packed one does not).
 
     python bench/bench_dpo_step.py --csv bench/results/dpo_step_cpu.csv
+    python bench/bench_dpo_step.py --model smollm2 --length-mix --pairs 8 --prompt 96 \
+        --completion 96 --providers fastalign fastalign_packed --csv bench/results/packing_cpu.csv
 """
 
 from __future__ import annotations
@@ -28,34 +34,49 @@ import harness  # noqa: E402
 
 from fastalign import _measure  # noqa: E402
 
-PROVIDERS = ("fastalign", "trl")
+PROVIDERS = ("fastalign", "fastalign_packed", "trl")
 
 
-def _rows(pairs: int, prompt_tokens: int, completion_tokens: int) -> list[dict]:
-    """Random printable text; the byte tokenizer makes one token per character (the EOS the
-    trainers append is the completion's last token)."""
+def _rows(pairs: int, prompt_tokens: int, completion_tokens: int, tokenizer,
+          mix: bool = False) -> list[dict]:
+    """Random text of the given token counts (``mix``: each between a quarter of them and all):
+    lowercase words, cut to length by ``tokenizer`` (the EOS the trainers append is the
+    completion's last token)."""
     rng = random.Random(0)
 
     def text(n):
-        return "".join(rng.choice(string.ascii_lowercase + " ") for _ in range(n))
+        n = rng.randint(max(1, n // 4), n) if mix else n
+        words = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(5))
+                         for _ in range(n))
+        return tokenizer.decode(tokenizer(words, add_special_tokens=False)["input_ids"][:n])
 
     return [dict(prompt=text(prompt_tokens), chosen=text(completion_tokens - 1),
                  rejected=text(completion_tokens - 1)) for _ in range(pairs)]
 
 
-def _model(spec):
-    from fastalign.trainer import tiny_llama
+def _model_and_tokenizer(spec):
+    from fastalign.trainer import byte_tokenizer, load_model_and_tokenizer, tiny_llama
 
+    if spec["model"] != "tiny":
+        model, tokenizer = load_model_and_tokenizer(spec["model"])
+        return model.to(spec.get("device", "cpu")), tokenizer
     return tiny_llama(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
-                      num_layers=spec["layers"], max_positions=2048).to(spec.get("device", "cpu"))
+                      num_layers=spec["layers"], max_positions=2048
+                      ).to(spec.get("device", "cpu")), byte_tokenizer()
+
+
+def _model(spec):
+    return _model_and_tokenizer(spec)[0]
 
 
 def _fastalign_step(spec, rows, out):
-    from fastalign.trainer import DPOConfig, DPOTrainer, byte_tokenizer
+    from fastalign.trainer import DPOConfig, DPOTrainer
 
     config = DPOConfig(output_dir=out, batch_size=spec["pairs"], learning_rate=1e-6,
-                       max_steps=100, max_grad_norm=None, progress=False, reference="copy")
-    trainer = DPOTrainer(_model(spec), byte_tokenizer(), config, rows)
+                       max_steps=100, max_grad_norm=None, progress=False, reference="copy",
+                       max_length=2048, padding_free=spec["provider"] == "fastalign_packed")
+    model, tokenizer = _model_and_tokenizer(spec)
+    trainer = DPOTrainer(model, tokenizer, config, rows)
     return trainer.training_step
 
 
@@ -63,17 +84,15 @@ def _trl_step(spec, rows, out):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from fastalign.trainer import byte_tokenizer
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = DPOConfig(output_dir=out, per_device_train_batch_size=spec["pairs"],
                          learning_rate=1e-6, report_to=[],
                          use_cpu=spec.get("device", "cpu") == "cpu", bf16=False,
                          max_length=2048, max_grad_norm=0.0)
-        model = _model(spec)
+        model, tokenizer = _model_and_tokenizer(spec)
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
-                             processing_class=byte_tokenizer(), train_dataset=Dataset.from_list(rows))
+                             processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
     inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
@@ -92,9 +111,11 @@ def _worker(spec: dict) -> dict:
     import tempfile
 
     torch.manual_seed(0)
-    rows = _rows(spec["pairs"], spec["prompt"], spec["completion"])
+    rows = _rows(spec["pairs"], spec["prompt"], spec["completion"],
+                 _model_and_tokenizer(dict(spec, vocab=300, hidden=8, layers=1))[1],
+                 spec["length_mix"])
     with tempfile.TemporaryDirectory() as out:
-        step = (_fastalign_step if spec["provider"] == "fastalign" else _trl_step)(spec, rows, out)
+        step = (_trl_step if spec["provider"] == "trl" else _fastalign_step)(spec, rows, out)
         step()  # warm-up: AdamW state, lazy initialisation
         if spec["measure"] == "memory":
             return {"peak_bytes": _measure.peak_extra_bytes(step, torch.device("cpu"))}
@@ -115,6 +136,9 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="tiny", help="tiny (built in) or smollm2 (make real)")
+    parser.add_argument("--length-mix", action="store_true",
+                        help="each pair's lengths drawn between a quarter of the given and all")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -124,16 +148,20 @@ def main(argv=None) -> None:
         return
 
     spec = dict(pairs=args.pairs, prompt=args.prompt, completion=args.completion,
-                hidden=args.hidden, layers=args.layers, vocab=args.vocab, repeats=args.repeats)
+                hidden=args.hidden, layers=args.layers, vocab=args.vocab, repeats=args.repeats,
+                model=args.model, length_mix=args.length_mix)
     stamp = harness.stamp(torch.device("cpu"))
     tokens = 2 * args.pairs * (args.prompt + args.completion)
     logits_mb = tokens * args.vocab * 4 / 2**20
     results = []
     for provider in args.providers:
+        shape = (f"model {args.model}" if args.model != "tiny" else
+                 f"hidden {args.hidden}, {args.layers} layers, V={args.vocab}")
         print(f"{provider}: one DPO step, {args.pairs} pairs x {args.prompt + args.completion} "
-              f"tokens, hidden {args.hidden}, {args.layers} layers, V={args.vocab} ...", flush=True)
+              f"tokens{' at most' if args.length_mix else ''}, {shape} ...", flush=True)
         measured = harness.measure_trainer_step(__file__, dict(spec, provider=provider))
-        results.append(dict(op="dpo_step", provider=provider, pairs=args.pairs,
+        results.append(dict(op="dpo_step", provider=provider, model=args.model,
+                            length_mix=args.length_mix, pairs=args.pairs,
                             seq=args.prompt + args.completion, hidden=args.hidden,
                             layers=args.layers, vocab=args.vocab, logits_mb=round(logits_mb, 1),
                             time_ms=round(measured["seconds"] * 1e3, 1),

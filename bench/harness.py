@@ -72,16 +72,19 @@ def report_trainer_steps(results: list[dict], note: str, csv_path: Path | None,
                          extra: str | None = None) -> None:
     """The table of a one-training-step benchmark (``bench_dpo_step``, ``bench_grpo_step``):
     time and peak memory per provider, the peer-over-fastalign ratios, then the CSV."""
-    head = f"{'provider':10} {'step (ms)':>10} {'peak extra (MB)':>16}"
+    head = f"{'provider':16} {'step (ms)':>10} {'peak extra (MB)':>16}"
     print(f"\n{head}{f' {extra:>12}' if extra else ''}   ({note})")
     for row in results:
         shown = f" {row[extra]:12.1f}" if extra else ""
-        print(f"{row['provider']:10} {row['time_ms']:10.0f} {row['peak_mb']:16.0f}{shown}  "
+        print(f"{row['provider']:16} {row['time_ms']:10.0f} {row['peak_mb']:16.0f}{shown}  "
               f"{row['error']}")
-    if len(results) == 2 and not any(r["error"] for r in results):
-        ours, theirs = results
-        print(f"\nTRL / fastalign: time {theirs['time_ms'] / ours['time_ms']:.2f}x, "
-              f"peak memory {theirs['peak_mb'] / ours['peak_mb']:.2f}x")
+    by_name = {row["provider"]: row for row in results if not row["error"]}
+    ours = by_name.get("fastalign")
+    for name, label in (("trl", "TRL"), ("fastalign_packed", "padding-free")):
+        if ours and name in by_name:
+            other = by_name[name]
+            print(f"{label} / fastalign: time {other['time_ms'] / ours['time_ms']:.2f}x, "
+                  f"peak memory {other['peak_mb'] / ours['peak_mb']:.2f}x")
     if csv_path:
         write_csv(results, csv_path)
         print(f"CSV: {csv_path}")

@@ -127,8 +127,9 @@ def _parser() -> argparse.ArgumentParser:
         _add_model_flag(sub)
         if kind in ("dpo", "rm"):
             sub.add_argument("--data", default="demo",
-                             help="prompt/chosen/rejected rows: a .jsonl file, or 'demo' (the "
-                                  "default) for the bundled pairs")
+                             help="prompt/chosen/rejected rows: a .jsonl file, 'demo' (the "
+                                  "default) for the bundled pairs, or 'arithmetic' for the "
+                                  "bundled arithmetic pairs (SmolLM2's own answers rejected)")
             sub.add_argument("--eval-data", default=None, help="held-out rows (.jsonl)")
         else:
             _add_rl_flags(sub, kind)
@@ -154,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     bon.add_argument("--top-p", type=float, default=1.0)
     bon.add_argument("--show", type=int, default=3, help="best completions to print")
     bon.add_argument("--seed", type=int, default=0)
+    bon.add_argument("--split", default="train", choices=("train", "test"),
+                     help="which rows of a --prompts file with a 'split' field (default train)")
+    bon.add_argument("--max-prompts", type=int, default=None, help="the first N prompts only")
     bon.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
                      help="show the warm start's progress bar")
     return parser
@@ -314,8 +318,9 @@ def _data(args):
 
     from .trainer import load_preferences
 
-    path = str(files("fastalign") / "data" / "demo_preferences.jsonl") if args.data == "demo" \
-        else args.data
+    bundled = {"demo": "demo_preferences.jsonl", "arithmetic": "arithmetic_preferences.jsonl"}
+    path = (str(files("fastalign") / "data" / bundled[args.data]) if args.data in bundled
+            else args.data)
     rows = load_preferences(path)
     if args.eval_data:
         return rows, load_preferences(args.eval_data)
@@ -345,11 +350,21 @@ def _train(args) -> None:
         else:
             model, tokenizer = _reward_model(args.model)
         trainer = RewardTrainer(model.to(device(args)), tokenizer, config, train, held_out)
+    held = ("eval_loss", "eval_rewards/accuracies", "eval_preference_accuracy", "eval_accuracy")
+    before = trainer.evaluate() if held_out and args.resume is None else {}
+    if before:
+        print("held-out before training: " + ", ".join(
+            f"{k.removeprefix('eval_')} {v:.4g}" for k, v in before.items() if k in held))
     last = trainer.train(resume_from=args.resume)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
-                      if k in ("loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies",
-                               "accuracy", "eval_accuracy"))
+                      if k in ("loss", "rewards/accuracies", "accuracy"))
     print(f"done: {trainer.step} steps; {shown}; model in {trainer.output_dir}/")
+    if held_out:
+        after = last if "eval_loss" in last else trainer.evaluate()
+        print("held-out after training: " + ", ".join(
+            f"{k.removeprefix('eval_')} {v:.4g}" + (f" (before {before[k]:.4g})" if k in before
+                                                     else "")
+            for k, v in after.items() if k in held))
 
 
 def _reward_model(name, *, trained: bool = False):
@@ -358,6 +373,9 @@ def _reward_model(name, *, trained: bool = False):
     with), not be created fresh, as transformers does, with only a warning, for a causal LM."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    from .trainer.models import local_path
+
+    name = local_path(name)  # smollm2 or a .gguf file: its converted directory
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         if trained:

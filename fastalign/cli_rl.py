@@ -155,9 +155,13 @@ def best_of_n_command(args) -> None:
 
     if args.rewards and args.reward_model:
         raise ValueError("pass --rewards or --reward-model, not both")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise ValueError(f"--max-prompts must be >= 1, got {args.max_prompts}")
     torch.manual_seed(args.seed)
     model, tokenizer = policy(args, progress=args.progress)
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts, split=args.split)[:args.max_prompts]
+    if not prompts:
+        raise ValueError(f"--prompts {args.prompts!r} has no {args.split!r} rows")
     options = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p)
     functions, _ = reward_functions(args)

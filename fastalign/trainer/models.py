@@ -159,11 +159,17 @@ def load_model_and_tokenizer(name_or_path: str, **tiny_options):
         return model, byte_tokenizer()
     if tiny_options:
         raise TypeError(f"options {sorted(tiny_options)} are for the built-in {TINY!r} model")
+    return _from_pretrained(local_path(name_or_path))
+
+
+def local_path(name_or_path: str) -> str:
+    """What ``from_pretrained`` loads for ``name_or_path``: the converted directory of
+    ``"smollm2"`` or of a ``.gguf`` file (converting it on first use), else the name itself."""
     if name_or_path == SMOLLM2:
-        name_or_path = str(converted_gguf(smollm2_gguf()))
-    elif str(name_or_path).lower().endswith(".gguf"):
-        name_or_path = str(converted_gguf(name_or_path))
-    return _from_pretrained(name_or_path)
+        return str(converted_gguf(smollm2_gguf()))
+    if str(name_or_path).lower().endswith(".gguf"):
+        return str(converted_gguf(name_or_path))
+    return name_or_path
 
 
 def _from_pretrained(name_or_path: str):
