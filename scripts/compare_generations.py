@@ -57,10 +57,11 @@ def main() -> None:
                                        max_new_tokens=args.max_new_tokens, logprobs=False,
                                        greedy=True).completions
         truth = [row["answer"] for row in rows]
-        correct = sum(correct_answer(None, texts, truth)) / len(rows)
-        formatted = sum(answer_format(None, texts)) / len(rows)
-        print(f"{name}: correct {correct:.3f}, 'Answer: N' form {formatted:.3f} on {len(rows)} "
-              f"held-out problems ({time.time() - started:.0f} s)")
+        right, formed = correct_answer(None, texts, truth), answer_format(None, texts)
+        both = sum(r * f for r, f in zip(right, formed)) / len(rows)
+        print(f"{name}: correct {sum(right) / len(rows):.3f}, in the 'Answer: N' form "
+              f"{sum(formed) / len(rows):.3f}, both {both:.3f} on {len(rows)} held-out problems "
+              f"({time.time() - started:.0f} s)")
         answers[name] = texts
     for index, row in enumerate(rows[:args.show]):
         print(f"\n### {row['prompt'][0]['content']}  (answer {row['answer']})")
