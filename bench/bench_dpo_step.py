@@ -6,7 +6,7 @@ smollm2`` SmolLM2-135M-Instruct (``make real``); 4 pairs of 512 tokens (256 of p
 completion); reference = a frozen copy; AdamW. Both trainers run one warm-up step (AdamW's state
 exists afterwards), then the measured steps: time is the median step, memory the peak resident
 set one step adds (gradients, activations, logits). ``fastalign_packed`` is fastalign with
-``padding_free=True``; ``--length-mix`` draws each pair's prompt and completion lengths between
+``padding_free=True``, ``fastalign_checkpointed`` with ``gradient_checkpointing=True``; ``--length-mix`` draws each pair's prompt and completion lengths between
 a quarter of the given ones and all of them (a realistic spread: the padded batch then spends
 compute on padding, the packed one does not).
 
@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import random
-import string
 import sys
 import time
 import warnings
@@ -34,39 +33,20 @@ import harness  # noqa: E402
 
 from fastalign import _measure  # noqa: E402
 
-PROVIDERS = ("fastalign", "fastalign_packed", "trl")
+PROVIDERS = ("fastalign", "fastalign_packed", "fastalign_checkpointed", "trl")
 
 
 def _rows(pairs: int, prompt_tokens: int, completion_tokens: int, tokenizer,
           mix: bool = False) -> list[dict]:
-    """Random text of the given token counts (``mix``: each between a quarter of them and all):
-    lowercase words, cut to length by ``tokenizer`` (the EOS the trainers append is the
-    completion's last token)."""
+    """Random words of the given token counts (``mix``: each between a quarter of them and
+    all; the EOS the trainers append is the completion's last token)."""
     rng = random.Random(0)
 
     def text(n):
-        n = rng.randint(max(1, n // 4), n) if mix else n
-        words = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(5))
-                         for _ in range(n))
-        return tokenizer.decode(tokenizer(words, add_special_tokens=False)["input_ids"][:n])
+        return harness.random_text(rng, rng.randint(max(1, n // 4), n) if mix else n, tokenizer)
 
     return [dict(prompt=text(prompt_tokens), chosen=text(completion_tokens - 1),
                  rejected=text(completion_tokens - 1)) for _ in range(pairs)]
-
-
-def _model_and_tokenizer(spec):
-    from fastalign.trainer import byte_tokenizer, load_model_and_tokenizer, tiny_llama
-
-    if spec["model"] != "tiny":
-        model, tokenizer = load_model_and_tokenizer(spec["model"])
-        return model.to(spec.get("device", "cpu")), tokenizer
-    return tiny_llama(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
-                      num_layers=spec["layers"], max_positions=2048
-                      ).to(spec.get("device", "cpu")), byte_tokenizer()
-
-
-def _model(spec):
-    return _model_and_tokenizer(spec)[0]
 
 
 def _fastalign_step(spec, rows, out):
@@ -74,8 +54,9 @@ def _fastalign_step(spec, rows, out):
 
     config = DPOConfig(output_dir=out, batch_size=spec["pairs"], learning_rate=1e-6,
                        max_steps=100, max_grad_norm=None, progress=False, reference="copy",
-                       max_length=2048, padding_free=spec["provider"] == "fastalign_packed")
-    model, tokenizer = _model_and_tokenizer(spec)
+                       max_length=2048, padding_free=spec["provider"] == "fastalign_packed",
+                       gradient_checkpointing=spec["provider"] == "fastalign_checkpointed")
+    model, tokenizer = harness.trainer_model(spec)
     trainer = DPOTrainer(model, tokenizer, config, rows)
     return trainer.training_step
 
@@ -90,7 +71,7 @@ def _trl_step(spec, rows, out):
                          learning_rate=1e-6, report_to=[],
                          use_cpu=spec.get("device", "cpu") == "cpu", bf16=False,
                          max_length=2048, max_grad_norm=0.0)
-        model, tokenizer = _model_and_tokenizer(spec)
+        model, tokenizer = harness.trainer_model(spec)
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
                              processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
@@ -112,7 +93,7 @@ def _worker(spec: dict) -> dict:
 
     torch.manual_seed(0)
     rows = _rows(spec["pairs"], spec["prompt"], spec["completion"],
-                 _model_and_tokenizer(dict(spec, vocab=300, hidden=8, layers=1))[1],
+                 harness.trainer_model(dict(spec, vocab=300, hidden=8, layers=1))[1],
                  spec["length_mix"])
     with tempfile.TemporaryDirectory() as out:
         step = (_trl_step if spec["provider"] == "trl" else _fastalign_step)(spec, rows, out)

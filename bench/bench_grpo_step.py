@@ -7,7 +7,8 @@ tiny Llama (hidden 128, 2 layers, V = 128256, untrained: it almost never samples
 completions run to the full length; the CSV records the lengths each trainer got), fp32, 1
 prompt x G = 8 completions of 512 tokens, beta = 0 (no reference, TRL's default). Both run one
 warm-up step (AdamW's state exists afterwards); time is the median of the measured steps,
-memory the peak resident set one step adds.
+memory the peak resident set one step adds. ``--model smollm2``: SmolLM2-135M-Instruct
+(``make real``) instead of the tiny Llama.
 
     python bench/bench_grpo_step.py --csv bench/results/grpo_step_cpu.csv
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import string
 import sys
 import warnings
 from pathlib import Path
@@ -32,11 +32,10 @@ from fastalign import _measure  # noqa: E402
 PROVIDERS = ("fastalign", "trl")
 
 
-def _prompts(count: int, tokens: int) -> list[str]:
-    """Random lowercase text: the byte tokenizer makes one token per character."""
+def _prompts(count: int, tokens: int, tokenizer) -> list[str]:
+    """Random lowercase words of ``tokens`` tokens each."""
     rng = random.Random(0)
-    return ["".join(rng.choice(string.ascii_lowercase + " ") for _ in range(tokens))
-            for _ in range(count)]
+    return [harness.random_text(rng, tokens, tokenizer) for _ in range(count)]
 
 
 def length_reward(prompts, completions, **_):
@@ -44,21 +43,14 @@ def length_reward(prompts, completions, **_):
     return [float(len(set(text))) for text in completions]
 
 
-def _model(spec):
-    from fastalign.trainer import tiny_llama
-
-    return tiny_llama(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
-                      num_layers=spec["layers"], max_positions=2048).to(spec["device"])
-
-
 def _fastalign_step(spec, prompts, out):
-    from fastalign.trainer import GRPOConfig, GRPOTrainer, byte_tokenizer
+    from fastalign.trainer import GRPOConfig, GRPOTrainer
 
     config = GRPOConfig(output_dir=out, batch_size=spec["prompts"],
                         num_generations=spec["generations"], max_new_tokens=spec["completion"],
                         learning_rate=1e-6, max_steps=100, max_grad_norm=None, beta=0.0,
                         progress=False)
-    trainer = GRPOTrainer(_model(spec), byte_tokenizer(), config, prompts, [length_reward])
+    trainer = GRPOTrainer(*harness.trainer_model(spec), config, prompts, [length_reward])
 
     def step():
         return trainer.training_step()["completion_length"]
@@ -70,8 +62,6 @@ def _trl_step(spec, prompts, out):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from fastalign.trainer import byte_tokenizer
-
     rows = spec["prompts"] * spec["generations"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -81,8 +71,9 @@ def _trl_step(spec, prompts, out):
                           beta=0.0, temperature=1.0, top_p=1.0, report_to=[],
                           use_cpu=spec["device"] == "cpu",
                           bf16=False, max_grad_norm=0.0, logging_steps=10**6)
-        trainer = GRPOTrainer(model=_model(spec), reward_funcs=[length_reward], args=args,
-                              processing_class=byte_tokenizer(),
+        model, tokenizer = harness.trainer_model(spec)
+        trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args,
+                              processing_class=tokenizer,
                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
@@ -105,7 +96,8 @@ def _worker(spec: dict) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])
-    prompts = _prompts(spec["prompts"] * (spec["repeats"] + 2), spec["prompt"])
+    prompts = _prompts(spec["prompts"] * (spec["repeats"] + 2), spec["prompt"],
+                       harness.trainer_model(dict(spec, vocab=300, hidden=8, layers=1))[1])
     with tempfile.TemporaryDirectory() as out:
         step = (_fastalign_step if spec["provider"] == "fastalign" else _trl_step)(
             spec, prompts, out)
@@ -127,6 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default="tiny", help="tiny (built in) or smollm2 (make real)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: resident set "
                         "on the CPU, allocated memory on the GPU)")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
@@ -139,7 +132,7 @@ def main(argv=None) -> None:
 
     spec = dict(prompts=args.prompts, generations=args.generations, prompt=args.prompt,
                 completion=args.completion, hidden=args.hidden, layers=args.layers,
-                vocab=args.vocab, repeats=args.repeats, device=args.device)
+                vocab=args.vocab, repeats=args.repeats, device=args.device, model=args.model)
     stamp = harness.stamp(torch.device(args.device))
     rows = args.prompts * args.generations
     logits_mb = rows * args.completion * args.vocab * 4 / 2**20
@@ -149,7 +142,8 @@ def main(argv=None) -> None:
               f"{args.completion} completion tokens, hidden {args.hidden}, {args.layers} layers, "
               f"V={args.vocab} ...", flush=True)
         measured = harness.measure_trainer_step(__file__, dict(spec, provider=provider))
-        results.append(dict(op="grpo_step", provider=provider, prompts=args.prompts,
+        results.append(dict(op="grpo_step", provider=provider, model=args.model,
+                            prompts=args.prompts,
                             generations=args.generations, prompt=args.prompt,
                             completion=args.completion,
                             completion_length=round(measured.get("completion_length", float("nan")),

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import string
 import subprocess
 import sys
 import tarfile
@@ -56,6 +57,27 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def trainer_model(spec: dict):
+    """``(model, tokenizer)`` of the trainer-step benchmarks: ``spec["model"]`` by name
+    (``smollm2``: ``make real``), or the tiny Llama of ``spec``'s shape with the byte
+    tokenizer (``"tiny"``, the default)."""
+    from fastalign.trainer import byte_tokenizer, load_model_and_tokenizer, tiny_llama
+
+    device = spec.get("device", "cpu")
+    if spec.get("model", "tiny") != "tiny":
+        model, tokenizer = load_model_and_tokenizer(spec["model"])
+        return model.to(device), tokenizer
+    return tiny_llama(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
+                      num_layers=spec["layers"], max_positions=2048).to(device), byte_tokenizer()
+
+
+def random_text(rng, tokens: int, tokenizer) -> str:
+    """Lowercase words cut to ``tokens`` tokens of ``tokenizer``."""
+    words = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(5))
+                     for _ in range(tokens))
+    return tokenizer.decode(tokenizer(words, add_special_tokens=False)["input_ids"][:tokens])
+
+
 def measure_trainer_step(script: str, spec: dict) -> dict:
     """Time and peak memory of one training step of ``spec["provider"]``, each in a fresh
     process running ``script --worker``: the memory worker's reply (``peak_bytes`` and what
@@ -80,7 +102,8 @@ def report_trainer_steps(results: list[dict], note: str, csv_path: Path | None,
               f"{row['error']}")
     by_name = {row["provider"]: row for row in results if not row["error"]}
     ours = by_name.get("fastalign")
-    for name, label in (("trl", "TRL"), ("fastalign_packed", "padding-free")):
+    for name, label in (("trl", "TRL"), ("fastalign_packed", "padding-free"),
+                        ("fastalign_checkpointed", "checkpointed")):
         if ours and name in by_name:
             other = by_name[name]
             print(f"{label} / fastalign: time {other['time_ms'] / ours['time_ms']:.2f}x, "

@@ -112,17 +112,21 @@ def _logprobs(model, tokenizer, texts):
     return picked.masked_fill(targets < 0, 0)
 
 
-def test_a_lora_dpo_run_from_the_cli_resumes_exactly_and_merges(tmp_path, capsys):
-    """Interrupted after step 2 of 3 and resumed: the adapter equals the uninterrupted run's
-    bit for bit; merged into its base it gives the adapter model's log-probs."""
+def test_a_lora_dpo_run_from_the_cli_resumes_exactly_and_merges(tmp_path, cache, capsys):
+    """On a GGUF model: interrupted after step 2 of 3 and resumed, the adapter equals the
+    uninterrupted run's bit for bit; merged into its base it gives the adapter model's
+    log-probs."""
+    tiny_llama_and_gguf(tmp_path / "tiny.gguf")
+    model = str(tmp_path / "tiny.gguf")
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(6)))
-    common = ["train", "dpo", "--model", "tiny", "--data", str(data), "--lora-r", "4",
+    common = ["train", "dpo", "--model", model, "--data", str(data), "--lora-r", "4",
               "--lora-target-modules", "q_proj,v_proj,down_proj", "--lr-schedule", "constant",
+              "--learning-rate", "1e-3",
               "--batch-size", "2", "--save-steps", "2", "--max-length", "48", "--no-progress"]
     cli([*common, "--max-steps", "3", "--output", str(tmp_path / "whole")])
     cli([*common, "--max-steps", "2", "--output", str(tmp_path / "cut")])
-    cli(["train", "dpo", "--model", "tiny", "--data", str(data), "--max-steps", "3",
+    cli(["train", "dpo", "--model", model, "--data", str(data), "--max-steps", "3",
          "--output", str(tmp_path / "cut"), "--resume", "latest", "--no-progress"])
     whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "cut" / "adapter_model.safetensors")
@@ -135,7 +139,7 @@ def test_a_lora_dpo_run_from_the_cli_resumes_exactly_and_merges(tmp_path, capsys
     cli(["merge", str(tmp_path / "whole"), "--output", str(tmp_path / "merged")])
     assert "merged" in capsys.readouterr().out
     merged, tokenizer = load_model_and_tokenizer(str(tmp_path / "merged"))
-    base, _ = load_model_and_tokenizer("tiny")
+    base, _ = load_model_and_tokenizer(model)
     with quiet_peft():
         adapted = peft.PeftModel.from_pretrained(base, tmp_path / "whole").eval()
     texts = [row["prompt"] + row["chosen"] for row in preference_rows(3)]
