@@ -19,7 +19,7 @@ from fastalign.trainer import (CheckpointError, DataError, DPOConfig, DPOTrainer
                                RewardTrainer, byte_tokenizer, load_preferences, tiny_llama,
                                tiny_reward_model)
 from fastalign.trainer._base import NonFiniteError
-from fastalign.trainer.checkpoint import MANIFEST_FILE, STATE_FILE, _sha256
+from fastalign.trainer.checkpoint import MANIFEST_FILE, STATE_FILE, file_sha256
 from fastalign.trainer.config import ConfigError
 from fastalign.trainer.rollout import RewardFunctionError, reward_columns
 from fastalign.trainer.run_dir import OutputDirInUse
@@ -47,7 +47,7 @@ def rewrite_with_checksum(checkpoint, name, data: bytes):
     who knows the format would: only the loader itself stands in the way then."""
     (checkpoint / name).write_bytes(data)
     manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
-    manifest["sha256"][name] = _sha256(checkpoint / name)
+    manifest["sha256"][name] = file_sha256(checkpoint / name)
     (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 

@@ -57,7 +57,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
         tokenizer.save_pretrained(partial)
     torch.save(dict(state, rng=state.get("rng") or [rng_state()]), partial / STATE_FILE)
     manifest = {"format": MANIFEST_FORMAT, "step": step, "setup": setup, "config": config,
-                "sha256": {name: _sha256(partial / name) for name in _files(partial)}}
+                "sha256": {name: file_sha256(partial / name) for name in _files(partial)}}
     (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -165,7 +165,8 @@ def _files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
-def _sha256(file: Path) -> str:
+def file_sha256(file: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(file, "rb") as source:
         for block in iter(lambda: source.read(1 << 22), b""):
@@ -178,7 +179,7 @@ def _verify_checksums(path: Path, recorded: dict) -> None:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint: {name} is missing")
-        if _sha256(file) != expected:
+        if file_sha256(file) != expected:
             raise CheckpointError(
                 f"{file} is corrupt: its SHA-256 differs from the one recorded when the "
                 "checkpoint was saved (the file was changed or damaged); resume from another "

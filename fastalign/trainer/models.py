@@ -12,13 +12,13 @@ both end up with the same one. What is read back is safetensors and JSON: nothin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from .checkpoint import file_sha256
 from .tiny import TINY, tiny_llama
 from .tokenizer import byte_tokenizer
 
@@ -65,15 +65,6 @@ def smollm2_gguf() -> Path:
                             f"{SMOLLM2_FILE}; reinstall it: {INSTALL_REAL}")
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        for block in iter(lambda: source.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def converted_gguf(path: str | os.PathLike, *, progress: bool = True) -> Path:
     """The cached safetensors directory of GGUF file ``path``, converted on first use.
 
@@ -89,7 +80,7 @@ def converted_gguf(path: str | os.PathLike, *, progress: bool = True) -> Path:
         if source.read(4) != b"GGUF":
             raise ValueError(f"--model {str(path)!r} is not a GGUF file (it does not start "
                              "with the GGUF magic bytes)")
-    digest = file_digest(path)
+    digest = file_sha256(path)
     target = cache_dir() / "models" / f"{path.stem}-{digest[:16]}"
     if (target / SOURCE_FILE).is_file():
         return target

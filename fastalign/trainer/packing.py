@@ -10,7 +10,8 @@ anyway (the fused ops compact ignored rows out), so every loss sees the rows it 
 
 Needs a model whose attention builds its mask with ``masking_utils`` (Llama, Qwen2/3, Mistral,
 Gemma, Phi-3, ... in transformers 5); the trainers' tests check that a packed batch's log-probs
-equal the padded batch's.
+equal the padded batch's. Packed: the policy and reference passes of every trainer and the
+reward model's; PPO's separate ``value_model`` (when one is given) still runs padded.
 """
 
 from __future__ import annotations
