@@ -128,6 +128,7 @@ def main(argv=None) -> None:
         print(json.dumps(_worker(json.loads(args.worker))))
         return
 
+    harness.named_model_shape(args)
     spec = dict(pairs=args.pairs, prompt=args.prompt, completion=args.completion,
                 hidden=args.hidden, layers=args.layers, vocab=args.vocab, repeats=args.repeats,
                 model=args.model, length_mix=args.length_mix)

@@ -130,6 +130,7 @@ def main(argv=None) -> None:
         print(json.dumps(_worker(json.loads(args.worker))))
         return
 
+    harness.named_model_shape(args)
     spec = dict(prompts=args.prompts, generations=args.generations, prompt=args.prompt,
                 completion=args.completion, hidden=args.hidden, layers=args.layers,
                 vocab=args.vocab, repeats=args.repeats, device=args.device, model=args.model)

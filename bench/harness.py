@@ -71,6 +71,20 @@ def trainer_model(spec: dict):
                       num_layers=spec["layers"], max_positions=2048).to(device), byte_tokenizer()
 
 
+def named_model_shape(args) -> None:
+    """Sets ``args.hidden``, ``layers`` and ``vocab`` from the config of ``args.model`` when it
+    is not the tiny one, so the CSV and the logits figure describe the model measured."""
+    if args.model == "tiny":
+        return
+    from transformers import AutoConfig
+
+    from fastalign.trainer.models import local_path
+
+    config = AutoConfig.from_pretrained(local_path(args.model), local_files_only=True)
+    args.hidden, args.layers = config.hidden_size, config.num_hidden_layers
+    args.vocab = config.vocab_size
+
+
 def random_text(rng, tokens: int, tokenizer) -> str:
     """Lowercase words cut to ``tokens`` tokens of ``tokenizer``."""
     words = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(5))
