@@ -68,7 +68,8 @@ HELP = {
     "gradient_checkpointing": "recompute each layer's activations in the backward (less "
                               "memory, about a third more compute)",
     "padding_free": "run each batch's real tokens packed into one row, sequences kept apart "
-                    "by their position ids (no compute on padding)",
+                    "by their position ids (less memory; on the CPU not faster yet, see "
+                    "docs/real_model.md)",
     "center_rewards_coefficient": "weight of the mean squared reward (keeps rewards near 0)",
     "num_generations": "completions per prompt (G), a group",
     "max_new_tokens": "tokens sampled per completion at most",
