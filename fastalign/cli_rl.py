@@ -65,9 +65,9 @@ def load_prompts(source: str, split: str | None = "train") -> list:
                 raise ValueError(f"{source} line {number}: not JSON ({error.msg})") from None
             if not isinstance(row, dict) or not row.get("prompt"):
                 raise ValueError(f"{source} line {number}: a row needs a non-empty 'prompt'")
-            if split is not None and row.pop("split", "train") != split:
+            row_split = row.pop("split", "train")
+            if split is not None and row_split != split:
                 continue
-            row.pop("split", None)
             prompts.append(row if len(row) > 1 else row["prompt"])
     else:
         prompts = [line.rstrip("\r\n") for _, line in lines] if split in ("train", None) else []

@@ -21,6 +21,7 @@ from ..losses import reward_loss
 from ._base import Trainer
 from .config import RewardConfig
 from .data import DataError, _pad, load_preferences, tokenize_pairs, where
+from .lora import is_peft
 from .packing import Packing, check_packing_supported
 
 
@@ -83,7 +84,7 @@ class RewardTrainer(Trainer):
         forward, its score head runs on each row's last token that is not the pad token (the
         token transformers' classifiers pool), its output for the packed row is left unused."""
         packing = Packing(attention_mask)
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        inner = self.model.get_base_model() if is_peft(self.model) else self.model
         head, scores = inner.score, []
         pad_id = inner.config.pad_token_id
         columns = torch.arange(input_ids.shape[1], device=input_ids.device)
