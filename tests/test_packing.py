@@ -64,10 +64,25 @@ def test_no_token_attends_across_a_boundary():
 def test_packing_round_trip_and_positions():
     _, _, attention_mask, _ = _mixed_batch(left_padded=True)
     packing = Packing(attention_mask)
-    assert packing.position_ids.tolist() == [[0, 1, 2, *range(11), *range(7), 0]]
+    # Longest first, each into the first row with room: [11] and [7, 3, 1], rows of 11.
+    assert packing.position_ids.tolist() == [list(range(11)), [*range(7), *range(3), 0]]
     values = torch.randn(*attention_mask.shape, 2)
     back = packing.unpack(packing.pack(values))
     assert torch.equal(back, values * attention_mask[..., None])
+
+
+def test_rows_left_over_are_filled_with_a_sequence_of_their_own():
+    """[5, 1, 4, 3] in rows of 5: [5], [4], [3], then 1 fills the second row's end; the third
+    row's last two tokens are filler (token 0, positions 0, 1) and nothing of it is unpacked."""
+    attention_mask = torch.zeros(4, 5, dtype=torch.long)
+    for row, length in enumerate([5, 1, 4, 3]):
+        attention_mask[row, :length] = 1
+    packing = Packing(attention_mask)
+    assert packing.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    values = torch.arange(1, 21).reshape(4, 5) * attention_mask
+    packed = packing.pack(values)
+    assert packed.tolist() == [[1, 2, 3, 4, 5], [11, 12, 13, 14, 6], [16, 17, 18, 0, 0]]
+    assert torch.equal(packing.unpack(packed), values)
 
 
 def test_padding_free_dpo_and_reward_losses_equal_the_padded(tmp_path):

@@ -1,10 +1,11 @@
-"""Padding-free (packed) forward passes: the real tokens of a padded batch ``[B, T]`` run as
-ONE row ``[1, N]``, each sequence's ``position_ids`` starting again at 0, and no attention mask.
+"""Padding-free (packed) forward passes: the real tokens of a padded batch ``[B, T]`` run
+packed into fewer rows (``Packing``: first-fit, rows no longer than the longest sequence), each
+sequence's ``position_ids`` starting again at 0, and no attention mask.
 
 transformers (5.x, ``masking_utils.find_packed_sequence_indices``) reads a position that does
 not follow its predecessor as the start of a new sequence and builds a block-diagonal causal
 mask from it (sdpa, eager, flex; flash-attention takes the same positions as variable-length
-sequences), so no token attends across a boundary and no compute goes to padding. The model's
+sequences), so no token attends across a boundary and only the rows' filler costs compute. The model's
 hidden states are scattered back to the padded layout before the head, where padding is ignored
 anyway (the fused ops compact ignored rows out), so every loss sees the rows it would have seen.
 
@@ -40,7 +41,14 @@ def check_packing_supported(model) -> None:
 
 
 class Packing:
-    """How the rows of a padded batch map onto one packed row.
+    """How the sequences of a padded batch ``[B, T]`` map onto packed rows ``[R, L]``.
+
+    ``L`` is the longest sequence's length, and sequences go, longest first, into the first row
+    with room for them (first-fit decreasing), so ``R <= B`` and no row is longer than the
+    padded batch's: the attention's cost (``R * L**2``, sdpa computes the whole masked square)
+    never exceeds the padded batch's, and the projections and MLPs run on ``R * L <= B * T``
+    tokens. What a row has left over at its end is filler: token 0 with positions ``0, 1, ...``,
+    a sequence of its own whose outputs nothing reads.
 
     Args:
         attention_mask: ``[B, T]``, 1 on real tokens (left, right or both sides padded).
@@ -53,13 +61,42 @@ class Packing:
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.shape = tuple(attention_mask.shape)
-        self.position_ids = position_ids[self.real][None]  # [1, N]
+        lengths = self.real.sum(-1).tolist()
+        row_of, start_of, used = _first_fit_decreasing(lengths)
+        self.row_length = max(max(lengths, default=0), 1)
+        device = attention_mask.device
+        sequence = self.real.nonzero()[:, 0]  # the padded row of each real token, in order
+        offset = (self.real.long().cumsum(-1) - 1)[self.real]  # its index in its sequence
+        self.rows = torch.tensor(row_of, device=device, dtype=torch.long)[sequence]
+        self.columns = torch.tensor(start_of, device=device, dtype=torch.long)[sequence] + offset
+        columns = torch.arange(self.row_length, device=device)
+        filler = columns - torch.tensor(used, device=device, dtype=torch.long)[:, None]
+        self.position_ids = filler.clamp(min=0)  # [R, L]: the filler's, then the real tokens'
+        self.position_ids[self.rows, self.columns] = position_ids[self.real].long()
 
     def pack(self, values: torch.Tensor) -> torch.Tensor:
-        """``[B, T, ...]`` -> ``[1, N, ...]``: the real tokens, row after row."""
-        return values[self.real][None]
+        """``[B, T, ...]`` -> ``[R, L, ...]``: the real tokens, zeros in the filler."""
+        packed = values.new_zeros((self.position_ids.shape[0], self.row_length)
+                                  + tuple(values.shape[2:]))
+        return packed.index_put((self.rows, self.columns), values[self.real])
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """``[1, N, ...]`` -> ``[B, T, ...]`` with zeros at padding (differentiable)."""
+        """``[R, L, ...]`` -> ``[B, T, ...]`` with zeros at padding (differentiable)."""
         full = packed.new_zeros(self.shape + tuple(packed.shape[2:]))
-        return full.index_put((self.real,), packed[0])
+        return full.index_put((self.real,), packed[self.rows, self.columns])
+
+
+def _first_fit_decreasing(lengths: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """``(row of each sequence, its first column, tokens used per row)`` for sequences of
+    ``lengths`` packed, longest first, each into the first row with room (rows as long as the
+    longest). Equal lengths keep the batch's order, so packing is deterministic."""
+    capacity = max(max(lengths, default=0), 1)
+    row_of, start_of, used = [0] * len(lengths), [0] * len(lengths), []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, filled in enumerate(used) if filled + lengths[index] <= capacity),
+                   len(used))
+        if row == len(used):
+            used.append(0)
+        row_of[index], start_of[index] = row, used[row]
+        used[row] += lengths[index]
+    return row_of, start_of, used or [0]
