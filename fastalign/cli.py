@@ -40,7 +40,7 @@ HELP = {
     "max_grad_norm": "gradient clipping norm (0: no clipping)",
     "max_length": "tokens of prompt + completion; completions are cut to fit",
     "precision": "fp32, or bf16 autocast",
-    "eval_batch_size": "pairs per evaluation batch",
+    "eval_batch_size": "pairs (dpo, rm) or prompts (grpo, ppo) per evaluation batch",
     "eval_steps": "evaluate on the held-out data every N steps (and at the end)",
     "logging_steps": "write metrics every N steps",
     "save_steps": "write a checkpoint every N steps (and at the end)",
@@ -67,9 +67,8 @@ HELP = {
                            "all-linear (every linear layer but the output head)",
     "gradient_checkpointing": "recompute each layer's activations in the backward (less "
                               "memory, about a third more compute)",
-    "padding_free": "run each batch's real tokens packed into one row, sequences kept apart "
-                    "by their position ids (less memory; on the CPU not faster yet, see "
-                    "docs/real_model.md)",
+    "padding_free": "pack each batch's sequences into fewer rows, kept apart by their "
+                    "position ids: no compute on padding (see docs/real_model.md)",
     "center_rewards_coefficient": "weight of the mean squared reward (keeps rewards near 0)",
     "num_generations": "completions per prompt (G), a group",
     "max_new_tokens": "tokens sampled per completion at most",
@@ -200,11 +199,17 @@ def _add_rl_flags(parser, kind: str) -> None:
                              "file of rows with a 'prompt' (other fields go to the reward "
                              "functions; rows with a 'split' train on 'train'), or a .txt file "
                              "of one prompt per line")
-    if kind == "grpo":
+    if kind in ("grpo", "ppo"):
         parser.add_argument("--eval-prompts", default=None,
                             help="held-out prompts scored on greedy completions before, every "
                                  "--eval-steps and after training (default: the 'test' rows "
                                  "of --prompts)")
+    if kind == "ppo":
+        parser.add_argument("--eval-rewards", default=None,
+                            help="comma-separated reward functions (as grpo's --rewards, e.g. "
+                                 "correct_answer,answer_format) that score the held-out "
+                                 "completions beside the reward model: measured, not trained "
+                                 "on")
     parser.add_argument("--warm-start-steps", type=int, default=None,
                         help="supervised warm-start steps of --model tiny (default 20; 0: none)")
     if kind in ("grpo", "bon"):
@@ -333,8 +338,7 @@ def _data(args):
 
 
 def _train(args) -> None:
-    from .trainer import DPOTrainer, RewardTrainer, load_model_and_tokenizer, tiny_reward_model
-    from .trainer.tokenizer import byte_tokenizer
+    from .trainer import DPOTrainer, RewardTrainer, load_model_and_tokenizer, load_reward_model
 
     config = _config(args, CONFIGS[args.kind])
     if args.kind in ("grpo", "ppo"):
@@ -345,11 +349,7 @@ def _train(args) -> None:
         model, tokenizer = load_model_and_tokenizer(args.model)
         trainer = DPOTrainer(model.to(device(args)), tokenizer, config, train, held_out)
     else:
-        if args.model == "tiny":
-            model, tokenizer = tiny_reward_model(), byte_tokenizer()
-            model.config._name_or_path = "tiny"  # rebuilt by name alone: the base of a merge
-        else:
-            model, tokenizer = _reward_model(args.model)
+        model, tokenizer = load_reward_model(args.model)
         trainer = RewardTrainer(model.to(device(args)), tokenizer, config, train, held_out)
     held = ("eval_loss", "eval_rewards/accuracies", "eval_preference_accuracy", "eval_accuracy")
     before = trainer.evaluate() if held_out and args.resume is None else {}
@@ -366,49 +366,6 @@ def _train(args) -> None:
             f"{k.removeprefix('eval_')} {v:.4g}" + (f" (before {before[k]:.4g})" if k in before
                                                      else "")
             for k, v in after.items() if k in held))
-
-
-def _reward_model(name, *, trained: bool = False):
-    """``(model, tokenizer)`` of a sequence classifier with one output from directory
-    ``name``. ``trained``: its score head must come from the files (a reward model to score
-    with), not be created fresh, as transformers does, with only a warning, for a causal LM."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from .trainer.models import local_path
-
-    name = local_path(name)  # smollm2 or a .gguf file: its converted directory
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        if trained:
-            _check_reward_config(name, AutoConfig.from_pretrained(name, local_files_only=True))
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                name, local_files_only=True, output_loading_info=True)
-            missing = sorted(info["missing_keys"])
-        else:  # the base of a reward model to train: a fresh score head is what is wanted
-            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1,
-                                                                       local_files_only=True)
-            missing = []
-    except OSError as error:
-        raise FileNotFoundError(f"cannot load model {name!r} offline: "
-                                f"{str(error).splitlines()[0]}") from None
-    if missing:
-        raise ValueError(f"--reward-model {name!r} is not a trained reward model: its files lack "
-                         f"{', '.join(missing[:3])}, so its score head would be random; train "
-                         "one first (fastalign train rm --output DIR)")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _check_reward_config(name, config) -> None:
-    architectures = getattr(config, "architectures", None) or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise ValueError(f"--reward-model {name!r} is a {', '.join(architectures) or 'model'}, "
-                         "not a trained reward model (a *ForSequenceClassification with one "
-                         "output); train one first (fastalign train rm --output DIR)")
-    if getattr(config, "num_labels", None) != 1:
-        raise ValueError(f"--reward-model {name!r} has {config.num_labels} outputs; a reward "
-                         "model has one (num_labels=1)")
 
 
 def main(argv=None) -> None:

@@ -30,9 +30,10 @@ def policy(args, progress: bool = True):
 
 
 def reward_model(args):
-    from .cli import _reward_model, device
+    from .cli import device
+    from .trainer import load_reward_model
 
-    model, tokenizer = _reward_model(args.reward_model, trained=True)
+    model, tokenizer = load_reward_model(args.reward_model, trained=True)
     return model.to(device(args)), tokenizer
 
 
@@ -103,6 +104,7 @@ def reward_functions(args) -> tuple[list, list[float] | None]:
 
 def train_rl(args, config) -> None:
     from .trainer import GRPOTrainer, PPOTrainer
+    from .trainer.rewards import reward_function
 
     import os
 
@@ -111,23 +113,25 @@ def train_rl(args, config) -> None:
     main_rank = os.environ.get("RANK", "0") == "0"
     model, tokenizer = policy(args, progress=config.progress and main_rank)
     prompts = load_prompts(args.prompts)
-    before = None
+    held_out = (load_prompts(args.eval_prompts, split=None) if args.eval_prompts
+                else load_prompts(args.prompts, split="test"))
     if args.kind == "grpo":
         functions, weights = reward_functions(args)
-        held_out = (load_prompts(args.eval_prompts, split=None) if args.eval_prompts
-                    else load_prompts(args.prompts, split="test"))
         trainer = GRPOTrainer(model, tokenizer, config, prompts, functions,
                               reward_weights=weights, eval_prompts=held_out)
-        if held_out and args.resume is None:
-            before = trainer.evaluate()
-            print(f"held-out ({len(held_out)} prompts, greedy) before training: "
-                  f"{_shown(before)}")
         progress_key = "reward"
     else:
         scorer, reward_tokenizer = reward_model(args)
+        checks = [reward_function(name.strip()) for name in (args.eval_rewards or "").split(",")
+                  if name.strip()]
         trainer = PPOTrainer(model, tokenizer, config, prompts, scorer,
-                             reward_tokenizer=reward_tokenizer)
+                             reward_tokenizer=reward_tokenizer, eval_prompts=held_out,
+                             eval_reward_funcs=checks)
         progress_key = "score"
+    before = None
+    if held_out and args.resume is None:
+        before = trainer.evaluate()
+        print(f"held-out ({len(held_out)} prompts, greedy) before training: {_shown(before)}")
     trainer.train(resume_from=args.resume)
     with open(trainer.output_dir / "metrics.jsonl") as lines:
         rows = [json.loads(line) for line in lines]
@@ -137,8 +141,9 @@ def train_rl(args, config) -> None:
     kl = f", KL to the reference {rows[-1]['kl']:.3f}" if "kl" in rows[-1] else ""
     print(f"done: {trainer.step} steps; mean {progress_key} over the first {window} logged steps "
           f"{first:.3f}, over the last {window} {last:.3f}{kl}; model in {trainer.output_dir}/")
-    if args.kind == "grpo" and trainer.eval_items:
-        after = rows[-1] if "eval_reward" in rows[-1] else trainer.evaluate()
+    if trainer.eval_items:
+        after = (rows[-1] if any(k.startswith("eval_") for k in rows[-1])
+                 else trainer.evaluate())
         print(f"held-out ({len(trainer.eval_items)} prompts, greedy) after training: "
               f"{_shown(after)}" + (f" (before: {_shown(before)})" if before else ""))
 

@@ -54,11 +54,18 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
     model.config.pad_token_id = byte_tokenizer().pad_token_id
     model.save_pretrained(reward_dir)
     byte_tokenizer().save_pretrained(reward_dir)
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text('{"prompt": "Say 3.", "answer": 3}\n{"prompt": "Say 4.", "answer": 4}\n')
     done = run_cli("train", "ppo", "--model", "tiny", "--reward-model", str(reward_dir),
-                     "--mini-batch-size", "1", "--ppo-epochs", "1",
+                     "--mini-batch-size", "1", "--ppo-epochs", "1", "--eval-prompts",
+                     str(held_out), "--eval-rewards", "correct_answer,answer_format",
                      "--output", str(tmp_path / "run"), *QUICK)
     assert done.returncode == 0, done.stderr
     assert "done: 2 steps; mean score over the first 1 logged steps" in done.stdout
+    for when in ("before", "after"):
+        line = next(line for line in done.stdout.splitlines() if f"greedy) {when}" in line)
+        assert line.startswith("held-out (2 prompts, greedy)")
+        assert "score " in line and "rewards/correct_answer 0.000" in line, line
     logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert {"score", "kl", "value_loss", "explained_variance", "entropy"} <= set(logged[-1])
     assert (tmp_path / "run" / "value_head.safetensors").is_file()

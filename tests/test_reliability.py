@@ -13,11 +13,11 @@ import pytest
 import torch
 from helpers import preference_rows, small_llama
 
-from fastalign.cli import _config, _parser, _reward_model
+from fastalign.cli import _config, _parser
 from fastalign.cli_rl import load_prompts, reward_functions
 from fastalign.trainer import (CheckpointError, DataError, DPOConfig, DPOTrainer, RewardConfig,
-                               RewardTrainer, byte_tokenizer, load_preferences, tiny_llama,
-                               tiny_reward_model)
+                               RewardTrainer, byte_tokenizer, load_preferences,
+                               load_reward_model, tiny_llama, tiny_reward_model)
 from fastalign.trainer._base import NonFiniteError
 from fastalign.trainer.checkpoint import MANIFEST_FILE, STATE_FILE, file_sha256
 from fastalign.trainer.config import ConfigError
@@ -286,12 +286,12 @@ def test_a_causal_lm_is_not_accepted_as_a_reward_model(tmp_path):
     tiny_llama(vocab_size=1000, hidden_size=32, num_layers=1).save_pretrained(tmp_path / "lm")
     byte_tokenizer().save_pretrained(tmp_path / "lm")
     with pytest.raises(ValueError, match="is a LlamaForCausalLM, not a trained reward model"):
-        _reward_model(str(tmp_path / "lm"), trained=True)
-    _reward_model(str(tmp_path / "lm"))  # as the base of a reward model to train: fine
+        load_reward_model(str(tmp_path / "lm"), trained=True)
+    load_reward_model(str(tmp_path / "lm"))  # as the base of a reward model to train: fine
     classifier = tiny_reward_model(vocab_size=1000, hidden_size=32, num_layers=1)
     classifier.save_pretrained(tmp_path / "rm")
     byte_tokenizer().save_pretrained(tmp_path / "rm")
-    model, _ = _reward_model(str(tmp_path / "rm"), trained=True)
+    model, _ = load_reward_model(str(tmp_path / "rm"), trained=True)
     torch.testing.assert_close(model.score.weight, classifier.score.weight)
 
 

@@ -209,3 +209,40 @@ def test_a_lora_policy_uses_its_base_as_the_reference(tmp_path):
     assert grpo.reference.uses_base
     torch.testing.assert_close(grpo.reference_logprobs(experience.rollouts), base, rtol=0,
                                atol=1e-5)
+
+
+def test_evaluate_scores_greedy_held_out_completions(tmp_path):
+    """``evaluate``: the reward model's mean score and each check's mean over the greedy
+    completions of the held-out prompts (in chunks of eval_batch_size), equal to scoring the
+    whole set at once; logged every eval_steps and at the end."""
+    from fastalign.trainer.best_of_n import score_with_reward_model
+    from fastalign.trainer.rollout import generate_rollouts
+
+    def vowels(prompts, completions):
+        return [float(sum(c in "aeiou" for c in completion)) for completion in completions]
+
+    held_out = ["Say a word.", "Count to three.", "Hello there!"]
+    config = PPOConfig(output_dir=str(tmp_path), batch_size=2, mini_batch_size=1, ppo_epochs=1,
+                       max_new_tokens=6, max_steps=2, eval_steps=1, eval_batch_size=2,
+                       progress=False, learning_rate=1e-3)
+    tokenizer = byte_tokenizer()
+    trainer = PPOTrainer(small_policy(0), tokenizer, config, RL_PROMPTS[:2], LowercaseReward(),
+                         eval_prompts=held_out, eval_reward_funcs=[vowels])
+    measured = trainer.evaluate()
+    rollouts = generate_rollouts(trainer.model, tokenizer, held_out, max_new_tokens=6,
+                                 logprobs=False, greedy=True)
+    expected = score_with_reward_model(LowercaseReward(), tokenizer, held_out,
+                                       rollouts.completions).mean()
+    assert measured["eval_score"] == pytest.approx(float(expected), rel=1e-6)
+    assert measured["eval_rewards/vowels"] == pytest.approx(
+        sum(vowels(held_out, rollouts.completions)) / 3)
+    assert measured["eval_score"] > 0
+    torch.manual_seed(0)
+    trainer.train()
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [("eval_score" in row and "eval_rewards/vowels" in row) for row in logged] == [True,
+                                                                                           True]
+    with pytest.raises(ValueError, match="eval_reward_funcs must be callables"):
+        PPOTrainer(small_policy(0), tokenizer, config, RL_PROMPTS[:2], LowercaseReward(),
+                   eval_reward_funcs=["correct_answer"])
+

@@ -15,12 +15,12 @@ from .grpo import GRPOTrainer
 from .ppo import PPOTrainer
 from .reward import RewardTrainer, tiny_reward_model
 from .lora import merge_adapter
-from .models import load_model_and_tokenizer
+from .models import load_model_and_tokenizer, load_reward_model
 from .tiny import tiny_llama
 from .tokenizer import byte_tokenizer
 
 __all__ = ["BestOfN", "CausalLMAdapter", "CheckpointError", "DPOConfig", "DPOTrainer",
-           "DataError", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer",
-           "TrainConfig", "best_of_n", "byte_tokenizer", "completion_targets",
-           "load_model_and_tokenizer", "load_preferences", "merge_adapter", "tiny_llama", "tiny_reward_model",
-           "tokenize_pairs"]
+           "DataError", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig",
+           "RewardTrainer", "TrainConfig", "best_of_n", "byte_tokenizer", "completion_targets",
+           "load_model_and_tokenizer", "load_preferences", "load_reward_model", "merge_adapter",
+           "tiny_llama", "tiny_reward_model", "tokenize_pairs"]

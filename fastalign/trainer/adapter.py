@@ -72,7 +72,7 @@ class CausalLMAdapter:
         self.lm_head = head
         config = getattr(inner, "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None) or None
-        # Run the real tokens of a padded batch as one packed row (``packing.py``).
+        # Pack the sequences of a padded batch into fewer rows (``packing.py``).
         if padding_free:
             check_packing_supported(inner)
         self.padding_free = padding_free
@@ -85,7 +85,7 @@ class CausalLMAdapter:
         and returns what ``head_fn`` returned (e.g. a fused loss, differentiable w.r.t. all
         parameters). ``hidden`` is cut to the positions that have a next token; the weight
         has any LoRA adapter on the head folded in (``head_parameters``). With
-        ``padding_free``, the rows' real tokens run packed into one row and ``hidden`` is
+        ``padding_free``, the sequences run packed into fewer rows and ``hidden`` is
         scattered back to ``[B, T-1, D]`` (zeros at padding) before ``head_fn``."""
         results = []
         packing = (Packing(attention_mask, position_ids)

@@ -31,7 +31,7 @@ class TrainConfig:
     ``parallelism`` picks the engine: DDP, or FSDP2 sharding. ``lora_r > 0`` trains LoRA
     adapters (PEFT) on ``lora_target_modules`` instead of the whole model, and
     ``gradient_checkpointing`` recomputes activations in the backward (``trainer.lora``);
-    ``padding_free`` runs each batch's real tokens as one packed row (``trainer.packing``)."""
+    ``padding_free`` packs each batch's sequences into fewer rows (``trainer.packing``)."""
     output_dir: str = "fastalign-output"
     learning_rate: float = 1e-5
     batch_size: int = 8
@@ -161,18 +161,21 @@ class RLConfig(TrainConfig):
     (``clip_low``; ``clip_high`` defaults to it) and the KL estimator. An optimizer step
     samples ``batch_size x gradient_accumulation_steps`` prompts; the updates on them run in
     micro-batches of ``batch_size`` prompts' rollouts (GRPO) or ``mini_batch_size`` rows (PPO),
-    their gradients accumulated."""
+    their gradients accumulated. With held-out prompts, every ``eval_steps`` steps (and at the
+    end) their greedy completions are scored (``evaluate``), ``eval_batch_size`` at a time."""
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
     clip_low: float = 0.2
     clip_high: float | None = None
     kl_estimator: str = "k3"
+    eval_steps: int | None = None
+    eval_batch_size: int = 32
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_at_least(self, 1, ["max_new_tokens"])
+        _check_at_least(self, 1, ["max_new_tokens", "eval_steps", "eval_batch_size"])
         _check_greater(self, 0, ["temperature"])
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -188,9 +191,8 @@ class GRPOConfig(RLConfig):
     (importance ratios against the rollouts' log-probs); ``beta`` > 0 adds the KL estimate to a
     frozen reference (``monitor_kl`` keeps one to log the KL even at ``beta = 0``). ``loss_type``
     picks the aggregation: grpo (mean of sequence means), bnpo / dapo (token mean), dr_grpo (sum
-    over batch x max_new_tokens). With held-out prompts, every ``eval_steps`` steps (and at the
-    end) their greedy completions are scored by the reward functions (``eval_rewards/...``),
-    ``eval_batch_size`` prompts at a time."""
+    over batch x max_new_tokens). ``evaluate`` scores held-out greedy completions with the
+    reward functions (``eval_rewards/...``, weighted sum ``eval_reward``)."""
     output_dir: str = "fastalign-grpo"
     batch_size: int = 4
     num_generations: int = 4
@@ -199,12 +201,9 @@ class GRPOConfig(RLConfig):
     num_iterations: int = 1
     scale_rewards: str = "group"
     monitor_kl: bool = False
-    eval_steps: int | None = None
-    eval_batch_size: int = 32
 
     def __post_init__(self):
         super().__post_init__()
-        _check_at_least(self, 1, ["eval_steps", "eval_batch_size"])
         _check_choice("loss_type", self.loss_type, tuple(GRPO_LOSS_TYPES))
         _check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         _check_at_least(self, 1, ["num_iterations"])
@@ -220,7 +219,9 @@ class PPOConfig(RLConfig):
     ``lam``) and whitened advantages; then ``ppo_epochs`` passes over the rollouts in
     ``mini_batch_size`` rows, each an optimizer update of the clipped policy loss plus
     ``vf_coef`` x the clipped value loss. ``missing_eos_penalty`` (when set) is subtracted from
-    the score of completions cut at ``max_new_tokens`` without a stop token."""
+    the score of completions cut at ``max_new_tokens`` without a stop token. ``evaluate``
+    scores held-out greedy completions with the reward model (``eval_score``) and any
+    ``eval_reward_funcs`` (``eval_rewards/...``, measured, not trained on)."""
     output_dir: str = "fastalign-ppo"
     batch_size: int = 8
     mini_batch_size: int = 4

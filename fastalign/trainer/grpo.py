@@ -22,7 +22,8 @@ from ._base import Trainer
 from .adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
 from .best_of_n import RewardModelFunction
 from .config import GRPO_LOSS_TYPES, GRPOConfig
-from .rollout import Rollouts, generate_rollouts, reward_columns, reward_name
+from .rollout import (Rollouts, generate_rollouts, held_out_reward_columns, reward_columns,
+                      reward_name)
 
 
 class GRPOTrainer(Trainer):
@@ -190,25 +191,7 @@ class GRPOTrainer(Trainer):
         prompts = self.eval_items if prompts is None else prompts
         if not prompts:
             return {}
-        _ = self.root
-        start, end = self.processes.share_bounds(len(prompts))
-        size = self.config.eval_batch_size
-        # Every rank generates as many chunks as the largest share needs: under FSDP2 each
-        # forward gathers parameters from all ranks, so a rank that stopped early would hang
-        # the others. A rank out of prompts completes a stand-in one and drops the result.
-        chunks = math.ceil(math.ceil(len(prompts) / self.processes.world_size) / size)
-        columns = []
-        for index in range(chunks):
-            chunk = prompts[start + index * size:min(start + (index + 1) * size, end)]
-            rollouts = generate_rollouts(
-                self.model, self.tokenizer, chunk or prompts[:1],
-                max_new_tokens=self.config.max_new_tokens, logprobs=False, greedy=True,
-                synced=self.processes.distributed and self.processes.parallelism == "fsdp")
-            if chunk:
-                columns.append(reward_columns(self.reward_funcs, chunk, rollouts.completions))
-        local = (torch.cat(columns, 1) if columns
-                 else torch.zeros(len(self.reward_funcs), 0)).t().contiguous()
-        everyone = self.processes.gather(local.to(self.device)).cpu().t()  # [F, len(prompts)]
+        everyone = held_out_reward_columns(self, prompts, self.reward_funcs)  # [F, prompts]
         means = {f"eval_rewards/{reward_name(f)}": float(column.mean())
                  for f, column in zip(self.reward_funcs, everyone)}
         total = float((torch.tensor(self.reward_weights) @ everyone).mean())

@@ -120,9 +120,7 @@ def merge_adapter(adapter_dir, output, *, base: str | None = None) -> Path:
     """
     from peft import PeftModel
 
-    from .models import load_model_and_tokenizer
-    from .tiny import TINY
-    from .tokenizer import byte_tokenizer
+    from .models import load_model_and_tokenizer, load_reward_model
 
     adapter_dir, output = Path(adapter_dir), Path(output)
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
@@ -136,12 +134,8 @@ def merge_adapter(adapter_dir, output, *, base: str | None = None) -> Path:
         raise ValueError(f"{adapter_dir / ADAPTER_CONFIG} names no base model (it was trained "
                          "from one built in memory, e.g. a warm-started tiny model): pass "
                          "--base MODEL")
-    if recorded.get("task_type") == "SEQ_CLS" and base == TINY:
-        from .reward import tiny_reward_model
-        model, tokenizer = tiny_reward_model(), byte_tokenizer()
-    elif recorded.get("task_type") == "SEQ_CLS":
-        from ..cli import _reward_model
-        model, tokenizer = _reward_model(base)
+    if recorded.get("task_type") == "SEQ_CLS":
+        model, tokenizer = load_reward_model(base)
     else:
         model, tokenizer = load_model_and_tokenizer(base)
     with quiet_peft():

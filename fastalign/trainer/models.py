@@ -179,3 +179,51 @@ def _from_pretrained(name_or_path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_reward_model(name: str, *, trained: bool = False):
+    """``(model, tokenizer)`` of a sequence classifier with one output: ``tiny`` (the built-in
+    one, untrained), or the model ``name`` (a directory, ``smollm2`` or a GGUF file; see
+    ``local_path``). ``trained``: its score head must come from the files (a reward model to
+    score with), not be created fresh, as transformers does, with only a warning, for a causal
+    LM: anything else is refused with what to do."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    if name == TINY and not trained:
+        from .reward import tiny_reward_model
+        model = tiny_reward_model()
+        model.config._name_or_path = TINY  # rebuilt by name alone: the base of a merge
+        return model, byte_tokenizer()
+    name = local_path(name)  # smollm2 or a .gguf file: its converted directory
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        if trained:
+            _check_reward_config(name, AutoConfig.from_pretrained(name, local_files_only=True))
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                name, local_files_only=True, output_loading_info=True)
+            missing = sorted(info["missing_keys"])
+        else:  # the base of a reward model to train: a fresh score head is what is wanted
+            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1,
+                                                                       local_files_only=True)
+            missing = []
+    except OSError as error:
+        raise FileNotFoundError(f"cannot load model {name!r} offline: "
+                                f"{str(error).splitlines()[0]}") from None
+    if missing:
+        raise ValueError(f"reward model {name!r} is not a trained reward model: its files lack "
+                         f"{', '.join(missing[:3])}, so its score head would be random; train "
+                         "one first (fastalign train rm --output DIR)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _check_reward_config(name, config) -> None:
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"reward model {name!r} is a {', '.join(architectures) or 'model'}, "
+                         "not a trained reward model (a *ForSequenceClassification with one "
+                         "output); train one first (fastalign train rm --output DIR)")
+    if getattr(config, "num_labels", None) != 1:
+        raise ValueError(f"reward model {name!r} has {config.num_labels} outputs; a reward "
+                         "model has one (num_labels=1)")

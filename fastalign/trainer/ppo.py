@@ -28,9 +28,9 @@ from ..losses._reduce import masked_mean
 from ..nn import FusedPolicyLoss
 from ._base import Trainer
 from .adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
-from .best_of_n import check_reward_model, score_with_reward_model
+from .best_of_n import RewardModelFunction, check_reward_model, score_with_reward_model
 from .config import PPOConfig
-from .rollout import Rollouts, generate_rollouts
+from .rollout import Rollouts, generate_rollouts, held_out_reward_columns, reward_name
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # weight [1, D], bias [1]
 
@@ -66,18 +66,27 @@ class PPOTrainer(Trainer):
             disabled, else a copy of ``model``).
         value_model: a sequence-classification model whose ``score`` head gives a value per
             token (trained jointly), or None (default) for a value head on the policy's backbone.
+        eval_prompts: held-out prompts, whose greedy completions ``evaluate`` scores every
+            ``config.eval_steps`` steps and at the end.
+        eval_reward_funcs: reward functions (as GRPO's, e.g. a verifier) that ``evaluate``
+            scores those completions with beside the reward model: a check of what the reward
+            model teaches, never trained on.
     """
 
-    plot_panels = [("reward model score", ["score"]), ("KL to the reference", ["kl"]),
-                   ("losses", ["policy_loss", "value_loss"]),
+    plot_panels = [("reward model score", ["score", "eval_score"]),
+                   ("KL to the reference", ["kl"]), ("losses", ["policy_loss", "value_loss"]),
                    ("value fit", ["explained_variance"])]
 
     def __init__(self, model, tokenizer, config: PPOConfig | None, prompts: list, reward_model,
-                 *, reward_tokenizer=None, ref_model=None, value_model=None):
+                 *, reward_tokenizer=None, ref_model=None, value_model=None,
+                 eval_prompts: list | None = None, eval_reward_funcs: list | None = None):
         config = config or PPOConfig()
         if not prompts:
             raise ValueError("prompts is empty")
         check_reward_model(reward_model)
+        if not all(callable(f) for f in eval_reward_funcs or []):
+            raise ValueError("eval_reward_funcs must be callables "
+                             "f(prompts, completions) -> list of floats")
         if value_model is not None and not hasattr(value_model, "score"):
             raise TypeError(f"value_model ({type(value_model).__name__}) has no `score` head: "
                             "pass a *ForSequenceClassification model, or None for a value head "
@@ -85,7 +94,7 @@ class PPOTrainer(Trainer):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                              "tokenizer.pad_token = tokenizer.eos_token")
-        super().__init__(model, tokenizer, config, list(prompts))
+        super().__init__(model, tokenizer, config, list(prompts), list(eval_prompts or []))
         model = self.model  # with config.lora_r, the PEFT model around the one given
         if self.processes.distributed and value_model is not None:
             raise NotImplementedError(
@@ -103,6 +112,7 @@ class PPOTrainer(Trainer):
         self.value_root = self.value_module  # its DDP wrapper on several processes
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.reward_tokenizer = reward_tokenizer or tokenizer
+        self.eval_reward_funcs = list(eval_reward_funcs or [])
         self.reference = FrozenReference(model, ref_model, padding_free=config.padding_free)
         self.policy_loss = FusedPolicyLoss(
             clip_low=config.clip_low, clip_high=config.clip_high, aggregation="token_mean",
@@ -280,7 +290,25 @@ class PPOTrainer(Trainer):
                 "completion_length": gather(mask.sum(-1)[real]).mean()}
 
     def progress_metrics(self, metrics):
-        return {"score": f"{metrics['score']:.3f}", "kl": f"{metrics['kl']:.3f}"}
+        shown = {"score": f"{metrics['score']:.3f}", "kl": f"{metrics['kl']:.3f}"}
+        if "eval_score" in metrics:
+            shown["eval_score"] = f"{metrics['eval_score']:.3f}"
+        return shown
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list | None = None) -> dict:
+        """Means over greedy completions of the held-out prompts (default: ``eval_prompts``):
+        the reward model's score ``eval_score`` and each of ``eval_reward_funcs``
+        (``eval_rewards/<name>``); ``{}`` without prompts. On several processes each rank
+        completes its share."""
+        prompts = self.eval_items if prompts is None else prompts
+        if not prompts:
+            return {}
+        scorer = RewardModelFunction(self.reward_model, self.reward_tokenizer)
+        columns = held_out_reward_columns(self, prompts, [scorer, *self.eval_reward_funcs])
+        return {"eval_score": float(columns[0].mean()),
+                **{f"eval_rewards/{reward_name(f)}": float(column.mean())
+                   for f, column in zip(self.eval_reward_funcs, columns[1:])}}
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,

@@ -252,6 +252,32 @@ def reward_columns(reward_funcs: list, prompts: list, completions: list[str]) ->
     return torch.stack(columns)
 
 
+def held_out_reward_columns(trainer, prompts: list, reward_funcs: list) -> torch.Tensor:
+    """``[len(reward_funcs), len(prompts)]``: the ``reward_columns`` of greedy completions of
+    ``prompts`` by ``trainer``'s model (``config.max_new_tokens``, ``config.eval_batch_size``
+    prompts at a time); on several processes each rank completes its share and all get all."""
+    processes, config = trainer.processes, trainer.config
+    _ = trainer.root
+    start, end = processes.share_bounds(len(prompts))
+    size = config.eval_batch_size
+    # Every rank generates as many chunks as the largest share needs: under FSDP2 each
+    # forward gathers parameters from all ranks, so a rank that stopped early would hang
+    # the others. A rank out of prompts completes a stand-in one and drops the result.
+    chunks = math.ceil(math.ceil(len(prompts) / processes.world_size) / size)
+    columns = []
+    for index in range(chunks):
+        chunk = prompts[start + index * size:min(start + (index + 1) * size, end)]
+        rollouts = generate_rollouts(
+            trainer.model, trainer.tokenizer, chunk or prompts[:1],
+            max_new_tokens=config.max_new_tokens, logprobs=False, greedy=True,
+            synced=processes.distributed and processes.parallelism == "fsdp")
+        if chunk:
+            columns.append(reward_columns(reward_funcs, chunk, rollouts.completions))
+    local = (torch.cat(columns, 1) if columns
+             else torch.zeros(len(reward_funcs), 0)).t().contiguous()
+    return processes.gather(local.to(trainer.device)).cpu().t()
+
+
 def score_completions(reward_funcs: list, prompts: list, completions: list[str],
                       weights: list[float] | None = None) -> torch.Tensor:
     """``[len(completions)]`` weighted sum of the ``reward_columns``."""
