@@ -55,10 +55,12 @@ def test_no_token_attends_across_a_boundary():
     with torch.no_grad():
         before, _ = adapter.completion_logprobs(input_ids, completion_mask, attention_mask)
         changed = input_ids.clone()
-        changed[0, :3] = torch.tensor([5, 6, 7])  # the row packed first
+        # The 7-token row, packed first in the row it shares with the 3- and 1-token rows.
+        changed[2, :7] = torch.tensor([5, 6, 7, 8, 9, 10, 11])
         after, _ = adapter.completion_logprobs(changed, completion_mask, attention_mask)
-    assert not torch.allclose(after[0], before[0])
-    assert torch.equal(after[1:], before[1:])
+    assert not torch.allclose(after[2], before[2])
+    others = [0, 1, 3]
+    assert torch.equal(after[others], before[others])
 
 
 def test_packing_round_trip_and_positions():
@@ -112,3 +114,43 @@ def test_padding_free_refuses_an_attention_it_cannot_trust():
     model.config._attn_implementation = "paged_attention"
     with pytest.raises(ValueError, match="'paged_attention' is not known to keep packed"):
         CausalLMAdapter(model, padding_free=True)
+
+
+def test_padding_free_rl_rollouts_and_ppo_experience_equal_the_padded(tmp_path):
+    """Left-padded prompts of different lengths and completions that stop at different points:
+    GRPO's recomputed log-probs, and PPO's old log-probs, values, reference log-probs and loss,
+    are the same packed as padded."""
+    from helpers import RL_PROMPTS, small_policy
+
+    from fastalign.trainer import PPOConfig, PPOTrainer
+    from fastalign.trainer.rollout import generate_rollouts
+
+    tokenizer = byte_tokenizer()
+    recomputed = [generate_rollouts(small_policy(0), tokenizer, RL_PROMPTS, num_generations=2,
+                                    max_new_tokens=8, seeds=[1, 2, 3, 4],
+                                    padding_free=padding_free).old_logprobs
+                  for padding_free in (False, True)]
+    torch.testing.assert_close(recomputed[1], recomputed[0], rtol=1e-5, atol=1e-5)
+    experiences, losses = [], []
+    for padding_free in (False, True):
+        config = PPOConfig(output_dir=str(tmp_path / f"ppo{padding_free}"), batch_size=4,
+                           mini_batch_size=2, max_new_tokens=8, progress=False,
+                           padding_free=padding_free)
+        trainer = PPOTrainer(small_policy(0), tokenizer, config, RL_PROMPTS,
+                             tiny_reward_model(vocab_size=300, hidden_size=32, seed=2),
+                             ref_model=small_policy(1))
+        torch.manual_seed(5)  # values that depend on the hidden states (the head starts at 0)
+        torch.nn.init.normal_(trainer.value_module.weight)
+        experience = trainer.rollout(RL_PROMPTS, seeds=[1, 2, 3, 4])
+        experiences.append(experience)
+        losses.append(trainer.compute_loss((experience, torch.arange(4)))[0])
+    padded, packed = experiences
+    assert torch.equal(packed.rollouts.input_ids, padded.rollouts.input_ids)
+    assert (padded.rollouts.attention_mask == 0).any()  # there is padding to skip
+    torch.testing.assert_close(packed.rollouts.old_logprobs, padded.rollouts.old_logprobs,
+                               rtol=1e-5, atol=1e-5)
+    assert padded.values.abs().sum() > 0
+    for name in ("ref_logprobs", "values", "advantages"):
+        torch.testing.assert_close(getattr(packed, name), getattr(padded, name),
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
