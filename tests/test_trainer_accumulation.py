@@ -92,7 +92,9 @@ def test_options_that_do_not_apply_to_rl_are_refused():
 
     with pytest.raises(ConfigError, match="unknown GRPOConfig option\\(s\\): max_length"):
         GRPOConfig.from_dict({"max_length": 4})
-    GRPOConfig(eval_steps=4, eval_batch_size=4)  # GRPO evaluates held-out prompts
-    for name in ("max_length", "eval_steps", "eval_batch_size"):
-        with pytest.raises(TypeError):
-            PPOConfig(**{name: 4})
+    GRPOConfig(eval_steps=4, eval_batch_size=4)  # both evaluate held-out prompts
+    PPOConfig(eval_steps=4, eval_batch_size=4)
+    with pytest.raises(TypeError):
+        PPOConfig(max_length=4)
+    with pytest.raises(ConfigError, match="eval_steps must be an integer >= 1, got 0"):
+        PPOConfig(eval_steps=0)
