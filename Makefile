@@ -31,8 +31,12 @@ demo: $(INSTALLED)
 
 # pytest (not `python -m pytest`): the repository root must not be on sys.path, or its
 # kernels/ folder would be importable as a top-level `kernels` (tests/test_packaging.py).
+# Two worker processes of one thread each: most tests are single-threaded Python (the Triton
+# interpreter, subprocess starts), so two of them at once take ~0.8x the time of one process
+# on 2 cores; with torch's default two threads per worker they would oversubscribe the cores
+# (1.2x slower than one process). tests/test_native.py sets two threads where it checks them.
 test: $(INSTALLED)
-	$(BIN)/pytest
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n 2
 
 bench: $(INSTALLED)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[bench]"

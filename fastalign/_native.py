@@ -263,11 +263,16 @@ def _load():
         return None
 
 
-# Under torch.compile the build status is a constant of the trace (the build itself must never
-# be traced: it calls torch.backends and the compiler).
-@torch._dynamo.assume_constant_result
 def _build_failure() -> str | None:
     return None if _load() is not None else f"the native extension could not be built ({_build_error})"
+
+
+# Under torch.compile the build status is a constant of the trace (the build itself must never
+# be traced: it calls torch.backends and the compiler). The mark is what
+# torch._dynamo.assume_constant_result sets, and all it sets (tests/test_compile.py checks that
+# it still is), written here without importing torch._dynamo: that import is ~3 s of the start
+# of every process that never compiles (the CLI's workers, the demos' measurements).
+_build_failure._dynamo_marked_constant = True
 
 
 def unavailable_reason() -> str | None:

@@ -83,3 +83,24 @@ def test_fused_losses_compile_without_graph_breaks():
     grads = torch.autograd.grad(compiled(hidden, weight), (hidden, weight))
     for grad, wanted in zip(grads, expected):
         torch.testing.assert_close(grad, wanted, rtol=1e-5, atol=1e-6)
+
+
+def test_the_native_build_status_is_a_constant_of_the_trace_without_importing_dynamo():
+    """``_native._build_failure`` carries exactly the mark ``assume_constant_result`` sets
+    (written without importing torch._dynamo: if torch renames it, this fails), and importing
+    fastalign leaves torch._dynamo unimported (~3 s of every process's start)."""
+    import subprocess
+    import sys
+
+    from fastalign import _native
+
+    def probe():
+        return None
+
+    marks = vars(torch._dynamo.assume_constant_result(probe))
+    assert marks == {"_dynamo_marked_constant": True}
+    assert {name: vars(_native._build_failure).get(name) for name in marks} == marks
+    code = "import sys, fastalign; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
