@@ -68,7 +68,7 @@ HELP = {
     "gradient_checkpointing": "recompute each layer's activations in the backward (less "
                               "memory, about a third more compute)",
     "padding_free": "pack each batch's sequences into fewer rows, kept apart by their "
-                    "position ids: no compute on padding (see docs/real_model.md)",
+                    "position ids: fewer, fuller rows (see docs/real_model.md)",
     "center_rewards_coefficient": "weight of the mean squared reward (keeps rewards near 0)",
     "num_generations": "completions per prompt (G), a group",
     "max_new_tokens": "tokens sampled per completion at most",

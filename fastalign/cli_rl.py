@@ -121,9 +121,12 @@ def train_rl(args, config) -> None:
                               reward_weights=weights, eval_prompts=held_out)
         progress_key = "reward"
     else:
-        scorer, reward_tokenizer = reward_model(args)
         checks = [reward_function(name.strip()) for name in (args.eval_rewards or "").split(",")
                   if name.strip()]
+        if checks and not held_out:
+            raise ValueError("--eval-rewards scores held-out prompts and there are none: pass "
+                             "--eval-prompts FILE, or --prompts with 'test' rows (arithmetic)")
+        scorer, reward_tokenizer = reward_model(args)
         trainer = PPOTrainer(model, tokenizer, config, prompts, scorer,
                              reward_tokenizer=reward_tokenizer, eval_prompts=held_out,
                              eval_reward_funcs=checks)

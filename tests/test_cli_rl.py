@@ -87,6 +87,10 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
     (["train", "grpo", "--prompts", "missing.txt"], "--prompts 'missing.txt' does not exist"),
     (["train", "grpo", "--device", "cuda:7"], "this machine has no CUDA GPU"),
     (["train", "ppo", "--reward-model", "missing-dir"], "cannot load model 'missing-dir'"),
+    (["train", "ppo", "--reward-model", "runs/rm", "--eval-rewards", "correct_answer"],
+     "--eval-rewards scores held-out prompts and there are none"),
+    (["train", "ppo", "--reward-model", "runs/rm", "--eval-rewards", "claps"],
+     "unknown reward function 'claps'"),
     (["bon", "--rewards", "letters", "--reward-model", "runs/rm"],
      "pass --rewards or --reward-model, not both"),
 ])
