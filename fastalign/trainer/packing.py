@@ -5,9 +5,10 @@ sequence's ``position_ids`` starting again at 0, and no attention mask.
 transformers (5.x, ``masking_utils.find_packed_sequence_indices``) reads a position that does
 not follow its predecessor as the start of a new sequence and builds a block-diagonal causal
 mask from it (sdpa, eager, flex; flash-attention takes the same positions as variable-length
-sequences), so no token attends across a boundary and only the rows' filler costs compute. The model's
-hidden states are scattered back to the padded layout before the head, where padding is ignored
-anyway (the fused ops compact ignored rows out), so every loss sees the rows it would have seen.
+sequences), so no token attends across a boundary and only the rows' filler costs compute.
+The model's hidden states are scattered back to the padded layout before the head, where
+padding is ignored anyway (the fused ops compact ignored rows out), so every loss sees the rows
+it would have seen.
 
 Needs a model whose attention builds its mask with ``masking_utils`` (Llama, Qwen2/3, Mistral,
 Gemma, Phi-3, ... in transformers 5); the trainers' tests check that a packed batch's log-probs
