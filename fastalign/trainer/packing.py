@@ -63,22 +63,21 @@ class Packing:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.shape = tuple(attention_mask.shape)
         lengths = self.real.sum(-1).tolist()
-        row_of, start_of, used = _first_fit_decreasing(lengths)
-        self.row_length = max(max(lengths, default=0), 1)
+        row_length = max(max(lengths, default=0), 1)
+        row_of, start_of, used = _first_fit_decreasing(lengths, row_length)
         device = attention_mask.device
         sequence = self.real.nonzero()[:, 0]  # the padded row of each real token, in order
         offset = (self.real.long().cumsum(-1) - 1)[self.real]  # its index in its sequence
         self.rows = torch.tensor(row_of, device=device, dtype=torch.long)[sequence]
         self.columns = torch.tensor(start_of, device=device, dtype=torch.long)[sequence] + offset
-        columns = torch.arange(self.row_length, device=device)
+        columns = torch.arange(row_length, device=device)
         filler = columns - torch.tensor(used, device=device, dtype=torch.long)[:, None]
         self.position_ids = filler.clamp(min=0)  # [R, L]: the filler's, then the real tokens'
         self.position_ids[self.rows, self.columns] = position_ids[self.real].long()
 
     def pack(self, values: torch.Tensor) -> torch.Tensor:
         """``[B, T, ...]`` -> ``[R, L, ...]``: the real tokens, zeros in the filler."""
-        packed = values.new_zeros((self.position_ids.shape[0], self.row_length)
-                                  + tuple(values.shape[2:]))
+        packed = values.new_zeros(tuple(self.position_ids.shape) + tuple(values.shape[2:]))
         return packed.index_put((self.rows, self.columns), values[self.real])
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
@@ -87,11 +86,11 @@ class Packing:
         return full.index_put((self.real,), packed[self.rows, self.columns])
 
 
-def _first_fit_decreasing(lengths: list[int]) -> tuple[list[int], list[int], list[int]]:
+def _first_fit_decreasing(lengths: list[int], capacity: int
+                          ) -> tuple[list[int], list[int], list[int]]:
     """``(row of each sequence, its first column, tokens used per row)`` for sequences of
-    ``lengths`` packed, longest first, each into the first row with room (rows as long as the
-    longest). Equal lengths keep the batch's order, so packing is deterministic."""
-    capacity = max(max(lengths, default=0), 1)
+    ``lengths`` packed, longest first, each into the first row with room in rows of
+    ``capacity``. Equal lengths keep the batch's order, so packing is deterministic."""
     row_of, start_of, used = [0] * len(lengths), [0] * len(lengths), []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         row = next((r for r, filled in enumerate(used) if filled + lengths[index] <= capacity),
