@@ -4,12 +4,18 @@ Per-token log-probs and entropy of chosen tokens without materializing a full-vo
 softmax. See DESIGN.md for the public contract.
 """
 
-from . import losses
-from ._backend import available_backends, select_backend
-from ._native import empty_cache
-from .losses import kl_estimate
-from .nn import FusedDPOLoss, FusedPolicyLoss
-from .ops import linear_kl, linear_logprobs, token_kl, token_logprobs
+import sys as _sys
+
+from . import _source_folders
+
+_source_folders.mount(_sys.modules[__name__])  # before anything imports fastalign.kernels
+
+from . import losses  # noqa: E402
+from ._backend import available_backends, select_backend  # noqa: E402
+from ._native import empty_cache  # noqa: E402
+from .losses import kl_estimate  # noqa: E402
+from .nn import FusedDPOLoss, FusedPolicyLoss  # noqa: E402
+from .ops import linear_kl, linear_logprobs, token_kl, token_logprobs  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -40,9 +40,9 @@ def _triton_unavailable_reason(device: torch.device) -> str | None:
         return f"Triton kernels run on CUDA tensors, not on {device.type} tensors"
     if os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton kernels need CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 (slow, for tests)"
-    # triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when fastalign.kernels is
-    # first imported. Kernels compiled for the GPU cannot be interpreted afterwards.
-    kernels = sys.modules.get("fastalign.kernels")
+    # triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when a fastalign.kernels
+    # module is first imported. Kernels compiled for the GPU cannot be interpreted afterwards.
+    kernels = sys.modules.get("fastalign.kernels._interpreter")
     if kernels is not None and not kernels.INTERPRETED:
         return ("fastalign.kernels was imported before TRITON_INTERPRET=1 was set; "
                 "set it before the first call")

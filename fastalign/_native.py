@@ -68,9 +68,10 @@ def disabled() -> bool:
 
 
 def _source_dir() -> Path:
-    # Installed as the package fastalign.csrc (setup.py maps the repository's csrc/ folder).
+    # Installed as fastalign.csrc (setup.py maps the repository's csrc/ folder): a namespace
+    # package (no __init__.py, so the folder is never a top-level `csrc` package) with one path.
     from . import csrc
-    return Path(csrc.__file__).parent
+    return Path(next(iter(csrc.__path__)))
 
 
 def _capability() -> str:

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _interpreter  # noqa: F401  (records how these kernels were defined: fastalign/_backend.py)
 from ._math import FINITE_MIN, scaled_delta
 from ._rows import block_and_warps, row_offset
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
+from ._interpreter import INTERPRETED
 from ._math import FINITE_MIN, LOG_P_FLOOR, fp_fusion, logit_key, scaled_delta, softcap_grad
 
 # One default per kernel, read at call time (tests shrink them to cover tails). The best of

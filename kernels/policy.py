@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _interpreter  # noqa: F401  (records how these kernels were defined: fastalign/_backend.py)
+
 # Columns of the forward's [B, STATS] output, in the order fastalign.ops.policy_stats names
 # them (loss, count, clip low, clip high, ratio, approx KL, KL). KL_KIND: 0 none, 1-3 = k1-k3.
 STATS = 7

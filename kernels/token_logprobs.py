@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _interpreter  # noqa: F401  (records how these kernels were defined: fastalign/_backend.py)
 from ._math import FINITE_MIN, LOG_P_FLOOR, fp_fusion, logit_key, scaled_delta, softcap_grad
 from ._rows import block_and_warps, row_offset
 

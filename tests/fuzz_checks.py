@@ -8,7 +8,7 @@ import os
 import torch
 from conftest import TOLERANCE
 
-from fastalign.kernels import INTERPRETED
+from fastalign.kernels._interpreter import INTERPRETED
 
 
 def check(actual, expected, tol, what, case, atol=0.0, overflow_margin=2.0):

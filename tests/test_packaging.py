@@ -1,5 +1,7 @@
-"""The wheel installs the Triton kernels as fastalign.kernels and never as a top-level `kernels`
-(that name belongs to another PyPI package)."""
+"""No name of the repository shadows a third-party package: the wheel installs the Triton kernels
+and the C++ sources as fastalign.kernels / fastalign.csrc, and from the repository root, where
+`python -m`, `python -c`, torchrun and the worker subprocesses put the root on sys.path, PyPI's
+`kernels` (Hugging Face's kernel hub, imported by transformers >= 5.25) is the one imported."""
 
 import importlib.util
 import os
@@ -25,7 +27,7 @@ def wheel(tmp_path_factory):
 @pytest.mark.slow
 def test_wheel_maps_kernels_under_fastalign(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fastalign/kernels/__init__.py" in names
+    assert "fastalign/kernels/_interpreter.py" in names
     assert "fastalign/kernels/token_logprobs.py" in names
     assert "fastalign/ops/token_logprobs.py" in names
     assert "fastalign/losses/policy.py" in names
@@ -45,14 +47,52 @@ def test_unpacked_wheel_imports(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = ("import sys, importlib.util; sys.path.insert(0, sys.argv[1]);"
             "import fastalign, fastalign.kernels;"
-            "assert fastalign.kernels.__file__.startswith(sys.argv[1]), fastalign.kernels.__file__;"
+            "import fastalign.kernels.token_logprobs, fastalign._native;"
+            "assert list(fastalign.kernels.__path__) == [sys.argv[1] + '/fastalign/kernels'], fastalign.kernels.__path__;"
+            "assert str(fastalign._native._source_dir()).startswith(sys.argv[1]), fastalign._native._source_dir();"
             "spec = importlib.util.find_spec('kernels');"
             "assert spec is None or not spec.origin.startswith(sys.argv[1]), spec")
     env = dict(os.environ, TRITON_INTERPRET="1")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], check=True, cwd=tmp_path, env=env)
 
 
-def test_repository_root_is_not_importable_as_kernels():
-    """In the development install too, `import kernels` must not find our folder."""
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or not str(spec.origin).startswith(str(ROOT / "kernels"))
+def test_no_top_level_folder_or_module_can_shadow_a_package():
+    """Only fastalign/ is a regular package at the top level: a folder without __init__.py is a
+    namespace portion, which loses to any installed package or module of its name."""
+    shadowing = [path.name for path in ROOT.iterdir()
+                 if path.name != "fastalign" and (path / "__init__.py").is_file()]
+    shadowing += [path.name for path in ROOT.glob("*.py") if path.name != "setup.py"]
+    shadowing += [path.name for path in ROOT.glob("*.so")]
+    assert not shadowing, f"importable from the repository root as top-level names: {shadowing}"
+
+
+def _run_from_root(*args, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+@pytest.mark.slow
+def test_transformers_and_fastalign_import_from_the_repository_root():
+    """`python -c` from the root puts the root first on sys.path, as `python -m` does: PyPI's
+    kernels (installed with transformers >= 5.25, and by the test extra) must still win."""
+    code = ("import sys, kernels;"
+            "assert 'site-packages' in kernels.__file__, kernels.__file__;"
+            "from kernels import CUDAProperties;"
+            "import transformers, transformers.integrations.hub_kernels;"
+            "import fastalign, fastalign.kernels.token_logprobs;"
+            "assert list(fastalign.kernels.__path__) == [sys.argv[1]], fastalign.kernels.__path__;"
+            "from fastalign.trainer import tiny_llama; tiny_llama(vocab_size=300, hidden_size=16, num_layers=1);"
+            "print('ok')")
+    done = _run_from_root("-c", code, str(ROOT / "kernels"))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_python_dash_m_and_torchrun_start_from_the_repository_root():
+    done = _run_from_root("-m", "fastalign.demo", "--help")
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-3000:]
+    # torchrun starts its workers with the working directory first on sys.path too.
+    code = "import transformers.integrations.hub_kernels, fastalign.trainer; print('ok')"
+    done = _run_from_root("-m", "torch.distributed.run", "--nproc-per-node", "1",
+                          "--no-python", sys.executable, "-c", code)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
