@@ -108,7 +108,7 @@ def launch(spec: dict, nproc: int) -> list[dict] | dict:
     return json.loads(lines[-1])
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--nproc", type=int, default=2, help="processes (ranks)")
@@ -151,7 +151,8 @@ def main() -> None:
     if args.csv:
         harness.write_csv(rows, args.csv)
         print(f"CSV: {args.csv}")
+    return harness.exit_code(rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -108,7 +108,7 @@ def _worker(spec: dict) -> dict:
         return {"seconds": sorted(times)[len(times) // 2]}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens per pair")
@@ -151,7 +151,8 @@ def main(argv=None) -> None:
                             error=measured["error"][:200], **stamp))
     harness.report_trainer_steps(results, f"fp32 logits of the batch: {logits_mb:.0f} MB",
                                  args.csv)
+    return harness.exit_code(results)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

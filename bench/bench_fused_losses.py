@@ -172,7 +172,7 @@ def measure(spec: dict, device: torch.device) -> dict:
     return harness.measure_cpu(str(Path(__file__).resolve()), spec)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", default="dpo", choices=["dpo", "grpo"])
     parser.add_argument("--pairs", type=int, default=4, help="B: 2B sequences")
@@ -214,7 +214,8 @@ def main(argv=None) -> None:
     harness.write_csv(rows, csv_path)
     print(f"\nCSV: {csv_path}\n")
     summarize.summarize(str(csv_path), markdown=False)
+    return harness.exit_code(rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

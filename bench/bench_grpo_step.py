@@ -109,7 +109,7 @@ def _worker(spec: dict) -> dict:
                                                    warmup=0)}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=1, help="prompts per step")
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt (G)")
@@ -156,7 +156,8 @@ def main(argv=None) -> None:
                             error=measured["error"][:200], **stamp))
     harness.report_trainer_steps(results, f"fp32 logits of the completions: {logits_mb:.0f} MB",
                                  args.csv, extra="completion_length")
+    return harness.exit_code(results)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -159,7 +159,7 @@ def measure(spec: dict, device: torch.device) -> dict:
     return harness.measure_cpu(str(Path(__file__).resolve()), spec)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", default="logprobs", choices=list(PROVIDERS),
                         help="logprobs: linear_logprobs and its peers; kl: linear_kl and its peers")
@@ -212,7 +212,8 @@ def main(argv=None) -> None:
     harness.plot(rows, plot_path, f"{op_name}, N={tokens}, {stamp['device']}")
     print(f"\nCSV: {csv_path}\nplot: {plot_path}\n")
     summarize.summarize(str(csv_path), markdown=False)
+    return harness.exit_code(rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -191,7 +191,7 @@ def bytes_moved(op: str, mode: str, tokens: int, vocab: int, itemsize: int) -> i
     return tensors * one if mode == "fwd" else 2 * tensors * one + one
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     parser.add_argument("--tokens", type=int, default=4096)
@@ -261,6 +261,7 @@ def main(argv=None) -> None:
     print(f"\nCSV: {csv_path}\n")
     summarize.summarize(str(csv_path), markdown=False)
     print_floor_table(rows)
+    return harness.exit_code(rows)
 
 
 def print_floor_table(rows: list[dict]) -> None:
@@ -274,4 +275,4 @@ def print_floor_table(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

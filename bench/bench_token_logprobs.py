@@ -89,7 +89,7 @@ def make_call(spec: dict, device: torch.device):
     return call
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=1024)
@@ -127,7 +127,8 @@ def main(argv=None) -> None:
     harness.plot(rows, plot_path, f"token_logprobs, N={args.batch}x{args.seq}, {stamp['device']}")
     print(f"\nCSV: {csv_path}\nplot: {plot_path}\n")
     summarize.summarize(str(csv_path), markdown=False)
+    return harness.exit_code(rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

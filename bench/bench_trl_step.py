@@ -57,7 +57,7 @@ def _worker(spec: dict) -> dict:
                                                    warmup=0)}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     parser.add_argument("--pairs", type=int, default=4, help="DPO pairs")
@@ -113,7 +113,8 @@ def main(argv=None) -> None:
     if args.csv:
         harness.write_csv(results, args.csv)
         print(f"CSV: {args.csv}")
+    return harness.exit_code(results)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

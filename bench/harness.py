@@ -127,6 +127,17 @@ def report_trainer_steps(results: list[dict], note: str, csv_path: Path | None,
         print(f"CSV: {csv_path}")
 
 
+def exit_code(rows: list[dict]) -> int:
+    """A bench script's exit status: 1 when any row's measurement failed, with each failure
+    on stderr, so a partly failed run never passes for a good one. Running out of memory at a
+    shape is a result, not a failure; so is a provider that needs a device this run has not."""
+    failed = [row for row in rows if row.get("error") and row["error"] != "out of memory"
+              and "needs CUDA" not in row["error"]]
+    for row in failed:
+        print(f"failed: {row.get('provider', '?')}: {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Time and peak memory against V, one panel per (dtype, mode), a line per provider."""
     import matplotlib

@@ -103,17 +103,32 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: i
 
 def run_worker(command: list[str], spec: dict, *, for_memory: bool, timeout: float = 1800) -> dict:
     """Runs ``python *command --worker JSON`` in a fresh process and returns the JSON it prints
-    last; ``{"error": ...}`` if it failed (out of memory, say). ``for_memory`` fixes the mmap
-    threshold (see the module docstring); leave it off for timings, which it would slow down.
-    ``spec["env"]``, if given, adds environment variables for the worker (read at its start)."""
+    last; ``{"error": ..., "detail": ...}`` if it failed (out of memory, say): ``error`` in one
+    line, ``detail`` the end of what the worker wrote to stderr (its traceback). ``for_memory``
+    fixes the mmap threshold (see the module docstring); leave it off for timings, which it would
+    slow down. ``spec["env"]``, if given, adds environment variables for the worker."""
     env = dict(os.environ, **(_MALLOC_ENV if for_memory else {}), **spec.get("env", {}))
     try:
         done = subprocess.run([sys.executable, *command, "--worker", json.dumps(spec)],
                               capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
+        return {"error": f"timed out after {timeout:.0f} s", "detail": ""}
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {done.returncode}: {tail}"}
+        stderr = done.stderr.strip().splitlines() or ["no output"]
+        return {"error": f"exit {done.returncode}: {stderr[-1]}", "detail": "\n".join(stderr[-25:])}
     return json.loads(lines[-1])
+
+
+def exit_on_failures(results: dict[str, dict], what: str) -> None:
+    """Ends a command that reported ``results`` (label -> a worker's reply): when any of them
+    failed, every failure's detail goes to stderr and the process exits with status 1, so a
+    partly failed run never passes for a good one."""
+    failed = {label: result for label, result in results.items() if "error" in result}
+    if not failed:
+        return
+    for label, result in failed.items():
+        print(f"\n{what} failed for {label}: {result['error']}", file=sys.stderr)
+        if result.get("detail"):
+            print(result["detail"], file=sys.stderr)
+    sys.exit(1)

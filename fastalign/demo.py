@@ -148,6 +148,8 @@ def main(argv=None) -> None:
             ratio = results["unfused"]["peak_bytes"] / max(results["fused"]["peak_bytes"], 1)
             print(f"  the unfused path needs {ratio:.1f}x the memory")
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
+    if not args.no_memory:
+        _measure.exit_on_failures(results, "the memory measurement")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ def main(argv=None) -> None:
     for way, values in differences.items():
         print(f"  {way:7} " + "  ".join(f"{value:.2e}" for value in values))
     sys.stdout.flush()
+    _measure.exit_on_failures(results, "the measurement")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The ``fastalign`` command and the demo, end to end in subprocesses (small settings)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -58,3 +59,37 @@ def test_demo_runs_end_to_end_on_a_short_schedule(tmp_path):
                       if line.strip().startswith(("fastalign (linear_logprobs", "unfused (logits")))
     assert 0 < fused < unfused, out
     assert (tmp_path / "demo" / "metrics.png").is_file()
+
+
+def _workers_broken(tmp_path):
+    """An environment in which every `--worker` subprocess dies at start with an error, as the
+    memory workers once did when a top-level `kernels` shadowed the one transformers imports."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if '--worker' in sys.argv:\n"
+        "    sys.stderr.write('Traceback (most recent call last):\\n'\n"
+        "                     'ImportError: worker broken on purpose\\n')\n"
+        "    sys.stderr.flush()\n"
+        "    os._exit(3)\n")
+    return dict(os.environ, PYTHONPATH=str(site))
+
+
+def test_demo_fails_with_the_workers_error_when_a_measurement_fails(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fastalign.demo", "--steps", "1",
+                           "--max-pairs", "4", "--batch-size", "2",
+                           "--output", str(tmp_path / "demo"), "--no-progress"],
+                          capture_output=True, text=True, timeout=600, env=_workers_broken(tmp_path))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "failed: exit 3: ImportError: worker broken on purpose" in done.stdout
+    assert "the memory measurement failed for fused: exit 3" in done.stderr
+    assert "Traceback (most recent call last)" in done.stderr  # the worker's own error, in full
+
+
+def test_kernel_demo_fails_when_a_measurement_fails(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fastalign.kernel_demo", "--device", "cpu",
+                           "--tokens", "8", "--hidden", "16", "--vocab", "300", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300, env=_workers_broken(tmp_path))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "ImportError: worker broken on purpose" in done.stderr
