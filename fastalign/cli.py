@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.leaves = {}  # (command, kind) -> the parser that reports its unknown options
     commands.add_parser("demo", help="DPO on the built-in tiny model (the README's first command)",
                         add_help=False)
     commands.add_parser("bench", help="the fused ops beside naive torch (time, memory)",
@@ -123,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train with DPO, a reward model, GRPO or PPO")
     kinds = train.add_subparsers(dest="kind", required=True)
     for kind, config_class in CONFIGS.items():
-        sub = kinds.add_parser(kind, help=KIND_HELP[kind])
+        sub = parser.leaves["train", kind] = kinds.add_parser(kind, help=KIND_HELP[kind])
         _add_model_flag(sub)
         if kind in ("dpo", "rm"):
             sub.add_argument("--data", default="demo",
@@ -139,14 +140,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--resume", default=None,
                          help="a checkpoint directory, or 'latest' in the output directory")
         _add_config_flags(sub, config_class)
-    merge = commands.add_parser("merge", help="fold a trained LoRA adapter into its base: a "
+    merge = parser.leaves["merge", None] = commands.add_parser("merge", help="fold a trained LoRA adapter into its base: a "
                                               "plain Hugging Face model directory")
     merge.add_argument("adapter_dir", metavar="ADAPTER_DIR",
                        help="a run's output directory (or checkpoint) trained with --lora-r")
     merge.add_argument("--output", required=True, metavar="DIR", help="a new directory")
     merge.add_argument("--base", default=None,
                        help="the base model (default: the one the adapter's config names)")
-    bon = commands.add_parser("bon", help="Best-of-N sampling: the reward gain over one sample")
+    bon = parser.leaves["bon", None] = commands.add_parser("bon", help="Best-of-N sampling: the reward gain over one sample")
     _add_model_flag(bon)
     _add_rl_flags(bon, "bon")
     bon.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
@@ -161,6 +162,23 @@ def _parser() -> argparse.ArgumentParser:
     bon.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
                      help="show the warm start's progress bar")
     return parser
+
+
+def _parse(argv) -> argparse.Namespace:
+    """``argv`` parsed; an unknown option is reported by the subcommand it was given to (its
+    usage, and the options it has that come closest), not by the top-level parser."""
+    import difflib
+
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        leaf = parser.leaves[(args.command, getattr(args, "kind", None))]
+        known = [flag for action in leaf._actions for flag in action.option_strings]
+        hints = [f"{flag}: did you mean {close[0]}?" for flag in unknown if flag.startswith("-")
+                 for close in [difflib.get_close_matches(flag.split("=")[0], known, n=1)] if close]
+        leaf.error(f"unrecognized arguments: {' '.join(unknown)}"
+                   + (f" ({'; '.join(hints)})" if hints else ""))
+    return args
 
 
 def _add_model_flag(parser) -> None:
@@ -188,6 +206,22 @@ def device(args):
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
     return local_device(chosen)
+
+
+def check_before_loading(args, output_dir: str | None = None, overwrite: bool = False) -> None:
+    """What can be refused before minutes of model loading, conversion or warm start: a
+    ``--model`` or ``--reward-model`` that does not exist, an output directory that holds
+    another run (the trainer refuses it too, later)."""
+    from pathlib import Path
+
+    from .trainer import models, run_dir
+
+    models.check_available(args.model, "--model")
+    if getattr(args, "reward_model", None):
+        models.check_available(args.reward_model, "--reward-model")
+    if output_dir is not None:
+        run_dir.refuse_if_used(Path(output_dir), resuming=args.resume is not None,
+                               overwrite=overwrite)
 
 
 def _add_rl_flags(parser, kind: str) -> None:
@@ -341,6 +375,7 @@ def _train(args) -> None:
     from .trainer import DPOTrainer, RewardTrainer, load_model_and_tokenizer, load_reward_model
 
     config = _config(args, CONFIGS[args.kind])
+    check_before_loading(args, output_dir=config.output_dir, overwrite=config.overwrite)
     if args.kind in ("grpo", "ppo"):
         from .cli_rl import train_rl
         return train_rl(args, config)
@@ -395,7 +430,7 @@ def _main(argv) -> None:
     if argv[:1] == ["bench"]:
         from .kernel_demo import main as bench
         return bench(argv[1:])
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         if args.command == "merge":
             from .trainer.lora import merge_adapter
@@ -403,6 +438,7 @@ def _main(argv) -> None:
             return print(f"merged {args.adapter_dir} into its base: {merged}/")
         if args.command == "bon":
             from .cli_rl import best_of_n_command
+            check_before_loading(args)
             return best_of_n_command(args)
         _train(args)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:

@@ -153,9 +153,52 @@ def load_model_and_tokenizer(name_or_path: str, **tiny_options):
     return _from_pretrained(local_path(name_or_path))
 
 
+def check_available(name_or_path: str, what: str = "model") -> None:
+    """Raises, before anything is loaded, when ``name_or_path`` names no model that can be
+    loaded offline: a path that does not exist, or a name that is neither built in nor in the
+    local Hugging Face cache. ``what`` names the argument in the message (``--model``).
+
+    Raises:
+        FileNotFoundError: with what exists instead and what to pass.
+    """
+    name = str(name_or_path)
+    if name == TINY:
+        return
+    if name == SMOLLM2:
+        smollm2_gguf()  # raises, naming the package and its install command, when missing
+        return
+    if os.path.exists(name):
+        return
+    choices = (f"pass a directory saved with save_pretrained, a .gguf file, {SMOLLM2!r} "
+               f"(make real) or {TINY!r} (the built-in model)")
+    looks_like_a_path = (os.path.isabs(name) or name.startswith(("." + os.sep, ".." + os.sep, "~"))
+                         or name.count("/") > 1 or name.lower().endswith(".gguf"))
+    if looks_like_a_path:
+        raise FileNotFoundError(f"{what} {name!r}: no such file or directory; {choices}")
+    if not _in_hub_cache(name):
+        raise FileNotFoundError(f"{what} {name!r}: no such file or directory, and no model of "
+                                f"that name in the local Hugging Face cache (nothing is "
+                                f"downloaded); {choices}")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds a config of the model ``repo_id``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a repo id at all (HFValidationError is a ValueError)
+        return False
+
+
 def local_path(name_or_path: str) -> str:
     """What ``from_pretrained`` loads for ``name_or_path``: the converted directory of
-    ``"smollm2"`` or of a ``.gguf`` file (converting it on first use), else the name itself."""
+    ``"smollm2"`` or of a ``.gguf`` file (converting it on first use), else the name itself.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` names no model available offline (``check_available``).
+    """
+    check_available(name_or_path)
     if name_or_path == SMOLLM2:
         return str(converted_gguf(smollm2_gguf()))
     if str(name_or_path).lower().endswith(".gguf"):

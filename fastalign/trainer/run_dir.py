@@ -42,6 +42,24 @@ def run_artifacts(directory: Path) -> list[Path]:
     return sorted(set(found))
 
 
+def refuse_if_used(directory: Path, *, resuming: bool, overwrite: bool) -> list[Path]:
+    """What fastalign wrote in ``directory`` for an earlier run (``run_artifacts``), where
+    starting a new run there was asked for properly (``resuming`` it or ``overwrite``).
+
+    Raises:
+        OutputDirInUse: the directory holds another run; the message says what to pass.
+    """
+    used = run_artifacts(directory)
+    if used and not resuming and not overwrite:
+        shown = ", ".join(p.name for p in used[:4]) + (", ..." if len(used) > 4 else "")
+        raise OutputDirInUse(
+            f"output_dir {os.fspath(directory)!r} already holds a run ({shown}); resume it "
+            "(--resume latest, or train(resume_from='latest')), start over with --overwrite "
+            "(overwrite=True: removes what fastalign wrote there), or choose another "
+            "output directory")
+    return used
+
+
 def prepare(directory: Path, *, trainer: str, config: dict, resuming: bool,
             overwrite: bool) -> None:
     """Refuses a used ``directory`` (unless ``resuming`` or ``overwrite``), cleans it for an
@@ -50,15 +68,8 @@ def prepare(directory: Path, *, trainer: str, config: dict, resuming: bool,
     Raises:
         OutputDirInUse: the directory holds another run; the message says what to pass.
     """
-    used = run_artifacts(directory)
+    used = refuse_if_used(directory, resuming=resuming, overwrite=overwrite)
     if used and not resuming:
-        if not overwrite:
-            shown = ", ".join(p.name for p in used[:4]) + (", ..." if len(used) > 4 else "")
-            raise OutputDirInUse(
-                f"output_dir {os.fspath(directory)!r} already holds a run ({shown}); resume it "
-                "(--resume latest, or train(resume_from='latest')), start over with --overwrite "
-                "(overwrite=True: removes what fastalign wrote there), or choose another "
-                "output directory")
         for path in used:
             if path.is_dir():
                 shutil.rmtree(path)
