@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from . import run_dir
+from ._memory import release_freed_memory
 from .checkpoint import (first_nonfinite, latest_checkpoint, load_checkpoint, rng_state,
                          save_checkpoint)
 from .config import TrainConfig
@@ -356,6 +357,7 @@ class Trainer:
                 eval_steps = getattr(self.config, "eval_steps", None)  # preference, GRPO
                 evaluated = bool(eval_steps) and (self.step % eval_steps == 0 or done)
                 if evaluated:
+                    release_freed_memory(self.device)
                     metrics.update(self.evaluate())
                 if self.step % self.config.logging_steps == 0 or done or evaluated:
                     if main:
@@ -367,6 +369,7 @@ class Trainer:
                     self.save_checkpoint()
         if main:
             log.close()
+        release_freed_memory(self.device)  # what follows (saving, a final evaluation) needs less
         self.check_finite_model("the final model")
         state = self.gathered_state()  # every rank takes part in gathering it
         processes.on_main(lambda: run_dir.save_final_model(

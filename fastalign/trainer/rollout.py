@@ -15,8 +15,10 @@ import math
 import random
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .adapter import CausalLMAdapter
 from .data import _ids
@@ -150,7 +152,8 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
                       max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
                       stop_tokens: list[str] | None = None, logprobs: bool = True,
                       seeds: list[int] | None = None, synced: bool = False,
-                      greedy: bool = False, padding_free: bool = False) -> Rollouts:
+                      greedy: bool = False, padding_free: bool = False,
+                      on_step: Callable[[], None] | None = None) -> Rollouts:
     """Samples ``num_generations`` completions of each prompt (text, or chat messages rendered
     with the generation prompt; or rows with a ``"prompt"``, see ``prompt_text``) and
     recomputes their log-probs with ``linear_logprobs`` (``logprobs=False``: not,
@@ -162,6 +165,7 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     so a completion is the same whatever else is generated beside it (default: the global
     torch RNG). ``synced``: keep stepping until every process is done (``generate``'s
     ``synced_gpus``), which FSDP2 needs: each forward pass gathers parameters collectively.
+    ``on_step``: called once per generated token position (a progress bar's update).
 
     Raises:
         ValueError: no prompts, a non-positive count or length, a temperature <= 0, a top_p
@@ -203,7 +207,8 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
         random.Random(f"{seed}/{g}") for seed in seeds for g in range(num_generations)]
     sequences = model.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, num_beams=1,
-        logits_processor=[] if greedy else [_Sampling(temperature, top_p, generators)],
+        logits_processor=([] if greedy else [_Sampling(temperature, top_p, generators)])
+        + ([_EveryStep(on_step)] if on_step else []),
         max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
         pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
     completion = sequences[:, prompt_ids.shape[1]:]
@@ -225,6 +230,17 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     index = torch.arange(len(prompts), device=device).repeat_interleave(num_generations)
     return Rollouts(input_ids, attention_mask, completion_mask, position_ids, old_logprobs,
                     index, texts)
+
+
+class _EveryStep:
+    """A ``generate`` logits processor that only calls ``callback`` once per decoding step."""
+
+    def __init__(self, callback: Callable[[], None]):
+        self.callback = callback
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.callback()
+        return scores
 
 
 def reward_columns(reward_funcs: list, prompts: list, completions: list[str]) -> torch.Tensor:
@@ -265,14 +281,20 @@ def held_out_reward_columns(trainer, prompts: list, reward_funcs: list) -> torch
     # the others. A rank out of prompts completes a stand-in one and drops the result.
     chunks = math.ceil(math.ceil(len(prompts) / processes.world_size) / size)
     columns = []
+    # Minutes on a CPU for a hundred prompts: a bar over the decoding steps of every chunk.
+    steps = config.max_new_tokens
+    bar = tqdm(total=chunks * steps, desc=f"held-out evaluation, {len(prompts)} prompts",
+               unit="token", leave=False, disable=not (config.progress and processes.is_main))
     for index in range(chunks):
         chunk = prompts[start + index * size:min(start + (index + 1) * size, end)]
         rollouts = generate_rollouts(
             trainer.model, trainer.tokenizer, chunk or prompts[:1],
-            max_new_tokens=config.max_new_tokens, logprobs=False, greedy=True,
+            max_new_tokens=steps, logprobs=False, greedy=True, on_step=lambda: bar.update(),
             synced=processes.distributed and processes.parallelism == "fsdp")
+        bar.update((index + 1) * steps - bar.n)  # the steps a chunk that stopped early skipped
         if chunk:
             columns.append(reward_columns(reward_funcs, chunk, rollouts.completions))
+    bar.close()
     local = (torch.cat(columns, 1) if columns
              else torch.zeros(len(reward_funcs), 0)).t().contiguous()
     return processes.gather(local.to(trainer.device)).cpu().t()
