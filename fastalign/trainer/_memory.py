@@ -2,9 +2,9 @@
 
 A training step's activations are freed when its backward ends, but on Linux most of that
 memory stays resident: glibc serves allocations below its mmap threshold (adaptive, up to 32 MiB)
-from heap arenas and keeps their freed pages. A process whose GRPO step peaked at 9.8 GB (SmolLM2,
-32 rollouts in one micro-batch, fp32) then held 9.7 GB through the greedy evaluation that followed,
-which itself needs about 1.4 GB (bench/results/rl_eval_memory_cpu.csv). ``malloc_trim`` returns
+from heap arenas and keeps their freed pages. A process whose GRPO step on SmolLM2 peaked at 6.0 GB
+(32 rollouts in one micro-batch, fp32) held 5.8 GB through the greedy evaluation that followed,
+which itself needs about 1.5 GB (bench/results/rl_eval_memory_cpu.csv). ``malloc_trim`` returns
 those pages; the next step faults them in again, so the trainers call it only where a long phase
 that needs less memory follows (evaluation, the end of training).
 """
