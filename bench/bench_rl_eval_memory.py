@@ -43,7 +43,8 @@ def _phase(name: str, call, rows: list) -> object:
         clear_refs.write("5")  # the peak resident set starts again from the current one
     start_mb, started = _status_mb("VmRSS"), time.perf_counter()
     result = call()
-    rows.append(dict(phase=name, rss_start_mb=round(start_mb), peak_rss_mb=round(_status_mb("VmHWM")),
+    rows.append(dict(phase=name, rss_start_mb=round(start_mb),
+                     peak_rss_mb=round(_status_mb("VmHWM")),
                      seconds=round(time.perf_counter() - started, 1)))
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return result
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
             done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                                   capture_output=True, text=True)
         if done.returncode != 0:
-            results.append(dict(configuration=name, phase="", error=done.stderr.strip()[-300:], **stamp))
+            results.append(dict(configuration=name, phase="", error=done.stderr.strip()[-300:],
+                                **stamp))
             continue
         for row in json.loads(done.stdout.strip().splitlines()[-1]):
             results.append(dict(configuration=name, **row, eval_prompts=args.eval_prompts,

@@ -140,14 +140,16 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--resume", default=None,
                          help="a checkpoint directory, or 'latest' in the output directory")
         _add_config_flags(sub, config_class)
-    merge = parser.leaves["merge", None] = commands.add_parser("merge", help="fold a trained LoRA adapter into its base: a "
-                                              "plain Hugging Face model directory")
+    merge = parser.leaves["merge", None] = commands.add_parser(
+        "merge", help="fold a trained LoRA adapter into its base: a plain Hugging Face model "
+                      "directory")
     merge.add_argument("adapter_dir", metavar="ADAPTER_DIR",
                        help="a run's output directory (or checkpoint) trained with --lora-r")
     merge.add_argument("--output", required=True, metavar="DIR", help="a new directory")
     merge.add_argument("--base", default=None,
                        help="the base model (default: the one the adapter's config names)")
-    bon = parser.leaves["bon", None] = commands.add_parser("bon", help="Best-of-N sampling: the reward gain over one sample")
+    bon = parser.leaves["bon", None] = commands.add_parser(
+        "bon", help="Best-of-N sampling: the reward gain over one sample")
     _add_model_flag(bon)
     _add_rl_flags(bon, "bon")
     bon.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")

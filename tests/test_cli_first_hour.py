@@ -2,10 +2,11 @@
 exist, a used output directory, silent minutes. In process: no model is trained."""
 
 import pytest
-from helpers import small_policy
+from helpers import preference_rows, small_llama, small_policy
 
 from fastalign import cli, cli_rl
-from fastalign.trainer import GRPOConfig, GRPOTrainer, byte_tokenizer, models
+from fastalign.trainer import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, byte_tokenizer,
+                               models)
 
 
 def run(argv, capsys):
@@ -84,3 +85,12 @@ def test_the_held_out_evaluation_shows_its_progress(tmp_path, capsys):
     config.progress = False
     trainer.evaluate()
     assert "held-out evaluation" not in capsys.readouterr().err
+
+
+def test_the_preference_evaluation_shows_its_progress(tmp_path, capsys):
+    rows = preference_rows(6)
+    config = DPOConfig(output_dir=str(tmp_path), eval_batch_size=2, progress=True)
+    trainer = DPOTrainer(small_llama(), byte_tokenizer(), config, rows[:2], rows[2:])
+    capsys.readouterr()
+    trainer.evaluate()
+    assert "held-out evaluation, 4 rows" in capsys.readouterr().err

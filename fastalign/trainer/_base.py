@@ -37,6 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import run_dir
 from ._memory import release_freed_memory
@@ -324,7 +325,10 @@ class Trainer:
         self.model.eval()
         sums = defaultdict(float)
         size = self.config.eval_batch_size
-        for start in range(0, len(pairs), size):
+        starts = range(0, len(pairs), size)
+        shown = self.config.progress and self.processes.is_main and len(starts) > 1
+        for start in tqdm(starts, desc=f"held-out evaluation, {len(pairs)} rows", unit="batch",
+                          leave=False, disable=not shown):
             chunk = pairs[start:start + size]
             with self._autocast():
                 loss, metrics = self.compute_loss(self.collate(chunk))
@@ -336,8 +340,6 @@ class Trainer:
     def train(self, resume_from: str | os.PathLike | None = None) -> dict:
         """Runs to ``total_steps`` and saves the final model in ``output_dir``; returns the last
         logged metrics. ``resume_from``: a checkpoint directory, or ``"latest"``."""
-        from tqdm.auto import tqdm
-
         main, processes = self.processes.is_main, self.processes
         check_reporter(self.config.report_to)
         processes.on_main(lambda: run_dir.prepare(
