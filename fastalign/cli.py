@@ -1,6 +1,6 @@
 """The ``fastalign`` command.
 
-    fastalign demo                                  # DPO on the built-in tiny model (CPU, ~2 min)
+    fastalign demo                                  # DPO on the built-in tiny model (CPU, ~75 s)
     fastalign train dpo --model tiny --data demo --output runs/dpo
     fastalign train rm  --model tiny --data demo --output runs/rm --learning-rate 1e-3
     fastalign train grpo --model tiny --output runs/grpo              # rule rewards (CPU, ~3 min)

@@ -86,7 +86,8 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
     (["train", "grpo", "--reward-weights", "1,2,3"], "--reward-weights has 3 weights for 2"),
     (["train", "grpo", "--prompts", "missing.txt"], "--prompts 'missing.txt' does not exist"),
     (["train", "grpo", "--device", "cuda:7"], "this machine has no CUDA GPU"),
-    (["train", "ppo", "--reward-model", "missing-dir"], "cannot load model 'missing-dir'"),
+    (["train", "ppo", "--reward-model", "missing-dir"],
+     "--reward-model 'missing-dir': no such file or directory"),
     (["train", "ppo", "--reward-model", "runs/rm", "--eval-rewards", "correct_answer"],
      "--eval-rewards scores held-out prompts and there are none"),
     (["train", "ppo", "--reward-model", "runs/rm", "--eval-rewards", "claps"],
@@ -95,8 +96,11 @@ def test_train_ppo_with_a_saved_reward_model_then_best_of_n(tmp_path):
      "pass --rewards or --reward-model, not both"),
 ])
 def test_errors_are_one_line_messages(args, message, tmp_path, monkeypatch):
-    """In process: main() exits with the one line the shell shows."""
+    """In process: main() exits with the one line the shell shows. ``runs/rm`` stands for a
+    reward model that exists (the error is elsewhere): a directory in the test's folder."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "rm").mkdir(parents=True)
     output = ["--output", str(tmp_path / "run")] if args[0] == "train" else []
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--warm-start-steps", "0", *output])

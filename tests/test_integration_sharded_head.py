@@ -57,6 +57,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         grad = model.lm_head.weight.grad.full_tensor()
         torch.save([out.log_probs.detach(), out.entropy.detach(), out.loss.detach(), grad],
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other is in the last collective
     finally:
         dist.destroy_process_group()
 

@@ -59,7 +59,7 @@ def test_an_interrupted_conversion_leaves_nothing_behind(tmp_path, cache, monkey
 
 
 def test_bad_model_names_say_what_to_do(tmp_path, cache, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+    with pytest.raises(FileNotFoundError, match="missing.gguf': no such file or directory"):
         load_model_and_tokenizer(str(tmp_path / "missing.gguf"))
     (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(ValueError, match="is not a GGUF file"):

@@ -225,6 +225,7 @@ def _worker(rank, init_file):
     try:
         _data_parallel_checks(rank, mesh)
         _vocab_parallel_checks(rank, mesh)  # last: it replaces an op with a spy
+        dist.barrier()  # no rank tears gloo down while the other is in the last collective
     finally:
         dist.destroy_process_group()
 

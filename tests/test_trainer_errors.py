@@ -146,7 +146,16 @@ def test_resume_from_a_mismatched_checkpoint(tmp_path):
 
 
 def test_model_not_available_offline(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cannot load model .* offline"):
+    with pytest.raises(FileNotFoundError, match="no-such-model': no such file or directory; "
+                                                "pass a directory saved with save_pretrained"):
         load_model_and_tokenizer(str(tmp_path / "no-such-model"))
-    with pytest.raises(FileNotFoundError, match="'tiny' for the built-in model"):
+    with pytest.raises(FileNotFoundError, match="no model of that name in the local Hugging "
+                                                "Face cache .* or 'tiny' \\(the built-in model\\)"):
         load_model_and_tokenizer("someone/not-in-the-cache")
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty-dir' is a directory without a model in "
+                                                "it \\(no config.json or adapter_config.json\\)"):
+        load_model_and_tokenizer(str(tmp_path / "empty-dir"))
+    (tmp_path / "empty-dir" / "config.json").write_text("{}")  # a config, but no model: its reason
+    with pytest.raises(FileNotFoundError, match="cannot load model .* offline"):
+        load_model_and_tokenizer(str(tmp_path / "empty-dir"))

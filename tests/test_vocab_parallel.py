@@ -49,6 +49,9 @@ def _worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
         shard = slice(start, start + VOCAB_SPLIT[rank])
         results = run(hidden, weight[shard], bias[shard], targets, upstream, dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears gloo down while the other is still inside the last collective (a rank
+        # that did aborted once, "terminate called without an active exception", under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -153,6 +153,10 @@ def load_model_and_tokenizer(name_or_path: str, **tiny_options):
     return _from_pretrained(local_path(name_or_path))
 
 
+# What a directory saved with save_pretrained holds: a model's config, or a PEFT adapter's.
+MODEL_CONFIGS = ("config.json", "adapter_config.json")
+
+
 def check_available(name_or_path: str, what: str = "model") -> None:
     """Raises, before anything is loaded, when ``name_or_path`` names no model that can be
     loaded offline: a path that does not exist, or a name that is neither built in nor in the
@@ -167,10 +171,15 @@ def check_available(name_or_path: str, what: str = "model") -> None:
     if name == SMOLLM2:
         smollm2_gguf()  # raises, naming the package and its install command, when missing
         return
-    if os.path.exists(name):
-        return
     choices = (f"pass a directory saved with save_pretrained, a .gguf file, {SMOLLM2!r} "
                f"(make real) or {TINY!r} (the built-in model)")
+    if os.path.isdir(name):
+        if not any(os.path.isfile(os.path.join(name, config)) for config in MODEL_CONFIGS):
+            raise FileNotFoundError(f"{what} {name!r} is a directory without a model in it (no "
+                                    f"{' or '.join(MODEL_CONFIGS)}); {choices}")
+        return
+    if os.path.exists(name):
+        return
     looks_like_a_path = (os.path.isabs(name) or name.startswith(("." + os.sep, ".." + os.sep, "~"))
                          or name.count("/") > 1 or name.lower().endswith(".gguf"))
     if looks_like_a_path:
@@ -212,7 +221,7 @@ def _from_pretrained(name_or_path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # files missing, or files transformers cannot read
         where = "directory" if os.path.isdir(name_or_path) else "name"
         raise FileNotFoundError(
             f"cannot load model {name_or_path!r} offline ({where}): {str(error).splitlines()[0]} "
