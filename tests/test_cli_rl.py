@@ -101,6 +101,7 @@ def test_errors_are_one_line_messages(args, message, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "rm").mkdir(parents=True)
+    (tmp_path / "runs" / "rm" / "config.json").write_text("{}")
     output = ["--output", str(tmp_path / "run")] if args[0] == "train" else []
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--warm-start-steps", "0", *output])
