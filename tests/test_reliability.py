@@ -399,3 +399,28 @@ def test_metrics_reach_tensorboard_or_a_clear_error(tmp_path, monkeypatch):
                                          "package: pip install tensorboard"):
         dpo(tmp_path / "none", report_to="tensorboard").train()
     assert not (tmp_path / "none" / "fastalign_run.json").exists()  # refused before touching it
+
+
+def test_overwrite_removes_nothing_outside_the_output_directory(tmp_path):
+    """The run marker lists the final model's files; an edited marker naming an absolute path,
+    a ``..`` path or a link out of the directory must not make --overwrite delete them."""
+    out, outside = tmp_path / "run", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    for name in ("victim_abs", "victim_up", "linked_dir"):
+        (outside / name).mkdir()
+        (outside / name / "keep.txt").write_text("not fastalign's")
+    (out / "checkpoint-7").symlink_to(outside / "linked_dir")   # a link in the checkpoints' name
+    (out / "model_link").symlink_to(outside / "linked_dir")
+    (out / "fastalign_run.json").write_text(json.dumps({"final_files": [
+        str(outside / "victim_abs"), "../outside/victim_up", "model_link", "/", "", 3]}))
+    with pytest.raises(OutputDirInUse) as refused:
+        dpo(out, max_steps=1).train()
+    assert "fastalign_run.json" in str(refused.value)
+    for name in ("victim", "outside", "model_link", "checkpoint-7"):
+        assert name not in str(refused.value)  # not listed as the run's
+    dpo(out, max_steps=1, overwrite=True).train()
+    for name in ("victim_abs", "victim_up", "linked_dir"):
+        assert (outside / name / "keep.txt").read_text() == "not fastalign's"
+    assert (out / "model_link").is_symlink() and (out / "checkpoint-7").is_symlink()
+    assert (out / "model.safetensors").is_file()  # the new run's final model

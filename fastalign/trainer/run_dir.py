@@ -31,15 +31,34 @@ class OutputDirInUse(ValueError):
 
 def run_artifacts(directory: Path) -> list[Path]:
     """What fastalign wrote into ``directory`` for a run: checkpoints (complete or partial),
-    metrics, the run marker and the final model files it records."""
+    metrics, the run marker and the final model files it records. Only paths inside
+    ``directory`` reached without a symbolic link count: the marker is a file anyone can edit,
+    and ``overwrite`` removes what this returns."""
     found = [p for p in directory.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit()]
     found += list(directory.glob(f".{PREFIX}*.partial"))
     found += [directory / name for name in (METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, RUN_FILE,
-                                            FINAL_PARTIAL) if (directory / name).exists()]
-    marker = _read_marker(directory)
-    found += [directory / name for name in marker.get("final_files", [])
-              if (directory / name).exists()]
-    return sorted(set(found))
+                                            FINAL_PARTIAL)]
+    final_files = _read_marker(directory).get("final_files", [])
+    found += [directory / name for name in (final_files if isinstance(final_files, list) else [])
+              if isinstance(name, str) and name]
+    return sorted({path for path in found if _inside(directory, path)})
+
+
+def _inside(directory: Path, path: Path) -> bool:
+    """Whether ``path`` exists strictly inside ``directory`` with no symbolic link on the way
+    (an absolute path, ``..`` or a link in a marker's list would point elsewhere)."""
+    try:
+        relative = path.relative_to(directory)  # an absolute name in the marker replaced it
+    except ValueError:
+        return False
+    if not relative.parts or ".." in relative.parts:
+        return False
+    current = directory
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            return False
+    return current.exists()
 
 
 def refuse_if_used(directory: Path, *, resuming: bool, overwrite: bool) -> list[Path]:
