@@ -424,3 +424,28 @@ def test_overwrite_removes_nothing_outside_the_output_directory(tmp_path):
         assert (outside / name / "keep.txt").read_text() == "not fastalign's"
     assert (out / "model_link").is_symlink() and (out / "checkpoint-7").is_symlink()
     assert (out / "model.safetensors").is_file()  # the new run's final model
+
+
+def test_resume_refuses_another_model_of_the_same_shapes(tmp_path):
+    """The DPO reference (and a LoRA base) is rebuilt from the model given on resume: one with
+    the same shapes but other weights would continue the run silently against another
+    reference (step-3 loss 0.68470 instead of 0.69215 at 4dac746)."""
+    dpo(tmp_path, max_steps=2, save_steps=1).train()
+    other = small_llama(seed=5)  # same shapes, other weights
+    with pytest.raises(CheckpointError, match=r"continues a run of another model: it started "
+                                              r"from 'LlamaForCausalLM' \(weights [0-9a-f]{16}\)"
+                                              r".*resume with the --model the run started from"):
+        dpo(tmp_path, model=other, max_steps=3).train(resume_from="latest")
+    dpo(tmp_path, max_steps=3).train(resume_from="latest")  # the same model resumes
+
+
+def test_checkpoints_from_before_the_base_model_was_recorded_still_resume(tmp_path):
+    dpo(tmp_path, max_steps=1, save_steps=1).train()
+    manifest_path = tmp_path / "checkpoint-1" / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    for key in ("base_model", "base_model_name"):
+        del manifest["setup"][key]
+    manifest_path.write_text(json.dumps(manifest))
+    trainer = dpo(tmp_path, max_steps=2)
+    trainer.train(resume_from="latest")
+    assert trainer.step == 2

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from . import run_dir
 from ._memory import release_freed_memory
-from .checkpoint import (first_nonfinite, latest_checkpoint, load_checkpoint, rng_state,
-                         save_checkpoint)
+from .checkpoint import (first_nonfinite, latest_checkpoint, load_checkpoint, model_fingerprint,
+                         rng_state, save_checkpoint)
 from .config import TrainConfig
 from .distributed import Processes
 from .lora import prepare_model, save_options
@@ -76,6 +76,11 @@ class Trainer:
 
     def __init__(self, model, tokenizer, config: TrainConfig, train_items: list,
                  eval_items: list | None = None):
+        # The model as given, before LoRA: what a resume must start from again (the DPO
+        # reference and a LoRA base are rebuilt from it).
+        self.base_model = {"base_model": model_fingerprint(self.identifying_module(model)),
+                           "base_model_name": str(getattr(model.config, "_name_or_path", "")
+                                                  or type(model).__name__)}
         model = prepare_model(model, config)  # LoRA adapters, gradient checkpointing
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.train_items, self.eval_items = train_items, eval_items or []
@@ -169,11 +174,17 @@ class Trainer:
         """A fingerprint of the training data (once: it does not change during a run)."""
         return _digest(self.train_items)
 
+    def identifying_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The part of the given model that identifies it (``base_model``): all of it; a
+        reward model's backbone only, its score head being freshly initialised."""
+        return model
+
     def setup(self) -> dict:
-        """What a resumed checkpoint must match: model shapes, data, batching (the global
-        batch: a run may resume on another number of processes with the same global batch)."""
+        """What a resumed checkpoint must match: model shapes, the weights the run started
+        from, data, batching (the global batch: a run may resume on another number of
+        processes with the same global batch)."""
         shapes = [(name, tuple(p.shape)) for name, p in self.model.named_parameters()]
-        return {"model": _digest(shapes), "train_data": self.data_digest,
+        return {"model": _digest(shapes), **self.base_model, "train_data": self.data_digest,
                 "batch_size": self.global_batch_size,
                 "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
                 "seed": self.config.seed}

@@ -35,6 +35,12 @@ ADAPTER_FILE = "adapter_model.safetensors"  # what save_pretrained writes for a 
 PREFIX = "checkpoint-"
 
 
+# Set-up keys a checkpoint shows but a resume does not compare, and keys that checkpoints
+# written before fastalign recorded them lack (they resume as before).
+SHOWN_ONLY = ("base_model_name",)
+RECORDED_SINCE_FORMAT_3 = ("base_model", "base_model_name")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or from a different run set-up."""
 
@@ -116,12 +122,7 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict, *, rank: int
     for file in (path / STATE_FILE, weights):
         if not file.is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint: {file.name} is missing")
-    recorded = manifest["setup"]
-    for key, value in expected.items():
-        if recorded.get(key) != value:
-            raise CheckpointError(
-                f"{path} was written by a different set-up: {key} is {recorded.get(key)!r} "
-                f"there and {value!r} now; resume with the same model, data and batch options")
+    _check_setup(path, manifest["setup"], expected)
     _verify_checksums(path, manifest["sha256"])
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
@@ -143,6 +144,40 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict, *, rank: int
                               "earlier checkpoint")
     _set_rng_state(state["rng"][rank % len(state["rng"])])
     return dict(state, step=int(manifest["step"]), config=manifest["config"])
+
+
+def _check_setup(path: Path, recorded: dict, expected: dict) -> None:
+    """Raises when what the checkpoint's run was set up with differs from this run's."""
+    for key, value in expected.items():
+        if key in SHOWN_ONLY or (key not in recorded and key in RECORDED_SINCE_FORMAT_3):
+            continue  # a name for the message; or a checkpoint from before it was recorded
+        if recorded.get(key) == value:
+            continue
+        if key == "base_model":
+            raise CheckpointError(
+                f"{path} continues a run of another model: it started from "
+                f"{recorded.get('base_model_name')!r} (weights {recorded.get(key)}), this run "
+                f"from {expected.get('base_model_name')!r} (weights {value}); resume with the "
+                "--model the run started from")
+        raise CheckpointError(
+            f"{path} was written by a different set-up: {key} is {recorded.get(key)!r} "
+            f"there and {value!r} now; resume with the same model, data and batch options")
+
+
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of ``module``'s weights as loaded: every parameter's name, shape and up to 1024
+    evenly spaced values (their exact float32 bytes, so the same on any device and number of
+    processes). Two models of the same shapes (a GGUF's dequantized weights and the original,
+    a fine-tune and its base) differ there; reading 1024 values a tensor costs no pass over the
+    weights."""
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        picked = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 1024),
+                                device=flat.device).long()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(flat[picked].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def first_nonfinite(named_tensors) -> str | None:

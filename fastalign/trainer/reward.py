@@ -55,6 +55,10 @@ class RewardTrainer(Trainer):
         if config.padding_free:
             check_packing_supported(model)
 
+    def identifying_module(self, model):
+        # The score head of a reward model to train is new (random, unseeded): not identity.
+        return model.base_model
+
     def collate(self, items):
         batch = _pad([(pair.prompt, pair.chosen) for pair, _ in items]
                      + [(pair.prompt, pair.rejected) for pair, _ in items],
