@@ -449,3 +449,26 @@ def test_checkpoints_from_before_the_base_model_was_recorded_still_resume(tmp_pa
     trainer = dpo(tmp_path, max_steps=2)
     trainer.train(resume_from="latest")
     assert trainer.step == 2
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_abandoned_branch_aside(tmp_path, capsys):
+    """Run A saves checkpoints 1-3; run B resumes checkpoint-1 with another learning rate. At
+    4dac746 A's checkpoint-3 stayed, so a later resume="latest" continued A, at A's learning
+    rate, over B's final model, and metrics.jsonl read steps 1, 2, 4."""
+    dpo(tmp_path, max_steps=3, save_steps=1).train()
+    branch = dpo(tmp_path, max_steps=2, save_steps=1, learning_rate=1e-3)
+    branch.train(resume_from=tmp_path / "checkpoint-1")
+    err = capsys.readouterr().err
+    assert "resuming from step 1 starts a new branch of the run: its later checkpoints " \
+           "(checkpoint-2, checkpoint-3) were moved to" in err
+    (aside,) = tmp_path.glob("abandoned-*-after-step-1")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    later = dpo(tmp_path, max_steps=4, save_steps=1, learning_rate=1e-3)
+    later.train(resume_from="latest")  # B's checkpoint-2, at B's learning rate
+    assert later.resumed_changes == {"max_steps": (2, 4)}
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    # --overwrite cleans the set-aside branch too: it is fastalign's.
+    dpo(tmp_path, max_steps=1, overwrite=True).train()
+    assert not list(tmp_path.glob("abandoned-*"))

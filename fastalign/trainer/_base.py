@@ -466,6 +466,13 @@ class Trainer:
         self.step = state["step"]
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self._apply_changed_options(Path(path).name, state["config"])
+        aside = self.processes.on_main(
+            lambda: run_dir.set_aside_later_checkpoints(self.output_dir, self.step))
+        if aside:
+            folder, names = aside
+            print(f"fastalign: resuming from step {self.step} starts a new branch of the run: "
+                  f"its later checkpoints ({', '.join(names)}) were moved to {folder}/ (delete "
+                  "it when you no longer need them)", file=sys.stderr)
 
     def _apply_changed_options(self, checkpoint: str, recorded: dict) -> None:
         current = self.config.to_dict()

@@ -25,6 +25,10 @@ FINAL_PARTIAL = ".final-model.partial"
 CONFIG_FILES = ("adapter_config.json", "config.json")
 
 
+# Where a resume from an earlier checkpoint moves the later ones of the run it leaves.
+ABANDONED = "abandoned-"
+
+
 class OutputDirInUse(ValueError):
     """``output_dir`` holds another run and neither resume nor overwrite was asked for."""
 
@@ -35,7 +39,7 @@ def run_artifacts(directory: Path) -> list[Path]:
     ``directory`` reached without a symbolic link count: the marker is a file anyone can edit,
     and ``overwrite`` removes what this returns."""
     found = [p for p in directory.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit()]
-    found += list(directory.glob(f".{PREFIX}*.partial"))
+    found += list(directory.glob(f".{PREFIX}*.partial")) + list(directory.glob(f"{ABANDONED}*"))
     found += [directory / name for name in (METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, RUN_FILE,
                                             FINAL_PARTIAL)]
     final_files = _read_marker(directory).get("final_files", [])
@@ -97,6 +101,26 @@ def prepare(directory: Path, *, trainer: str, config: dict, resuming: bool,
     marker = _read_marker(directory) if resuming else {}
     marker.update(trainer=trainer, config=config, updated=time.strftime("%Y-%m-%d %H:%M:%S"))
     _write_marker(directory, marker)
+
+
+def set_aside_later_checkpoints(directory: Path, step: int) -> tuple[Path, list[str]] | None:
+    """Moves the checkpoints (complete or partial) of ``directory`` past ``step`` into a new
+    ``abandoned-<time>`` folder there and returns it with their names; None when there are
+    none. A run resumed from an earlier checkpoint is a new branch: left in place, the old
+    branch's later checkpoints would be what ``resume="latest"`` continues next."""
+    later = [p for p in directory.glob(f"{PREFIX}*")
+             if p.name[len(PREFIX):].isdigit() and int(p.name[len(PREFIX):]) > step]
+    later += [p for p in directory.glob(f".{PREFIX}*.partial")
+              if p.name[len(PREFIX) + 1:-len(".partial")].isdigit()
+              and int(p.name[len(PREFIX) + 1:-len(".partial")]) > step]
+    later = [p for p in later if _inside(directory, p)]
+    if not later:
+        return None
+    aside = directory / f"{ABANDONED}{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}"
+    aside.mkdir()
+    for path in sorted(later):
+        os.replace(path, aside / path.name)
+    return aside, sorted(p.name for p in later)
 
 
 def save_final_model(directory: Path, save) -> None:
