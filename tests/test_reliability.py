@@ -472,3 +472,33 @@ def test_resuming_an_earlier_checkpoint_sets_the_abandoned_branch_aside(tmp_path
     # --overwrite cleans the set-aside branch too: it is fastalign's.
     dpo(tmp_path, max_steps=1, overwrite=True).train()
     assert not list(tmp_path.glob("abandoned-*"))
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_preference_rows_mixing_text_and_messages_are_refused(tmp_path, text_first):
+    """At 4dac746 one order raised an AttributeError traceback and the other was accepted."""
+    text = {"prompt": "Hi", "chosen": "Hello there.", "rejected": "No."}
+    chat = {"prompt": [{"role": "user", "content": "Hi"}],
+            "chosen": [{"role": "assistant", "content": "Hello there."}],
+            "rejected": [{"role": "assistant", "content": "No."}]}
+    rows = [text, chat] if text_first else [chat, text]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text_line, chat_line = (1, 2) if text_first else (2, 1)
+    with pytest.raises(DataError, match=f"mixes plain-text rows \\({path} line {text_line} is "
+                                        f"one\\) and chat-message rows \\({path} line "
+                                        f"{chat_line} is one\\)"):
+        load_preferences(str(path))
+
+
+def test_pairs_that_teach_nothing_and_repeated_rows_are_counted(tmp_path):
+    rows = [{"prompt": "Hi", "chosen": "Same.", "rejected": "Same."},
+            {"prompt": "Yo", "chosen": "Hello.", "rejected": "No."},
+            {"prompt": "Yo", "chosen": "Hello.", "rejected": "No."}]
+    with pytest.warns(RuntimeWarning) as caught:
+        load_preferences(rows)
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == ["1 preference pair(s) have chosen == rejected (the first: row 1); they "
+                        "teach nothing",
+                        "1 preference row(s) repeat an earlier row exactly; each copy counts "
+                        "again in training"]

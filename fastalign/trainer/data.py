@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,16 @@ def load_preferences(source, *, split: str | None = None) -> list[dict]:
             row = Row(item)
             row.where = f"row {index + 1}"
             rows.append(row)
+    first_of_kind = {}  # "text" / "messages" -> where the first row of that kind is
     for row in rows:
         _check_row(row, row.where)
+        first_of_kind.setdefault("messages" if isinstance(row["prompt"], list) else "text",
+                                 row.where)
+    if len(first_of_kind) > 1:
+        raise DataError(f"the preference data mixes plain-text rows ({first_of_kind['text']} is "
+                        f"one) and chat-message rows ({first_of_kind['messages']} is one); use "
+                        "one kind throughout")
+    _warn_about_useless_pairs(rows)
     if split is not None:
         rows = [row for row in rows if row.get("split") == split]
         if not rows:
@@ -81,6 +90,20 @@ def load_preferences(source, *, split: str | None = None) -> list[dict]:
     if not rows:
         raise DataError("the preference data is empty")
     return rows
+
+
+def _warn_about_useless_pairs(rows: list) -> None:
+    """Pairs whose chosen and rejected are the same teach nothing (their DPO gradient is 0)
+    and repeated rows weigh more than the others: legal, but rarely meant; said with counts."""
+    same = [row for row in rows if row["chosen"] == row["rejected"]]
+    keys = [json.dumps([row[field] for field in FIELDS], sort_keys=True) for row in rows]
+    repeated = len(keys) - len(set(keys))
+    if same:
+        warnings.warn(f"{len(same)} preference pair(s) have chosen == rejected (the first: "
+                      f"{same[0].where}); they teach nothing", RuntimeWarning, stacklevel=3)
+    if repeated:
+        warnings.warn(f"{repeated} preference row(s) repeat an earlier row exactly; each copy "
+                      "counts again in training", RuntimeWarning, stacklevel=3)
 
 
 def _read_jsonl(path) -> list[Row]:
