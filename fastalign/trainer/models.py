@@ -150,7 +150,13 @@ def load_model_and_tokenizer(name_or_path: str, **tiny_options):
         return model, byte_tokenizer()
     if tiny_options:
         raise TypeError(f"options {sorted(tiny_options)} are for the built-in {TINY!r} model")
-    return _from_pretrained(local_path(name_or_path))
+    model, tokenizer = _from_pretrained(local_path(name_or_path))
+    if name_or_path == SMOLLM2 or str(name_or_path).lower().endswith(".gguf"):
+        # Named as given, not by its converted directory in the cache (which may be cleared):
+        # what a LoRA adapter records as its base, loaded (converted again) by `fastalign merge`.
+        model.config._name_or_path = (SMOLLM2 if name_or_path == SMOLLM2
+                                      else os.path.abspath(name_or_path))
+    return model, tokenizer
 
 
 # What a directory saved with save_pretrained holds: a model's config, or a PEFT adapter's.
