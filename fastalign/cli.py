@@ -52,6 +52,8 @@ HELP = {
                  "(tensorboard; needs the tensorboard package) or not (none)",
     "on_nonfinite": "a NaN/inf loss or gradient norm: stop (before the update, nothing saved) "
                     "or skip the update (counted as skipped_steps)",
+    "dist_timeout": "on several processes: seconds a rank waits for a stalled one before "
+                    "the run fails (torch's own default: 1800)",
     "parallelism": "on several processes (torchrun): ddp (replicated model, gradients "
                    "all-reduced) or fsdp (FSDP2: parameters, gradients and optimizer state "
                    "sharded per decoder layer)",
@@ -115,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastalign", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show Python's traceback instead of one line (may "
+                             "stand anywhere on the command line)")
     commands = parser.add_subparsers(dest="command", required=True)
     parser.leaves = {}  # (command, kind) -> the parser that reports its unknown options
     commands.add_parser("demo", help="DPO on the built-in tiny model (the README's first command)",
@@ -432,7 +437,9 @@ def _main(argv) -> None:
     if argv[:1] == ["bench"]:
         from .kernel_demo import main as bench
         return bench(argv[1:])
-    args = _parse(argv)
+    # --debug, anywhere on the line: a failure shows its Python traceback, not one line.
+    debug = "--debug" in argv
+    args = _parse([arg for arg in argv if arg != "--debug"])
     try:
         if args.command == "merge":
             from .trainer.lora import merge_adapter
@@ -443,7 +450,11 @@ def _main(argv) -> None:
             check_before_loading(args)
             return best_of_n_command(args)
         _train(args)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError, ImportError) as error:
+        # A user's or the system's error (a bad option or file, a full disk, a missing
+        # package) is one line naming what to do; anything else is a bug: its traceback.
+        if debug:
+            raise
         raise SystemExit(f"fastalign: error: {error}") from None
 
 

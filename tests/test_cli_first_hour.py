@@ -94,3 +94,19 @@ def test_the_preference_evaluation_shows_its_progress(tmp_path, capsys):
     capsys.readouterr()
     trainer.evaluate()
     assert "held-out evaluation, 4 rows" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(cli, "_train", disk_full)
+    code, _, err = run(["train", "dpo"], capsys)
+    assert code == 1 and err.strip() == (f"fastalign: error: [Errno 28] No space left on device: "
+                                         f"'{tmp_path / 'out'}'")
+    with pytest.raises(OSError, match="No space left"):
+        cli.main(["train", "dpo", "--debug"])
+    monkeypatch.setattr(cli, "_train", lambda args: (_ for _ in ()).throw(
+        ImportError("fastalign merge needs the peft package: pip install peft")))
+    code, _, err = run(["train", "dpo"], capsys)
+    assert err.strip() == "fastalign: error: fastalign merge needs the peft package: pip install peft"

@@ -502,3 +502,27 @@ def test_pairs_that_teach_nothing_and_repeated_rows_are_counted(tmp_path):
                         "teach nothing",
                         "1 preference row(s) repeat an earlier row exactly; each copy counts "
                         "again in training"]
+
+
+def test_a_stalled_rank_fails_the_run_after_dist_timeout(monkeypatch):
+    """torch's default would hold the other ranks for 30 minutes; the trainers pass
+    ``dist_timeout`` (10 minutes by default, --dist-timeout) to init_process_group."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from fastalign.trainer.distributed import Processes
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    Processes.setup("ddp", torch.device("cpu"), DPOConfig(dist_timeout=42.5).dist_timeout)
+    assert seen == {"timeout": datetime.timedelta(seconds=42.5)}
+    assert DPOConfig().dist_timeout == 600
+    with pytest.raises(ConfigError, match="dist_timeout must be > 0"):
+        DPOConfig(dist_timeout=0)
+    options = _config(_parser().parse_args(["train", "dpo", "--dist-timeout", "90"]), DPOConfig)
+    assert options.dist_timeout == 90

@@ -50,7 +50,7 @@ from .metrics import MetricsLog, check_reporter
 
 # Options that may differ between a run and its resumption without being reported: where it
 # runs and how it shows progress, not what it computes.
-UNREPORTED_ON_RESUME = ("output_dir", "progress", "overwrite", "parallelism")
+UNREPORTED_ON_RESUME = ("output_dir", "progress", "overwrite", "parallelism", "dist_timeout")
 
 
 class Share(list):
@@ -86,7 +86,7 @@ class Trainer:
         self.train_items, self.eval_items = train_items, eval_items or []
         self.output_dir = _writable_dir(config.output_dir)
         self.device = next(model.parameters()).device
-        self.processes = Processes.setup(config.parallelism, self.device)
+        self.processes = Processes.setup(config.parallelism, self.device, config.dist_timeout)
         self.global_batch_size = config.batch_size * self.processes.world_size
         self.micro_per_epoch = math.ceil(len(train_items) / self.global_batch_size)
         self.total_steps = config.max_steps or max(1, math.ceil(

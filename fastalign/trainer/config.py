@@ -52,6 +52,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     report_to: str = "none"
     parallelism: str = "ddp"
+    dist_timeout: float = 600.0
     lora_r: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -73,6 +74,7 @@ class TrainConfig:
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _check_choice("report_to", self.report_to, REPORTERS)
         _check_choice("parallelism", self.parallelism, PARALLELISMS)
+        _check_greater(self, 0, ["dist_timeout"])
         _check_at_least(self, 0, ["lora_r"])
         _check_greater(self, 0, ["lora_alpha"])
         if not 0 <= self.lora_dropout < 1:

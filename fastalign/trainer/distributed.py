@@ -20,6 +20,7 @@ code from a file it reads back.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -54,10 +55,11 @@ class Processes:
     parallelism: str = "ddp"
 
     @classmethod
-    def setup(cls, parallelism: str, device: torch.device) -> Processes:
+    def setup(cls, parallelism: str, device: torch.device, timeout: float = 600.0) -> Processes:
         """Joins the launcher's process group (initializing it when the launcher's environment
         asks for more than one process: gloo on the CPU, nccl on CUDA), or uses the one the
-        caller initialized.
+        caller initialized. ``timeout``: seconds a collective waits for a stalled rank before
+        the process group fails it (torch's own default is 30 minutes).
 
         Raises:
             ValueError: an unknown ``parallelism``, or a CUDA model on another GPU than this
@@ -76,7 +78,8 @@ class Processes:
                     raise ValueError(f"the model is on {device} but this rank's GPU is "
                                      f"{wanted} (LOCAL_RANK); move it there before training")
                 torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
             initialized = True
         if not initialized or dist.get_world_size() == 1:
             return cls(parallelism=parallelism)
