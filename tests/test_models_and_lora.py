@@ -185,3 +185,31 @@ def test_gradient_checkpointing_and_lora_set_up_from_the_config(tmp_path):
         DPOTrainer(small_llama(), byte_tokenizer(),
                    DPOConfig(output_dir=str(tmp_path / "f"), lora_r=2,
                              lora_target_modules="nope_proj"), preference_rows(2))
+
+
+def test_a_damaged_cache_entry_is_named_and_converted_again(tmp_path, cache, capsys):
+    """At 4dac746 a truncated model.safetensors raised SafetensorError on every load, and a
+    non-empty entry without its marker an OSError (directory not empty), forever."""
+    original = tiny_llama_and_gguf(tmp_path / "tiny.gguf")
+    ids = torch.tensor([[5, 6, 7]])
+    load_model_and_tokenizer(str(tmp_path / "tiny.gguf"))
+    [entry] = cache.iterdir()
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    model, _ = load_model_and_tokenizer(str(tmp_path / "tiny.gguf"))
+    assert (f"the converted model {entry} is damaged (model.safetensors is 1000 bytes"
+            in capsys.readouterr().err)
+    torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=0, atol=1e-6)
+    (entry / models.SOURCE_FILE).unlink()  # an unfinished entry: files but no marker
+    load_model_and_tokenizer(str(tmp_path / "tiny.gguf"))
+    assert "an unfinished conversion" in capsys.readouterr().err
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+
+
+def test_a_model_cache_that_cannot_be_written_is_named(tmp_path, cache):
+    tiny_llama_and_gguf(tmp_path / "tiny.gguf")
+    cache.parent.mkdir(parents=True)
+    cache.write_text("not a folder")
+    with pytest.raises(OSError, match=f"cannot write the model cache {cache} .*is a file, not a "
+                                      "folder.*set FASTALIGN_CACHE to a writable folder"):
+        load_model_and_tokenizer(str(tmp_path / "tiny.gguf"))

@@ -526,3 +526,31 @@ def test_a_stalled_rank_fails_the_run_after_dist_timeout(monkeypatch):
         DPOConfig(dist_timeout=0)
     options = _config(_parser().parse_args(["train", "dpo", "--dist-timeout", "90"]), DPOConfig)
     assert options.dist_timeout == 90
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_and_the_earlier_one_resumes(tmp_path,
+                                                                               monkeypatch):
+    from collections import namedtuple
+
+    from fastalign.trainer import checkpoint
+
+    trainer = dpo(tmp_path, max_steps=2, save_steps=1)
+
+    def full(*args, **kwargs):
+        if trainer.step == 2:  # checkpoint-1 is written whole, then the disk fills up
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+        return real_save(*args, **kwargs)
+
+    real_save = torch.save
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))
+    with pytest.raises(OSError, match=f"the disk of {tmp_path} is full: writing checkpoint-2 "
+                                      "\\(trainer_state.pt\\) failed; the earlier checkpoints "
+                                      "are whole"):
+        trainer.train()
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".checkpoint-*"))  # the partial one is gone
+    resumed = dpo(tmp_path, max_steps=2, save_steps=1)
+    resumed.train(resume_from="latest")
+    assert resumed.step == 2

@@ -16,6 +16,7 @@ checksum before it is read, and a damaged one is named.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ MANIFEST_FORMAT = 3  # 3: optimizer state keyed by parameter names, RNG per rank
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # what save_pretrained writes for a PEFT model
 PREFIX = "checkpoint-"
+DISK_FULL_BYTES = 64 << 20  # a failed write with less free than this: the disk was full
 
 
 # Set-up keys a checkpoint shows but a resume does not compare, and keys that checkpoints
@@ -56,19 +58,43 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model, tokenizer, 
     final = output_dir / f"{PREFIX}{step}"
     partial = output_dir / f".{PREFIX}{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.save_pretrained(partial, safe_serialization=True, state_dict=model_state,
-                          **save_options(model))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(partial)
-    torch.save(dict(state, rng=state.get("rng") or [rng_state()]), partial / STATE_FILE)
-    manifest = {"format": MANIFEST_FORMAT, "step": step, "setup": setup, "config": config,
-                "sha256": {name: file_sha256(partial / name) for name in _files(partial)}}
-    (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    writing = "the model weights"
+    try:
+        partial.mkdir(parents=True)
+        model.save_pretrained(partial, safe_serialization=True, state_dict=model_state,
+                              **save_options(model))
+        if tokenizer is not None:
+            writing = "the tokenizer"
+            tokenizer.save_pretrained(partial)
+        writing = STATE_FILE
+        torch.save(dict(state, rng=state.get("rng") or [rng_state()]), partial / STATE_FILE)
+        writing = MANIFEST_FILE
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "setup": setup, "config": config,
+                    "sha256": {name: file_sha256(partial / name) for name in _files(partial)}}
+        (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    except (OSError, RuntimeError) as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        _raise_if_disk_full(error, output_dir, f"{final.name} ({writing})")
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
     return final
+
+
+def _raise_if_disk_full(error: BaseException, directory: Path, what: str) -> None:
+    """A full disk surfaces as ENOSPC, or from torch.save's zip writer as "[enforce fail at
+    inline_container.cc] unexpected pos": either way, say so (the checkpoint being written is
+    removed; the earlier ones are whole)."""
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    try:
+        full = full or shutil.disk_usage(directory).free < DISK_FULL_BYTES
+    except OSError:
+        pass
+    if full:
+        raise OSError(errno.ENOSPC, f"the disk of {directory} is full: writing {what} failed; "
+                      "the earlier checkpoints are whole. Free space (or save fewer: "
+                      "save_steps) and resume") from None
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -81,23 +82,63 @@ def converted_gguf(path: str | os.PathLike, *, progress: bool = True) -> Path:
             raise ValueError(f"--model {str(path)!r} is not a GGUF file (it does not start "
                              "with the GGUF magic bytes)")
     digest = file_sha256(path)
-    target = cache_dir() / "models" / f"{path.stem}-{digest[:16]}"
-    if (target / SOURCE_FILE).is_file():
+    models = cache_dir() / "models"
+    target = models / f"{path.stem}-{digest[:16]}"
+    damage = _damage(target)
+    if damage is None:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    if target.exists():
+        print(f"fastalign: the converted model {target} is damaged ({damage}); converting "
+              "it again", file=sys.stderr)
+        _remove_entry(target)
     try:
-        _convert(path, partial, progress=progress)
-        (partial / SOURCE_FILE).write_text(json.dumps(
-            {"gguf": str(path), "sha256": digest}, indent=1) + "\n")
+        if models.exists() and not models.is_dir():
+            raise FileExistsError(f"{models} is a file, not a folder")
+        models.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=models))
         try:
-            partial.rename(target)
-        except OSError:  # another process renamed its own copy into place first
-            if not (target / SOURCE_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+            _convert(path, partial, progress=progress)
+            files = {str(p.relative_to(partial)): p.stat().st_size
+                     for p in partial.rglob("*") if p.is_file()}
+            (partial / SOURCE_FILE).write_text(json.dumps(
+                {"gguf": str(path), "sha256": digest, "files": files}, indent=1) + "\n")
+            try:
+                partial.rename(target)
+            except OSError:  # another process renamed its own copy into place first
+                if _damage(target) is not None:
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    except OSError as error:  # read-only, full, or not a folder: the cache, not the model
+        raise OSError(error.errno, f"cannot write the model cache {models} ({error}); free "
+                      "space there, or set FASTALIGN_CACHE to a writable folder") from None
     return target
+
+
+def _damage(entry: Path) -> str | None:
+    """Why the cache ``entry`` cannot be used (absent, unfinished, a file missing or of another
+    size than written), or None when it is whole. Entries written before sizes were recorded
+    are taken as whole."""
+    try:
+        source = json.loads((entry / SOURCE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {SOURCE_FILE}: an unfinished conversion" if entry.exists() else "absent"
+    except (OSError, ValueError) as error:
+        return f"{SOURCE_FILE} unreadable: {error}"
+    for name, size in (source.get("files") or {}).items():
+        file = entry / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _remove_entry(entry: Path) -> None:
+    """Removes a damaged cache entry: renamed aside first, so no reader sees it half gone."""
+    doomed = entry.with_name(f".{entry.name}.removing-{os.getpid()}")
+    os.replace(entry, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _convert(path: Path, out: Path, *, progress: bool) -> None:
