@@ -28,8 +28,10 @@ def interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def tiny_llama_and_gguf(path, *, hidden: int = 32, layers: int = 2, heads: int = 4,
-                        kv_heads: int = 2, seed: int = 0):
-    """A random ``LlamaForCausalLM`` and its GGUF file at ``path`` (float32 tensors)."""
+                        kv_heads: int = 2, seed: int = 0, declared_ffn: int = 64):
+    """A random ``LlamaForCausalLM`` and its GGUF file at ``path`` (float32 tensors);
+    ``declared_ffn``: the MLP width the file's metadata states (another than its tensors'
+    64 makes a file whose shapes do not match its config)."""
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,7 +49,7 @@ def tiny_llama_and_gguf(path, *, hidden: int = 32, layers: int = 2, heads: int =
     writer.add_context_length(256)
     writer.add_embedding_length(hidden)
     writer.add_block_count(layers)
-    writer.add_feed_forward_length(64)
+    writer.add_feed_forward_length(declared_ffn)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(10000.0)

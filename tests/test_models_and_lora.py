@@ -213,3 +213,14 @@ def test_a_model_cache_that_cannot_be_written_is_named(tmp_path, cache):
     with pytest.raises(OSError, match=f"cannot write the model cache {cache} .*is a file, not a "
                                       "folder.*set FASTALIGN_CACHE to a writable folder"):
         load_model_and_tokenizer(str(tmp_path / "tiny.gguf"))
+
+
+def test_a_gguf_whose_shapes_contradict_its_metadata_names_the_tensors(tmp_path, cache):
+    """At 4dac746 the error pointed at "the above report", which was never shown."""
+    tiny_llama_and_gguf(tmp_path / "bad.gguf", declared_ffn=48)
+    with pytest.raises(ValueError, match=r"cannot read the GGUF file .*bad.gguf': tensors whose "
+                                         r"shapes differ from what its metadata declares: "
+                                         r"model.layers.\{0, 1\}.mlp.\w+_proj.weight MISMATCH .*"
+                                         r"torch.Size\(\[64, 32\]\) vs model:torch.Size\(\[48, 32\]\)"):
+        load_model_and_tokenizer(str(tmp_path / "bad.gguf"))
+    assert list(cache.iterdir()) == []

@@ -13,7 +13,9 @@ both end up with the same one. What is read back is safetensors and JSON: nothin
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -141,6 +143,24 @@ def _remove_entry(entry: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+class _Collected(logging.Handler):
+    """Keeps the log records of a GGUF load, to explain its failure."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines += re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines()
+
+    def mismatches(self, most: int = 5) -> str:
+        """The load report's MISMATCH rows, ``key (shapes)``; "" when it has none."""
+        rows = [" ".join(line.replace("|", " ").split()) for line in self.lines
+                if "MISMATCH" in line and not line.lstrip().startswith("-")]
+        shown = "; ".join(rows[:most])
+        return shown + (f"; and {len(rows) - most} more" if len(rows) > most else "")
+
+
 def _convert(path: Path, out: Path, *, progress: bool) -> None:
     """Dequantizes GGUF ``path`` to float32 and saves model and tokenizer into ``out``."""
     import importlib.util
@@ -155,16 +175,26 @@ def _convert(path: Path, out: Path, *, progress: bool) -> None:
     if progress:
         print(f"converting {path.name} once to safetensors in {out.parent}/ (about 30 s for "
               "SmolLM2-135M on 2 cores) ...", flush=True)
+    # transformers' per-tensor notes are not for users, but its load report is what explains
+    # a failure ("... look at the above report"): collected, and shown only with the error.
+    report = _Collected()
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its per-tensor dequantization notes are not for users
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(report)
+    hf_logging.set_verbosity_warning()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=torch.float32)
     except Exception as error:  # a damaged file fails anywhere in the reader (struct.error...)
-        raise ValueError(f"transformers cannot read the GGUF file {str(path)!r}: "
-                         f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+        explained = report.mismatches()
+        reason = (f"tensors whose shapes differ from what its metadata declares: {explained}"
+                  if explained else f"{type(error).__name__}: {str(error).splitlines()[0]}")
+        raise ValueError(f"transformers cannot read the GGUF file {str(path)!r}: {reason}"
+                         ) from None
     finally:
+        hf_logging.remove_handler(report)
+        hf_logging.enable_default_handler()
         hf_logging.set_verbosity(verbosity)
     # Loaded from GGUF the model counts as "quantized", which save_pretrained refuses; its
     # weights are plain float32 tensors by now.
