@@ -26,7 +26,9 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
-def check_float_tensor(name: str, x) -> None:
+def check_float_tensor(name: str, x, last: str = "[..., V] with a non-empty vocabulary "
+                                                  "dimension V") -> None:
+    """A float tensor whose last dimension is not empty (``last`` says what it is)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -34,9 +36,7 @@ def check_float_tensor(name: str, x) -> None:
             f"{name} must be {_dtype_names(FLOAT_DTYPES)}, got {x.dtype}; "
             f"cast it first, e.g. {name}.float()")
     if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(
-            f"{name} must have shape [..., V] with a non-empty vocabulary dimension V, "
-            f"got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape {last}, got shape {tuple(x.shape)}")
 
 
 def check_targets(targets, leading_shape, vocab_size: int, device: torch.device, ignore_index,
@@ -187,8 +187,8 @@ def check_lm_head(hidden, weight, bias, weight_name: str = "weight", hidden_name
     """``hidden [..., D]``, ``weight [V, D]`` (an lm_head), ``bias [V]`` or None, on one device.
     Their float dtypes may differ: the matmuls run in ``hidden``'s (under autocast: bf16
     activations against fp32 master weights), each weight slice cast as it is used."""
-    check_float_tensor(hidden_name, hidden)
-    check_float_tensor(weight_name, weight)
+    check_float_tensor(hidden_name, hidden, "[..., D] with a non-empty hidden dimension D")
+    check_float_tensor(weight_name, weight, "[V, D] with a non-empty hidden dimension D")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"{weight_name} must have shape [V, D] with D = {hidden_name}.shape[-1] = "
@@ -197,7 +197,7 @@ def check_lm_head(hidden, weight, bias, weight_name: str = "weight", hidden_name
     check_same_device(weight_name, weight, hidden_name, hidden)
     if bias is None:
         return
-    check_float_tensor(bias_name, bias)
+    check_float_tensor(bias_name, bias, "[V]")
     if tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{bias_name} must have shape [V] = ({weight.shape[0]},), "
                          f"got {tuple(bias.shape)}")

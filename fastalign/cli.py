@@ -401,7 +401,8 @@ def _train(args) -> None:
     last = trainer.train(resume_from=args.resume)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
                       if k in ("loss", "rewards/accuracies", "accuracy"))
-    print(f"done: {trainer.step} steps; {shown}; model in {trainer.output_dir}/")
+    print(f"done: {trainer.step} steps; " + (f"{shown}; " if shown else "")
+          + f"model in {trainer.output_dir}/")
     if held_out:
         after = last if "eval_loss" in last else trainer.evaluate()
         print("held-out after training: " + ", ".join(

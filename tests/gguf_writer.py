@@ -28,10 +28,12 @@ def interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def tiny_llama_and_gguf(path, *, hidden: int = 32, layers: int = 2, heads: int = 4,
-                        kv_heads: int = 2, seed: int = 0, declared_ffn: int = 64):
+                        kv_heads: int = 2, seed: int = 0, declared_ffn: int = 64,
+                        nan_in: str | None = None):
     """A random ``LlamaForCausalLM`` and its GGUF file at ``path`` (float32 tensors);
     ``declared_ffn``: the MLP width the file's metadata states (another than its tensors'
-    64 makes a file whose shapes do not match its config)."""
+    64 makes a file whose shapes do not match its config); ``nan_in``: a GGUF tensor name
+    whose first value is written as NaN (a damaged file)."""
     import gguf
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -80,7 +82,10 @@ def tiny_llama_and_gguf(path, *, hidden: int = 32, layers: int = 2, heads: int =
                 tensor = interleaved(tensor, kv_heads)
         else:
             target = names[stem]
-        writer.add_tensor(f"{target}.weight", tensor.float().contiguous().numpy())
+        values = tensor.float().contiguous().numpy().copy()
+        if f"{target}.weight" == nan_in:
+            values.flat[0] = float("nan")
+        writer.add_tensor(f"{target}.weight", values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -38,6 +38,9 @@ LINEAR_LOGPROBS = [
      r"reciprocal scale float32 values\), got (0.0|inf)"),
     ("softcap", (_t(4, 8), _t(10, 8), _ids(4)), {"softcap": -1.0},
      ValueError, r"softcap must be None or a finite number in \[1.18e-38, 8.51e\+37\].*, got -1.0"),
+    ("empty hidden dimension", (_t(4, 0), _t(10, 0), _ids(4)), {},
+     ValueError, r"hidden must have shape \[..., D\] with a non-empty hidden dimension D, got "
+     r"shape \(4, 0\)"),
     ("process_group", (_t(4, 8), _t(10, 8), _ids(4)), {"process_group": "tp"},
      TypeError, r"process_group must be a torch.distributed ProcessGroup \(e.g. dist.group.WORLD"),
 ]

@@ -224,3 +224,11 @@ def test_a_gguf_whose_shapes_contradict_its_metadata_names_the_tensors(tmp_path,
                                          r"torch.Size\(\[64, 32\]\) vs model:torch.Size\(\[48, 32\]\)"):
         load_model_and_tokenizer(str(tmp_path / "bad.gguf"))
     assert list(cache.iterdir()) == []
+
+
+def test_a_gguf_with_non_finite_weights_is_refused_at_conversion(tmp_path, cache):
+    tiny_llama_and_gguf(tmp_path / "nan.gguf", nan_in="blk.1.ffn_up.weight")
+    with pytest.raises(ValueError, match=r"nan.gguf' holds non-finite weights "
+                                         r"\(model.layers.1.mlp.up_proj.weight: nan\): it is damaged"):
+        load_model_and_tokenizer(str(tmp_path / "nan.gguf"))
+    assert list(cache.iterdir()) == []

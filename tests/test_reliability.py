@@ -554,3 +554,31 @@ def test_a_full_disk_during_a_checkpoint_is_named_and_the_earlier_one_resumes(tm
     resumed = dpo(tmp_path, max_steps=2, save_steps=1)
     resumed.train(resume_from="latest")
     assert resumed.step == 2
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda m: m.update(step=7), "records step 7 for checkpoint-1: the manifest was edited"),
+    (lambda m: m["sha256"].pop(STATE_FILE), f"records no checksum of {STATE_FILE}"),
+    (lambda m: m["sha256"].pop("model.safetensors"), "records no checksum of model.safetensors"),
+])
+def test_an_edited_checkpoint_manifest_is_refused(tmp_path, tamper, message):
+    dpo(tmp_path, max_steps=1, save_steps=1).train()
+    path = tmp_path / "checkpoint-1" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    tamper(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=message):
+        dpo(tmp_path, max_steps=2).train(resume_from="latest")
+
+
+def test_a_trainer_state_without_rng_states_is_refused(tmp_path):
+    dpo(tmp_path, max_steps=1, save_steps=1).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    del state["rng"]
+    torch.save(state, checkpoint / STATE_FILE)
+    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    manifest["sha256"][STATE_FILE] = file_sha256(checkpoint / STATE_FILE)
+    (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="holds no RNG states"):
+        dpo(tmp_path, max_steps=2).train(resume_from="latest")

@@ -136,7 +136,9 @@ def test_resume_from_a_mismatched_checkpoint(tmp_path):
     other = DPOTrainer(small_llama(), byte_tokenizer(),
                        DPOConfig(output_dir=str(tmp_path / "other"), batch_size=3, max_steps=4,
                                  progress=False), preference_rows(4), ref_model=small_llama(1))
-    with pytest.raises(CheckpointError, match="batch_size is 2 there and 3 now"):
+    with pytest.raises(CheckpointError, match="global batch of 2 rows per micro-batch and this "
+                                              "run's is 3 .*pass --batch-size so that "
+                                              "batch_size x processes = 2"):
         other.resume(checkpoint)
     wider = DPOTrainer(tiny_llama(vocab_size=1000, hidden_size=64, num_layers=1), byte_tokenizer(),
                        DPOConfig(output_dir=str(tmp_path / "wide"), batch_size=2, progress=False),

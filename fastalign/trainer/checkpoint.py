@@ -148,6 +148,15 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict, *, rank: int
     for file in (path / STATE_FILE, weights):
         if not file.is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint: {file.name} is missing")
+        if file.name not in manifest["sha256"]:  # a file nobody could check: edited in
+            raise CheckpointError(f"{path / MANIFEST_FILE} records no checksum of {file.name}: "
+                                  "the manifest was edited or damaged; resume from another "
+                                  "checkpoint")
+    step = manifest.get("step")
+    named = path.name[len(PREFIX):] if path.name.startswith(PREFIX) else None
+    if not isinstance(step, int) or step < 0 or (named and named.isdigit() and int(named) != step):
+        raise CheckpointError(f"{path / MANIFEST_FILE} records step {step!r} for {path.name}: "
+                              "the manifest was edited or damaged; resume from another checkpoint")
     _check_setup(path, manifest["setup"], expected)
     _verify_checksums(path, manifest["sha256"])
     try:
@@ -156,6 +165,10 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict, *, rank: int
         raise CheckpointError(f"{path / STATE_FILE} is corrupt or not a fastalign trainer "
                               f"state; it was not loaded ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if not isinstance(rng, list) or not rng:
+        raise CheckpointError(f"{path / STATE_FILE} holds no RNG states: it is not a whole "
+                              "fastalign trainer state; resume from another checkpoint")
     try:
         missing, unexpected = _load_weights(model, weights, load_weights)
     except Exception as error:
@@ -168,8 +181,8 @@ def load_checkpoint(path: str | os.PathLike, model, expected: dict, *, rank: int
     if bad is not None:
         raise CheckpointError(f"{weights} holds non-finite weights ({bad}); resume from an "
                               "earlier checkpoint")
-    _set_rng_state(state["rng"][rank % len(state["rng"])])
-    return dict(state, step=int(manifest["step"]), config=manifest["config"])
+    _set_rng_state(rng[rank % len(rng)])
+    return dict(state, step=step, config=manifest["config"])
 
 
 def _check_setup(path: Path, recorded: dict, expected: dict) -> None:
@@ -185,6 +198,11 @@ def _check_setup(path: Path, recorded: dict, expected: dict) -> None:
                 f"{recorded.get('base_model_name')!r} (weights {recorded.get(key)}), this run "
                 f"from {expected.get('base_model_name')!r} (weights {value}); resume with the "
                 "--model the run started from")
+        if key == "batch_size":  # the global batch: another number of processes changes it
+            raise CheckpointError(
+                f"{path} was written with a global batch of {recorded.get(key)!r} rows per "
+                f"micro-batch and this run's is {value!r} (batch_size x processes): pass "
+                f"--batch-size so that batch_size x processes = {recorded.get(key)!r}")
         raise CheckpointError(
             f"{path} was written by a different set-up: {key} is {recorded.get(key)!r} "
             f"there and {value!r} now; resume with the same model, data and batch options")

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .checkpoint import file_sha256
+from .checkpoint import file_sha256, first_nonfinite
 from .tiny import TINY, tiny_llama
 from .tokenizer import byte_tokenizer
 
@@ -196,6 +196,10 @@ def _convert(path: Path, out: Path, *, progress: bool) -> None:
         hf_logging.remove_handler(report)
         hf_logging.enable_default_handler()
         hf_logging.set_verbosity(verbosity)
+    bad = first_nonfinite(model.named_parameters())
+    if bad is not None:  # caught here, not later as a NaN loss blamed on the data
+        raise ValueError(f"the GGUF file {str(path)!r} holds non-finite weights ({bad}): it is "
+                         "damaged; download or export it again")
     # Loaded from GGUF the model counts as "quantized", which save_pretrained refuses; its
     # weights are plain float32 tensors by now.
     model.hf_quantizer = None
