@@ -14,6 +14,7 @@ import torch
 from helpers import preference_rows, small_llama
 
 from fastalign.cli import _config, _parser
+from fastalign.cli import main as cli_main
 from fastalign.cli_rl import load_prompts, reward_functions
 from fastalign.trainer import (CheckpointError, DataError, DPOConfig, DPOTrainer, RewardConfig,
                                RewardTrainer, byte_tokenizer, load_preferences,
@@ -582,3 +583,13 @@ def test_a_trainer_state_without_rng_states_is_refused(tmp_path):
     (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="holds no RNG states"):
         dpo(tmp_path, max_steps=2).train(resume_from="latest")
+
+
+def test_a_too_long_prompt_is_named_by_its_file_line(tmp_path, capsys):
+    rows = preference_rows(2) + [{"prompt": "x" * 300, "chosen": "a", "rejected": "b"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(SystemExit, match=f"fastalign: error: {data} line 3: the prompt is 300 "
+                                         "tokens, max_length is 64"):
+        cli_main(["train", "dpo", "--data", str(data), "--max-length", "64",
+                  "--output", str(tmp_path / "run")])

@@ -71,7 +71,8 @@ def load_preferences(source, *, split: str | None = None) -> list[dict]:
         rows = []
         for index, item in enumerate(source):
             row = Row(item)
-            row.where = f"row {index + 1}"
+            # Rows read from a file earlier keep their file and line (the CLI splits them).
+            row.where = getattr(item, "where", f"row {index + 1}")
             rows.append(row)
     first_of_kind = {}  # "text" / "messages" -> where the first row of that kind is
     for row in rows:
