@@ -43,8 +43,9 @@ EXACT = {
     "granitemoehybrid": dict(logits_scaling=4.0, mamba_n_heads=4, layer_types=["attention"]),
     "hyperclovax": dict(logits_scaling=0.25),  # multiplies
     "falcon_h1": dict(lm_head_multiplier=0.25),
-    "minicpm3": dict(dim_model_base=8, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                     qk_rope_head_dim=8, v_head_dim=8),  # hidden states / (32 / 8) before the head
+    # the hidden states divided by logits_scaling = hidden_size / dim_model_base = 4
+    "minicpm3": dict(dim_model_base=8, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                     qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
     "inkling_text": dict(logits_mup_width_multiplier=4.0),  # hidden states / 4 before the head
     "gemma2": dict(final_logit_softcapping=3.0),
     "gemma3_text": dict(final_logit_softcapping=3.0),
@@ -215,7 +216,7 @@ def test_heads_and_logit_steps_fastalign_cannot_read_are_refused(model_type):
 def test_a_per_vocabulary_scale_parameter_is_refused():
     _check_refused(_llama(PerTokenScaledLlama), ValueError,
                    r"PerTokenScaledLlama.forward .*`self.logit_scale` is a tensor \(a learned "
-                   r"or per-vocabulary scale\)")
+                   r"or per-vocabulary scale\).*compute its log-probs from its own logits")
 
 
 def test_a_linear_subclass_head_that_scales_its_output_is_refused():
@@ -228,15 +229,20 @@ def test_a_linear_subclass_head_that_scales_its_output_is_refused():
                    r"is not nn.Linear's.*plain nn.Linear head")
 
 
-def test_peft_modules_to_save_head_is_read_through_its_copy():
-    """lm_head in PEFT's modules_to_save: a wrapper whose forward runs a trained copy of the
-    head; fastalign reads that copy (and the original with the adapters disabled)."""
+@pytest.mark.parametrize("where", ["modules_to_save", "target_modules"])
+def test_a_peft_head_on_a_scaled_model(where):
+    """lm_head of Cohere (logit scale) in PEFT's modules_to_save (a wrapper whose forward runs a
+    trained copy of the head) or LoRA-adapted: read through the copy or with the adapter folded
+    in, and as the original with the adapters disabled."""
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(_build("cohere", EXACT["cohere"]), peft.LoraConfig(
-        r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    copy_of_head = model.get_base_model().lm_head.modules_to_save["default"]
-    with torch.no_grad():
-        copy_of_head.weight.mul_(1.5)
+    options = ({"modules_to_save": ["lm_head"], "target_modules": ["q_proj"]}
+               if where == "modules_to_save" else
+               {"target_modules": ["q_proj", "lm_head"], "init_lora_weights": False})
+    cohere = _build("cohere", {**EXACT["cohere"], "tie_word_embeddings": False})
+    model = peft.get_peft_model(cohere, peft.LoraConfig(r=4, lora_dropout=0.0, **options))
+    if where == "modules_to_save":
+        with torch.no_grad():
+            model.get_base_model().lm_head.modules_to_save["default"].weight.mul_(1.5)
     input_ids, attention_mask, completion_mask, labels = _batch()
     adapter = CausalLMAdapter(model)
     for disabled in (False, True):

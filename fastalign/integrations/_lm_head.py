@@ -1,9 +1,16 @@
-"""The LM head of a Hugging Face causal LM, read the way ``fastalign.linear_logprobs`` needs it:
-its weight and bias (a LoRA adapter on the head folded in, a sharded FSDP2 head gathered, a
-DeepSpeed ZeRO-3 head left to ``linear_logprobs`` to gather), and
-the transform the model applies to its logits (Gemma-2's soft cap, the logit scales of Cohere,
-Granite, Falcon-H1 and others), so that per-token log-probs come from the hidden states without
-the ``[N, V]`` logits. Shared by the TRL and transformers integrations.
+"""The LM head of a Hugging Face causal LM as ``fastalign.linear_logprobs`` needs it, read by ONE
+reader, ``read_head``, that fastalign's trainers (``CausalLMAdapter``) and the TRL and
+transformers integrations share: its weight and bias (``head_parameters``: a LoRA adapter on the
+head folded in, an FSDP2 head gathered, a ZeRO-3 head left to ``linear_logprobs`` to gather), and
+what the model's forward does around it (``Head``): a factor on the last hidden state before the
+head (MiniCPM3, Inkling), a scale and a tanh soft cap on the logits (Cohere's ``logit_scale``,
+Granite's ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``, Gemma-2's soft cap, ...). Those
+are read from the source of the model class's ``forward`` (``_forward_reader``) and evaluated on the
+model, not guessed from config names, so a family that divides where another multiplies is read
+as its forward applies it. Anything else is refused with the class named, never read as a plain
+linear map: a head whose ``forward`` is not ``nn.Linear.forward`` (Dory's per-vocabulary scale, a
+quantized or custom head), a tensor-valued scale, a vocabulary cut, an unknown function of the
+logits, a head input that is not the backbone's last hidden state.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch
 
 from .. import linear_logprobs
 from ..ops import _sharded_head
+from . import _forward_reader
 
 
 @dataclass(frozen=True)
@@ -34,26 +42,97 @@ class LogitTransform:
         return temperature / self.scale, softcap
 
 
+@dataclass(frozen=True)
+class Head:
+    """A model's output embedding as fastalign reads it (``read_head``): ``module``, the factor
+    ``input_scale`` its forward multiplies the backbone's last hidden state by before the head,
+    and ``logits``, what it does to the head's output."""
+    module: torch.nn.Module
+    input_scale: float
+    logits: LogitTransform
+
+    def from_hidden_state(self) -> LogitTransform:
+        """The transform from the backbone's last hidden state (the integrations' input): the
+        input factor is one more logit scale (``read_head`` refuses it on a head with a bias)."""
+        return LogitTransform(self.logits.softcap, self.logits.scale * self.input_scale)
+
+    def scaled_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` times ``logits.scale``, for losses that take a soft cap but no
+        scale (fastalign's trainers run theirs inside the head, on what the head receives):
+        ``softcap(s (W h + b)) = softcap((s W) h + s b)``. One ``[V, D]`` temporary when the
+        scale is not 1; gradients reach the weight through it."""
+        weight, bias = head_parameters(self.module)
+        scale = self.logits.scale
+        if scale == 1.0:
+            return weight, bias
+        if hasattr(weight, "ds_id"):
+            raise NotImplementedError("a DeepSpeed ZeRO-3 head with a logit scale cannot be "
+                                      "scaled outside fastalign's op; use FSDP2 or ZeRO-2")
+        return weight * scale, None if bias is None else bias * scale
+
+
 def text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def logit_transform(model) -> LogitTransform:
-    """Where the model families keep the multiplier of their logits: ``logit_scale`` (Cohere),
-    ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1), or ``logits_scaling`` that
-    Granite and MiniCPM3 divide by and HyperCLOVA X multiplies by. None of them: 1."""
-    config = text_config(model)
-    scale = None
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        scale = getattr(config, name, None)
-        if scale is not None:
-            break
-    divisor = getattr(config, "logits_scaling", None)
-    if scale is None and divisor is not None:
-        scale = divisor if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / divisor
-    return LogitTransform(softcap=getattr(config, "final_logit_softcapping", None),
-                          scale=1.0 if scale is None else float(scale))
+def _linear_layers(head: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose ``forward`` computes the head's logits: through PEFT's
+    ``modules_to_save`` (whole copies of the head) and LoRA wrappers (their base layer)."""
+    modules = [head]
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):
+        modules = [head.original_module, *head.modules_to_save.values()]
+    return [m.get_base_layer() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer") else m
+            for m in modules]
+
+
+def read_head(model) -> Head:
+    """The output embedding of ``model`` (a ``*ForCausalLM``, not a PEFT wrapper) and the
+    transform its forward applies around it.
+
+    Raises:
+        TypeError: a head whose ``forward`` is not ``nn.Linear.forward`` (PEFT's LoRA and
+            modules_to_save wrappers are looked through), a head inside another module, or a
+            model without a backbone apart from itself.
+        ValueError: a forward step from the last hidden state to the logits fastalign does not
+            know (``_forward_reader``).
+    """
+    owner = type(model).__name__
+    head = model.get_output_embeddings()
+    for layer in _linear_layers(head):
+        if type(layer).forward is not torch.nn.Linear.forward:
+            name = type(layer).__name__
+            raise TypeError(
+                f"{owner}'s output embedding is a {name}, whose forward is not nn.Linear's: "
+                f"fastalign computes log-probs from the head's weight and bias alone and would "
+                f"silently drop what {name}.forward does to the logits. Compute this model's "
+                f"log-probs from its own logits (TRL without fastalign.integrations.trl, a "
+                f"plain loss), or give it a plain nn.Linear head if that step is not needed")
+    names = {id(module): name for name, module in model.named_children()}
+    head_name, backbone_name = names.get(id(head)), names.get(id(model.base_model))
+    if head_name is None or backbone_name is None:
+        what = ("has no backbone apart from itself (base_model)" if backbone_name is None else
+                "keeps its output embedding inside another module (a prediction head)")
+        raise TypeError(f"{owner} {what}, so fastalign cannot tell what its forward does "
+                        f"between the last hidden state and the logits; compute its log-probs "
+                        f"from its own logits")
+    try:
+        steps, constants = _forward_reader.program(type(model).forward, head_name, backbone_name)
+        input_scale, softcap, scale = _forward_reader.evaluate(model, steps, dict(constants))
+    except _forward_reader.UnknownStep as step:
+        raise ValueError(
+            f"{owner}.forward turns the last hidden state into logits with a step fastalign "
+            f"does not know: {step}. fastalign's fused head would silently compute other "
+            f"log-probs, so it refuses this model: compute its log-probs from its own logits "
+            f"(TRL without fastalign.integrations.trl, a plain loss). fastalign reads a plain "
+            f"nn.Linear head, factors that are numbers on the model or its config, and a tanh "
+            f"soft cap") from None
+    if input_scale != 1.0 and any(getattr(m, "bias", None) is not None
+                                  for m in _linear_layers(head)):
+        raise ValueError(f"{owner}.forward scales the hidden states by {input_scale} before a "
+                         f"head with a bias, which is no logit scale fastalign can apply; "
+                         f"compute its log-probs from its own logits")
+    return Head(head, input_scale, LogitTransform(softcap=softcap, scale=scale))
 
 
 def _full(name: str, tensor):
@@ -115,14 +194,16 @@ def head_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
 def head_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float,
                   return_entropy: bool, return_row_stats: bool = False,
                   cast_to_fp32: bool = False):
-    """Per-token ``log p(label)`` (and entropy) of ``hidden [B, T, D]`` under the model's head:
+    """Per-token ``log p(label)`` (and entropy) of ``hidden [B, T, D]``, the backbone's last
+    hidden state, under the model's head and logit transform (``read_head``):
     ``(log_probs [B, T], entropy [B, T] or None, row statistics dict or None)``, 0 where the
     label is -100 (those rows are compacted out before any work); the statistics are
     ``linear_logprobs``' ``return_row_stats``, from the same pass. ``cast_to_fp32`` runs the
     head in float32 outside autocast."""
-    weight, bias = head_parameters(model.get_output_embeddings())
+    head = read_head(model)
+    weight, bias = head_parameters(head.module)
     hidden, labels = hidden.to(weight.device), labels.to(weight.device)
-    fused_temperature, softcap = logit_transform(model).folded(temperature)
+    fused_temperature, softcap = head.from_hidden_state().folded(temperature)
     if cast_to_fp32:
         hidden = hidden.float()
     with torch.autocast(hidden.device.type, enabled=False) if cast_to_fp32 else nullcontext():

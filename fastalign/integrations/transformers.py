@@ -11,8 +11,9 @@ the model's own (the mean over the predicted tokens, or their sum over ``num_ite
 when the transformers ``Trainer`` passes it for gradient accumulation). ``return_logprobs=True``
 also returns the per-token log-probs (``output.logprobs [B, T - 1]``, 0 at -100) and entropy
 (``output.entropy``). A forward without labels, and ``generate()``, are the model's own.
-Soft caps (Gemma-2), logit scales and a LoRA adapter on ``lm_head`` are honoured
-(``fastalign.integrations._lm_head``). This is the role Liger-Kernel's model patch plays, for
+Soft caps (Gemma-2), logit scales and a LoRA adapter on ``lm_head`` are honoured, read from the
+model's forward by ``fastalign.integrations._lm_head.read_head``, which refuses (when patching)
+a head or a logit step it does not know. This is the role Liger-Kernel's model patch plays, for
 SFT with the transformers ``Trainer`` or a loop of one's own.
 """
 
@@ -27,7 +28,12 @@ from . import _lm_head
 def patch_model(model, *, temperature: float = 1.0):
     """Installs the fused loss on ``model`` (a ``*ForCausalLM``; a PEFT model's base is
     patched) and returns it. ``temperature`` divides the logits of the loss (1 = the model's
-    own loss). Calling it twice is harmless."""
+    own loss). Calling it twice is harmless.
+
+    Raises:
+        TypeError, ValueError: a head that is not a linear map, or a logit transform fastalign
+            does not know (``_lm_head.read_head``), named with the model's class.
+    """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -36,6 +42,7 @@ def patch_model(model, *, temperature: float = 1.0):
     if target.get_output_embeddings() is None:
         raise ValueError(f"{type(target).__name__} has no output embeddings (lm_head): "
                          f"patch_model needs a causal LM")
+    _lm_head.read_head(target)  # refuses a head or a logit transform fastalign cannot read
     original_forward = target.forward
 
     @functools.wraps(type(target).forward)

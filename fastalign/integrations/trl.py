@@ -91,7 +91,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     it, ``model(..., labels=labels, fused_lm_head=True)`` returns TRL's ``FusedCausalLMOutput``
     computed by ``fastalign.linear_logprobs``; without ``fused_lm_head`` the original forward
     runs. Fields of ``outputs`` fastalign does not compute raise ``NotImplementedError`` here,
-    when the trainer is built, not in the middle of training."""
+    when the trainer is built, not in the middle of training. A head that is not a linear map,
+    or a logit transform fastalign does not know, is refused here too (``_lm_head.read_head``:
+    TypeError or ValueError naming the model class)."""
     unknown = [name for name in outputs if name not in OUTPUTS]
     if unknown:
         raise NotImplementedError(
@@ -101,6 +103,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 
 
 def _install(model, original_forward, temperature, cast_lm_head_to_fp32, outputs):
+    # A head or a logit step fastalign cannot read is refused here, when the trainer is built
+    # (read again at each call: PEFT may wrap the head after this).
+    _lm_head.read_head(model)
     want_entropy = "entropy" in outputs
     row_stat_fields = [name for name in outputs if name in _ROW_STAT_OF]
 

@@ -9,8 +9,12 @@ projection. Going through the root (not the backbone submodule) is what lets dis
 engines do their work: DDP prepares its gradient all-reduce in its forward, and FSDP2 unshards
 the root's parameters (embeddings, final norm, the head) in the root's forward hook and keeps
 them so through backward, so the head's weight is a whole tensor exactly while the swapped head
-runs (see ``docs/architecture.md``). Gemma-2's ``final_logit_softcapping`` is read from the
-config and applied as ``softcap``.
+runs (see ``docs/architecture.md``). What the model's forward does to the head's output (Gemma-2's
+soft cap, the logit scales of Cohere, Granite, Falcon-H1, ...) is read by the reader the TRL and
+transformers integrations use, ``fastalign.integrations._lm_head.read_head``, which refuses a head
+or a logit step it does not know rather than read it as a plain linear map. The soft cap is
+``softcap`` (the trainers hand it to their losses); the scale is multiplied into the weight the
+head functions receive, since those losses take no scale.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..integrations._lm_head import head_parameters
+from ..integrations._lm_head import read_head
 from ..ops import linear_logprobs
 from .packing import Packing, check_packing_supported
 
@@ -55,6 +59,10 @@ class CausalLMAdapter:
     Args:
         model: a ``PreTrainedModel`` with an output embedding (``get_output_embeddings()``) and
             a backbone (``base_model``) returning ``last_hidden_state``.
+
+    Raises:
+        TypeError: not such a model, or its head is not a linear map (``read_head``).
+        ValueError: its forward transforms the logits in a way fastalign does not know.
     """
 
     def __init__(self, model: torch.nn.Module, *, padding_free: bool = False):
@@ -70,8 +78,10 @@ class CausalLMAdapter:
         self.root = model
         self.backbone = backbone
         self.lm_head = head
-        config = getattr(inner, "config", None)
-        self.softcap = getattr(config, "final_logit_softcapping", None) or None
+        # The head's input here is what the model passes it (any factor on the hidden states
+        # already applied), so only the transform of its output counts.
+        self.head = read_head(inner)
+        self.softcap = self.head.logits.softcap
         # Pack the sequences of a padded batch into fewer rows (``packing.py``).
         if padding_free:
             check_packing_supported(inner)
@@ -84,7 +94,8 @@ class CausalLMAdapter:
         ``head_fn(hidden [B, T-1, D], weight [V, D], bias [V] | None)`` in place of the logits,
         and returns what ``head_fn`` returned (e.g. a fused loss, differentiable w.r.t. all
         parameters). ``hidden`` is cut to the positions that have a next token; the weight
-        has any LoRA adapter on the head folded in (``head_parameters``). With
+        has any LoRA adapter on the head folded in and the model's logit scale multiplied in
+        (``Head.scaled_parameters``), so ``head_fn`` applies only ``softcap``. With
         ``padding_free``, the sequences run packed into fewer rows and ``hidden`` is
         scattered back to ``[B, T-1, D]`` (zeros at padding) before ``head_fn``."""
         results = []
@@ -92,7 +103,7 @@ class CausalLMAdapter:
                    if self.padding_free and attention_mask is not None else None)
 
         def fused_head(hidden):
-            weight, bias = head_parameters(self.lm_head)
+            weight, bias = self.head.scaled_parameters()
             if packing is not None:
                 hidden = packing.unpack(hidden)
             results.append(head_fn(hidden[:, :-1], weight, bias))
@@ -129,8 +140,8 @@ class CausalLMAdapter:
         return per_token, (targets != IGNORE_INDEX).sum(-1)
 
     def head_logprobs(self, hidden, weight, bias, targets, *, temperature: float = 1.0):
-        """``[B, T-1]`` float32 log-probs of ``targets`` under the head ``(weight, bias)`` with
-        the model's soft cap."""
+        """``[B, T-1]`` float32 log-probs of ``targets`` under the head ``(weight, bias)`` (as
+        ``forward_with_head`` passes it, the logit scale in) with the model's soft cap."""
         return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                softcap=self.softcap, ignore_index=IGNORE_INDEX)
 
