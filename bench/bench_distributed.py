@@ -148,10 +148,7 @@ def main() -> int:
         print(f"\nFSDP2 / DDP, worst rank: training state "
               f"{worst['state_mb'][1] / worst['state_mb'][0]:.2f}x, step peak "
               f"{worst['peak_mb'][1] / worst['peak_mb'][0]:.2f}x")
-    if args.csv:
-        harness.write_csv(rows, args.csv)
-        print(f"CSV: {args.csv}")
-    return harness.exit_code(rows)
+    return harness.finish(rows, args.csv)
 
 
 if __name__ == "__main__":

@@ -108,10 +108,7 @@ def main(argv=None) -> int:
             continue
         print(f"{row['configuration']:28} {row['phase']:28} {row['rss_start_mb']:10} MB "
               f"{row['peak_rss_mb']:6} MB {row['seconds']:7.1f}")
-    if args.csv:
-        harness.write_csv(results, args.csv)
-        print(f"CSV: {args.csv}")
-    return harness.exit_code(results)
+    return harness.finish(results, args.csv)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,7 @@ def main(argv=None) -> int:
             trl, ours = pair
             print(f"{step}: patched / unpatched time {ours['time_ms'] / trl['time_ms']:.2f}x, "
                   f"peak memory {ours['peak_mb'] / trl['peak_mb']:.3f}x")
-    if args.csv:
-        harness.write_csv(results, args.csv)
-        print(f"CSV: {args.csv}")
-    return harness.exit_code(results)
+    return harness.finish(results, args.csv)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,14 @@ def report_trainer_steps(results: list[dict], note: str, csv_path: Path | None,
         print(f"CSV: {csv_path}")
 
 
+def finish(rows: list[dict], csv_path: Path | None) -> int:
+    """A bench script's last lines: the CSV (when asked for), then its ``exit_code``."""
+    if csv_path:
+        write_csv(rows, csv_path)
+        print(f"CSV: {csv_path}")
+    return exit_code(rows)
+
+
 def exit_code(rows: list[dict]) -> int:
     """A bench script's exit status: 1 when any row's measurement failed, with each failure
     on stderr, so a partly failed run never passes for a good one. Running out of memory at a
