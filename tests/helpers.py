@@ -177,3 +177,15 @@ def fake_deepspeed(monkeypatch) -> FakeZero3:
     fake = FakeZero3()
     monkeypatch.setitem(sys.modules, "deepspeed", fake)
     return fake
+
+
+def dpo_trainer(out, *, model=None, **options):
+    """A DPOTrainer of ``small_llama`` on 4 bundled pairs into ``out`` (2 pairs a step, 2 steps,
+    a checkpoint at step 2 unless ``options`` say otherwise), a seed-1 copy as its reference."""
+    from fastalign.trainer import DPOConfig, DPOTrainer
+
+    options = dict(dict(batch_size=2, max_steps=2, save_steps=2, progress=False), **options)
+    reference = None if "reference" in options else small_llama(1)
+    return DPOTrainer(model or small_llama(), byte_tokenizer(),
+                      DPOConfig(output_dir=str(out), **options), preference_rows(4),
+                      ref_model=reference)
