@@ -110,3 +110,13 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(capsys, tmp_path, mon
         ImportError("fastalign merge needs the peft package: pip install peft")))
     code, _, err = run(["train", "dpo"], capsys)
     assert err.strip() == "fastalign: error: fastalign merge needs the peft package: pip install peft"
+
+
+def test_an_rl_step_shows_its_sampling(tmp_path, capsys):
+    config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=2,
+                        max_new_tokens=4, max_steps=1, progress=True)
+    trainer = GRPOTrainer(small_policy(), byte_tokenizer(), config, ["Hi", "Yo"],
+                          [lambda prompts, completions: [float(len(c)) for c in completions]])
+    capsys.readouterr()
+    trainer.train()
+    assert "sampling 4 completions" in capsys.readouterr().err

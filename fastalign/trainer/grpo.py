@@ -22,8 +22,8 @@ from ._base import Trainer
 from .adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
 from .best_of_n import RewardModelFunction
 from .config import GRPO_LOSS_TYPES, GRPOConfig
-from .rollout import (Rollouts, generate_rollouts, held_out_reward_columns, reward_columns,
-                      reward_name)
+from .rollout import (Rollouts, decoding_progress, generate_rollouts, held_out_reward_columns,
+                      reward_columns, reward_name)
 
 
 class GRPOTrainer(Trainer):
@@ -101,11 +101,15 @@ class GRPOTrainer(Trainer):
     def _sample(self, prompts: list, seeds: list | None) -> tuple[Rollouts, torch.Tensor]:
         """Rollouts of ``prompts`` and the reward functions' columns ``[F, R]``."""
         config = self.config
-        rollouts = generate_rollouts(
-            self.model, self.tokenizer, prompts, num_generations=config.num_generations,
-            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            top_p=config.top_p, seeds=seeds, padding_free=config.padding_free,
-            synced=self.processes.distributed and self.processes.parallelism == "fsdp")
+        count = len(prompts) * config.num_generations
+        with decoding_progress(self, f"sampling {count} completions",
+                               config.max_new_tokens) as bar:
+            rollouts = generate_rollouts(
+                self.model, self.tokenizer, prompts, num_generations=config.num_generations,
+                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                top_p=config.top_p, seeds=seeds, padding_free=config.padding_free,
+                synced=self.processes.distributed and self.processes.parallelism == "fsdp",
+                on_step=bar.update)
         repeated = [prompts[i] for i in rollouts.prompt_index.tolist()]
         return rollouts, reward_columns(self.reward_funcs, repeated, rollouts.completions)
 

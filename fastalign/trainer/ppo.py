@@ -30,7 +30,8 @@ from ._base import Trainer
 from .adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
 from .best_of_n import RewardModelFunction, check_reward_model, score_with_reward_model
 from .config import PPOConfig
-from .rollout import Rollouts, generate_rollouts, held_out_reward_columns, reward_name
+from .rollout import (Rollouts, decoding_progress, generate_rollouts, held_out_reward_columns,
+                      reward_name)
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # weight [1, D], bias [1]
 
@@ -170,10 +171,13 @@ class PPOTrainer(Trainer):
         rows of all ranks: default all) and returns."""
         config = self.config
         processes = self.processes
-        rollouts = generate_rollouts(
-            self.model, self.tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature, top_p=config.top_p, logprobs=False, seeds=seeds,
-            synced=processes.distributed and processes.parallelism == "fsdp")
+        with decoding_progress(self, f"sampling {len(prompts)} completions",
+                               config.max_new_tokens) as bar:
+            rollouts = generate_rollouts(
+                self.model, self.tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, top_p=config.top_p, logprobs=False, seeds=seeds,
+                synced=processes.distributed and processes.parallelism == "fsdp",
+                on_step=bar.update)
         inputs = rollouts.model_inputs()
         targets = completion_targets(rollouts.input_ids, rollouts.completion_mask,
                                      rollouts.attention_mask)

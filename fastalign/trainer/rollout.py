@@ -10,6 +10,7 @@ first real token, so a recomputed log-prob is the one the token was sampled with
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import random
@@ -268,6 +269,19 @@ def reward_columns(reward_funcs: list, prompts: list, completions: list[str]) ->
     return torch.stack(columns)
 
 
+@contextlib.contextmanager
+def decoding_progress(trainer, description: str, steps: int):
+    """A transient progress bar over ``steps`` decoding steps (``bar.update`` is the
+    ``on_step`` of ``generate_rollouts``), shown by the main process when ``trainer.config``
+    asks for progress: sampling takes most of an RL step on a CPU, tens of seconds."""
+    bar = tqdm(total=steps, desc=description, unit="token", leave=False,
+               disable=not (trainer.config.progress and trainer.processes.is_main))
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def held_out_reward_columns(trainer, prompts: list, reward_funcs: list) -> torch.Tensor:
     """``[len(reward_funcs), len(prompts)]``: the ``reward_columns`` of greedy completions of
     ``prompts`` by ``trainer``'s model (``config.max_new_tokens``, ``config.eval_batch_size``
@@ -283,18 +297,17 @@ def held_out_reward_columns(trainer, prompts: list, reward_funcs: list) -> torch
     columns = []
     # Minutes on a CPU for a hundred prompts: a bar over the decoding steps of every chunk.
     steps = config.max_new_tokens
-    bar = tqdm(total=chunks * steps, desc=f"held-out evaluation, {len(prompts)} prompts",
-               unit="token", leave=False, disable=not (config.progress and processes.is_main))
-    for index in range(chunks):
-        chunk = prompts[start + index * size:min(start + (index + 1) * size, end)]
-        rollouts = generate_rollouts(
-            trainer.model, trainer.tokenizer, chunk or prompts[:1],
-            max_new_tokens=steps, logprobs=False, greedy=True, on_step=lambda: bar.update(),
-            synced=processes.distributed and processes.parallelism == "fsdp")
-        bar.update((index + 1) * steps - bar.n)  # the steps a chunk that stopped early skipped
-        if chunk:
-            columns.append(reward_columns(reward_funcs, chunk, rollouts.completions))
-    bar.close()
+    with decoding_progress(trainer, f"held-out evaluation, {len(prompts)} prompts",
+                           chunks * steps) as bar:
+        for index in range(chunks):
+            chunk = prompts[start + index * size:min(start + (index + 1) * size, end)]
+            rollouts = generate_rollouts(
+                trainer.model, trainer.tokenizer, chunk or prompts[:1],
+                max_new_tokens=steps, logprobs=False, greedy=True, on_step=bar.update,
+                synced=processes.distributed and processes.parallelism == "fsdp")
+            bar.update((index + 1) * steps - bar.n)  # the steps a chunk that stopped early skipped
+            if chunk:
+                columns.append(reward_columns(reward_funcs, chunk, rollouts.completions))
     local = (torch.cat(columns, 1) if columns
              else torch.zeros(len(reward_funcs), 0)).t().contiguous()
     return processes.gather(local.to(trainer.device)).cpu().t()
