@@ -198,23 +198,6 @@ def _add_model_flag(parser) -> None:
                              "available, else cpu)")
 
 
-def device(args):
-    """The ``--device`` to run on (checked), by default CUDA when there is one; under
-    ``torchrun``, ``cuda`` is this rank's GPU."""
-    import torch
-
-    from .trainer.distributed import local_device
-
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1)") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
-    return local_device(chosen)
-
-
 def check_before_loading(args, output_dir: str | None = None, overwrite: bool = False) -> None:
     """What can be refused before minutes of model loading, conversion or warm start: a
     ``--model`` or ``--reward-model`` that does not exist, an output directory that holds
@@ -380,6 +363,7 @@ def _data(args):
 
 def _train(args) -> None:
     from .trainer import DPOTrainer, RewardTrainer, load_model_and_tokenizer, load_reward_model
+    from .trainer.distributed import resolve_device
 
     config = _config(args, CONFIGS[args.kind])
     check_before_loading(args, output_dir=config.output_dir, overwrite=config.overwrite)
@@ -389,10 +373,10 @@ def _train(args) -> None:
     train, held_out = _data(args)
     if args.kind == "dpo":
         model, tokenizer = load_model_and_tokenizer(args.model)
-        trainer = DPOTrainer(model.to(device(args)), tokenizer, config, train, held_out)
+        trainer = DPOTrainer(model.to(resolve_device(args.device)), tokenizer, config, train, held_out)
     else:
         model, tokenizer = load_reward_model(args.model)
-        trainer = RewardTrainer(model.to(device(args)), tokenizer, config, train, held_out)
+        trainer = RewardTrainer(model.to(resolve_device(args.device)), tokenizer, config, train, held_out)
     held = ("eval_loss", "eval_rewards/accuracies", "eval_preference_accuracy", "eval_accuracy")
     before = trainer.evaluate() if held_out and args.resume is None else {}
     if before:
@@ -443,7 +427,7 @@ def _main(argv) -> None:
     args = _parse([arg for arg in argv if arg != "--debug"])
     try:
         if args.command == "merge":
-            from .trainer.lora import merge_adapter
+            from .trainer.merge import merge_adapter
             merged = merge_adapter(args.adapter_dir, args.output, base=args.base)
             return print(f"merged {args.adapter_dir} into its base: {merged}/")
         if args.command == "bon":

@@ -13,7 +13,7 @@ WARM_START_STEPS = 20  # for --model tiny; see fastalign.trainer.tiny.warm_start
 def policy(args, progress: bool = True):
     """``(model, tokenizer)`` of ``--model`` on ``--device``; ``tiny`` gets its supervised
     warm start there."""
-    from .cli import device
+    from .trainer.distributed import resolve_device
     from .trainer import load_model_and_tokenizer
     from .trainer.tiny import TINY, warm_started_tiny
 
@@ -21,20 +21,20 @@ def policy(args, progress: bool = True):
     if args.model == TINY:
         steps = WARM_START_STEPS if steps is None else steps
         if steps > 0:
-            return warm_started_tiny(steps=steps, progress=progress, device=device(args))
+            return warm_started_tiny(steps=steps, progress=progress, device=resolve_device(args.device))
     elif steps:
         raise ValueError("--warm-start-steps is for --model tiny only (fine-tune other models "
                          "before RL)")
     model, tokenizer = load_model_and_tokenizer(args.model)
-    return model.to(device(args)), tokenizer
+    return model.to(resolve_device(args.device)), tokenizer
 
 
 def reward_model(args):
-    from .cli import device
+    from .trainer.distributed import resolve_device
     from .trainer import load_reward_model
 
     model, tokenizer = load_reward_model(args.reward_model, trained=True)
-    return model.to(device(args)), tokenizer
+    return model.to(resolve_device(args.device)), tokenizer
 
 
 BUNDLED_PROMPTS = {"arithmetic": "arithmetic.jsonl"}  # --prompts NAME: fastalign/data/FILE

@@ -48,3 +48,64 @@ def test_the_backend_table_holds_every_family():
     assert families == {"token_logprobs", "linear_logprobs", "kl", "policy"}
     for family in families:
         assert re.search(rf"^\| `{family}` \|", DOC, re.MULTILINE), family
+
+
+def _imports_of_the_package() -> dict[str, set[str]]:
+    """Module -> the fastalign modules it imports, anywhere in its source (a function-level
+    import is an edge too: it is a loop all the same, only deferred)."""
+    import ast
+
+    files = {}
+    for path in (ROOT / "fastalign").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    # kernels/ and csrc/ are installed as fastalign.kernels / fastalign.csrc: leaves here.
+    leaves = {f"fastalign.kernels.{p.stem}" for p in (ROOT / "kernels").glob("*.py")}
+    leaves |= {"fastalign.kernels", "fastalign.csrc"}
+    known = set(files) | leaves
+
+    def module_of(name: str) -> str | None:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                targets = [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            edges |= {module_of(t) for t in targets if t.startswith("fastalign")}
+        graph[name] = {edge for edge in edges if edge and edge != name}
+    return graph
+
+
+def test_no_import_loops_in_the_package():
+    """A loop (a -> b -> ... -> a, through imports at any depth of a function) means the
+    layers are not layered: which module is the lower one is an accident of import order."""
+    graph = _imports_of_the_package()
+    assert len(graph) > 60
+    state, loops = {}, []
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                loops.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert not loops, "import loops: " + "; ".join(" -> ".join(loop) for loop in loops)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from fastalign.cli import main as cli
 from fastalign.trainer import (DPOConfig, byte_tokenizer, load_model_and_tokenizer,
                                load_reward_model, tiny_llama)
-from fastalign.trainer.lora import merge_adapter, prepare_model, quiet_peft
+from fastalign.trainer.lora import prepare_model, quiet_peft
+from fastalign.trainer.merge import merge_adapter
 
 peft = pytest.importorskip("peft")
 

@@ -14,7 +14,7 @@ from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .ppo import PPOTrainer
 from .reward import RewardTrainer, tiny_reward_model
-from .lora import merge_adapter
+from .merge import merge_adapter
 from .models import load_model_and_tokenizer, load_reward_model
 from .tiny import tiny_llama
 from .tokenizer import byte_tokenizer

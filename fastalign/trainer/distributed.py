@@ -46,6 +46,19 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The device ``--device NAME`` asks for (checked), by default CUDA when there is one;
+    under ``torchrun``, ``cuda`` is this rank's GPU."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
+    return local_device(chosen)
+
+
 @dataclass
 class Processes:
     """This process's place among the training processes, and the collectives the trainers

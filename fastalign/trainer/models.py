@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .checkpoint import file_sha256, first_nonfinite
+from .integrity import file_sha256, first_nonfinite
 from .tiny import TINY, tiny_llama
 from .tokenizer import byte_tokenizer
 
@@ -323,7 +323,7 @@ def load_reward_model(name: str, *, trained: bool = False):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     if name == TINY and not trained:
-        from .reward import tiny_reward_model
+        from .tiny import tiny_reward_model
         model = tiny_reward_model()
         model.config._name_or_path = TINY  # rebuilt by name alone: the base of a merge
         return model, byte_tokenizer()

@@ -7,7 +7,7 @@ Best-of-N use.
     RewardTrainer(model, tokenizer, RewardConfig(), "train.jsonl", "test.jsonl").train()
 
 ``model`` is a ``transformers`` ``*ForSequenceClassification`` with ``num_labels=1`` (it scores
-the last non-padding token); ``tiny_reward_model()`` builds the built-in one. No vocabulary
+the last non-padding token); ``tiny.tiny_reward_model()`` builds the built-in one. No vocabulary
 projection happens here, so no fused op is needed: the head is a ``[D, 1]`` matrix.
 """
 
@@ -23,6 +23,7 @@ from .config import RewardConfig
 from .data import DataError, _pad, load_preferences, tokenize_pairs, where
 from .lora import is_peft
 from .packing import Packing, check_packing_supported
+from .tiny import tiny_reward_model  # noqa: F401  (the built-in reward model, named here too)
 
 
 class RewardTrainer(Trainer):
@@ -126,19 +127,3 @@ def _with_margins(rows, tokenizer, max_length):
     pairs = tokenize_pairs(rows, tokenizer, max_length=max_length)
     return [(pair, float(row["margin"]) if "margin" in row else None)
             for pair, row in zip(pairs, rows)]
-
-
-def tiny_reward_model(*, vocab_size: int | None = None, hidden_size: int = 128,
-                      num_layers: int = 2, num_heads: int = 4, seed: int = 0):
-    """The built-in reward model: the tiny Llama's architecture with a 1-output score head."""
-    from transformers import LlamaForSequenceClassification
-
-    from .tiny import LLAMA3_VOCAB, tiny_llama
-
-    causal = tiny_llama(vocab_size=vocab_size or LLAMA3_VOCAB, hidden_size=hidden_size,
-                        num_layers=num_layers, num_heads=num_heads, seed=seed)
-    config = causal.config
-    config.num_labels = 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForSequenceClassification(config)

@@ -58,3 +58,17 @@ def warm_started_tiny(*, steps: int = 20, seed: int = 0, progress: bool = True,
     print(f"tiny: {steps}-step supervised warm start on the bundled answers, loss "
           f"{losses[0]:.2f} -> {losses[-1]:.2f}")
     return model, tokenizer
+
+
+def tiny_reward_model(*, vocab_size: int | None = None, hidden_size: int = 128,
+                      num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+    """The built-in reward model: the tiny Llama's architecture with a 1-output score head."""
+    from transformers import LlamaForSequenceClassification
+
+    causal = tiny_llama(vocab_size=vocab_size or LLAMA3_VOCAB, hidden_size=hidden_size,
+                        num_layers=num_layers, num_heads=num_heads, seed=seed)
+    config = causal.config
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForSequenceClassification(config)
