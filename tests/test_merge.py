@@ -26,7 +26,7 @@ def _small_base(path, reward=False):
     """A 1-layer Llama over 300 tokens (a 1-output reward model with ``reward``) saved with
     the byte tokenizer: a base `fastalign merge` loads by its directory."""
     if reward:
-        from fastalign.trainer.reward import tiny_reward_model
+        from fastalign.trainer import tiny_reward_model
         model = tiny_reward_model(vocab_size=300, hidden_size=32, num_layers=1)
     else:
         model = tiny_llama(vocab_size=300, hidden_size=32, num_layers=1)

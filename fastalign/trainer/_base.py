@@ -41,10 +41,11 @@ from tqdm.auto import tqdm
 
 from . import run_dir
 from ._memory import release_freed_memory
-from .checkpoint import (first_nonfinite, latest_checkpoint, load_checkpoint, model_fingerprint,
-                         rng_state, save_checkpoint)
+from .checkpoint import (latest_checkpoint, load_checkpoint, model_fingerprint, rng_state,
+                         save_checkpoint)
 from .config import TrainConfig
 from .distributed import Processes
+from .integrity import first_nonfinite
 from .lora import prepare_model, save_options
 from .metrics import MetricsLog, check_reporter
 
