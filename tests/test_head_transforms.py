@@ -1,5 +1,5 @@
 """Heads that are not a plain linear map, read by the one reader fastalign's trainers and its
-integrations share (``fastalign.integrations._lm_head.read_head``): every transformers
+integrations share (``fastalign.model_head.read_head``): every transformers
 architecture with a scaled, capped or custom head that a tiny config builds gives, through the
 trainers' ``CausalLMAdapter``, the TRL fused head and ``patch_model``, the log-probs of the
 model's own logits (float64 reference, float32 tolerance), or is refused by all three with an

@@ -12,7 +12,7 @@ when the transformers ``Trainer`` passes it for gradient accumulation). ``return
 also returns the per-token log-probs (``output.logprobs [B, T - 1]``, 0 at -100) and entropy
 (``output.entropy``). A forward without labels, and ``generate()``, are the model's own.
 Soft caps (Gemma-2), logit scales and a LoRA adapter on ``lm_head`` are honoured, read from the
-model's forward by ``fastalign.integrations._lm_head.read_head``, which refuses (when patching)
+model's forward by ``fastalign.model_head.read_head``, which refuses (when patching)
 a head or a logit step it does not know. This is the role Liger-Kernel's model patch plays, for
 SFT with the transformers ``Trainer`` or a loop of one's own.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import types
 
-from . import _lm_head
+from .. import model_head
 
 
 def patch_model(model, *, temperature: float = 1.0):
@@ -32,7 +32,7 @@ def patch_model(model, *, temperature: float = 1.0):
 
     Raises:
         TypeError, ValueError: a head that is not a linear map, or a logit transform fastalign
-            does not know (``_lm_head.read_head``), named with the model's class.
+            does not know (``fastalign.model_head.read_head``), named with the model's class.
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -42,7 +42,7 @@ def patch_model(model, *, temperature: float = 1.0):
     if target.get_output_embeddings() is None:
         raise ValueError(f"{type(target).__name__} has no output embeddings (lm_head): "
                          f"patch_model needs a causal LM")
-    _lm_head.read_head(target)  # refuses a head or a logit transform fastalign cannot read
+    model_head.read_head(target)  # refuses a head or a logit transform fastalign cannot read
     original_forward = target.forward
 
     @functools.wraps(type(target).forward)
@@ -55,7 +55,7 @@ def patch_model(model, *, temperature: float = 1.0):
         hidden = outputs.last_hidden_state
         if shift_labels is None:
             hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
-        log_probs, entropy, _ = _lm_head.head_logprobs(
+        log_probs, entropy, _ = model_head.head_logprobs(
             self, hidden, shift_labels, temperature=temperature, return_entropy=return_logprobs)
         mask = shift_labels.to(log_probs.device) != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

@@ -31,7 +31,7 @@ import os
 import types
 import warnings
 
-from . import _lm_head
+from .. import model_head
 
 # TRL versions (major.minor) whose add_fused_lm_head / FusedCausalLMOutput contract this module
 # implements. The one place to change when a new TRL is checked.
@@ -75,7 +75,7 @@ def _backbone(model):
     """The module that returns ``last_hidden_state``: ``base_model``, or, for vision-language
     models before transformers 5, ``model``."""
     import transformers
-    if _lm_head.text_config(model) is not model.config and int(transformers.__version__.split(".")[0]) < 5:
+    if model_head.text_config(model) is not model.config and int(transformers.__version__.split(".")[0]) < 5:
         return model.model
     return model.base_model
 
@@ -92,7 +92,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     computed by ``fastalign.linear_logprobs``; without ``fused_lm_head`` the original forward
     runs. Fields of ``outputs`` fastalign does not compute raise ``NotImplementedError`` here,
     when the trainer is built, not in the middle of training. A head that is not a linear map,
-    or a logit transform fastalign does not know, is refused here too (``_lm_head.read_head``:
+    or a logit transform fastalign does not know, is refused here too (``fastalign.model_head.read_head``:
     TypeError or ValueError naming the model class)."""
     unknown = [name for name in outputs if name not in OUTPUTS]
     if unknown:
@@ -105,7 +105,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
 def _install(model, original_forward, temperature, cast_lm_head_to_fp32, outputs):
     # A head or a logit step fastalign cannot read is refused here, when the trainer is built
     # (read again at each call: PEFT may wrap the head after this).
-    _lm_head.read_head(model)
+    model_head.read_head(model)
     want_entropy = "entropy" in outputs
     row_stat_fields = [name for name in outputs if name in _ROW_STAT_OF]
 
@@ -119,14 +119,14 @@ def _install(model, original_forward, temperature, cast_lm_head_to_fp32, outputs
             kwargs.update({k: v for k, v in passed.items() if v is not None})
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
-        if getattr(_lm_head.text_config(self), "output_router_logits", False):
+        if getattr(model_head.text_config(self), "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         # Looked up per call: PEFT and FSDP replace the backbone and the head after this.
         backbone_out = _backbone(self)(*args, **kwargs)
         hidden = backbone_out.last_hidden_state
         if shift_labels is None:
             hidden, shift_labels = hidden[:, :-1], labels[:, 1:]
-        log_probs, entropy, row_stats = _lm_head.head_logprobs(
+        log_probs, entropy, row_stats = model_head.head_logprobs(
             self, hidden, shift_labels, temperature=temperature, return_entropy=want_entropy,
             return_row_stats=bool(row_stat_fields), cast_to_fp32=cast_lm_head_to_fp32)
         extra = {name: row_stats[_ROW_STAT_OF[name]] for name in row_stat_fields}
@@ -137,7 +137,7 @@ def _install(model, original_forward, temperature, cast_lm_head_to_fp32, outputs
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = _router_loss(self, backbone_out, kwargs.get("attention_mask"))
-            loss = loss + getattr(_lm_head.text_config(self), "router_aux_loss_coef", 0.0) * aux_loss
+            loss = loss + getattr(model_head.text_config(self), "router_aux_loss_coef", 0.0) * aux_loss
         return _output(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask,
                        aux_loss=aux_loss, **extra)
 
@@ -150,7 +150,7 @@ def _install(model, original_forward, temperature, cast_lm_head_to_fp32, outputs
 def _router_loss(model, backbone_out, attention_mask):
     """Mixtral's load-balancing loss, the one MoE families share (as the model's forward adds)."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-    config = _lm_head.text_config(model)
+    config = model_head.text_config(model)
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
     return load_balancing_loss_func(backbone_out.router_logits, experts,
                                     config.num_experts_per_tok, attention_mask)

@@ -11,7 +11,7 @@ the root's parameters (embeddings, final norm, the head) in the root's forward h
 them so through backward, so the head's weight is a whole tensor exactly while the swapped head
 runs (see ``docs/architecture.md``). What the model's forward does to the head's output (Gemma-2's
 soft cap, the logit scales of Cohere, Granite, Falcon-H1, ...) is read by the reader the TRL and
-transformers integrations use, ``fastalign.integrations._lm_head.read_head``, which refuses a head
+transformers integrations use, ``fastalign.model_head.read_head``, which refuses a head
 or a logit step it does not know rather than read it as a plain linear map. The soft cap is
 ``softcap`` (the trainers hand it to their losses); the scale is multiplied into the weight the
 head functions receive, since those losses take no scale.
@@ -25,7 +25,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..integrations._lm_head import read_head
+from ..model_head import read_head
 from ..ops import linear_logprobs
 from .packing import Packing, check_packing_supported
 

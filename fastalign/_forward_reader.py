@@ -2,7 +2,7 @@
 returns, read from the source of the forward (``program``) and evaluated on the model
 (``evaluate``): factors on the hidden state before the head, factors and a tanh soft cap on the
 logits after it, each under the conditions it is written under. Anything else is an
-``UnknownStep`` quoting the line, which ``_lm_head.read_head`` turns into a refusal: a step
+``UnknownStep`` quoting the line, which ``fastalign.model_head.read_head`` turns into a refusal: a step
 fastalign cannot read is never taken for a plain linear head.
 """
 

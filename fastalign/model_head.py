@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import linear_logprobs
-from ..ops import _sharded_head
 from . import _forward_reader
+from .ops import _sharded_head, linear_logprobs
 
 
 @dataclass(frozen=True)
