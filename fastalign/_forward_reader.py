@@ -2,8 +2,8 @@
 returns, read from the source of the forward (``program``) and evaluated on the model
 (``evaluate``): factors on the hidden state before the head, factors and a tanh soft cap on the
 logits after it, each under the conditions it is written under. Anything else is an
-``UnknownStep`` quoting the line, which ``fastalign.model_head.read_head`` turns into a refusal: a step
-fastalign cannot read is never taken for a plain linear head.
+``UnknownStep`` quoting the line, which ``fastalign.model_head.read_head`` turns into a
+refusal: a step fastalign cannot read is never taken for a plain linear head.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def _is_constant(node, constants) -> bool:
     """Only numbers, ``self.<attributes>`` (``get_text_config()``, ``getattr`` too), names bound
     once to such, arithmetic and comparisons: what ``_value`` can evaluate on the model."""
     for n in ast.walk(node):
+        # No dunder attribute or getattr name: nothing reaches past the model's own values.
+        if (isinstance(n, ast.Attribute) and n.attr.startswith("__")
+                or isinstance(n, ast.Constant) and isinstance(n.value, str)
+                and n.value.startswith("__")):
+            return False
         if isinstance(n, ast.Name):
             if n.id not in ("self", "getattr") and n.id not in constants:
                 return False
@@ -189,7 +194,8 @@ def program(forward, head_name: str, backbone_name: str):
     calls = [n for n in ast.walk(function) if isinstance(n, ast.Call)
              and _dotted(n.func) == f"self.{head_name}"]
     if len(calls) != 1:
-        raise UnknownStep(f"it calls self.{head_name} {len(calls)} times (fastalign reads one call)")
+        raise UnknownStep(f"it calls self.{head_name} {len(calls)} times (fastalign reads one "
+                          "call)")
     call = calls[0]
     index, statement = next((i, s) for i, s in enumerate(function.body)
                             if any(n is call for n in ast.walk(s)))
@@ -246,8 +252,8 @@ def _hidden_steps(before, name: str, backbone_name: str, constants) -> list:
         else:
             steps.append(("hidden", "unknown", None, conditions, text))
     if not found:
-        raise UnknownStep(f"the head's input `{name}` is not read as the backbone's last hidden "
-                       f"state")
+        raise UnknownStep(f"the head's input `{name}` is not read as the backbone's last "
+                          f"hidden state")
     return steps
 
 
@@ -262,6 +268,9 @@ def _value(node, model, constants):
     names = {"self": model, "getattr": getattr}
     names.update({n.id: _value(constants[n.id], model, constants) for n in ast.walk(node)
                   if isinstance(n, ast.Name) and n.id in constants})
+    # Safe to evaluate: the expression comes from the source of the model class's own forward
+    # (code that already runs), and _is_constant admitted only attribute reads, numbers,
+    # arithmetic and comparisons, with no builtins and no names but these.
     try:
         return eval(compile(ast.Expression(body=node), "<forward>", "eval"),
                     {"__builtins__": {}}, names)
@@ -294,7 +303,8 @@ def evaluate(model, steps, constants) -> tuple[float, float | None, float]:
             if not all(_truth(test, model, constants) is wanted for test, wanted in conditions):
                 continue
         except UnknownStep as error:
-            raise UnknownStep(f"{text} under a condition fastalign cannot decide ({error})") from None
+            raise UnknownStep(f"{text} under a condition fastalign cannot decide ({error})"
+                              ) from None
         if kind == "unknown":
             raise UnknownStep(text)
         if kind == "tanh":

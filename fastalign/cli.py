@@ -181,8 +181,9 @@ def _parse(argv) -> argparse.Namespace:
     if unknown:
         leaf = parser.leaves[(args.command, getattr(args, "kind", None))]
         known = [flag for action in leaf._actions for flag in action.option_strings]
-        hints = [f"{flag}: did you mean {close[0]}?" for flag in unknown if flag.startswith("-")
-                 for close in [difflib.get_close_matches(flag.split("=")[0], known, n=1)] if close]
+        closest = {flag: difflib.get_close_matches(flag.split("=")[0], known, n=1)
+                   for flag in unknown if flag.startswith("-")}
+        hints = [f"{flag}: did you mean {close[0]}?" for flag, close in closest.items() if close]
         leaf.error(f"unrecognized arguments: {' '.join(unknown)}"
                    + (f" ({'; '.join(hints)})" if hints else ""))
     return args
@@ -371,12 +372,13 @@ def _train(args) -> None:
         from .cli_rl import train_rl
         return train_rl(args, config)
     train, held_out = _data(args)
+    device = resolve_device(args.device)
     if args.kind == "dpo":
         model, tokenizer = load_model_and_tokenizer(args.model)
-        trainer = DPOTrainer(model.to(resolve_device(args.device)), tokenizer, config, train, held_out)
+        trainer = DPOTrainer(model.to(device), tokenizer, config, train, held_out)
     else:
         model, tokenizer = load_reward_model(args.model)
-        trainer = RewardTrainer(model.to(resolve_device(args.device)), tokenizer, config, train, held_out)
+        trainer = RewardTrainer(model.to(device), tokenizer, config, train, held_out)
     held = ("eval_loss", "eval_rewards/accuracies", "eval_preference_accuracy", "eval_accuracy")
     before = trainer.evaluate() if held_out and args.resume is None else {}
     if before:
