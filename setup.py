@@ -7,11 +7,13 @@ time by ``fastalign._native``) is installed as ``fastalign.csrc``. ``tests/test_
 builds the wheel and checks both mappings.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["fastalign", "fastalign.ops", "fastalign.losses", "fastalign.trainer",
-              "fastalign.kernels", "fastalign.csrc", "fastalign.data"],
+    # Every package under fastalign/ (a new subpackage cannot be forgotten here), then the two
+    # folders installed under it.
+    packages=[*find_packages(include=["fastalign", "fastalign.*"]), "fastalign.kernels",
+              "fastalign.csrc"],
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels",
                  "fastalign.csrc": "csrc"},
     # The C++ sources travel with the package: fastalign._native builds them on first use. The

@@ -66,9 +66,9 @@ def _peak_bytes(device: torch.device) -> int:
 
 def worker(spec: dict) -> None:
     from fastalign.trainer import DPOConfig, DPOTrainer, tiny_llama
-    from fastalign.trainer.distributed import local_device
-    from fastalign.trainer.tiny import demo_preferences
-    from fastalign.trainer.tokenizer import byte_tokenizer
+    from fastalign.trainer.core.distributed import local_device
+    from fastalign.trainer.models.tiny import demo_preferences
+    from fastalign.trainer.models.tokenizer import byte_tokenizer
 
     device = local_device(torch.device(spec["device"]))
     with tempfile.TemporaryDirectory() as out:

@@ -7,7 +7,7 @@ arithmetic problems) with ``--max-steps 1``, each configuration in a fresh proce
     python bench/bench_rl_eval_memory.py --csv bench/results/rl_eval_memory_cpu.csv
 
 ``release off`` is the trainer as it was before freed memory was handed back to the system
-between training and evaluation (``fastalign/trainer/_memory.py``); ``micro-batch 8`` runs the
+between training and evaluation (``fastalign/trainer/core/memory.py``); ``micro-batch 8`` runs the
 same step as 4 micro-batches of one prompt's 8 rollouts (``--batch-size 1
 --gradient-accumulation-steps 4``). Per phase: the peak resident set (VmHWM, reset at the phase's
 start through /proc/self/clear_refs), the resident set at its start, its seconds. Needs
@@ -52,11 +52,12 @@ def _phase(name: str, call, rows: list) -> object:
 
 def worker(spec: dict) -> list[dict]:
     from fastalign.cli_rl import load_prompts
-    from fastalign.trainer import GRPOConfig, GRPOTrainer, _base, load_model_and_tokenizer
-    from fastalign.trainer.rewards import reward_function
+    from fastalign.trainer import GRPOConfig, GRPOTrainer, load_model_and_tokenizer
+    from fastalign.trainer.core import loop
+    from fastalign.trainer.algorithms.rewards import reward_function
 
     if not spec["release"]:
-        _base.release_freed_memory = lambda device: None
+        loop.release_freed_memory = lambda device: None
     torch.manual_seed(0)
     rows: list[dict] = []
     model, tokenizer = _phase("load", lambda: load_model_and_tokenizer("smollm2"), rows)

@@ -78,7 +78,7 @@ def named_model_shape(args) -> None:
         return
     from transformers import AutoConfig
 
-    from fastalign.trainer.models import local_path
+    from fastalign.trainer.models.loading import local_path
 
     config = AutoConfig.from_pretrained(local_path(args.model), local_files_only=True)
     args.hidden, args.layers = config.hidden_size, config.num_hidden_layers

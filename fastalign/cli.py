@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import sys
 
-from .trainer.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from .trainer.core.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 
 HELP = {
     "output_dir": "where the model, checkpoints, metrics.jsonl and metrics.png go",
@@ -205,18 +205,19 @@ def check_before_loading(args, output_dir: str | None = None, overwrite: bool = 
     another run (the trainer refuses it too, later)."""
     from pathlib import Path
 
-    from .trainer import models, run_dir
+    from .trainer.models import loading
+    from .trainer.core import run_dir
 
-    models.check_available(args.model, "--model")
+    loading.check_available(args.model, "--model")
     if getattr(args, "reward_model", None):
-        models.check_available(args.reward_model, "--reward-model")
+        loading.check_available(args.reward_model, "--reward-model")
     if output_dir is not None:
         run_dir.refuse_if_used(Path(output_dir), resuming=args.resume is not None,
                                overwrite=overwrite)
 
 
 def _add_rl_flags(parser, kind: str) -> None:
-    from .trainer.rewards import BUILT_IN, DEFAULT
+    from .trainer.algorithms.rewards import BUILT_IN, DEFAULT
 
     parser.add_argument("--prompts", default="demo",
                         help="'demo' (the bundled prompts, the default), 'arithmetic' (the "
@@ -268,7 +269,7 @@ def _config(args, config_class):
     """The run's options: the built-in run's settings (``--model tiny``) < the resumed
     checkpoint's options (``--resume``: a resumed run continues as it was) < ``--config`` <
     flags."""
-    from .trainer.config import ConfigError
+    from .trainer.core.config import ConfigError
 
     given = _yaml_options(args.config) if args.config else {}
     from_file = set(given)
@@ -302,7 +303,7 @@ def _yaml_options(path: str) -> dict:
     """The mapping of options in the YAML file ``path``; anything else is a one-line error."""
     import yaml
 
-    from .trainer.config import ConfigError
+    from .trainer.core.config import ConfigError
 
     try:
         with open(path, encoding="utf-8-sig") as source:
@@ -330,7 +331,7 @@ def _resumed_options(resume: str, output_dir: str, config_class) -> dict:
     manifest: resuming then fails later with the reason)."""
     from pathlib import Path
 
-    from .trainer.checkpoint import CheckpointError, latest_checkpoint, read_manifest
+    from .trainer.core.checkpoint import CheckpointError, latest_checkpoint, read_manifest
 
     path = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
     if path is None:
@@ -364,7 +365,7 @@ def _data(args):
 
 def _train(args) -> None:
     from .trainer import DPOTrainer, RewardTrainer, load_model_and_tokenizer, load_reward_model
-    from .trainer.distributed import resolve_device
+    from .trainer.core.distributed import resolve_device
 
     config = _config(args, CONFIGS[args.kind])
     check_before_loading(args, output_dir=config.output_dir, overwrite=config.overwrite)
@@ -429,7 +430,7 @@ def _main(argv) -> None:
     args = _parse([arg for arg in argv if arg != "--debug"])
     try:
         if args.command == "merge":
-            from .trainer.merge import merge_adapter
+            from .trainer.models.merge import merge_adapter
             merged = merge_adapter(args.adapter_dir, args.output, base=args.base)
             return print(f"merged {args.adapter_dir} into its base: {merged}/")
         if args.command == "bon":

@@ -7,15 +7,15 @@ import math
 
 import torch
 
-WARM_START_STEPS = 20  # for --model tiny; see fastalign.trainer.tiny.warm_started_tiny
+WARM_START_STEPS = 20  # for --model tiny; see fastalign.trainer.models.tiny.warm_started_tiny
 
 
 def policy(args, progress: bool = True):
     """``(model, tokenizer)`` of ``--model`` on ``--device``; ``tiny`` gets its supervised
     warm start there."""
-    from .trainer.distributed import resolve_device
+    from .trainer.core.distributed import resolve_device
     from .trainer import load_model_and_tokenizer
-    from .trainer.tiny import TINY, warm_started_tiny
+    from .trainer.models.tiny import TINY, warm_started_tiny
 
     steps = args.warm_start_steps
     if args.model == TINY:
@@ -30,7 +30,7 @@ def policy(args, progress: bool = True):
 
 
 def reward_model(args):
-    from .trainer.distributed import resolve_device
+    from .trainer.core.distributed import resolve_device
     from .trainer import load_reward_model
 
     model, tokenizer = load_reward_model(args.reward_model, trained=True)
@@ -48,8 +48,8 @@ def load_prompts(source: str, split: str | None = "train") -> list:
     count as ``train``."""
     from importlib.resources import files
 
-    from .trainer.data import read_lines
-    from .trainer.tiny import demo_prompts
+    from .trainer.core.data import read_lines
+    from .trainer.models.tiny import demo_prompts
 
     if source == "demo":
         return demo_prompts() if split in ("train", None) else []
@@ -80,8 +80,8 @@ def load_prompts(source: str, split: str | None = "train") -> list:
 def reward_functions(args) -> tuple[list, list[float] | None]:
     """``--rewards`` (default: the built-in ones unless ``--reward-model`` is given), then the
     ``--reward-model`` as one more reward function; ``--reward-weights``, one per function."""
-    from .trainer.best_of_n import RewardModelFunction
-    from .trainer.rewards import DEFAULT, reward_function
+    from .trainer.algorithms.best_of_n import RewardModelFunction
+    from .trainer.algorithms.rewards import DEFAULT, reward_function
 
     names = args.rewards or ("" if args.reward_model else ",".join(DEFAULT))
     functions = [reward_function(name.strip()) for name in names.split(",") if name.strip()]
@@ -104,7 +104,7 @@ def reward_functions(args) -> tuple[list, list[float] | None]:
 
 def train_rl(args, config) -> None:
     from .trainer import GRPOTrainer, PPOTrainer
-    from .trainer.rewards import reward_function
+    from .trainer.algorithms.rewards import reward_function
 
     import os
 
@@ -158,8 +158,8 @@ def _shown(metrics: dict) -> str:
 
 def best_of_n_command(args) -> None:
     from .trainer import best_of_n
-    from .trainer.rollout import prompt_text
-    from .trainer.rewards import DEFAULT
+    from .trainer.algorithms.rollout import prompt_text
+    from .trainer.algorithms.rewards import DEFAULT
 
     if args.rewards and args.reward_model:
         raise ValueError("pass --rewards or --reward-model, not both")

@@ -41,7 +41,7 @@ def _memory_worker(spec: dict) -> dict:
     fresh process, through the fused path or the unfused one."""
     from fastalign.losses import dpo_loss
     from fastalign.trainer import CausalLMAdapter, tokenize_pairs
-    from fastalign.trainer.data import collate_pairs
+    from fastalign.trainer.core.data import collate_pairs
 
     model, tokenizer, train, _ = _model_and_data(spec["hidden"], spec["layers"])
     pairs = tokenize_pairs(train[:MEMORY_PAIRS], tokenizer)

@@ -24,7 +24,7 @@ def load(name: str):
         return load_model_and_tokenizer(name)
     from peft import PeftModel
 
-    from fastalign.trainer.lora import quiet_peft
+    from fastalign.trainer.models.lora import quiet_peft
 
     base = json.loads(adapter.read_text())["base_model_name_or_path"]
     model, tokenizer = load_model_and_tokenizer(base)
@@ -36,8 +36,8 @@ def main() -> None:
     import torch
 
     from fastalign.cli_rl import load_prompts
-    from fastalign.trainer.rewards import answer_format, correct_answer
-    from fastalign.trainer.rollout import generate_rollouts
+    from fastalign.trainer.algorithms.rewards import answer_format, correct_answer
+    from fastalign.trainer.algorithms.rollout import generate_rollouts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+")

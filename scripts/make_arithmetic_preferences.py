@@ -25,8 +25,8 @@ def main() -> None:
     import torch
 
     from fastalign.trainer import load_model_and_tokenizer
-    from fastalign.trainer.rewards import final_answer, stated_answer
-    from fastalign.trainer.rollout import generate_rollouts
+    from fastalign.trainer.algorithms.rewards import final_answer, stated_answer
+    from fastalign.trainer.algorithms.rollout import generate_rollouts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2")

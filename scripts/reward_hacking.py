@@ -39,8 +39,8 @@ def samples(output: Path, count: int) -> list[str]:
     from transformers import AutoModelForCausalLM
 
     from fastalign.trainer import byte_tokenizer
-    from fastalign.trainer.rollout import generate_rollouts
-    from fastalign.trainer.tiny import demo_prompts
+    from fastalign.trainer.algorithms.rollout import generate_rollouts
+    from fastalign.trainer.models.tiny import demo_prompts
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(output)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from fastalign.trainer.tokenizer import _byte_alphabet
+from fastalign.trainer.models.tokenizer import _byte_alphabet
 
 SPECIALS = ("<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"

@@ -6,7 +6,7 @@ import torch
 from helpers import RL_PROMPTS, lowercase_share, small_policy
 
 from fastalign.trainer import byte_tokenizer, tiny_reward_model
-from fastalign.trainer.best_of_n import best_of_n, score_with_reward_model
+from fastalign.trainer.algorithms.best_of_n import best_of_n, score_with_reward_model
 
 # Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ import pytest
 from helpers import preference_rows, small_llama, small_policy
 
 from fastalign import cli, cli_rl
-from fastalign.trainer import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, byte_tokenizer,
-                               models)
+from fastalign.trainer import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, byte_tokenizer
+from fastalign.trainer.models import loading as models
 
 
 def run(argv, capsys):

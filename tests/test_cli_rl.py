@@ -10,7 +10,7 @@ from helpers import run_cli
 from fastalign.cli import main
 
 from fastalign.trainer import byte_tokenizer, tiny_reward_model
-from fastalign.trainer.rewards import applause, enthusiasm, letters, reward_function
+from fastalign.trainer.algorithms.rewards import applause, enthusiasm, letters, reward_function
 
 QUICK = ["--warm-start-steps", "2", "--max-steps", "2", "--batch-size", "2",
          "--max-new-tokens", "4", "--no-progress", "--device", "cpu"]
@@ -22,11 +22,11 @@ def test_built_in_rewards():
     assert applause(None, completions) == [0.75, 0.0, 1.0, 0.0]
     assert letters(None, completions) == pytest.approx([25 / 28, 0.0, 0.0, 2 / 3])
     assert reward_function("letters") is letters
-    assert reward_function("fastalign.trainer.rewards:applause") is applause
+    assert reward_function("fastalign.trainer.algorithms.rewards:applause") is applause
     with pytest.raises(ValueError, match="unknown reward function 'claps': use one of"):
         reward_function("claps")
     with pytest.raises(ValueError, match="cannot be imported"):
-        reward_function("fastalign.trainer.rewards:missing")
+        reward_function("fastalign.trainer.algorithms.rewards:missing")
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import transformers
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fastalign.integrations.transformers import patch_model
-from fastalign.trainer.adapter import CausalLMAdapter
+from fastalign.trainer.models.adapter import CausalLMAdapter
 
 try:
     import fastalign.integrations.trl as fatrl

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from fastalign.cli import main as cli
 from fastalign.trainer import (DPOConfig, byte_tokenizer, load_model_and_tokenizer,
                                load_reward_model, tiny_llama)
-from fastalign.trainer.lora import prepare_model, quiet_peft
-from fastalign.trainer.merge import merge_adapter
+from fastalign.trainer.models.lora import prepare_model, quiet_peft
+from fastalign.trainer.models.merge import merge_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -244,8 +244,8 @@ def test_a_model_loaded_from_a_converted_gguf_directory_records_the_file(tmp_pat
     pytest.importorskip("gguf")
     from gguf_writer import tiny_llama_and_gguf
 
-    from fastalign.trainer.lora import base_name
-    from fastalign.trainer.models import converted_gguf, load_reward_model
+    from fastalign.trainer.models.lora import base_name
+    from fastalign.trainer.models.loading import converted_gguf, load_reward_model
 
     monkeypatch.setenv("FASTALIGN_CACHE", str(tmp_path / "cache"))
     tiny_llama_and_gguf(tmp_path / "tiny.gguf", layers=1)

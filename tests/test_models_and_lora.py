@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from fastalign.cli import main as cli
 from fastalign.trainer import DPOConfig, DPOTrainer, byte_tokenizer, load_model_and_tokenizer
-from fastalign.trainer import models
-from fastalign.trainer.adapter import completion_targets
-from fastalign.trainer.lora import quiet_peft
+from fastalign.trainer.models import loading as models
+from fastalign.trainer.models.adapter import completion_targets
+from fastalign.trainer.models.lora import quiet_peft
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("gguf")

@@ -17,11 +17,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+    import fcntl
+
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out), str(ROOT)], check=True, capture_output=True)
+    # pip builds a local project in its own folder (build/, *.egg-info): two test workers
+    # building at once would collide there, so they take turns.
+    (ROOT / "build").mkdir(exist_ok=True)
+    with open(ROOT / "build" / ".wheel-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _build_wheel(out)
     (path,) = out.glob("fastalign-*.whl")
     return path
+
+
+def _build_wheel(out: Path) -> None:
+    import shutil
+
+    # setuptools copies into build/lib and never removes what the tree no longer has: a file
+    # moved since the last build would otherwise ship twice.
+    shutil.rmtree(ROOT / "build" / "lib", ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(out), str(ROOT)], check=True, capture_output=True)
 
 
 @pytest.mark.slow
@@ -37,7 +53,7 @@ def test_wheel_maps_kernels_under_fastalign(wheel):
         assert f"fastalign/csrc/{source}" in names
     assert not [n for n in names if n.startswith("csrc/")]
     # The trainer layer and the demo's bundled preference pairs.
-    assert "fastalign/trainer/dpo.py" in names
+    assert "fastalign/trainer/algorithms/dpo.py" in names
     assert "fastalign/data/demo_preferences.jsonl" in names
     assert not [n for n in names if n.startswith(("tests/", "bench/"))]
 
@@ -48,6 +64,7 @@ def test_unpacked_wheel_imports(wheel, tmp_path):
     code = ("import sys, importlib.util; sys.path.insert(0, sys.argv[1]);"
             "import fastalign, fastalign.kernels;"
             "import fastalign.kernels.token_logprobs, fastalign._native;"
+            "import fastalign.integrations, fastalign.trainer;"  # every subpackage shipped
             "assert list(fastalign.kernels.__path__) == [sys.argv[1] + '/fastalign/kernels'], fastalign.kernels.__path__;"
             "assert str(fastalign._native._source_dir()).startswith(sys.argv[1]), fastalign._native._source_dir();"
             "spec = importlib.util.find_spec('kernels');"

@@ -7,7 +7,7 @@ from helpers import preference_rows, small_llama
 
 from fastalign.trainer import (CausalLMAdapter, DPOConfig, DPOTrainer, RewardConfig,
                                RewardTrainer, byte_tokenizer, tiny_reward_model)
-from fastalign.trainer.packing import Packing
+from fastalign.trainer.models.packing import Packing
 
 
 def _mixed_batch(left_padded: bool):
@@ -123,7 +123,7 @@ def test_padding_free_rl_rollouts_and_ppo_experience_equal_the_padded(tmp_path):
     from helpers import RL_PROMPTS, small_policy
 
     from fastalign.trainer import PPOConfig, PPOTrainer
-    from fastalign.trainer.rollout import generate_rollouts
+    from fastalign.trainer.algorithms.rollout import generate_rollouts
 
     tokenizer = byte_tokenizer()
     recomputed = [generate_rollouts(small_policy(0), tokenizer, RL_PROMPTS, num_generations=2,

@@ -18,11 +18,11 @@ from fastalign.cli_rl import load_prompts, reward_functions
 from fastalign.trainer import (CheckpointError, DataError, DPOConfig, DPOTrainer, RewardConfig,
                                RewardTrainer, byte_tokenizer, load_preferences,
                                load_reward_model, tiny_llama, tiny_reward_model)
-from fastalign.trainer._base import NonFiniteError
-from fastalign.trainer.checkpoint import MANIFEST_FILE, STATE_FILE, file_sha256
-from fastalign.trainer.config import ConfigError
-from fastalign.trainer.rollout import RewardFunctionError, reward_columns
-from fastalign.trainer.run_dir import OutputDirInUse
+from fastalign.trainer.core.loop import NonFiniteError
+from fastalign.trainer.core.checkpoint import MANIFEST_FILE, STATE_FILE, file_sha256
+from fastalign.trainer.core.config import ConfigError
+from fastalign.trainer.algorithms.rollout import RewardFunctionError, reward_columns
+from fastalign.trainer.core.run_dir import OutputDirInUse
 
 
 def dpo(out, *, model=None, **options):
@@ -94,7 +94,7 @@ def test_a_damaged_reference_cache_is_recomputed(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from fastalign.trainer.dpo import REFERENCE_CACHE, _table_digest
+    from fastalign.trainer.algorithms.dpo import REFERENCE_CACHE, _table_digest
 
     first = dpo(tmp_path, reference="precomputed")
     cache = tmp_path / REFERENCE_CACHE
@@ -191,7 +191,7 @@ def test_skipping_non_finite_steps_counts_them(tmp_path):
 @pytest.mark.parametrize("kind", ["grpo", "ppo"])
 def test_rl_trainers_stop_at_a_non_finite_loss_too(tmp_path, kind):
     from fastalign.trainer import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
-    from fastalign.trainer.rewards import letters
+    from fastalign.trainer.algorithms.rewards import letters
 
     common = dict(output_dir=str(tmp_path), batch_size=2, max_new_tokens=4, max_steps=2,
                   progress=False)
@@ -270,7 +270,7 @@ def test_bad_options_on_the_command_line_are_one_line_errors(tmp_path, capsys):
 
 
 def test_a_damaged_metrics_line_is_left_out_on_resume(tmp_path):
-    from fastalign.trainer.metrics import MetricsLog
+    from fastalign.trainer.core.metrics import MetricsLog
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n')
     with pytest.warns(RuntimeWarning, match="metrics.jsonl line 2 is not a metrics row"):

@@ -12,9 +12,9 @@ from helpers import preference_rows, small_llama
 from fastalign.cli import _config, _parser
 from fastalign.cli import main as cli_main
 from fastalign.trainer import CheckpointError, DataError, DPOConfig, load_preferences
-from fastalign.trainer.checkpoint import MANIFEST_FILE, STATE_FILE, file_sha256
-from fastalign.trainer.config import ConfigError
-from fastalign.trainer.run_dir import OutputDirInUse
+from fastalign.trainer.core.checkpoint import MANIFEST_FILE, STATE_FILE, file_sha256
+from fastalign.trainer.core.config import ConfigError
+from fastalign.trainer.core.run_dir import OutputDirInUse
 
 
 def test_overwrite_removes_nothing_outside_the_output_directory(tmp_path):
@@ -127,7 +127,7 @@ def test_a_stalled_rank_fails_the_run_after_dist_timeout(monkeypatch):
 
     import torch.distributed as dist
 
-    from fastalign.trainer.distributed import Processes
+    from fastalign.trainer.core.distributed import Processes
 
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -148,7 +148,7 @@ def test_a_full_disk_during_a_checkpoint_is_named_and_the_earlier_one_resumes(tm
                                                                                monkeypatch):
     from collections import namedtuple
 
-    from fastalign.trainer import checkpoint
+    from fastalign.trainer.core import checkpoint
 
     trainer = dpo(tmp_path, max_steps=2, save_steps=1)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastalign.trainer import byte_tokenizer, tiny_llama
-from fastalign.trainer.rollout import _Sampling, generate_rollouts
+from fastalign.trainer.algorithms.rollout import _Sampling, generate_rollouts
 
 # Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow

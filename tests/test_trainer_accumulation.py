@@ -88,7 +88,7 @@ def test_ppo_accumulation_equals_one_batch_of_all_its_rows(tmp_path):
 
 
 def test_options_that_do_not_apply_to_rl_are_refused():
-    from fastalign.trainer.config import ConfigError
+    from fastalign.trainer.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown GRPOConfig option\\(s\\): max_length"):
         GRPOConfig.from_dict({"max_length": 4})

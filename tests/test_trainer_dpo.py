@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import preference_rows, small_llama
 
 from fastalign.trainer import DPOConfig, DPOTrainer, byte_tokenizer
-from fastalign.trainer.data import collate_pairs, tokenize_pairs
+from fastalign.trainer.core.data import collate_pairs, tokenize_pairs
 
 # Trains models or runs the command: the slow tier (pytest -m "not slow" skips it).
 pytestmark = pytest.mark.slow

@@ -69,7 +69,7 @@ def test_reward_rises(tmp_path):
 
 def test_a_reward_model_among_the_reward_functions(tmp_path):
     from fastalign.trainer import tiny_reward_model
-    from fastalign.trainer.best_of_n import score_with_reward_model
+    from fastalign.trainer.algorithms.best_of_n import score_with_reward_model
 
     torch.manual_seed(0)
     reward_model = tiny_reward_model(vocab_size=300, hidden_size=32, seed=4)

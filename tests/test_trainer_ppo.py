@@ -215,8 +215,8 @@ def test_evaluate_scores_greedy_held_out_completions(tmp_path):
     """``evaluate``: the reward model's mean score and each check's mean over the greedy
     completions of the held-out prompts (in chunks of eval_batch_size), equal to scoring the
     whole set at once; logged every eval_steps and at the end."""
-    from fastalign.trainer.best_of_n import score_with_reward_model
-    from fastalign.trainer.rollout import generate_rollouts
+    from fastalign.trainer.algorithms.best_of_n import score_with_reward_model
+    from fastalign.trainer.algorithms.rollout import generate_rollouts
 
     def vowels(prompts, completions):
         return [float(sum(c in "aeiou" for c in completion)) for completion in completions]

@@ -9,9 +9,9 @@ from helpers import small_policy
 
 from fastalign.cli_rl import load_prompts
 from fastalign.trainer import GRPOConfig, GRPOTrainer, byte_tokenizer
-from fastalign.trainer.rewards import (answer_format, correct_answer, final_answer,
+from fastalign.trainer.algorithms.rewards import (answer_format, correct_answer, final_answer,
                                        reward_function, stated_answer)
-from fastalign.trainer.rollout import RewardFunctionError, prompt_columns, reward_columns
+from fastalign.trainer.algorithms.rollout import RewardFunctionError, prompt_columns, reward_columns
 
 
 @pytest.mark.parametrize("text,final,stated", [

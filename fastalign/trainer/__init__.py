@@ -5,19 +5,19 @@
 ``best_of_n`` samples and keeps the best; ``tiny_llama`` and ``byte_tokenizer`` are the built-in
 default model (no downloads)."""
 
-from .adapter import CausalLMAdapter, completion_targets
-from .best_of_n import BestOfN, best_of_n
-from .checkpoint import CheckpointError
-from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, TrainConfig
-from .data import DataError, load_preferences, tokenize_pairs
-from .dpo import DPOTrainer
-from .grpo import GRPOTrainer
-from .ppo import PPOTrainer
-from .reward import RewardTrainer, tiny_reward_model
-from .merge import merge_adapter
-from .models import load_model_and_tokenizer, load_reward_model
-from .tiny import tiny_llama
-from .tokenizer import byte_tokenizer
+from .models.adapter import CausalLMAdapter, completion_targets
+from .algorithms.best_of_n import BestOfN, best_of_n
+from .core.checkpoint import CheckpointError
+from .core.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, TrainConfig
+from .core.data import DataError, load_preferences, tokenize_pairs
+from .algorithms.dpo import DPOTrainer
+from .algorithms.grpo import GRPOTrainer
+from .algorithms.ppo import PPOTrainer
+from .algorithms.reward import RewardTrainer, tiny_reward_model
+from .models.merge import merge_adapter
+from .models.loading import load_model_and_tokenizer, load_reward_model
+from .models.tiny import tiny_llama
+from .models.tokenizer import byte_tokenizer
 
 __all__ = ["BestOfN", "CausalLMAdapter", "CheckpointError", "DPOConfig", "DPOTrainer",
            "DataError", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig",

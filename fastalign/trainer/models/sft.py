@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .adapter import CausalLMAdapter
-from .data import _pad, tokenize_pairs
+from ..core.data import _pad, tokenize_pairs
 
 
 def supervised_warm_start(model, tokenizer, rows: list[dict], *, steps: int = 20,

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import group_advantages
-from ..nn import FusedPolicyLoss
-from ._base import Trainer
-from .adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
+from ...losses import group_advantages
+from ...nn import FusedPolicyLoss
+from ..core.loop import Trainer
+from ..models.adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
 from .best_of_n import RewardModelFunction
-from .config import GRPO_LOSS_TYPES, GRPOConfig
+from ..core.config import GRPO_LOSS_TYPES, GRPOConfig
 from .rollout import (Rollouts, decoding_progress, generate_rollouts, held_out_reward_columns,
                       reward_columns, reward_name)
 

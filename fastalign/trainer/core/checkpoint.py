@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .integrity import file_sha256, first_nonfinite
-from .lora import is_peft, save_options
+from ..models.lora import is_peft, save_options
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "fastalign_checkpoint.json"

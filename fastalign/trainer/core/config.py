@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..losses.dpo import LOSS_TYPES
+from ...losses.dpo import LOSS_TYPES
 
 SCHEDULES = ("linear", "cosine", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -30,8 +30,8 @@ class TrainConfig:
     global batch is ``batch_size x world size x gradient_accumulation_steps`` and
     ``parallelism`` picks the engine: DDP, or FSDP2 sharding. ``lora_r > 0`` trains LoRA
     adapters (PEFT) on ``lora_target_modules`` instead of the whole model, and
-    ``gradient_checkpointing`` recomputes activations in the backward (``trainer.lora``);
-    ``padding_free`` packs each batch's sequences into fewer rows (``trainer.packing``)."""
+    ``gradient_checkpointing`` recomputes activations in the backward (``trainer.models.lora``);
+    ``padding_free`` packs each batch's sequences into fewer rows (``trainer.models.packing``)."""
     output_dir: str = "fastalign-output"
     learning_rate: float = 1e-5
     batch_size: int = 8

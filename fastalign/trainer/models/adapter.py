@@ -25,8 +25,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..model_head import read_head
-from ..ops import linear_logprobs
+from ...model_head import read_head
+from ...ops import linear_logprobs
 from .packing import Packing, check_packing_supported
 
 IGNORE_INDEX = -100

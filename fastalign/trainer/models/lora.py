@@ -114,7 +114,7 @@ def _gguf_source(directory: str) -> str | None:
     """``"smollm2"`` or the absolute path of the GGUF file that ``directory`` was converted
     from (``models.converted_gguf``), or None: not such a directory, or its file no longer
     there or not known by an absolute path."""
-    from .models import SMOLLM2, SOURCE_FILE, smollm2_gguf
+    from .loading import SMOLLM2, SOURCE_FILE, smollm2_gguf
 
     try:
         source = json.loads((Path(directory) / SOURCE_FILE).read_text(encoding="utf-8"))["gguf"]

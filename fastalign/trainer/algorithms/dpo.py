@@ -18,12 +18,12 @@ import warnings
 
 import torch
 
-from ..nn import FusedDPOLoss
-from ..ops import linear_logprobs
-from ._base import NonFiniteError, Trainer, _digest
-from .adapter import IGNORE_INDEX, CausalLMAdapter
-from .config import DPOConfig
-from .data import collate_pairs, load_preferences, tokenize_pairs
+from ...nn import FusedDPOLoss
+from ...ops import linear_logprobs
+from ..core.loop import NonFiniteError, Trainer, _digest
+from ..models.adapter import IGNORE_INDEX, CausalLMAdapter
+from ..core.config import DPOConfig
+from ..core.data import collate_pairs, load_preferences, tokenize_pairs
 
 REFERENCE_CACHE = "reference_logps.safetensors"
 
@@ -34,7 +34,7 @@ class DPOTrainer(Trainer):
         tokenizer: its tokenizer (a pad token is required).
         config: a ``DPOConfig``.
         train_data, eval_data: JSONL paths, ``datasets.Dataset`` objects or lists of
-            ``prompt``/``chosen``/``rejected`` rows (see ``fastalign.trainer.data``).
+            ``prompt``/``chosen``/``rejected`` rows (see ``fastalign.trainer.core.data``).
         ref_model: an explicit frozen reference; by default ``config.reference`` decides.
     """
 

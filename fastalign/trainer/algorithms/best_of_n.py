@@ -30,7 +30,7 @@ def score_with_reward_model(reward_model, tokenizer, prompts: list, completions:
                             *, batch_size: int = 16) -> torch.Tensor:
     """``[len(completions)]`` scores of ``prompt + completion`` by a sequence-classification
     reward model with one output (e.g. trained by ``RewardTrainer``); prompts repeat to match."""
-    from .data import _ids, _pad
+    from ..core.data import _ids, _pad
 
     device = next(reward_model.parameters()).device
     rows = [(_ids(tokenizer, prompt_text(p)), tokenizer(c, add_special_tokens=False)["input_ids"])

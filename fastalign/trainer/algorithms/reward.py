@@ -17,13 +17,13 @@ import math
 
 import torch
 
-from ..losses import reward_loss
-from ._base import Trainer
-from .config import RewardConfig
-from .data import DataError, _pad, load_preferences, tokenize_pairs, where
-from .lora import is_peft
-from .packing import Packing, check_packing_supported
-from .tiny import tiny_reward_model  # noqa: F401  (the built-in reward model, named here too)
+from ...losses import reward_loss
+from ..core.loop import Trainer
+from ..core.config import RewardConfig
+from ..core.data import DataError, _pad, load_preferences, tokenize_pairs, where
+from ..models.lora import is_peft
+from ..models.packing import Packing, check_packing_supported
+from ..models.tiny import tiny_reward_model  # noqa: F401  (the built-in reward model, named here too)
 
 
 class RewardTrainer(Trainer):

@@ -140,7 +140,7 @@ def _read_adapter_weights(path: Path) -> dict:
 def _load_base(base: str | None, recorded: dict, config_path: Path):
     """``(model, tokenizer)`` of the base: ``base`` (``--base``) or the one ``config_path``
     records; one that cannot be loaded is named as the argument or the record it came from."""
-    from .models import check_available, load_model_and_tokenizer, load_reward_model
+    from .loading import check_available, load_model_and_tokenizer, load_reward_model
 
     name = base or recorded["base_model_name_or_path"]
     what = "--base" if base else f"{config_path} records the base model"

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .integrity import file_sha256, first_nonfinite
+from ..core.integrity import file_sha256, first_nonfinite
 from .tiny import TINY, tiny_llama
 from .tokenizer import byte_tokenizer
 

@@ -40,13 +40,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import run_dir
-from ._memory import release_freed_memory
+from .memory import release_freed_memory
 from .checkpoint import (latest_checkpoint, load_checkpoint, model_fingerprint, rng_state,
                          save_checkpoint)
 from .config import TrainConfig
 from .distributed import Processes
 from .integrity import first_nonfinite
-from .lora import prepare_model, save_options
+from ..models.lora import prepare_model, save_options
 from .metrics import MetricsLog, check_reporter
 
 # Options that may differ between a run and its resumption without being reported: where it

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import CausalLMAdapter
-from .data import _ids
+from ..models.adapter import CausalLMAdapter
+from ..core.data import _ids
 
 
 def prompt_text(item):

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from .._native import empty_cache
+from ..._native import empty_cache
 
 
 @functools.lru_cache(maxsize=1)

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import gae, kl_estimate, value_loss
-from ..losses._reduce import masked_mean
-from ..nn import FusedPolicyLoss
-from ._base import Trainer
-from .adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
+from ...losses import gae, kl_estimate, value_loss
+from ...losses._reduce import masked_mean
+from ...nn import FusedPolicyLoss
+from ..core.loop import Trainer
+from ..models.adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
 from .best_of_n import RewardModelFunction, check_reward_model, score_with_reward_model
-from .config import PPOConfig
+from ..core.config import PPOConfig
 from .rollout import (Rollouts, decoding_progress, generate_rollouts, held_out_reward_columns,
                       reward_name)
 
@@ -51,7 +51,7 @@ class Experience:
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
-    real: torch.Tensor  # [R] bool: False on a padding row (see _base.Share)
+    real: torch.Tensor  # [R] bool: False on a padding row (see core.loop.Share)
 
 
 class PPOTrainer(Trainer):

@@ -34,7 +34,7 @@ def demo_preferences(split: str | None = "train") -> list[dict]:
     """The bundled preference pairs (``fastalign/data/demo_preferences.jsonl``), one split."""
     from importlib.resources import files
 
-    from .data import load_preferences
+    from ..core.data import load_preferences
 
     return load_preferences(str(files("fastalign") / "data" / "demo_preferences.jsonl"),
                             split=split)
