@@ -67,7 +67,7 @@ def _peak_bytes(device: torch.device) -> int:
 def worker(spec: dict) -> None:
     from fastalign.trainer import DPOConfig, DPOTrainer, tiny_llama
     from fastalign.trainer.core.distributed import local_device
-    from fastalign.trainer.models.tiny import demo_preferences
+    from fastalign.trainer import demo_preferences
     from fastalign.trainer.models.tokenizer import byte_tokenizer
 
     device = local_device(torch.device(spec["device"]))

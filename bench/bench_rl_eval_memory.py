@@ -51,7 +51,7 @@ def _phase(name: str, call, rows: list) -> object:
 
 
 def worker(spec: dict) -> list[dict]:
-    from fastalign.cli_rl import load_prompts
+    from fastalign.trainer.core.bundled import load_prompts
     from fastalign.trainer import GRPOConfig, GRPOTrainer, load_model_and_tokenizer
     from fastalign.trainer.core import loop
     from fastalign.trainer.algorithms.rewards import reward_function

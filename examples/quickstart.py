@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pad_sequence
 import fastalign as fa
 from fastalign.losses import dpo_loss
 from fastalign.trainer import byte_tokenizer, tiny_llama
-from fastalign.trainer.models.tiny import demo_preferences
+from fastalign.trainer import demo_preferences
 
 IGNORE = -100  # targets outside the completion: no log-prob, no gradient
 

@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments
 
 from fastalign.integrations.transformers import patch_model
 from fastalign.trainer import byte_tokenizer, tiny_llama
-from fastalign.trainer.models.tiny import demo_preferences
+from fastalign.trainer import demo_preferences
 
 tokenizer = byte_tokenizer()
 rows = []

@@ -14,7 +14,7 @@ from trl import DPOConfig, DPOTrainer
 
 import fastalign.integrations.trl as fatrl
 from fastalign.trainer import byte_tokenizer, tiny_llama
-from fastalign.trainer.models.tiny import demo_preferences
+from fastalign.trainer import demo_preferences
 
 fatrl.enable()  # every TRL trainer built from here on computes its log-probs through fastalign
 

@@ -12,7 +12,7 @@ from trl import KTOConfig, KTOTrainer
 
 import fastalign.integrations.trl as fatrl
 from fastalign.trainer import byte_tokenizer, tiny_llama
-from fastalign.trainer.models.tiny import demo_preferences
+from fastalign.trainer import demo_preferences
 
 fatrl.enable()
 rows = [dict(prompt=r["prompt"], completion=r[side], label=side == "chosen")

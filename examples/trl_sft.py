@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 import fastalign.integrations.trl as fatrl
 from fastalign.trainer import byte_tokenizer, tiny_llama
-from fastalign.trainer.models.tiny import demo_preferences
+from fastalign.trainer import demo_preferences
 
 fatrl.enable()
 texts = [{"text": r["prompt"] + " " + r["chosen"]} for r in demo_preferences()]

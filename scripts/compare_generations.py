@@ -35,7 +35,7 @@ def load(name: str):
 def main() -> None:
     import torch
 
-    from fastalign.cli_rl import load_prompts
+    from fastalign.trainer.core.bundled import load_prompts
     from fastalign.trainer.algorithms.rewards import answer_format, correct_answer
     from fastalign.trainer.algorithms.rollout import generate_rollouts
 

@@ -40,7 +40,7 @@ def samples(output: Path, count: int) -> list[str]:
 
     from fastalign.trainer import byte_tokenizer
     from fastalign.trainer.algorithms.rollout import generate_rollouts
-    from fastalign.trainer.models.tiny import demo_prompts
+    from fastalign.trainer.core.bundled import demo_prompts
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(output)

@@ -4,7 +4,8 @@ exist, a used output directory, silent minutes. In process: no model is trained.
 import pytest
 from helpers import preference_rows, small_llama, small_policy
 
-from fastalign import cli, cli_rl
+from fastalign import cli
+from fastalign.trainer.algorithms import rl_options
 from fastalign.trainer import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, byte_tokenizer
 from fastalign.trainer.models import loading as models
 
@@ -59,12 +60,12 @@ def test_a_reward_model_that_does_not_exist_is_named(capsys, tmp_path):
 
 def test_a_used_output_directory_is_refused_before_the_warm_start(capsys, tmp_path, monkeypatch):
     (tmp_path / "metrics.jsonl").write_text("{}\n")  # an earlier run's
-    monkeypatch.setattr(cli_rl, "policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(rl_options.PromptOptions, "policy", lambda *a, **k: pytest.fail("the model was loaded"))
     code, _, err = run(["train", "grpo", "--model", "tiny", "--output", str(tmp_path)], capsys)
     assert code == 1
     assert f"output_dir '{tmp_path}' already holds a run (metrics.jsonl)" in err
     # Resuming it, or --overwrite, gets past the check (to the model, stubbed out here).
-    monkeypatch.setattr(cli_rl, "policy", lambda *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(rl_options.PromptOptions, "policy", lambda *a, **k: (_ for _ in ()).throw(
         RuntimeError("reached the model")))
     code, _, err = run(["train", "grpo", "--model", "tiny", "--output", str(tmp_path),
                         "--overwrite"], capsys)

@@ -116,7 +116,7 @@ def test_ppo_needs_a_reward_model(capsys):
 
 
 def test_prompt_files(tmp_path):
-    from fastalign.cli_rl import load_prompts
+    from fastalign.trainer.core.bundled import load_prompts
 
     assert len(load_prompts("demo")) == 240
     good = tmp_path / "good.jsonl"

@@ -7,14 +7,15 @@ import json
 import math
 import os
 import sys
-from argparse import Namespace
 
 import pytest
 import torch
 from helpers import dpo_trainer, preference_rows, small_llama
 
 from fastalign.cli import _config, _parser
-from fastalign.cli_rl import load_prompts, reward_functions
+from fastalign.trainer.registry import TRAINERS
+from fastalign.trainer.algorithms.rl_options import PromptOptions
+from fastalign.trainer.core.bundled import load_prompts
 from fastalign.trainer import (CheckpointError, DataError, DPOConfig, DPOTrainer, RewardConfig,
                                RewardTrainer, byte_tokenizer, load_preferences,
                                load_reward_model, tiny_llama, tiny_reward_model)
@@ -152,7 +153,7 @@ def test_the_command_line_resumes_with_the_checkpoints_options(tmp_path):
 
     def options(*flags):
         return _config(_parser().parse_args(["train", "dpo", "--output", str(out), *flags]),
-                       DPOConfig)
+                       TRAINERS["dpo"])
     assert options("--resume", "latest").learning_rate == 3e-3  # not the default 1e-5
     assert options("--resume", "latest").beta == 0.2
     assert options("--resume", "latest", "--learning-rate", "1e-4").learning_rate == 1e-4
@@ -252,9 +253,8 @@ def test_reward_data_and_weights_must_be_finite(tmp_path):
         RewardTrainer(tiny_reward_model(vocab_size=1000, hidden_size=32, num_layers=1),
                       byte_tokenizer(), RewardConfig(output_dir=str(tmp_path)), data)
     for weights in ("nan", "1,inf", "1,x"):
-        args = Namespace(rewards="letters,enthusiasm", reward_model=None, reward_weights=weights)
         with pytest.raises(ValueError, match="--reward-weights must be comma-separated finite"):
-            reward_functions(args)
+            PromptOptions().reward_functions("letters,enthusiasm", weights)
 
 
 def test_bad_options_on_the_command_line_are_one_line_errors(tmp_path, capsys):
@@ -297,7 +297,7 @@ def yaml_config(tmp_path, text, kind="dpo"):
     path = tmp_path / "options.yaml"
     path.write_text(text)
     args = _parser().parse_args(["train", kind, "--config", str(path)])
-    return _config(args, DPOConfig if kind == "dpo" else RewardConfig)
+    return _config(args, TRAINERS[kind])
 
 
 def test_yaml_options_are_coerced_and_checked_at_load_time(tmp_path):

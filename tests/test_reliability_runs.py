@@ -10,6 +10,7 @@ from helpers import dpo_trainer as dpo
 from helpers import preference_rows, small_llama
 
 from fastalign.cli import _config, _parser
+from fastalign.trainer.registry import TRAINERS
 from fastalign.cli import main as cli_main
 from fastalign.trainer import CheckpointError, DataError, DPOConfig, load_preferences
 from fastalign.trainer.core.checkpoint import MANIFEST_FILE, STATE_FILE, file_sha256
@@ -140,7 +141,7 @@ def test_a_stalled_rank_fails_the_run_after_dist_timeout(monkeypatch):
     assert DPOConfig().dist_timeout == 600
     with pytest.raises(ConfigError, match="dist_timeout must be > 0"):
         DPOConfig(dist_timeout=0)
-    options = _config(_parser().parse_args(["train", "dpo", "--dist-timeout", "90"]), DPOConfig)
+    options = _config(_parser().parse_args(["train", "dpo", "--dist-timeout", "90"]), TRAINERS["dpo"])
     assert options.dist_timeout == 90
 
 

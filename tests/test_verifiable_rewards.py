@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import small_policy
 
-from fastalign.cli_rl import load_prompts
+from fastalign.trainer.core.bundled import load_prompts
 from fastalign.trainer import GRPOConfig, GRPOTrainer, byte_tokenizer
 from fastalign.trainer.algorithms.rewards import (answer_format, correct_answer, final_answer,
                                        reward_function, stated_answer)

@@ -16,16 +16,50 @@ import hashlib
 import json
 import warnings
 
+from dataclasses import dataclass
+
 import torch
 
+from ...losses.dpo import LOSS_TYPES
 from ...nn import FusedDPOLoss
 from ...ops import linear_logprobs
-from ..core.loop import NonFiniteError, Trainer, _digest
-from ..models.adapter import IGNORE_INDEX, CausalLMAdapter
-from ..core.config import DPOConfig
+from ..core.config import (ConfigError, PreferenceConfig, check_greater, check_one_of,
+                           option)
 from ..core.data import collate_pairs, load_preferences, tokenize_pairs
+from ..core.loop import NonFiniteError, Trainer, _digest
+from ..core.spec import PreferenceOptions, TrainerSpec, last_values
+from ..models.adapter import IGNORE_INDEX, CausalLMAdapter
 
 REFERENCE_CACHE = "reference_logps.safetensors"
+
+
+REFERENCES = ("auto", "copy", "adapters", "precomputed")
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
+    """DPO: ``loss_type`` is any of ``fastalign.losses.dpo_loss``'s (IPO gets length-averaged
+    log-probs, as TRL's); the reference is a frozen ``copy`` of the model, the model with its
+    LoRA ``adapters`` disabled, or ``precomputed`` once over the data and cached on disk;
+    ``auto`` (the default) is ``adapters`` for a LoRA model, else ``copy``."""
+    output_dir: str = option(
+        "fastalign-dpo", "where the model, checkpoints, metrics.jsonl and metrics.png go")
+    beta: float = option(0.1, "DPO's beta: strength of the KL regularization to the reference")
+    loss_type: str = option(
+        "sigmoid", "sigmoid (DPO), ipo, hinge, robust, exo_pair, ...: fastalign.losses.dpo_loss")
+    label_smoothing: float = option(0.0, "assumed share of flipped labels (cDPO / robust DPO)")
+    reference: str = option(
+        "auto", "copy (frozen copy), adapters (PEFT model with LoRA off), precomputed (once, "
+        "cached on disk) or auto (adapters with LoRA, else copy)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_one_of("loss_type", self.loss_type, LOSS_TYPES)
+        check_one_of("reference", self.reference, REFERENCES)
+        check_greater(self, 0, ["beta"])
+        if not 0 <= self.label_smoothing < 0.5:  # robust DPO divides by 1 - 2 * smoothing
+            raise ConfigError(f"label_smoothing must be in [0, 0.5) (the assumed share of "
+                              f"flipped labels), got {self.label_smoothing!r}")
 
 
 class DPOTrainer(Trainer):
@@ -221,3 +255,20 @@ def _frozen(model):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def _build(config: DPOConfig, options: PreferenceOptions) -> DPOTrainer:
+    from ..core.distributed import resolve_device
+    from ..models.loading import load_model_and_tokenizer
+
+    train, held_out = options.splits()  # a bad data file is refused before the model loads
+    model, tokenizer = load_model_and_tokenizer(options.model)
+    return DPOTrainer(model.to(resolve_device(options.device)), tokenizer, config, train,
+                      held_out)
+
+
+SPEC = TrainerSpec(
+    name="dpo", help="DPO", config=DPOConfig, options=PreferenceOptions, build=_build,
+    summary=last_values("loss", "rewards/accuracies"), tiny_defaults=dict(learning_rate=1e-3),
+    held_out="pairs",
+    shown_metrics=("eval_loss", "eval_rewards/accuracies", "eval_preference_accuracy"))

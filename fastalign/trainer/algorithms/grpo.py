@@ -18,12 +18,48 @@ import torch
 
 from ...losses import group_advantages
 from ...nn import FusedPolicyLoss
+from ..core.config import RLConfig, check_at_least, check_one_of, option
 from ..core.loop import Trainer
+from ..core.spec import TrainerSpec, progress_of
 from ..models.adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
 from .best_of_n import RewardModelFunction
-from ..core.config import GRPO_LOSS_TYPES, GRPOConfig
+from .rl_options import REWARD_MODEL_HELP, REWARDS_HELP, RLOptions
 from .rollout import (Rollouts, decoding_progress, generate_rollouts, held_out_reward_columns,
                       reward_columns, reward_name)
+
+
+GRPO_LOSS_TYPES = {  # loss_type -> policy_loss aggregation
+    "grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
+    "dr_grpo": "seq_mean_token_sum_norm"}
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO: ``batch_size`` prompts per step, ``num_generations`` completions each; advantages
+    are group-normalized rewards; ``num_iterations`` optimizer updates per batch of rollouts
+    (importance ratios against the rollouts' log-probs); ``beta`` > 0 adds the KL estimate to a
+    frozen reference (``monitor_kl`` keeps one to log the KL even at ``beta = 0``). ``loss_type``
+    picks the aggregation: grpo (mean of sequence means), bnpo / dapo (token mean), dr_grpo (sum
+    over batch x max_new_tokens). ``evaluate`` scores held-out greedy completions with the
+    reward functions (``eval_rewards/...``, weighted sum ``eval_reward``)."""
+    output_dir: str = option(
+        "fastalign-grpo", "where the model, checkpoints, metrics.jsonl and metrics.png go")
+    batch_size: int = option(4, "pairs per micro-batch")
+    num_generations: int = option(4, "completions per prompt (G), a group")
+    loss_type: str = option(
+        "grpo", "sigmoid (DPO), ipo, hinge, robust, exo_pair, ...: fastalign.losses.dpo_loss")
+    beta: float = option(0.0, "DPO's beta: strength of the KL regularization to the reference")
+    num_iterations: int = option(1, "optimizer updates per batch of rollouts")
+    scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)")
+    monitor_kl: bool = option(False, "keep a reference to log the KL even when beta is 0")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_one_of("loss_type", self.loss_type, tuple(GRPO_LOSS_TYPES))
+        check_one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        check_at_least(self, 1, ["num_iterations"])
+        check_at_least(self, 2, ["num_generations"])  # a group of one has no relative reward
+        check_at_least(self, 0, ["beta"])  # 0: no KL term
 
 
 class GRPOTrainer(Trainer):
@@ -219,3 +255,28 @@ class GRPOStep:
     def micro_batch(self, start: int, end: int):
         ref = None if self.ref_logprobs is None else self.ref_logprobs[start:end]
         return self.rollouts.rows(start, end), self.advantages[start:end], ref
+
+
+@dataclass
+class GRPOOptions(RLOptions):
+    rewards: str | None = option(None, REWARDS_HELP)
+    reward_weights: str | None = option(
+        None, "comma-separated weights, one per reward function, then one for --reward-model "
+              "(default 1)")
+    reward_model: str | None = option(None, REWARD_MODEL_HELP + ", scored after --rewards")
+
+
+def _build(config: GRPOConfig, options: GRPOOptions) -> GRPOTrainer:
+    model, tokenizer = options.seeded_policy(config)
+    prompts, held_out = options.prompt_splits()
+    functions, weights = options.reward_functions(options.rewards, options.reward_weights)
+    return GRPOTrainer(model, tokenizer, config, prompts, functions, reward_weights=weights,
+                       eval_prompts=held_out)
+
+
+SPEC = TrainerSpec(
+    name="grpo", help="GRPO with reward functions", config=GRPOConfig, options=GRPOOptions,
+    build=_build, summary=progress_of("reward"), held_out="prompts, greedy",
+    number_format=".3f",
+    tiny_defaults=dict(learning_rate=1e-3, lr_schedule="constant", max_steps=30,
+                       num_generations=8, max_new_tokens=24, beta=0.04))

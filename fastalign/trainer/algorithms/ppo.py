@@ -26,14 +26,56 @@ import torch
 from ...losses import gae, kl_estimate, value_loss
 from ...losses._reduce import masked_mean
 from ...nn import FusedPolicyLoss
+from ..core.config import ConfigError, RLConfig, check_at_least, check_greater, option
 from ..core.loop import Trainer
+from ..core.spec import TrainerSpec, progress_of
 from ..models.adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, completion_targets
 from .best_of_n import RewardModelFunction, check_reward_model, score_with_reward_model
-from ..core.config import PPOConfig
+from .rewards import reward_function
+from .rl_options import REWARD_MODEL_HELP, RLOptions
 from .rollout import (Rollouts, decoding_progress, generate_rollouts, held_out_reward_columns,
                       reward_name)
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # weight [1, D], bias [1]
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO with a learned reward model (Ouyang et al. 2022): ``batch_size`` prompts are rolled
+    out per step (one completion each); per-token rewards are ``-kl_coef`` x the KL estimate to
+    the reference plus the reward model's score on the last completion token; GAE (``gamma``,
+    ``lam``) and whitened advantages; then ``ppo_epochs`` passes over the rollouts in
+    ``mini_batch_size`` rows, each an optimizer update of the clipped policy loss plus
+    ``vf_coef`` x the clipped value loss. ``missing_eos_penalty`` (when set) is subtracted from
+    the score of completions cut at ``max_new_tokens`` without a stop token. ``evaluate``
+    scores held-out greedy completions with the reward model (``eval_score``) and any
+    ``eval_reward_funcs`` (``eval_rewards/...``, measured, not trained on)."""
+    output_dir: str = option(
+        "fastalign-ppo", "where the model, checkpoints, metrics.jsonl and metrics.png go")
+    batch_size: int = option(8, "pairs per micro-batch")
+    mini_batch_size: int = option(4, "rollouts per PPO update")
+    ppo_epochs: int = option(4, "passes over each batch of rollouts")
+    kl_coef: float = option(0.05, "weight of the per-token KL penalty in the rewards")
+    kl_estimator: str = option("k1", "k1, k2 or k3 estimate of the KL to the reference")
+    gamma: float = option(1.0, "discount of future rewards (GAE)")
+    lam: float = option(0.95, "GAE lambda: bias/variance of the advantages")
+    value_clip: float = option(0.2, "clip range of the value loss")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    whiten_rewards: bool = option(False, "normalize the per-token rewards (keeping their mean)")
+    missing_eos_penalty: float | None = option(
+        None, "subtracted from the score of completions without a stop token")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_at_least(self, 1, ["mini_batch_size", "ppo_epochs"])
+        if self.mini_batch_size > self.batch_size:
+            raise ConfigError(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size "
+                              f"({self.batch_size}), the rollouts of one step")
+        check_at_least(self, 0, ["kl_coef", "vf_coef"])
+        check_greater(self, 0, ["value_clip"])
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -338,3 +380,35 @@ def _masked_mean(values, mask, processes=None) -> torch.Tensor:
 def _masked_var(values, mask, processes=None) -> torch.Tensor:
     return _masked_mean((values - _masked_mean(values, mask, processes)).square(), mask,
                         processes)
+
+
+@dataclass
+class PPOOptions(RLOptions):
+    eval_rewards: str | None = option(
+        None, "comma-separated reward functions (as grpo's --rewards, e.g. "
+              "correct_answer,answer_format) that score the held-out completions beside the "
+              "reward model: measured, not trained on")
+    reward_model: str | None = option(None, REWARD_MODEL_HELP, required=True)
+
+
+def _build(config: PPOConfig, options: PPOOptions) -> PPOTrainer:
+    if not options.reward_model:
+        raise ValueError("PPO needs --reward-model (e.g. the output of fastalign train rm)")
+    model, tokenizer = options.seeded_policy(config)
+    prompts, held_out = options.prompt_splits()
+    checks = [reward_function(name.strip()) for name in (options.eval_rewards or "").split(",")
+              if name.strip()]
+    if checks and not held_out:
+        raise ValueError("--eval-rewards scores held-out prompts and there are none: pass "
+                         "--eval-prompts FILE, or --prompts with 'test' rows (arithmetic)")
+    scorer, reward_tokenizer = options.scorer()
+    return PPOTrainer(model, tokenizer, config, prompts, scorer, reward_tokenizer=reward_tokenizer,
+                      eval_prompts=held_out, eval_reward_funcs=checks)
+
+
+SPEC = TrainerSpec(
+    name="ppo", help="PPO with a reward model", config=PPOConfig, options=PPOOptions,
+    build=_build, summary=progress_of("score"), held_out="prompts, greedy",
+    number_format=".3f",
+    tiny_defaults=dict(learning_rate=1e-3, lr_schedule="constant", max_steps=30, batch_size=16,
+                       mini_batch_size=8, ppo_epochs=2, max_new_tokens=24, kl_coef=0.05))

@@ -15,15 +15,30 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import torch
 
 from ...losses import reward_loss
-from ..core.loop import Trainer
-from ..core.config import RewardConfig
+from ..core.config import PreferenceConfig, check_at_least, option
 from ..core.data import DataError, _pad, load_preferences, tokenize_pairs, where
+from ..core.loop import Trainer
+from ..core.spec import PreferenceOptions, TrainerSpec, last_values
 from ..models.lora import is_peft
 from ..models.packing import Packing, check_packing_supported
-from ..models.tiny import tiny_reward_model  # noqa: F401  (the built-in reward model, named here too)
+
+
+@dataclass
+class RewardConfig(PreferenceConfig):
+    """Reward model: Bradley-Terry loss, optional per-row ``margin`` column, centering."""
+    output_dir: str = option(
+        "fastalign-rm", "where the model, checkpoints, metrics.jsonl and metrics.png go")
+    center_rewards_coefficient: float = option(
+        0.0, "weight of the mean squared reward (keeps rewards near 0)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_at_least(self, 0, ["center_rewards_coefficient"])
 
 
 class RewardTrainer(Trainer):
@@ -127,3 +142,20 @@ def _with_margins(rows, tokenizer, max_length):
     pairs = tokenize_pairs(rows, tokenizer, max_length=max_length)
     return [(pair, float(row["margin"]) if "margin" in row else None)
             for pair, row in zip(pairs, rows)]
+
+
+def _build(config: RewardConfig, options: PreferenceOptions) -> RewardTrainer:
+    from ..core.distributed import resolve_device
+    from ..models.loading import load_reward_model
+
+    train, held_out = options.splits()  # a bad data file is refused before the model loads
+    model, tokenizer = load_reward_model(options.model)
+    return RewardTrainer(model.to(resolve_device(options.device)), tokenizer, config, train,
+                         held_out)
+
+
+SPEC = TrainerSpec(
+    name="rm", help="reward model (Bradley-Terry)", config=RewardConfig,
+    options=PreferenceOptions, build=_build, summary=last_values("loss", "accuracy"),
+    tiny_defaults=dict(learning_rate=1e-3, epochs=3.0, eval_steps=30), held_out="pairs",
+    shown_metrics=("eval_loss", "eval_accuracy"))

@@ -12,14 +12,35 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ...losses.dpo import LOSS_TYPES
-
 SCHEDULES = ("linear", "cosine", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
 REPORTERS = ("none", "tensorboard")
 PRECISIONS = ("fp32", "bf16")
-REFERENCES = ("auto", "copy", "adapters", "precomputed")
 PARALLELISMS = ("ddp", "fsdp")
+
+
+def option(default, help: str, **metadata):
+    """A config field with its help text, which the ``fastalign`` command shows for its flag
+    (``--learning-rate``) and YAML key; ``metadata`` may add ``required=True`` (a flag the
+    command needs) for the command options of ``trainer.registry``."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def option_help(config_class, name: str) -> str:
+    """The help of field ``name``: its own, or that of the nearest base class that has one (a
+    subclass that only changes a default, ``output_dir: str = "fastalign-dpo"``, keeps it)."""
+    for klass in config_class.__mro__:
+        field = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if field is not None and "help" in field.metadata:
+            return field.metadata["help"]
+    return ""
+
+
+def option_type(field) -> tuple[type, bool]:
+    """``(int, float, bool or str; None allowed)`` of a config field, read from its annotation
+    (a string under ``from __future__ import annotations``)."""
+    base, optional = _kind(field)
+    return {"int": int, "float": float, "bool": bool, "str": str}[base], optional
 
 
 @dataclass
@@ -32,51 +53,73 @@ class TrainConfig:
     adapters (PEFT) on ``lora_target_modules`` instead of the whole model, and
     ``gradient_checkpointing`` recomputes activations in the backward (``trainer.models.lora``);
     ``padding_free`` packs each batch's sequences into fewer rows (``trainer.models.packing``)."""
-    output_dir: str = "fastalign-output"
-    learning_rate: float = 1e-5
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    warmup_steps: int = 0
-    lr_schedule: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    precision: str = "fp32"
-    logging_steps: int = 1
-    save_steps: int | None = None
-    seed: int = 0
-    progress: bool = True
+    output_dir: str = option(
+        "fastalign-output", "where the model, checkpoints, metrics.jsonl and metrics.png go")
+    learning_rate: float = option(1e-5, "AdamW's peak learning rate")
+    batch_size: int = option(8, "pairs per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    epochs: float = option(1.0, "passes over the training data (when max_steps is not set)")
+    max_steps: int | None = option(None, "optimizer steps; overrides epochs")
+    warmup_steps: int = option(0, "steps of linear learning-rate warm-up")
+    lr_schedule: str = option(
+        "linear", "learning rate after warm-up: linear (to 0), cosine or constant")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm (0: no clipping)")
+    precision: str = option("fp32", "fp32, or bf16 autocast")
+    logging_steps: int = option(1, "write metrics every N steps")
+    save_steps: int | None = option(None, "write a checkpoint every N steps (and at the end)")
+    seed: int = option(0, "seed of the data order")
+    progress: bool = option(True, "show a progress bar")
+    eval_steps: int | None = option(
+        None, "evaluate on the held-out data every N steps (and at the end)")
 
-    overwrite: bool = False
-    on_nonfinite: str = "stop"
-    report_to: str = "none"
-    parallelism: str = "ddp"
-    dist_timeout: float = 600.0
-    lora_r: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "all-linear"
-    gradient_checkpointing: bool = False
-    padding_free: bool = False
+    overwrite: bool = option(
+        False, "start over in an output directory that holds a run (removes what fastalign wrote "
+        "there); without it such a directory is refused unless --resume is given")
+    on_nonfinite: str = option(
+        "stop", "a NaN/inf loss or gradient norm: stop (before the update, nothing saved) or skip "
+        "the update (counted as skipped_steps)")
+    report_to: str = option(
+        "none", "also write the metrics as TensorBoard events in OUTPUT/tensorboard (tensorboard; "
+        "needs the tensorboard package) or not (none)")
+    parallelism: str = option(
+        "ddp", "on several processes (torchrun): ddp (replicated model, gradients all-reduced) "
+        "or fsdp (FSDP2: parameters, gradients and optimizer state sharded per decoder "
+        "layer)")
+    dist_timeout: float = option(
+        600.0, "on several processes: seconds a rank waits for a stalled one before the run "
+        "fails (torch's own default: 1800)")
+    lora_r: int = option(
+        0, "rank of LoRA adapters to train instead of the whole model (0: no LoRA)")
+    lora_alpha: float = option(16.0, "LoRA scaling numerator (the update is alpha / r x B A)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA adapters' input")
+    lora_target_modules: str = option(
+        "all-linear", "comma-separated module names to adapt (q_proj,v_proj), or all-linear (every "
+        "linear layer but the output head)")
+    gradient_checkpointing: bool = option(
+        False, "recompute each layer's activations in the backward (less memory, about a third "
+        "more compute)")
+    padding_free: bool = option(
+        False, "pack each batch's sequences into fewer rows, kept apart by their position ids: "
+        "fewer, fuller rows (see docs/real_model.md)")
 
     def __post_init__(self):
         _check_types(self)
-        _check_at_least(self, 1, ["batch_size", "gradient_accumulation_steps", "logging_steps",
-                                  "max_steps", "save_steps"])
-        _check_at_least(self, 0, ["warmup_steps", "weight_decay", "seed"])
-        _check_greater(self, 0, ["learning_rate", "epochs"])
+        check_at_least(self, 1, ["batch_size", "gradient_accumulation_steps", "logging_steps",
+                                  "max_steps", "save_steps", "eval_steps"])
+        check_at_least(self, 0, ["warmup_steps", "weight_decay", "seed"])
+        check_greater(self, 0, ["learning_rate", "epochs"])
         if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
             raise ConfigError(f"max_grad_norm must be > 0 (the clipping norm), or 0 / None for "
                               f"no clipping, got {self.max_grad_norm!r}")
-        _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
-        _check_choice("report_to", self.report_to, REPORTERS)
-        _check_choice("parallelism", self.parallelism, PARALLELISMS)
-        _check_greater(self, 0, ["dist_timeout"])
-        _check_at_least(self, 0, ["lora_r"])
-        _check_greater(self, 0, ["lora_alpha"])
+        check_one_of("lr_schedule", self.lr_schedule, SCHEDULES)
+        check_one_of("precision", self.precision, PRECISIONS)
+        check_one_of("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        check_one_of("report_to", self.report_to, REPORTERS)
+        check_one_of("parallelism", self.parallelism, PARALLELISMS)
+        check_greater(self, 0, ["dist_timeout"])
+        check_at_least(self, 0, ["lora_r"])
+        check_greater(self, 0, ["lora_alpha"])
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not self.lora_target_modules.replace(",", "").strip():
@@ -108,51 +151,14 @@ class TrainConfig:
 class PreferenceConfig(TrainConfig):
     """What the trainers on preference pairs (DPO, reward model) add: the length limit of
     prompt + completion, and evaluation on held-out pairs."""
-    max_length: int = 1024
-    eval_batch_size: int = 16
-    eval_steps: int | None = None
+    max_length: int = option(1024, "tokens of prompt + completion; completions are cut to fit")
+    eval_batch_size: int = option(16, "pairs per evaluation batch")
 
     def __post_init__(self):
         super().__post_init__()
-        _check_at_least(self, 1, ["max_length", "eval_batch_size", "eval_steps"])
+        check_at_least(self, 1, ["max_length", "eval_batch_size"])
 
 
-@dataclass
-class DPOConfig(PreferenceConfig):
-    """DPO: ``loss_type`` is any of ``fastalign.losses.dpo_loss``'s (IPO gets length-averaged
-    log-probs, as TRL's); the reference is a frozen ``copy`` of the model, the model with its
-    LoRA ``adapters`` disabled, or ``precomputed`` once over the data and cached on disk;
-    ``auto`` (the default) is ``adapters`` for a LoRA model, else ``copy``."""
-    output_dir: str = "fastalign-dpo"
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    reference: str = "auto"
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        _check_choice("reference", self.reference, REFERENCES)
-        _check_greater(self, 0, ["beta"])
-        if not 0 <= self.label_smoothing < 0.5:  # robust DPO divides by 1 - 2 * smoothing
-            raise ConfigError(f"label_smoothing must be in [0, 0.5) (the assumed share of "
-                              f"flipped labels), got {self.label_smoothing!r}")
-
-
-@dataclass
-class RewardConfig(PreferenceConfig):
-    """Reward model: Bradley-Terry loss, optional per-row ``margin`` column, centering."""
-    output_dir: str = "fastalign-rm"
-    center_rewards_coefficient: float = 0.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_at_least(self, 0, ["center_rewards_coefficient"])
-
-
-GRPO_LOSS_TYPES = {  # loss_type -> policy_loss aggregation
-    "grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
-    "dr_grpo": "seq_mean_token_sum_norm"}
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -165,89 +171,27 @@ class RLConfig(TrainConfig):
     micro-batches of ``batch_size`` prompts' rollouts (GRPO) or ``mini_batch_size`` rows (PPO),
     their gradients accumulated. With held-out prompts, every ``eval_steps`` steps (and at the
     end) their greedy completions are scored (``evaluate``), ``eval_batch_size`` at a time."""
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    kl_estimator: str = "k3"
-    eval_steps: int | None = None
-    eval_batch_size: int = 32
+    max_new_tokens: int = option(32, "tokens sampled per completion at most")
+    temperature: float = option(
+        1.0, "sampling temperature (the log-probs are taken at the same temperature)")
+    top_p: float = option(
+        1.0, "nucleus sampling: keep the most likely tokens holding this probability")
+    clip_low: float = option(0.2, "PPO clip range below 1 (ratio >= 1 - clip_low)")
+    clip_high: float | None = option(
+        None, "clip range above 1 (default: clip_low; DAPO uses 0.28)")
+    kl_estimator: str = option("k3", "k1, k2 or k3 estimate of the KL to the reference")
+    eval_batch_size: int = option(32, "prompts per evaluation batch")
 
     def __post_init__(self):
         super().__post_init__()
-        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_at_least(self, 1, ["max_new_tokens", "eval_steps", "eval_batch_size"])
-        _check_greater(self, 0, ["temperature"])
+        check_one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_at_least(self, 1, ["max_new_tokens", "eval_batch_size"])
+        check_greater(self, 0, ["temperature"])
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 <= self.clip_low < 1:  # the ratio's lower bound 1 - clip_low stays positive
             raise ConfigError(f"clip_low must be in [0, 1), got {self.clip_low!r}")
-        _check_at_least(self, 0, ["clip_high"])
-
-
-@dataclass
-class GRPOConfig(RLConfig):
-    """GRPO: ``batch_size`` prompts per step, ``num_generations`` completions each; advantages
-    are group-normalized rewards; ``num_iterations`` optimizer updates per batch of rollouts
-    (importance ratios against the rollouts' log-probs); ``beta`` > 0 adds the KL estimate to a
-    frozen reference (``monitor_kl`` keeps one to log the KL even at ``beta = 0``). ``loss_type``
-    picks the aggregation: grpo (mean of sequence means), bnpo / dapo (token mean), dr_grpo (sum
-    over batch x max_new_tokens). ``evaluate`` scores held-out greedy completions with the
-    reward functions (``eval_rewards/...``, weighted sum ``eval_reward``)."""
-    output_dir: str = "fastalign-grpo"
-    batch_size: int = 4
-    num_generations: int = 4
-    loss_type: str = "grpo"
-    beta: float = 0.0
-    num_iterations: int = 1
-    scale_rewards: str = "group"
-    monitor_kl: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_choice("loss_type", self.loss_type, tuple(GRPO_LOSS_TYPES))
-        _check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
-        _check_at_least(self, 1, ["num_iterations"])
-        _check_at_least(self, 2, ["num_generations"])  # a group of one has no relative reward
-        _check_at_least(self, 0, ["beta"])  # 0: no KL term
-
-
-@dataclass
-class PPOConfig(RLConfig):
-    """PPO with a learned reward model (Ouyang et al. 2022): ``batch_size`` prompts are rolled
-    out per step (one completion each); per-token rewards are ``-kl_coef`` x the KL estimate to
-    the reference plus the reward model's score on the last completion token; GAE (``gamma``,
-    ``lam``) and whitened advantages; then ``ppo_epochs`` passes over the rollouts in
-    ``mini_batch_size`` rows, each an optimizer update of the clipped policy loss plus
-    ``vf_coef`` x the clipped value loss. ``missing_eos_penalty`` (when set) is subtracted from
-    the score of completions cut at ``max_new_tokens`` without a stop token. ``evaluate``
-    scores held-out greedy completions with the reward model (``eval_score``) and any
-    ``eval_reward_funcs`` (``eval_rewards/...``, measured, not trained on)."""
-    output_dir: str = "fastalign-ppo"
-    batch_size: int = 8
-    mini_batch_size: int = 4
-    ppo_epochs: int = 4
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    gamma: float = 1.0
-    lam: float = 0.95
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False
-    missing_eos_penalty: float | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_at_least(self, 1, ["mini_batch_size", "ppo_epochs"])
-        if self.mini_batch_size > self.batch_size:
-            raise ConfigError(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size "
-                              f"({self.batch_size}), the rollouts of one step")
-        _check_at_least(self, 0, ["kl_coef", "vf_coef"])
-        _check_greater(self, 0, ["value_clip"])
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        check_at_least(self, 0, ["clip_high"])
 
 
 class ConfigError(ValueError):
@@ -299,7 +243,7 @@ def _check_types(config) -> None:
             setattr(config, field.name, float(value))
 
 
-def _check_at_least(config, low, names: list[str]) -> None:
+def check_at_least(config, low, names: list[str]) -> None:
     for name in names:
         value = getattr(config, name)
         if value is not None and not value >= low:
@@ -307,13 +251,13 @@ def _check_at_least(config, low, names: list[str]) -> None:
             raise ConfigError(f"{name} must be {kind}>= {low}, got {value!r}")
 
 
-def _check_greater(config, low, names: list[str]) -> None:
+def check_greater(config, low, names: list[str]) -> None:
     for name in names:
         value = getattr(config, name)
         if value is not None and not value > low:
             raise ConfigError(f"{name} must be > {low}, got {value!r}")
 
 
-def _check_choice(name, value, choices):
+def check_one_of(name, value, choices):
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

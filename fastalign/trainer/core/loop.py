@@ -95,6 +95,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0  # optimizer updates skipped for a non-finite loss or gradient
         self.resumed_changes: dict = {}  # option -> (checkpoint's value, this run's value)
+        self.history: list[dict] = []  # the metrics rows this process's train() logged
 
     # Built on first use, so a subclass may add trained modules (PPO's value head) after this
     # class's __init__ has run, and (on several processes) after the wrapping below, which
@@ -270,7 +271,7 @@ class Trainer:
             updates += 1
         logged = {name: value / updates for name, value in sums.items()}
         logged.update({name: float(value) for name, value in self.step_metrics(work).items()})
-        logged["learning_rate"] = self.scheduler.get_last_lr()[0]
+        logged["learning_rate"] = self.optimizer.param_groups[0]["lr"]  # this step's
         self.scheduler_step()
         self.step += 1
         logged["epoch"] = self.step * accumulation / self.micro_per_epoch
@@ -368,7 +369,7 @@ class Trainer:
             while self.step < self.total_steps:
                 metrics = self.training_step()
                 done = self.step == self.total_steps
-                eval_steps = getattr(self.config, "eval_steps", None)  # preference, GRPO
+                eval_steps = self.config.eval_steps
                 evaluated = bool(eval_steps) and (self.step % eval_steps == 0 or done)
                 if evaluated:
                     release_freed_memory(self.device)
@@ -377,6 +378,7 @@ class Trainer:
                     if main:
                         log.log(self.step, metrics)
                     last = metrics
+                    self.history.append({"step": self.step, **metrics})
                 bar.set_postfix(self.progress_metrics(metrics), refresh=False)
                 bar.update(1)
                 if self.config.save_steps and (self.step % self.config.save_steps == 0 or done):
@@ -494,7 +496,6 @@ class Trainer:
             group["initial_lr"] = self.config.learning_rate
             group["weight_decay"] = self.config.weight_decay
             group["lr"] = self.config.learning_rate * self._lr_factor(self.step)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def _digest(value) -> str:

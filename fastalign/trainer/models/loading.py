@@ -360,3 +360,27 @@ def _check_reward_config(name, config) -> None:
     if getattr(config, "num_labels", None) != 1:
         raise ValueError(f"reward model {name!r} has {config.num_labels} outputs; a reward "
                          "model has one (num_labels=1)")
+
+
+WARM_START_STEPS = 20  # of --model tiny before RL; see tiny.warm_started_tiny
+
+
+def load_policy(name_or_path: str, device=None, *, warm_start_steps: int | None = None,
+                progress: bool = True):
+    """``(model, tokenizer)`` of an RL policy on ``device`` (``resolve_device``'s default when
+    None): ``tiny`` after its supervised warm start of ``warm_start_steps`` (default
+    ``WARM_START_STEPS``; 0: none), any other model as ``load_model_and_tokenizer`` loads it."""
+    from ..core.distributed import resolve_device
+    from .tiny import warm_started_tiny
+
+    device = resolve_device(device)
+    steps = warm_start_steps
+    if name_or_path == TINY:
+        steps = WARM_START_STEPS if steps is None else steps
+        if steps > 0:
+            return warm_started_tiny(steps=steps, progress=progress, device=device)
+    elif steps:
+        raise ValueError("--warm-start-steps is for --model tiny only (fine-tune other models "
+                         "before RL)")
+    model, tokenizer = load_model_and_tokenizer(name_or_path)
+    return model.to(device), tokenizer

@@ -30,26 +30,12 @@ def tiny_llama(*, vocab_size: int = LLAMA3_VOCAB, hidden_size: int = 128, num_la
         return LlamaForCausalLM(config)
 
 
-def demo_preferences(split: str | None = "train") -> list[dict]:
-    """The bundled preference pairs (``fastalign/data/demo_preferences.jsonl``), one split."""
-    from importlib.resources import files
-
-    from ..core.data import load_preferences
-
-    return load_preferences(str(files("fastalign") / "data" / "demo_preferences.jsonl"),
-                            split=split)
-
-
-def demo_prompts() -> list[str]:
-    """The distinct prompts of the bundled training pairs, sorted: the built-in RL prompt set."""
-    return sorted({row["prompt"] for row in demo_preferences("train")})
-
-
 def warm_started_tiny(*, steps: int = 20, seed: int = 0, progress: bool = True,
                       device: torch.device | str = "cpu"):
     """``(model, tokenizer)``: the tiny model after ``supervised_warm_start`` on the bundled
     answers (polite and curt alike), the policy and reference of the built-in RL runs. An
     untrained tiny model samples almost only token ids the byte tokenizer never uses."""
+    from ..core.bundled import demo_preferences
     from .sft import supervised_warm_start
 
     model, tokenizer = tiny_llama(seed=seed).to(device), byte_tokenizer()
