@@ -4,53 +4,116 @@ chosen and a rejected completion (Rafailov et al. 2023, https://arxiv.org/abs/23
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .._validation import check_choice, check_number, check_same_shape, check_scale
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "bco_pair",
-              "sppo_hard", "apo_zero", "apo_down", "discopop")
 # DiscoPOP's temperature tau (TRL's DPOConfig.discopop_tau default).
 DISCOPOP_TAU = 0.05
 # EXO needs a smoothing eps > 0 (its target distribution is [1 - eps, eps]); TRL uses 1e-3.
 EXO_DEFAULT_EPS = 1e-3
 
 
-def _per_pair_losses(chosen_logratios, rejected_logratios, beta, loss_type, eps):
-    """Per-pair losses, the formulas of TRL 1.16's DPOTrainer (and the papers cited there)."""
-    delta = chosen_logratios - rejected_logratios
-    logits = beta * delta
-    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
-    # The eps terms only when eps > 0: at logits = +-inf (a -inf log-prob, or beta * d past
-    # float32's range) 0 * logsig(-inf) would be NaN.
-    if loss_type == "sigmoid":  # DPO; eps > 0 is conservative DPO (cDPO, label smoothing)
-        loss = -(1 - eps) * F.logsigmoid(logits)
-        return loss - eps * F.logsigmoid(-logits) if eps else loss
-    if loss_type == "robust":  # rDPO, Chowdhury et al. 2024 (unbiased under label noise eps)
-        loss = -(1 - eps) * F.logsigmoid(logits)
-        return (loss + eps * F.logsigmoid(-logits) if eps else loss) / (1 - 2 * eps)
-    if loss_type == "ipo":  # IPO, Azar et al. 2023, Eq. 17 (callers pass length-averaged logps)
-        return (delta - 1 / (2 * beta)) ** 2
-    if loss_type == "hinge":  # SLiC, Zhao et al. 2023
-        return torch.relu(1 - logits)
-    if loss_type == "exo_pair":  # EXO, Ji et al. 2024, Eq. 16 with targets [1 - eps, eps]
-        eps = eps or EXO_DEFAULT_EPS
-        return (_p_log_ratio(F.logsigmoid(logits), math.log1p(-eps))
-                + _p_log_ratio(F.logsigmoid(-logits), math.log(eps)))
-    if loss_type == "nca_pair":  # NCA, Chen et al. 2024
-        return (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
-                - 0.5 * F.logsigmoid(-rejected_rewards))
-    if loss_type == "bco_pair":  # BCO, Jung et al. 2024 (pairwise, without the reward shift)
-        return -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
-    if loss_type == "sppo_hard":  # SPPO, Wu et al. 2024, hard win probabilities (1 and 0)
-        return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
-    if loss_type == "apo_zero":  # APO-zero, D'Oosterlinck et al. 2024, Eq. 7
-        return 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
-    if loss_type == "apo_down":  # APO-down, Eq. 8
-        return torch.sigmoid(chosen_rewards) + 1 - torch.sigmoid(beta * delta)
-    return _discopop(logits)
+@dataclass(frozen=True)
+class DPOLossType:
+    """One DPO-family loss: all that ``dpo_loss`` and ``FusedDPOLoss`` know about it.
+
+    ``per_pair(chosen_logratios, rejected_logratios, beta, eps) -> [B]``: each pair's loss (the
+    batch loss is their mean), ``eps`` being ``label_smoothing``. ``formula``: what it computes,
+    with ``d = (pc - rc) - (pr - rr)``. ``length_averaged``: defined on length-averaged sequence
+    log-probs (IPO), so ``FusedDPOLoss`` averages them whatever ``average_logprobs`` says.
+    ``pair_separable``: the loss of a pair depends on that pair's log-probs alone, which is what
+    lets ``FusedDPOLoss``'s ``gradient_in_forward`` mode take each chunk of pairs' gradient on its
+    own (a loss coupling the pairs of a batch runs the two-pass path)."""
+    per_pair: Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+    formula: str
+    length_averaged: bool = False
+    pair_separable: bool = True
+
+
+# The formulas of TRL 1.16's DPOTrainer (and the papers cited there). The eps terms are there only
+# when eps > 0: at logits = +-inf (a -inf log-prob, or beta * d past float32's range)
+# 0 * logsig(-inf) would be NaN.
+
+def _sigmoid(chosen, rejected, beta, eps):
+    logits = beta * (chosen - rejected)
+    loss = -(1 - eps) * F.logsigmoid(logits)
+    return loss - eps * F.logsigmoid(-logits) if eps else loss
+
+
+def _robust(chosen, rejected, beta, eps):
+    logits = beta * (chosen - rejected)
+    loss = -(1 - eps) * F.logsigmoid(logits)
+    return (loss + eps * F.logsigmoid(-logits) if eps else loss) / (1 - 2 * eps)
+
+
+def _ipo(chosen, rejected, beta, eps):
+    return ((chosen - rejected) - 1 / (2 * beta)) ** 2
+
+
+def _hinge(chosen, rejected, beta, eps):
+    return torch.relu(1 - beta * (chosen - rejected))
+
+
+def _exo_pair(chosen, rejected, beta, eps):
+    logits = beta * (chosen - rejected)
+    eps = eps or EXO_DEFAULT_EPS
+    return (_p_log_ratio(F.logsigmoid(logits), math.log1p(-eps))
+            + _p_log_ratio(F.logsigmoid(-logits), math.log(eps)))
+
+
+def _nca_pair(chosen, rejected, beta, eps):
+    chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
+    return (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
+            - 0.5 * F.logsigmoid(-rejected_rewards))
+
+
+def _bco_pair(chosen, rejected, beta, eps):
+    return -F.logsigmoid(beta * chosen) - F.logsigmoid(-(beta * rejected))
+
+
+def _sppo_hard(chosen, rejected, beta, eps):
+    return (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+
+
+def _apo_zero(chosen, rejected, beta, eps):
+    return 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+
+
+def _apo_down(chosen, rejected, beta, eps):
+    return torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - rejected))
+
+
+def _discopop_pair(chosen, rejected, beta, eps):
+    return _discopop(beta * (chosen - rejected))
+
+
+# loss_type -> its loss. dpo_loss, FusedDPOLoss and the DPO trainer's config read this table, so
+# a new DPO-family loss is one entry here, plus its float64 formula in tests/test_losses.py
+# (which, like tests/test_gradient_in_forward.py, runs every entry).
+LOSSES = {
+    "sigmoid": DPOLossType(_sigmoid, "-(1-eps) logsig(beta d) - eps logsig(-beta d): DPO, "
+                           "conservative DPO (cDPO) when eps > 0"),
+    "robust": DPOLossType(_robust, "(-(1-eps) logsig(beta d) + eps logsig(-beta d)) / (1 - 2 eps): "
+                          "rDPO, Chowdhury et al. 2024 (unbiased under label noise eps)"),
+    "ipo": DPOLossType(_ipo, "(d - 1/(2 beta))^2 of length-averaged log-probs: IPO, Azar et al. "
+                       "2023, Eq. 17", length_averaged=True),
+    "hinge": DPOLossType(_hinge, "relu(1 - beta d): SLiC, Zhao et al. 2023"),
+    "exo_pair": DPOLossType(_exo_pair, "EXO, Ji et al. 2024, Eq. 16 with targets [1 - eps, eps] "
+                            "(eps = 1e-3 when label_smoothing is 0)"),
+    "nca_pair": DPOLossType(_nca_pair, "NCA, Chen et al. 2024"),
+    "bco_pair": DPOLossType(_bco_pair, "BCO, Jung et al. 2024 (pairwise, without the reward "
+                            "shift)"),
+    "sppo_hard": DPOLossType(_sppo_hard, "SPPO, Wu et al. 2024, hard win probabilities (1 and 0)"),
+    "apo_zero": DPOLossType(_apo_zero, "APO-zero, D'Oosterlinck et al. 2024, Eq. 7"),
+    "apo_down": DPOLossType(_apo_down, "APO-down, D'Oosterlinck et al. 2024, Eq. 8"),
+    "discopop": DPOLossType(_discopop_pair, "DiscoPOP, Chan et al. 2024, Eq. 5 (tau = 0.05)"),
+}
+LOSS_TYPES = tuple(LOSSES)
 
 
 def _discopop(x: torch.Tensor) -> torch.Tensor:
@@ -90,15 +153,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     """A DPO-family loss from sequence log-probs ``[B]`` of both completions under the policy
     and the reference.
 
-    With ``d = (pc - rc) - (pr - rr)`` and ``eps = label_smoothing``:
-
-    - ``sigmoid``: ``-(1-eps) logsig(beta d) - eps logsig(-beta d)`` (DPO; cDPO when eps > 0)
-    - ``robust``: ``(-(1-eps) logsig(beta d) + eps logsig(-beta d)) / (1 - 2 eps)`` (rDPO)
-    - ``ipo``: ``(d - 1/(2 beta))^2`` (pass length-averaged log-probs, as IPO defines it)
-    - ``hinge``: ``relu(1 - beta d)`` (SLiC)
-    - ``exo_pair``, ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``apo_zero``, ``apo_down``,
-      ``discopop``: TRL 1.16's definitions (EXO uses eps = 1e-3 when label_smoothing is 0;
-      DiscoPOP tau = 0.05).
+    ``loss_type`` is a key of ``LOSSES``, each entry's ``formula`` saying what it computes with
+    ``d = (pc - rc) - (pr - rr)`` and ``eps = label_smoothing`` (TRL 1.16's definitions). For a
+    ``length_averaged`` type (``ipo``) pass length-averaged log-probs, as the type defines it.
 
     ``beta`` must be a finite number in ``[1.18e-38, 8.51e37]`` (it and ``1 / beta`` scale
     float32 values) and ``label_smoothing`` in ``[0, 0.5)``, else ``ValueError``. Log-ratios
@@ -119,8 +176,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     check_dpo_options(beta, label_smoothing)
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    losses = _per_pair_losses(chosen_logratios, rejected_logratios, beta, loss_type,
-                              label_smoothing)
+    losses = LOSSES[loss_type].per_pair(chosen_logratios, rejected_logratios, beta,
+                                        label_smoothing)
     chosen_rewards = (beta * chosen_logratios).detach()
     rejected_rewards = (beta * rejected_logratios).detach()
     metrics = {

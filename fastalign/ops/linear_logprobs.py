@@ -204,19 +204,32 @@ def linear_logprobs(
 
     The results are plain tensors; any other layout raises, saying what to do.
     """
+    return linear_logprobs_on(None, hidden, weight, targets, bias=bias, temperature=temperature,
+                              softcap=softcap, ignore_index=ignore_index,
+                              return_entropy=return_entropy, return_row_stats=return_row_stats,
+                              process_group=process_group)
+
+
+def linear_logprobs_on(backend: str | None, hidden, weight, targets, *, bias, temperature,
+                       softcap, ignore_index, return_entropy, return_row_stats=False,
+                       process_group=None):
+    """``linear_logprobs`` on ``backend``, one ``select_backend`` has named already: a caller
+    that runs other passes over the same head in one call (``fastalign.nn``) decides the backend
+    once for all of them. None selects it here by ``hidden``'s device, after the checks (so a
+    bad argument is reported before a bad ``FASTALIGN_BACKEND``)."""
     if not _sharded_head.is_plain(hidden, weight, bias, targets):
         return _sharded_head.linear_logprobs(
             _linear_logprobs, hidden, weight, targets, bias=bias, process_group=process_group,
             temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-            return_entropy=return_entropy, return_row_stats=return_row_stats)
+            return_entropy=return_entropy, return_row_stats=return_row_stats, backend=backend)
     return _linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                             softcap=softcap, ignore_index=ignore_index,
                             return_entropy=return_entropy, return_row_stats=return_row_stats,
-                            process_group=process_group)
+                            process_group=process_group, backend=backend)
 
 
 def _linear_logprobs(hidden, weight, targets, *, bias, temperature, softcap, ignore_index,
-                     return_entropy, return_row_stats, process_group):
+                     return_entropy, return_row_stats, process_group, backend):
     """``linear_logprobs`` on plain tensors (a sharded head already resolved)."""
     checks.check_lm_head(hidden, weight, bias)
     checks.check_temperature(temperature)
@@ -234,7 +247,7 @@ def _linear_logprobs(hidden, weight, targets, *, bias, temperature, softcap, ign
         softcap=None if softcap is None else float(softcap), ignore_index=int(ignore_index),
         return_entropy=return_entropy, return_row_stats=return_row_stats,
         vocab_offset=vocab_offset, vocab_total=vocab_total, group_name=group_name,
-        backend=select_backend(hidden.device))
+        backend=select_backend(hidden.device) if backend is None else backend)
     logprobs, entropy, _, _, row_stats = _forward_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(), options)

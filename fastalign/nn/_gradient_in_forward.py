@@ -1,13 +1,15 @@
-"""The gradient-in-forward mode of the fused losses (``fastalign.nn``): which rows go together
-in a chunk, each chunk's coefficients (``dLoss/dlogp`` of its rows) taken by autograd from the
-loss function itself, and when the mode applies (``ops/linear_loss.py`` does the pass).
+"""The gradient-in-forward mode of the fused losses (``fastalign.nn``): whether it runs (one
+decision per call, with the backend of all its passes), which rows go together in a chunk, and
+each chunk's coefficients (``dLoss/dlogp`` of its rows) taken by autograd from the loss function
+itself (``ops/linear_loss.py`` does the pass).
 
 A chunk's coefficients come from the same ``policy_loss`` / ``dpo_loss`` the two-pass path
 calls, on a full-size log-prob tensor whose other rows are constants: exact whenever the loss
 is a sum of independent terms of the chunk's rows and of the others' — tokens for token-level
-PPO/GRPO, whole sequences for GSPO's sequence ratios, chosen-rejected pairs for every
-DPO-family loss (each is a mean of per-pair terms). Chunks are grouped accordingly; a group too
-large for one chunk falls back to the two-pass path, said in a debug log.
+PPO/GRPO, whole sequences for GSPO's sequence ratios, chosen-rejected pairs for a DPO-family
+loss whose ``losses.dpo.LOSSES`` entry is ``pair_separable`` (a mean of per-pair terms: every one
+today). Chunks are grouped accordingly; a group too large for one chunk falls back to the
+two-pass path, said in a debug log.
 """
 
 from __future__ import annotations
@@ -16,13 +18,25 @@ import logging
 
 import torch
 
-from . import _validation as checks
-from .ops.linear_loss import Plan, chunked_logprobs, linear_loss, rows_per_chunk
+from .. import _validation as checks
+from .._backend import select_backend
+from ..ops.linear_loss import Plan, chunked_logprobs, linear_loss, rows_per_chunk
 
 logger = logging.getLogger("fastalign")
 
 
-def applies(hidden, weight, bias, *constants) -> bool:
+def backend_for(enabled: bool, hidden, weight, bias, *constants) -> str | None:
+    """The one decision of a fused loss's call: the backend its gradient-in-forward passes run
+    on (the policy's chunks, a reference's, and the two-pass fallback of a group too large for a
+    chunk: one backend for all), or None where the two-pass path runs (``linear_logprobs``
+    then selects its own). ``enabled``: the module's ``gradient_in_forward`` and any condition
+    of its own; ``constants``: the loss's other inputs, which must not want a gradient."""
+    if not (enabled and _applies(hidden, weight, bias, *constants)):
+        return None
+    return select_backend(hidden.device)
+
+
+def _applies(hidden, weight, bias, *constants) -> bool:
     """Whether the one-pass mode can run here: gradients wanted w.r.t. the head's inputs only
     (none through the advantages, old or reference log-probs), plain tensors (a DTensor or a
     ZeRO-3 head goes through ``linear_logprobs``' gathering), and not while ``torch.compile``
