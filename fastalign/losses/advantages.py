@@ -1,11 +1,13 @@
-"""Advantage estimators: GAE for PPO (Schulman et al. 2015, https://arxiv.org/abs/1506.02438)
-and group-relative advantages for GRPO (Shao et al. 2024)."""
+"""Advantage estimators: GAE for PPO (Schulman et al. 2015, https://arxiv.org/abs/1506.02438),
+group-relative advantages for GRPO (Shao et al. 2024), and the whitening PPO applies to its
+rewards and advantages."""
 
 from __future__ import annotations
 
 import torch
 
 from .._validation import check_choice, check_number, check_same_shape
+from ._reduce import masked_mean, masked_var
 
 SCALES = ("group", "batch", "none")
 
@@ -69,3 +71,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "gr
     else:
         std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])
     return centered / (std + eps)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
+           processes=None) -> torch.Tensor:
+    """``values`` normalized to mean 0 (kept when ``shift_mean`` is False) and variance 1 over
+    ``mask`` (of every rank's rows with ``processes``); 0 outside it."""
+    mean = masked_mean(values, mask, processes)
+    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask, processes) + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask

@@ -1,18 +1,19 @@
 """PPO / GRPO policy-gradient losses: the clipped surrogate and its variants (one fused pass
-per token, ``fastalign.ops.policy_stats``), the clipped value loss, and the sampled-token KL
-estimators (Schulman et al. 2017,
-https://arxiv.org/abs/1707.06347; GRPO, Shao et al. 2024, https://arxiv.org/abs/2402.03300)."""
+per token, ``fastalign.ops.policy_stats``) and the clipped value loss (Schulman et al. 2017,
+https://arxiv.org/abs/1707.06347; GRPO, Shao et al. 2024, https://arxiv.org/abs/2402.03300).
+The sampled-token KL estimators of the penalty: ``fastalign.ops.kl_estimators``."""
 
 from __future__ import annotations
 
 import torch
 
 from .._validation import check_choice, check_int, check_number, check_same_shape
-from ..ops.policy_stats import (APPROX_KL, CLIP_HIGH, CLIP_LOW, COUNT, KL, KL_KINDS, LOSS,
-                                RATIO, policy_stats)
+from ..kernels.policy_interface import (APPROX_KL, CLIP_HIGH, CLIP_LOW, COUNT, KL, KL_KINDS,
+                                        LOSS, RATIO)
+from ..ops.policy_stats import policy_stats
 from ._reduce import masked_mean
 
-KL_ESTIMATORS = tuple(KL_KINDS)  # k1, k2, k3 (kl_estimate lives in fastalign.ops.policy_stats)
+KL_ESTIMATORS = tuple(KL_KINDS)  # k1, k2, k3 (kl_estimate lives in fastalign.ops.kl_estimators)
 LEVELS = ("token", "sequence")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                 "seq_mean_token_sum_norm")

@@ -65,11 +65,19 @@ class KLLaunchers:
 @dataclass(frozen=True)
 class PolicyLaunchers:
     """``forward(logprobs, old, advantages, mask, ref, *, clip_low, clip_high, dual_clip,
-    kl_coef, kl_kind, sequence_level) -> [B, 7]`` per-sequence sums;
-    ``backward(..., ref, weights, *, same options) -> [B, T]`` the gradient w.r.t. logprobs
-    (Triton only: the torch path is plain torch ops with autograd, ``policy_stats``)."""
+    kl_coef, kl_kind, sequence_level) -> [B, STATS]`` float32 masked sums per sequence of
+    ``[B, T]`` float32 inputs (columns and ``kl_kind`` codes: ``kernels/policy_interface.py``);
+    ``backward(..., ref, weights, *, same options) -> [B, T]`` the gradient of
+    ``sum_b weights_b * stats[b, LOSS]`` w.r.t. ``logprobs``, or None where ``forward`` is
+    differentiable torch ops itself.
+
+    The rows: triton, ``kernels/policy.py``: a forward and a backward kernel, which
+    ``ops/policy_stats.py`` runs in a custom op whose gradient reaches ``logprobs`` only.
+    torch, ``ops/policy_torch.py``: ``forward`` is torch ops that autograd differentiates through
+    ``logprobs``, ``old``, ``advantages`` and ``ref``; ``backward`` None. native: the torch
+    launchers (below)."""
     forward: Callable
-    backward: Callable
+    backward: Callable | None
 
 
 def _triton_token_logprobs() -> TokenLogprobsLaunchers:
@@ -130,6 +138,11 @@ def _triton_policy() -> PolicyLaunchers:
     return PolicyLaunchers(forward=k.policy_stats, backward=k.policy_grad)
 
 
+def _torch_policy() -> PolicyLaunchers:
+    from . import policy_torch as k
+    return PolicyLaunchers(forward=k.policy_stats, backward=None)
+
+
 # The one table: (op family, backend) -> builder of that family's launchers record.
 _TABLE: dict[tuple[str, str], Callable[[], object]] = {
     ("token_logprobs", "triton"): _triton_token_logprobs,
@@ -142,6 +155,11 @@ _TABLE: dict[tuple[str, str], Callable[[], object]] = {
     ("kl", "native"): _native_kl,
     ("kl", "torch"): _torch_kl,
     ("policy", "triton"): _triton_policy,
+    # The native extension has no policy kernel: its row is the torch launchers, what the
+    # native backend has always run for this family (elementwise [B, T] math, small beside the
+    # vocabulary-wide ops), with their autograd through the advantages and the reference.
+    ("policy", "native"): _torch_policy,
+    ("policy", "torch"): _torch_policy,
 }
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...losses import gae, kl_estimate, value_loss
-from ...losses._reduce import masked_mean
+from ...losses import gae, kl_estimate, value_loss, whiten
+from ...losses._reduce import masked_var
 from ...nn import FusedPolicyLoss
 from ..core.config import ConfigError, RLConfig, check_at_least, check_greater, option
 from ..core.loop import Trainer
@@ -327,8 +327,8 @@ class PPOTrainer(Trainer):
         gather = self.processes.gather
         mask = experience.mask * real[:, None]
         residual = (experience.returns - experience.values) * mask
-        explained = 1 - (_masked_var(residual, mask, self.processes)
-                         / _masked_var(experience.returns, mask, self.processes).clamp(min=1e-8))
+        explained = 1 - (masked_var(residual, mask, self.processes)
+                         / masked_var(experience.returns, mask, self.processes).clamp(min=1e-8))
         scores, kl = gather(experience.scores[real]), gather(experience.kl.sum(-1)[real])
         return {"score": scores.mean(), "kl": kl.mean(),
                 "reward": (scores - self.config.kl_coef * kl).mean(),
@@ -355,32 +355,6 @@ class PPOTrainer(Trainer):
         return {"eval_score": float(columns[0].mean()),
                 **{f"eval_rewards/{reward_name(f)}": float(column.mean())
                    for f, column in zip(self.eval_reward_funcs, columns[1:])}}
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
-           processes=None) -> torch.Tensor:
-    """``values`` normalized to mean 0 (kept when ``shift_mean`` is False) and variance 1 over
-    ``mask`` (of every rank's rows with ``processes``); 0 outside it."""
-    mean = _masked_mean(values, mask, processes)
-    whitened = (values - mean) * torch.rsqrt(_masked_var(values, mask, processes) + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
-def _masked_mean(values, mask, processes=None) -> torch.Tensor:
-    """``masked_mean`` over every rank's rows."""
-    if processes is None or not processes.distributed:
-        return masked_mean(values, mask)
-    mask = mask.to(values.dtype)
-    sums = processes.sum(torch.stack([(values * mask).sum(), mask.sum()]))
-    return sums[0] / sums[1].clamp(min=1.0)
-
-
-def _masked_var(values, mask, processes=None) -> torch.Tensor:
-    return _masked_mean((values - _masked_mean(values, mask, processes)).square(), mask,
-                        processes)
-
 
 @dataclass
 class PPOOptions(RLOptions):

@@ -12,6 +12,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ...losses.policy import KL_ESTIMATORS
+
 SCHEDULES = ("linear", "cosine", "constant")
 NONFINITE_POLICIES = ("stop", "skip")
 REPORTERS = ("none", "tensorboard")
@@ -159,7 +161,6 @@ class PreferenceConfig(TrainConfig):
         check_at_least(self, 1, ["max_length", "eval_batch_size"])
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @dataclass
