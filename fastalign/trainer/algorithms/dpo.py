@@ -26,7 +26,8 @@ from ...ops import linear_logprobs
 from ..core.config import (ConfigError, PreferenceConfig, check_greater, check_one_of,
                            option)
 from ..core.data import collate_pairs, load_preferences, tokenize_pairs
-from ..core.loop import NonFiniteError, Trainer, _digest
+from ..core.loop import Trainer, _digest
+from ..core.resume import NonFiniteError
 from ..core.spec import PreferenceOptions, TrainerSpec, last_values
 from ..models.adapter import IGNORE_INDEX, CausalLMAdapter
 
@@ -76,6 +77,9 @@ class DPOTrainer(Trainer):
                    ("reward margin", ["rewards/margins", "eval_rewards/margins"]),
                    ("accuracy", ["rewards/accuracies", "eval_rewards/accuracies",
                                  "eval_preference_accuracy"])]
+    progress_bar_metrics = (("loss", "loss", ".4f"), ("acc", "rewards/accuracies", ".2f"),
+                            ("margin", "rewards/margins", ".3f"),
+                            ("eval_acc", "eval_rewards/accuracies", ".2f"))
 
     def __init__(self, model, tokenizer, config: DPOConfig | None = None, train_data=None,
                  eval_data=None, *, ref_model=None):
@@ -158,13 +162,6 @@ class DPOTrainer(Trainer):
             lambda hidden, weight, bias: self.loss(hidden, weight, targets, bias=bias,
                                                    **reference),
             input_ids, attention_mask)
-
-    def progress_metrics(self, metrics):
-        shown = {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['rewards/accuracies']:.2f}",
-                 "margin": f"{metrics['rewards/margins']:.3f}"}
-        if "eval_rewards/accuracies" in metrics:
-            shown["eval_acc"] = f"{metrics['eval_rewards/accuracies']:.2f}"
-        return shown
 
     def setup(self):
         return dict(super().setup(), eval_data=_digest(self.eval_items),
@@ -258,13 +255,10 @@ def _frozen(model):
 
 
 def _build(config: DPOConfig, options: PreferenceOptions) -> DPOTrainer:
-    from ..core.distributed import resolve_device
     from ..models.loading import load_model_and_tokenizer
 
-    train, held_out = options.splits()  # a bad data file is refused before the model loads
-    model, tokenizer = load_model_and_tokenizer(options.model)
-    return DPOTrainer(model.to(resolve_device(options.device)), tokenizer, config, train,
-                      held_out)
+    model, tokenizer, train, held_out = options.load(load_model_and_tokenizer)
+    return DPOTrainer(model, tokenizer, config, train, held_out)
 
 
 SPEC = TrainerSpec(

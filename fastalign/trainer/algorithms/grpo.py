@@ -81,6 +81,8 @@ class GRPOTrainer(Trainer):
 
     plot_panels = [("loss", ["loss"]), ("reward", ["reward", "reward_std", "eval_reward"]),
                    ("KL to the reference", ["kl"])]
+    progress_bar_metrics = (("loss", "loss", ".4f"), ("reward", "reward", ".3f"),
+                            ("eval_reward", "eval_reward", ".3f"))
 
     def __init__(self, model, tokenizer, config: GRPOConfig | None, prompts: list,
                  reward_funcs: list, *, reward_weights: list[float] | None = None,
@@ -216,12 +218,6 @@ class GRPOTrainer(Trainer):
         """Of all ranks' rollouts."""
         return {"reward": work.rewards.mean(), "reward_std": work.rewards.std(),
                 **work.reward_means, "completion_length": work.lengths.mean()}
-
-    def progress_metrics(self, metrics):
-        shown = {"loss": f"{metrics['loss']:.4f}", "reward": f"{metrics['reward']:.3f}"}
-        if "eval_reward" in metrics:
-            shown["eval_reward"] = f"{metrics['eval_reward']:.3f}"
-        return shown
 
     @torch.no_grad()
     def evaluate(self, prompts: list | None = None) -> dict:

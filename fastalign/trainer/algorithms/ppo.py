@@ -119,6 +119,8 @@ class PPOTrainer(Trainer):
     plot_panels = [("reward model score", ["score", "eval_score"]),
                    ("KL to the reference", ["kl"]), ("losses", ["policy_loss", "value_loss"]),
                    ("value fit", ["explained_variance"])]
+    progress_bar_metrics = (("score", "score", ".3f"), ("kl", "kl", ".3f"),
+                            ("eval_score", "eval_score", ".3f"))
 
     def __init__(self, model, tokenizer, config: PPOConfig | None, prompts: list, reward_model,
                  *, reward_tokenizer=None, ref_model=None, value_model=None,
@@ -334,12 +336,6 @@ class PPOTrainer(Trainer):
                 "reward": (scores - self.config.kl_coef * kl).mean(),
                 "explained_variance": explained,
                 "completion_length": gather(mask.sum(-1)[real]).mean()}
-
-    def progress_metrics(self, metrics):
-        shown = {"score": f"{metrics['score']:.3f}", "kl": f"{metrics['kl']:.3f}"}
-        if "eval_score" in metrics:
-            shown["eval_score"] = f"{metrics['eval_score']:.3f}"
-        return shown
 
     @torch.no_grad()
     def evaluate(self, prompts: list | None = None) -> dict:

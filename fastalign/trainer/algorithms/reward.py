@@ -51,6 +51,7 @@ class RewardTrainer(Trainer):
 
     plot_panels = [("loss", ["loss", "eval_loss"]), ("reward margin", ["margin", "eval_margin"]),
                    ("accuracy", ["accuracy", "eval_accuracy"])]
+    progress_bar_metrics = (("loss", "loss", ".4f"), ("acc", "accuracy", ".2f"))
 
     def __init__(self, model, tokenizer, config: RewardConfig | None = None, train_data=None,
                  eval_data=None):
@@ -95,9 +96,6 @@ class RewardTrainer(Trainer):
         chosen, rejected = rewards.chunk(2)
         return reward_loss(chosen, rejected, margin=margin,
                            center_coef=self.config.center_rewards_coefficient)
-
-    def progress_metrics(self, metrics):
-        return {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['accuracy']:.2f}"}
 
     def _packed_rewards(self, input_ids, attention_mask) -> torch.Tensor:
         """``[2B]`` rewards of a padding-free forward (``packing.py``): inside the model's
@@ -145,13 +143,10 @@ def _with_margins(rows, tokenizer, max_length):
 
 
 def _build(config: RewardConfig, options: PreferenceOptions) -> RewardTrainer:
-    from ..core.distributed import resolve_device
     from ..models.loading import load_reward_model
 
-    train, held_out = options.splits()  # a bad data file is refused before the model loads
-    model, tokenizer = load_reward_model(options.model)
-    return RewardTrainer(model.to(resolve_device(options.device)), tokenizer, config, train,
-                         held_out)
+    model, tokenizer, train, held_out = options.load(load_reward_model)
+    return RewardTrainer(model, tokenizer, config, train, held_out)
 
 
 SPEC = TrainerSpec(

@@ -39,9 +39,15 @@ class PreferenceOptions(RunOptions):
                                "pairs (SmolLM2's own answers rejected)")
     eval_data: str | None = option(None, "held-out rows (.jsonl)")
 
-    def splits(self) -> tuple[list, list | None]:
-        """``(training rows, held-out rows or None)`` (``bundled.preference_splits``)."""
-        return preference_splits(self.data, self.eval_data)
+    def load(self, load_model: Callable) -> tuple:
+        """``(model on --device, tokenizer, training rows, held-out rows or None)``: the rows
+        (``bundled.preference_splits``) first, so a bad data file is refused before the model
+        (``load_model(name)``) loads."""
+        from .distributed import resolve_device
+
+        train, held_out = preference_splits(self.data, self.eval_data)
+        model, tokenizer = load_model(self.model)
+        return model.to(resolve_device(self.device)), tokenizer, train, held_out
 
 
 @dataclass(frozen=True)
