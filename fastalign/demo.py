@@ -16,23 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib.resources import files
 
 import torch
 
 import fastalign
 from fastalign import _measure
+from fastalign.trainer.core.bundled import BUNDLED_PREFERENCES
 
-DATA = files("fastalign") / "data" / "demo_preferences.jsonl"
 MEMORY_PAIRS = 8
 
 
 def _model_and_data(hidden: int, layers: int, max_pairs: int | None = None):
-    from fastalign.trainer import load_model_and_tokenizer, load_preferences
+    from fastalign.trainer import demo_preferences, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("tiny", hidden_size=hidden, num_layers=layers)
-    train = load_preferences(str(DATA), split="train")[:max_pairs]
-    held_out = load_preferences(str(DATA), split="test")[:max_pairs and max(1, max_pairs // 3)]
+    train = demo_preferences("train")[:max_pairs]
+    held_out = demo_preferences("test")[:max_pairs and max(1, max_pairs // 3)]
     return model, tokenizer, train, held_out
 
 
@@ -111,7 +110,7 @@ def main(argv=None) -> None:
           f"vocabulary {vocab}, {parameters / 1e6:.1f}M parameters) on the CPU; fused backend: "
           f"{fastalign.select_backend(torch.device('cpu'))}")
     print(f"data: {len(train)} training pairs, {len(held_out)} held-out pairs on unseen topics "
-          f"({DATA.name})")
+          f"({BUNDLED_PREFERENCES['demo']})")
     config = DPOConfig(output_dir=args.output, learning_rate=args.learning_rate,
                        max_steps=args.steps, batch_size=args.batch_size,
                        warmup_steps=max(1, args.steps // 10), eval_steps=max(1, args.steps // 2),
