@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from importlib.resources import files
 
-from .data import load_preferences, read_lines
+from .data import load_completions, load_preferences, read_lines
 
 # --data NAME (preference pairs) and --prompts NAME (prompt sets): fastalign/data/FILE.
 # --prompts demo is the prompts of the demo pairs (demo_prompts).
@@ -34,9 +34,26 @@ def preference_splits(data: str, eval_data: str | None = None) -> tuple[list, li
     file): the rows of ``eval_data`` when given, else the ``test`` rows of a file whose rows
     have a ``split`` field (the rest train)."""
     path = bundled_file(BUNDLED_PREFERENCES[data]) if data in BUNDLED_PREFERENCES else data
-    rows = load_preferences(path)
-    if eval_data:
-        return rows, load_preferences(eval_data)
+    return _split(load_preferences(path), eval_data and load_preferences(eval_data))
+
+
+def completion_splits(data: str, eval_data: str | None = None) -> tuple[list, list | None]:
+    """As ``preference_splits``, for ``prompt``/``completion`` rows; ``demo`` is the bundled
+    pairs' prompts with their chosen (polite) answers."""
+    if data in BUNDLED_PREFERENCES:
+        rows = [{"prompt": row["prompt"], "completion": row["chosen"],
+                 **({"split": row["split"]} if "split" in row else {})}
+                for row in load_preferences(bundled_file(BUNDLED_PREFERENCES[data]))]
+    else:
+        rows = load_completions(data)
+    return _split(rows, eval_data and load_completions(eval_data))
+
+
+def _split(rows: list, held_out: list | None) -> tuple[list, list | None]:
+    """``(training rows, held-out rows or None)``: ``held_out`` when given, else the ``test``
+    rows of data whose rows have a ``split`` field (the rest train)."""
+    if held_out:
+        return rows, held_out
     if any("split" in row for row in rows):
         train = [row for row in rows if row.get("split", "train") == "train"]
         held_out = [row for row in rows if row.get("split") == "test"]

@@ -1,4 +1,5 @@
-"""Preference data: loading, checking, tokenizing and batching ``prompt``/``chosen``/``rejected``.
+"""Training rows: loading, checking, tokenizing and batching preference pairs
+(``prompt``/``chosen``/``rejected``) and completions (``prompt``/``completion``, distillation).
 
 Rows come from a JSONL file, a ``datasets.Dataset`` or a list of dicts. Each field is plain
 text, or (conversational data) a list of ``{"role", "content"}`` messages rendered with the
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 FIELDS = ("prompt", "chosen", "rejected")
+COMPLETION_FIELDS = ("prompt", "completion")
 
 
 class DataError(ValueError):
@@ -65,8 +67,20 @@ def load_preferences(source, *, split: str | None = None) -> list[dict]:
         FileNotFoundError: no such file.
         DataError: a malformed row, named by its line (files) or index.
     """
+    rows = _load_rows(source, FIELDS, "preference data", split)
+    _warn_about_useless_pairs(rows)
+    return rows
+
+
+def load_completions(source, *, split: str | None = None) -> list[dict]:
+    """As ``load_preferences``, for rows of a ``prompt`` and its ``completion`` (text or chat
+    messages): the data of distillation (and of supervised fine-tuning)."""
+    return _load_rows(source, COMPLETION_FIELDS, "completion data", split)
+
+
+def _load_rows(source, fields: tuple, what: str, split: str | None) -> list:
     if isinstance(source, (str, os.PathLike)):
-        rows = _read_jsonl(source)
+        rows = _read_jsonl(source, fields, what)
     else:
         rows = []
         for index, item in enumerate(source):
@@ -76,20 +90,19 @@ def load_preferences(source, *, split: str | None = None) -> list[dict]:
             rows.append(row)
     first_of_kind = {}  # "text" / "messages" -> where the first row of that kind is
     for row in rows:
-        _check_row(row, row.where)
+        _check_row(row, row.where, fields)
         first_of_kind.setdefault("messages" if isinstance(row["prompt"], list) else "text",
                                  row.where)
     if len(first_of_kind) > 1:
-        raise DataError(f"the preference data mixes plain-text rows ({first_of_kind['text']} is "
+        raise DataError(f"the {what} mixes plain-text rows ({first_of_kind['text']} is "
                         f"one) and chat-message rows ({first_of_kind['messages']} is one); use "
                         "one kind throughout")
-    _warn_about_useless_pairs(rows)
     if split is not None:
         rows = [row for row in rows if row.get("split") == split]
         if not rows:
             raise DataError(f"no rows have split == {split!r}")
     if not rows:
-        raise DataError("the preference data is empty")
+        raise DataError(f"the {what} is empty")
     return rows
 
 
@@ -107,10 +120,9 @@ def _warn_about_useless_pairs(rows: list) -> None:
                       "counts again in training", RuntimeWarning, stacklevel=3)
 
 
-def _read_jsonl(path) -> list[Row]:
+def _read_jsonl(path, fields: tuple, what: str) -> list[Row]:
     rows = []
-    for number, line in read_lines(path, "preference data",
-                                   "a .jsonl file of prompt/chosen/rejected rows"):
+    for number, line in read_lines(path, what, f"a .jsonl file of {'/'.join(fields)} rows"):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
@@ -118,20 +130,20 @@ def _read_jsonl(path) -> list[Row]:
                             ) from None
         if not isinstance(row, dict):
             raise DataError(f"{os.fspath(path)} line {number}: expected a JSON object with "
-                            f"{', '.join(FIELDS)}, got {type(row).__name__}")
+                            f"{', '.join(fields)}, got {type(row).__name__}")
         row = Row(row)
         row.where = f"{os.fspath(path)} line {number}"
         rows.append(row)
     return rows
 
 
-def _check_row(row: dict, where: str) -> None:
-    missing = [field for field in FIELDS if field not in row]
+def _check_row(row: dict, where: str, fields: tuple) -> None:
+    missing = [field for field in fields if field not in row]
     if missing:
         raise DataError(f"{where}: missing field(s) {', '.join(missing)} (every row needs "
-                        f"{', '.join(FIELDS)})")
+                        f"{', '.join(fields)})")
     kinds = set()
-    for field in FIELDS:
+    for field in fields:
         value = row[field]
         if isinstance(value, str):
             kinds.add("text")
@@ -146,7 +158,8 @@ def _check_row(row: dict, where: str) -> None:
         if empty:
             raise DataError(f"{where}: {field} is empty")
     if len(kinds) > 1:
-        raise DataError(f"{where}: prompt, chosen and rejected must be all text or all messages")
+        raise DataError(f"{where}: {', '.join(fields[:-1])} and {fields[-1]} must be all text or "
+                        "all messages")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -179,29 +192,45 @@ def tokenize_pairs(rows: list[dict], tokenizer, *, max_length: int = 1024) -> li
         ValueError: a tokenizer without a pad token, or without a chat template for messages.
         DataError: a prompt of ``max_length`` tokens or more (no room for a completion).
     """
+    return [TokenizedPair(*_tokenized(row, index, ("chosen", "rejected"), tokenizer,
+                                      max_length))
+            for index, row in enumerate(_checked_for_tokenizing(rows, tokenizer))]
+
+
+def tokenize_completions(rows: list[dict], tokenizer, *, max_length: int = 1024
+                         ) -> list[tuple[list[int], list[int]]]:
+    """``(prompt ids, completion ids)`` of each ``prompt``/``completion`` row, cut as
+    ``tokenize_pairs`` cuts them."""
+    return [_tokenized(row, index, ("completion",), tokenizer, max_length)
+            for index, row in enumerate(_checked_for_tokenizing(rows, tokenizer))]
+
+
+def _checked_for_tokenizing(rows: list[dict], tokenizer) -> list[dict]:
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                          "tokenizer.pad_token = tokenizer.eos_token")
-    conversational = isinstance(rows[0]["prompt"], list)
-    if conversational and not getattr(tokenizer, "chat_template", None):
+    if rows and isinstance(rows[0]["prompt"], list) and not getattr(tokenizer, "chat_template",
+                                                                    None):
         raise ValueError("the rows are chat messages but the tokenizer has no chat_template; "
                          "set tokenizer.chat_template or pass plain-text rows")
-    pairs = []
-    for index, row in enumerate(rows):
-        if conversational:
-            prompt = _ids(tokenizer, row["prompt"], generation_prompt=True)
-            full = [_ids(tokenizer, row["prompt"] + row[side]) for side in ("chosen", "rejected")]
-        else:
-            prompt = _ids(tokenizer, row["prompt"])
-            full = [_ids(tokenizer, row["prompt"] + _with_eos(row[side], tokenizer.eos_token))
-                    for side in ("chosen", "rejected")]
-        start = min(_common_prefix(prompt, ids) for ids in full)
-        if start >= max_length:
-            raise DataError(f"{where(row, index)}: the prompt is {start} tokens, max_length is "
-                            f"{max_length}; raise max_length or shorten the prompt")
-        chosen, rejected = (ids[start:max_length] for ids in full)
-        pairs.append(TokenizedPair(prompt[:start], chosen, rejected))
-    return pairs
+    return rows
+
+
+def _tokenized(row: dict, index: int, sides: tuple, tokenizer, max_length: int) -> tuple:
+    """``(prompt ids, ids of each side)``: a side's tokens start where the tokenized prompt and
+    the tokenized prompt + side diverge; prompt + side is cut to ``max_length``."""
+    if isinstance(row["prompt"], list):
+        prompt = _ids(tokenizer, row["prompt"], generation_prompt=True)
+        full = [_ids(tokenizer, row["prompt"] + row[side]) for side in sides]
+    else:
+        prompt = _ids(tokenizer, row["prompt"])
+        full = [_ids(tokenizer, row["prompt"] + _with_eos(row[side], tokenizer.eos_token))
+                for side in sides]
+    start = min(_common_prefix(prompt, ids) for ids in full)
+    if start >= max_length:
+        raise DataError(f"{where(row, index)}: the prompt is {start} tokens, max_length is "
+                        f"{max_length}; raise max_length or shorten the prompt")
+    return (prompt[:start], *(ids[start:max_length] for ids in full))
 
 
 def _with_eos(text: str, eos: str | None) -> str:
