@@ -40,12 +40,14 @@ def _patched(provider: str):
 def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device(spec["device"])
+    tokenizer = _workers.trainer_tokenizer(spec)
     with tempfile.TemporaryDirectory() as out, _patched(spec["provider"]):
         if spec["step"] == "dpo":
-            rows = _workers.preference_rows(spec["pairs"], spec["prompt"], spec["completion"])
+            rows = _workers.preference_rows(spec["pairs"], spec["prompt"], spec["completion"],
+                                            tokenizer)
             step = _workers.dpo_trl_step(spec, rows, out)
         else:
-            prompts = _workers.random_prompts(spec["repeats"] + 2, spec["prompt"])
+            prompts = _workers.random_prompts(spec["repeats"] + 2, spec["prompt"], tokenizer)
             step = _workers.grpo_trl_step(dict(spec, prompts=1), prompts, out)
         step()  # warm-up: AdamW state, lazy initialisation
         if spec["measure"] == "memory":
