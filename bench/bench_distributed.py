@@ -13,7 +13,6 @@ warm-up step that creates the optimizer state).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -108,17 +107,14 @@ def launch(spec: dict, nproc: int) -> list[dict] | dict:
     return json.loads(lines[-1])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_options(parser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--nproc", type=int, default=2, help="processes (ranks)")
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per rank")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        return worker(json.loads(args.worker))
+
+
+def run(args) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     for engine in ENGINES:
@@ -132,14 +128,16 @@ def main() -> int:
             rows.append(dict(base, rank="", error=result["error"]))
             continue
         rows += [dict(base, **rank, error="") for rank in result]
-    print(f"\n{'engine':14} {'rank':>4} {'state (MB)':>11} {'step peak (MB)':>15} "
-          f"{'step (ms)':>10}   ({args.nproc} processes on {args.device})")
-    for row in rows:
-        if row["error"]:
-            print(f"{row['provider']:14} error: {row['error']}")
-            continue
-        print(f"{row['provider']:14} {row['rank']:>4} {row['state_mb']:11.1f} "
-              f"{row['peak_mb']:15.1f} {row['seconds'] * 1e3:10.0f}")
+    return rows
+
+
+def report(rows: list[dict], args) -> None:
+    harness.print_table(
+        f"\n{'engine':14} {'rank':>4} {'state (MB)':>11} {'step peak (MB)':>15} "
+        f"{'step (ms)':>10}   ({args.nproc} processes on {args.device})", rows,
+        name=lambda row: f"{row['provider']:14}",
+        cells=lambda row: f"{row['rank']:>4} {row['state_mb']:11.1f} {row['peak_mb']:15.1f} "
+                          f"{row['seconds'] * 1e3:10.0f}")
     by_engine = {engine: [r for r in rows if r["provider"] == f"fastalign-{engine}"
                           and not r["error"]] for engine in ENGINES}
     if all(by_engine.values()):
@@ -148,8 +146,11 @@ def main() -> int:
         print(f"\nFSDP2 / DDP, worst rank: training state "
               f"{worst['state_mb'][1] / worst['state_mb'][0]:.2f}x, step peak "
               f"{worst['peak_mb'][1] / worst['peak_mb'][0]:.2f}x")
-    return harness.finish(rows, args.csv)
+
+
+# The worker runs under torchrun and prints its own reply (the main rank's, for all ranks).
+BENCH = harness.Bench(doc=__doc__, options=add_options, worker=worker, run=run, report=report)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(BENCH))

@@ -30,7 +30,6 @@ as a share of the rate of the three matmuls of a pass over the batch measured in
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -38,7 +37,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-import summarize  # noqa: E402
 
 import fastalign  # noqa: E402
 from fastalign import _measure  # noqa: E402
@@ -166,14 +164,7 @@ def head_flops(spec: dict, provider: str) -> float:
     return passes * 2 * rows * spec["hidden"] * spec["vocab"]
 
 
-def measure(spec: dict, device: torch.device) -> dict:
-    if device.type == "cuda":
-        return harness.measure_cuda(make_call, spec)
-    return harness.measure_cpu(str(Path(__file__).resolve()), spec)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_options(parser) -> None:
     parser.add_argument("--op", default="dpo", choices=["dpo", "grpo"])
     parser.add_argument("--pairs", type=int, default=4, help="B: 2B sequences")
     parser.add_argument("--seq", type=int, default=256)
@@ -182,14 +173,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=list(_measure.DTYPES),
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    harness.add_run_arguments(parser, MODES)
-    args = parser.parse_args(argv)
-    if harness.served_as_worker(args, make_call):
-        return
+    harness.add_sweep_options(parser, MODES)
+
+
+def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     name = f"fused_{args.op}"
-    csv_path = args.csv or RESULTS / f"{name}_{device.type}.csv"
     stamp = harness.stamp(device)
     tokens = 2 * args.pairs * args.seq
     itemsize = _measure.DTYPES[dtype].itemsize
@@ -205,17 +195,18 @@ def main(argv=None) -> int:
                      "logits_mb": round(tokens * args.vocab * itemsize / 2**20, 1),
                      "floor_mb": round((tokens + args.vocab) * args.hidden * itemsize / 2**20, 1),
                      "time_ms": None, "peak_mb": None, "error": "",
-                     **measure(spec, device), **stamp})
+                     **harness.measure(make_call, __file__, spec, device), **stamp})
         rate = rate or matmul_gflops(spec, device)  # after the first worker: a warm machine
         seconds = (rows[-1]["time_ms"] or float("nan")) / 1e3
         rows[-1]["matmul_gflops"] = round(rate, 1)
         rows[-1]["matmul_efficiency"] = round(head_flops(spec, provider) / seconds / 1e9 / rate,
                                               3)
-    harness.write_csv(rows, csv_path)
-    print(f"\nCSV: {csv_path}\n")
-    summarize.summarize(str(csv_path), markdown=False)
-    return harness.exit_code(rows)
+    return rows
+
+
+BENCH = harness.Bench(doc=__doc__, options=add_options, worker=harness.call_worker(make_call),
+                      run=run, results=lambda args: RESULTS / f"fused_{args.op}_{args.device}.csv")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(BENCH))

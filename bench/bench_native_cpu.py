@@ -39,7 +39,6 @@ does not pay it.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -49,10 +48,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_linear_logprobs  # noqa: E402
-import bench_token_logprobs  # noqa: E402
+import _workers  # noqa: E402
 import harness  # noqa: E402
-import summarize  # noqa: E402
 
 import fastalign  # noqa: E402
 from fastalign import _measure  # noqa: E402
@@ -88,7 +85,7 @@ def _token_op(op: str, provider: str):
         return lambda logits, targets: fastalign.token_logprobs(logits, targets,
                                                                 inplace_backward=inplace)
     if op == "token_logprobs":
-        return bench_token_logprobs.make_op(provider.removesuffix("_thp"), torch.device("cpu"))
+        return _workers.token_op(provider.removesuffix("_thp"), torch.device("cpu"))
     if provider == "torch_compile":
         return torch.compile(eager_kl, dynamic=False)
     return eager_kl
@@ -101,7 +98,7 @@ def make_call(spec: dict, device: torch.device):
         if provider in BACKEND_OF:
             os.environ["FASTALIGN_BACKEND"] = BACKEND_OF[provider]
             spec = dict(spec, provider="fastalign")
-        return bench_linear_logprobs.make_call(dict(spec, op="logprobs"), device)
+        return _workers.linear_call(dict(spec, op="logprobs"), device)
     logits, targets = _measure.random_logits(1, spec["tokens"], spec["vocab"], spec["dtype"], device)
     logits, targets = logits[0], targets[0]
     function = _token_op(op, provider)
@@ -191,8 +188,7 @@ def bytes_moved(op: str, mode: str, tokens: int, vocab: int, itemsize: int) -> i
     return tensors * one if mode == "fwd" else 2 * tensors * one + one
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_options(parser) -> None:
     parser.add_argument("--ops", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=128256)
@@ -202,16 +198,11 @@ def main(argv=None) -> int:
                         choices=list(_measure.DTYPES))
     parser.add_argument("--providers", nargs="+", default=None,
                         choices=sorted({p for names in PROVIDERS.values() for p in names}))
-    harness.add_run_arguments(parser, MODES)
-    harness.add_baseline_argument(parser)
-    args = parser.parse_args(argv)
-    if args.worker:
-        import json
-        print(json.dumps(cpu_worker(json.loads(args.worker))))
-        return
+    harness.add_sweep_options(parser, MODES)
 
+
+def run(args) -> list[dict]:
     device = torch.device("cpu")
-    csv_path = args.csv or RESULTS / "native_cpu.csv"
     stamp = harness.stamp(device)
     bandwidth = {d: copy_bandwidth(args.tokens, args.vocab, d) for d in args.dtypes}
     for dtype, numbers in bandwidth.items():
@@ -257,11 +248,7 @@ def main(argv=None) -> int:
         rows.append({**row, **stamp})
         print(f"    {row.get('time_ms') or 0:.0f} ms, {row.get('peak_mb') or 0:.0f} MB "
               f"{row['error']}", flush=True)
-    harness.write_csv(rows, csv_path)
-    print(f"\nCSV: {csv_path}\n")
-    summarize.summarize(str(csv_path), markdown=False)
-    print_floor_table(rows)
-    return harness.exit_code(rows)
+    return rows
 
 
 def print_floor_table(rows: list[dict]) -> None:
@@ -274,5 +261,10 @@ def print_floor_table(rows: list[dict]) -> None:
                   f"{row['x_floor']:8.2f}")
 
 
+BENCH = harness.Bench(doc=__doc__, options=add_options, worker=cpu_worker, run=run,
+                      report=lambda rows, args: print_floor_table(rows),
+                      results=lambda args: RESULTS / "native_cpu.csv", baseline=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(BENCH))

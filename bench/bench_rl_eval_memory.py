@@ -16,13 +16,11 @@ start through /proc/self/clear_refs), the resident set at its start, its seconds
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -76,17 +74,13 @@ def worker(spec: dict) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_options(parser) -> None:
     parser.add_argument("--eval-prompts", type=int, default=100, help="held-out problems (100)")
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS),
                         choices=list(CONFIGURATIONS))
-    parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
+
+
+def run(args) -> list[dict]:
     results = []
     stamp = harness.stamp(torch.device("cpu"))
     for name in args.configurations:
@@ -102,15 +96,20 @@ def main(argv=None) -> int:
         for row in json.loads(done.stdout.strip().splitlines()[-1]):
             results.append(dict(configuration=name, **row, eval_prompts=args.eval_prompts,
                                 error="", **stamp))
-    print(f"\n{'configuration':28} {'phase':28} {'RSS at start':>13} {'peak RSS':>9} {'s':>7}")
-    for row in results:
-        if row["error"]:
-            print(f"{row['configuration']:28} failed: {row['error']}")
-            continue
-        print(f"{row['configuration']:28} {row['phase']:28} {row['rss_start_mb']:10} MB "
-              f"{row['peak_rss_mb']:6} MB {row['seconds']:7.1f}")
-    return harness.finish(results, args.csv)
+    return results
+
+
+def report(results: list[dict], args) -> None:
+    harness.print_table(
+        f"\n{'configuration':28} {'phase':28} {'RSS at start':>13} {'peak RSS':>9} {'s':>7}",
+        results, name=lambda row: f"{row['configuration']:28}",
+        cells=lambda row: f"{row['phase']:28} {row['rss_start_mb']:10} MB "
+                          f"{row['peak_rss_mb']:6} MB {row['seconds']:7.1f}",
+        failed="failed")
+
+
+BENCH = harness.Bench(doc=__doc__, options=add_options, worker=worker, run=run, report=report)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(BENCH))

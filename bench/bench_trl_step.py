@@ -13,9 +13,7 @@ Providers: trl (TRL 1.16's own fused head) and trl+fastalign (built inside
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,8 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_dpo_step  # noqa: E402
-import bench_grpo_step  # noqa: E402
+import _workers  # noqa: E402
 import harness  # noqa: E402
 
 from fastalign import _measure  # noqa: E402
@@ -40,16 +37,18 @@ def _patched(provider: str):
     return fatrl.enabled()
 
 
-def _worker(spec: dict) -> dict:
+def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device(spec["device"])
+    tokenizer = _workers.trainer_tokenizer(spec)
     with tempfile.TemporaryDirectory() as out, _patched(spec["provider"]):
         if spec["step"] == "dpo":
-            rows = bench_dpo_step._rows(spec["pairs"], spec["prompt"], spec["completion"])
-            step = bench_dpo_step._trl_step(spec, rows, out)
+            rows = _workers.preference_rows(spec["pairs"], spec["prompt"], spec["completion"],
+                                            tokenizer)
+            step = _workers.dpo_trl_step(spec, rows, out)
         else:
-            prompts = bench_grpo_step._prompts(spec["repeats"] + 2, spec["prompt"])
-            step = bench_grpo_step._trl_step(dict(spec, prompts=1), prompts, out)
+            prompts = _workers.random_prompts(spec["repeats"] + 2, spec["prompt"], tokenizer)
+            step = _workers.grpo_trl_step(dict(spec, prompts=1), prompts, out)
         step()  # warm-up: AdamW state, lazy initialisation
         if spec["measure"] == "memory":
             return {"peak_bytes": _measure.peak_extra_bytes(step, device)}
@@ -57,8 +56,7 @@ def _worker(spec: dict) -> dict:
                                                    warmup=0)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_options(parser) -> None:
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     parser.add_argument("--pairs", type=int, default=4, help="DPO pairs")
     parser.add_argument("--prompt", type=int, default=256, help="DPO prompt tokens (GRPO: 64)")
@@ -66,19 +64,12 @@ def main(argv=None) -> int:
                         help="DPO completion tokens per side (GRPO: --grpo-completion)")
     parser.add_argument("--generations", type=int, default=8, help="GRPO completions (G)")
     parser.add_argument("--grpo-completion", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--repeats", type=int, default=2)
+    harness.add_step_options(parser, hidden=256, layers=4, repeats=2, named_models=False)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
-        return
 
+
+def run(args) -> list[dict]:
     stamp = harness.stamp(torch.device(args.device))
     results = []
     for step in args.steps:
@@ -94,12 +85,14 @@ def main(argv=None) -> int:
                         layers=args.layers, vocab=args.vocab, repeats=args.repeats,
                         device=args.device)
             print(f"{provider}: one TRL {step} step, {label}, V={args.vocab} ...", flush=True)
-            measured = harness.measure_trainer_step(__file__, spec)
+            measured, _ = harness.measure_trainer_step(__file__, spec)
             results.append(dict(op=f"trl_{step}_step", provider=provider, step=step,
                                 shape=label, hidden=args.hidden, layers=args.layers,
-                                vocab=args.vocab, time_ms=round(measured["seconds"] * 1e3, 1),
-                                peak_mb=round(measured["peak_bytes"] / 2**20, 1),
-                                error=measured["error"][:200], **stamp))
+                                vocab=args.vocab, **measured, **stamp))
+    return results
+
+
+def report(results: list[dict], args) -> None:
     print(f"\n{'step':5} {'provider':14} {'time (ms)':>10} {'peak extra (MB)':>16}")
     for row in results:
         print(f"{row['step']:5} {row['provider']:14} {row['time_ms']:10.0f} {row['peak_mb']:16.0f}"
@@ -110,8 +103,10 @@ def main(argv=None) -> int:
             trl, ours = pair
             print(f"{step}: patched / unpatched time {ours['time_ms'] / trl['time_ms']:.2f}x, "
                   f"peak memory {ours['peak_mb'] / trl['peak_mb']:.3f}x")
-    return harness.finish(results, args.csv)
+
+
+BENCH = harness.Bench(doc=__doc__, options=add_options, worker=worker, run=run, report=report)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.main(BENCH))

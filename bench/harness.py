@@ -1,7 +1,10 @@
-"""Shared plumbing of the bench scripts: stamps, CSV and a plot (summarize.py prints the table).
+"""Shared plumbing of the bench scripts: their one ``main`` (the common options, the fresh
+worker processes, the CSV, the table, the exit status), stamps, CSV and a plot (summarize.py
+prints the kernel sweeps' table), and ``--baseline``'s staged revisions.
 
 A result row is a dict with at least: op, provider, mode, dtype, shape fields, time_ms,
 peak_mb (extra memory beyond the inputs), and an ``error`` for runs that failed (OOM).
+What the workers build and run where several scripts share it is in _workers.py.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import json
 import os
 import platform
 import shutil
-import string
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+import summarize
 from fastalign import _measure
 
 
@@ -57,84 +62,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def trainer_model(spec: dict):
-    """``(model, tokenizer)`` of the trainer-step benchmarks: ``spec["model"]`` by name
-    (``smollm2``: ``make real``), or the tiny Llama of ``spec``'s shape with the byte
-    tokenizer (``"tiny"``, the default)."""
-    from fastalign.trainer import byte_tokenizer, load_model_and_tokenizer, tiny_llama
-
-    device = spec.get("device", "cpu")
-    if spec.get("model", "tiny") != "tiny":
-        model, tokenizer = load_model_and_tokenizer(spec["model"])
-        return model.to(device), tokenizer
-    return tiny_llama(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
-                      num_layers=spec["layers"], max_positions=2048).to(device), byte_tokenizer()
-
-
-def named_model_shape(args) -> None:
-    """Sets ``args.hidden``, ``layers`` and ``vocab`` from the config of ``args.model`` when it
-    is not the tiny one, so the CSV and the logits figure describe the model measured."""
-    if args.model == "tiny":
-        return
-    from transformers import AutoConfig
-
-    from fastalign.trainer.models.loading import local_path
-
-    config = AutoConfig.from_pretrained(local_path(args.model), local_files_only=True)
-    args.hidden, args.layers = config.hidden_size, config.num_hidden_layers
-    args.vocab = config.vocab_size
-
-
-def random_text(rng, tokens: int, tokenizer) -> str:
-    """Lowercase words cut to ``tokens`` tokens of ``tokenizer``."""
-    words = " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(5))
-                     for _ in range(tokens))
-    return tokenizer.decode(tokenizer(words, add_special_tokens=False)["input_ids"][:tokens])
-
-
-def measure_trainer_step(script: str, spec: dict) -> dict:
-    """Time and peak memory of one training step of ``spec["provider"]``, each in a fresh
-    process running ``script --worker``: the memory worker's reply (``peak_bytes`` and what
-    else it reports), ``seconds`` from the timing worker, and ``error`` ("" when none)."""
-    command = [str(Path(script).resolve())]
-    timing = _measure.run_worker(command, dict(spec, measure="time"), for_memory=False)
-    memory = _measure.run_worker(command, dict(spec, measure="memory"), for_memory=True)
-    return dict(memory, seconds=timing.get("seconds", float("nan")),
-                peak_bytes=memory.get("peak_bytes", float("nan")),
-                error=timing.get("error") or memory.get("error") or "")
-
-
-def report_trainer_steps(results: list[dict], note: str, csv_path: Path | None,
-                         extra: str | None = None) -> None:
-    """The table of a one-training-step benchmark (``bench_dpo_step``, ``bench_grpo_step``):
-    time and peak memory per provider, the peer-over-fastalign ratios, then the CSV."""
-    head = f"{'provider':16} {'step (ms)':>10} {'peak extra (MB)':>16}"
-    print(f"\n{head}{f' {extra:>12}' if extra else ''}   ({note})")
-    for row in results:
-        shown = f" {row[extra]:12.1f}" if extra else ""
-        print(f"{row['provider']:16} {row['time_ms']:10.0f} {row['peak_mb']:16.0f}{shown}  "
-              f"{row['error']}")
-    by_name = {row["provider"]: row for row in results if not row["error"]}
-    ours = by_name.get("fastalign")
-    for name, label in (("trl", "TRL"), ("fastalign_packed", "padding-free"),
-                        ("fastalign_checkpointed", "checkpointed")):
-        if ours and name in by_name:
-            other = by_name[name]
-            print(f"{label} / fastalign: time {other['time_ms'] / ours['time_ms']:.2f}x, "
-                  f"peak memory {other['peak_mb'] / ours['peak_mb']:.2f}x")
-    if csv_path:
-        write_csv(results, csv_path)
-        print(f"CSV: {csv_path}")
-
-
-def finish(rows: list[dict], csv_path: Path | None) -> int:
-    """A bench script's last lines: the CSV (when asked for), then its ``exit_code``."""
-    if csv_path:
-        write_csv(rows, csv_path)
-        print(f"CSV: {csv_path}")
-    return exit_code(rows)
-
-
 def exit_code(rows: list[dict]) -> int:
     """A bench script's exit status: 1 when any row's measurement failed, with each failure
     on stderr, so a partly failed run never passes for a good one. Running out of memory at a
@@ -144,6 +71,16 @@ def exit_code(rows: list[dict]) -> int:
     for row in failed:
         print(f"failed: {row.get('provider', '?')}: {row['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def print_table(header: str, rows: list[dict], name: Callable[[dict], str],
+                cells: Callable[[dict], str], failed: str = "error") -> None:
+    """``header``, then a line per row: its ``name``, then its ``cells``, or for a row whose
+    measurement failed (it has no numbers) ``failed: <error>``."""
+    print(header)
+    for row in rows:
+        shown = f"{failed}: {row['error']}" if row["error"] else cells(row)
+        print(f"{name(row)} {shown}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -176,6 +113,94 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# The one main of the bench scripts: each describes itself as a Bench, main does the rest.
+class UsageError(Exception):
+    """Raised by a script's ``run`` for options that do not go together, before it measures
+    anything: reported the way argparse reports its own errors (usage, message, status 2)."""
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What one bench script adds to :func:`main`."""
+
+    doc: str  # the script's docstring: its first paragraph is --help's description
+    options: Callable[[argparse.ArgumentParser], None]  # the script's own options
+    # One measurement in a fresh ``--worker`` process (the spec the script's run sent): the
+    # reply, printed as the worker's last line of JSON; None when the worker printed its own.
+    worker: Callable[[dict], object]
+    run: Callable[[argparse.Namespace], list[dict]]  # the measurements: the CSV's rows
+    # Its table (a kernel sweep's comes after summarize.py's table of the CSV).
+    report: Callable[[list[dict], argparse.Namespace], None] | None = None
+    # Kernel sweeps: the CSV written when --csv is not given. It is written before the tables,
+    # since summarize.py's table reads it back; these scripts also take --plot.
+    results: Callable[[argparse.Namespace], Path] | None = None
+    plot_title: Callable[[list[dict], argparse.Namespace], str] | None = None  # draws a plot
+    baseline: bool = False  # takes --baseline REV ... (see stage_revisions)
+
+
+def main(bench: Bench, argv=None) -> int:
+    """A bench script's command line: its options and the shared ones (--csv, --plot,
+    --baseline), then in a ``--worker`` process the one measurement, otherwise its runs, the
+    CSV, the tables and the exit status (:func:`exit_code`)."""
+    parser = argparse.ArgumentParser(description=bench.doc.split("\n\n")[0])
+    bench.options(parser)
+    parser.add_argument("--csv", type=Path, default=None)
+    if bench.results:
+        parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    if bench.baseline:
+        parser.add_argument("--baseline", nargs="+", default=[], metavar="REV",
+                            help="also run fastalign's own providers from these git revisions "
+                                 "of this repository, in the same run, named provider@REV")
+    args = parser.parse_args(argv)
+    if args.worker:
+        reply = bench.worker(json.loads(args.worker))
+        if reply is not None:
+            print(json.dumps(reply))
+        return 0
+    try:
+        rows = bench.run(args)
+    except UsageError as error:
+        parser.error(str(error))
+    if bench.results:  # a kernel sweep: its CSV first, for summarize.py's table reads it back
+        csv_path = args.csv or bench.results(args)
+        write_csv(rows, csv_path)
+        written = [f"CSV: {csv_path}"]
+        if bench.plot_title:
+            plot_path = args.plot or csv_path.with_suffix(".png")
+            plot(rows, plot_path, bench.plot_title(rows, args))
+            written.append(f"plot: {plot_path}")
+        print("\n" + "\n".join(written) + "\n")
+        summarize.summarize(str(csv_path), markdown=False)
+    if bench.report:
+        bench.report(rows, args)
+    if args.csv and not bench.results:  # the others: the table, then the CSV when asked for
+        write_csv(rows, args.csv)
+        print(f"CSV: {args.csv}")
+    return exit_code(rows)
+
+
+def add_sweep_options(parser: argparse.ArgumentParser, modes) -> None:
+    """The options of the kernel sweeps: device, modes, repeats."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--modes", nargs="+", default=list(modes), choices=modes)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per CPU measurement")
+
+
+def add_step_options(parser: argparse.ArgumentParser, *, hidden: int, layers: int,
+                     repeats: int, named_models: bool) -> None:
+    """The options of the trainer-step benchmarks: the tiny Llama's shape, the measured steps
+    and (``named_models``) ``--model``."""
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    if named_models:
+        parser.add_argument("--model", default="tiny",
+                            help="tiny (built in) or smollm2 (make real)")
+
+
+# Measuring: CUDA in this process, the CPU in fresh worker processes (see fastalign/_measure.py).
 def measure_cuda(make_call, spec: dict) -> dict:
     """Time (``do_bench``) and peak extra memory of ``make_call(spec, cuda)()``; a failing
     provider (missing peer, out of memory) becomes an ``error`` instead of stopping the run."""
@@ -207,6 +232,12 @@ def cpu_worker(make_call, spec: dict) -> dict:
     return {"peak_mb": _measure.peak_extra_bytes(call, device) / 2**20}
 
 
+def call_worker(make_call) -> Callable[[dict], dict]:
+    """The ``Bench.worker`` of a kernel sweep: :func:`cpu_worker` of ``make_call``, for this
+    tree's fastalign or a staged revision's (:func:`as_own_revision`)."""
+    return lambda spec: cpu_worker(make_call, as_own_revision(spec))
+
+
 def measure_cpu(script: str, spec: dict) -> dict:
     """Time and memory of one CPU configuration, each in a fresh ``script --worker`` process."""
     timing = _measure.run_worker([script], dict(spec, measure="time"), for_memory=False)
@@ -215,30 +246,59 @@ def measure_cpu(script: str, spec: dict) -> dict:
     return {"error": errors[0]} if errors else {**timing, **memory}
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, modes) -> None:
-    """The options every bench script shares: device, modes, repeats, outputs, worker."""
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--modes", nargs="+", default=list(modes), choices=modes)
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per CPU measurement")
-    parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+def measure(make_call, script: str, spec: dict, device: torch.device) -> dict:
+    """One configuration of a kernel sweep: on CUDA here (:func:`measure_cuda`), on the CPU in
+    fresh ``script --worker`` processes (:func:`measure_cpu`)."""
+    if device.type == "cuda":
+        return measure_cuda(make_call, spec)
+    return measure_cpu(str(Path(script).resolve()), spec)
 
 
-def add_baseline_argument(parser: argparse.ArgumentParser) -> None:
-    """``--baseline REV ...``: see :func:`stage_revisions` (CPU scripts that measure in
-    workers)."""
-    parser.add_argument("--baseline", nargs="+", default=[], metavar="REV",
-                        help="also run fastalign's own providers from these git revisions of "
-                             "this repository, in the same run, named provider@REV")
+# The trainer-step benchmarks (the steps themselves are in _workers.py).
+def named_model_shape(args) -> None:
+    """Sets ``args.hidden``, ``layers`` and ``vocab`` from the config of ``args.model`` when it
+    is not the tiny one, so the CSV and the logits figure describe the model measured."""
+    if args.model == "tiny":
+        return
+    from transformers import AutoConfig
+
+    from fastalign.trainer.models.loading import local_path
+
+    config = AutoConfig.from_pretrained(local_path(args.model), local_files_only=True)
+    args.hidden, args.layers = config.hidden_size, config.num_hidden_layers
+    args.vocab = config.vocab_size
 
 
-def served_as_worker(args, make_call) -> bool:
-    """In a ``--worker`` process: measure the one configuration, print it, and say so."""
-    if not args.worker:
-        return False
-    print(json.dumps(cpu_worker(make_call, as_own_revision(json.loads(args.worker)))))
-    return True
+def measure_trainer_step(script: str, spec: dict) -> tuple[dict, dict]:
+    """Time and peak memory of one training step of ``spec["provider"]``, each in a fresh
+    process running ``script --worker``: the CSV's ``time_ms``, ``peak_mb`` and ``error`` (""
+    when none), in that order, and the memory worker's whole reply (what else it reports)."""
+    command = [str(Path(script).resolve())]
+    timing = _measure.run_worker(command, dict(spec, measure="time"), for_memory=False)
+    memory = _measure.run_worker(command, dict(spec, measure="memory"), for_memory=True)
+    error = timing.get("error") or memory.get("error") or ""
+    return dict(time_ms=round(timing.get("seconds", float("nan")) * 1e3, 1),
+                peak_mb=round(memory.get("peak_bytes", float("nan")) / 2**20, 1),
+                error=error[:200]), memory
+
+
+def report_trainer_steps(results: list[dict], note: str, extra: str | None = None) -> None:
+    """The table of a one-training-step benchmark (``bench_dpo_step``, ``bench_grpo_step``):
+    time and peak memory per provider, then the peer-over-fastalign ratios."""
+    head = f"{'provider':16} {'step (ms)':>10} {'peak extra (MB)':>16}"
+    print(f"\n{head}{f' {extra:>12}' if extra else ''}   ({note})")
+    for row in results:
+        shown = f" {row[extra]:12.1f}" if extra else ""
+        print(f"{row['provider']:16} {row['time_ms']:10.0f} {row['peak_mb']:16.0f}{shown}  "
+              f"{row['error']}")
+    by_name = {row["provider"]: row for row in results if not row["error"]}
+    ours = by_name.get("fastalign")
+    for name, label in (("trl", "TRL"), ("fastalign_packed", "padding-free"),
+                        ("fastalign_checkpointed", "checkpointed")):
+        if ours and name in by_name:
+            other = by_name[name]
+            print(f"{label} / fastalign: time {other['time_ms'] / ours['time_ms']:.2f}x, "
+                  f"peak memory {other['peak_mb'] / ours['peak_mb']:.2f}x")
 
 
 # --baseline: fastalign's providers from other git revisions, beside this tree's, in one run.
