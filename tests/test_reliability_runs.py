@@ -56,6 +56,22 @@ def test_resume_refuses_another_model_of_the_same_shapes(tmp_path):
     dpo(tmp_path, max_steps=3).train(resume_from="latest")  # the same model resumes
 
 
+def test_the_fingerprint_reads_parameters_past_float32s_exact_integers():
+    """A real model's embedding has more than 2^24 elements (SmolLM2's 49152 x 576): sampled
+    positions in float32 rounded past its end (IndexError on every trainer of such a model,
+    at 83c13f3). Two such models that differ only at their last element differ."""
+    from fastalign.trainer.core.checkpoint import model_fingerprint
+
+    big = torch.nn.Linear(1, 2**24 + 4, bias=False)  # last position 2^24 + 3: not a float32
+    torch.nn.init.zeros_(big.weight)
+    before = model_fingerprint(big)
+    with torch.no_grad():
+        big.weight[-1] = 1.0
+    assert model_fingerprint(big) != before
+    small = small_llama(seed=0)  # fingerprints of small tensors are those recorded before
+    assert model_fingerprint(small) == model_fingerprint(small_llama(seed=0))
+
+
 def test_checkpoints_from_before_the_base_model_was_recorded_still_resume(tmp_path):
     dpo(tmp_path, max_steps=1, save_steps=1).train()
     manifest_path = tmp_path / "checkpoint-1" / MANIFEST_FILE

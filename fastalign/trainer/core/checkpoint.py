@@ -218,8 +218,12 @@ def model_fingerprint(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, parameter in module.named_parameters():
         flat = parameter.detach().reshape(-1)
+        # float32 positions are exact up to 2^24 elements (and so kept there: fingerprints
+        # recorded in earlier checkpoints stay valid); past it, where float32 would round the
+        # last position beyond the tensor's end (a 49152 x 576 embedding), float64.
+        exact = torch.float32 if flat.numel() <= 2**24 else torch.float64
         picked = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 1024),
-                                device=flat.device).long()
+                                dtype=exact, device=flat.device).long()
         digest.update(f"{name}{tuple(parameter.shape)}".encode())
         digest.update(flat[picked].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
