@@ -10,10 +10,10 @@ builds the wheel and checks both mappings.
 from setuptools import find_packages, setup
 
 setup(
-    # Every package under fastalign/ (a new subpackage cannot be forgotten here), then the two
-    # folders installed under it.
-    packages=[*find_packages(include=["fastalign", "fastalign.*"]), "fastalign.kernels",
-              "fastalign.csrc"],
+    # Every package under fastalign/ (a new subpackage cannot be forgotten here), then the
+    # folders without an __init__.py: the bundled data and the two installed under fastalign.
+    packages=[*find_packages(include=["fastalign", "fastalign.*"]), "fastalign.data",
+              "fastalign.kernels", "fastalign.csrc"],
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels",
                  "fastalign.csrc": "csrc"},
     # The C++ sources travel with the package: fastalign._native builds them on first use. The
