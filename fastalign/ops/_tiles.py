@@ -136,8 +136,9 @@ def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, g
             coef.add_(grad_logprobs[:, None])
         grad = coef.mul_(p).neg_()
     if grad_logprobs is not None:
-        rows = grad.shape[0]
-        grad.scatter_add_(1, target_cols.reshape(rows, -1), target_grad.reshape(rows, -1))
+        if target_cols.dim() == 1:
+            target_cols, target_grad = target_cols[:, None], target_grad[:, None]
+        grad.scatter_add_(1, target_cols, target_grad)
     if dz is not None:
         grad.mul_(dz)
     elif inv_temperature != 1.0:
