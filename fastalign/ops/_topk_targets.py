@@ -66,12 +66,13 @@ def equal_id_sums(ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class TargetColumns:
     """What a one-target backward launcher takes instead of K targets per row, and the exact
-    gradient at the K columns it then gets wrong."""
-    stand_in: torch.Tensor   # [N] the launcher's target per row
-    grad_sum: torch.Tensor   # [N] float32, G: the launcher's incoming gradient per row
-    cols: torch.Tensor       # [N, K] int64, each entry's column among the launcher's
-    values: torch.Tensor     # [N, K] float32, the exact gradient there
-    writable: torch.Tensor   # [N, K] bool: kept entries whose column the launcher writes
+    gradient at the K columns it then gets wrong. Without a gradient of the log-probs (the
+    entropy's alone) the launcher gets every column right: all but ``stand_in`` are None."""
+    stand_in: torch.Tensor             # [N] the launcher's target per row
+    grad_sum: torch.Tensor | None      # [N] float32, G: the launcher's incoming gradient
+    cols: torch.Tensor | None = None   # [N, K] int64, each entry's column among the launcher's
+    values: torch.Tensor | None = None     # [N, K] float32, the exact gradient there
+    writable: torch.Tensor | None = None   # [N, K] bool: kept entries the launcher writes
 
 
 def _columns(z, ids, cols, kept, writable, stats, entropy, grad, grad_entropy, stand_in, *,
@@ -127,14 +128,18 @@ def token_columns(rows, layout, targets, stats, entropy, grad_logprobs, grad_ent
                   ignore_index: int, inv_temperature: float, softcap) -> TargetColumns:
     """The backward's :class:`TargetColumns`, read before the gradient may overwrite the
     logits (``inplace_backward``)."""
+    stand_in = stand_in_targets(targets, ignore_index)
+    if grad_logprobs is None:
+        return TargetColumns(stand_in, None)
     kept, valid, safe, z = _token_logits(rows, layout, targets, ignore_index)
     return _columns(z, targets, safe, kept, kept & valid, stats, entropy, grad_logprobs,
-                    grad_entropy, stand_in_targets(targets, ignore_index),
-                    inv_temperature=inv_temperature, softcap=softcap)
+                    grad_entropy, stand_in, inv_temperature=inv_temperature, softcap=softcap)
 
 
 def write_token_columns_(grad: torch.Tensor, layout: RowLayout, columns: TargetColumns) -> None:
     """Overwrites the K target columns of the ``[..., V]`` gradient laid out as ``layout``."""
+    if columns.values is None:
+        return
     shape = (layout.n_outer, layout.n_inner, -1)
     write_columns_(row_view(grad, layout), columns.cols.view(shape),
                    columns.values.view(shape), columns.writable.view(shape))
@@ -192,17 +197,21 @@ def linear_columns(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
                    rounded) -> TargetColumns:
     """The backward's :class:`TargetColumns` for the kept rows; columns are ids of this rank's
     weight rows, and only its own are written."""
+    stand_in = stand_in_targets(targets, ignore_index) - vocab_offset
+    if grad_logprobs is None:
+        return TargetColumns(stand_in, None)
     kept, in_shard, local, z = _linear_logits(hidden, weight, bias, targets,
                                               ignore_index=ignore_index,
                                               vocab_offset=vocab_offset, rounded=rounded)
     return _columns(z, targets, local, kept, kept & in_shard, stats, entropy, grad_logprobs,
-                    grad_entropy, stand_in_targets(targets, ignore_index) - vocab_offset,
-                    inv_temperature=inv_temperature, softcap=softcap)
+                    grad_entropy, stand_in, inv_temperature=inv_temperature, softcap=softcap)
 
 
 def write_slice_columns_(tile: torch.Tensor, start: int, end: int,
                          columns: TargetColumns) -> None:
     """Overwrites the target columns in ``[start, end)`` of a ``[n, end - start]`` gradient
     tile (``_linear_backward``'s slices)."""
+    if columns.values is None:
+        return
     in_tile = columns.writable & (columns.cols >= start) & (columns.cols < end)
     write_columns_(tile, columns.cols - start, columns.values, in_tile)

@@ -101,15 +101,12 @@ def _backward_op(hidden, weight, bias, targets, stats, entropy, rows, grad_logpr
     grad_logprobs, grad_entropy = select_rows(grad_logprobs, rows), select_rows(grad_entropy, rows)
     launchers = linear_logprobs_launchers(o.backend)
     columns = None  # topk_targets: the target columns the launcher's tiles get wrong
-    if targets_kept.dim() == 2 and grad_logprobs is not None:
+    if targets_kept.dim() == 2:
         columns = _topk_targets.linear_columns(
             hidden_kept, weight, bias, targets_kept, stats, entropy, grad_logprobs, grad_entropy,
             ignore_index=o.ignore_index, vocab_offset=o.vocab_offset,
             inv_temperature=o.inv_temperature, softcap=o.softcap, rounded=launchers.rounds_logits)
         local_targets, grad_logprobs = columns.stand_in, columns.grad_sum
-    elif targets_kept.dim() == 2:
-        local_targets = (_topk_targets.stand_in_targets(targets_kept, o.ignore_index)
-                         - o.vocab_offset)
     else:
         local_targets = targets_kept - o.vocab_offset
 

@@ -50,15 +50,13 @@ def _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, gra
     rows, layout = row_layout(logits)  # the public function never asks in-place for a copy
     in_place = grad_out is logits
     grad_layout = layout if in_place else layout.packed(rows.shape[-1])
-    columns = None
-    if targets.dim() == 2 and grad_logprobs is not None:
+    columns = None  # topk_targets: the target columns the launcher gets wrong
+    if targets.dim() == 2:
         # Read before the gradient may overwrite the logits.
         columns = _topk_targets.token_columns(
             rows, layout, targets, stats, entropy, grad_logprobs, grad_entropy,
             ignore_index=o.ignore_index, inv_temperature=o.inv_temperature, softcap=o.softcap)
         targets, grad_logprobs = columns.stand_in, columns.grad_sum
-    elif targets.dim() == 2:
-        targets = _topk_targets.stand_in_targets(targets, o.ignore_index)
     token_logprobs_launchers(o.backend).backward(
         rows, targets, layout, stats, entropy if grad_entropy is not None else None,
         grad_logprobs, grad_entropy, rows if in_place else grad_out, grad_layout,
