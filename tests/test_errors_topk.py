@@ -101,9 +101,9 @@ BAD_DIVERGENCE = [
      r"tail must be True or False, got 1"),
     ("mask not bool", (_t(2, 4), _t(2, 4)), {"mask": torch.ones(2, device=DEVICE)}, TypeError,
      r"mask must be a bool tensor"),
-    ("mask shape", (_t(2, 4), _t(2, 4)), {"mask": torch.ones(2, 4, dtype=torch.bool,
-                                                               device=DEVICE)},
-     ValueError, r"mask has shape \(2, 4\) but must equal student_topk_logps.shape\[:-1\] = \(2,\)"),
+    ("mask shape", (_t(2, 4), _t(2, 4)),
+     {"mask": torch.ones(2, 4, dtype=torch.bool, device=DEVICE)}, ValueError,
+     r"mask has shape \(2, 4\) but must equal student_topk_logps.shape\[:-1\] = \(2,\)"),
 ]
 
 
