@@ -71,6 +71,13 @@ def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
     return x, RowLayout(n_outer, n_inner, stride_outer, stride_inner)
 
 
+def row_view(x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    """The rows of ``x`` as an ``[n_outer, n_inner, V]`` view of its memory (no copy), for
+    reading or writing a few columns of every row in place."""
+    return x.as_strided((layout.n_outer, layout.n_inner, x.shape[-1]),
+                        (layout.stride_outer, layout.stride_inner, 1), x.storage_offset())
+
+
 def iter_row_chunks(x: torch.Tensor, layout: RowLayout,
                     rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Yields ``(first_row, rows)``: ``[c, V]`` views of consecutive rows of ``x``, in order."""

@@ -39,37 +39,59 @@ def check_float_tensor(name: str, x, last: str = "[..., V] with a non-empty voca
         raise ValueError(f"{name} must have shape {last}, got shape {tuple(x.shape)}")
 
 
+def choose_targets(targets, topk_targets) -> tuple[torch.Tensor, bool]:
+    """``(ids, topk)``: the token ids a log-prob op reads, and whether they are ``topk_targets``
+    (``[..., K]``, K ids per row) rather than ``targets`` (``[...]``, one id per row). Exactly
+    one of the two must be given: the keyword, not the tensor's shape, says which it is."""
+    if (targets is None) == (topk_targets is None):
+        got = "neither" if targets is None else "both"
+        raise TypeError("pass exactly one of targets ([...]: one token id per row) and "
+                        f"topk_targets ([..., K]: K token ids per row), got {got}")
+    return (targets, False) if topk_targets is None else (topk_targets, True)
+
+
 def check_targets(targets, leading_shape, vocab_size: int, device: torch.device, ignore_index,
-                  source: str = "logits") -> None:
+                  source: str = "logits", topk: bool = False) -> None:
     """Type, shape and device of ``targets`` against ``source`` (a ``[..., V]`` tensor or
-    ``[..., D]`` hidden states); ids in range on CPU (and on CUDA when asked, see above)."""
+    ``[..., D]`` hidden states); ids in range on CPU (and on CUDA when asked, see above).
+    ``topk``: they are ``topk_targets``, ``[..., K]`` with ``K >= 1`` ids per row."""
+    name = "topk_targets" if topk else "targets"
     if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor of token ids, got {type(targets).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}; "
-                        "use targets.long()")
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {targets.dtype}; "
+                        f"use {name}.long()")
     check_ignore_index(ignore_index)
-    if tuple(targets.shape) != tuple(leading_shape):
+    shape, leading_shape = tuple(targets.shape), tuple(leading_shape)
+    if topk and (shape[:-1] != leading_shape or len(shape) != len(leading_shape) + 1
+                 or shape[-1] == 0):
         raise ValueError(
-            f"targets has shape {tuple(targets.shape)} but must equal {source}.shape[:-1] = "
-            f"{tuple(leading_shape)} (one target id per row of {source})")
+            f"topk_targets has shape {shape} but must be [..., K] with [...] = "
+            f"{source}.shape[:-1] = {leading_shape} and K >= 1 (K token ids per row of "
+            f"{source}); one id per row goes in targets")
+    if not topk and shape != leading_shape:
+        hint = ("; K ids per row go in topk_targets" if shape[:-1] == leading_shape else "")
+        raise ValueError(
+            f"targets has shape {shape} but must equal {source}.shape[:-1] = "
+            f"{leading_shape} (one target id per row of {source}){hint}")
     if targets.device != device:
-        raise ValueError(f"{source} is on {device} but targets is on {targets.device}; "
+        raise ValueError(f"{source} is on {device} but {name} is on {targets.device}; "
                          "move both to the same device")
     # Under torch.compile the values are not known while tracing; the kernels stay in bounds.
     if torch.compiler.is_compiling():
         return
     if targets.device.type == "cpu" or os.environ.get(CHECK_TARGETS_ENV) == "1":
-        check_target_range(targets, vocab_size, ignore_index)
+        check_target_range(targets, vocab_size, ignore_index, name)
 
 
-def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int,
+                       name: str = "targets") -> None:
     out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(out_of_range.any()):
         positions = out_of_range.nonzero()
         first = tuple(positions[0].tolist())
         raise ValueError(
-            f"targets holds {positions.shape[0]} id(s) outside [0, V={vocab_size}) that are not "
+            f"{name} holds {positions.shape[0]} id(s) outside [0, V={vocab_size}) that are not "
             f"ignore_index={ignore_index}; the first is {int(targets[first])} at position {first}. "
             "Mark positions without a target with ignore_index.")
 

@@ -18,28 +18,35 @@ def _zero_where_p_is_zero(log_p: torch.Tensor, values: torch.Tensor | None = Non
     return torch.where(log_p > float("-inf"), values, 0.0)
 
 
-def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor, *,
+def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor | None = None, *,
+                             topk_targets: torch.Tensor | None = None,
                              temperature: float = 1.0, softcap: float | None = None,
                              ignore_index: int = -100, return_entropy: bool = False,
                              compute_dtype: torch.dtype = torch.float64):
-    """``log_softmax(softcap(z) / temperature).gather(target)`` (and entropy), differentiable."""
+    """``log_softmax(softcap(z) / temperature).gather(target)`` (and entropy), differentiable.
+    ``topk_targets [..., K]`` instead of ``targets [...]``: K log-probs per row; the entropy
+    then is 0 where all K are ignored."""
     z = logits.to(compute_dtype)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     if temperature != 1.0:
         z = z / temperature
     log_p = torch.log_softmax(z, dim=-1)
-    ignored = targets == ignore_index
-    safe_targets = targets.masked_fill(ignored, 0).long()
-    logprobs = log_p.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)
+    ids = targets.unsqueeze(-1) if topk_targets is None else topk_targets
+    ignored = ids == ignore_index
+    logprobs = log_p.gather(-1, ids.masked_fill(ignored, 0).long()).masked_fill(ignored, 0.0)
+    if topk_targets is None:
+        logprobs = logprobs.squeeze(-1)
     if not return_entropy:
         return logprobs
-    entropy = -(log_p.exp() * _zero_where_p_is_zero(log_p)).sum(-1).masked_fill(ignored, 0.0)
-    return logprobs, entropy
+    entropy = -(log_p.exp() * _zero_where_p_is_zero(log_p)).sum(-1)
+    return logprobs, entropy.masked_fill(ignored.all(-1), 0.0)
 
 
-def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              *, bias: torch.Tensor | None = None, temperature: float = 1.0,
+def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor,
+                              targets: torch.Tensor | None = None, *,
+                              topk_targets: torch.Tensor | None = None,
+                              bias: torch.Tensor | None = None, temperature: float = 1.0,
                               softcap: float | None = None, ignore_index: int = -100,
                               return_entropy: bool = False,
                               compute_dtype: torch.dtype = torch.float64):
@@ -53,7 +60,8 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, target
     logits = torch.nn.functional.linear(
         hidden.to(matmul_dtype), weight.to(matmul_dtype),
         None if bias is None else bias.to(matmul_dtype))
-    return token_logprobs_reference(logits, targets, temperature=temperature, softcap=softcap,
+    return token_logprobs_reference(logits, targets, topk_targets=topk_targets,
+                                    temperature=temperature, softcap=softcap,
                                     ignore_index=ignore_index, return_entropy=return_entropy,
                                     compute_dtype=compute_dtype)
 

@@ -8,6 +8,7 @@ import torch
 from conftest import DEVICE
 
 import fastalign as fa
+from fastalign.losses import topk_divergence
 
 COMPILERS = ["aot_eager"]
 # Inductor on CPU generates C++; without a compiler it cannot run at all.
@@ -22,13 +23,20 @@ def fresh_inductor_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
 
 
-def every_op(logits, ref_logits, targets, hidden, weight, ref_hidden, ref_weight, mask):
+def every_op(logits, ref_logits, targets, hidden, weight, ref_hidden, ref_weight, mask, topk,
+             teacher):
     lp, ent = fa.token_logprobs(logits, targets, return_entropy=True, softcap=5.0)
     kl = fa.token_kl(logits, ref_logits, mask=mask, temperature=0.9)
     linear_lp, linear_ent = fa.linear_logprobs(hidden, weight, targets, return_entropy=True)
     linear_kl = fa.linear_kl(hidden, weight, ref_hidden, ref_weight, mask=mask)
+    # K targets per row, and the top-k distillation loss on them.
+    topk_lp = fa.token_logprobs(logits, topk_targets=topk, temperature=0.8).sum(-1)
+    student = fa.linear_logprobs(hidden, weight, topk_targets=topk)
+    distill = topk_divergence(student.masked_fill(topk == -100, float("-inf")), teacher,
+                              beta=0.5, mask=mask)
     # A little surrounding math, so the graph is more than the ops.
-    return (lp + 0.1 * ent + kl + linear_lp - 0.1 * linear_ent + linear_kl).square().mean()
+    return (lp + 0.1 * ent + kl + linear_lp - 0.1 * linear_ent + linear_kl + topk_lp
+            + distill).square().mean()
 
 
 @pytest.mark.slow
@@ -46,7 +54,12 @@ def test_fullgraph_compile_matches_eager(compiler):
     targets = torch.randint(0, vocab, (batch, seq), generator=gen).to(DEVICE)
     targets[0, 1] = -100
     mask = (torch.rand(batch, seq, generator=gen) > 0.3).to(DEVICE)
-    args = (logits, ref_logits, targets, hidden, weight, ref_hidden, ref_weight, mask)
+    topk = torch.randint(0, vocab, (batch, seq, 3), generator=gen).to(DEVICE)
+    topk[1, 2, 1:] = -100
+    teacher = torch.log_softmax(torch.randn(batch, seq, vocab, generator=gen), -1)[..., :3]
+    teacher = teacher.to(DEVICE).masked_fill(topk == -100, float("-inf"))
+    args = (logits, ref_logits, targets, hidden, weight, ref_hidden, ref_weight, mask, topk,
+            teacher)
 
     eager_loss = every_op(*args)
     eager_grads = torch.autograd.grad(eager_loss, (logits, hidden, weight))

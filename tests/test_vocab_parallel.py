@@ -1,6 +1,6 @@
 """linear_logprobs with the lm_head sharded by vocabulary over 2 gloo processes on the CPU:
 every rank's log-probs, entropy and hidden gradient, and each rank's weight/bias shard
-gradient, equal the unsharded result."""
+gradient, equal the unsharded result; with one target per row and with topk_targets."""
 
 import os
 
@@ -26,17 +26,25 @@ def inputs():
     top = logits.argmax(-1).view(3, 7)
     targets[0, :3] = top[0, :3]  # top-1 targets, wherever they fall
     upstream = torch.randn(2, 3, 7, generator=gen)
-    return hidden, weight, bias, targets, upstream
+    # K = 5 ids per row on both shards: some ignored, one row all ignored, one id twice.
+    topk = torch.randint(0, sum(VOCAB_SPLIT), (3, 7, 5), generator=gen)
+    topk[0, 1, 2:], topk[2, 6], topk[1, 0, 3] = -100, -100, topk[1, 0, 0]
+    return hidden, weight, bias, targets, upstream, topk
 
 
-def run(hidden, weight, bias, targets, upstream, group=None):
+def run(hidden, weight, bias, targets, upstream, topk, group=None):
     hidden, weight, bias = (x.clone().requires_grad_() for x in (hidden, weight, bias))
     lp, ent, stats = fa.linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
                                         return_row_stats=True, temperature=0.9, softcap=6.0,
                                         process_group=group)
     loss = (lp * upstream[0]).sum() + (ent * upstream[1]).sum()
     grads = torch.autograd.grad(loss, (hidden, weight, bias))
-    return [x.detach() for x in (lp, ent, *grads)] + [stats]
+    topk_lp = fa.linear_logprobs(hidden, weight, topk_targets=topk, bias=bias, temperature=0.9,
+                                 softcap=6.0, process_group=group)
+    topk_grads = torch.autograd.grad((topk_lp * upstream[0, ..., None]).sum(),
+                                     (hidden, weight, bias))
+    return [x.detach() for x in (lp, ent, *grads)] + [stats] + [x.detach() for x in
+                                                                (topk_lp, *topk_grads)]
 
 
 def _worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
@@ -44,10 +52,11 @@ def _worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD_SIZE)
     try:
-        hidden, weight, bias, targets, upstream = inputs()
+        hidden, weight, bias, targets, upstream, topk = inputs()
         start = sum(VOCAB_SPLIT[:rank])
         shard = slice(start, start + VOCAB_SPLIT[rank])
-        results = run(hidden, weight[shard], bias[shard], targets, upstream, dist.group.WORLD)
+        results = run(hidden, weight[shard], bias[shard], targets, upstream, topk,
+                      dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # No rank tears gloo down while the other is still inside the last collective (a rank
         # that did aborted once, "terminate called without an active exception", under load).
@@ -60,18 +69,23 @@ def _worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
 def test_sharded_head_equals_unsharded(backend, tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend),
              nprocs=WORLD_SIZE, join=True)
-    lp, ent, grad_hidden, grad_weight, grad_bias, stats = run(*inputs())
+    (lp, ent, grad_hidden, grad_weight, grad_bias, stats,
+     topk_lp, topk_hidden, topk_weight, topk_bias) = run(*inputs())
     # Some targets are the top-1 token (inputs()), some are not: both outcomes merge across ranks.
     assert stats["is_top1"].any() and not stats["is_top1"].all()
     start = 0
     for rank, size in enumerate(VOCAB_SPLIT):
-        r_lp, r_ent, r_hidden, r_weight, r_bias, r_stats = torch.load(tmp_path / f"rank{rank}.pt")
+        (r_lp, r_ent, r_hidden, r_weight, r_bias, r_stats,
+         r_topk_lp, r_topk_hidden, r_topk_weight, r_topk_bias) = torch.load(
+            tmp_path / f"rank{rank}.pt")
         for name, value in stats.items():
             torch.testing.assert_close(r_stats[name], value, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r_lp, lp, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r_ent, ent, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r_hidden, grad_hidden, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r_weight, grad_weight[start:start + size], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r_bias, grad_bias[start:start + size], rtol=1e-5, atol=1e-5)
+        shard = slice(start, start + size)
+        for actual, expected in [(r_lp, lp), (r_ent, ent), (r_hidden, grad_hidden),
+                                 (r_weight, grad_weight[shard]), (r_bias, grad_bias[shard]),
+                                 (r_topk_lp, topk_lp), (r_topk_hidden, topk_hidden),
+                                 (r_topk_weight, topk_weight[shard]),
+                                 (r_topk_bias, topk_bias[shard])]:
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
         start += size
     assert (lp[1, 2] == 0) and (grad_hidden[1, 2] == 0).all()

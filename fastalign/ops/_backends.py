@@ -45,10 +45,14 @@ class LinearLogprobsLaunchers:
     ``backward(hidden, weight, bias, targets, stats, entropy, grad_logprobs, grad_entropy,
     start, end, *, inv_temperature, softcap) -> [N, end - start]`` the logits-gradient tile of
     vocabulary columns ``[start, end)`` in ``hidden``'s dtype; ``tile_cols(n_rows, vocab_size)``
-    the slice width ``_linear_backward`` walks (also the width of ``linear_kl``'s slices)."""
+    the slice width ``_linear_backward`` walks (also the width of ``linear_kl``'s slices).
+    ``rounds_logits``: the tiles' logits are rounded to ``hidden``'s dtype (torch matmuls) rather
+    than kept in float32 (Triton's dots); the logits of ``topk_targets``, formed apart from the
+    tiles (``_topk_targets.target_logits``), are rounded alike."""
     forward: Callable
     backward: Callable
     tile_cols: Callable
+    rounds_logits: bool
 
 
 @dataclass(frozen=True)
@@ -101,21 +105,24 @@ def _torch_token_logprobs() -> TokenLogprobsLaunchers:
 def _triton_linear_logprobs() -> LinearLogprobsLaunchers:
     from ..kernels import linear_logprobs as k
     return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
-                                   backward=k.linear_logprobs_grad_tile, tile_cols=k.tile_cols)
+                                   backward=k.linear_logprobs_grad_tile, tile_cols=k.tile_cols,
+                                   rounds_logits=False)
 
 
 def _native_linear_logprobs() -> LinearLogprobsLaunchers:
     from . import _tiles
     from . import linear_logprobs_native as k
     return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
-                                   backward=k.linear_logprobs_grad_tile, tile_cols=_tiles.tile_cols)
+                                   backward=k.linear_logprobs_grad_tile, tile_cols=_tiles.tile_cols,
+                                   rounds_logits=True)
 
 
 def _torch_linear_logprobs() -> LinearLogprobsLaunchers:
     from . import _tiles
     from . import linear_logprobs_torch as k
     return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
-                                   backward=k.linear_logprobs_grad_tile, tile_cols=_tiles.tile_cols)
+                                   backward=k.linear_logprobs_grad_tile, tile_cols=_tiles.tile_cols,
+                                   rounds_logits=True)
 
 
 def _triton_kl() -> KLLaunchers:

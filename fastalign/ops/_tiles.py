@@ -97,15 +97,18 @@ def row_stat_slice_(keys: torch.Tensor, tile_max: torch.Tensor, local_targets: t
 
 def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, grad_entropy,
                  target_cols, target_grad, *, inv_temperature: float, softcap,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, cap_log_p: bool = False) -> torch.Tensor:
     """Gradient of ``sum(go_lp * log p[target] + go_ent * entropy)`` w.r.t. the raw logits ``z``
     (``[r, c]`` rows, any float dtype), as float32.
 
     ``stats [r, 2]`` holds each row's max key and log-sum (NaN poisons the row); ``entropy``,
     ``grad_logprobs``, ``grad_entropy`` are float32 ``[r]`` or None; ``target_grad [r]`` is added
-    at column ``target_cols [r]`` (0 where the target lies outside ``z``'s columns).
+    at column ``target_cols [r]`` (0 where the target lies outside ``z``'s columns; ``[r, k]``
+    both: k additions per row).
     Without a softcap the result is written into ``out`` when given (``z`` itself, or an fp32
-    buffer); with one, ``z`` is overwritten only when ``out is z``.
+    buffer); with one, ``z`` is overwritten only when ``out is z``. ``cap_log_p`` clamps
+    ``log p`` at 0, for logits formed apart from the pass that found the row max (one rounding
+    above it would give p > 1).
     """
     row_max, log_sum = stats[:, 0:1], stats[:, 1:2]
     dz = None
@@ -120,6 +123,8 @@ def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, g
     if inv_temperature != 1.0:
         log_p.mul_(inv_temperature)
     log_p.sub_(log_sum)
+    if cap_log_p:
+        log_p.clamp_(max=0.0)
     # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
     #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
     if grad_entropy is None:
@@ -131,7 +136,9 @@ def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, g
             coef.add_(grad_logprobs[:, None])
         grad = coef.mul_(p).neg_()
     if grad_logprobs is not None:
-        grad.scatter_add_(1, target_cols[:, None], target_grad[:, None])
+        if target_cols.dim() == 1:
+            target_cols, target_grad = target_cols[:, None], target_grad[:, None]
+        grad.scatter_add_(1, target_cols, target_grad)
     if dz is not None:
         grad.mul_(dz)
     elif inv_temperature != 1.0:

@@ -15,7 +15,7 @@ import torch
 
 from .. import _validation as checks
 from .._backend import select_backend
-from . import _linear_backward, _sharded_head, _vocab_stats
+from . import _linear_backward, _sharded_head, _topk_targets, _vocab_stats
 from ._compact import (fake_saved_rows, kept_rows, rows_to_save, saved_rows, scatter_rows,
                        select_rows)
 from ._backends import linear_logprobs_launchers
@@ -35,24 +35,39 @@ GRAD_OPTIONS = OPTIONS.extended("LinearLogprobsGradOptions",
           tensors="Tensor hidden, Tensor weight, Tensor? bias, Tensor targets",
           returns="(Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _forward_op(hidden, weight, bias, targets, o):
-    """``(logprobs [N], entropy [N] or [0], softmax_stats [N, 2], rows [K], row_stats [N, 3]
-    or [0])`` for ``hidden [N, D]``, ``targets [N]``; ``softmax_stats`` (max and log-sum of each
-    row) and the kept rows' indices (``_compact.rows_to_save``) are what backward needs."""
-    n_rows = targets.shape[0]
-    rows = kept_rows(targets != o.ignore_index)
-    kept_targets = select_rows(targets, rows)
-    partials = linear_logprobs_launchers(o.backend).forward(
-        select_rows(hidden, rows), weight, bias, kept_targets - o.vocab_offset,
+    """``(logprobs [N] or [N, K], entropy [N] or [0], softmax_stats [N, 2], rows [R],
+    row_stats [N, 3] or [0])`` for ``hidden [N, D]``, ``targets [N]`` or ``[N, K]``
+    (``topk_targets``: ops/_topk_targets.py); ``softmax_stats`` (max and log-sum of each row) and
+    the kept rows' indices (``_compact.rows_to_save``) are what backward needs."""
+    n_rows, topk = targets.shape[0], targets.dim() == 2
+    kept = targets != o.ignore_index
+    rows = kept_rows(kept.any(1) if topk else kept)
+    kept_targets, hidden_kept = select_rows(targets, rows), select_rows(hidden, rows)
+    launchers = linear_logprobs_launchers(o.backend)
+    row_targets = (_topk_targets.stand_in_targets(kept_targets, o.ignore_index) if topk
+                   else kept_targets)
+    partials = launchers.forward(
+        hidden_kept, weight, bias, row_targets - o.vocab_offset,
         inv_temperature=o.inv_temperature, softcap=o.softcap, return_entropy=o.return_entropy,
         return_row_stats=o.return_row_stats)
+    group = _vocab_stats.resolve_group(o.group_name)
     stats, entropy, logprobs, row_stats = _vocab_stats.merge_vocab_partials(
-        *partials, process_group=_vocab_stats.resolve_group(o.group_name),
-        inv_temperature=o.inv_temperature, vocab_total=o.vocab_total)
+        *partials, process_group=group, inv_temperature=o.inv_temperature,
+        vocab_total=o.vocab_total)
     # An id outside [0, V) (possible only on CUDA without FASTALIGN_CHECK_TARGETS=1) is never
     # read: its row is NaN in every output and gradient.
     invalid = (kept_targets < 0) | (kept_targets >= o.vocab_total)
+    if topk:
+        invalid = (invalid & (kept_targets != o.ignore_index)).any(1)
     stats = stats.masked_fill(invalid[:, None], float("nan"))
-    logprobs = scatter_rows(logprobs.masked_fill(invalid, float("nan")), rows, n_rows)
+    if topk:
+        logprobs = _topk_targets.linear_forward(
+            hidden_kept, weight, bias, kept_targets, stats, ignore_index=o.ignore_index,
+            vocab_offset=o.vocab_offset, inv_temperature=o.inv_temperature, softcap=o.softcap,
+            rounded=launchers.rounds_logits, group=group)
+    else:
+        logprobs = logprobs.masked_fill(invalid, float("nan"))
+    logprobs = scatter_rows(logprobs, rows, n_rows)
     entropy = hidden.new_empty(0, dtype=torch.float32) if entropy is None \
         else scatter_rows(entropy.masked_fill(invalid, float("nan")), rows, n_rows)
     row_stats = hidden.new_empty(0, dtype=torch.float32) if row_stats is None \
@@ -64,10 +79,10 @@ def _forward_op(hidden, weight, bias, targets, o):
 @_forward_op.register_fake
 def _forward_fake(hidden, weight, bias, targets, o):
     n_rows = targets.shape[0]
-    per_row = hidden.new_empty(n_rows, dtype=torch.float32)
+    per_target = hidden.new_empty(targets.shape, dtype=torch.float32)
     entropy = hidden.new_empty(n_rows if o.return_entropy else 0, dtype=torch.float32)
     row_stats = hidden.new_empty((n_rows, 3) if o.return_row_stats else (0,), dtype=torch.float32)
-    return (per_row, entropy, hidden.new_empty(n_rows, 2, dtype=torch.float32),
+    return (per_target, entropy, hidden.new_empty(n_rows, 2, dtype=torch.float32),
             fake_saved_rows(targets), row_stats)
 
 
@@ -80,17 +95,28 @@ def _backward_op(hidden, weight, bias, targets, stats, entropy, rows, grad_logpr
     """``(dHidden, dWeight, dBias)``, each empty when not needed."""
     n_rows = targets.shape[0]
     rows = saved_rows(rows, n_rows)  # the forward's kept rows: no second host sync
-    hidden_kept = select_rows(hidden, rows)
-    targets_kept = select_rows(targets, rows) - o.vocab_offset
+    hidden_kept, targets_kept = select_rows(hidden, rows), select_rows(targets, rows)
     stats = select_rows(stats, rows)
     entropy = select_rows(entropy, rows) if grad_entropy is not None else None
     grad_logprobs, grad_entropy = select_rows(grad_logprobs, rows), select_rows(grad_entropy, rows)
     launchers = linear_logprobs_launchers(o.backend)
+    columns = None  # topk_targets: the target columns the launcher's tiles get wrong
+    if targets_kept.dim() == 2:
+        columns = _topk_targets.linear_columns(
+            hidden_kept, weight, bias, targets_kept, stats, entropy, grad_logprobs, grad_entropy,
+            ignore_index=o.ignore_index, vocab_offset=o.vocab_offset,
+            inv_temperature=o.inv_temperature, softcap=o.softcap, rounded=launchers.rounds_logits)
+        local_targets, grad_logprobs = columns.stand_in, columns.grad_sum
+    else:
+        local_targets = targets_kept - o.vocab_offset
 
     def grad_tile(start: int, end: int) -> torch.Tensor:
-        return launchers.backward(
-            hidden_kept, weight, bias, targets_kept, stats, entropy, grad_logprobs, grad_entropy,
+        tile = launchers.backward(
+            hidden_kept, weight, bias, local_targets, stats, entropy, grad_logprobs, grad_entropy,
             start, end, inv_temperature=o.inv_temperature, softcap=o.softcap)
+        if columns is not None:
+            _topk_targets.write_slice_columns_(tile, start, end, columns)
+        return tile
 
     grad_hidden, grad_weight, grad_bias = _linear_backward.linear_backward(
         hidden_kept, weight, launchers.tile_cols(hidden_kept.shape[0], weight.shape[0]), grad_tile,
@@ -145,8 +171,9 @@ _forward_op.register_autograd(_setup_context, _backward)
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    targets: torch.Tensor,
+    targets: torch.Tensor | None = None,
     *,
+    topk_targets: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
@@ -167,6 +194,10 @@ def linear_logprobs(
             rank's rows of it (shards in rank order, sizes may differ).
         targets: ``[...]`` integer ids in ``[0, V)`` (global ids when sharded), or
             ``ignore_index``. Already shifted: target ``t`` is the token after position ``t``.
+        topk_targets: instead of ``targets``, ``[..., K]`` ids per row (a teacher's top-k
+            tokens), as in :func:`token_logprobs`: log-probs ``[..., K]`` from one pass over the
+            vocabulary (the K logits are a small ``[N, K, D]`` product with their weight rows).
+            Not with ``return_row_stats``.
         bias: ``[V]`` or None (any float dtype, like ``weight``).
         temperature, softcap, ignore_index, return_entropy: as in :func:`token_logprobs`.
         return_row_stats: also return, from the same pass over the vocabulary, a dict of the
@@ -180,7 +211,8 @@ def linear_logprobs(
             forward, one of ``[N, D]`` in backward). Eager mode only.
 
     Returns:
-        ``logprobs [...]`` float32, or ``(logprobs, entropy)``, each followed by the row
+        ``logprobs [...]`` float32 (``[..., K]`` with ``topk_targets``; entropy stays
+        ``[...]``), or ``(logprobs, entropy)``, each followed by the row
         statistics' dict with ``return_row_stats``; differentiable w.r.t. ``hidden``,
         ``weight`` and ``bias``. No weight gradient is computed when ``weight`` does not require
         grad (a frozen head, LoRA). Ignored rows cost nothing: they are compacted out first.
@@ -204,32 +236,32 @@ def linear_logprobs(
 
     The results are plain tensors; any other layout raises, saying what to do.
     """
+    targets, topk = checks.choose_targets(targets, topk_targets)
     return linear_logprobs_on(None, hidden, weight, targets, bias=bias, temperature=temperature,
                               softcap=softcap, ignore_index=ignore_index,
                               return_entropy=return_entropy, return_row_stats=return_row_stats,
-                              process_group=process_group)
+                              process_group=process_group, topk=topk)
 
 
 def linear_logprobs_on(backend: str | None, hidden, weight, targets, *, bias, temperature,
                        softcap, ignore_index, return_entropy, return_row_stats=False,
-                       process_group=None):
+                       process_group=None, topk=False):
     """``linear_logprobs`` on ``backend``, one ``select_backend`` has named already: a caller
     that runs other passes over the same head in one call (``fastalign.nn``) decides the backend
     once for all of them. None selects it here by ``hidden``'s device, after the checks (so a
-    bad argument is reported before a bad ``FASTALIGN_BACKEND``)."""
+    bad argument is reported before a bad ``FASTALIGN_BACKEND``). ``topk``: ``targets`` are
+    ``topk_targets``, ``[..., K]``."""
+    options = dict(bias=bias, temperature=temperature, softcap=softcap,
+                   ignore_index=ignore_index, return_entropy=return_entropy,
+                   return_row_stats=return_row_stats, process_group=process_group,
+                   backend=backend, topk=topk)
     if not _sharded_head.is_plain(hidden, weight, bias, targets):
-        return _sharded_head.linear_logprobs(
-            _linear_logprobs, hidden, weight, targets, bias=bias, process_group=process_group,
-            temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-            return_entropy=return_entropy, return_row_stats=return_row_stats, backend=backend)
-    return _linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                            softcap=softcap, ignore_index=ignore_index,
-                            return_entropy=return_entropy, return_row_stats=return_row_stats,
-                            process_group=process_group, backend=backend)
+        return _sharded_head.linear_logprobs(_linear_logprobs, hidden, weight, targets, **options)
+    return _linear_logprobs(hidden, weight, targets, **options)
 
 
 def _linear_logprobs(hidden, weight, targets, *, bias, temperature, softcap, ignore_index,
-                     return_entropy, return_row_stats, process_group, backend):
+                     return_entropy, return_row_stats, process_group, backend, topk):
     """``linear_logprobs`` on plain tensors (a sharded head already resolved)."""
     checks.check_lm_head(hidden, weight, bias)
     checks.check_temperature(temperature)
@@ -240,7 +272,10 @@ def _linear_logprobs(hidden, weight, targets, *, bias, temperature, softcap, ign
     vocab_offset, vocab_total = _vocab_stats.vocab_shard(process_group, weight.shape[0],
                                                          weight.device)
     checks.check_targets(targets, hidden.shape[:-1], vocab_total, hidden.device, ignore_index,
-                         source="hidden")
+                         source="hidden", topk=topk)
+    if topk and return_row_stats:
+        raise ValueError("return_row_stats=True takes one target per row (targets=); with "
+                         "topk_targets leave it False")
     group_name = "" if process_group is None else process_group.group_name
     options = OPTIONS.new(
         inv_temperature=1.0 / float(temperature),
@@ -248,14 +283,16 @@ def _linear_logprobs(hidden, weight, targets, *, bias, temperature, softcap, ign
         return_entropy=return_entropy, return_row_stats=return_row_stats,
         vocab_offset=vocab_offset, vocab_total=vocab_total, group_name=group_name,
         backend=select_backend(hidden.device) if backend is None else backend)
+    rows_of_ids = targets.reshape(-1, targets.shape[-1]) if topk else targets.reshape(-1)
     logprobs, entropy, _, _, row_stats = _forward_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
-        None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(), options)
+        None if bias is None else bias.contiguous(), rows_of_ids.contiguous(), options)
+    leading_shape = hidden.shape[:-1]
     results = [logprobs.view(targets.shape)]
     if return_entropy:
-        results.append(entropy.view(targets.shape))
+        results.append(entropy.view(leading_shape))
     if return_row_stats:
-        stats = row_stats.detach().view(*targets.shape, 3).unbind(-1)
+        stats = row_stats.detach().view(*leading_shape, 3).unbind(-1)
         results.append({"mean_logit": stats[0], "is_top1": stats[1] > 0.5,
                         "log_sum_sq_probs": stats[2]})
     return results[0] if len(results) == 1 else tuple(results)

@@ -7,6 +7,7 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from .._layout import needs_copy, row_layout
+from . import _topk_targets
 from ._backends import new_gradient, token_logprobs_launchers
 from ._fused_op import Options, fused_op
 
@@ -21,31 +22,47 @@ _BACKWARD_TENSORS = ("Tensor targets, Tensor stats, Tensor entropy, Tensor? grad
 @fused_op("fastalign::token_logprobs_forward", OPTIONS, tensors="Tensor logits, Tensor targets",
           returns="(Tensor, Tensor, Tensor)")
 def _forward_op(logits, targets, o):
-    """``(logprobs [N], entropy [N] or [0], stats [N, 2])`` for ``[..., V]`` logits,
-    ``targets [N]``: ``stats`` holds each row's max key and log-sum (kernels/token_logprobs.py),
-    what the backward needs; ``inplace_backward`` only matters to the backward."""
+    """``(logprobs [N] or [N, K], entropy [N] or [0], stats [N, 2])`` for ``[..., V]`` logits,
+    ``targets [N]`` or ``[N, K]`` (``topk_targets``, ops/_topk_targets.py): ``stats`` holds each
+    row's max key and log-sum (kernels/token_logprobs.py), what the backward needs;
+    ``inplace_backward`` only matters to the backward."""
     rows, layout = row_layout(logits)
+    topk = targets.dim() == 2
     logprobs, entropy, stats = token_logprobs_launchers(o.backend).forward(
-        rows, targets, layout, inv_temperature=o.inv_temperature, softcap=o.softcap,
+        rows, _topk_targets.stand_in_targets(targets, o.ignore_index) if topk else targets,
+        layout, inv_temperature=o.inv_temperature, softcap=o.softcap,
         ignore_index=o.ignore_index, return_entropy=o.return_entropy)
+    if topk:
+        logprobs, stats = _topk_targets.token_forward(
+            rows, layout, targets, stats, ignore_index=o.ignore_index,
+            inv_temperature=o.inv_temperature, softcap=o.softcap)
     return logprobs, logprobs.new_empty(0) if entropy is None else entropy, stats
 
 
 @_forward_op.register_fake
 def _forward_fake(logits, targets, o):
-    per_row = logits.new_empty(targets.shape[0], dtype=torch.float32)
+    per_target = logits.new_empty(targets.shape, dtype=torch.float32)
     entropy = logits.new_empty(targets.shape[0] if o.return_entropy else 0, dtype=torch.float32)
-    return per_row, entropy, logits.new_empty(targets.shape[0], 2, dtype=torch.float32)
+    return per_target, entropy, logits.new_empty(targets.shape[0], 2, dtype=torch.float32)
 
 
 def _backward_into(grad_out, logits, targets, stats, entropy, grad_logprobs, grad_entropy, o):
     rows, layout = row_layout(logits)  # the public function never asks in-place for a copy
     in_place = grad_out is logits
+    grad_layout = layout if in_place else layout.packed(rows.shape[-1])
+    columns = None  # topk_targets: the target columns the launcher gets wrong
+    if targets.dim() == 2:
+        # Read before the gradient may overwrite the logits.
+        columns = _topk_targets.token_columns(
+            rows, layout, targets, stats, entropy, grad_logprobs, grad_entropy,
+            ignore_index=o.ignore_index, inv_temperature=o.inv_temperature, softcap=o.softcap)
+        targets, grad_logprobs = columns.stand_in, columns.grad_sum
     token_logprobs_launchers(o.backend).backward(
         rows, targets, layout, stats, entropy if grad_entropy is not None else None,
-        grad_logprobs, grad_entropy, rows if in_place else grad_out,
-        layout if in_place else layout.packed(rows.shape[-1]), inv_temperature=o.inv_temperature,
-        softcap=o.softcap, ignore_index=o.ignore_index)
+        grad_logprobs, grad_entropy, rows if in_place else grad_out, grad_layout,
+        inv_temperature=o.inv_temperature, softcap=o.softcap, ignore_index=o.ignore_index)
+    if columns is not None:
+        _topk_targets.write_token_columns_(rows if in_place else grad_out, grad_layout, columns)
 
 
 @fused_op("fastalign::token_logprobs_backward", OPTIONS,
@@ -100,8 +117,9 @@ _forward_op.register_autograd(_setup_context, _backward)
 
 def token_logprobs(
     logits: torch.Tensor,
-    targets: torch.Tensor,
+    targets: torch.Tensor | None = None,
     *,
+    topk_targets: torch.Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
     ignore_index: int = -100,
@@ -117,6 +135,11 @@ def token_logprobs(
         logits: ``[..., V]`` float16, bfloat16 or float32; any leading shape and strides (the
             ``[:, :-1]`` slice of ``[B, T, V]`` logits is read in place, not copied).
         targets: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
+        topk_targets: instead of ``targets``, ``[..., K]`` ids (K >= 1 per row, e.g. a
+            teacher's top-k tokens): the log-prob of each, ``[..., K]``, from one pass over the
+            vocabulary. Exactly one of ``targets`` and ``topk_targets`` is given; the keyword
+            says which, never the shape. Entries equal to ``ignore_index`` give 0 and no
+            gradient; a row whose K are all ignored is skipped (entropy 0). An id may repeat.
         temperature: divides the (soft-capped) logits; a finite number in
             ``[1.18e-38, 8.51e37]`` (it and its reciprocal normal float32 numbers), else
             ``ValueError``. Any such T gives float64 semantics: ``z / T`` is never formed (maxes
@@ -139,8 +162,9 @@ def token_logprobs(
             holds and writing it there would let rows overwrite each other.
 
     Returns:
-        ``logprobs [...]`` float32, or ``(logprobs, entropy)`` when ``return_entropy``; both are
-        differentiable w.r.t. ``logits``. The gradient has the logits' dtype.
+        ``logprobs [...]`` float32 (``[..., K]`` with ``topk_targets``), or
+        ``(logprobs, entropy)`` when ``return_entropy`` (entropy ``[...]``, one per row); both
+        are differentiable w.r.t. ``logits``. The gradient has the logits' dtype.
 
     Target ids outside ``[0, V)`` (other than ``ignore_index``) raise ``ValueError`` for CPU
     tensors. For CUDA tensors that check would cost a host sync, so it runs only when
@@ -158,8 +182,10 @@ def token_logprobs(
     (Triton on CUDA, the native C++ kernels on CPU when built, else the chunked torch path)
     unless ``FASTALIGN_BACKEND`` forces one.
     """
+    targets, topk = checks.choose_targets(targets, topk_targets)
     checks.check_float_tensor("logits", logits)
-    checks.check_targets(targets, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index)
+    checks.check_targets(targets, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index,
+                         topk=topk)
     checks.check_temperature(temperature)
     checks.check_softcap(softcap)
     checks.check_flag("return_entropy", return_entropy)
@@ -167,11 +193,12 @@ def token_logprobs(
     if inplace_backward:
         checks.check_inplace_target("logits", logits)
 
-    leading_shape = targets.shape
+    leading_shape = logits.shape[:-1]
     if targets.numel() == 0:
         # Nothing to read; keep the result attached to the graph so .backward() still works.
-        logprobs = logits.sum(-1, dtype=torch.float32) * 0.0
-        return (logprobs, logprobs.clone()) if return_entropy else logprobs
+        entropy = logits.sum(-1, dtype=torch.float32) * 0.0
+        logprobs = entropy[..., None].expand(targets.shape).clone() if topk else entropy.clone()
+        return (logprobs, entropy) if return_entropy else logprobs
 
     options = OPTIONS.new(
         inv_temperature=1.0 / float(temperature),
@@ -182,7 +209,8 @@ def token_logprobs(
         inplace_backward=(inplace_backward and not needs_copy(logits)
                           and not checks.has_internal_overlap(logits)),
         backend=select_backend(logits.device))
-    logprobs, entropy, _ = _forward_op(logits, targets.reshape(-1).contiguous(), options)
+    rows_of_ids = targets.reshape(-1, targets.shape[-1]) if topk else targets.reshape(-1)
+    logprobs, entropy, _ = _forward_op(logits, rows_of_ids.contiguous(), options)
     if return_entropy:
-        return logprobs.view(leading_shape), entropy.view(leading_shape)
-    return logprobs.view(leading_shape)
+        return logprobs.view(targets.shape), entropy.view(leading_shape)
+    return logprobs.view(targets.shape)
