@@ -204,7 +204,11 @@ def token_divergence(logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta
     where the teacher's logit is -inf and the student's is not, the forward KL the other way
     round), even where the mass underflows float32; its gradient row is then not finite. The
     JSD stays finite there (the mixture never vanishes where either side has mass). A NaN or
-    +inf logit on either side, or a row of only -inf, gives NaN and a NaN gradient row.
+    +inf logit on either side, or a row of only -inf, gives NaN and a NaN gradient row. A KL
+    within a factor V of float32's max may overflow to inf (as :func:`token_kl`'s: its cross
+    term is summed before it is divided by the weighting side's sum); the JSD, bounded by
+    ``-log min(beta, 1 - beta)``, keeps float32's absolute precision (about 1e-7 times the
+    size of the log-probs).
     """
     return run_token_divergence(logits, teacher_logits, teacher_name="teacher_logits", beta=beta,
                                 temperature=temperature, softcap=softcap,
