@@ -207,8 +207,8 @@ def token_divergence(logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta
     +inf logit on either side, or a row of only -inf, gives NaN and a NaN gradient row. A KL
     within a factor V of float32's max may overflow to inf (as :func:`token_kl`'s: its cross
     term is summed before it is divided by the weighting side's sum); the JSD, bounded by
-    ``-log min(beta, 1 - beta)``, keeps float32's absolute precision (about 1e-7 times the
-    size of the log-probs).
+    the binary entropy of ``beta`` (at most log 2), keeps float32's absolute precision (about
+    1e-7 times the size of the log-probs).
     """
     return run_token_divergence(logits, teacher_logits, teacher_name="teacher_logits", beta=beta,
                                 temperature=temperature, softcap=softcap,
