@@ -10,7 +10,7 @@
 // fastalign/ops/_vocab_stats.py merges them (and the slices of the fused-linear form) into the
 // divergence, the entropy and the per-row statistics below.
 // Second pass (JSD only): with both sides' (max, log S) known, sum q log(q / m) and
-// sum p log(p / m) for the mixture m = (1 - beta) p + beta q, in the log domain.
+// sum p log(p / m) for the mixture m = (1 - beta) p + beta q.
 // Backward: the gradient w.r.t. the student's logits in one pass per row. Every difference is
 // taken relative to its own side's max before the 1 / T scaling (kernels/_math.py says why).
 #include "kernels.h"
@@ -27,24 +27,23 @@ constexpr int64_t kRowMax = 0, kLogSum = 1, kTeacherRowMax = 2, kTeacherLogSum =
 
 struct Spec {
   int64_t mode;
-  float one_minus_beta;
+  float student_weight;  // the JSD's mixture weights: 1 - beta (formed in double), beta
+  float teacher_weight;
   float inv_temperature;
   Transform student;  // keys: softcap(z) before the temperature (inv_temperature 1 here)
   Transform teacher;
-  float log_beta;
-  float log_one_minus_beta;
 };
 
 Spec checked_spec(const SpecArg& arg) {
-  const auto [mode, beta, inv_temperature, softcap, teacher_softcap, log_beta,
-              log_one_minus_beta] = arg;
+  const auto [mode, beta, inv_temperature, softcap, teacher_softcap] = arg;
   TORCH_CHECK(mode == kForwardKl || mode == kReverseKl || mode == kJsd, "unknown mode ", mode);
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "beta must be in [0, 1]");
   checked_transform(inv_temperature, softcap);
   checked_transform(inv_temperature, teacher_softcap);
-  return Spec{mode, static_cast<float>(1.0 - beta), static_cast<float>(inv_temperature),
+  return Spec{mode, static_cast<float>(1.0 - beta), static_cast<float>(beta),
+              static_cast<float>(inv_temperature),
               Transform{1.0f, softcap ? static_cast<float>(*softcap) : 0.0f},
-              Transform{1.0f, teacher_softcap ? static_cast<float>(*teacher_softcap) : 0.0f},
-              static_cast<float>(log_beta), static_cast<float>(log_one_minus_beta)};
+              Transform{1.0f, teacher_softcap ? static_cast<float>(*teacher_softcap) : 0.0f}};
 }
 
 // Calls f(std::integral_constant<int64_t, mode>{}).
@@ -76,13 +75,50 @@ inline Vec cross_term(const Vec& exp_w, const Vec& s_w, const Vec& s_o) {
   return Vec::blendv(term, Vec(0.0f), s_w == minus_inf);
 }
 
-// (log(p / m), log(q / m)) for m = (1 - beta) p + beta q (NaN where both are 0: callers select
-// those columns away). exp of a difference from the larger term is at most 1: fast_exp's range.
-inline void mixture_log_ratios(const Vec& log_p, const Vec& log_q, const Vec& log_beta,
-                               const Vec& log_one_minus_beta, Vec& to_p, Vec& to_q) {
-  const Vec a = log_p + log_one_minus_beta, b = log_q + log_beta;
-  const Vec high = at::vec::maximum(a, b);
-  const Vec log_m = high + fast_exp(at::vec::minimum(a, b) - high).log1p();
+#if defined(CPU_CAPABILITY_AVX2)
+// log(x) for x in [FLT_MIN, FLT_MAX] (callers clamp) or NaN (kept): the exponent read from the
+// bits, the mantissa moved into [sqrt(1/2), sqrt(2)) and log(1 + f) there, |f| <= 0.415, by the
+// classic single-precision polynomial (relative error about 1e-7), ln 2 split in two so that
+// e * ln 2 adds no rounding of its own. The JSD takes one log per column; ATen's (Sleef's) is
+// exact to an ulp but several times slower.
+inline Vec fast_log(const Vec& x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 mantissa = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_castps_si256(one)));
+  const __m256 halve = _mm256_cmp_ps(mantissa, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
+  const __m256 f = _mm256_sub_ps(
+      _mm256_blendv_ps(mantissa, _mm256_mul_ps(mantissa, _mm256_set1_ps(0.5f)), halve), one);
+  const __m256 e = _mm256_add_ps(
+      _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127))),
+      _mm256_and_ps(halve, one));
+  __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(7.0376836292e-2f), f, _mm256_set1_ps(-1.1514610310e-1f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.1676998740e-1f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(-1.2420140846e-1f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.4249322787e-1f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(-1.6668057665e-1f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(2.0000714765e-1f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(-2.4999993993e-1f));
+  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(3.3333331174e-1f));
+  const __m256 f2 = _mm256_mul_ps(f, f);
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(poly, f), f2);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), f2, y);
+  const __m256 log_x = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+  return _mm256_blendv_ps(log_x, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#else
+inline Vec fast_log(const Vec& x) { return x.log(); }
+#endif
+
+// (log(p / m), log(q / m)) for the mixture m = (1 - beta) p + beta q of two probabilities (and
+// their logs). m is clamped to the smallest normal float: below it, where the log has no
+// precision left, either term is ~1e-22 at most (m >= (1 - beta) p, 1 - beta >= 1.1e-16).
+inline void mixture_log_ratios(const Vec& log_p, const Vec& log_q, const Vec& p, const Vec& q,
+                               const Vec& student_weight, const Vec& teacher_weight, Vec& to_p,
+                               Vec& to_q) {
+  const Vec mixture = at::vec::fmadd(student_weight, p, teacher_weight * q);
+  const Vec log_m = fast_log(at::vec::maximum(mixture, Vec(FLT_MIN)));
   to_p = log_p - log_m;
   to_q = log_q - log_m;
 }
@@ -212,8 +248,8 @@ void mixture_rows(const s_t* base, const RowLayout& layout, const t_t* teacher_b
   at::parallel_for(0, n_rows, row_grain(vocab_size), [&](int64_t begin, int64_t end) {
     alignas(64) float buf[kBlock];
     alignas(64) float teacher_buf[kBlock];
-    const Vec inv_t(spec.inv_temperature), log_beta(spec.log_beta),
-        log_one_minus_beta(spec.log_one_minus_beta), zero(0.0f);
+    const Vec inv_t(spec.inv_temperature), student_weight(spec.student_weight),
+        teacher_weight(spec.teacher_weight), zero(0.0f);
     for (int64_t row = begin; row < end; ++row) {
       Vec teacher_acc(0.0f), student_acc(0.0f);
       if (!mask || mask[row]) {
@@ -227,9 +263,10 @@ void mixture_rows(const s_t* base, const RowLayout& layout, const t_t* teacher_b
               for_each_vec(keys, teacher_keys, n, [&](const Vec& key, const Vec& teacher_key) {
                 const Vec log_p = (key - m) * inv_t - log_sum;
                 const Vec log_q = (teacher_key - m_teacher) * inv_t - teacher_log_sum;
-                Vec to_p, to_q;
-                mixture_log_ratios(log_p, log_q, log_beta, log_one_minus_beta, to_p, to_q);
                 const Vec p = fast_exp(log_p), q = fast_exp(log_q);
+                Vec to_p, to_q;
+                mixture_log_ratios(log_p, log_q, p, q, student_weight, teacher_weight, to_p,
+                                   to_q);
                 // A side's p = 0 columns (the tail's padding among them) add 0 to its term.
                 teacher_acc = teacher_acc + Vec::blendv(q * to_q, zero, q == zero);
                 student_acc = student_acc + Vec::blendv(p * to_p, zero, p == zero);
@@ -256,8 +293,7 @@ template <int64_t kMode, bool kDivergence, bool kEntropy>
 void grad_block(const float* keys, const float* teacher_keys, int64_t n, const GradRow& r,
                 const Spec& spec, float* out) {
   const Vec inv_t(spec.inv_temperature), zero(0.0f), one(1.0f), log_p_floor(kLogPFloor);
-  const Vec log_beta(spec.log_beta), log_one_minus_beta(spec.log_one_minus_beta);
-  const Vec one_minus_beta(spec.one_minus_beta);
+  const Vec student_weight(spec.student_weight), teacher_weight(spec.teacher_weight);
   const bool has_softcap = spec.student.has_softcap();
   const Vec inv_softcap(has_softcap ? 1.0f / spec.student.softcap : 0.0f);
   auto grad_of = [&](const Vec& key, const Vec& teacher_key) {
@@ -276,10 +312,11 @@ void grad_block(const float* keys, const float* teacher_keys, int64_t n, const G
       } else if constexpr (kMode == kForwardKl) {
         d = p - fast_exp(s_t - r.teacher_log_sum) + r.poison;
       } else {
+        const Vec log_q = s_t - r.teacher_log_sum;
         Vec to_p, to_q;
-        mixture_log_ratios(log_p, s_t - r.teacher_log_sum, log_beta, log_one_minus_beta, to_p,
-                           to_q);
-        d = Vec::blendv(one_minus_beta * p * (to_p - r.aux), r.poison, p == zero);
+        mixture_log_ratios(log_p, log_q, p, fast_exp(log_q), student_weight, teacher_weight,
+                           to_p, to_q);
+        d = Vec::blendv(student_weight * p * (to_p - r.aux), r.poison, p == zero);
       }
       grad = d * r.go_divergence;
     }

@@ -29,10 +29,8 @@ void logprobs_grad(const at::Tensor& x, const LayoutArg& layout, int64_t n_rows,
                    const std::optional<at::Tensor>& grad_entropy);
 
 // The math of a divergence call, as Python passes a kernels/divergence_interface.py
-// DivergenceSpec: (mode, beta, inv_temperature, softcap, teacher_softcap, log beta,
-// log(1 - beta)).
-using SpecArg = std::tuple<int64_t, double, double, std::optional<double>,
-                           std::optional<double>, double, double>;
+// DivergenceSpec: (mode, beta, inv_temperature, softcap, teacher_softcap).
+using SpecArg = std::tuple<int64_t, double, double, std::optional<double>, std::optional<double>>;
 
 // [6, n_rows] float32 first-pass statistics of student and teacher rows, as kernels/divergence.py's
 // divergence_partials (rows: kernels/divergence_interface.py); rows with mask false give

@@ -12,7 +12,7 @@ several slices of them) into ``KL = cross / S_w - log S_w + log S_o``.
 
 Second pass (JSD only, ``mixture_partials``): with both sides' ``(m, log S)`` known, one
 program per row sums ``q log(q / m)`` and ``p log(p / m)`` for the mixture
-``m = (1 - beta) p + beta q``, formed in the log domain from ``log(1 - beta)`` and ``log beta``.
+``m = (1 - beta) p + beta q``.
 
 Backward: one program per (row, tile) writes the gradient w.r.t. the student's logits of
 ``go_div * divergence + go_ent * entropy``:
@@ -50,6 +50,7 @@ TEACHER_ROW_MAX = tl.constexpr(interface.TEACHER_ROW_MAX)
 TEACHER_LOG_SUM = tl.constexpr(interface.TEACHER_LOG_SUM)
 AUX = tl.constexpr(interface.AUX)
 ENTROPY = tl.constexpr(interface.ENTROPY)
+SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -72,13 +73,11 @@ def _keys(row_ptr, cols, in_vocab, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _mixture_log_ratios(log_p, log_q, log_beta, log_one_minus_beta):
-    """``(log(p / m), log(q / m))`` for ``m = (1 - beta) p + beta q`` (NaN where both are 0:
-    callers select those columns away)."""
-    a = log_p + log_one_minus_beta
-    b = log_q + log_beta
-    high = tl.maximum(a, b)
-    log_m = high + tl.log(1.0 + tl.exp(tl.minimum(a, b) - high))
+def _mixture_log_ratios(log_p, log_q, p, q, beta, one_minus_beta):
+    """``(log(p / m), log(q / m))`` for the mixture ``m = (1 - beta) p + beta q`` of two
+    probabilities (and their logs); ``m`` clamped to the smallest normal float, below which
+    either term is ~1e-22 at most (``divergence_torch.mixture_log_ratios`` says why)."""
+    log_m = tl.log(tl.maximum(one_minus_beta * p + beta * q, SMALLEST_NORMAL))
     return log_p - log_m, log_q - log_m
 
 
@@ -154,7 +153,7 @@ def _mixture_kernel(
     logits_ptr, teacher_ptr, mask_ptr, stats_ptr, terms_ptr,
     n_inner, stride_outer, stride_inner, teacher_n_inner, teacher_stride_outer,
     teacher_stride_inner, n_rows, vocab_size, inv_temperature, softcap, teacher_softcap,
-    log_beta, log_one_minus_beta,
+    beta, one_minus_beta,
     HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEACHER_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -181,10 +180,10 @@ def _mixture_kernel(
             - log_sum_s
         log_q = (_keys(t_row, cols, in_vocab, teacher_softcap, HAS_TEACHER_SOFTCAP) - max_t) \
             * inv_temperature - log_sum_t
-        to_mixture_p, to_mixture_q = _mixture_log_ratios(log_p, log_q, log_beta,
-                                                         log_one_minus_beta)
         p = tl.exp(log_p)
         q = tl.exp(log_q)
+        to_mixture_p, to_mixture_q = _mixture_log_ratios(log_p, log_q, p, q, beta,
+                                                         one_minus_beta)
         # A side's p = 0 columns (those past V among them) add 0 to its term.
         teacher_term += tl.sum(tl.where(q == 0.0, 0.0, q * to_mixture_q), axis=0)
         student_term += tl.sum(tl.where(p == 0.0, 0.0, p * to_mixture_p), axis=0)
@@ -197,7 +196,7 @@ def _divergence_backward_kernel(
     logits_ptr, teacher_ptr, mask_ptr, stats_ptr, grad_divergence_ptr, grad_entropy_ptr,
     grad_ptr, n_inner, stride_outer, stride_inner, teacher_n_inner, teacher_stride_outer,
     teacher_stride_inner, grad_stride_outer, grad_stride_inner, vocab_size, inv_temperature,
-    softcap, teacher_softcap, log_beta, log_one_minus_beta,
+    softcap, teacher_softcap, beta, one_minus_beta,
     MODE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_TEACHER_SOFTCAP: tl.constexpr, HAS_DIVERGENCE_GRAD: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -233,9 +232,10 @@ def _divergence_backward_kernel(
         elif MODE == FORWARD_KL:
             d = p - tl.exp(s_t - tl.load(stats + TEACHER_LOG_SUM)) + poison
         else:
-            to_mixture, _ = _mixture_log_ratios(log_p, s_t - tl.load(stats + TEACHER_LOG_SUM),
-                                                log_beta, log_one_minus_beta)
-            d = tl.where(p == 0.0, poison, tl.exp(log_one_minus_beta) * p * (to_mixture - aux))
+            log_q = s_t - tl.load(stats + TEACHER_LOG_SUM)
+            to_mixture, _ = _mixture_log_ratios(log_p, log_q, p, tl.exp(log_q), beta,
+                                                one_minus_beta)
+            d = tl.where(p == 0.0, poison, one_minus_beta * p * (to_mixture - aux))
         grad += d * tl.load(grad_divergence_ptr + row)
     if HAS_ENTROPY_GRAD:
         # d entropy / dz'_j = -p_j (log p_j + entropy), log p floored at LOG_P_FLOOR (_math).
@@ -289,8 +289,8 @@ def mixture_partials(logits, teacher_logits, layout, teacher_layout, mask, stats
         _mixture_kernel[(n_rows,)](
             logits, teacher_logits, terms if mask is None else mask, stats, terms,
             *_layouts(layout, teacher_layout), n_rows, vocab_size, spec.inv_temperature,
-            log_beta=spec.log_beta, log_one_minus_beta=spec.log_one_minus_beta,
-            HAS_MASK=mask is not None, BLOCK_V=block, num_warps=warps, **_softcaps(spec))
+            beta=spec.beta, one_minus_beta=spec.student_weight, HAS_MASK=mask is not None,
+            BLOCK_V=block, num_warps=warps, **_softcaps(spec))
     return terms
 
 
@@ -309,7 +309,7 @@ def divergence_grad(logits, teacher_logits, layout, teacher_layout, mask, stats,
             stats if grad_entropy is None else grad_entropy, grad_out,
             *_layouts(layout, teacher_layout), grad_layout.stride_outer,
             grad_layout.stride_inner, vocab_size, spec.inv_temperature,
-            log_beta=spec.log_beta, log_one_minus_beta=spec.log_one_minus_beta, MODE=spec.mode,
+            beta=spec.beta, one_minus_beta=spec.student_weight, MODE=spec.mode,
             HAS_MASK=mask is not None, HAS_DIVERGENCE_GRAD=grad_divergence is not None,
             HAS_ENTROPY_GRAD=grad_entropy is not None, BLOCK_V=block, num_warps=warps,
             **_softcaps(spec))

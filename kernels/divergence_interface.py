@@ -14,7 +14,6 @@ KL(p_s || p_t), anything between the generalized JSD
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 # The divergence a beta selects (a compile-time constant of every kernel).
@@ -42,15 +41,19 @@ TEACHER_TERM, STUDENT_TERM = 0, 1
 
 
 class DivergenceSpec(NamedTuple):
-    """The math of one call, as every launcher takes it (``spec=``)."""
+    """The math of one call, as every launcher takes it (``spec=``). The JSD's mixture weights
+    are ``1 - beta`` (the student's) and ``beta`` (the teacher's), each formed in float64
+    before a kernel rounds it to float32: ``1 - beta`` rounded from a float32 ``beta`` would be
+    0 for a beta within 6e-8 of 1."""
     mode: int
     beta: float
     inv_temperature: float
     softcap: float | None
     teacher_softcap: float | None
-    # log(beta) and log(1 - beta), the mixture's weights in the log domain (JSD only, else 0).
-    log_beta: float
-    log_one_minus_beta: float
+
+    @property
+    def student_weight(self) -> float:
+        return 1.0 - self.beta
 
 
 def mode_of(beta: float) -> int:
@@ -59,10 +62,4 @@ def mode_of(beta: float) -> int:
 
 def divergence_spec(beta: float, inv_temperature: float, softcap: float | None,
                     teacher_softcap: float | None) -> DivergenceSpec:
-    mode = mode_of(beta)
-    # The weights' logs come from float64 here: 1 - beta rounded to float32 inside a kernel is 0
-    # for a beta within 6e-8 of 1, and log(0) would turn a tiny weight into -inf.
-    log_beta = math.log(beta) if mode == JSD else 0.0
-    log_one_minus_beta = math.log1p(-beta) if mode == JSD else 0.0
-    return DivergenceSpec(mode, beta, inv_temperature, softcap, teacher_softcap, log_beta,
-                          log_one_minus_beta)
+    return DivergenceSpec(mode_of(beta), beta, inv_temperature, softcap, teacher_softcap)

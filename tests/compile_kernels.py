@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastalign.kernels import divergence, linear_logprobs, policy, token_logprobs  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOAT_SCALARS = {"inv_temperature", "softcap", "teacher_softcap", "log_beta", "log_one_minus_beta",
+FLOAT_SCALARS = {"inv_temperature", "softcap", "teacher_softcap", "beta", "one_minus_beta",
                  "clip_low", "clip_high", "dual_clip", "kl_coef"}
 WIDE_SCALARS = {"stride_outer", "teacher_stride_outer", "grad_stride_outer"}  # can pass 2**31
 # Pointers to the inputs' dtype; every other pointer is float32 (statistics) or int64 (ids).

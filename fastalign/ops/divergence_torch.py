@@ -41,13 +41,13 @@ def _cross_terms(exp_w: torch.Tensor, s_w: torch.Tensor, s_o: torch.Tensor) -> t
     return torch.where(s_w == -_INF, 0.0, torch.where(s_o == -_INF, _INF, exp_w * (s_w - s_o)))
 
 
-def mixture_log_ratios(log_p: torch.Tensor, log_q: torch.Tensor, spec: DivergenceSpec):
-    """``(log(p / m), log(q / m))`` with ``m = (1 - beta) p + beta q`` (NaN where both are 0:
-    callers select those columns away)."""
-    a = log_p + spec.log_one_minus_beta
-    b = log_q + spec.log_beta
-    high, low = torch.maximum(a, b), torch.minimum(a, b)
-    log_m = high + torch.log1p(torch.exp(low - high))
+def mixture_log_ratios(log_p, log_q, p, q, spec: DivergenceSpec):
+    """``(log(p / m), log(q / m))`` for the mixture ``m = (1 - beta) p + beta q`` of two
+    probabilities (and their logs). ``m`` is clamped to the smallest normal float: below it,
+    where log has no precision left, either term is at most ~1e-22 (``m >= (1 - beta) p`` with
+    ``1 - beta >= 1.1e-16``, a float64 below 1)."""
+    mixture = spec.student_weight * p + spec.beta * q
+    log_m = mixture.clamp_(min=torch.finfo(torch.float32).tiny).log_()
     return log_p - log_m, log_q - log_m
 
 
@@ -87,8 +87,8 @@ def mixture_partials(logits, teacher_logits, layout, teacher_layout, mask, stats
                                          stop, spec)
         log_p = _log_probs(keys, stats[start:stop], ROW_MAX, spec)
         log_q = _log_probs(teacher_keys, stats[start:stop], TEACHER_ROW_MAX, spec)
-        to_mixture_p, to_mixture_q = mixture_log_ratios(log_p, log_q, spec)
         p, q = log_p.exp(), log_q.exp()
+        to_mixture_p, to_mixture_q = mixture_log_ratios(log_p, log_q, p, q, spec)
         terms[0, start:stop] = torch.where(q == 0, 0.0, q * to_mixture_q).sum(dim=1)
         terms[1, start:stop] = torch.where(p == 0, 0.0, p * to_mixture_p).sum(dim=1)
     if mask is not None:
@@ -119,8 +119,8 @@ def _divergence_grad(s, log_p, p, teacher_keys, stats, spec):
         # log p - log q - KL = (s - s_t) - shift, each s relative to its own side's max.
         log_ratio = s - _shifted(teacher_keys, stats, TEACHER_ROW_MAX, spec) - aux
         return torch.where(p == 0, poison, p * log_ratio)
-    to_mixture, _ = mixture_log_ratios(
-        log_p, _log_probs(teacher_keys, stats, TEACHER_ROW_MAX, spec), spec)
+    log_q = _log_probs(teacher_keys, stats, TEACHER_ROW_MAX, spec)
+    to_mixture, _ = mixture_log_ratios(log_p, log_q, p, log_q.exp(), spec)
     return torch.where(p == 0, poison, (1.0 - spec.beta) * p * (to_mixture - aux))
 
 
