@@ -5,7 +5,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastalign native CPU kernels: per-row softmax statistics, log-prob/entropy "
-            "gradients and exact KL, vectorized and parallel over rows";
+            "gradients and exact divergences (KL, JSD), vectorized and parallel over rows";
   using namespace pybind11::literals;
   m.def("softmax_stats", &fastalign::softmax_stats, "x"_a, "layout"_a, "n_rows"_a, "targets"_a,
         "target_offset"_a, "skip_index"_a, "inv_temperature"_a, "softcap"_a, "want_entropy"_a);
@@ -13,11 +13,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_out"_a, "grad_layout"_a, "targets"_a, "target_offset"_a, "skip_index"_a,
         "inv_temperature"_a, "softcap"_a, "row_max"_a, "lse"_a, "entropy"_a, "grad_logprobs"_a,
         "grad_entropy"_a);
-  m.def("kl_stats", &fastalign::kl_stats, "logits"_a, "layout"_a, "ref_logits"_a,
-        "ref_layout"_a, "n_rows"_a, "mask"_a, "inv_temperature"_a);
-  m.def("kl_grad", &fastalign::kl_grad, "logits"_a, "layout"_a, "ref_logits"_a, "ref_layout"_a,
-        "n_rows"_a, "mask"_a, "stats"_a, "grad_kl"_a, "grad_out"_a, "grad_layout"_a,
-        "inv_temperature"_a);
+  m.def("divergence_stats", &fastalign::divergence_stats, "logits"_a, "layout"_a,
+        "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "spec"_a,
+        "want_entropy"_a);
+  m.def("divergence_mixture", &fastalign::divergence_mixture, "logits"_a, "layout"_a,
+        "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a, "spec"_a);
+  m.def("divergence_grad", &fastalign::divergence_grad, "logits"_a, "layout"_a,
+        "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a,
+        "grad_divergence"_a, "grad_entropy"_a, "grad_out"_a, "grad_layout"_a, "spec"_a);
   m.def("empty_gradient", &fastalign::empty_gradient, "sizes"_a, "dtype"_a, "reuse"_a);
   m.def("release_gradient_buffers", &fastalign::release_gradient_buffers);
   m.def("kept_gradient_bytes", &fastalign::kept_gradient_bytes);

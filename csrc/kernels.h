@@ -28,19 +28,34 @@ void logprobs_grad(const at::Tensor& x, const LayoutArg& layout, int64_t n_rows,
                    const std::optional<at::Tensor>& grad_logprobs,
                    const std::optional<at::Tensor>& grad_entropy);
 
-// [5, n_rows] float32: (max, sum_exp, ref_max, ref_sum_exp, cross) of both rows (maxes of the raw
-// logits, sums of exp((z - max) / T)), as kernels/kl.py's kl_partials; rows with mask false
-// give statistics that merge to KL = 0.
-at::Tensor kl_stats(const at::Tensor& logits, const LayoutArg& layout,
-                    const at::Tensor& ref_logits, const LayoutArg& ref_layout, int64_t n_rows,
-                    const std::optional<at::Tensor>& mask, double inv_temperature);
+// The math of a divergence call, as Python passes a kernels/divergence_interface.py
+// DivergenceSpec: (mode, beta, inv_temperature, softcap, teacher_softcap).
+using SpecArg = std::tuple<int64_t, double, double, std::optional<double>, std::optional<double>>;
 
-// Writes grad_kl * dKL/dlogits into grad_out (the logits' dtype) from the [n_rows, 4] stats of
-// _vocab_stats.merge_kl_partials (max, log S, ref max, shift); masked rows get 0.
-void kl_grad(const at::Tensor& logits, const LayoutArg& layout, const at::Tensor& ref_logits,
-             const LayoutArg& ref_layout, int64_t n_rows, const std::optional<at::Tensor>& mask,
-             const at::Tensor& stats, const at::Tensor& grad_kl, const at::Tensor& grad_out,
-             const LayoutArg& grad_layout, double inv_temperature);
+// [6, n_rows] float32 first-pass statistics of student and teacher rows, as kernels/divergence.py's
+// divergence_partials (rows: kernels/divergence_interface.py); rows with mask false give
+// statistics that merge to 0.
+at::Tensor divergence_stats(const at::Tensor& logits, const LayoutArg& layout,
+                            const at::Tensor& teacher_logits, const LayoutArg& teacher_layout,
+                            int64_t n_rows, const std::optional<at::Tensor>& mask,
+                            const SpecArg& spec, bool want_entropy);
+
+// [2, n_rows] float32: the JSD's second-pass sums (sum q log(q / m), sum p log(p / m)) from the
+// merged [n_rows, 6] statistics; masked rows 0.
+at::Tensor divergence_mixture(const at::Tensor& logits, const LayoutArg& layout,
+                              const at::Tensor& teacher_logits, const LayoutArg& teacher_layout,
+                              int64_t n_rows, const std::optional<at::Tensor>& mask,
+                              const at::Tensor& stats, const SpecArg& spec);
+
+// Writes d(go_div * divergence + go_ent * entropy)/dlogits into grad_out (the logits' dtype; may
+// be the logits themselves) from the merged [n_rows, 6] statistics; either upstream gradient
+// may be absent; masked rows get 0.
+void divergence_grad(const at::Tensor& logits, const LayoutArg& layout,
+                     const at::Tensor& teacher_logits, const LayoutArg& teacher_layout,
+                     int64_t n_rows, const std::optional<at::Tensor>& mask,
+                     const at::Tensor& stats, const std::optional<at::Tensor>& grad_divergence,
+                     const std::optional<at::Tensor>& grad_entropy, const at::Tensor& grad_out,
+                     const LayoutArg& grad_layout, const SpecArg& spec);
 
 // A contiguous CPU tensor for a gradient: from at::empty below 32 MiB, else from a huge-page
 // block that (with reuse) is kept when the tensor is freed and handed to the next gradient of

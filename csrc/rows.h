@@ -3,8 +3,8 @@
 //
 // Every kernel walks one row at a time and reads it from memory once per pass, whatever its
 // dtype. logprobs.cpp converts and transforms pairs of vectors in registers (VecTransform,
-// load_pair_any / store_pair_any); kl.cpp still brings each block of kBlock columns into a small
-// L1-resident fp32 buffer first (load_block / store_block). Vector code is ATen's
+// load_pair_any / store_pair_any); divergence.cpp still brings each block of kBlock columns into
+// a small L1-resident fp32 buffer first (load_block / store_block). Vector code is ATen's
 // Vectorized<float> plus AVX2 intrinsics where the build enables them (fastalign/_native.py).
 #pragma once
 

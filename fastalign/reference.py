@@ -7,6 +7,8 @@ before reaching for fastalign.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -18,6 +20,13 @@ def _zero_where_p_is_zero(log_p: torch.Tensor, values: torch.Tensor | None = Non
     return torch.where(log_p > float("-inf"), values, 0.0)
 
 
+def _transformed_log_softmax(logits, temperature, softcap, compute_dtype):
+    z = logits.to(compute_dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.log_softmax(z / temperature, dim=-1)
+
+
 def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor | None = None, *,
                              topk_targets: torch.Tensor | None = None,
                              temperature: float = 1.0, softcap: float | None = None,
@@ -26,12 +35,7 @@ def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor | None 
     """``log_softmax(softcap(z) / temperature).gather(target)`` (and entropy), differentiable.
     ``topk_targets [..., K]`` instead of ``targets [...]``: K log-probs per row; the entropy
     then is 0 where all K are ignored."""
-    z = logits.to(compute_dtype)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    if temperature != 1.0:
-        z = z / temperature
-    log_p = torch.log_softmax(z, dim=-1)
+    log_p = _transformed_log_softmax(logits, temperature, softcap, compute_dtype)
     ids = targets.unsqueeze(-1) if topk_targets is None else topk_targets
     ignored = ids == ignore_index
     logprobs = log_p.gather(-1, ids.masked_fill(ignored, 0).long()).masked_fill(ignored, 0.0)
@@ -41,6 +45,13 @@ def token_logprobs_reference(logits: torch.Tensor, targets: torch.Tensor | None 
         return logprobs
     entropy = -(log_p.exp() * _zero_where_p_is_zero(log_p)).sum(-1)
     return logprobs, entropy.masked_fill(ignored.all(-1), 0.0)
+
+
+def _linear_logits(hidden, weight, bias, compute_dtype):
+    """The matmul as :func:`linear_logprobs_reference` runs it."""
+    dtype = torch.float64 if compute_dtype == torch.float64 else hidden.dtype
+    return torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype),
+                                      None if bias is None else bias.to(dtype))
 
 
 def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor,
@@ -56,33 +67,76 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor,
     the inputs' own dtype, as the eager code of a bf16 model does (``F.linear`` in bf16, then
     an upcast), so the benchmarks' "torch eager" and the tests' "torch's own error" are that.
     """
-    matmul_dtype = torch.float64 if compute_dtype == torch.float64 else hidden.dtype
-    logits = torch.nn.functional.linear(
-        hidden.to(matmul_dtype), weight.to(matmul_dtype),
-        None if bias is None else bias.to(matmul_dtype))
-    return token_logprobs_reference(logits, targets, topk_targets=topk_targets,
+    return token_logprobs_reference(_linear_logits(hidden, weight, bias, compute_dtype), targets,
+                                    topk_targets=topk_targets,
                                     temperature=temperature, softcap=softcap,
                                     ignore_index=ignore_index, return_entropy=return_entropy,
                                     compute_dtype=compute_dtype)
 
 
+def _kl_columns(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``a (log a - log b)`` per column, by the conventions: 0 where ``a = 0`` (log a = -inf),
+    whatever b is; +inf where ``b = 0`` and ``a`` is not (a finite log a, however small its exp,
+    where exp(log a) * inf could be 0 * inf = NaN). Each product sees only values it is defined
+    for (selected before multiplying, so no NaN reaches the gradient either); a NaN log a (a NaN
+    or +inf logit) stays NaN."""
+    dead = log_a == float("-inf")
+    impossible = (log_b == float("-inf")) & ~dead
+    safe_a, safe_b = torch.where(dead, 0.0, log_a), torch.where(dead | impossible, 0.0, log_b)
+    terms = torch.where(impossible, float("inf"), safe_a.exp() * (safe_a - safe_b))
+    return torch.where(dead, 0.0, terms)
+
+
+def token_divergence_reference(logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                               beta: float = 1.0, temperature: float = 1.0,
+                               softcap: float | None = None,
+                               teacher_softcap: float | None = None,
+                               mask: torch.Tensor | None = None, return_entropy: bool = False,
+                               compute_dtype: torch.dtype = torch.float64):
+    """TRL's divergence per row with full log-softmaxes of ``softcap(z) / T``: beta = 0
+    ``KL(p_t || p_s)``, beta = 1 ``KL(p_s || p_t)``, else ``beta KL(p_t || m) + (1 - beta)
+    KL(p_s || m)`` with ``m = (1 - beta) p_s + beta p_t``; masked rows 0. With
+    ``return_entropy`` also the student's entropy."""
+    log_p = _transformed_log_softmax(logits, temperature, softcap, compute_dtype)
+    log_q = _transformed_log_softmax(teacher_logits, temperature, teacher_softcap, compute_dtype)
+    if beta == 1.0:
+        divergence = _kl_columns(log_p, log_q).sum(-1)
+    elif beta == 0.0:
+        divergence = _kl_columns(log_q, log_p).sum(-1)
+    else:
+        # Columns where both are 0 get a stand-in mixture (their terms are 0 anyway), so that
+        # logaddexp's backward never sees -inf - -inf.
+        both_dead = (log_p == float("-inf")) & (log_q == float("-inf"))
+        log_m = torch.logaddexp(torch.where(both_dead, 0.0, log_p + math.log1p(-beta)),
+                                torch.where(both_dead, 0.0, log_q + math.log(beta)))
+        divergence = (beta * _kl_columns(log_q, log_m).sum(-1)
+                      + (1.0 - beta) * _kl_columns(log_p, log_m).sum(-1))
+    if mask is not None:
+        divergence = divergence.masked_fill(~mask, 0.0)
+    if not return_entropy:
+        return divergence
+    entropy = -(log_p.exp() * _zero_where_p_is_zero(log_p)).sum(-1)
+    return divergence, entropy if mask is None else entropy.masked_fill(~mask, 0.0)
+
+
+def linear_divergence_reference(hidden, weight, teacher_hidden, teacher_weight, *, bias=None,
+                                teacher_bias=None, compute_dtype: torch.dtype = torch.float64,
+                                **options):
+    """:func:`token_divergence_reference` of both models' logits (``options``: its
+    keywords)."""
+    return token_divergence_reference(
+        _linear_logits(hidden, weight, bias, compute_dtype),
+        _linear_logits(teacher_hidden, teacher_weight, teacher_bias, compute_dtype),
+        compute_dtype=compute_dtype, **options)
+
+
 def token_kl_reference(logits: torch.Tensor, ref_logits: torch.Tensor, *,
                        temperature: float = 1.0, mask: torch.Tensor | None = None,
                        compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``sum p (log p - log q)`` over the vocabulary with full log-softmaxes; masked rows 0."""
-    log_p = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)
-    log_q = torch.log_softmax(ref_logits.to(compute_dtype) / temperature, dim=-1)
-    # p = 0 columns (log p = -inf) add 0. A column the reference gives probability 0 and the
-    # policy does not (a finite log p, however small its exp) makes the KL +inf, where
-    # exp(log p) * inf could be 0 * inf = NaN. Each product sees only values it is defined for
-    # (selected before multiplying, so no NaN reaches the gradient either); a NaN log p (a NaN
-    # or +inf logit) stays NaN.
-    dead = log_p == float("-inf")
-    impossible = (log_q == float("-inf")) & ~dead
-    safe_p, safe_q = torch.where(dead, 0.0, log_p), torch.where(dead | impossible, 0.0, log_q)
-    terms = torch.where(impossible, float("inf"), safe_p.exp() * (safe_p - safe_q))
-    kl = torch.where(dead, 0.0, terms).sum(-1)
-    return kl if mask is None else kl.masked_fill(~mask, 0.0)
+    """``sum p (log p - log q)`` over the vocabulary with full log-softmaxes; masked rows 0
+    (:func:`token_divergence_reference` at beta = 1)."""
+    return token_divergence_reference(logits, ref_logits, beta=1.0, temperature=temperature,
+                                      mask=mask, compute_dtype=compute_dtype)
 
 
 def linear_kl_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None,
@@ -90,9 +144,6 @@ def linear_kl_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None, re
                         compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """:func:`token_kl_reference` of both models' logits, matmuls as in
     :func:`linear_logprobs_reference`."""
-    def logits(h, w, b):
-        dtype = torch.float64 if compute_dtype == torch.float64 else h.dtype
-        return torch.nn.functional.linear(h.to(dtype), w.to(dtype),
-                                          None if b is None else b.to(dtype))
-    return token_kl_reference(logits(hidden, weight, bias), logits(ref_hidden, ref_weight, ref_bias),
-                              temperature=temperature, mask=mask, compute_dtype=compute_dtype)
+    return linear_divergence_reference(hidden, weight, ref_hidden, ref_weight, bias=bias,
+                                       teacher_bias=ref_bias, beta=1.0, temperature=temperature,
+                                       mask=mask, compute_dtype=compute_dtype)

@@ -13,21 +13,26 @@ GPU image's 3.6, without touching the venv:
 
 import os
 import sys
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "the interpreter replaces the compiler"
+# Run as a script, sys.path starts at tests/: the checkout this file is in must be the fastalign
+# it compiles, not another one an editable install points at (a git worktree's main checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastalign.kernels import kl, linear_logprobs, policy, token_logprobs  # noqa: E402
+from fastalign.kernels import divergence, linear_logprobs, policy, token_logprobs  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOAT_SCALARS = {"inv_temperature", "softcap", "clip_low", "clip_high", "dual_clip", "kl_coef"}
-WIDE_SCALARS = {"stride_outer", "ref_stride_outer", "grad_stride_outer"}  # can pass 2**31
+FLOAT_SCALARS = {"inv_temperature", "softcap", "teacher_softcap", "beta", "one_minus_beta",
+                 "clip_low", "clip_high", "dual_clip", "kl_coef"}
+WIDE_SCALARS = {"stride_outer", "teacher_stride_outer", "grad_stride_outer"}  # can pass 2**31
 # Pointers to the inputs' dtype; every other pointer is float32 (statistics) or int64 (ids).
 INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_tile_ptr", "logits_ptr",
-                  "ref_ptr", "grad_ptr", "logprobs_ptr", "old_ptr", "advantages_ptr"}
+                  "teacher_ptr", "grad_ptr", "logprobs_ptr", "old_ptr", "advantages_ptr"}
 
 
 def signature(fn, dtype: str, weight_dtype: str):
@@ -46,8 +51,8 @@ def signature(fn, dtype: str, weight_dtype: str):
                 types[name] = f"*{dtype}"
             elif name == "targets_ptr":
                 types[name] = "*i64"
-            elif name == "mask_ptr":  # bool for the KL kernels, 0/1 floats for the policy ones
-                types[name] = "*i1" if fn.fn.__name__.startswith("_kl") else "*fp32"
+            elif name == "mask_ptr":  # bool for the divergence kernels, 0/1 floats for the policy ones
+                types[name] = "*fp32" if fn.fn.__name__.startswith("_policy") else "*i1"
             else:
                 types[name] = "*fp32"
             divisible.append(index)
@@ -74,7 +79,7 @@ def compile_variant(fn, constexprs: dict, dtype="bf16", weight_dtype=None, num_w
 def variants():
     """(name, kernel, constexprs, dtype, weight dtype): each kernel with no optional feature and
     with all of them, in the dtype pairs that ship (bf16 activations with fp32 weights is
-    autocast's), about 20 compiles (~35 s on 2 cores)."""
+    autocast's), about 30 compiles (~50 s on 2 cores)."""
     for dtype, weight_dtype in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32")):
         dot = dict(UPCAST=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                    BLOCK_N=linear_logprobs.FORWARD_BLOCK_N,
@@ -88,9 +93,20 @@ def variants():
                    dict(flags, HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=on, **dot),
                    dtype, weight_dtype)
     for dtype, on in (("bf16", True), ("fp32", False)):
-        block = dict(HAS_MASK=on, BLOCK_V=kl.FORWARD_BLOCK_V)
-        yield "kl forward", kl._kl_forward_kernel, block, dtype, dtype
-        yield "kl backward", kl._kl_backward_kernel, block, dtype, dtype
+        caps = dict(HAS_MASK=on, HAS_SOFTCAP=on, HAS_TEACHER_SOFTCAP=on,
+                    BLOCK_V=divergence.FORWARD_BLOCK_V)
+        # Every mode once: the forward KL and the JSD with every feature, the reverse KL
+        # without (token_kl's variant).
+        for mode in (0, 1, 2):
+            features = on if mode != 1 else False
+            flags = dict(caps, HAS_MASK=features, HAS_SOFTCAP=features,
+                         HAS_TEACHER_SOFTCAP=features)
+            yield (f"divergence forward mode {mode}", divergence._divergence_forward_kernel,
+                   dict(flags, MODE=mode, RETURN_ENTROPY=features), dtype, dtype)
+            yield (f"divergence backward mode {mode}", divergence._divergence_backward_kernel,
+                   dict(flags, MODE=mode, HAS_DIVERGENCE_GRAD=True, HAS_ENTROPY_GRAD=features),
+                   dtype, dtype)
+        yield "divergence mixture", divergence._mixture_kernel, caps, dtype, dtype
         yield ("token forward", token_logprobs._token_logprobs_forward_kernel,
                dict(HAS_SOFTCAP=on, RETURN_ENTROPY=on, BLOCK_V=token_logprobs.FORWARD_BLOCK_V),
                dtype, dtype)

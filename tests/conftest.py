@@ -44,10 +44,10 @@ def backend(request, monkeypatch):
 def small_tiles(monkeypatch):
     """Shrinks Triton tiles and torch chunks so small vocabularies cross several of them and end
     in a partial one (V=507 -> 4 tiles of 128, the last holding 123 columns)."""
-    from fastalign.kernels import kl, linear_logprobs, token_logprobs
+    from fastalign.kernels import divergence, linear_logprobs, token_logprobs
     from fastalign.ops import _tiles, token_logprobs_torch
 
-    for module in (token_logprobs, kl):
+    for module in (token_logprobs, divergence):
         for name in ("FORWARD_BLOCK_V", "BACKWARD_BLOCK_V"):
             monkeypatch.setattr(module, name, 128)
     monkeypatch.setattr(token_logprobs_torch, "CHUNK_ELEMENTS", 1024)

@@ -49,7 +49,7 @@ def test_the_doc_names_every_file_of_the_package():
 
 def test_the_backend_table_holds_every_family():
     families = {family for family, _ in _backends._TABLE}
-    assert families == {"token_logprobs", "linear_logprobs", "kl", "policy"}
+    assert families == {"token_logprobs", "linear_logprobs", "divergence", "policy"}
     for family in families:
         assert re.search(rf"^\| `{family}` \|", DOC, re.MULTILINE), family
 

@@ -34,9 +34,15 @@ def every_op(logits, ref_logits, targets, hidden, weight, ref_hidden, ref_weight
     student = fa.linear_logprobs(hidden, weight, topk_targets=topk)
     distill = topk_divergence(student.masked_fill(topk == -100, float("-inf")), teacher,
                               beta=0.5, mask=mask)
+    # The JSD (two passes) with the student's entropy, and the forward KL of a narrower
+    # teacher.
+    jsd, jsd_ent = fa.token_divergence(logits, ref_logits, beta=0.3, softcap=6.0,
+                                       teacher_softcap=4.0, mask=mask, return_entropy=True)
+    forward_kl = fa.linear_divergence(hidden, weight, ref_hidden[..., :9], ref_weight[:, :9],
+                                      beta=0.0, temperature=1.2, mask=mask)
     # A little surrounding math, so the graph is more than the ops.
     return (lp + 0.1 * ent + kl + linear_lp - 0.1 * linear_ent + linear_kl + topk_lp
-            + distill).square().mean()
+            + distill + jsd + 0.1 * jsd_ent + forward_kl).square().mean()
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import fastalign as fa
 from fastalign.losses import (dpo_loss, gae, group_advantages, kl_estimate, policy_loss,
                               reward_loss, value_loss)
 from fastalign.losses.dpo import LOSS_TYPES
-from fastalign.reference import (linear_logprobs_reference, token_kl_reference,
-                                 token_logprobs_reference)
+from fastalign.reference import (linear_logprobs_reference, token_divergence_reference,
+                                 token_kl_reference, token_logprobs_reference)
 
 TINY, HUGE = torch.finfo(torch.float32).tiny, 1.0 / torch.finfo(torch.float32).tiny  # scales
 NAN, INF = float("nan"), float("inf")
@@ -43,6 +43,9 @@ OPTION_CALLS = {  # option -> a call with that option set to the value
     "linear_kl.temperature": lambda v: fa.linear_kl(_t(4, 8), _t(10, 8), _t(4, 8), _t(10, 8),
                                                     temperature=v),
     "dpo_loss.beta": lambda v: dpo_loss(*[_t(4)] * 4, beta=v),
+    "token_divergence.beta": lambda v: fa.token_divergence(_t(4, 10), _t(4, 10), beta=v),
+    "linear_divergence.beta": lambda v: fa.linear_divergence(_t(4, 8), _t(10, 8), _t(4, 5),
+                                                             _t(10, 5), beta=v),
     "dpo_loss.label_smoothing": lambda v: dpo_loss(*[_t(4)] * 4, label_smoothing=v),
     "FusedDPOLoss.beta": lambda v: fa.FusedDPOLoss(beta=v),
     "FusedDPOLoss.label_smoothing": lambda v: fa.FusedDPOLoss(label_smoothing=v),
@@ -58,6 +61,11 @@ OPTION_CALLS = {  # option -> a call with that option set to the value
     "reward_loss.margin": lambda v: reward_loss(_t(4), _t(4), margin=v),
     "reward_loss.center_coef": lambda v: reward_loss(_t(4), _t(4), center_coef=v),
 }
+for _name in ("temperature", "softcap", "teacher_softcap"):
+    OPTION_CALLS[f"token_divergence.{_name}"] = lambda v, n=_name: fa.token_divergence(
+        _t(4, 10), _t(4, 10), beta=0.5, **{n: v})
+    OPTION_CALLS[f"linear_divergence.{_name}"] = lambda v, n=_name: fa.linear_divergence(
+        _t(4, 8), _t(10, 8), _t(4, 5), _t(10, 5), beta=0.0, **{n: v})
 for _name in ("clip_low", "clip_high", "dual_clip", "kl_coef", "max_length"):
     OPTION_CALLS[f"policy_loss.{_name}"] = lambda v, n=_name: policy_loss(
         _t(B, T), _t(B, T), _t(B), torch.ones(B, T), ref_logprobs=_t(B, T), **{n: v})
@@ -68,6 +76,7 @@ POSITIVE = [0.0, -0.2, INF, -INF, NAN, True, torch.tensor(0.2)]
 INVALID = {  # option kind -> (values it refuses, the range its message names)
     "temperature": (BAD_SCALES, r"a finite number in \[1.18e-38, 8.51e\+37\]"),
     "softcap": (BAD_SCALES, r"None or a finite number in \[1.18e-38, 8.51e\+37\]"),
+    "teacher_softcap": (BAD_SCALES, r"None or a finite number in \[1.18e-38, 8.51e\+37\]"),
     "beta": (BAD_SCALES, r"a finite number in \[1.18e-38, 8.51e\+37\]"),
     "label_smoothing": (PROBABILITY, r"a finite number in \[0, 0.5\)"),
     "clip_low": (POSITIVE, r"a finite number > 0"),
@@ -82,14 +91,24 @@ INVALID = {  # option kind -> (values it refuses, the range its message names)
     "margin": ([INF, -INF, NAN, True], r"None or a finite number|a finite number"),
     "center_coef": ([-0.1, INF, NAN, True], r"a finite number >= 0"),
 }
-CASES = [(option, value) for option in OPTION_CALLS
-         for value in INVALID[option.split(".")[1]][0]]
+# An op whose option has another range than the same name elsewhere: the divergences' beta
+# (TRL's, a mixture weight) is not DPO's (a scale).
+INVALID.update({f"{op}.beta": ([-0.1, 1.5, -INF, INF, NAN, True, torch.tensor(0.5), "0"],
+                               r"a finite number in \[0, 1\] \(0 is the forward KL")
+                for op in ("token_divergence", "linear_divergence")})
+
+
+def _invalid(option):
+    return INVALID.get(option) or INVALID[option.split(".")[1]]
+
+
+CASES = [(option, value) for option in OPTION_CALLS for value in _invalid(option)[0]]
 
 
 @pytest.mark.parametrize("option,value", CASES, ids=[f"{o}={v!r}" for o, v in CASES])
 def test_invalid_option_values_are_refused_with_their_range(option, value):
     name = option.split(".")[1]
-    with pytest.raises(ValueError, match=rf"^{name} must be ({INVALID[name][1]})"):
+    with pytest.raises(ValueError, match=rf"^{name} must be ({_invalid(option)[1]})"):
         OPTION_CALLS[option](value)
 
 
@@ -136,8 +155,17 @@ def test_ops_at_the_edges_of_their_scales_match_float64(backend, options):
         weight.double(), targets, **options)
     assert_float64_semantics(lin, ref_lin, 1e-5, "linear logprobs")
     assert_float64_semantics(lin_grad, ref_lin_grad, 1e-5, "linear grad weight")
+    ref_logits = logits.roll(1, dims=1)
+    both = dict(options, teacher_softcap=options.get("softcap"))  # each model capped alike
+    jsd, jsd_grad = _with_grad(fa.token_divergence, logits, ref_logits, beta=0.5, **both)
+    ref_jsd, ref_jsd_grad = _with_grad(token_divergence_reference, logits.double(),
+                                       ref_logits.double(), beta=0.5, **both)
+    # The JSD is bounded (by log 2 here) and 0 where both softmaxes are uniform (T huge, s
+    # tiny), where float64's own rounding is all there is: within 1e-6 absolute there.
+    torch.testing.assert_close(jsd, ref_jsd.float(), rtol=1e-5, atol=1e-6)
+    if options.get("temperature", 1.0) > 1:  # T tiny: gradients past float32
+        torch.testing.assert_close(jsd_grad, ref_jsd_grad.float(), rtol=1e-5, atol=1e-6)
     if "softcap" not in options:
-        ref_logits = logits.roll(1, dims=1)
         kl, kl_grad = _with_grad(fa.token_kl, logits, ref_logits, **options)
         ref_kl, ref_kl_grad = _with_grad(token_kl_reference, logits.double(), ref_logits.double(),
                                          **options)

@@ -1,7 +1,7 @@
 """Fuzzing the public ops against the float64 reference (fastalign/reference.py).
 
 Each case is drawn from its own seed: an op (token_logprobs, linear_logprobs, token_kl,
-linear_kl, kl_estimate), a backend, a leading shape (empty and size-1 included), an odd
+linear_kl, token_divergence, linear_divergence, kl_estimate), a backend, a leading shape (empty and size-1 included), an odd
 vocabulary, a memory layout (slices, transposes, stride-0 expands, overlapping rows, a strided
 vocabulary), a dtype, values (huge offsets, +-inf, NaN, huge finite, -inf rows), ignored or
 masked rows and options at their edges, some of them invalid on purpose. Then either
@@ -232,7 +232,36 @@ def fuzz_token_logprobs(case, small):
                atol=grad_floor(upstream, temperature, vocab))
 
 
-def fuzz_token_kl(case, small):
+def divergence_options(case, kl_only):
+    """A divergence op's options beyond the temperature and the mask: none for the KL ops (the
+    reverse KL); for ``token_divergence``/``linear_divergence`` a beta (its edges, and out of
+    range on purpose), each model's softcap and the student's entropy."""
+    if kl_only:
+        return {}
+    beta = case.pick("beta", [0.0, 1.0, 0.5, 0.3, 1e-6, 1 - 1e-6, "invalid"], [2, 2, 2, 2, 1, 1, 1])
+    if beta == "invalid":
+        beta = case.pick("beta", [-0.1, 1.5, float("nan"), True])
+        case.invalid(ValueError, r"beta must be a finite number in \[0, 1\]", "beta")
+    return dict(beta=beta, softcap=case.pick("softcap", [None, None, 30.0, 1.0, 1e-3]),
+                teacher_softcap=case.pick("teacher_softcap", [None, None, 30.0, 1.0]),
+                return_entropy=case.pick("entropy", [False, True]))
+
+
+def check_divergence_outputs(outs, ref_outs, eager_outs, skipped, dtype, case):
+    """The entropy of a divergence op (when it returned one), as per-token log-probs' is; the
+    divergence itself is checked with its gradient (``check_kl``)."""
+    for out in outs:
+        assert out.dtype == torch.float32 and (out[skipped] == 0).all(), \
+            f"masked rows must give 0 [{case}]"
+    if len(outs) == 2:
+        check(outs[1], ref_outs[1], tolerance(dtype, eager_error(eager_outs[1], ref_outs[1])),
+              "entropy", case, atol=1e-6)
+
+
+def fuzz_token_divergence(case, small, kl_only=False):
+    """``token_kl`` (``kl_only``) or ``token_divergence``: one reference, the divergence's."""
+    op, teacher_name = (fa.token_kl, "ref_logits") if kl_only else \
+        (fa.token_divergence, "teacher_logits")
     shape = leading_shape(case, small)
     vocab = case.pick("V", [1, 2, 7, 33, 129, 301] + ([] if small else [1000, 4099]))
     dtype = case.pick("dtype", DTYPES)
@@ -246,34 +275,36 @@ def fuzz_token_kl(case, small):
     mask = None
     if case.pick("mask", [False, True]):
         mask = (torch.rand(shape, generator=case.gen) < 0.7).to(DEVICE)
-    kwargs = dict(temperature=temperature, mask=mask)
+    kwargs = dict(temperature=temperature, mask=mask, **divergence_options(case, kl_only))
     leaf = base.to(dtype).requires_grad_()
     args = [view(leaf), ref.to(ref_dtype)]
     roll = case.rng.random()
     if roll < 0.03 and vocab > 1:
         args[1] = args[1][..., :-1]
-        case.invalid(ValueError, r"ref_logits has shape .* but must equal logits.shape", "ref")
+        case.invalid(ValueError, rf"{teacher_name} has shape .* but must equal logits.shape",
+                     "teacher shape")
     elif roll < 0.06 and mask is not None:
         kwargs["mask"] = mask.float()
         case.invalid(TypeError, r"mask must be a bool tensor", "float mask")
     common_flaws(case, args, kwargs, "logits")
     if case.expect:
-        return lambda: fa.token_kl(*args, **kwargs)
+        return lambda: op(*args, **kwargs)
     skipped = torch.zeros(shape, dtype=torch.bool, device=DEVICE) if mask is None else ~mask
-    upstream = [torch.randn(shape, generator=case.gen).to(DEVICE)]
-    # Gradients w.r.t. the logits as the op sees them (rows match the KL's rows).
-    (kl,), (grad,) = run(fa.token_kl, [args[0]], upstream, *args, **kwargs)
+    upstream = [torch.randn(shape, generator=case.gen).to(DEVICE) for _ in range(2)]
+    # Gradients w.r.t. the logits as the op sees them (rows match the divergence's rows).
+    outs, (grad,) = run(op, [args[0]], upstream, *args, **kwargs)
     results = []
     for leaf_dtype, compute in ((torch.float64, torch.float64), (dtype, torch.float32)):
         exact = view(base.to(leaf_dtype).requires_grad_())
-        results.append(run(reference.token_kl_reference, [exact], upstream,
+        results.append(run(reference.token_divergence_reference, [exact], upstream,
                            ignored_zeroed(exact, skipped),
                            ignored_zeroed(ref.to(ref_dtype if compute == torch.float32
                                                  else compute), skipped),
-                           temperature=temperature, mask=mask, compute_dtype=compute))
-    ((ref_kl,), (ref_grad,)), ((eager_kl,), (eager_grad,)) = results
-    assert (kl[skipped] == 0).all(), f"masked rows must give 0 [{case}]"
-    check_kl(kl, ref_kl, grad, ref_grad, tolerance(dtype, eager_error(eager_kl, ref_kl)),
+                           compute_dtype=compute, **kwargs))
+    (ref_outs, (ref_grad,)), (eager_outs, (eager_grad,)) = results
+    check_divergence_outputs(outs, ref_outs, eager_outs, skipped, dtype, case)
+    check_kl(outs[0], ref_outs[0], grad, ref_grad,
+             tolerance(dtype, eager_error(eager_outs[0], ref_outs[0])),
              tolerance(dtype, eager_error(eager_grad, ref_grad)), vocab, upstream[0],
              temperature, case)
 
@@ -349,7 +380,9 @@ def fuzz_linear_logprobs(case, small):
                    f"grad {what}", case, atol=grad_floor(upstream, temperature, vocab))
 
 
-def fuzz_linear_kl(case, small):
+def fuzz_linear_divergence(case, small, kl_only=False):
+    """``linear_kl`` (``kl_only``) or ``linear_divergence``: one reference, the divergence's."""
+    op, teacher = (fa.linear_kl, "ref") if kl_only else (fa.linear_divergence, "teacher")
     shape = leading_shape(case, small)
     vocab = case.pick("V", [1, 3, 33, 129, 301])
     dtype = case.pick("dtype", DTYPES)
@@ -366,19 +399,20 @@ def fuzz_linear_kl(case, small):
     weight_of = (lambda x: x.t()) if transposed else (lambda x: x)
     ref_weight_of = (lambda x: x.t()) if ref_side[3] else (lambda x: x)
     args = [view(h), weight_of(w), ref_side[1](rh), ref_weight_of(rw)]
-    kwargs = dict(bias=b, ref_bias=rb, temperature=temperature, mask=mask)
+    options = dict(temperature=temperature, **divergence_options(case, kl_only))
+    kwargs = dict(bias=b, mask=mask, **{f"{teacher}_bias": rb}, **options)
     h = args[0]  # gradients w.r.t. the hidden states as the op sees them (rows = KL rows)
     if case.rng.random() < 0.03:
         args[3] = args[3][:-1] if vocab > 1 else args[3].repeat(2, 1)
-        case.invalid(ValueError, r"ref_weight has \d+ vocabulary rows but weight has|ref_bias "
-                     r"must have shape \[V\]", "V")
+        case.invalid(ValueError, rf"{teacher}_weight has \d+ vocabulary rows but weight has|"
+                     rf"{teacher}_bias must have shape \[V\]", "V")
     common_flaws(case, args, kwargs, "hidden")
     if case.expect:
-        return lambda: fa.linear_kl(*args, **kwargs)
+        return lambda: op(*args, **kwargs)
     skipped = torch.zeros(shape, dtype=torch.bool, device=DEVICE) if mask is None else ~mask
-    upstream = [torch.randn(shape, generator=case.gen).to(DEVICE)]
+    upstream = [torch.randn(shape, generator=case.gen).to(DEVICE) for _ in range(2)]
     leaves = [x for x in (h, w, b) if x is not None]
-    (kl,), grads = run(fa.linear_kl, leaves, upstream, *args, **kwargs)
+    outs, grads = run(op, leaves, upstream, *args, **kwargs)
     references = []
     kept = (~skipped).reshape(-1).nonzero().squeeze(1)
     for compute in (torch.float64, torch.float32):
@@ -387,21 +421,23 @@ def fuzz_linear_kl(case, small):
         ph = cast(h).requires_grad_()
         qh, qw, qb = (None if x is None else cast(x) for x in (rh, rw, rb))
 
-        def kept_kl(ph_view, pw_, qh_view, qw_, **options):
+        def kept_rows(ph_view, pw_, qh_view, qw_, **options):
             # Masked rows only on the kept ones: a zeroed row would still meet the -inf of a
             # banned-token bias, and 0 * inf = NaN in log_softmax's backward would reach dW.
             rows = lambda x: x.reshape(-1, x.shape[-1])[kept]  # noqa: E731
-            kl = reference.linear_kl_reference(rows(ph_view), pw_, rows(qh_view), qw_, **options)
-            return kl.new_zeros(skipped.numel()).index_copy(0, kept, kl).view(shape)
+            out = reference.linear_divergence_reference(rows(ph_view), pw_, rows(qh_view), qw_,
+                                                        **options)
+            return tuple(x.new_zeros(skipped.numel()).index_copy(0, kept, x).view(shape)
+                         for x in (out if isinstance(out, tuple) else (out,)))
         references.append(run(
-            kept_kl, [x for x in (ph, pw, pb) if x is not None], upstream, ph,
-            weight_of(pw), ref_side[1](qh), ref_weight_of(qw), bias=pb, ref_bias=qb,
-            temperature=temperature, compute_dtype=compute))
-    ((ref_kl,), ref_grads), ((eager_kl,), eager_grads) = references
-    assert (kl[skipped] == 0).all(), f"masked rows must give 0 [{case}]"
-    check(kl, ref_kl, tolerance(dtype, eager_error(eager_kl, ref_kl)), "kl", case,
-          atol=2e-6, overflow_margin=2.0 * vocab)
-    keep, scale = kl_rows_to_compare(ref_kl, vocab)
+            kept_rows, [x for x in (ph, pw, pb) if x is not None], upstream, ph,
+            weight_of(pw), ref_side[1](qh), ref_weight_of(qw), bias=pb, teacher_bias=qb,
+            compute_dtype=compute, **options))
+    (ref_outs, ref_grads), (eager_outs, eager_grads) = references
+    check_divergence_outputs(outs, ref_outs, eager_outs, skipped, dtype, case)
+    check(outs[0], ref_outs[0], tolerance(dtype, eager_error(eager_outs[0], ref_outs[0])),
+          "divergence", case, atol=2e-6, overflow_margin=2.0 * vocab)
+    keep, scale = kl_rows_to_compare(ref_outs[0], vocab)
     atol = max(1e-6, scale * (upstream[0].abs().max().item() if upstream[0].numel() else 0.0)
                / temperature)
     # dWeight and dBias sum over all rows: compared only when every row's KL is.
@@ -452,8 +488,11 @@ def fuzz_kl_estimate(case, small):
 
 
 OPS = {"token_logprobs": fuzz_token_logprobs, "linear_logprobs": fuzz_linear_logprobs,
-       "token_kl": fuzz_token_kl, "linear_kl": fuzz_linear_kl, "kl_estimate": fuzz_kl_estimate}
-OP_WEIGHTS = [4, 3, 3, 2, 1]
+       "token_kl": lambda case, small: fuzz_token_divergence(case, small, kl_only=True),
+       "linear_kl": lambda case, small: fuzz_linear_divergence(case, small, kl_only=True),
+       "kl_estimate": fuzz_kl_estimate, "token_divergence": fuzz_token_divergence,
+       "linear_divergence": fuzz_linear_divergence}
+OP_WEIGHTS = [4, 3, 2, 2, 1, 3, 2]
 
 
 @pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + N_CASES),

@@ -16,6 +16,7 @@ from conftest import DEVICE, assert_close, tolerance_for
 
 import fastalign as fa
 from fastalign import _native
+from fastalign.kernels.divergence_interface import divergence_spec
 from fastalign.reference import token_kl_reference, token_logprobs_reference
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the native kernels run on CPU tensors")
@@ -270,6 +271,7 @@ def test_nan_logits_poison_only_their_row(monkeypatch):
 def test_extension_checks_its_arguments():
     ext = _native.extension()
     x, targets = torch.randn(4, 10), torch.zeros(4, dtype=torch.long)
+    reverse_kl = tuple(divergence_spec(1.0, 1.0, None, None))
     with pytest.raises(RuntimeError, match="logits: the row layout reaches past the storage"):
         ext.softmax_stats(x, (4, 0, 11), 4, targets, 0, None, 1.0, None, False)
     with pytest.raises(RuntimeError, match="logits must be float32, bfloat16 or float16, not Double"):
@@ -280,7 +282,12 @@ def test_extension_checks_its_arguments():
         ext.logprobs_grad(x, (4, 0, 10), 4, x.half(), (4, 0, 10), targets, 0, None, 1.0, None,
                           None, torch.zeros(4), None, torch.ones(4), None)
     with pytest.raises(RuntimeError, match="mask must be a contiguous CPU Bool tensor of 4 elements"):
-        ext.kl_stats(x, (4, 0, 10), x, (4, 0, 10), 4, torch.ones(4), 1.0)
+        ext.divergence_stats(x, (4, 0, 10), x, (4, 0, 10), 4, torch.ones(4), reverse_kl, False)
+    with pytest.raises(RuntimeError, match="stats must be a contiguous CPU float \\[4, 6\\] tensor"):
+        ext.divergence_mixture(x, (4, 0, 10), x, (4, 0, 10), 4, None, torch.zeros(4, 5),
+                               reverse_kl)
+    with pytest.raises(RuntimeError, match="unknown mode 7"):
+        ext.divergence_stats(x, (4, 0, 10), x, (4, 0, 10), 4, None, (7, *reverse_kl[1:]), False)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""linear_logprobs, linear_kl and FusedPolicyLoss on the sharded lm_heads TRL / Accelerate users
+"""linear_logprobs, linear_kl, linear_divergence and FusedPolicyLoss on the sharded lm_heads TRL / Accelerate users
 bring (fastalign/ops/_sharded_head.py), against the unsharded op in float32:
 
 * an FSDP2 head (fully_shard: DTensor Shard(0)) under data parallelism, each rank its own rows:
@@ -70,12 +70,18 @@ def _cases(ref_weight, ref_bias):
         return fa.linear_kl(h, w, _ref_hidden(rank), ref_weight, bias=b, ref_bias=ref_bias,
                             mask=_rows(rank)[2], temperature=1.1)
 
+    def jsd(rank, h, w, b):
+        return fa.linear_divergence(h, w, _ref_hidden(rank), ref_weight, bias=b,
+                                    teacher_bias=ref_bias, mask=_rows(rank)[2], beta=0.3,
+                                    softcap=5.0, return_entropy=True)
+
     def policy(rank, h, w, b):
         _, targets, _, advantages, old = _rows(rank)
         loss, metrics = fa.FusedPolicyLoss()(h[None], w, targets[None], advantages[None],
                                              bias=b, old_logprobs=old[None])
         return loss, metrics["entropy"]
-    return {"linear_logprobs": logprobs, "linear_kl": kl, "FusedPolicyLoss": policy}
+    return {"linear_logprobs": logprobs, "linear_kl": kl, "linear_divergence": jsd,
+            "FusedPolicyLoss": policy}
 
 
 def _close(actual, expected, what):
@@ -212,6 +218,11 @@ def _vocab_parallel_checks(rank, mesh):
          ValueError, r"ref_weight is a DTensor with placements \(Partial\(sum\),\)"),
         (lambda: fa.linear_kl(hidden, weight, hidden, w_shard, ref_bias=ref_bias),
          TypeError, r"ref_bias is a plain tensor but ref_weight is a DTensor"),
+        (lambda: fa.linear_divergence(hidden, weight, hidden, w_shard, teacher_bias=ref_bias),
+         TypeError, r"teacher_bias is a plain tensor but teacher_weight is a DTensor"),
+        (lambda: fa.linear_divergence(hidden, w_shard, hidden, weight,
+                                      process_group=dist.group.WORLD),
+         ValueError, r"process_group was given with a DTensor weight"),
         (lambda: fa.linear_kl(dt(hidden, Shard(0)), w_shard, hidden, weight),
          ValueError, r"hidden is a DTensor with placements \(Shard\(dim=0\),\)"),
     ]
@@ -244,7 +255,8 @@ def _zero3_head(fake, *tensors):
     return [fake.partition(torch.nn.Parameter(t.clone())) for t in tensors]
 
 
-@pytest.mark.parametrize("name", ["linear_logprobs", "linear_kl", "FusedPolicyLoss"])
+@pytest.mark.parametrize("name", ["linear_logprobs", "linear_kl", "linear_divergence",
+                                  "FusedPolicyLoss"])
 def test_zero3_head_is_gathered_in_forward_and_backward(monkeypatch, name):
     """One gather in forward, one in backward (the weight is empty outside both), and the
     outputs and hidden / weight / bias gradients of the unpartitioned op."""

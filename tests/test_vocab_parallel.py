@@ -1,6 +1,7 @@
-"""linear_logprobs with the lm_head sharded by vocabulary over 2 gloo processes on the CPU:
-every rank's log-probs, entropy and hidden gradient, and each rank's weight/bias shard
-gradient, equal the unsharded result; with one target per row and with topk_targets."""
+"""linear_logprobs and linear_divergence with the lm_heads sharded by vocabulary over 2 gloo
+processes on the CPU: every rank's outputs and hidden gradient, and each rank's weight/bias
+shard gradient, equal the unsharded result; linear_logprobs with one target per row and with
+topk_targets."""
 
 import os
 
@@ -47,16 +48,46 @@ def run(hidden, weight, bias, targets, upstream, topk, group=None):
                                                                 (topk_lp, *topk_grads)]
 
 
-def _worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
+def divergence_inputs():
+    """Student and teacher heads of different widths over one vocabulary, a mask, upstreams."""
+    gen = torch.Generator().manual_seed(1)
+    vocab = sum(VOCAB_SPLIT)
+
+    def head(dim, scale):
+        return [torch.randn(3, 7, dim, generator=gen),
+                torch.randn(vocab, dim, generator=gen) * scale, torch.randn(vocab, generator=gen)]
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 2] = False
+    return head(24, 0.4), head(16, 0.5), mask, torch.randn(2, 3, 7, generator=gen)
+
+
+def run_divergence(student, teacher, mask, upstream, group=None, shard=slice(None)):
+    """The JSD and the student's entropy of both heads' rows ``shard``, and the student's
+    gradients."""
+    hidden, weight, bias = (x.clone().requires_grad_()
+                            for x in (student[0], student[1][shard], student[2][shard]))
+    divergence, entropy = fa.linear_divergence(
+        hidden, weight, teacher[0], teacher[1][shard], bias=bias, teacher_bias=teacher[2][shard],
+        beta=0.4, temperature=0.9, softcap=6.0, teacher_softcap=5.0, mask=mask,
+        return_entropy=True, process_group=group)
+    loss = (divergence * upstream[0]).sum() + (entropy * upstream[1]).sum()
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    return [x.detach() for x in (divergence, entropy, *grads)]
+
+
+def _worker(rank: int, init_file: str, out_dir: str, backend: str, op: str) -> None:
     os.environ["FASTALIGN_BACKEND"] = backend
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD_SIZE)
     try:
-        hidden, weight, bias, targets, upstream, topk = inputs()
         start = sum(VOCAB_SPLIT[:rank])
         shard = slice(start, start + VOCAB_SPLIT[rank])
-        results = run(hidden, weight[shard], bias[shard], targets, upstream, topk,
-                      dist.group.WORLD)
+        if op == "linear_logprobs":
+            hidden, weight, bias, targets, upstream, topk = inputs()
+            results = run(hidden, weight[shard], bias[shard], targets, upstream, topk,
+                          dist.group.WORLD)
+        else:
+            results = run_divergence(*divergence_inputs(), group=dist.group.WORLD, shard=shard)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # No rank tears gloo down while the other is still inside the last collective (a rank
         # that did aborted once, "terminate called without an active exception", under load).
@@ -67,7 +98,7 @@ def _worker(rank: int, init_file: str, out_dir: str, backend: str) -> None:
 
 @pytest.mark.slow
 def test_sharded_head_equals_unsharded(backend, tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend),
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend, "linear_logprobs"),
              nprocs=WORLD_SIZE, join=True)
     (lp, ent, grad_hidden, grad_weight, grad_bias, stats,
      topk_lp, topk_hidden, topk_weight, topk_bias) = run(*inputs())
@@ -89,3 +120,21 @@ def test_sharded_head_equals_unsharded(backend, tmp_path):
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
         start += size
     assert (lp[1, 2] == 0) and (grad_hidden[1, 2] == 0).all()
+
+
+@pytest.mark.slow
+def test_sharded_heads_diverge_as_unsharded_ones(backend, tmp_path):
+    """linear_divergence with both heads sharded by vocabulary: the JSD's two passes merge
+    across ranks, the hidden gradient is summed over them."""
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), backend, "linear_divergence"),
+             nprocs=WORLD_SIZE, join=True)
+    divergence, entropy, grad_hidden, grad_weight, grad_bias = run_divergence(*divergence_inputs())
+    start = 0
+    for rank, size in enumerate(VOCAB_SPLIT):
+        r_div, r_ent, r_hidden, r_weight, r_bias = torch.load(tmp_path / f"rank{rank}.pt")
+        for ours, whole in ((r_div, divergence), (r_ent, entropy), (r_hidden, grad_hidden),
+                            (r_weight, grad_weight[start:start + size]),
+                            (r_bias, grad_bias[start:start + size])):
+            torch.testing.assert_close(ours, whole, rtol=1e-5, atol=1e-5)
+        start += size
+    assert divergence[1, 2] == 0 and (grad_hidden[1, 2] == 0).all()

@@ -45,10 +45,10 @@ class LinearLogprobsLaunchers:
     ``backward(hidden, weight, bias, targets, stats, entropy, grad_logprobs, grad_entropy,
     start, end, *, inv_temperature, softcap) -> [N, end - start]`` the logits-gradient tile of
     vocabulary columns ``[start, end)`` in ``hidden``'s dtype; ``tile_cols(n_rows, vocab_size)``
-    the slice width ``_linear_backward`` walks (also the width of ``linear_kl``'s slices).
-    ``rounds_logits``: the tiles' logits are rounded to ``hidden``'s dtype (torch matmuls) rather
-    than kept in float32 (Triton's dots); the logits of ``topk_targets``, formed apart from the
-    tiles (``_topk_targets.target_logits``), are rounded alike."""
+    the slice width ``_linear_backward`` walks (also the width of ``linear_divergence``'s
+    slices). ``rounds_logits``: the tiles' logits are rounded to ``hidden``'s dtype (torch
+    matmuls) rather than kept in float32 (Triton's dots); the logits of ``topk_targets``,
+    formed apart from the tiles (``_topk_targets.target_logits``), are rounded alike."""
     forward: Callable
     backward: Callable
     tile_cols: Callable
@@ -56,13 +56,19 @@ class LinearLogprobsLaunchers:
 
 
 @dataclass(frozen=True)
-class KLLaunchers:
-    """``forward(logits, ref_logits, layout, ref_layout, mask, *, inv_temperature)
-    -> (max, sum_exp, ref_max, ref_sum_exp, cross)``, each ``[N]``, merged by
-    ``_vocab_stats.merge_kl_partials``; ``backward(logits, ref_logits, layout, ref_layout, mask,
-    stats, grad_kl, grad_out, grad_layout, *, inv_temperature)`` writes the gradient into
-    ``grad_out`` and returns it. Layouts are :class:`fastalign._layout.RowLayout`."""
+class DivergenceLaunchers:
+    """Student against teacher logits, both ``[..., V]`` rows with their layouts (``spec``: a
+    ``kernels/divergence_interface.py`` ``DivergenceSpec``, the beta's mode, temperature and
+    softcaps). ``forward(logits, teacher_logits, layout, teacher_layout, mask, *, spec,
+    return_entropy) -> [PARTIALS, N]`` first-pass statistics, merged by
+    ``_vocab_stats.merge_divergence_partials``; ``mixture(logits, teacher_logits, layout,
+    teacher_layout, mask, stats, *, spec) -> [2, N]`` the JSD's second pass from the merged
+    ``[N, ROW_STATS]`` statistics (merged by ``_vocab_stats.merge_mixture_partials``);
+    ``backward(logits, teacher_logits, layout, teacher_layout, mask, stats, grad_divergence,
+    grad_entropy, grad_out, grad_layout, *, spec)`` writes the gradient w.r.t. the student's
+    logits into ``grad_out`` and returns it (either upstream gradient may be None)."""
     forward: Callable
+    mixture: Callable
     backward: Callable
 
 
@@ -125,19 +131,22 @@ def _torch_linear_logprobs() -> LinearLogprobsLaunchers:
                                    rounds_logits=True)
 
 
-def _triton_kl() -> KLLaunchers:
-    from ..kernels import kl as k
-    return KLLaunchers(forward=k.kl_partials, backward=k.kl_grad)
+def _triton_divergence() -> DivergenceLaunchers:
+    from ..kernels import divergence as k
+    return DivergenceLaunchers(forward=k.divergence_partials, mixture=k.mixture_partials,
+                               backward=k.divergence_grad)
 
 
-def _native_kl() -> KLLaunchers:
-    from . import kl_native as k
-    return KLLaunchers(forward=k.kl_partials, backward=k.kl_grad)
+def _native_divergence() -> DivergenceLaunchers:
+    from . import divergence_native as k
+    return DivergenceLaunchers(forward=k.divergence_partials, mixture=k.mixture_partials,
+                               backward=k.divergence_grad)
 
 
-def _torch_kl() -> KLLaunchers:
-    from . import kl_torch as k
-    return KLLaunchers(forward=k.kl_partials, backward=k.kl_grad)
+def _torch_divergence() -> DivergenceLaunchers:
+    from . import divergence_torch as k
+    return DivergenceLaunchers(forward=k.divergence_partials, mixture=k.mixture_partials,
+                               backward=k.divergence_grad)
 
 
 def _triton_policy() -> PolicyLaunchers:
@@ -158,9 +167,9 @@ _TABLE: dict[tuple[str, str], Callable[[], object]] = {
     ("linear_logprobs", "triton"): _triton_linear_logprobs,
     ("linear_logprobs", "native"): _native_linear_logprobs,
     ("linear_logprobs", "torch"): _torch_linear_logprobs,
-    ("kl", "triton"): _triton_kl,
-    ("kl", "native"): _native_kl,
-    ("kl", "torch"): _torch_kl,
+    ("divergence", "triton"): _triton_divergence,
+    ("divergence", "native"): _native_divergence,
+    ("divergence", "torch"): _torch_divergence,
     ("policy", "triton"): _triton_policy,
     # The native extension has no policy kernel: its row is the torch launchers, what the
     # native backend has always run for this family (elementwise [B, T] math, small beside the
@@ -185,8 +194,8 @@ def linear_logprobs_launchers(backend: str) -> LinearLogprobsLaunchers:
     return _lookup("linear_logprobs", backend)
 
 
-def kl_launchers(backend: str) -> KLLaunchers:
-    return _lookup("kl", backend)
+def divergence_launchers(backend: str) -> DivergenceLaunchers:
+    return _lookup("divergence", backend)
 
 
 def policy_launchers(backend: str) -> PolicyLaunchers:

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ._compact import scatter_rows
+
 # torch.addmm(..., out_dtype=float32) from bf16/fp16 operands exists on CUDA since torch 2.8.
 _HAS_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 
@@ -70,7 +72,26 @@ def op_outputs(like: torch.Tensor, grads) -> tuple[torch.Tensor, ...]:
     return tuple(like.new_empty(0) if grad is None else grad for grad in grads)
 
 
-def fake_grads(hidden, weight, bias, need_hidden: bool, need_weight: bool, need_bias: bool):
-    """The shapes ``linear_backward``'s op returns, for ``register_fake``."""
-    wanted = ((hidden, need_hidden), (weight, need_weight), (bias, need_bias))
+def kept_rows_outputs(hidden, bias, grads, rows, group=None) -> tuple[torch.Tensor, ...]:
+    """A backward op's outputs from :func:`linear_backward`'s gradients of the kept ``rows``
+    (``_compact``; None: all): dHidden summed over the ranks of ``group`` (a head sharded by
+    vocabulary: each rank's slice adds its part), placed back among all of ``hidden``'s rows,
+    and each gradient in its input's dtype."""
+    grad_hidden, grad_weight, grad_bias = grads
+    if grad_hidden is not None:
+        if group is not None:
+            import torch.distributed as dist
+            dist.all_reduce(grad_hidden, group=group)
+        grad_hidden = scatter_rows(grad_hidden, rows, hidden.shape[0]).to(hidden.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return op_outputs(hidden, (grad_hidden, grad_weight, grad_bias))
+
+
+def fake_backward(hidden, weight, bias, *tensors_then_options):
+    """The ``register_fake`` of a fused-linear backward op ``(hidden, weight, bias, ...,
+    options)`` whose options carry ``need_hidden``, ``need_weight``, ``need_bias``: the
+    shapes its ``op_outputs`` has."""
+    o = tensors_then_options[-1]
+    wanted = ((hidden, o.need_hidden), (weight, o.need_weight), (bias, o.need_bias))
     return op_outputs(hidden, [torch.empty_like(x) if need else None for x, need in wanted])

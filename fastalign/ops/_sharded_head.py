@@ -1,5 +1,5 @@
-"""The sharded lm_head layouts ``linear_logprobs`` and ``linear_kl`` accept, resolved to plain
-tensors before their checks run.
+"""The sharded lm_head layouts ``linear_logprobs`` and ``linear_divergence`` (``linear_kl``)
+accept, resolved to plain tensors before their checks run.
 
 * FSDP2 (``fully_shard``) leaves the head's weight and bias as ``DTensor`` parameters. With a
   plain ``hidden`` (data parallel: each rank its own rows) the weight is gathered once per call
@@ -9,8 +9,10 @@ tensors before their checks run.
   would claim every rank computed the same gradient and keep only this rank's.
 * A ``DTensor`` ``hidden`` replicated on a 1-D mesh with the weight ``Shard(0)`` on that mesh is
   a vocabulary-parallel head: ``linear_logprobs`` runs its ``process_group`` path on the local
-  shards (``mesh.get_group()``); ``linear_kl`` has no such path and gathers the weight, each rank
-  keeping its shard of the full gradient every rank computes alike (``Replicate``).
+  shards (``mesh.get_group()``); ``linear_divergence`` takes no DTensor that way (plain
+  vocabulary shards with a ``process_group`` are its vocabulary-parallel form) and gathers the
+  weight, each rank keeping its shard of the full gradient every rank computes alike
+  (``Replicate``).
 * DeepSpeed ZeRO-3 parameters (``ds_id``) hold an empty ``.data`` outside their module's
   forward. The op runs inside ``deepspeed.zero.GatheredParameters`` in an autograd Function
   whose backward gathers again and recomputes the forward there: the fused backward reads the
@@ -312,21 +314,27 @@ def linear_logprobs(op, hidden, weight, targets, *, bias, process_group, **optio
     return _run_gathered(run, zero3, hidden, weight, bias)
 
 
-def linear_kl(op, hidden, weight, ref_hidden, ref_weight, *, bias, ref_bias, mask, **options):
-    """``op`` (``linear_kl`` on plain tensors) on sharded heads, resolved; the reference side is
-    gathered without gradient."""
-    hidden, weight, bias, extras, _ = _resolve_policy(
-        hidden, weight, bias, {"mask": mask, "ref_hidden": ref_hidden}, None,
+def linear_pair(op, hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask, *,
+                teacher_names, process_group=None, **options):
+    """``op`` (``linear_divergence`` on plain tensors, called as ``op(hidden, weight,
+    teacher_hidden, teacher_weight, bias, teacher_bias, mask, process_group=...,
+    teacher_names=..., **options)``) on sharded heads, resolved; the teacher's head (its
+    arguments named ``teacher_names``: hidden, weight, bias) is gathered without gradient."""
+    teacher_hidden_name, teacher_weight_name, teacher_bias_name = teacher_names
+    hidden, weight, bias, extras, process_group = _resolve_policy(
+        hidden, weight, bias, {"mask": mask, teacher_hidden_name: teacher_hidden}, process_group,
         names=("hidden", "weight", "bias"), vocab_parallel=False)
-    mask, ref_hidden = extras["mask"], extras["ref_hidden"]
-    _check_bias("ref_bias", ref_bias, "ref_weight", ref_weight)
-    ref_weight = _gather_constant("ref_weight", ref_weight)
-    ref_bias = _gather_constant("ref_bias", ref_bias)
-    zero3 = _zero3_named(weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias)
-    if not zero3:
-        return op(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
-                  mask=mask, **options)
+    mask, teacher_hidden = extras["mask"], extras[teacher_hidden_name]
+    _check_bias(teacher_bias_name, teacher_bias, teacher_weight_name, teacher_weight)
+    teacher_weight = _gather_constant(teacher_weight_name, teacher_weight)
+    teacher_bias = _gather_constant(teacher_bias_name, teacher_bias)
+    zero3 = _zero3_named(weight=weight, bias=bias, **{teacher_weight_name: teacher_weight,
+                                                      teacher_bias_name: teacher_bias})
 
-    def run(h, w, b, rh, rw, rb):
-        return op(h, w, rh, rw, bias=b, ref_bias=rb, mask=mask, **options)
-    return _run_gathered(run, zero3, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    def run(h, w, b, th, tw, tb):
+        return op(h, w, th, tw, b, tb, mask, process_group=process_group,
+                  teacher_names=teacher_names, **options)
+    if not zero3:
+        return run(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)
+    return _run_gathered(run, zero3, hidden, weight, bias, teacher_hidden, teacher_weight,
+                         teacher_bias)

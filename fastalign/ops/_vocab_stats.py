@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.divergence_interface import (AUX, CROSS, FORWARD_KL, MAX, REVERSE_KL, STUDENT_TERM,
+                                           SUM_EXP, SUM_EXP_SHIFTED, TEACHER_MAX,
+                                           TEACHER_SUM_EXP, TEACHER_TERM)
 from ._tiles import FINITE_MIN  # noqa: F401  (slices start their max there, see _tiles)
 
 
@@ -110,27 +113,79 @@ def merge_vocab_partials(row_max: torch.Tensor, sum_exp: torch.Tensor,
             merged_row_stats)
 
 
-def merge_kl_partials(row_max, sum_exp, ref_max, ref_sum_exp, cross, inv_temperature: float = 1.0):
-    """``(kl [N], stats [N, 4])`` per row from ``[S, N]`` slice statistics of both softmaxes (maxes
-    of the raw logits, sums of ``exp(s)`` with ``s = (z - m) / T``, and
-    ``cross = sum exp(s) (s - s_ref)``, see ``fastalign.kernels.kl``):
-    ``KL = cross / S - log S + log S_ref`` once all slices are shifted to the global maxes.
+def merge_divergence_partials(partials: torch.Tensor, *, spec, process_group=None):
+    """``(divergence [N] or None, entropy [N], stats [N, ROW_STATS])`` from the ``[S, PARTIALS,
+    N]`` first-pass statistics of ``S`` vocabulary slices of both models (rows and columns:
+    ``kernels/divergence_interface.py``), merged across the ranks of ``process_group`` too.
 
-    ``stats = (M, log S, M_ref, shift)`` with ``shift = log S - log S_ref + KL`` is what the
-    backward needs: ``dKL/dz'_j = p_j (((z_j - M) - (z_ref,j - M_ref)) / T - shift)``, every
-    difference formed relative to its own side's max, never between two large log-sum-exps.
+    Each side's sums move to its global max as in :func:`merge_vocab_partials`; the KL cross
+    term ``sum exp(s_w) (s_w - s_o)`` of the weighted side ``w`` (the student for the reverse
+    KL, the teacher for the forward one) moves as ``exp(d_w) (cross + (d_w - d_o) S_w)``,
+    written ``exp(d_w) cross + (exp(d_w) (d_w - d_o)) S_w`` so that a slice whose ``exp(d_w)``
+    is 0 adds 0, not 0 * inf. Then ``KL = cross / S_w - log S_w + log S_o``, every difference
+    formed relative to its own side's max, never between two large log-sum-exps. The JSD's
+    divergence needs the second pass (:func:`merge_mixture_partials`): None here.
     """
-    global_max = row_max.amax(0)
-    ref_global_max = ref_max.amax(0)
-    delta = scaled_delta(row_max, global_max, inv_temperature)
-    ref_delta = scaled_delta(ref_max, ref_global_max, inv_temperature)
-    scale = torch.exp(delta)
-    total = (sum_exp * scale).sum(0)
-    ref_total = (ref_sum_exp * torch.exp(ref_delta)).sum(0)
-    # exp(d) (cross + (d - d_ref) S) as exp(d) cross + (exp(d) (d - d_ref)) S: a slice whose
-    # exp(d) is 0 adds 0, not 0 * inf.
-    cross_total = (scale * cross + (scale * (delta - ref_delta)) * sum_exp).sum(0)
-    log_total, ref_log_total = total.log(), ref_total.log()
-    kl = cross_total / total - log_total + ref_log_total
-    shift = (log_total - ref_log_total) + kl
-    return kl, torch.stack([global_max, log_total, ref_global_max, shift], dim=1)
+    import torch.distributed as dist
+
+    maxes = torch.stack([partials[:, MAX].amax(0), partials[:, TEACHER_MAX].amax(0)])
+    if process_group is not None:
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=process_group)
+    delta = scaled_delta(partials[:, MAX], maxes[0], spec.inv_temperature)
+    teacher_delta = scaled_delta(partials[:, TEACHER_MAX], maxes[1], spec.inv_temperature)
+    scale, teacher_scale = torch.exp(delta), torch.exp(teacher_delta)
+    sum_exp, teacher_sum_exp = partials[:, SUM_EXP], partials[:, TEACHER_SUM_EXP]
+    if spec.mode == FORWARD_KL:
+        weighted = (teacher_scale, teacher_delta - delta, teacher_sum_exp)
+    else:
+        weighted = (scale, delta - teacher_delta, sum_exp)
+    cross_scale, cross_shift, cross_sum = weighted
+    sums = torch.stack([
+        sum_exp * scale, teacher_sum_exp * teacher_scale,
+        cross_scale * partials[:, CROSS] + (cross_scale * cross_shift) * cross_sum,
+        scale * partials[:, SUM_EXP_SHIFTED] + (scale * delta) * sum_exp]).sum(1)
+    if process_group is not None:
+        dist.all_reduce(sums, group=process_group)
+    total, teacher_total, cross, shifted = sums.unbind(0)
+    log_total, teacher_log_total = total.log(), teacher_total.log()
+    entropy = log_total - shifted / total
+    divergence, aux = None, torch.zeros_like(total)
+    if spec.mode == REVERSE_KL:
+        divergence = cross / total - log_total + teacher_log_total
+        # The backward's shift: dKL/dz'_j = p_j ((s_j - s_t,j) - shift), s relative to each max.
+        aux = (log_total - teacher_log_total) + divergence
+    elif spec.mode == FORWARD_KL:
+        divergence = cross / teacher_total - teacher_log_total + log_total
+        aux = divergence
+    stats = torch.stack([maxes[0], log_total, maxes[1], teacher_log_total, aux, entropy], dim=1)
+    return divergence, entropy, stats
+
+
+def merge_mixture_partials(stats: torch.Tensor, terms: torch.Tensor, *, spec,
+                           process_group=None) -> torch.Tensor:
+    """The JSD ``[N]`` from the ``[S, 2, N]`` second-pass sums of every slice (and rank); writes
+    ``KL(p_s || m)``, what its backward needs, into ``stats``' AUX column."""
+    sums = terms.sum(0)
+    if process_group is not None:
+        import torch.distributed as dist
+        dist.all_reduce(sums, group=process_group)
+    teacher_term, student_term = sums[TEACHER_TERM], sums[STUDENT_TERM]
+    divergence = spec.beta * teacher_term + (1.0 - spec.beta) * student_term
+    # The backward reads the student's term only: a NaN divergence (a NaN teacher logit) must
+    # still poison its gradient.
+    stats[:, AUX] = student_term + (divergence - divergence)
+    return divergence
+
+
+def divergence_over_slices(slices, first_pass, second_pass, *, spec, process_group=None):
+    """``(divergence [N], entropy [N], stats [N, ROW_STATS])`` of a divergence whose vocabulary
+    comes in ``slices``: ``first_pass(slice)`` gives a slice's ``[PARTIALS, N]`` statistics,
+    merged (and across ranks); for the JSD, which needs both normalizers before its mixture,
+    ``second_pass(slice, stats)`` then gives a slice's ``[2, N]`` sums. Two passes at most."""
+    partials = torch.stack([first_pass(part) for part in slices])
+    divergence, entropy, stats = merge_divergence_partials(partials, spec=spec,
+                                                           process_group=process_group)
+    if divergence is None:
+        terms = torch.stack([second_pass(part, stats) for part in slices])
+        divergence = merge_mixture_partials(stats, terms, spec=spec, process_group=process_group)
+    return divergence, entropy, stats

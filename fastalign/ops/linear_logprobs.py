@@ -118,25 +118,14 @@ def _backward_op(hidden, weight, bias, targets, stats, entropy, rows, grad_logpr
             _topk_targets.write_slice_columns_(tile, start, end, columns)
         return tile
 
-    grad_hidden, grad_weight, grad_bias = _linear_backward.linear_backward(
+    grads = _linear_backward.linear_backward(
         hidden_kept, weight, launchers.tile_cols(hidden_kept.shape[0], weight.shape[0]), grad_tile,
         need_hidden=o.need_hidden, need_weight=o.need_weight, need_bias=o.need_bias)
-    if grad_hidden is not None:
-        group = _vocab_stats.resolve_group(o.group_name)
-        if group is not None:
-            # Each rank holds one vocabulary slice: dHidden is the sum of every slice's part.
-            import torch.distributed as dist
-            dist.all_reduce(grad_hidden, group=group)
-        grad_hidden = scatter_rows(grad_hidden, rows, n_rows).to(hidden.dtype)
-    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-    return _linear_backward.op_outputs(hidden, (grad_hidden, grad_weight, grad_bias))
+    return _linear_backward.kept_rows_outputs(hidden, bias, grads, rows,
+                                              _vocab_stats.resolve_group(o.group_name))
 
 
-@_backward_op.register_fake
-def _backward_fake(hidden, weight, bias, *_tensors_then_options):
-    o = _tensors_then_options[-1]
-    return _linear_backward.fake_grads(hidden, weight, bias, o.need_hidden, o.need_weight,
-                                       o.need_bias)
+_backward_op.register_fake(_linear_backward.fake_backward)
 
 
 def _setup_context(ctx, tensors, o, output):
