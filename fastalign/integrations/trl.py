@@ -32,6 +32,7 @@ import types
 import warnings
 
 from .. import model_head
+from . import trl_distillation
 
 # TRL versions (major.minor) whose add_fused_lm_head / FusedCausalLMOutput contract this module
 # implements. The one place to change when a new TRL is checked.
@@ -130,7 +131,7 @@ def _install(model, original_forward, temperature, cast_lm_head_to_fp32, outputs
             self, hidden, shift_labels, temperature=temperature, return_entropy=want_entropy,
             return_row_stats=bool(row_stat_fields), cast_to_fp32=cast_lm_head_to_fp32)
         extra = {name: row_stats[_ROW_STAT_OF[name]] for name in row_stat_fields}
-        _served["calls"] += 1
+        record_served()
         mask = shift_labels.to(log_probs.device) != -100
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
@@ -193,6 +194,20 @@ def _guard_step(training_step):
     return guarded
 
 
+def record_served() -> None:
+    """One call of TRL's head or loss that fastalign served (the guard counts them)."""
+    _served["calls"] += 1
+
+
+def _counted(function):
+    """``function``, each call recorded for the guard."""
+    @functools.wraps(function)
+    def counted(*args, **kwargs):
+        record_served()
+        return function(*args, **kwargs)
+    return counted
+
+
 def _replace(owner, name, value):
     _originals.setdefault((owner, name), getattr(owner, name))
     setattr(owner, name, value)
@@ -208,7 +223,11 @@ def enable() -> None:
     for module in modules:
         if hasattr(module, "add_fused_lm_head"):
             _replace(module, "add_fused_lm_head", add_fused_lm_head)
-    for module_name, class_name in _TRAINERS:
+    # DistillationTrainer's loss is one module-level function, called by name.
+    distillation = importlib.import_module(trl_distillation.MODULE)
+    _replace(distillation, trl_distillation.FUNCTION,
+             _counted(trl_distillation.fused_divergence_loss))
+    for module_name, class_name in (*_TRAINERS, trl_distillation.TRAINER):
         cls = getattr(importlib.import_module(module_name), class_name)
         if not getattr(cls.training_step, "fastalign_guard", False):
             _replace(cls, "training_step", _guard_step(cls.training_step))

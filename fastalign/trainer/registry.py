@@ -4,8 +4,8 @@ command builds its subcommands, flags and runs from this list alone."""
 
 from __future__ import annotations
 
-from .algorithms import dpo, grpo, ppo, reward
+from .algorithms import distill, dpo, grpo, ppo, reward
 from .core.spec import TrainerSpec
 
 TRAINERS: dict[str, TrainerSpec] = {spec.name: spec for spec in
-                                    (dpo.SPEC, reward.SPEC, grpo.SPEC, ppo.SPEC)}
+                                    (dpo.SPEC, reward.SPEC, grpo.SPEC, ppo.SPEC, distill.SPEC)}

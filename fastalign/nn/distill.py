@@ -1,0 +1,110 @@
+"""``FusedDistillationLoss``: a student's divergence to a teacher over the whole vocabulary, from
+both models' hidden states and heads, with the student's gradient formed in the forward, so
+neither model's ``[N, V]`` logits exist (``ops/linear_divergence_loss.py``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import select_backend
+from .._validation import check_number
+from ..ops.linear_divergence import linear_divergence
+from ..ops.linear_divergence_loss import DistillPlan, distill_in_forward
+from ..ops.linear_logprobs import linear_logprobs
+from ..ops.linear_loss import DEFAULT_CHUNK_MB, rows_per_chunk
+from ..ops.token_divergence import check_options
+from ..kernels.divergence_interface import divergence_spec
+from ._fused_loss import FusedLoss
+
+
+class FusedDistillationLoss(FusedLoss):
+    """Distillation loss: the mean over the data's kept tokens of the divergence from the
+    student's next-token distribution to the teacher's (``fastalign.linear_divergence``:
+    ``beta`` 0 forward KL(teacher || student), 1 reverse KL(student || teacher), in between
+    the generalized JSD, both at ``temperature``), plus ``hard_label_weight`` x the
+    cross-entropy of the data's tokens (the student at temperature 1).
+
+    ``forward(hidden, weight, teacher_hidden, teacher_weight, targets, *, bias=None,
+    teacher_bias=None) -> (loss, metrics)``: ``hidden [..., D]`` and ``weight [V, D]`` the
+    student's, ``teacher_hidden [..., D_t]`` and ``teacher_weight [V, D_t]`` the teacher's (its
+    width may differ, not its vocabulary; no gradient reaches it), ``targets [...]`` the data's
+    next tokens, ``ignore_index`` rows left out of every term. ``metrics``: ``divergence``,
+    ``entropy`` (the student's, at the temperature), ``agreement`` (share of tokens where both
+    models' most likely token is the same) and, with hard labels, ``hard_label_loss``; token
+    means, not differentiated.
+
+    ``gradient_in_forward`` (the default): the student's head costs 3 matmuls and the
+    teacher's 1, in chunks of at most ``chunk_mb`` MiB of float32 logits per model. Under
+    ``torch.compile`` tracing, or with a sharded head (FSDP2 ``DTensor``, ZeRO-3), or with
+    ``gradient_in_forward=False``, the two-pass ops run instead (``linear_divergence``,
+    ``linear_logprobs``: their backward recomputes the logits) and ``agreement`` is not
+    reported.
+    """
+
+    def __init__(self, beta: float = 1.0, temperature: float = 1.0,
+                 hard_label_weight: float = 0.0, *, softcap: float | None = None,
+                 teacher_softcap: float | None = None, ignore_index: int = -100,
+                 gradient_in_forward: bool = True, chunk_mb: float = DEFAULT_CHUNK_MB):
+        super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                         gradient_in_forward=gradient_in_forward, chunk_mb=chunk_mb)
+        check_options(beta, temperature, softcap, teacher_softcap, False)
+        check_number("hard_label_weight", hard_label_weight, low=0.0,
+                     why="the weight of the cross-entropy of the data's tokens")
+        self.beta, self.hard_label_weight = float(beta), float(hard_label_weight)
+        self.teacher_softcap = teacher_softcap
+
+    def forward(self, hidden, weight, teacher_hidden, teacher_weight, targets, *, bias=None,
+                teacher_bias=None):
+        kept = targets != self.ignore_index
+        count = kept.sum().clamp(min=1)
+        if self._chunked(hidden, weight, bias, teacher_weight, teacher_bias):
+            return self._one_pass(hidden, weight, bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, targets, kept, count)
+        divergence, entropy = linear_divergence(
+            hidden, weight, teacher_hidden, teacher_weight, bias=bias, teacher_bias=teacher_bias,
+            beta=self.beta, temperature=self.temperature, softcap=self.softcap,
+            teacher_softcap=self.teacher_softcap, mask=kept, return_entropy=True)
+        loss = divergence.sum() / count
+        metrics = {"divergence": loss.detach(), "entropy": entropy.detach().sum() / count}
+        if self.hard_label_weight:
+            logprobs = linear_logprobs(hidden, weight, targets, bias=bias, softcap=self.softcap,
+                                       ignore_index=self.ignore_index)
+            hard = -logprobs.sum() / count
+            loss = loss + self.hard_label_weight * hard
+            metrics["hard_label_loss"] = hard.detach()
+        return loss, metrics
+
+    def _chunked(self, *tensors) -> bool:
+        """Whether the chunked pass runs: the mode on, plain tensors, not while compiling."""
+        if not self.gradient_in_forward or torch.compiler.is_compiling():
+            return False
+        return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
+                   and not hasattr(t, "ds_id") for t in tensors)
+
+    def _one_pass(self, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                  targets, kept, count):
+        flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+        rows = kept.reshape(-1).nonzero().squeeze(1)
+        limit = rows_per_chunk(self.chunk_mb, weight.shape[0])
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias))
+        # A per-token term's share of the mean: the gradient of each row's divergence.
+        scale = 1.0 / float(count)
+        plan = DistillPlan(
+            targets=targets.reshape(-1), chunks=list(rows.split(limit)),
+            spec=divergence_spec(self.beta, 1.0 / self.temperature, self.softcap,
+                                 self.teacher_softcap),
+            softcap=self.softcap, divergence_weight=scale if wants_grad else None,
+            label_weight=self.hard_label_weight * scale, backend=select_backend(hidden.device))
+        anchor, divergence, entropy, agreement, logprobs = distill_in_forward(
+            (flat(hidden), weight, bias),
+            (flat(teacher_hidden).detach(), teacher_weight.detach(),
+             None if teacher_bias is None else teacher_bias.detach()), plan)
+        value = divergence.sum() / count
+        metrics = {"divergence": value, "entropy": entropy.sum() / count,
+                   "agreement": agreement.sum() / count}
+        if logprobs is not None:
+            hard = -logprobs.sum() / count
+            value = value + self.hard_label_weight * hard
+            metrics["hard_label_loss"] = hard
+        return (value + anchor if wants_grad else value), metrics

@@ -1,0 +1,183 @@
+"""A distillation loss whose gradient is formed in the forward: ``linear_loss``'s chunked pass
+for two models (``fastalign.nn.FusedDistillationLoss``).
+
+The loss is a sum of per-token terms (the divergence to the teacher, and optionally the
+cross-entropy of the data's token, each weighted by the caller), so a chunk of tokens knows its
+own gradient as soon as both models' logits of it exist. Per chunk of kept rows:
+
+    Zs = hidden[chunk] @ weight.T + bias                 [rows, V] float32, into a reused buffer
+    Zt = teacher_hidden[chunk] @ teacher_weight.T + b    [rows, V] float32, a second buffer
+    divergence, entropy: the divergence family's launchers on (Zs, Zt) (native C++ on the CPU,
+        Triton on CUDA), two passes over the pair for the JSD; top-1 agreement of the two
+    log p(target): the token_logprobs launchers on Zs (when the cross-entropy is weighted)
+    G = dLoss/dZs written over Zs (the cross-entropy's part built in a third buffer, added)
+    dHidden[chunk] = G @ weight ;  dWeight += G.T @ hidden[chunk] ;  dBias += G.sum(0)
+
+so the student's head costs 3 matmuls and the teacher's 1, and the extra memory is two (three
+with the cross-entropy) float32 chunks beside the gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._layout import RowLayout
+from ._backends import divergence_launchers, token_logprobs_launchers
+from ._linear_backward import _addmm_fp32_
+from ._vocab_stats import divergence_over_slices
+from .linear_loss import _NO_TARGET, _logits, _matmul_fp32
+
+
+@dataclass
+class DistillPlan:
+    """One pass: ``targets [N]`` (the data's tokens, read when ``label_weight`` is not 0),
+    ``chunks`` (index tensors of kept rows), the divergence ``spec``
+    (``kernels/divergence_interface.py``), the student's ``softcap`` (of the cross-entropy,
+    at temperature 1), the per-token weights of the divergence and of the cross-entropy in the
+    loss (0 / None: no gradient is formed), and the ``backend``."""
+    targets: torch.Tensor
+    chunks: list[torch.Tensor]
+    spec: object
+    softcap: float | None
+    divergence_weight: float | None
+    label_weight: float
+    backend: str
+
+
+@dataclass
+class DistillOutputs:
+    """Per kept row (0 elsewhere): the divergence, the student's entropy (at the temperature),
+    whether both models' most likely token is the same, and ``log p(target)`` of the student
+    at temperature 1 (None without the cross-entropy); the student's gradients (None where not
+    asked)."""
+    divergence: torch.Tensor
+    entropy: torch.Tensor
+    agreement: torch.Tensor
+    target_logprobs: torch.Tensor | None
+    grads: tuple
+
+
+def _divergence(plan: DistillPlan, tile: torch.Tensor, teacher_tile: torch.Tensor):
+    """``(divergence [r], entropy [r], stats)`` of a chunk's pair of full-vocabulary tiles."""
+    launchers = divergence_launchers(plan.backend)
+    layout = RowLayout(1, tile.shape[0], 0, tile.shape[1])
+    return divergence_over_slices(
+        [None],
+        lambda _: launchers.forward(tile, teacher_tile, layout, layout, None, spec=plan.spec,
+                                    return_entropy=True),
+        lambda _, stats: launchers.mixture(tile, teacher_tile, layout, layout, None, stats,
+                                           spec=plan.spec),
+        spec=plan.spec)
+
+
+def run(student: tuple, teacher: tuple, plan: DistillPlan, *, need: tuple[bool, bool, bool]
+        ) -> DistillOutputs:
+    """The chunked pass of the module docstring. ``student``, ``teacher``: ``(hidden [N, D],
+    weight [V, D], bias [V] or None)`` each; ``need``: which of the student's hidden, weight
+    and bias gradients to form (with ``plan.divergence_weight``)."""
+    hidden, weight, bias = student
+    n_rows, vocab_size = plan.targets.shape[0], weight.shape[0]
+    new = dict(dtype=torch.float32, device=hidden.device)
+    divergence, entropy, agreement = (torch.zeros(n_rows, **new) for _ in range(3))
+    labelled = plan.label_weight != 0
+    target_logprobs = torch.zeros(n_rows, **new) if labelled else None
+    grad_wanted = plan.divergence_weight is not None
+    need_hidden, need_weight, need_bias = (grad_wanted and n for n in need)
+    grad_hidden = torch.zeros(hidden.shape, **new) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, **new) if need_weight else None
+    grad_bias = torch.zeros(vocab_size, **new) if need_bias else None
+    widest = max((len(c) for c in plan.chunks), default=0)
+    buffers = [torch.empty(widest, vocab_size, **new)
+               for _ in range(3 if labelled and grad_wanted else 2)]
+    for index in plan.chunks:
+        rows = hidden.index_select(0, index)
+        tile = _logits(rows, weight, bias, buffers[0][:len(index)])
+        teacher_tile = _logits(teacher[0].index_select(0, index), teacher[1], teacher[2],
+                               buffers[1][:len(index)])
+        chunk_divergence, chunk_entropy, stats = _divergence(plan, tile, teacher_tile)
+        divergence.index_copy_(0, index, chunk_divergence)
+        entropy.index_copy_(0, index, chunk_entropy)
+        agreement.index_copy_(0, index, (tile.argmax(1) == teacher_tile.argmax(1)).float())
+        label_grad = None
+        if labelled:
+            targets = plan.targets.index_select(0, index).long()
+            logprobs, label_grad = _cross_entropy(plan, tile, targets, buffers[2:],
+                                                  grad_wanted)
+            target_logprobs.index_copy_(0, index, logprobs)
+        if not grad_wanted:
+            continue
+        layout = RowLayout(1, tile.shape[0], 0, tile.shape[1])
+        coefficient = torch.full((len(index),), plan.divergence_weight, **new)
+        grad = divergence_launchers(plan.backend).backward(
+            tile, teacher_tile, layout, layout, None, stats, coefficient, None, tile, layout,
+            spec=plan.spec)
+        if label_grad is not None:
+            grad += label_grad
+        grad = grad if grad.dtype == hidden.dtype else grad.to(hidden.dtype)
+        if need_hidden:
+            grad_hidden.index_add_(0, index, _matmul_fp32(grad, weight))
+        if need_weight:
+            _addmm_fp32_(grad_weight, grad.t(), rows)
+        if need_bias:
+            grad_bias += grad.sum(0, dtype=torch.float32)
+    grads = tuple(None if g is None else g.to(like.dtype) for g, like in
+                  ((grad_hidden, hidden), (grad_weight, weight),
+                   (grad_bias, bias if bias is not None else weight)))
+    return DistillOutputs(divergence, entropy, agreement, target_logprobs, grads)
+
+
+def _cross_entropy(plan: DistillPlan, tile: torch.Tensor, targets: torch.Tensor, spare: list,
+                   grad_wanted: bool):
+    """``(log p(target) [r], its loss's gradient w.r.t. the tile or None)``: the student at
+    temperature 1 with its soft cap, through the token_logprobs launchers; the gradient of
+    ``-label_weight x log p`` is built in the spare buffer (the tile itself is about to hold
+    the divergence's)."""
+    launchers = token_logprobs_launchers(plan.backend)
+    layout = RowLayout(1, tile.shape[0], 0, tile.shape[1])
+    options = dict(inv_temperature=1.0, softcap=plan.softcap, ignore_index=_NO_TARGET)
+    logprobs, _, stats = launchers.forward(tile, targets, layout, return_entropy=False,
+                                           **options)
+    if not grad_wanted:
+        return logprobs, None
+    out = spare[0][:tile.shape[0]]
+    out.copy_(tile)
+    coefficient = torch.full_like(logprobs, -plan.label_weight)
+    launchers.backward(out, targets, layout, stats, None, coefficient, None, out, layout,
+                       **options)
+    return logprobs, out
+
+
+class _DistillInForward(torch.autograd.Function):
+    """Outputs ``(anchor, divergence, entropy, agreement, target log-probs)``: ``anchor`` is a 0
+    whose gradient is the loss's (the caller adds it to the loss value it computes from the
+    other outputs), which carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, plan):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2])
+        out = run((hidden, weight, bias), (teacher_hidden, teacher_weight, teacher_bias), plan,
+                  need=need)
+        ctx.save_for_backward(*(g if g is not None else hidden.new_empty(0) for g in out.grads))
+        ctx.present = [g is not None for g in out.grads]
+        logprobs = out.divergence.new_empty(0) if out.target_logprobs is None \
+            else out.target_logprobs
+        ctx.mark_non_differentiable(out.divergence, out.entropy, out.agreement, logprobs)
+        return out.divergence.new_zeros(()), out.divergence, out.entropy, out.agreement, logprobs
+
+    @staticmethod
+    def backward(ctx, grad_anchor, *_):
+        grads = [grad_anchor.to(g.dtype) * g if present else None
+                 for g, present in zip(ctx.saved_tensors, ctx.present)]
+        return (*grads, None, None, None, None)
+
+
+def distill_in_forward(student: tuple, teacher: tuple, plan: DistillPlan):
+    """``(anchor, divergence [N], entropy [N], agreement [N], target log-probs [N] or None)``
+    (see ``_DistillInForward``); the loss is ``value.detach() + anchor``."""
+    anchor, *outputs = _DistillInForward.apply(*student, *teacher, plan)
+    if plan.label_weight == 0:
+        outputs[-1] = None
+    return (anchor, *outputs)
