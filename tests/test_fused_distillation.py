@@ -133,3 +133,17 @@ def test_ignored_rows_change_nothing():
 def test_bad_options_are_refused_naming_them(options, message):
     with pytest.raises(ValueError, match=message):
         FusedDistillationLoss(**options)
+
+
+def test_bad_inputs_are_refused_naming_them():
+    hidden, weight, bias, teacher, targets = inputs()
+    module = FusedDistillationLoss()
+    with pytest.raises(ValueError, match="teacher_weight has 1000 vocabulary rows"):
+        module(hidden, weight, teacher[0], teacher[1][:1000], targets)
+    with pytest.raises(ValueError, match="teacher_hidden has leading shape"):
+        module(hidden, weight, teacher[0][:5], teacher[1], targets)
+    with pytest.raises(ValueError, match="targets has shape"):
+        module(hidden, weight, *teacher[:2], targets[:5])
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        module(hidden, weight, *teacher[:2], targets.float())
+

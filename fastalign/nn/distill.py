@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from .._backend import select_backend
-from .._validation import check_number
-from ..ops.linear_divergence import linear_divergence
+from .._validation import check_number, check_targets
+from ..ops.linear_divergence import check_inputs, linear_divergence
 from ..ops.linear_divergence_loss import DistillPlan, distill_in_forward
 from ..ops.linear_logprobs import linear_logprobs
 from ..ops.linear_loss import DEFAULT_CHUNK_MB, rows_per_chunk
@@ -55,6 +55,11 @@ class FusedDistillationLoss(FusedLoss):
 
     def forward(self, hidden, weight, teacher_hidden, teacher_weight, targets, *, bias=None,
                 teacher_bias=None):
+        if self._chunked(hidden, weight, bias, teacher_weight, teacher_bias):
+            # The two-pass ops check their own inputs (sharded heads resolved first).
+            check_inputs(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, None)
+            check_targets(targets, hidden.shape[:-1], weight.shape[0], hidden.device,
+                          self.ignore_index, source="hidden")
         kept = targets != self.ignore_index
         count = kept.sum().clamp(min=1)
         if self._chunked(hidden, weight, bias, teacher_weight, teacher_bias):

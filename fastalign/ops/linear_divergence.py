@@ -148,21 +148,8 @@ def run_linear_divergence(hidden, weight, teacher_hidden, teacher_weight, bias, 
                           return_entropy, process_group):
     """``linear_divergence`` on plain tensors (sharded heads already resolved), the teacher's
     arguments called ``teacher_names`` (hidden, weight, bias) in messages."""
-    teacher_hidden_name, teacher_weight_name, teacher_bias_name = teacher_names
-    checks.check_lm_head(hidden, weight, bias)
-    checks.check_lm_head(teacher_hidden, teacher_weight, teacher_bias,
-                         weight_name=teacher_weight_name, hidden_name=teacher_hidden_name,
-                         bias_name=teacher_bias_name)
-    if teacher_hidden.shape[:-1] != hidden.shape[:-1]:
-        raise ValueError(f"{teacher_hidden_name} has leading shape "
-                         f"{tuple(teacher_hidden.shape[:-1])} but must equal hidden.shape[:-1] = "
-                         f"{tuple(hidden.shape[:-1])} (one row per token)")
-    if teacher_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"{teacher_weight_name} has {teacher_weight.shape[0]} vocabulary rows "
-                         f"but weight has {weight.shape[0]}; both models must share one "
-                         f"vocabulary")
-    checks.check_same_device(teacher_hidden_name, teacher_hidden, "hidden", hidden)
-    checks.check_mask(mask, hidden.shape[:-1], hidden.device, "hidden")
+    check_inputs(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask,
+                 teacher_names=teacher_names)
     check_options(beta, temperature, softcap, teacher_softcap, return_entropy)
     checks.check_process_group(process_group)
     flat = lambda x: x.reshape(-1, x.shape[-1]).contiguous()  # noqa: E731
@@ -224,3 +211,25 @@ def linear_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden
         return _sharded_head.linear_pair(run_linear_divergence, *arguments,
                                          process_group=process_group, **options)
     return run_linear_divergence(*arguments, process_group=process_group, **options)
+
+
+def check_inputs(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, mask, *,
+                 teacher_names=TEACHER_NAMES) -> None:
+    """The tensors of a student and a teacher head, as ``linear_divergence`` and
+    ``FusedDistillationLoss`` take them: each a head of its hidden states, one row per token on
+    both sides, one vocabulary, one device; ``teacher_names`` name the teacher's in messages."""
+    teacher_hidden_name, teacher_weight_name, teacher_bias_name = teacher_names
+    checks.check_lm_head(hidden, weight, bias)
+    checks.check_lm_head(teacher_hidden, teacher_weight, teacher_bias,
+                         weight_name=teacher_weight_name, hidden_name=teacher_hidden_name,
+                         bias_name=teacher_bias_name)
+    if teacher_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"{teacher_hidden_name} has leading shape "
+                         f"{tuple(teacher_hidden.shape[:-1])} but must equal hidden.shape[:-1] = "
+                         f"{tuple(hidden.shape[:-1])} (one row per token)")
+    if teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"{teacher_weight_name} has {teacher_weight.shape[0]} vocabulary rows "
+                         f"but weight has {weight.shape[0]}; both models must share one "
+                         f"vocabulary")
+    checks.check_same_device(teacher_hidden_name, teacher_hidden, "hidden", hidden)
+    checks.check_mask(mask, hidden.shape[:-1], hidden.device, "hidden")

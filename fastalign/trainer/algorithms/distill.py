@@ -285,4 +285,4 @@ SPEC = TrainerSpec(
     name="distill", help="distillation from a teacher (KL / JSD over the vocabulary)",
     config=DistillConfig, options=DistillOptions, build=_build,
     summary=progress_of("divergence"), held_out="rows", number_format=".4g",
-    tiny_defaults=dict(learning_rate=1e-3, max_steps=30))
+    tiny_defaults=dict(learning_rate=5e-3, max_steps=20, beta=0.0))
