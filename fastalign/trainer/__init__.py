@@ -1,7 +1,8 @@
 """The thin trainer layer: runs Hugging Face causal LMs through fastalign's fused ops.
 
 ``CausalLMAdapter`` turns a model into completion-token log-probs without materializing logits;
-``DPOTrainer``, ``RewardTrainer``, ``PPOTrainer`` and ``GRPOTrainer`` train with them,
+``DPOTrainer``, ``RewardTrainer``, ``PPOTrainer``, ``GRPOTrainer`` and ``DistillTrainer`` train
+with them,
 ``best_of_n`` samples and keeps the best; ``tiny_llama`` and ``byte_tokenizer`` are the built-in
 default model (no downloads)."""
 
@@ -11,6 +12,7 @@ from .core.bundled import demo_preferences
 from .core.checkpoint import CheckpointError
 from .core.config import TrainConfig
 from .core.data import DataError, load_preferences, tokenize_pairs
+from .algorithms.distill import DistillConfig, DistillTrainer
 from .algorithms.dpo import DPOConfig, DPOTrainer
 from .algorithms.grpo import GRPOConfig, GRPOTrainer
 from .algorithms.ppo import PPOConfig, PPOTrainer
@@ -21,7 +23,7 @@ from .models.tiny import tiny_llama, tiny_reward_model
 from .models.tokenizer import byte_tokenizer
 
 __all__ = ["BestOfN", "CausalLMAdapter", "CheckpointError", "DPOConfig", "DPOTrainer",
-           "DataError", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig",
+           "DataError", "DistillConfig", "DistillTrainer", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig",
            "RewardTrainer", "TrainConfig", "best_of_n", "byte_tokenizer", "completion_targets",
            "demo_preferences", "load_model_and_tokenizer", "load_preferences",
            "load_reward_model", "merge_adapter", "tiny_llama", "tiny_reward_model",
