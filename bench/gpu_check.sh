@@ -6,7 +6,8 @@
 # short table last.
 # Budget: 4 min 10 s measured on an H100 (2026-11-27) before the trainer and GRPO-step steps
 # (~2.5 min more), the CUDA tests 70 s of it; run it with the device tool's timeout_s=600. A step cut short by its timeout leaves the ones
-# before it intact in $OUT/results.tar.gz.
+# before it intact in $OUT/results.tar.gz. The distillation-loss step (bench_divergence.py, 11
+# fresh worker processes) has not been timed yet; its timeout is 240 s.
 #
 #   device run:  FASTALIGN_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
 #   (carry .whl: the peers' wheels, see README)
@@ -74,6 +75,10 @@ step "fused-linear KL: Llama-3 head, N=8192, bf16, beside TRL and Liger"
 timeout 90 python3 bench/bench_linear_logprobs.py --op kl --device cuda --shapes llama3 --tokens 8192 \
   --csv "$RUN/linear_kl_cuda.csv" --plot "$RUN/linear_kl_cuda.png" 2>&1 | tee "$RUN/bench_kl.log" | tail -3
 
+step "distillation loss: N=8192, D=4096, teacher D_t=8192, V=128256, bf16, beta 0.5 and 1, beside TRL, Liger, eager"
+timeout 240 python3 bench/bench_divergence.py --device cuda \
+  --csv "$RUN/divergence_cuda.csv" 2>&1 | tee "$RUN/bench_divergence.log" | tail -4
+
 if [ "${FULL:-0}" = 1 ]; then  # FULL=1: the fused-linear tile sweep (~1.5 min)
   step "fused-linear tile sweep"
   timeout 90 python3 bench/tune_linear_logprobs.py --csv "$RUN/tune_linear_logprobs_cuda.csv" 2>&1 | tee "$RUN/tune_linear.log"
@@ -94,6 +99,7 @@ tail -n 1 "$RUN"/trainers/*.log
 tail -n 4 "$RUN/bench_grpo_step.log"
 tail -n 3 "$RUN/bench_trl_step.log"
 [ -f "$RUN/bench_distributed.log" ] && tail -n 3 "$RUN/bench_distributed.log"
+[ -f "$RUN/bench_divergence.log" ] && tail -n 3 "$RUN/bench_divergence.log"
 for csv in linear_logprobs fused_dpo fused_grpo linear_kl token_logprobs; do
   [ -f "$RUN/${csv}_cuda.csv" ] && python3 bench/summarize.py "$RUN/${csv}_cuda.csv"
 done

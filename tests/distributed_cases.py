@@ -1,6 +1,7 @@
-"""Training runs of the distributed tests: DPO, GRPO, PPO and reward models on small models, each recorded as its
-per-step losses, the gradients of its first update and its final weights (whole, gathered from
-FSDP2 shards), on whatever number of processes runs this file.
+"""Training runs of the distributed tests: DPO, GRPO, PPO, reward models and distillation on
+small models, each recorded as its per-step losses, the gradients of its first update and its
+final weights (whole, gathered from FSDP2 shards), on whatever number of processes runs this
+file.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed_cases.py OUT_DIR MODEL_DIR
 
@@ -21,15 +22,39 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import lowercase_share, preference_rows, small_llama, small_policy  # noqa: E402
 
-from fastalign.trainer import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer,  # noqa: E402
-                               PPOConfig, PPOTrainer, RewardConfig, RewardTrainer,
-                               byte_tokenizer, tiny_reward_model)
+from fastalign.trainer import (DistillConfig, DistillTrainer, DPOConfig,  # noqa: E402
+                               DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer,
+                               RewardConfig, RewardTrainer, byte_tokenizer, tiny_llama,
+                               tiny_reward_model)
 
 GLOBAL_BATCH = 4
 KINDS = ("dpo", "grpo", "ppo", "rm")
 STEPS = 5
 PROMPTS = ["Tell me about owls.", "Hi", "Name a fruit.", "Why is the sky blue?",
            "Count to three.", "Say yes.", "Pick a color.", "Tell a joke."]
+
+
+# Distillation: 2 steps of 2 micro-batches each (16 rows, two epochs of the 8), lmbda 0.5. Its
+# draws are seeded by (seed, step), so with seed 0 step 0 is on-policy (the student samples the
+# prompts of both micro-batches, the teacher scores them) and step 1 off-policy (the data's
+# completions); ``run`` records which, and the test checks it.
+DISTILL_STEPS = 2
+DISTILL_ON_POLICY = [1.0, 0.0]
+
+
+def distill_trainer(output_dir, *, world_size: int, parallelism: str = "ddp"):
+    """``small_policy`` (300 tokens, width 32) distilled from a teacher of width 48 over the
+    same vocabulary, scaled so that the two distributions differ clearly."""
+    teacher = tiny_llama(vocab_size=300, hidden_size=48, num_layers=1, seed=1)
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.mul_(4.0)
+    rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in preference_rows(8)]
+    config = DistillConfig(output_dir=str(output_dir), batch_size=GLOBAL_BATCH // world_size,
+                           gradient_accumulation_steps=2, max_steps=DISTILL_STEPS,
+                           learning_rate=1e-3, lr_schedule="constant", parallelism=parallelism,
+                           progress=False, seed=0, lmbda=0.5, beta=0.5, max_new_tokens=6)
+    return DistillTrainer(small_policy(), byte_tokenizer(), config, rows, teacher=teacher)
 
 
 class Interrupted(Exception):
@@ -74,6 +99,8 @@ def run(trainer, *, resume=None, interrupt_after=None) -> dict:
             raise Interrupted(f"stopped after step {interrupt_after}")
         metrics = step()
         record["losses"].append(metrics["loss"])
+        if "on_policy" in metrics:  # distillation: whether the step sampled
+            record.setdefault("on_policy", []).append(metrics["on_policy"])
         return metrics
 
     def recording_optimizer_step(loss, grad_norm):
@@ -114,6 +141,19 @@ def main(out_dir: str, model_dir: str) -> None:
                 torch.save(record["weights"], out / f"{case}.rank{rank}.pt")
             if rank == 0:
                 torch.save(record, out / f"{case}.pt")
+    for parallelism in ("ddp", "fsdp"):
+        case = f"distill-{parallelism}"
+        trainer = distill_trainer(out / case, world_size=world_size, parallelism=parallelism)
+        record = run(trainer)
+        record["teacher_sharded"] = trainer.processes.sharded(trainer.teacher.model)
+        # A frozen model's root unit (embeddings, head) is resharded after each forward, not
+        # kept gathered for a backward it never has.
+        embedding = trainer.teacher.model.get_input_embeddings().weight
+        record["teacher_root_resharded"] = type(embedding).__name__ == "DTensor"
+        if parallelism == "ddp":
+            torch.save(record["weights"], out / f"{case}.rank{rank}.pt")
+        if rank == 0:
+            torch.save(record, out / f"{case}.pt")
     # An interrupted FSDP2 DPO run, and its resumption on the same processes.
     directory = out / "dpo-fsdp-resumed"
     run(trainer_for("dpo", directory, world_size=world_size, parallelism="fsdp",

@@ -1,8 +1,10 @@
 """The trainers on 2 processes (``torchrun --standalone --nproc_per_node 2``, gloo, CPU), DDP and
 FSDP2, against one process with the same global batch: DPO, GRPO, PPO and the reward model give
 the same first-step loss and gradients (rel 1e-5, fp32) and the same loss curve over 5 steps
-(1e-3); DDP leaves every rank with the same weights, FSDP2's gathered weights equal the
-single-process ones; an interrupted run resumes exactly, on the same processes and on one.
+(1e-3), distillation (lmbda 0.5: an on-policy step, then an off-policy one, each of 2
+micro-batches, the teacher sharded under FSDP2) likewise over its 2 steps; DDP leaves every rank
+with the same weights, FSDP2's gathered weights equal the single-process ones; an interrupted
+run resumes exactly, on the same processes and on one.
 ``fastalign train dpo --parallelism fsdp`` on 2 processes: rank 0 alone speaks and writes, the
 final model is a plain ``save_pretrained`` directory.
 
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_cases import KINDS, STEPS, run, trainer_for
+from distributed_cases import (DISTILL_ON_POLICY, DISTILL_STEPS, KINDS, STEPS,
+                               distill_trainer, run, trainer_for)
 from helpers import small_llama
 
 from fastalign.trainer import byte_tokenizer
@@ -45,6 +48,12 @@ def one_rank(tmp_path_factory):
     """The same runs on this one process: ``{kind: record}``."""
     out = tmp_path_factory.mktemp("one-rank")
     return {kind: run(trainer_for(kind, out / kind, world_size=1)) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def one_rank_distill(tmp_path_factory):
+    """The distillation run on this one process: its record."""
+    return run(distill_trainer(tmp_path_factory.mktemp("one-rank-distill"), world_size=1))
 
 
 def _close(actual: dict, expected: dict, rtol: float, what: str) -> None:
@@ -106,3 +115,29 @@ def test_torchrun_fsdp_dpo_from_the_command_line(two_ranks):
     assert [row["step"] for row in rows] == [1, 2]  # written once, not once per rank
     assert AutoModelForCausalLM.from_pretrained(run_dir).config.vocab_size == 1000
     assert (run_dir / "checkpoint-2" / "fastalign_checkpoint.json").is_file()
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_distill_on_two_ranks_equals_one_process(two_ranks, one_rank_distill, parallelism):
+    """lmbda 0.5 draws the same steps on every rank and on one process (step 0 samples from
+    the student, step 1 trains on the data), each step of 2 micro-batches per rank; the
+    teacher (another width) runs inside the student's forward, sharded under FSDP2."""
+    two_ranks, _ = two_ranks
+    record = torch.load(two_ranks / f"distill-{parallelism}.pt")
+    single = one_rank_distill
+    assert record["teacher_sharded"] == (parallelism == "fsdp")
+    assert record["teacher_root_resharded"] == (parallelism == "fsdp")
+    assert record["on_policy"] == single["on_policy"] == DISTILL_ON_POLICY
+    assert len(record["losses"]) == len(single["losses"]) == DISTILL_STEPS
+    # Step 0 is on-policy: the same samples on 2 ranks as on one, or the losses would differ.
+    assert record["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
+    _close(record["grads"], single["grads"], 1e-5, f"distill-{parallelism} first-step gradient of")
+    assert record["losses"] == pytest.approx(single["losses"], rel=1e-3)
+    _close(record["weights"], single["weights"], 1e-3, f"distill-{parallelism} final")
+
+
+def test_distill_ddp_leaves_every_rank_with_the_same_weights(two_ranks):
+    two_ranks, _ = two_ranks
+    rank0, rank1 = (torch.load(two_ranks / f"distill-ddp.rank{r}.pt") for r in (0, 1))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name

@@ -34,7 +34,8 @@ class FusedDistillationLoss(FusedLoss):
     means, not differentiated.
 
     ``gradient_in_forward`` (the default): the student's head costs 3 matmuls and the
-    teacher's 1, in chunks of at most ``chunk_mb`` MiB of float32 logits per model. Under
+    teacher's 1, in chunks of at most ``chunk_mb`` MiB of float32 logits per model (the default,
+    half of the one-model losses', keeps the two models' chunks at their one chunk). Under
     ``torch.compile`` tracing, or with a sharded head (FSDP2 ``DTensor``, ZeRO-3), or with
     ``gradient_in_forward=False``, the two-pass ops run instead (``linear_divergence``,
     ``linear_logprobs``: their backward recomputes the logits) and ``agreement`` is not
@@ -44,7 +45,7 @@ class FusedDistillationLoss(FusedLoss):
     def __init__(self, beta: float = 1.0, temperature: float = 1.0,
                  hard_label_weight: float = 0.0, *, softcap: float | None = None,
                  teacher_softcap: float | None = None, ignore_index: int = -100,
-                 gradient_in_forward: bool = True, chunk_mb: float = DEFAULT_CHUNK_MB):
+                 gradient_in_forward: bool = True, chunk_mb: float = DEFAULT_CHUNK_MB / 2):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                          gradient_in_forward=gradient_in_forward, chunk_mb=chunk_mb)
         check_options(beta, temperature, softcap, teacher_softcap, False)

@@ -133,7 +133,7 @@ class DistillTrainer(Trainer):
 
     def on_wrapped(self, root):
         self.student.root = root
-        self.processes.shard(self.teacher.model, self.config.precision)
+        self.processes.shard(self.teacher.model, self.config.precision, frozen=True)
 
     def _on_policy(self) -> bool:
         """Whether this step samples (the same answer on every rank: seeded by the step)."""

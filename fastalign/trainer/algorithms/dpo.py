@@ -119,7 +119,7 @@ class DPOTrainer(Trainer):
     def on_wrapped(self, root):
         self.policy.root = root
         if self.reference is not None:  # sharded too under FSDP2, replicated under DDP
-            self.processes.shard(self.reference.model, self.config.precision)
+            self.processes.shard(self.reference.model, self.config.precision, frozen=True)
 
     # -- batches -----------------------------------------------------------------------------
     def collate(self, pairs):

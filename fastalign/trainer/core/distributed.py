@@ -192,9 +192,11 @@ class Processes:
         return self.shard(model, precision, per_layer=per_layer)
 
     def shard(self, model: torch.nn.Module, precision: str = "fp32", *,
-              per_layer: bool = True) -> torch.nn.Module:
+              per_layer: bool = True, frozen: bool = False) -> torch.nn.Module:
         """``model`` sharded in place by FSDP2 (see ``wrap``); frozen models too (a reference,
-        a reward model) with ``parallelism="fsdp"``, replicated otherwise."""
+        a teacher: ``frozen=True``) with ``parallelism="fsdp"``, replicated otherwise. FSDP2
+        keeps a root unit gathered after its forward for the backward it expects; a frozen
+        model has none, so its root (embeddings, head) is resharded after each forward."""
         if not self.distributed or self.parallelism != "fsdp":
             return model
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -206,7 +208,7 @@ class Processes:
                   if precision == "bf16" else MixedPrecisionPolicy())
         for layer in decoder_layers(model) if per_layer else []:
             fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        fully_shard(model, mp_policy=policy, **({"reshard_after_forward": True} if frozen else {}))
         return model
 
     def no_sync(self, roots: list[torch.nn.Module], last: bool):

@@ -215,7 +215,7 @@ class FrozenReference:
         if self.uses_base:
             self.adapter.root = root
         else:
-            processes.shard(self.adapter.model, precision)
+            processes.shard(self.adapter.model, precision, frozen=True)
 
     def completion_logprobs(self, input_ids, completion_mask, attention_mask=None, *,
                             position_ids=None, temperature: float = 1.0) -> torch.Tensor:
