@@ -1,5 +1,5 @@
-"""Benchmark of the fused-linear ops (log-probs, KL) from hidden states and LM heads: providers x
-modes x shapes.
+"""Benchmark of the fused-linear ops (log-probs, KL, JSD) from hidden states and LM heads:
+providers x modes x shapes.
 
 ``logprobs[n] = log_softmax(hidden @ weight.T)[n, targets[n]]`` with hidden [N, D], weight [V, D]
 (seeded, logits of std ~2) and valid targets [N]. Shapes: llama3 (D=4096, V=128256), gemma2
@@ -17,6 +17,11 @@ modes x shapes.
   trl          TRL's trl.kernels.ChunkedDivergenceFunction with beta = 1 (reverse KL)
   liger        Liger's LigerFusedLinearJSDFunction with jsd_beta = 1 (a scalar token mean; CUDA)
   fastalign    fastalign.linear_kl
+--op jsd: TRL's generalized JSD at beta = 0.5 (DistillationTrainer's default) from a student's
+and a teacher's (hidden, head) pair, providers:
+  torch_eager  both models' float32 log_softmax, the mixture by logsumexp (TRL's unfused loss)
+  trl          TRL's trl.kernels.ChunkedDivergenceFunction with beta = 0.5 (two passes)
+  fastalign    fastalign.linear_divergence with beta = 0.5
 ``--baseline REV ...`` (CPU) also runs the fastalign provider from those git revisions, in the
 same run, named ``fastalign@REV`` (bench/harness.py ``stage_revisions``).
 Modes: fwd (no grad, e.g. the reference model) and fwd_bwd (gradient w.r.t. hidden and weight).
@@ -30,6 +35,7 @@ fastalign/_measure.py). Rows go to a CSV stamped with device, commit and date, a
     python bench/bench_linear_logprobs.py                        # CPU: shape cpu, N=2048, float32
     python bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192
     python bench/bench_linear_logprobs.py --op kl                # linear_kl on the CPU
+    python bench/bench_linear_logprobs.py --op jsd               # linear_divergence, beta 0.5
 """
 
 from __future__ import annotations
@@ -51,7 +57,9 @@ from fastalign import _measure  # noqa: E402
 
 # Providers per op: what each computes from (hidden, weight[, reference hidden and head]).
 PROVIDERS = {"logprobs": ("torch_eager", "trl", "liger", "cce", "fastalign"),
-             "kl": ("torch_eager", "trl", "liger", "fastalign")}
+             "kl": ("torch_eager", "trl", "liger", "fastalign"),
+             "jsd": ("torch_eager", "trl", "fastalign")}
+JSD_BETA = 0.5
 CUDA_ONLY = ("liger", "cce")  # Triton kernels without a CPU path
 MODES = ("fwd", "fwd_bwd")
 SHAPES = {"llama3": (4096, 128256), "gemma2": (2304, 256000), "cpu": (256, 128256)}  # (D, V)
@@ -69,6 +77,15 @@ def eager_kl(hidden, weight, ref_hidden, ref_weight):
     log_p = torch.log_softmax((hidden @ weight.T).float(), -1)
     log_q = torch.log_softmax((ref_hidden @ ref_weight.T).float(), -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def eager_jsd(hidden, weight, ref_hidden, ref_weight):
+    log_p = torch.log_softmax((hidden @ weight.T).float(), -1)
+    log_q = torch.log_softmax((ref_hidden @ ref_weight.T).float(), -1)
+    log_m = torch.logaddexp(log_p + torch.log1p(torch.tensor(-JSD_BETA)),
+                            log_q + torch.log(torch.tensor(JSD_BETA)))
+    return (JSD_BETA * (log_q.exp() * (log_q - log_m)).sum(-1)
+            + (1 - JSD_BETA) * (log_p.exp() * (log_p - log_m)).sum(-1))
 
 
 def _trl_kernel(module_name: str, attribute: str):
@@ -93,13 +110,20 @@ def _trl_kernel(module_name: str, attribute: str):
 
 
 def make_op(op: str, provider: str, device: torch.device):
-    """``logprobs``: ``f(hidden, weight, targets) -> [N]``; ``kl``: ``f(hidden, weight,
+    """``logprobs``: ``f(hidden, weight, targets) -> [N]``; ``kl``, ``jsd``: ``f(hidden, weight,
     ref_hidden, ref_weight) -> [N]`` (Liger: the token mean). Peers are imported when asked."""
     if provider in CUDA_ONLY and device.type != "cuda":
         raise RuntimeError(f"{provider} needs CUDA (Triton kernels only)")
     if provider not in PROVIDERS[op]:
         raise ValueError(f"{provider} has no {op}; choose from {', '.join(PROVIDERS[op])}")
     import fastalign
+    if op == "jsd":
+        if provider == "torch_eager":
+            return eager_jsd
+        if provider == "trl":
+            function = _trl_kernel("chunked_divergence", "ChunkedDivergenceFunction")
+            return lambda h, w, rh, rw: function.apply(h, w, None, rh, rw, None, JSD_BETA)[0]
+        return lambda h, w, rh, rw: fastalign.linear_divergence(h, w, rh, rw, beta=JSD_BETA)
     if op == "kl":
         if provider == "torch_eager":
             return eager_kl
@@ -162,7 +186,8 @@ def measure(spec: dict, device: torch.device) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", default="logprobs", choices=list(PROVIDERS),
-                        help="logprobs: linear_logprobs and its peers; kl: linear_kl and its peers")
+                        help="logprobs: linear_logprobs and its peers; kl: linear_kl and its "
+                             "peers; jsd: linear_divergence (beta 0.5) and its peers")
     parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
                         help="default: cpu on CPU, llama3 gemma2 on CUDA")
     parser.add_argument("--tokens", type=int, default=None, help="N; default 2048 on CPU, 8192 on CUDA")
