@@ -78,6 +78,20 @@ def divergence_partials(logits, teacher_logits, layout, teacher_layout, mask, *,
     return partials
 
 
+def _shifted(keys: torch.Tensor, stats: torch.Tensor, side: int,
+             spec: DivergenceSpec) -> torch.Tensor:
+    """``s = (key - max) / T`` in place of ``keys``, with the max of ``side`` (``ROW_MAX``: the
+    student's, ``TEACHER_ROW_MAX``: the teacher's): the difference taken before the scaling."""
+    return keys.sub_(stats[:, side:side + 1]).mul_(spec.inv_temperature)
+
+
+def _log_probs(keys: torch.Tensor, stats: torch.Tensor, side: int,
+               spec: DivergenceSpec) -> torch.Tensor:
+    """``log p = (key - max) / T - log S`` in place of ``keys`` (see :func:`_shifted`; each
+    side's log-sum is the column after its max)."""
+    return _shifted(keys, stats, side, spec).sub_(stats[:, side + 1:side + 2])
+
+
 def mixture_partials(logits, teacher_logits, layout, teacher_layout, mask, stats, *,
                      spec: DivergenceSpec):
     """Same contract as ``fastalign.kernels.divergence.mixture_partials``."""
@@ -96,19 +110,6 @@ def mixture_partials(logits, teacher_logits, layout, teacher_layout, mask, stats
     return terms
 
 
-def _shifted(keys: torch.Tensor, stats: torch.Tensor, side: int,
-             spec: DivergenceSpec) -> torch.Tensor:
-    """``s = (key - max) / T`` in place of ``keys``, with the max of ``side`` (``ROW_MAX``: the
-    student's, ``TEACHER_ROW_MAX``: the teacher's): the difference taken before the scaling."""
-    return keys.sub_(stats[:, side:side + 1]).mul_(spec.inv_temperature)
-
-
-def _log_probs(keys: torch.Tensor, stats: torch.Tensor, side: int,
-               spec: DivergenceSpec) -> torch.Tensor:
-    """``log p = (key - max) / T - log S`` in place of ``keys`` (see :func:`_shifted`)."""
-    return _shifted(keys, stats, side, spec).sub_(stats[:, side + 1:side + 2])
-
-
 def _divergence_grad(s, log_p, p, teacher_keys, stats, spec):
     """d divergence / dz' of one chunk (z' = softcap(z) / T), before the upstream factor."""
     aux = stats[:, AUX:AUX + 1]
@@ -121,7 +122,7 @@ def _divergence_grad(s, log_p, p, teacher_keys, stats, spec):
         return torch.where(p == 0, poison, p * log_ratio)
     log_q = _log_probs(teacher_keys, stats, TEACHER_ROW_MAX, spec)
     to_mixture, _ = mixture_log_ratios(log_p, log_q, p, log_q.exp(), spec)
-    return torch.where(p == 0, poison, (1.0 - spec.beta) * p * (to_mixture - aux))
+    return torch.where(p == 0, poison, spec.student_weight * p * (to_mixture - aux))
 
 
 def divergence_grad(logits, teacher_logits, layout, teacher_layout, mask, stats, grad_divergence,
