@@ -25,9 +25,8 @@ import torch
 
 from .._layout import RowLayout
 from ._backends import divergence_launchers, token_logprobs_launchers
-from ._linear_backward import _addmm_fp32_
 from ._vocab_stats import divergence_over_slices
-from .linear_loss import _NO_TARGET, _logits, _matmul_fp32
+from .linear_loss import _NO_TARGET, _logits, accumulate_head_grads
 
 
 @dataclass
@@ -115,13 +114,7 @@ def run(student: tuple, teacher: tuple, plan: DistillPlan, *, need: tuple[bool, 
             spec=plan.spec)
         if label_grad is not None:
             grad += label_grad
-        grad = grad if grad.dtype == hidden.dtype else grad.to(hidden.dtype)
-        if need_hidden:
-            grad_hidden.index_add_(0, index, _matmul_fp32(grad, weight))
-        if need_weight:
-            _addmm_fp32_(grad_weight, grad.t(), rows)
-        if need_bias:
-            grad_bias += grad.sum(0, dtype=torch.float32)
+        accumulate_head_grads(grad, index, rows, weight, grad_hidden, grad_weight, grad_bias)
     grads = tuple(None if g is None else g.to(like.dtype) for g, like in
                   ((grad_hidden, hidden), (grad_weight, weight),
                    (grad_bias, bias if bias is not None else weight)))

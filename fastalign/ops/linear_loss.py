@@ -108,17 +108,24 @@ def run(hidden, weight, bias, plan: Plan, *, need_hidden: bool, need_weight: boo
         if plan.coefficients is None:
             continue
         grad = write_grad(*plan.coefficients(index, chunk_logprobs, chunk_entropy))
-        grad = grad if grad.dtype == hidden.dtype else grad.to(hidden.dtype)
-        if need_hidden:
-            grad_hidden.index_add_(0, index, _matmul_fp32(grad, weight))
-        if need_weight:
-            _addmm_fp32_(grad_weight, grad.t(), rows)
-        if need_bias:
-            grad_bias += grad.sum(0, dtype=torch.float32)
+        accumulate_head_grads(grad, index, rows, weight, grad_hidden, grad_weight, grad_bias)
     return (logprobs, entropy,
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+def accumulate_head_grads(grad, index, rows, weight, grad_hidden, grad_weight, grad_bias):
+    """A chunk's logits-gradient ``grad [r, V]`` (``rows = hidden[index]``) into the float32
+    gradient buffers that are not None: ``dHidden[index] = G @ weight``, ``dWeight += G.T @
+    rows``, ``dBias += G.sum(0)`` (``G`` in the hidden states' dtype, for the matmuls)."""
+    grad = grad if grad.dtype == rows.dtype else grad.to(rows.dtype)
+    if grad_hidden is not None:
+        grad_hidden.index_add_(0, index, _matmul_fp32(grad, weight))
+    if grad_weight is not None:
+        _addmm_fp32_(grad_weight, grad.t(), rows)
+    if grad_bias is not None:
+        grad_bias += grad.sum(0, dtype=torch.float32)
 
 
 def _logits(rows, weight, bias, out: torch.Tensor) -> torch.Tensor:
