@@ -5,6 +5,7 @@ tolerances)."""
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import DEVICE
 
@@ -189,3 +190,11 @@ def dpo_trainer(out, *, model=None, **options):
     return DPOTrainer(model or small_llama(), byte_tokenizer(),
                       DPOConfig(output_dir=str(out), **options), preference_rows(4),
                       ref_model=reference)
+
+
+def slow_beyond(values, fast):
+    """``values`` for ``pytest.mark.parametrize``, those not in ``fast`` marked slow: the fast
+    tier (``-m "not slow"``) runs one case of each kernel path, ``make test`` all of them."""
+    return [value if value in fast else pytest.param(value, marks=pytest.mark.slow)
+            for value in values]
+

@@ -6,6 +6,7 @@ TRL's own ``ChunkedDivergenceFunction``."""
 
 import pytest
 import torch
+from helpers import slow_beyond
 from conftest import DEVICE, assert_close, relative_error, tolerance_for
 
 import fastalign as fa
@@ -60,9 +61,9 @@ def check_token_divergence(full, teacher, upstream, **options):
     return outs, grad
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("variant", slow_beyond(list(VARIANTS), fast=["everything"]))
+@pytest.mark.parametrize("dtype", slow_beyond(DTYPES, fast=[torch.float32]))
+@pytest.mark.parametrize("beta", slow_beyond(BETAS, fast=[0.0, 0.5, 1.0]))
 def test_token_divergence_matches_float64_reference(backend, small_tiles, beta, dtype, variant):
     full, teacher = student_and_teacher_logits(2, 5, VOCAB, dtype, seed=int(beta * 10))
     options = dict(VARIANTS[variant], beta=beta)
@@ -117,8 +118,8 @@ def linear_run(fn, student, teacher, upstream, **options):
     return outs, torch.autograd.grad(loss, [x for x in student if x.requires_grad])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("dtype", slow_beyond(DTYPES, fast=[torch.float32]))
+@pytest.mark.parametrize("beta", slow_beyond(BETAS, fast=[0.0, 0.5, 1.0]))
 def test_linear_divergence_matches_float64_reference(backend, small_tiles, beta, dtype):
     student, teacher = random_heads((2, 7), VOCAB, dtype, seed=int(beta * 10))
     mask = torch.rand(2, 7, device=DEVICE) > 0.3

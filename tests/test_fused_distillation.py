@@ -4,6 +4,7 @@ smaller than the batch; the two-pass path, no-gradient calls, and its option che
 
 import pytest
 import torch
+from helpers import slow_beyond
 
 from fastalign.nn import FusedDistillationLoss
 from fastalign.reference import token_divergence_reference
@@ -50,7 +51,8 @@ def relative(actual, expected):
 @pytest.mark.parametrize("beta, temperature, softcaps, hard_label_weight", [
     (0.0, 1.0, (None, None), 0.0), (0.3, 1.3, (8.0, 6.0), 0.5), (0.5, 0.8, (None, 5.0), 0.0),
     (1.0, 1.0, (8.0, None), 1.0)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", slow_beyond([torch.float32, torch.bfloat16],
+                                               fast=[torch.float32]))
 def test_matches_float64_on_every_backend(backend, beta, temperature, softcaps,
                                           hard_label_weight, dtype):
     hidden, weight, bias, teacher, targets = inputs(dtype)

@@ -4,6 +4,7 @@ a repeated id, a row with all K ignored, confident rows (p near 1) in bf16, layo
 
 import pytest
 import torch
+from helpers import slow_beyond
 from conftest import DEVICE, TOLERANCE, assert_close, relative_error, tolerance_for
 
 import fastalign as fa
@@ -49,8 +50,8 @@ def check_ignored(ids, logprobs, entropy, row_grad):
     assert (entropy[all_ignored] == 0).all() and (row_grad[all_ignored] == 0).all()
 
 
-@pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", slow_beyond(KS, fast=[1, 20]))
+@pytest.mark.parametrize("dtype", slow_beyond(DTYPES, fast=[torch.float32, torch.bfloat16]))
 @pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
 def test_token_matches_float64_reference(backend, k, dtype, transform):
     gen = torch.Generator().manual_seed(k)
@@ -144,7 +145,9 @@ def linear_run(fn, leaves, ids, upstream, **options):
 LINEAR_CASES = [(1, torch.float32), (3, torch.bfloat16), (20, torch.float16), (20, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("k,dtype", LINEAR_CASES, ids=[f"{k}-{d}" for k, d in LINEAR_CASES])
+@pytest.mark.parametrize("k,dtype", [  # the first two in the fast tier, all in make test
+    pytest.param(k, d, id=f"{k}-{d}", marks=[] if i < 2 else [pytest.mark.slow])
+    for i, (k, d) in enumerate(LINEAR_CASES)])
 @pytest.mark.parametrize("options", TRANSFORMS.values(), ids=TRANSFORMS.keys())
 def test_linear_matches_float64_reference(backend, small_tiles, k, dtype, options):
     """Small tiles: V = 1007 crosses many vocabulary splits and gradient slices, D = 40 ends in
