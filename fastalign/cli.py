@@ -35,7 +35,9 @@ def _add_option_flags(parser, options_class, *, title: str, unset_default: bool)
     group = parser.add_argument_group(title)
     for field in dataclasses.fields(options_class):
         flag = "--" + field.name.replace("_", "-")
-        text = f"{option_help(options_class, field.name)} (default: {field.default})"
+        text = option_help(options_class, field.name)
+        if "default" not in text:  # a help that explains its default says it already
+            text += f" (default: {field.default})"
         default = None if unset_default else field.default
         kind, _ = option_type(field)
         if kind is bool:
