@@ -49,7 +49,9 @@ def test_wheel_maps_kernels_under_fastalign(wheel):
     assert "fastalign/losses/policy.py" in names
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels/ would shadow PyPI's"
     # The C++ sources travel in the wheel: fastalign._native builds them on first use.
-    for source in ("bindings.cpp", "logprobs.cpp", "kl.cpp", "kernels.h", "rows.h"):
+    from fastalign import _native
+
+    for source in (*_native.SOURCES, "kernels.h", "rows.h"):
         assert f"fastalign/csrc/{source}" in names
     assert not [n for n in names if n.startswith("csrc/")]
     # The trainer layer and the demo's bundled preference pairs.
