@@ -88,8 +88,13 @@ def run(student: tuple, teacher: tuple, plan: DistillPlan, *, need: tuple[bool, 
     grad_weight = torch.zeros(weight.shape, **new) if need_weight else None
     grad_bias = torch.zeros(vocab_size, **new) if need_bias else None
     widest = max((len(c) for c in plan.chunks), default=0)
-    buffers = [torch.empty(widest, vocab_size, **new)
-               for _ in range(3 if labelled and grad_wanted else 2)]
+    # Reused float32 chunks (``_logits`` writes a float32 matmul into them; other dtypes get a
+    # fresh tile of their own rounding, so no buffer is held for them).
+    float32 = lambda *ts: all(t is None or t.dtype == torch.float32 for t in ts)  # noqa: E731
+    buffers = [torch.empty(widest if float32(*student) else 0, vocab_size, **new),
+               torch.empty(widest if float32(*teacher) else 0, vocab_size, **new)]
+    if labelled and grad_wanted:
+        buffers.append(torch.empty(widest, vocab_size, **new))
     for index in plan.chunks:
         rows = hidden.index_select(0, index)
         tile = _logits(rows, weight, bias, buffers[0][:len(index)])
