@@ -50,8 +50,14 @@ def _applies(hidden, weight, bias, *constants) -> bool:
         return False  # forward only: the two-pass forward is the same work without a chunk
     if any(c is not None and c.requires_grad for c in constants):
         return False
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and not hasattr(t, "ds_id")
-               for t in tensors)
+    return plain_tensors(*tensors)
+
+
+def plain_tensors(*tensors) -> bool:
+    """Whether every tensor given (None aside) is a plain tensor or parameter: not a DTensor
+    or a ZeRO-3 parameter, which the two-pass ops gather first."""
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
+               and not hasattr(t, "ds_id") for t in tensors)
 
 
 def _packed(groups: list[torch.Tensor], limit: int) -> list[torch.Tensor] | None:

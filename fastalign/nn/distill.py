@@ -14,6 +14,7 @@ from ..ops.linear_logprobs import linear_logprobs
 from ..ops.linear_loss import DEFAULT_CHUNK_MB, rows_per_chunk
 from ..ops.token_divergence import check_options
 from ..kernels.divergence_interface import divergence_spec
+from . import _gradient_in_forward as one_pass
 from ._fused_loss import FusedLoss
 
 
@@ -56,14 +57,17 @@ class FusedDistillationLoss(FusedLoss):
 
     def forward(self, hidden, weight, teacher_hidden, teacher_weight, targets, *, bias=None,
                 teacher_bias=None):
-        if self._chunked(hidden, weight, bias, teacher_weight, teacher_bias):
+        # The chunked pass needs the mode on, plain tensors and no torch.compile tracing.
+        chunked = (self.gradient_in_forward and not torch.compiler.is_compiling()
+                   and one_pass.plain_tensors(hidden, weight, bias, teacher_weight, teacher_bias))
+        if chunked:
             # The two-pass ops check their own inputs (sharded heads resolved first).
             check_inputs(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, None)
             check_targets(targets, hidden.shape[:-1], weight.shape[0], hidden.device,
                           self.ignore_index, source="hidden")
         kept = targets != self.ignore_index
         count = kept.sum().clamp(min=1)
-        if self._chunked(hidden, weight, bias, teacher_weight, teacher_bias):
+        if chunked:
             return self._one_pass(hidden, weight, bias, teacher_hidden, teacher_weight,
                                   teacher_bias, targets, kept, count)
         divergence, entropy = linear_divergence(
@@ -80,13 +84,6 @@ class FusedDistillationLoss(FusedLoss):
             metrics["hard_label_loss"] = hard.detach()
         return loss, metrics
 
-    def _chunked(self, *tensors) -> bool:
-        """Whether the chunked pass runs: the mode on, plain tensors, not while compiling."""
-        if not self.gradient_in_forward or torch.compiler.is_compiling():
-            return False
-        return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
-                   and not hasattr(t, "ds_id") for t in tensors)
-
     def _one_pass(self, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                   targets, kept, count):
         flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
@@ -94,8 +91,9 @@ class FusedDistillationLoss(FusedLoss):
         limit = rows_per_chunk(self.chunk_mb, weight.shape[0])
         wants_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias))
-        # A per-token term's share of the mean: the gradient of each row's divergence.
-        scale = 1.0 / float(count)
+        # A per-token term's share of the mean: the gradient of each row's divergence (the
+        # count of kept rows is on the host already, after nonzero's sync).
+        scale = 1.0 / max(len(rows), 1)
         plan = DistillPlan(
             targets=targets.reshape(-1), chunks=list(rows.split(limit)),
             spec=divergence_spec(self.beta, 1.0 / self.temperature, self.softcap,

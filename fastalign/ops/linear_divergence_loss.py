@@ -130,7 +130,7 @@ def _cross_entropy(plan: DistillPlan, tile: torch.Tensor, targets: torch.Tensor,
                    grad_wanted: bool):
     """``(log p(target) [r], its loss's gradient w.r.t. the tile or None)``: the student at
     temperature 1 with its soft cap, through the token_logprobs launchers; the gradient of
-    ``-label_weight x log p`` is built in the spare buffer (the tile itself is about to hold
+    ``-label_weight x log p`` is written into the spare buffer (the tile itself is about to hold
     the divergence's)."""
     launchers = token_logprobs_launchers(plan.backend)
     layout = RowLayout(1, tile.shape[0], 0, tile.shape[1])
@@ -139,10 +139,10 @@ def _cross_entropy(plan: DistillPlan, tile: torch.Tensor, targets: torch.Tensor,
                                            **options)
     if not grad_wanted:
         return logprobs, None
+    # Read from the tile, written into the spare buffer: no copy of the tile first.
     out = spare[0][:tile.shape[0]]
-    out.copy_(tile)
     coefficient = torch.full_like(logprobs, -plan.label_weight)
-    launchers.backward(out, targets, layout, stats, None, coefficient, None, out, layout,
+    launchers.backward(tile, targets, layout, stats, None, coefficient, None, out, layout,
                        **options)
     return logprobs, out
 
