@@ -52,8 +52,10 @@ def divergence64(student_logp, teacher_logp, beta):
             + (1 - beta) * (ps * (student_logp - mixture)).sum(-1))
 
 
-def reference_loss(student, teacher, batch, *, beta, temperature, hard_label_weight=0.0):
-    """The mean over completion tokens of the divergence (+ hard_label_weight x the
+def reference_loss(student, teacher, batch, *, beta, temperature, hard_label_weight=0.0,
+                   divergence_weight=1.0):
+    """The mean over completion tokens of divergence_weight x the divergence (+
+    hard_label_weight x the
     cross-entropy of the tokens), from the models' float64 copies; differentiable w.r.t. the
     float64 student, which is returned with it."""
     exact_student, exact_teacher = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
@@ -68,7 +70,7 @@ def reference_loss(student, teacher, batch, *, beta, temperature, hard_label_wei
         teacher_logits = exact_teacher(**inputs).logits[:, :-1][kept] / temperature
     student_logp = torch.log_softmax(student_logits, -1)
     teacher_logp = torch.log_softmax(teacher_logits, -1)
-    loss = divergence64(student_logp, teacher_logp, beta).mean()
+    loss = divergence_weight * divergence64(student_logp, teacher_logp, beta).mean()
     if hard_label_weight:
         cross_entropy = -student_logp.gather(-1, targets[kept][:, None]).mean()
         loss = loss + hard_label_weight * cross_entropy
@@ -115,6 +117,92 @@ def test_on_policy_steps_train_on_the_students_samples(tmp_path):
     assert ours.step_metrics(work) == {"on_policy": 1.0}
 
 
+def test_seq_kd_steps_train_on_the_teachers_samples(tmp_path, monkeypatch):
+    """seq_kd: the off-policy step's completions are the teacher's samples (the teacher model
+    is what generates), and the loss is the float64 divergence + hard labels on them."""
+    from fastalign.trainer.algorithms import distill
+    student, teacher = models()
+    samplers = []
+
+    def recording(model, *args, **kwargs):
+        samplers.append(model)
+        return generate_rollouts(model, *args, **kwargs)
+
+    generate_rollouts = distill.generate_rollouts
+    monkeypatch.setattr(distill, "generate_rollouts", recording)
+    ours = trainer(tmp_path, student, teacher, seq_kd=True, beta=0.3, hard_label_weight=0.5,
+                   max_new_tokens=6)
+    work = ours.prepare_step([ours.train_items])
+    assert samplers == [teacher] and not work.on_policy
+    (batch, _), = next(iter(ours.updates(work)))
+    assert batch["completion_mask"].sum(-1).max() <= 6
+    loss, _ = ours.compute_loss(batch)
+    exact, _ = reference_loss(student, teacher, batch, beta=0.3, temperature=1.0,
+                              hard_label_weight=0.5)
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_divergence_weight_scales_the_divergence_beside_the_hard_labels(tmp_path):
+    student, teacher = models()
+    ours = trainer(tmp_path, student, teacher, beta=0.5, divergence_weight=0.25,
+                   hard_label_weight=0.5)
+    (batch, _), = next(iter(ours.updates(ours.prepare_step([ours.train_items]))))
+    loss, metrics = ours.compute_loss(batch)
+    loss.backward()
+    divergence, _ = reference_loss(student, teacher, batch, beta=0.5, temperature=1.0)
+    exact, exact_student = reference_loss(student, teacher, batch, beta=0.5, temperature=1.0,
+                                          hard_label_weight=0.5, divergence_weight=0.25)
+    exact.backward()
+    assert metrics["divergence"].item() == pytest.approx(divergence.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
+    for (name, ours_p), (_, exact_p) in zip(ours.model.named_parameters(),
+                                            exact_student.named_parameters()):
+        torch.testing.assert_close(ours_p.grad.double(), exact_p.grad, rtol=1e-4, atol=1e-7,
+                                   msg=name)
+
+
+def test_divergence_weight_0_is_supervised_fine_tuning_without_the_teacher(tmp_path):
+    """The loss and gradients are hard_label_weight x the float64 cross-entropy, and the
+    teacher never runs while training (it still does for the held-out divergence)."""
+    student, teacher = models()
+    ours = trainer(tmp_path, student, teacher, divergence_weight=0.0, hard_label_weight=2.0)
+    (batch, _), = next(iter(ours.updates(ours.prepare_step([ours.train_items]))))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher ran during a supervised step")
+
+    handle = teacher.register_forward_pre_hook(refuse)
+    loss, metrics = ours.compute_loss(batch)
+    loss.backward()
+    handle.remove()
+    exact, exact_student = reference_loss(student, teacher, batch, beta=1.0, temperature=1.0,
+                                          hard_label_weight=2.0, divergence_weight=0.0)
+    exact.backward()
+    assert metrics["hard_label_loss"].item() == pytest.approx(exact.item() / 2, rel=1e-5)
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-5)
+    for (name, ours_p), (_, exact_p) in zip(ours.model.named_parameters(),
+                                            exact_student.named_parameters()):
+        torch.testing.assert_close(ours_p.grad.double(), exact_p.grad, rtol=1e-4, atol=1e-7,
+                                   msg=name)
+
+
+def test_held_out_rewards_receive_the_rows_fields(tmp_path):
+    """--eval-rewards: each held-out row's other fields (a verifier's answer) reach the reward
+    function by name, aligned with its prompt."""
+    student, teacher = models()
+    held_out = [dict(row, answer=index) for index, row in enumerate(completion_rows(6)[4:])]
+    seen = {}
+
+    def check(prompts, completions, answer):
+        seen.update(zip([p for p in prompts], answer))
+        return [0.0] * len(completions)
+
+    ours = trainer(tmp_path, student, teacher, eval_rows=held_out, max_new_tokens=2)
+    ours.eval_reward_funcs = [check]
+    assert "eval_rewards/check" in ours.evaluate()
+    assert seen == {row["prompt"]: row["answer"] for row in held_out}
+
+
 def test_evaluation_is_the_mean_divergence_over_held_out_tokens(tmp_path):
     student, teacher = models()
     held_out = completion_rows(6)[4:]
@@ -136,10 +224,18 @@ def test_a_teacher_of_another_vocabulary_is_refused_naming_both(tmp_path):
 @pytest.mark.parametrize("option, value, message", [
     ("beta", 1.5, "beta must be in \\[0, 1\\]"), ("lmbda", -0.1, "lmbda must be in \\[0, 1\\]"),
     ("temperature", 0.0, "temperature must be > 0"),
-    ("hard_label_weight", -1.0, "hard_label_weight must be >= 0")])
+    ("hard_label_weight", -1.0, "hard_label_weight must be >= 0"),
+    ("divergence_weight", -1.0, "divergence_weight must be >= 0"),
+    ("divergence_weight", 0.0, "needs hard_label_weight > 0 \\(got 0.0\\)")])
 def test_bad_options_are_refused_naming_them(tmp_path, option, value, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(output_dir=str(tmp_path), **{option: value})
+
+
+def test_supervised_steps_cannot_be_on_policy(tmp_path):
+    with pytest.raises(ValueError, match="lmbda=0 \\(got 0.5; on-policy steps have no labels"):
+        DistillConfig(output_dir=str(tmp_path), divergence_weight=0.0, hard_label_weight=1.0,
+                      lmbda=0.5)
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -34,7 +34,9 @@ class DistillConfig(TrainConfig):
     """Distillation: ``beta`` (0 forward KL, 1 reverse KL, between: generalized JSD) at
     ``temperature``, ``lmbda`` the share of on-policy steps (the student samples up to
     ``max_new_tokens`` tokens per prompt at ``temperature``), ``hard_label_weight`` x the
-    cross-entropy of the data's tokens added on off-policy steps. ``batch_size`` counts rows
+    cross-entropy of the data's tokens added on off-policy steps, the divergence weighted by
+    ``divergence_weight``; with ``seq_kd`` the off-policy steps' completions are the
+    teacher's samples. ``batch_size`` counts rows
     (prompts); the loss is the mean over a step's completion tokens. ``evaluate`` reports the
     held-out rows' divergence to the teacher, and any ``eval_reward_funcs`` on greedy
     completions of their prompts."""
@@ -52,15 +54,27 @@ class DistillConfig(TrainConfig):
     hard_label_weight: float = option(
         0.0, "weight of the cross-entropy of the data's completion tokens beside the "
              "divergence (off-policy steps)")
+    divergence_weight: float = option(
+        1.0, "weight of the divergence to the teacher; 0 (with hard_label_weight > 0 and "
+             "lmbda 0): supervised fine-tuning on the completions alone, without the teacher's "
+             "forward")
+    seq_kd: bool = option(
+        False, "off-policy steps train on the teacher's samples of the step's prompts instead "
+               "of the data's completions (sequence-level KD, Kim & Rush 2016; TRL GKD's seq_kd)")
 
     def __post_init__(self):
         super().__post_init__()
         check_at_least(self, 1, ["max_length", "eval_batch_size", "max_new_tokens"])
         check_greater(self, 0, ["temperature"])
-        check_at_least(self, 0, ["hard_label_weight"])
+        check_at_least(self, 0, ["hard_label_weight", "divergence_weight"])
         for name in ("beta", "lmbda"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.divergence_weight == 0 and (self.hard_label_weight == 0 or self.lmbda > 0):
+            raise ConfigError(
+                "divergence_weight=0 trains on the hard labels alone: it needs "
+                f"hard_label_weight > 0 (got {self.hard_label_weight}) and lmbda=0 (got "
+                f"{self.lmbda}; on-policy steps have no labels, only the teacher's divergence)")
 
 
 def check_same_vocabulary(student, teacher, tokenizer, teacher_tokenizer=None) -> None:
@@ -122,14 +136,19 @@ class DistillTrainer(Trainer):
         options = dict(beta=config.beta, temperature=config.temperature,
                        softcap=self.student.softcap, teacher_softcap=self.teacher.softcap,
                        ignore_index=IGNORE_INDEX)
-        self.loss = FusedDistillationLoss(hard_label_weight=config.hard_label_weight, **options)
+        # divergence_weight x (divergence + hard_label_weight / divergence_weight x CE).
+        relative = config.hard_label_weight / (config.divergence_weight or 1.0)
+        self.loss = FusedDistillationLoss(hard_label_weight=relative, **options)
         self.on_policy_loss = FusedDistillationLoss(**options)
 
     @staticmethod
     def _examples(rows: list, tokenizer, max_length: int) -> list[dict]:
-        """Each row's prompt (for sampling) and token ids (for off-policy steps)."""
+        """Each row's prompt (for sampling), token ids (for off-policy steps) and other fields
+        (e.g. a verifier's ``answer``, for ``eval_reward_funcs``)."""
         ids = tokenize_completions(rows, tokenizer, max_length=max_length) if rows else []
-        return [{"prompt": row["prompt"], "ids": pair} for row, pair in zip(rows, ids)]
+        return [{"prompt": row["prompt"], "ids": pair,
+                 "fields": {k: v for k, v in row.items() if k not in ("prompt", "completion")}}
+                for row, pair in zip(rows, ids)]
 
     def on_wrapped(self, root):
         self.student.root = root
@@ -141,12 +160,14 @@ class DistillTrainer(Trainer):
         return draw < self.config.lmbda
 
     def prepare_step(self, micro_item_lists: list[list]) -> DistillStep:
-        """The step's micro-batches: the data's completions, or (on-policy) the student's
-        samples of each micro-batch's prompts; each weighted by its share of the step's
-        completion tokens over all ranks (padding stand-ins weigh 0)."""
+        """The step's micro-batches: the data's completions, or the student's (on-policy) or
+        the teacher's (``seq_kd``) samples of each micro-batch's prompts; each weighted by its
+        share of the step's completion tokens over all ranks (padding stand-ins weigh 0)."""
         on_policy = self._on_policy()
         if on_policy:
-            batches = self._sampled(micro_item_lists)
+            batches = self._sampled(micro_item_lists, self.model, "the student")
+        elif self.config.seq_kd:
+            batches = self._sampled(micro_item_lists, self.teacher.model, "the teacher")
         else:
             batches = [{**_pad([item["ids"] for item in items], self.tokenizer.pad_token_id),
                         "position_ids": None} for items in micro_item_lists]
@@ -157,13 +178,14 @@ class DistillTrainer(Trainer):
                   for b, items in zip(batches, micro_item_lists)]
         return DistillStep(batches, tokens, on_policy)
 
-    def _sampled(self, micro_item_lists: list[list]) -> list[dict]:
+    def _sampled(self, micro_item_lists: list[list], sampler, who: str) -> list[dict]:
+        """Completions of the micro-batches' prompts sampled by ``sampler`` (``who``)."""
         prompts, seeds, _ = self.seeded_prompts(micro_item_lists)
         config = self.config
-        with decoding_progress(self, f"sampling {len(prompts)} completions",
+        with decoding_progress(self, f"{who} samples {len(prompts)} completions",
                                config.max_new_tokens) as bar:
             rollouts = generate_rollouts(
-                self.model, self.tokenizer, [item["prompt"] for item in prompts],
+                sampler, self.tokenizer, [item["prompt"] for item in prompts],
                 max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                 seeds=seeds, logprobs=False, on_step=bar.update,
                 synced=self.processes.distributed and self.processes.parallelism == "fsdp")
@@ -173,7 +195,8 @@ class DistillTrainer(Trainer):
             start += len(items)
             batches.append({"input_ids": rows.input_ids, "attention_mask": rows.attention_mask,
                             "completion_mask": rows.completion_mask,
-                            "position_ids": rows.position_ids, "on_policy": True})
+                            "position_ids": rows.position_ids,
+                            "on_policy": sampler is self.model})
         return batches
 
     def updates(self, work: DistillStep):
@@ -188,12 +211,21 @@ class DistillTrainer(Trainer):
         completion tokens: the teacher's forward runs without gradient, and its head hands
         its hidden states and weights to the student's forward (with gradient, when the caller
         wants one), whose head computes the loss. The hard-label term applies to the data's
-        completions, not to the student's own samples."""
+        (or with ``seq_kd`` the teacher's) completions, not to the student's own samples.
+        With ``divergence_weight`` 0, training steps are supervised fine-tuning alone: no
+        teacher forward."""
         targets = completion_targets(batch["input_ids"], batch["completion_mask"],
                                      batch["attention_mask"])
         inputs = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         loss = self.on_policy_loss if batch.get("on_policy") else self.loss
         grad_wanted = torch.is_grad_enabled()
+        weight = self.config.divergence_weight
+        if grad_wanted and weight == 0:
+            per_token = self.student.forward_with_head(
+                lambda hidden, w, bias: self.student.head_logprobs(hidden, w, bias, targets),
+                *inputs)
+            nll = -per_token.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            return self.config.hard_label_weight * nll, {"hard_label_loss": nll.detach()}
 
         def student_against(teacher_hidden, teacher_weight, teacher_bias):
             with torch.set_grad_enabled(grad_wanted):
@@ -204,7 +236,8 @@ class DistillTrainer(Trainer):
                     *inputs)
 
         with torch.no_grad():
-            return self.teacher.forward_with_head(student_against, *inputs)
+            value, metrics = self.teacher.forward_with_head(student_against, *inputs)
+        return (value if weight == 1 else value * weight), metrics
 
     @torch.no_grad()
     def evaluate(self, rows: list | None = None) -> dict:
@@ -232,8 +265,8 @@ class DistillTrainer(Trainer):
         self.model.train(was_training)
         result = {f"eval_{name}": value / max(tokens, 1.0) for name, value in sums.items()}
         if self.eval_reward_funcs:
-            columns = held_out_reward_columns(self, [row["prompt"] for row in rows],
-                                              self.eval_reward_funcs)
+            prompts = [{"prompt": row["prompt"], **row["fields"]} for row in rows]
+            columns = held_out_reward_columns(self, prompts, self.eval_reward_funcs)
             result.update({f"eval_rewards/{reward_name(f)}": float(column.mean())
                            for f, column in zip(self.eval_reward_funcs, columns)})
         return result
@@ -247,8 +280,9 @@ class DistillOptions(RunOptions):
                 "default), 'smollm2', a .gguf file or a model directory; same tokenizer as the "
                 "student")
     data: str = option(
-        "demo", "prompt/completion rows: a .jsonl file, or 'demo' (the bundled prompts with "
-                "their polite answers)")
+        "demo", "prompt/completion rows: a .jsonl file, 'demo' (the bundled prompts with "
+                "their polite answers) or 'arithmetic' (the bundled word problems with worked "
+                "solutions and their answers, for --eval-rewards correct_answer)")
     eval_data: str | None = option(
         None, "held-out prompt/completion rows (.jsonl; default: the 'test' rows of --data)")
     eval_rewards: str | None = option(

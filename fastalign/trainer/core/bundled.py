@@ -39,14 +39,28 @@ def preference_splits(data: str, eval_data: str | None = None) -> tuple[list, li
 
 def completion_splits(data: str, eval_data: str | None = None) -> tuple[list, list | None]:
     """As ``preference_splits``, for ``prompt``/``completion`` rows; ``demo`` is the bundled
-    pairs' prompts with their chosen (polite) answers."""
-    if data in BUNDLED_PREFERENCES:
-        rows = [{"prompt": row["prompt"], "completion": row["chosen"],
-                 **({"split": row["split"]} if "split" in row else {})}
-                for row in load_preferences(bundled_file(BUNDLED_PREFERENCES[data]))]
+    pairs' prompts with their chosen (polite) answers, ``arithmetic`` the bundled word problems
+    with their worked solutions (and each row's ``answer``, for a verifier)."""
+    if data == "demo":
+        rows = [{"prompt": row["prompt"], "completion": row["chosen"], "split": row["split"]}
+                for row in demo_preferences(split=None)]
+    elif data in BUNDLED_PROMPTS:
+        rows = [{"prompt": row["prompt"], "completion": _reply(row["prompt"], row["solution"]),
+                 **{k: v for k, v in row.items() if k not in ("prompt", "solution")}}
+                for row in _bundled_rows(BUNDLED_PROMPTS[data])]
     else:
         rows = load_completions(data)
     return _split(rows, eval_data and load_completions(eval_data))
+
+
+def _bundled_rows(name: str) -> list[dict]:
+    with open(bundled_file(name), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _reply(prompt, text: str):
+    """``text`` as the completion of ``prompt``: an assistant message after chat messages."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
 def _split(rows: list, held_out: list | None) -> tuple[list, list | None]:
