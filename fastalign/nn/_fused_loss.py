@@ -30,14 +30,14 @@ class FusedLoss(torch.nn.Module):
         self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
 
     def _one_pass(self, hidden, weight, bias, targets, backend: str, *, groups, loss_of,
-                  need_entropy: bool):
+                  need_entropy: bool, entropy_grad: bool = False):
         """``(anchor, per-token logprobs, entropy or None)`` of the gradient-in-forward pass
         over ``groups``, or None when a group does not fit a chunk (``one_pass.one_pass``)."""
         return one_pass.one_pass(
             hidden, weight, bias, targets, groups=groups, loss_of=loss_of,
             chunk_mb=self.chunk_mb, temperature=self.temperature, softcap=self.softcap,
             need_entropy=need_entropy, backend=backend, what=type(self).__name__,
-            ignore_index=self.ignore_index)
+            ignore_index=self.ignore_index, entropy_grad=entropy_grad)
 
     def _reference_logprobs(self, hidden, weight, bias, targets, backend: str) -> torch.Tensor:
         """A frozen model's per-token log-probs, without gradient, in the mode's chunks."""

@@ -83,15 +83,19 @@ def _sequence_rows(mask: torch.Tensor) -> list[torch.Tensor]:
     return list(flat.split(mask.sum(-1).tolist()))
 
 
-def _with_grad(index: torch.Tensor, logprobs: torch.Tensor, shape, loss_of):
-    """``dLoss/dlogprobs`` of the chunk rows ``index``: ``loss_of(per_token [shape])`` on a
-    tensor that is ``logprobs`` there and 0 elsewhere."""
+def _with_grad(index: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor | None,
+               shape, loss_of):
+    """``(dLoss/dlogprobs, dLoss/dentropy or None)`` of the chunk rows ``index``:
+    ``loss_of(per_token [shape])`` (with ``entropy``: ``loss_of(per_token, entropy)``) on
+    tensors that are the chunk's values there and 0 elsewhere."""
     with torch.enable_grad():
-        live = logprobs.detach().requires_grad_()
-        full = torch.zeros(shape.numel(), dtype=live.dtype, device=live.device)
-        loss = loss_of(full.index_copy(0, index, live).view(shape))
-        (grad,) = torch.autograd.grad(loss, live)
-    return grad
+        lives = [t.detach().float().requires_grad_() for t in (logprobs, entropy)
+                 if t is not None]
+        fulls = [torch.zeros(shape.numel(), dtype=live.dtype, device=live.device)
+                 .index_copy(0, index, live).view(shape) for live in lives]
+        grads = torch.autograd.grad(loss_of(*fulls), lives, allow_unused=True)
+    grads = [torch.zeros_like(live) if g is None else g for g, live in zip(grads, lives)]
+    return grads[0], (grads[1] if entropy is not None else None)
 
 
 def _checked(hidden, weight, bias, targets, ignore_index) -> None:
@@ -102,11 +106,13 @@ def _checked(hidden, weight, bias, targets, ignore_index) -> None:
 
 
 def one_pass(hidden, weight, bias, targets, *, groups, loss_of, chunk_mb, temperature,
-             softcap, need_entropy, backend, what, ignore_index):
+             softcap, need_entropy, backend, what, ignore_index, entropy_grad=False):
     """``(anchor, per-token logprobs [targets.shape], entropy or None)`` from the one-pass
     chunks of ``groups`` (flat row indices that must share a chunk; a single tensor: rows that
     may be split anywhere), or None (fall back) when a group does not fit ``chunk_mb``.
-    ``loss_of(per_token)`` is the whole loss from per-token log-probs."""
+    ``loss_of(per_token)`` is the whole loss from per-token log-probs; with ``entropy_grad``,
+    ``loss_of(per_token, entropy)`` from the log-probs and the entropies, differentiated
+    w.r.t. both (an entropy bonus)."""
     _checked(hidden, weight, bias, targets, ignore_index)
     limit = rows_per_chunk(chunk_mb, weight.shape[0])
     chunks = groups.split(limit) if torch.is_tensor(groups) else _packed(groups, limit)
@@ -116,11 +122,11 @@ def one_pass(hidden, weight, bias, targets, *, groups, loss_of, chunk_mb, temper
         return None
     shape = targets.shape
     plan = Plan(targets=targets.reshape(-1), chunks=chunks,
-                coefficients=lambda index, logprobs, _entropy: (
-                    _with_grad(index, logprobs, shape, loss_of), None),
+                coefficients=lambda index, logprobs, entropy: _with_grad(
+                    index, logprobs, entropy if entropy_grad else None, shape, loss_of),
                 inv_temperature=1.0 / float(temperature),
                 softcap=None if softcap is None else float(softcap),
-                need_entropy=need_entropy, backend=backend)
+                need_entropy=need_entropy or entropy_grad, backend=backend)
     anchor, logprobs, entropy = linear_loss(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                             plan)
     return (anchor, logprobs.view(shape),
