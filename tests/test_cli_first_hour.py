@@ -121,3 +121,19 @@ def test_an_rl_step_shows_its_sampling(tmp_path, capsys):
     capsys.readouterr()
     trainer.train()
     assert "sampling 4 completions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, unit", [("dpo", "pairs"), ("rm", "pairs"), ("grpo", "prompts"),
+                                        ("ppo", "prompts"), ("distill", "rows")])
+def test_each_trainers_batch_size_help_names_what_it_counts(name, unit):
+    from fastalign.trainer.core.config import option_help
+    from fastalign.trainer.registry import TRAINERS
+    assert unit in option_help(TRAINERS[name].config, "batch_size")
+
+
+def test_grpos_options_are_explained_as_grpos():
+    """Its loss type and beta are the policy loss's, not DPO's (help once copied from DPO)."""
+    from fastalign.trainer.algorithms.grpo import GRPOConfig
+    from fastalign.trainer.core.config import option_help
+    assert "dapo" in option_help(GRPOConfig, "loss_type")
+    assert "DPO" not in option_help(GRPOConfig, "beta") + option_help(GRPOConfig, "loss_type")

@@ -41,6 +41,7 @@ class DistillConfig(TrainConfig):
     held-out rows' divergence to the teacher, and any ``eval_reward_funcs`` on greedy
     completions of their prompts."""
     output_dir: str = "fastalign-distill"
+    batch_size: int = option(8, "prompt/completion rows (or prompts, on-policy) per micro-batch")
     max_length: int = option(1024, "tokens of prompt + completion; completions are cut to fit")
     eval_batch_size: int = option(16, "rows per evaluation batch")
     beta: float = option(

@@ -44,11 +44,13 @@ class GRPOConfig(RLConfig):
     reward functions (``eval_rewards/...``, weighted sum ``eval_reward``)."""
     output_dir: str = option(
         "fastalign-grpo", "where the model, checkpoints, metrics.jsonl and metrics.png go")
-    batch_size: int = option(4, "pairs per micro-batch")
+    batch_size: int = option(4, "prompts per micro-batch (each sampled num_generations times)")
     num_generations: int = option(4, "completions per prompt (G), a group")
     loss_type: str = option(
-        "grpo", "sigmoid (DPO), ipo, hinge, robust, exo_pair, ...: fastalign.losses.dpo_loss")
-    beta: float = option(0.0, "DPO's beta: strength of the KL regularization to the reference")
+        "grpo", "how the per-token losses are averaged (TRL's names): grpo (mean of sequence "
+                "means), bnpo / dapo (token mean), dr_grpo (sum over batch x max_new_tokens)")
+    beta: float = option(0.0, "weight of the KL estimate to the frozen reference (0: no "
+                              "reference unless --monitor-kl)")
     num_iterations: int = option(1, "optimizer updates per batch of rollouts")
     scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)")
     monitor_kl: bool = option(False, "keep a reference to log the KL even when beta is 0")

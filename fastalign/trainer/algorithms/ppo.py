@@ -52,7 +52,7 @@ class PPOConfig(RLConfig):
     ``eval_reward_funcs`` (``eval_rewards/...``, measured, not trained on)."""
     output_dir: str = option(
         "fastalign-ppo", "where the model, checkpoints, metrics.jsonl and metrics.png go")
-    batch_size: int = option(8, "pairs per micro-batch")
+    batch_size: int = option(8, "prompts rolled out per step (one completion each)")
     mini_batch_size: int = option(4, "rollouts per PPO update")
     ppo_epochs: int = option(4, "passes over each batch of rollouts")
     kl_coef: float = option(0.05, "weight of the per-token KL penalty in the rewards")

@@ -181,6 +181,7 @@ class RLConfig(TrainConfig):
     clip_high: float | None = option(
         None, "clip range above 1 (default: clip_low; DAPO uses 0.28)")
     kl_estimator: str = option("k3", "k1, k2 or k3 estimate of the KL to the reference")
+    batch_size: int = option(8, "prompts per micro-batch")
     eval_batch_size: int = option(32, "prompts per evaluation batch")
 
     def __post_init__(self):
