@@ -248,7 +248,9 @@ def _general(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
              rollout_logprobs, o):
     """Every loss type and option, as torch ops on ``[B, T]`` (the vocabulary-sized work, the
     log-probs and entropies, is done before; this is a few elementwise passes over tokens)."""
-    logprobs, old = logprobs.float(), old_logprobs.float()
+    # float32 at least (bf16 log-probs would round the ratios); float64 stays float64.
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    logprobs, old = logprobs.to(dtype), old_logprobs.to(dtype)
     log_ratio = logprobs - old
     if o["level"] == "sequence":  # GSPO: one ratio per sequence
         log_weight = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(
@@ -259,7 +261,7 @@ def _general(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
     metrics, means = {}, {}
     weights = None
     if o["rollout_correction"] is not None:
-        weights, metrics = rollout_weights(old, rollout_logprobs.float(), mask,
+        weights, metrics = rollout_weights(old, rollout_logprobs.to(dtype), mask,
                                            o["rollout_correction"], o["rollout_clip_min"],
                                            o["rollout_clip_max"])
     term = LOSS_TYPES[o["loss_type"]]
@@ -267,20 +269,20 @@ def _general(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
     per_token = out.per_token
     acting = mask  # the tokens the loss acts on (the entropy bonus's too)
     if o["off_policy_mask_threshold"] is not None:
-        sampling = old if rollout_logprobs is None else rollout_logprobs.float()
+        sampling = old if rollout_logprobs is None else rollout_logprobs.to(dtype)
         keep = off_policy_mask(advantages, logprobs, sampling, mask,
                                o["off_policy_mask_threshold"])
         per_token = per_token * keep
         means["off_policy_mask/dropped_fraction"] = 1.0 - keep
     if o["top_entropy_quantile"] < 1:
-        high = high_entropy_mask(entropy.detach().float(), mask, o["top_entropy_quantile"])
+        high = high_entropy_mask(entropy.detach().to(dtype), mask, o["top_entropy_quantile"])
         per_token = per_token * high
         acting = acting * high
         means["entropy_mask/kept_fraction"] = high
     if weights is not None and not term.folds_rollout_weights:
         per_token = per_token * weights
     if ref_logprobs is not None:
-        kl = kl_estimate(logprobs, ref_logprobs.float(), o["kl_estimator"])
+        kl = kl_estimate(logprobs, ref_logprobs.to(dtype), o["kl_estimator"])
         if o["use_bias_correction_kl"]:
             kl = kl * ratio
         per_token = per_token + o["kl_coef"] * kl
@@ -288,7 +290,7 @@ def _general(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
     loss = _aggregate((per_token * mask).sum(-1), mask.sum(-1), o["aggregation"],
                       o["max_length"], logprobs.shape[1])
     if o["entropy_coef"] > 0:
-        loss = loss - o["entropy_coef"] * masked_mean(entropy.float(), acting)
+        loss = loss - o["entropy_coef"] * masked_mean(entropy.to(dtype), acting)
     with torch.no_grad():
         means.update(out.means or {})
         if out.clipped_low is not None:
@@ -298,7 +300,7 @@ def _general(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
         means["approx_kl"] = log_ratio.square() / 2
         means["ratio/mean"] = ratio
         for name, value in means.items():
-            metrics[name] = masked_mean(value.detach().float().expand_as(mask), mask)
+            metrics[name] = masked_mean(value.detach().to(dtype).expand_as(mask), mask)
     return loss, metrics
 
 
