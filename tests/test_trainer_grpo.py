@@ -96,3 +96,69 @@ def test_bad_reward_functions(tmp_path):
                           [lambda prompts, completions: [float("nan")] * len(completions)])
     with pytest.raises(ValueError, match="must return one finite number per completion"):
         trainer.training_step()
+
+
+def entropy_and_logprobs64(model, rollouts, temperature):
+    """A float64 copy of ``model`` and its per-token log-probs and entropies on ``rollouts``
+    (differentiable w.r.t. the copy)."""
+    exact = copy.deepcopy(model).double()
+    hidden = exact.model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
+                         position_ids=rollouts.position_ids).last_hidden_state
+    logp = torch.log_softmax(exact.lm_head(hidden)[:, :-1] / temperature, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return exact, logp.gather(-1, rollouts.input_ids[:, 1:, None]).squeeze(-1), entropy
+
+
+@pytest.mark.parametrize("loss_type, options", [
+    ("cispo", dict(entropy_coef=0.05, rollout_correction="token_truncate")),
+    ("sapo", dict(rollout_correction="sequence_mask", rollout_clip_min=0.5)),
+    ("luspo", dict(importance_sampling_level="sequence", delta=1.5)),
+    ("vespo", dict(rollout_dtype="bf16", rollout_correction="icepop", entropy_coef=0.01,
+                   top_entropy_quantile=0.5))])
+def test_newer_loss_types_match_policy_loss_in_float64(tmp_path, loss_type, options):
+    """The step loss of each newer loss type with the options it is used with equals
+    policy_loss of float64 log-probs and entropies under TRL's mapping of the loss type, with
+    the sampler's own log-probs as the rollout log-probs; gradients too."""
+    from fastalign.losses import policy_loss
+    torch.manual_seed(0)
+    policy = small_policy(0)
+    config = GRPOConfig(output_dir=str(tmp_path), batch_size=2, num_generations=4,
+                        max_new_tokens=10, temperature=0.8, loss_type=loss_type,
+                        progress=False, **options)
+    trainer = GRPOTrainer(policy, byte_tokenizer(), config, RL_PROMPTS[:2], [lowercase_share])
+    rollouts, rewards, advantages = trainer.rollout(RL_PROMPTS[:2])
+    mask = rollouts.completion_mask[:, 1:]
+    sampled = rollouts.sampler_logprobs
+    assert (sampled is None) == ("rollout_correction" not in options)
+    if sampled is not None:
+        # The sampler's log-probs are the same tokens' under the sampling model: equal to the
+        # trainer's to its precision (bf16: a visible mismatch, fp32: rounding only).
+        assert (sampled[mask == 0] == 0).all()
+        gap = (sampled - rollouts.old_logprobs)[mask.bool()].abs().max()
+        assert 0 < gap < (0.2 if "rollout_dtype" in options else 1e-4)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    loss, metrics = trainer.compute_loss((rollouts, advantages, None))
+    loss.backward()
+    exact, lp, entropy = entropy_and_logprobs64(policy, rollouts, 0.8)
+    expected, _ = policy_loss(
+        lp, rollouts.old_logprobs.double(), advantages.double(), mask, entropy=entropy,
+        rollout_logprobs=None if sampled is None else sampled.double(),
+        **trainer.config.policy_loss_options())
+    expected.backward()
+    assert rewards.std() > 0
+    assert ("rollout/mismatch_kl" in metrics) == (sampled is not None)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
+    torch.testing.assert_close(policy.lm_head.weight.grad.double(),
+                               exact.lm_head.weight.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_policy_loss_options_are_checked_with_the_config(tmp_path):
+    with pytest.raises(ValueError, match="loss_type='vespo' folds token-level rollout"):
+        GRPOConfig(output_dir=str(tmp_path), loss_type="vespo",
+                   rollout_correction="sequence_truncate")
+    with pytest.raises(ValueError, match="rollout_dtype must be one of bf16, fp16"):
+        GRPOConfig(output_dir=str(tmp_path), rollout_dtype="fp8")
+    assert GRPOConfig(output_dir=str(tmp_path), loss_type="cispo").policy_loss_options()[
+        "clip_high"] == 5.0

@@ -25,12 +25,18 @@ from ..models.adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, com
 from .best_of_n import RewardModelFunction
 from .rl_options import REWARD_MODEL_HELP, REWARDS_HELP, RLOptions
 from .rollout import (Rollouts, decoding_progress, generate_rollouts, held_out_reward_columns,
-                      reward_columns, reward_name)
+                      reward_columns, reward_name, check_rollout_dtype, sampler_copy)
 
 
-GRPO_LOSS_TYPES = {  # loss_type -> policy_loss aggregation
-    "grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
-    "dr_grpo": "seq_mean_token_sum_norm"}
+# TRL's GRPOConfig.loss_type -> (policy_loss's loss_type, its aggregation), as TRL 1.16's
+# GRPOTrainer._compute_loss reads them.
+GRPO_LOSS_TYPES = {
+    "grpo": ("clip", "seq_mean_token_mean"), "bnpo": ("clip", "token_mean"),
+    "dapo": ("clip", "token_mean"), "dr_grpo": ("clip", "seq_mean_token_sum_norm"),
+    "cispo": ("cispo", "token_mean"), "sapo": ("sapo", "seq_mean_token_mean"),
+    "luspo": ("luspo", "seq_mean_token_sum"), "vespo": ("vespo", "token_mean")}
+# CISPO's clip_high is the absolute cap of its ratio, not a clip range above 1.
+CISPO_CLIP_HIGH = 5.0
 
 
 @dataclass
@@ -47,17 +53,27 @@ class GRPOConfig(RLConfig):
     batch_size: int = option(4, "prompts per micro-batch (each sampled num_generations times)")
     num_generations: int = option(4, "completions per prompt (G), a group")
     loss_type: str = option(
-        "grpo", "how the per-token losses are averaged (TRL's names): grpo (mean of sequence "
-                "means), bnpo / dapo (token mean), dr_grpo (sum over batch x max_new_tokens)")
+        "grpo", "TRL's loss types: grpo (mean of sequence means), bnpo / dapo (token mean), "
+                "dr_grpo (sum over batch x max_new_tokens) of the clipped surrogate; cispo "
+                "(clip_high: the ratio's cap, default 5), sapo, luspo, vespo")
     beta: float = option(0.0, "weight of the KL estimate to the frozen reference (0: no "
                               "reference unless --monitor-kl)")
     num_iterations: int = option(1, "optimizer updates per batch of rollouts")
     scale_rewards: str = option("group", "advantage scale: group std, batch std or none (Dr. GRPO)")
     monitor_kl: bool = option(False, "keep a reference to log the KL even when beta is 0")
 
+    def policy_loss_options(self, **more) -> dict:
+        """``FusedPolicyLoss``'s options of this config (TRL's ``loss_type`` mapped)."""
+        loss_type, aggregation = GRPO_LOSS_TYPES[self.loss_type]
+        if loss_type == "cispo" and self.clip_high is None:
+            more = {"clip_high": CISPO_CLIP_HIGH, **more}
+        return super().policy_loss_options(loss_type, aggregation, kl_coef=self.beta,
+                                           max_length=self.max_new_tokens, **more)
+
     def __post_init__(self):
         super().__post_init__()
         check_one_of("loss_type", self.loss_type, tuple(GRPO_LOSS_TYPES))
+        self.policy_loss_options()  # checks the policy loss's options together
         check_one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         check_at_least(self, 1, ["num_iterations"])
         check_at_least(self, 2, ["num_generations"])  # a group of one has no relative reward
@@ -106,15 +122,14 @@ class GRPOTrainer(Trainer):
                              "tokenizer.pad_token = tokenizer.eos_token")
         super().__init__(model, tokenizer, config, list(prompts), list(eval_prompts or []))
         model = self.model  # with config.lora_r, the PEFT model around the one given
+        check_rollout_dtype(self)
         self.reward_funcs = [RewardModelFunction(f, reward_tokenizer or tokenizer)
                              if isinstance(f, torch.nn.Module) else f for f in reward_funcs]
         self.reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
         self.policy = CausalLMAdapter(model, padding_free=config.padding_free)
         self.loss = FusedPolicyLoss(
-            clip_low=config.clip_low, clip_high=config.clip_high, kl_coef=config.beta,
-            kl_estimator=config.kl_estimator, aggregation=GRPO_LOSS_TYPES[config.loss_type],
-            max_length=config.max_new_tokens, temperature=config.temperature,
-            ignore_index=IGNORE_INDEX, softcap=self.policy.softcap)
+            temperature=config.temperature, ignore_index=IGNORE_INDEX,
+            softcap=self.policy.softcap, **config.policy_loss_options())
         self.reference = (
             FrozenReference(model, ref_model, padding_free=config.padding_free)
             if config.beta > 0 or config.monitor_kl else None)
@@ -149,7 +164,8 @@ class GRPOTrainer(Trainer):
                 max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                 top_p=config.top_p, seeds=seeds, padding_free=config.padding_free,
                 synced=self.processes.distributed and self.processes.parallelism == "fsdp",
-                on_step=bar.update)
+                on_step=bar.update, sampler=sampler_copy(self.model, config.rollout_dtype),
+                sampler_logprobs=config.keeps_sampler_logprobs)
         repeated = [prompts[i] for i in rollouts.prompt_index.tolist()]
         return rollouts, reward_columns(self.reward_funcs, repeated, rollouts.completions)
 
@@ -194,7 +210,7 @@ class GRPOTrainer(Trainer):
         by their share of the aggregation's normalizer over all ranks (tokens for a token
         mean, sequences otherwise), so their sum is the loss of all rollouts at once."""
         mask = work.rollouts.completion_mask[:, 1:]
-        by_tokens = GRPO_LOSS_TYPES[self.config.loss_type] == "token_mean"
+        by_tokens = GRPO_LOSS_TYPES[self.config.loss_type][1] == "token_mean"
         sizes = [(mask[a:b].sum().float() if by_tokens else torch.tensor(float(b - a),
                                                                         device=mask.device))
                  * real for a, b, real in work.bounds]
@@ -205,15 +221,17 @@ class GRPOTrainer(Trainer):
             yield micro_batches
 
     def compute_loss(self, batch: tuple[Rollouts, torch.Tensor, torch.Tensor | None]):
-        """``FusedPolicyLoss``, the clipped surrogate (+ beta x KL), of the policy on recorded
-        rollouts: ``batch = (rollouts, advantages, ref_logprobs or None)``."""
+        """``FusedPolicyLoss`` (the config's loss type, + beta x KL, entropy bonus, rollout
+        correction with the sampler's log-probs) of the policy on recorded rollouts:
+        ``batch = (rollouts, advantages, ref_logprobs or None)``."""
         rollouts, advantages, ref_logprobs = batch
         targets = completion_targets(rollouts.input_ids, rollouts.completion_mask,
                                      rollouts.attention_mask)
         return self.policy.forward_with_head(
             lambda hidden, weight, bias: self.loss(
                 hidden, weight, targets, advantages, bias=bias,
-                old_logprobs=rollouts.old_logprobs, ref_logprobs=ref_logprobs),
+                old_logprobs=rollouts.old_logprobs, ref_logprobs=ref_logprobs,
+                rollout_logprobs=rollouts.sampler_logprobs),
             rollouts.input_ids, rollouts.attention_mask, rollouts.position_ids)
 
     def step_metrics(self, work: GRPOStep) -> dict:

@@ -33,8 +33,8 @@ from ..models.adapter import IGNORE_INDEX, CausalLMAdapter, FrozenReference, com
 from .best_of_n import RewardModelFunction, check_reward_model, score_with_reward_model
 from .rewards import reward_function
 from .rl_options import REWARD_MODEL_HELP, RLOptions
-from .rollout import (Rollouts, decoding_progress, generate_rollouts, held_out_reward_columns,
-                      reward_name)
+from .rollout import (Rollouts, check_rollout_dtype, decoding_progress, generate_rollouts,
+                      held_out_reward_columns, reward_name, sampler_copy)
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # weight [1, D], bias [1]
 
@@ -68,6 +68,7 @@ class PPOConfig(RLConfig):
     def __post_init__(self):
         super().__post_init__()
         check_at_least(self, 1, ["mini_batch_size", "ppo_epochs"])
+        self.policy_loss_options(aggregation="token_mean")  # checks them together
         if self.mini_batch_size > self.batch_size:
             raise ConfigError(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size "
                               f"({self.batch_size}), the rollouts of one step")
@@ -159,10 +160,10 @@ class PPOTrainer(Trainer):
         self.reward_tokenizer = reward_tokenizer or tokenizer
         self.eval_reward_funcs = list(eval_reward_funcs or [])
         self.reference = FrozenReference(model, ref_model, padding_free=config.padding_free)
+        check_rollout_dtype(self)
         self.policy_loss = FusedPolicyLoss(
-            clip_low=config.clip_low, clip_high=config.clip_high, aggregation="token_mean",
             temperature=config.temperature, softcap=self.policy.softcap,
-            ignore_index=IGNORE_INDEX)
+            ignore_index=IGNORE_INDEX, **config.policy_loss_options(aggregation="token_mean"))
 
     def on_wrapped(self, root):
         self.policy.root = root
@@ -221,7 +222,8 @@ class PPOTrainer(Trainer):
                 self.model, self.tokenizer, prompts, max_new_tokens=config.max_new_tokens,
                 temperature=config.temperature, top_p=config.top_p, logprobs=False, seeds=seeds,
                 synced=processes.distributed and processes.parallelism == "fsdp",
-                on_step=bar.update)
+                on_step=bar.update, sampler=sampler_copy(self.model, config.rollout_dtype),
+                sampler_logprobs=config.keeps_sampler_logprobs)
         inputs = rollouts.model_inputs()
         targets = completion_targets(rollouts.input_ids, rollouts.completion_mask,
                                      rollouts.attention_mask)
@@ -301,11 +303,13 @@ class PPOTrainer(Trainer):
         experience, rows = batch
         config = self.config
         inputs = {name: value[rows] for name, value in experience.rollouts.model_inputs().items()}
+        sampler = experience.rollouts.sampler_logprobs
 
         def head_fn(hidden, weight, bias):
             policy = self.policy_loss(
                 hidden, weight, experience.targets[rows], experience.advantages[rows],
-                bias=bias, old_logprobs=experience.rollouts.old_logprobs[rows])
+                bias=bias, old_logprobs=experience.rollouts.old_logprobs[rows],
+                rollout_logprobs=None if sampler is None else sampler[rows])
             return policy, self.values(inputs, hidden) if self.shared_value_head else None
 
         (loss, metrics), values = self.policy.forward_with_head(

@@ -11,6 +11,7 @@ first real token, so a recomputed log-prob is the one the token was sampled with
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import random
@@ -53,6 +54,7 @@ class Rollouts:
     old_logprobs: torch.Tensor | None
     prompt_index: torch.Tensor
     completions: list[str]
+    sampler_logprobs: torch.Tensor | None = None  # as old_logprobs, the sampler's own
 
     def model_inputs(self) -> dict:
         return dict(input_ids=self.input_ids, completion_mask=self.completion_mask,
@@ -63,7 +65,9 @@ class Rollouts:
         return Rollouts(self.input_ids[start:end], self.attention_mask[start:end],
                         self.completion_mask[start:end], self.position_ids[start:end],
                         None if self.old_logprobs is None else self.old_logprobs[start:end],
-                        self.prompt_index[start:end], self.completions[start:end])
+                        self.prompt_index[start:end], self.completions[start:end],
+                        None if self.sampler_logprobs is None
+                        else self.sampler_logprobs[start:end])
 
 
 def _left_padded(rows: list[list[int]], pad_token_id: int):
@@ -94,11 +98,17 @@ class _Sampling:
 
     BLOCK = 1024
 
-    def __init__(self, temperature: float, top_p: float, generators: list | None = None):
+    def __init__(self, temperature: float, top_p: float, generators: list | None = None,
+                 record: bool = False):
         self.temperature, self.top_p, self.generators = temperature, top_p, generators
+        # With record: each step's float32 log-prob of the drawn tokens under the sampler's
+        # softmax(scores / temperature) over the whole vocabulary, as the trainer's are taken
+        # (the nucleus is not renormalized), for rollout correction.
+        self.recorded = [] if record else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() / self.temperature
+        log_normalizer = torch.logsumexp(scores, -1) if self.recorded is not None else None
         order = None
         if self.top_p < 1:  # drop tokens once the more likely ones already hold top_p
             ordered, order = scores.sort(dim=-1, descending=True)
@@ -113,6 +123,8 @@ class _Sampling:
         index = _draw(probs, self.BLOCK, uniform)
         if order is not None:
             index = order.gather(-1, index)
+        if self.recorded is not None:
+            self.recorded.append(scores.gather(-1, index)[:, 0] - log_normalizer)
         return scores.fill_(-torch.inf).scatter_(-1, index, 0.0)
 
 
@@ -154,7 +166,8 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
                       stop_tokens: list[str] | None = None, logprobs: bool = True,
                       seeds: list[int] | None = None, synced: bool = False,
                       greedy: bool = False, padding_free: bool = False,
-                      on_step: Callable[[], None] | None = None) -> Rollouts:
+                      on_step: Callable[[], None] | None = None, sampler=None,
+                      sampler_logprobs: bool = False) -> Rollouts:
     """Samples ``num_generations`` completions of each prompt (text, or chat messages rendered
     with the generation prompt; or rows with a ``"prompt"``, see ``prompt_text``) and
     recomputes their log-probs with ``linear_logprobs`` (``logprobs=False``: not,
@@ -167,6 +180,10 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     torch RNG). ``synced``: keep stepping until every process is done (``generate``'s
     ``synced_gpus``), which FSDP2 needs: each forward pass gathers parameters collectively.
     ``on_step``: called once per generated token position (a progress bar's update).
+    ``sampler``: the model that samples (default ``model``; e.g. a bf16 copy of it, as an
+    inference engine in lower precision), while ``model`` recomputes the log-probs.
+    ``sampler_logprobs``: keep the sampler's own log-prob of each sampled token
+    (``Rollouts.sampler_logprobs``, the rollout log-probs of rollout correction).
 
     Raises:
         ValueError: no prompts, a non-positive count or length, a temperature <= 0, a top_p
@@ -195,20 +212,26 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
             raise ValueError(f"stop token {token!r} is {len(ids)} tokens; stop tokens must be "
                              "single tokens of the vocabulary")
         stop_ids.append(ids[0])
+    sampler = model if sampler is None else sampler
+    if sampler_logprobs and greedy:
+        raise ValueError("sampler_logprobs is for sampled completions, not greedy ones")
     device = next(model.parameters()).device
     prompt_rows = [_ids(tokenizer, prompt, generation_prompt=True) for prompt in prompts]
     prompt_ids, prompt_mask = _left_padded(prompt_rows, tokenizer.pad_token_id)
     prompt_ids = prompt_ids.repeat_interleave(num_generations, 0).to(device)
     prompt_mask = prompt_mask.repeat_interleave(num_generations, 0).to(device)
-    was_training = model.training
+    was_training, sampler_was_training = model.training, sampler.training
     model.eval()
+    sampler.eval()
     # Sampling is greedy decoding of scores _Sampling has drawn from: the same distribution as
     # do_sample=True, without torch.multinomial (0.6 s per call on a [128, 128256] CPU batch).
     generators = None if seeds is None else [
         random.Random(f"{seed}/{g}") for seed in seeds for g in range(num_generations)]
-    sequences = model.generate(
+    sampling = None if greedy else _Sampling(temperature, top_p, generators,
+                                             record=sampler_logprobs)
+    sequences = sampler.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, num_beams=1,
-        logits_processor=([] if greedy else [_Sampling(temperature, top_p, generators)])
+        logits_processor=([sampling] if sampling else [])
         + ([_EveryStep(on_step)] if on_step else []),
         max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
         pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
@@ -224,13 +247,44 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
         old_logprobs, _ = CausalLMAdapter(model, padding_free=padding_free).completion_logprobs(
             input_ids, completion_mask, attention_mask, position_ids=position_ids,
             temperature=temperature)
+    recorded = None
+    if sampler_logprobs:
+        # Completion token j sits at position P + j; its log-prob at P + j - 1 of [R, T - 1].
+        steps = torch.stack(sampling.recorded, 1)[:, :completion.shape[1]].to(device)
+        recorded = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=device)
+        start = prompt_ids.shape[1] - 1
+        recorded[:, start:start + steps.shape[1]] = steps
+        recorded = recorded * completion_mask[:, 1:]
     model.train(was_training)
+    sampler.train(sampler_was_training)
     texts = tokenizer.batch_decode(
         [row[mask.bool()] for row, mask in zip(completion, completion_part)],
         skip_special_tokens=True)
     index = torch.arange(len(prompts), device=device).repeat_interleave(num_generations)
     return Rollouts(input_ids, attention_mask, completion_mask, position_ids, old_logprobs,
-                    index, texts)
+                    index, texts, recorded)
+
+
+ROLLOUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_rollout_dtype(trainer) -> None:
+    """``rollout_dtype`` copies the whole policy on each process: refused under FSDP2, where a
+    process holds a shard of it."""
+    processes = trainer.processes
+    if trainer.config.rollout_dtype and processes.distributed and processes.parallelism == "fsdp":
+        raise ValueError("rollout_dtype samples from a whole copy of the policy, and under FSDP2 "
+                         "each process holds a shard of it: use parallelism 'ddp', or leave "
+                         "rollout_dtype unset")
+
+
+def sampler_copy(model, rollout_dtype: str | None):
+    """A frozen copy of ``model`` in ``rollout_dtype`` (``bf16``, ``fp16``) to sample from, as
+    an inference engine in lower precision would; None for ``None`` (sample from ``model``).
+    Made anew for each batch of rollouts, after the latest update."""
+    if rollout_dtype is None:
+        return None
+    return copy.deepcopy(model).to(ROLLOUT_DTYPES[rollout_dtype]).requires_grad_(False)
 
 
 class _EveryStep:

@@ -183,9 +183,76 @@ class RLConfig(TrainConfig):
     kl_estimator: str = option("k3", "k1, k2 or k3 estimate of the KL to the reference")
     batch_size: int = option(8, "prompts per micro-batch")
     eval_batch_size: int = option(32, "prompts per evaluation batch")
+    # The policy loss's options, under TRL's GRPOConfig names where it has them
+    # (fastalign.losses.policy_loss says what each does).
+    importance_sampling_level: str = option(
+        "token", "importance ratio per token, or per sequence (GSPO: exp of the mean log-ratio)")
+    delta: float | None = option(
+        None, "cap of the unclipped ratio (two-sided clipping, INTELLECT-2); > 1")
+    sapo_temperature_pos: float = option(1.0, "SAPO's gate temperature where A > 0")
+    sapo_temperature_neg: float = option(1.05, "SAPO's gate temperature where A < 0")
+    vespo_k_pos: float = option(2.0, "VESPO's Gamma shape k where A >= 0")
+    vespo_lambda_pos: float = option(3.0, "VESPO's Gamma rate lambda where A >= 0")
+    vespo_k_neg: float = option(3.0, "VESPO's Gamma shape k where A < 0")
+    vespo_lambda_neg: float = option(2.0, "VESPO's Gamma rate lambda where A < 0")
+    entropy_coef: float = option(
+        0.0, "entropy bonus: the loss minus entropy_coef x the mean entropy of the policy over "
+             "the tokens it acts on (differentiated)")
+    top_entropy_quantile: float = option(
+        1.0, "train only on the tokens whose entropy is in this top share (0.2: the fifth of "
+             "the tokens with the highest entropy)")
+    rollout_correction: str | None = option(
+        None, "correct for the sampler's log-probs differing from the trainer's: "
+              "token_truncate, token_mask, sequence_truncate, sequence_mask, icepop or "
+              "sequence_geometric_mask (see --rollout-dtype)")
+    rollout_clip_min: float | None = option(
+        None, "lower bound of the rollout importance ratio (icepop and the geometric mask: "
+              "1 / rollout_clip_max by default)")
+    rollout_clip_max: float | None = option(3.0, "upper bound of the rollout importance ratio")
+    off_policy_mask_threshold: float | None = option(
+        None, "drop negative-advantage sequences whose mean KL from the sampler exceeds this "
+              "(DeepSeek-V3.2's off-policy sequence mask)")
+    use_bias_correction_kl: bool = option(
+        False, "multiply the KL penalty by the importance ratio")
+    rollout_dtype: str | None = option(
+        None, "sample from a copy of the policy in this precision (bf16 or fp16), as an "
+              "inference engine in lower precision would, keeping the sampler's log-probs "
+              "for --rollout-correction")
+
+    def policy_loss_options(self, loss_type: str = "clip", aggregation: str | None = None,
+                            **more) -> dict:
+        """The options of ``FusedPolicyLoss`` this config sets (checked)."""
+        from ...losses.policy import resolve_policy_options
+        options = dict(
+            loss_type=loss_type, aggregation=aggregation, clip_low=self.clip_low,
+            clip_high=self.clip_high, delta=self.delta, level=self.importance_sampling_level,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg, entropy_coef=self.entropy_coef,
+            top_entropy_quantile=self.top_entropy_quantile,
+            rollout_correction=self.rollout_correction, rollout_clip_min=self.rollout_clip_min,
+            rollout_clip_max=self.rollout_clip_max,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            use_bias_correction_kl=self.use_bias_correction_kl, kl_estimator=self.kl_estimator)
+        options.update(more)
+        try:
+            resolve_policy_options(**options)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(str(error)) from None
+        return options
+
+    @property
+    def keeps_sampler_logprobs(self) -> bool:
+        """Whether rollouts keep the sampler's own log-probs beside the trainer's."""
+        return self.rollout_correction is not None or self.rollout_dtype is not None
 
     def __post_init__(self):
         super().__post_init__()
+        check_one_of("importance_sampling_level", self.importance_sampling_level,
+                     ("token", "sequence"))
+        if self.rollout_dtype is not None:
+            check_one_of("rollout_dtype", self.rollout_dtype, ("bf16", "fp16"))
         check_one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_at_least(self, 1, ["max_new_tokens", "eval_batch_size"])
         check_greater(self, 0, ["temperature"])
