@@ -181,7 +181,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None,
         ``clip_fraction/high`` (where the loss type clips), ``approx_kl``
         (``(logprobs - old)^2 / 2``), ``ratio/mean``; ``kl`` with ``ref_logprobs``;
         ``entropy`` with ``entropy``; ``entropy_mask/kept_fraction``,
-        ``off_policy_mask/dropped_fraction``, ``vespo/phi_mean`` where they apply; with
+        ``off_policy_mask/dropped_fraction`` where they apply; ``vespo/phi_mean`` (the mean
+        over the sequences, as TRL's ``vespo/phi_seq_mean``); with
         ``rollout_logprobs``: ``rollout/mismatch_kl`` and, with a correction,
         ``rollout/is_ratio_mean``, ``rollout/is_ratio_max``, ``rollout/corrected_fraction``.
     """
@@ -301,6 +302,10 @@ def _general(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
         means["ratio/mean"] = ratio
         for name, value in means.items():
             metrics[name] = masked_mean(value.detach().to(dtype).expand_as(mask), mask)
+        counts = mask.sum(-1)
+        for name, value in (out.sequence_means or {}).items():
+            rows = (value.detach().to(dtype).expand_as(mask) * mask).sum(-1) / counts.clamp(min=1.0)
+            metrics[name] = masked_mean(rows, counts > 0)
     return loss, metrics
 
 

@@ -49,12 +49,14 @@ class TermInputs:
 class TermOutput:
     """``per_token`` ``[B, T]`` (before the masks, the rollout weights and the KL penalty),
     the tokens clipped below and above (bool, broadcastable to ``[B, T]``, or None: the type
-    does not clip there) and any metrics of its own (``[B, T]``-broadcastable values whose
-    masked token mean is reported)."""
+    does not clip there) and any metrics of its own: ``means``, ``[B, T]``-broadcastable values
+    whose masked token mean is reported, and ``sequence_means``, per-sequence values (constant
+    along T) whose mean over the sequences (those with a token) is reported, as TRL logs them."""
     per_token: torch.Tensor
     clipped_low: torch.Tensor | None = None
     clipped_high: torch.Tensor | None = None
     means: dict | None = None
+    sequence_means: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,9 @@ def _vespo(x: TermInputs) -> TermOutput:
     phi = vespo_weights(x.advantages, x.log_ratio, x.mask, x.rollout_weights,
                         k_pos=o["vespo_k_pos"], lambda_pos=o["vespo_lambda_pos"],
                         k_neg=o["vespo_k_neg"], lambda_neg=o["vespo_lambda_neg"])
-    return TermOutput(-phi * x.advantages * x.logprobs, means={"vespo/phi_mean": phi})
+    # One weight per sequence: a token mean would weigh it by length (TRL's vespo/phi_seq_mean
+    # is the mean over sequences).
+    return TermOutput(-phi * x.advantages * x.logprobs, sequence_means={"vespo/phi_mean": phi})
 
 
 LOSS_TYPES: dict[str, PolicyTerm] = {
