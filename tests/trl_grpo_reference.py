@@ -51,11 +51,12 @@ class Batch:
 
 def trl_config(**settings) -> SimpleNamespace:
     """GRPOConfig's defaults with ``settings``, plus what its ``__post_init__`` would resolve
-    and ``_compute_loss`` reads: one generation step per optimizer step."""
+    and ``_compute_loss`` reads: one generation step per optimizer step (its default
+    ``steps_per_generation = gradient_accumulation_steps``)."""
     unknown = set(settings) - set(TRL_DEFAULTS)
     assert not unknown, f"not GRPOConfig fields: {sorted(unknown)}"
     args = SimpleNamespace(**{**TRL_DEFAULTS, **settings})
-    args.steps_per_generation = 1
+    args.steps_per_generation = args.gradient_accumulation_steps
     return args
 
 
@@ -83,8 +84,9 @@ def bare_trainer(args: SimpleNamespace, logprobs: torch.Tensor, entropies: torch
     """A GRPOTrainer without ``__init__``: the attributes ``_compute_loss`` and its helpers
     read, set as ``GRPOTrainer.__init__`` sets them from ``args`` (trl 1.16,
     grpo_trainer.py ~L782-L1080; ``current_gradient_accumulation_steps`` is a plain attribute
-    that transformers' Trainer sets per step), and the model's log-prob function stubbed to
-    return the given tensors (the gradient flows to them)."""
+    that transformers' Trainer sets per step: ``args.gradient_accumulation_steps``), and the
+    model's log-prob function stubbed to return the given tensors (the gradient flows to
+    them)."""
     trainer = object.__new__(GRPOTrainer)
     trainer.args = args
     trainer.loss_type = args.loss_type
@@ -102,7 +104,7 @@ def bare_trainer(args: SimpleNamespace, logprobs: torch.Tensor, entropies: torch
     trainer._last_world_entropy = float("inf")
     trainer._entropy_window_stats = None
     trainer.max_completion_length = args.max_completion_length
-    trainer.current_gradient_accumulation_steps = 1
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
     trainer.aux_loss_enabled = False
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     trainer.model = SimpleNamespace(training=True)
@@ -135,18 +137,24 @@ def trl_rollout_ratio(old, sampling, mask, mode, clip_min, clip_max):
     return ratio.masked_fill((ratio < low) | (ratio > high), value=0.0)
 
 
-def trl_loss(args: SimpleNamespace, batch: Batch, logprobs, entropies):
+def trl_loss(args: SimpleNamespace, batch: Batch, logprobs, entropies,
+             num_items_in_batch: torch.Tensor | None = None):
     """``(loss, metrics)`` of TRL's ``GRPOTrainer._compute_loss`` on ``batch``: the loss
-    differentiable to ``logprobs`` and ``entropies``, the metrics its last logged values."""
+    differentiable to ``logprobs`` and ``entropies``, the metrics its last logged values.
+    With ``args.gradient_accumulation_steps`` > 1, ``batch`` is one micro-batch of the
+    generation batch and ``num_items_in_batch`` the completion tokens of all of them (default:
+    ``batch``'s own)."""
     trainer = bare_trainer(args, logprobs, entropies)
     size, length = logprobs.shape
     mask = batch.mask
+    if num_items_in_batch is None:
+        num_items_in_batch = mask.sum()
     inputs = {
         "prompt_ids": torch.zeros(size, 1, dtype=torch.long),
         "prompt_mask": torch.ones(size, 1, dtype=torch.long),
         "completion_ids": torch.zeros(size, length, dtype=torch.long),
         "completion_mask": mask, "advantages": batch.advantages,
-        "old_per_token_logps": batch.old, "num_items_in_batch": mask.sum(),
+        "old_per_token_logps": batch.old, "num_items_in_batch": num_items_in_batch,
     }
     if args.beta != 0.0:
         inputs["ref_per_token_logps"] = batch.ref
