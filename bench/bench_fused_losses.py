@@ -16,6 +16,8 @@ chunked fused-linear losses, time and peak memory.
   liger          LigerFusedLinearGRPOLoss (loss_type="dapo": the same token mean; beta = kl)
   fastalign      fastalign.FusedPolicyLoss (gradient in forward)
   fastalign_two_pass  the same with gradient_in_forward=False
+  fastalign_entropy   fastalign.FusedPolicyLoss with an entropy bonus (entropy_coef=0.01: the
+                 entropy's gradient formed in the same pass), beside ``fastalign`` for its cost
 Gradients w.r.t. the policy's hidden states and head. Memory is the peak beyond the inputs,
 gradients included (see bench_linear_logprobs.py for how it is measured). ``matmul_efficiency``:
 the provider's head matmul FLOPs (per row and vocabulary entry, 2·D per pass: 3 passes for a
@@ -42,10 +44,12 @@ import fastalign  # noqa: E402
 from fastalign import _measure  # noqa: E402
 from fastalign.losses import dpo_loss, policy_loss  # noqa: E402
 
-PROVIDERS = ("torch_unfused", "trl", "liger", "fastalign_two_pass", "fastalign")
+PROVIDERS = ("torch_unfused", "trl", "liger", "fastalign_two_pass", "fastalign",
+             "fastalign_entropy")
+GRPO_ONLY = ("fastalign_entropy",)
 MODES = ("fwd_bwd",)
 RESULTS = Path(__file__).parent / "results"
-BETA, KL_COEF = 0.1, 0.04
+BETA, KL_COEF, ENTROPY_COEF = 0.1, 0.04, 0.01
 
 
 def make_inputs(spec: dict, device: torch.device):
@@ -80,7 +84,7 @@ def make_call(spec: dict, device: torch.device):
         old = fastalign.linear_logprobs(hidden, weight, targets)
         ref = fastalign.linear_logprobs(ref_hidden, ref_weight, targets)
 
-    one_pass = provider == "fastalign"
+    one_pass = provider in ("fastalign", "fastalign_entropy")
     if op == "dpo" and provider.startswith("fastalign"):
         module = fastalign.FusedDPOLoss(beta=BETA, gradient_in_forward=one_pass)
 
@@ -101,7 +105,9 @@ def make_call(spec: dict, device: torch.device):
                 ref_c, ref_r = logprobs_of(ref_hidden, ref_weight, targets).sum(-1).chunk(2)
             return dpo_loss(chosen, rejected, ref_c, ref_r, beta=BETA)[0]
     elif provider.startswith("fastalign"):
-        module = fastalign.FusedPolicyLoss(kl_coef=KL_COEF, gradient_in_forward=one_pass)
+        entropy_coef = ENTROPY_COEF if provider == "fastalign_entropy" else 0.0
+        module = fastalign.FusedPolicyLoss(kl_coef=KL_COEF, gradient_in_forward=one_pass,
+                                           entropy_coef=entropy_coef)
 
         def loss():
             return module(hidden, weight, targets, advantages, old_logprobs=old,
@@ -185,10 +191,11 @@ def run(args) -> list[dict]:
     itemsize = _measure.DTYPES[dtype].itemsize
     rows = []
     rate = None
-    for index, provider in enumerate(args.providers, 1):
+    providers = [p for p in args.providers if args.op == "grpo" or p not in GRPO_ONLY]
+    for index, provider in enumerate(providers, 1):
         spec = dict(op=args.op, provider=provider, mode="fwd_bwd", dtype=dtype, pairs=args.pairs,
                     seq=args.seq, hidden=args.hidden, vocab=args.vocab, repeats=args.repeats)
-        print(f"[{index}/{len(args.providers)}] {provider} {args.op} {dtype} N={tokens}", flush=True)
+        print(f"[{index}/{len(providers)}] {provider} {args.op} {dtype} N={tokens}", flush=True)
         rows.append({"op": name, "provider": provider, "mode": "fwd_bwd", "dtype": dtype,
                      "shape": f"{2 * args.pairs}x{args.seq}", "n_rows": tokens,
                      "hidden": args.hidden, "vocab": args.vocab,
