@@ -232,8 +232,10 @@ def tile_cols(n_rows: int, vocab_size: int) -> int:
 
 
 def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
-                             return_entropy, return_row_stats=False):
+                             return_entropy, return_row_stats=False, support=None):
     """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_partials``."""
+    if support is not None or isinstance(inv_temperature, torch.Tensor):
+        raise NotImplementedError("the sampler options and per-row temperatures are not in this backend yet; FASTALIGN_BACKEND=torch")
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     block_n, block_v, block_d, num_warps, num_stages = _tiles("FORWARD", hidden)
     row_tiles = max(1, triton.cdiv(n_rows, block_n))
@@ -265,8 +267,10 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
 
 
 def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
-                              grad_entropy, start: int, end: int, *, inv_temperature, softcap):
+                              grad_entropy, start: int, end: int, *, inv_temperature, softcap, support=None):
     """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_grad_tile``."""
+    if support is not None or isinstance(inv_temperature, torch.Tensor):
+        raise NotImplementedError("the sampler options and per-row temperatures are not in this backend yet; FASTALIGN_BACKEND=torch")
     n_rows, n_cols = hidden.shape[0], end - start
     grad_tile = torch.empty(n_rows, n_cols, device=hidden.device, dtype=hidden.dtype)
     block_n, block_v, block_d, num_warps, num_stages = _tiles("GRAD", hidden)
@@ -285,3 +289,8 @@ def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, gra
         num_warps=num_warps, num_stages=num_stages, **fp_fusion(softcap is not None),
     )
     return grad_tile
+
+
+def linear_logits_tile(hidden, weight, bias, start: int, end: int):
+    raise NotImplementedError("the sampler options are not in this backend yet; "
+                              "FASTALIGN_BACKEND=torch")

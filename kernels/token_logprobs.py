@@ -134,7 +134,7 @@ def _token_logprobs_backward_kernel(
 
 def token_logprobs_forward(logits, targets, layout, *,
                            inv_temperature, softcap, ignore_index, return_entropy,
-                           block_v=None, num_warps=None):
+                           block_v=None, num_warps=None, support=None):
     """Launches the forward kernel over ``targets.numel()`` rows.
 
     Args:
@@ -144,6 +144,8 @@ def token_logprobs_forward(logits, targets, layout, *,
         ``(logprobs [N], entropy [N] or None, stats [N, 2])``, float32; ``stats`` (each row's
         max key and log-sum, see the module docstring) is what the backward needs.
     """
+    if support is not None or isinstance(inv_temperature, torch.Tensor):
+        raise NotImplementedError("the sampler options and per-row temperatures are not in this backend yet; FASTALIGN_BACKEND=torch")
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
     logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     stats = torch.empty(n_rows, 2, device=logits.device, dtype=torch.float32)
@@ -163,12 +165,14 @@ def token_logprobs_forward(logits, targets, layout, *,
 def token_logprobs_backward(logits, targets, layout, stats, entropy, grad_logprobs,
                             grad_entropy, grad_out, grad_layout, *,
                             inv_temperature, softcap, ignore_index,
-                            block_v=None, num_warps=None):
+                            block_v=None, num_warps=None, support=None):
     """Writes the gradient w.r.t. ``logits`` into ``grad_out`` and returns it.
 
     ``grad_out`` is a fresh contiguous ``[..., V]`` tensor or ``logits`` itself (in-place
     backward); ``grad_logprobs`` / ``grad_entropy`` are contiguous ``[N]`` float32 or None.
     """
+    if support is not None or isinstance(inv_temperature, torch.Tensor):
+        raise NotImplementedError("the sampler options and per-row temperatures are not in this backend yet; FASTALIGN_BACKEND=torch")
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
     block, warps = block_and_warps(vocab_size, block_v or BACKWARD_BLOCK_V,
                                     num_warps or BACKWARD_NUM_WARPS)

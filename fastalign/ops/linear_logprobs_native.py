@@ -18,9 +18,11 @@ def _tile_layout(tile: torch.Tensor) -> tuple[int, int, int]:
 
 
 def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
-                             return_entropy, return_row_stats=False):
+                             return_entropy, return_row_stats=False, support=None):
     """Same contract as ``linear_logprobs_torch.linear_logprobs_partials``. The row statistics
     (on request) are reduced by torch from the same logits tile: no second matmul."""
+    if support is not None or isinstance(inv_temperature, torch.Tensor):
+        raise NotImplementedError("the sampler options and per-row temperatures are not in this backend yet; FASTALIGN_BACKEND=torch")
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     cols, (row_max, sum_exp, sum_exp_shifted, target_logit) = partials_buffers(
         hidden, vocab_size, return_entropy)
@@ -42,9 +44,11 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
 
 
 def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
-                              grad_entropy, start: int, end: int, *, inv_temperature, softcap):
+                              grad_entropy, start: int, end: int, *, inv_temperature, softcap, support=None):
     """Same contract as ``linear_logprobs_torch.linear_logprobs_grad_tile``: the gradient is
     written over the float32 logits tile itself."""
+    if support is not None or isinstance(inv_temperature, torch.Tensor):
+        raise NotImplementedError("the sampler options and per-row temperatures are not in this backend yet; FASTALIGN_BACKEND=torch")
     tile = raw_logits_tile(hidden, weight, bias, start, end)
     layout = _tile_layout(tile)
     extension().logprobs_grad(

@@ -16,7 +16,9 @@ from ._tiles import target_masks
 
 
 def token_logprobs_forward(logits, targets, layout, *,
-                           inv_temperature, softcap, ignore_index, return_entropy):
+                           inv_temperature, softcap, ignore_index, return_entropy, support=None):
+    if support is not None or isinstance(inv_temperature, torch.Tensor):
+        raise NotImplementedError("the sampler options and per-row temperatures are not in this backend yet; FASTALIGN_BACKEND=torch")
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
     # Ignored rows are not read at all (padding costs nothing).
     row_max, sum_exp, sum_shifted, target_logit = extension().softmax_stats(
@@ -37,7 +39,9 @@ def token_logprobs_forward(logits, targets, layout, *,
 
 def token_logprobs_backward(logits, targets, layout, stats, entropy, grad_logprobs,
                             grad_entropy, grad_out, grad_layout, *,
-                            inv_temperature, softcap, ignore_index):
+                            inv_temperature, softcap, ignore_index, support=None):
+    if support is not None or isinstance(inv_temperature, torch.Tensor):
+        raise NotImplementedError("the sampler options and per-row temperatures are not in this backend yet; FASTALIGN_BACKEND=torch")
     extension().logprobs_grad(
         logits, layout.native_arg(), targets.numel(), grad_out, grad_layout.native_arg(),
         targets.long(), 0, ignore_index,
