@@ -142,3 +142,17 @@ def linear_thresholds(logits_tile, n_rows: int, vocab_size: int, k: int, cols: i
     if best is None:
         return like.new_empty(n_rows, dtype=torch.float32)
     return best.amin(dim=1).contiguous()
+
+
+def native_support(support: Support | None) -> dict:
+    """The sampler's keyword arguments of the C++ ``softmax_stats`` (csrc/kernels.h)."""
+    if support is None:
+        return {}
+    return dict(support_max=support.row_max, kth=support.kth, log_min_p=support.log_min_p)
+
+
+def native_grad_support(support: Support | None) -> dict:
+    """The sampler's keyword arguments of the C++ ``logprobs_grad`` (its max: the stats')."""
+    if support is None:
+        return {}
+    return dict(support=True, kth=support.kth, log_min_p=support.log_min_p)

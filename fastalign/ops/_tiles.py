@@ -103,6 +103,14 @@ def row_scale(inv_temperature):
     return None if inv_temperature == 1.0 else inv_temperature
 
 
+def native_temperature(inv_temperature) -> tuple[float, torch.Tensor | None]:
+    """``(inv_temperature, row_inv_temperature)`` as the C++ entry points take them
+    (csrc/kernels.h): one float, or a per-row float32 tensor (the float then unused)."""
+    if isinstance(inv_temperature, torch.Tensor):
+        return 1.0, inv_temperature
+    return inv_temperature, None
+
+
 def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, grad_entropy,
                  target_cols, target_grad, *, inv_temperature, softcap,
                  out: torch.Tensor | None = None, cap_log_p: bool = False,
