@@ -4,6 +4,7 @@ TopKLogitsWarper / MinPLogitsWarper on the full logits; and the on-policy check:
 with those warpers score a log-ratio of 0 against the warped distribution."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -25,8 +26,14 @@ CASES = {
     "k_of_one": dict(top_k=1),
     "min_p_one": dict(min_p=1.0, temperature=0.5),
 }
-CASE_NAMES = slow_beyond(list(CASES), ["both", "row_temperature"])
+# The fast tier: one case per op with every flag of its kernels (top-k, min-p; the per-row
+# temperature of token_logprobs' kernels runs in test_row_temperature_equals_float_temperature).
+TOKEN_CASES = slow_beyond(list(CASES), ["both"])
+LINEAR_CASES = slow_beyond(list(CASES), ["row_temperature"])
 VOCAB = 1000 + 7  # a multiple of no block
+# Inductor on CPU generates C++; without a compiler it cannot run at all.
+COMPILERS = ["aot_eager"] + (["inductor"] if DEVICE.type == "cuda" or shutil.which("g++")
+                             or shutil.which("clang++") else [])
 
 
 def warped_log_softmax(z, *, temperature=1.0, softcap=None, top_k=None, min_p=None):
@@ -93,7 +100,7 @@ def token_case(shape, dtype, *, seed=0, ignore_share=0.15):
     return logits, targets.masked_fill(ignored, -100)
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("case", TOKEN_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_token_logprobs_match_hf_warpers(backend, small_tiles, case, dtype):
     logits, targets = token_case((3, 7), dtype)
@@ -142,7 +149,7 @@ def linear_case(shape, dim, dtype, *, seed=0, duplicate_rows=False):
     return leaves, targets.masked_fill(ignored, -100).to(DEVICE)
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("case", LINEAR_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_logprobs_match_hf_warpers(backend, small_tiles, case, dtype):
     (hidden, weight, bias), targets = linear_case((2, 9), 40, dtype)
@@ -237,6 +244,31 @@ def test_row_temperature_equals_float_temperature(backend, small_tiles):
     compare(got, ref_lp, 1e-5, "per-row temperature")
 
 
+def test_sliced_logits_and_inplace_backward(backend):
+    """The [:, :-1] slice read in place gives what a contiguous copy gives, and the in-place
+    backward writes the gradient the fresh one gets."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(2, 6, VOCAB, generator=gen) * 3.0).to(DEVICE)
+    targets = logits[:, :-1].argsort(-1, descending=True)[..., 3]  # the 4th most likely
+    targets[0, ::2] = -100
+    options = dict(top_k=5, min_p=0.01, temperature=torch.rand(2, 5, generator=gen).to(DEVICE)
+                   + 0.5)
+    grads = []
+    for sliced, inplace in ((False, False), (True, False), (True, True)):
+        leaf = logits.clone().requires_grad_()
+        rows = leaf * 1
+        rows = rows[:, :-1] if sliced else rows[:, :-1].contiguous()
+        logprobs = fa.token_logprobs(rows, targets, inplace_backward=inplace, **options)
+        assert torch.isfinite(logprobs).all()
+        grads.append(torch.autograd.grad(logprobs.sum(), leaf)[0])
+        if len(grads) > 1:
+            assert torch.equal(logprobs, first)
+        else:
+            first = logprobs
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])
+    assert (grads[0][:, -1] == 0).all() and (grads[0][0, ::2] == 0).all()
+
+
 def test_no_filter_when_k_covers_the_vocabulary(backend):
     """top_k >= V (HF clamps it to V) and min_p=None filter nothing; top_p=1.0 is no filter."""
     logits, targets = token_case((4,), torch.float32)
@@ -275,8 +307,10 @@ def test_sampled_tokens_score_ratio_one(backend, op, options):
 
 
 @pytest.mark.slow
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compiles_without_graph_breaks(compiler, tmp_path, monkeypatch):
     """Both ops with top_k, min_p and a per-row temperature under torch.compile(fullgraph)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     logits, targets = token_case((2, 5), torch.float32)
     (hidden, weight, bias), _ = linear_case((2, 5), 16, torch.float32)
@@ -292,7 +326,7 @@ def test_compiles_without_graph_breaks():
     leaves = (logits.requires_grad_(), hidden, weight)
     eager = loss(*leaves)
     eager_grads = torch.autograd.grad(eager, leaves)
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves)
+    compiled = torch.compile(loss, fullgraph=True, backend=compiler)(*leaves)
     torch.testing.assert_close(compiled, eager)
     for grad, expected in zip(torch.autograd.grad(compiled, leaves), eager_grads):
         torch.testing.assert_close(grad, expected)

@@ -246,9 +246,9 @@ def linear_logprobs(
             keep, -inf (no gradient) for a target outside it. The k-th largest logit of each
             row comes from the backend's logits tiles, one vocabulary slice at a time (a
             float32 ``[N, 2 top_k]`` of candidates beside one tile, never ``[N, V]``); then
-            the max pass and the kept sums' pass, each one more matmul per slice. Not with
-            ``topk_targets``, ``return_row_stats`` or a sharded head (``process_group``,
-            DTensor, ZeRO-3), which raise ``ValueError``; nor is a per-row ``temperature``.
+            the max pass and the kept sums' pass, each one more matmul per slice. They (and a
+            per-row ``temperature`` tensor) raise ``ValueError`` with ``topk_targets``,
+            ``return_row_stats`` or a sharded head (``process_group``, DTensor, ZeRO-3).
         return_row_stats: also return, from the same pass over the vocabulary, a dict of the
             per-token statistics TRL logs, without gradient: ``mean_logit`` (the mean of
             ``z'`` over the vocabulary), ``is_top1`` (bool: the target is the most likely
