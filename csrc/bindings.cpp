@@ -8,11 +8,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             "gradients and exact divergences (KL, JSD), vectorized and parallel over rows";
   using namespace pybind11::literals;
   m.def("softmax_stats", &fastalign::softmax_stats, "x"_a, "layout"_a, "n_rows"_a, "targets"_a,
-        "target_offset"_a, "skip_index"_a, "inv_temperature"_a, "softcap"_a, "want_entropy"_a);
+        "target_offset"_a, "skip_index"_a, "inv_temperature"_a, "softcap"_a, "want_entropy"_a,
+        "row_inv_temperature"_a = py::none(), "support_max"_a = py::none(), "kth"_a = py::none(),
+        "log_min_p"_a = py::none());
   m.def("logprobs_grad", &fastalign::logprobs_grad, "x"_a, "layout"_a, "n_rows"_a,
         "grad_out"_a, "grad_layout"_a, "targets"_a, "target_offset"_a, "skip_index"_a,
         "inv_temperature"_a, "softcap"_a, "row_max"_a, "lse"_a, "entropy"_a, "grad_logprobs"_a,
-        "grad_entropy"_a);
+        "grad_entropy"_a, "row_inv_temperature"_a = py::none(), "support"_a = false,
+        "kth"_a = py::none(), "log_min_p"_a = py::none());
   m.def("divergence_stats", &fastalign::divergence_stats, "logits"_a, "layout"_a,
         "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "spec"_a,
         "want_entropy"_a);

@@ -10,15 +10,24 @@ namespace fastalign {
 // [4, n_rows] float32: row max of the keys softcap(z) (z without a softcap), sum exp(s) and
 // sum exp(s) s with s = (key - max) / T (the latter only when want_entropy, else 0), and the key
 // at column targets[row] - target_offset (0 when that column is outside the row). Rows whose target is skip_index are not read: (0, 1, 0, 0).
+// row_inv_temperature: 1 / T per row (float32 [n_rows]) instead of inv_temperature. With
+// support_max (each row's max key, from a first pass) the sums run over the sampler's support
+// only (fastalign/ops/_sampler.py: raw logit >= kth[row], (key - max) / T >= log_min_p; each
+// bound optional), relative to that max, and a target outside it reads as -inf.
 at::Tensor softmax_stats(const at::Tensor& x, const LayoutArg& layout, int64_t n_rows,
                          const at::Tensor& targets, int64_t target_offset,
                          std::optional<int64_t> skip_index, double inv_temperature,
-                         std::optional<double> softcap, bool want_entropy);
+                         std::optional<double> softcap, bool want_entropy,
+                         const std::optional<at::Tensor>& row_inv_temperature,
+                         const std::optional<at::Tensor>& support_max,
+                         const std::optional<at::Tensor>& kth, std::optional<double> log_min_p);
 
 // Writes d(sum go_lp * logprob + go_ent * entropy)/dz into grad_out (may be x itself), from the
 // forward's per-row statistics (and entropy): log p = (key - row_max) / T - lse with
 // key = softcap(z) (rows.h's VecTransform), lse then the log-sum relative to row_max; without
-// row_max, log p = z' - lse. Rows whose target is skip_index get 0.
+// row_max, log p = z' - lse. Rows whose target is skip_index get 0. row_inv_temperature as in
+// softmax_stats; with support (row_max given, lse the kept log-sum) p is 0 off the sampler's
+// support (kth, log_min_p as in softmax_stats), and so is the gradient there.
 void logprobs_grad(const at::Tensor& x, const LayoutArg& layout, int64_t n_rows,
                    const at::Tensor& grad_out, const LayoutArg& grad_layout,
                    const at::Tensor& targets, int64_t target_offset,
@@ -26,7 +35,9 @@ void logprobs_grad(const at::Tensor& x, const LayoutArg& layout, int64_t n_rows,
                    std::optional<double> softcap, const std::optional<at::Tensor>& row_max,
                    const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
                    const std::optional<at::Tensor>& grad_logprobs,
-                   const std::optional<at::Tensor>& grad_entropy);
+                   const std::optional<at::Tensor>& grad_entropy,
+                   const std::optional<at::Tensor>& row_inv_temperature, bool support,
+                   const std::optional<at::Tensor>& kth, std::optional<double> log_min_p);
 
 // The math of a divergence call, as Python passes a kernels/divergence_interface.py
 // DivergenceSpec: (mode, beta, inv_temperature, softcap, teacher_softcap).

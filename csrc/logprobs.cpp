@@ -15,6 +15,11 @@
 // log-sum (log p = (key - max) / T - log_sum; never z' - lse, which rounds at |lse|),
 // converting in registers to the output's dtype; the output may be the logits themselves (in
 // place).
+//
+// The sampler's support (fastalign/ops/_sampler.py: top_k, min_p) runs the forward again with
+// each row's max known: SupportBlock turns the keys of removed columns into -inf as it loads
+// them (so the same online sums count kept columns only), and the backward writes 0 there.
+// A per-row temperature (row_inv_temperature) gives each row its own VecTransform.
 #include "kernels.h"
 
 namespace fastalign {
@@ -58,6 +63,72 @@ struct RowBlock {
     return reduce_max(nan_maximum(max_a, max_b));
   }
 };
+
+// The sampler's support of one row: a column is kept when its raw logit z >= kth (top-k, ties
+// kept) and (key - max) / T >= log_min_p (min-p), the same difference the sums take. -inf
+// stands for "no bound" (every number passes).
+struct RowSupport {
+  Vec kth;
+  Vec max;
+  Vec log_min_p;
+
+  template <Kind kKind>
+  Vec kept(const VecTransform<kKind>& transform, const Vec& z, const Vec& key) const {
+    return (z >= kth) & (transform.shifted(key, max) >= log_min_p);
+  }
+
+  // One column (the target), bit for bit as the vector loops decide it.
+  template <Kind kKind>
+  bool kept_scalar(const VecTransform<kKind>& transform, float z) const {
+    const Vec zv(z);
+    return first_lane(kept(transform, zv, transform(zv))) != 0.0f;  // all-ones bits: NaN
+  }
+};
+
+// A RowBlock whose removed columns read as -inf keys (p = 0 in every sum).
+template <typename scalar_t, Kind kKind>
+struct SupportBlock {
+  const scalar_t* src;
+  int64_t n;
+  const VecTransform<kKind>& transform;
+  const RowSupport& support;
+
+  Vec key(const Vec& z) const {
+    const Vec k = transform(z);
+    return Vec::blendv(Vec(-INFINITY), k, support.kept(transform, z, k));
+  }
+
+  template <typename F>
+  void for_each_pair(F&& f) const {
+    Vec a, b;
+    int64_t j = 0;
+    for (; j + kPair <= n; j += kPair) {
+      load_pair_any(src + j, a, b);
+      f(key(a), key(b));
+    }
+    if (j < n) {
+      load_pair_partial(src + j, n - j, 0.0f, a, b);
+      a = key(a);
+      b = key(b);
+      mask_pair_tail(n - j, a, b);
+      f(a, b);
+    }
+  }
+
+  float max() const {
+    Vec max_a(-INFINITY), max_b(-INFINITY);
+    for_each_pair([&](const Vec& a, const Vec& b) {
+      max_a = nan_maximum(max_a, a);
+      max_b = nan_maximum(max_b, b);
+    });
+    return reduce_max(nan_maximum(max_a, max_b));
+  }
+};
+
+// The per-call transform with row `row`'s own 1 / T when the call gives one per row.
+inline Transform row_transform(const Transform& t, const float* row_inv_t, int64_t row) {
+  return row_inv_t ? Transform{row_inv_t[row], t.softcap} : t;
+}
 
 struct RowStats {
   float max = kFiniteMin;    // running max of the keys
@@ -143,11 +214,23 @@ struct RowStats {
   }
 };
 
-template <typename scalar_t, Kind kKind, bool kEntropy>
+// The sampler's arguments of a call (nullptr / -inf where absent): each row's max key, k-th
+// largest raw logit and log(min_p).
+struct SupportArgs {
+  const float* max;
+  const float* kth;
+  float log_min_p;
+
+  RowSupport row(int64_t r) const {
+    return RowSupport{Vec(kth ? kth[r] : -INFINITY), Vec(max ? max[r] : 0.0f), Vec(log_min_p)};
+  }
+};
+
+template <typename scalar_t, Kind kKind, bool kEntropy, bool kSupport>
 void stats_rows(const scalar_t* base, const RowLayout& layout, int64_t n_rows,
                 int64_t vocab_size, const int64_t* targets, const TargetSpec& spec,
-                const Transform& transform_arg, float* out) {
-  const VecTransform<kKind> transform(transform_arg);
+                const Transform& transform_arg, const float* row_inv_t,
+                const SupportArgs& support_args, float* out) {
   at::parallel_for(0, n_rows, row_grain(vocab_size), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       RowStats stats;
@@ -156,14 +239,30 @@ void stats_rows(const scalar_t* base, const RowLayout& layout, int64_t n_rows,
         stats.max = 0.0f;
         stats.sum_exp = 1.0f;
       } else {
+        const VecTransform<kKind> transform(row_transform(transform_arg, row_inv_t, row));
         const scalar_t* src = base + layout.offset(row);
-        if (target >= 0 && target < vocab_size) {
-          stats.target = transform.scalar(upcast(src[target]));
-        }
-        for (int64_t start = 0; start < vocab_size; start += kBlock) {
-          const RowBlock<scalar_t, kKind> block{src + start, std::min(kBlock, vocab_size - start),
-                                                transform};
-          stats.add_block<kEntropy>(block);
+        if constexpr (kSupport) {
+          // Sums relative to the known max; a target outside the support reads as -inf.
+          const RowSupport support = support_args.row(row);
+          stats.max = support_args.max[row];
+          if (target >= 0 && target < vocab_size) {
+            const float z = upcast(src[target]);
+            stats.target = support.kept_scalar(transform, z) ? transform.scalar(z) : -INFINITY;
+          }
+          for (int64_t start = 0; start < vocab_size; start += kBlock) {
+            const SupportBlock<scalar_t, kKind> block{
+                src + start, std::min(kBlock, vocab_size - start), transform, support};
+            stats.add_block<kEntropy>(block);
+          }
+        } else {
+          if (target >= 0 && target < vocab_size) {
+            stats.target = transform.scalar(upcast(src[target]));
+          }
+          for (int64_t start = 0; start < vocab_size; start += kBlock) {
+            const RowBlock<scalar_t, kKind> block{src + start,
+                                                  std::min(kBlock, vocab_size - start), transform};
+            stats.add_block<kEntropy>(block);
+          }
         }
       }
       out[row] = stats.max;
@@ -215,13 +314,13 @@ struct RowGradient {
   }
 };
 
-template <typename scalar_t, Kind kKind, bool kEntropyGrad>
+template <typename scalar_t, Kind kKind, bool kEntropyGrad, bool kSupport>
 void grad_rows(const scalar_t* base, const RowLayout& layout, scalar_t* grad_base,
                const RowLayout& grad_layout, int64_t n_rows, int64_t vocab_size,
                const int64_t* targets, const TargetSpec& spec, const Transform& transform_arg,
+               const float* row_inv_t, const SupportArgs& support_args,
                const float* row_max, const float* lse, const float* entropy,
                const float* grad_logprobs, const float* grad_entropy) {
-  const VecTransform<kKind> transform(transform_arg);
   at::parallel_for(0, n_rows, row_grain(vocab_size), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* dst = grad_base + grad_layout.offset(row);
@@ -229,6 +328,20 @@ void grad_rows(const scalar_t* base, const RowLayout& layout, scalar_t* grad_bas
         store_zeros(vocab_size, dst);
         continue;
       }
+      const VecTransform<kKind> transform(row_transform(transform_arg, row_inv_t, row));
+      // The support's max is the row's max key, the gradient's shift (support_args.max unset).
+      const RowSupport support =
+          kSupport ? RowSupport{support_args.row(row).kth, Vec(row_max[row]),
+                                Vec(support_args.log_min_p)}
+                   : RowSupport{};
+      // p = 0 off the support: the gradient there is 0.
+      auto masked = [&](const Vec& grad, const Vec& z, const Vec& key) {
+        if constexpr (kSupport) {
+          return Vec::blendv(Vec(0.0f), grad, support.kept(transform, z, key));
+        } else {
+          return grad;
+        }
+      };
       const scalar_t* src = base + layout.offset(row);
       const float go_lp = grad_logprobs ? grad_logprobs[row] : 0.0f;
       const RowGradient<kKind, kEntropyGrad> gradient{
@@ -241,19 +354,26 @@ void grad_rows(const scalar_t* base, const RowLayout& layout, scalar_t* grad_bas
       const bool has_target = grad_logprobs && target >= 0 && target < vocab_size;
       float target_grad = 0.0f;
       if (has_target) {
-        const float z = transform.scalar(upcast(src[target]));
-        target_grad = first_lane(gradient(Vec(z))) + go_lp * gradient.dz(z);
+        const float raw = upcast(src[target]);
+        const float z = transform.scalar(raw);
+        // A removed target (its upstream gradient is 0 then) gets 0 like any removed column.
+        if (!kSupport || support.kept_scalar(transform, raw)) {
+          target_grad = first_lane(gradient(Vec(z))) + go_lp * gradient.dz(z);
+        }
       }
       Vec a, b;
       int64_t j = 0;
       for (; j + kPair <= vocab_size; j += kPair) {
         load_pair_any(src + j, a, b);
-        store_pair_any(gradient(transform(a)), gradient(transform(b)), dst + j);
+        const Vec key_a = transform(a), key_b = transform(b);
+        store_pair_any(masked(gradient(key_a), a, key_a), masked(gradient(key_b), b, key_b),
+                       dst + j);
       }
       if (j < vocab_size) {
         load_pair_partial(src + j, vocab_size - j, 0.0f, a, b);
-        store_pair_partial(gradient(transform(a)), gradient(transform(b)), vocab_size - j,
-                           dst + j);
+        const Vec key_a = transform(a), key_b = transform(b);
+        store_pair_partial(masked(gradient(key_a), a, key_a), masked(gradient(key_b), b, key_b),
+                           vocab_size - j, dst + j);
       }
       if (has_target) {
         dst[target] = static_cast<scalar_t>(target_grad);
@@ -264,23 +384,62 @@ void grad_rows(const scalar_t* base, const RowLayout& layout, scalar_t* grad_bas
 
 }  // namespace
 
+namespace {
+
+// 1 / T per row (a float32 vector of n_rows) or nullptr.
+const float* checked_row_inv_temperature(const std::optional<at::Tensor>& t, int64_t n_rows) {
+  if (!t) return nullptr;
+  check_row_vector(*t, n_rows, at::kFloat, "row_inv_temperature");
+  return t->const_data_ptr<float>();
+}
+
+// The kind of a call's transform: a per-row temperature scales every row (kScale at least).
+Transform kind_of(Transform t, const float* row_inv_t) {
+  if (row_inv_t && !t.has_softcap()) t.inv_temperature = 0.5f;  // anything but 1
+  return t;
+}
+
+// The sampler's arguments, checked: kth (top-k) per row or none, log_min_p or none.
+SupportArgs checked_support(const float* max, const std::optional<at::Tensor>& kth,
+                            std::optional<double> log_min_p, int64_t n_rows) {
+  if (kth) check_row_vector(*kth, n_rows, at::kFloat, "kth");
+  TORCH_CHECK(!log_min_p || *log_min_p <= 0.0, "log_min_p must be <= 0 (min_p <= 1)");
+  return SupportArgs{max, kth ? kth->const_data_ptr<float>() : nullptr,
+                     log_min_p ? static_cast<float>(*log_min_p) : -INFINITY};
+}
+
+}  // namespace
+
 at::Tensor softmax_stats(const at::Tensor& x, const LayoutArg& layout_arg, int64_t n_rows,
                          const at::Tensor& targets, int64_t target_offset,
                          std::optional<int64_t> skip_index, double inv_temperature,
-                         std::optional<double> softcap, bool want_entropy) {
+                         std::optional<double> softcap, bool want_entropy,
+                         const std::optional<at::Tensor>& row_inv_temperature,
+                         const std::optional<at::Tensor>& support_max,
+                         const std::optional<at::Tensor>& kth,
+                         std::optional<double> log_min_p) {
   const RowLayout layout = checked_layout(x, layout_arg, n_rows, "logits");
   check_row_vector(targets, n_rows, at::kLong, "targets");
   const TargetSpec spec{target_offset, skip_index.has_value(), skip_index.value_or(0)};
   const Transform transform = checked_transform(inv_temperature, softcap);
+  const float* row_inv_t = checked_row_inv_temperature(row_inv_temperature, n_rows);
+  const bool support = support_max.has_value();
+  TORCH_CHECK(support || (!kth && !log_min_p), "kth and log_min_p need support_max");
+  if (support) check_row_vector(*support_max, n_rows, at::kFloat, "support_max");
+  const SupportArgs support_args = checked_support(
+      support ? support_max->const_data_ptr<float>() : nullptr, kth, log_min_p, n_rows);
   at::Tensor out = at::empty({4, n_rows}, x.options().dtype(at::kFloat));
   dispatch_float(x.scalar_type(), "logits", [&](auto tag) {
     using scalar_t = decltype(tag);
-    dispatch_kind(transform, [&](auto kind) {
+    dispatch_kind(kind_of(transform, row_inv_t), [&](auto kind) {
       constexpr Kind kKind = decltype(kind)::value;
-      auto run = want_entropy ? stats_rows<scalar_t, kKind, true>
-                              : stats_rows<scalar_t, kKind, false>;
+      auto run = want_entropy ? (support ? stats_rows<scalar_t, kKind, true, true>
+                                         : stats_rows<scalar_t, kKind, true, false>)
+                              : (support ? stats_rows<scalar_t, kKind, false, true>
+                                         : stats_rows<scalar_t, kKind, false, false>);
       run(x.const_data_ptr<scalar_t>(), layout, n_rows, x.size(-1),
-          targets.const_data_ptr<int64_t>(), spec, transform, out.mutable_data_ptr<float>());
+          targets.const_data_ptr<int64_t>(), spec, transform, row_inv_t, support_args,
+          out.mutable_data_ptr<float>());
     });
   });
   return out;
@@ -293,7 +452,10 @@ void logprobs_grad(const at::Tensor& x, const LayoutArg& layout_arg, int64_t n_r
                    std::optional<double> softcap, const std::optional<at::Tensor>& row_max,
                    const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
                    const std::optional<at::Tensor>& grad_logprobs,
-                   const std::optional<at::Tensor>& grad_entropy) {
+                   const std::optional<at::Tensor>& grad_entropy,
+                   const std::optional<at::Tensor>& row_inv_temperature,
+                   bool support, const std::optional<at::Tensor>& kth,
+                   std::optional<double> log_min_p) {
   const RowLayout layout = checked_layout(x, layout_arg, n_rows, "logits");
   const RowLayout grad_layout = checked_layout(grad_out, grad_layout_arg, n_rows, "grad_out");
   TORCH_CHECK(grad_out.size(-1) == x.size(-1) && grad_out.scalar_type() == x.scalar_type(),
@@ -308,21 +470,27 @@ void logprobs_grad(const at::Tensor& x, const LayoutArg& layout_arg, int64_t n_r
     check_row_vector(*grad_entropy, n_rows, at::kFloat, "grad_entropy");
     check_row_vector(*entropy, n_rows, at::kFloat, "entropy");
   }
+  TORCH_CHECK(!support || row_max.has_value(), "the sampler's support needs row_max");
+  TORCH_CHECK(support || (!kth && !log_min_p), "kth and log_min_p need support=True");
   const TargetSpec spec{target_offset, skip_index.has_value(), skip_index.value_or(0)};
   const Transform transform = checked_transform(inv_temperature, softcap);
+  const float* row_inv_t = checked_row_inv_temperature(row_inv_temperature, n_rows);
   auto ptr = [](const std::optional<at::Tensor>& t) {
     return t ? t->const_data_ptr<float>() : nullptr;
   };
+  const SupportArgs support_args = checked_support(nullptr, kth, log_min_p, n_rows);
   dispatch_float(x.scalar_type(), "logits", [&](auto tag) {
     using scalar_t = decltype(tag);
-    dispatch_kind(transform, [&](auto kind) {
+    dispatch_kind(kind_of(transform, row_inv_t), [&](auto kind) {
       constexpr Kind kKind = decltype(kind)::value;
-      auto run = grad_entropy ? grad_rows<scalar_t, kKind, true>
-                              : grad_rows<scalar_t, kKind, false>;
+      auto run = grad_entropy ? (support ? grad_rows<scalar_t, kKind, true, true>
+                                         : grad_rows<scalar_t, kKind, true, false>)
+                              : (support ? grad_rows<scalar_t, kKind, false, true>
+                                         : grad_rows<scalar_t, kKind, false, false>);
       run(x.const_data_ptr<scalar_t>(), layout, grad_out.mutable_data_ptr<scalar_t>(),
           grad_layout, n_rows, x.size(-1), targets.const_data_ptr<int64_t>(), spec, transform,
-          ptr(row_max), lse.const_data_ptr<float>(), ptr(entropy), ptr(grad_logprobs),
-          ptr(grad_entropy));
+          row_inv_t, support_args, ptr(row_max), lse.const_data_ptr<float>(), ptr(entropy),
+          ptr(grad_logprobs), ptr(grad_entropy));
     });
   });
 }

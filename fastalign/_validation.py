@@ -268,3 +268,55 @@ def check_same_shape(names_and_tensors, what: str) -> None:
         if tensor.shape != first.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {first_name} has "
                              f"{tuple(first.shape)}; they must match ({what})")
+
+
+def check_sampler(top_k, min_p, top_p) -> None:
+    """The sampler options of the log-prob ops (Hugging Face's warpers' ranges): ``top_k`` None
+    or an int >= 1, ``min_p`` None or a number in (0, 1], ``top_p`` None or 1.0 (no filtering;
+    anything else is refused, saying why)."""
+    check_int("top_k", top_k, low=1, allow_none=True,
+              why="keep each row's top_k most likely tokens, ties with the k-th kept")
+    check_number("min_p", min_p, low=0.0, high=1.0, low_open=True, allow_none=True,
+                 why="keep the tokens with p >= min_p * max p")
+    no_filter = (top_p is None or (not isinstance(top_p, bool) and isinstance(top_p, numbers.Real)
+                                   and top_p == 1.0))
+    if not no_filter:
+        raise ValueError(
+            f"top_p={top_p!r} is not supported: exact top-p (nucleus) filtering needs each row's "
+            "probabilities sorted (the cumulative mass up to each token), which is not "
+            "expressible in at most two extra passes over the vocabulary; use min_p and/or top_k "
+            "instead (top_p=None or 1.0 means no filtering)")
+
+
+def check_row_temperature(value, leading_shape, device: torch.device, source: str) -> None:
+    """``temperature``: a number (``check_temperature``) or a float tensor of one temperature
+    per row, shaped ``[...]`` = ``source.shape[:-1]`` or ``[N]`` (the rows flattened), on
+    ``source``'s device. Its values (finite, in ``SCALE_RANGE``) are checked where that costs no
+    GPU sync: on CPU, and on CUDA when ``FASTALIGN_CHECK_TARGETS=1``."""
+    if not isinstance(value, torch.Tensor):
+        check_temperature(value)
+        return
+    leading_shape = tuple(leading_shape)
+    n_rows = math.prod(leading_shape)
+    if not value.is_floating_point():
+        raise TypeError(f"temperature must be a number or a floating-point tensor of one "
+                        f"temperature per row, got a {value.dtype} tensor; use temperature.float()")
+    if tuple(value.shape) != leading_shape and tuple(value.shape) != (n_rows,):
+        raise ValueError(
+            f"temperature has shape {tuple(value.shape)} but a tensor of temperatures must have "
+            f"one per row: shape {source}.shape[:-1] = {leading_shape} or [N] = ({n_rows},) "
+            "(pass a Python float for one temperature)")
+    if value.device != device:
+        raise ValueError(f"{source} is on {device} but temperature is on {value.device}; "
+                         "move both to the same device")
+    if torch.compiler.is_compiling():
+        return
+    if value.device.type == "cpu" or os.environ.get(CHECK_TARGETS_ENV) == "1":
+        low, high = SCALE_RANGE
+        bad = ~((value >= low) & (value <= high))  # NaN fails both comparisons
+        if bool(bad.any()):
+            first = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"temperature holds {int(bad.sum())} value(s) outside [{low:.3g}, {high:.3g}] "
+                f"(each temperature and its reciprocal scale float32 values; temperatures are "
+                f"positive); the first is {float(value[first])!r} at position {first}")

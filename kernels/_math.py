@@ -34,6 +34,24 @@ def fp_fusion(has_softcap: bool) -> dict:
     return {"enable_fp_fusion": not has_softcap}
 
 
+def sampler_args(inv_temperature, support, fallback):
+    """The launch arguments of a per-row temperature (a float32 ``[N]`` tensor, else a float)
+    and the sampler's ``support`` (``fastalign.ops._sampler.Support`` or None): the pointers
+    ``(1 / T, row max, k-th value)`` (``fallback`` where absent), the scalars and the constexpr
+    flags."""
+    per_row = not isinstance(inv_temperature, (int, float))  # a float32 [N] tensor
+    kth = None if support is None else support.kth
+    log_min_p = None if support is None else support.log_min_p
+    pointers = (inv_temperature if per_row else fallback,
+                fallback if support is None or support.row_max is None else support.row_max,
+                fallback if kth is None else kth)
+    scalars = dict(inv_temperature=1.0 if per_row else inv_temperature,
+                   log_min_p=0.0 if log_min_p is None else log_min_p)
+    flags = dict(ROW_TEMPERATURE=per_row, SUPPORT=support is not None,
+                 HAS_TOP_K=kth is not None, HAS_MIN_P=log_min_p is not None)
+    return pointers, scalars, flags
+
+
 # tanh's Taylor coefficients (x, x^3, ..., x^13): used below |x| = 0.4, where the next term
 # (1.5e-3 x^15) is under 1e-9 relative. Globals a jit function reads must be constexpr.
 _T3 = tl.constexpr(-1.0 / 3.0)
@@ -80,3 +98,19 @@ def softcap_grad(key, softcap):
     """d softcap(z) / dz = 1 - tanh(z / s)^2, from the key ``s * tanh(z / s)`` itself."""
     t = key / softcap
     return 1.0 - t * t
+
+
+@triton.jit
+def in_support(z, key, row_max, kth, log_min_p, inv_temperature,
+               HAS_TOP_K: tl.constexpr, HAS_MIN_P: tl.constexpr):
+    """The sampler's support (fastalign/ops/_sampler.py; at least one bound given): the raw
+    logit ``z >= kth`` (top-k, ties kept) and ``(key - max) / T >= log(min_p)`` (min-p), the
+    same difference every pass takes. ``row_max``, ``kth`` and ``inv_temperature`` broadcast
+    against ``z`` (a row's scalars, or ``[BLOCK_N, 1]`` columns)."""
+    if HAS_TOP_K:
+        kept = z >= kth
+        if HAS_MIN_P:
+            kept = kept & ((key - row_max) * inv_temperature >= log_min_p)
+    else:
+        kept = (key - row_max) * inv_temperature >= log_min_p
+    return kept

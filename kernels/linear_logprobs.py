@@ -17,6 +17,12 @@ slice buffer that ``fastalign.ops._linear_backward`` feeds to two cuBLAS matmuls
 dWeight). That slice is a buffer of about ``GRAD_TILE_ELEMENTS`` (never ``N * V``); a backward
 that accumulates dHidden and dWeight straight from registers would drop it and is not written.
 
+The sampler's support (``SUPPORT``: fastalign/ops/_sampler.py) reruns the forward from each
+row's known max with the keys of removed columns set to -inf; the backward writes 0 there; its
+k-th largest logit comes from ``linear_logits_tile``, tiles formed by the same ``_logits_tile``
+with the backward's tiling, so every pass sees a column with the same value (a column's
+membership must not change between passes). ``ROW_TEMPERATURE``: ``1 / T`` per row.
+
 Offsets are int64: ``V * D`` passes 2**31 for a 256k vocabulary at D = 8192.
 """
 
@@ -27,7 +33,8 @@ import triton
 import triton.language as tl
 
 from ._interpreter import INTERPRETED
-from ._math import FINITE_MIN, LOG_P_FLOOR, fp_fusion, logit_key, scaled_delta, softcap_grad
+from ._math import (FINITE_MIN, LOG_P_FLOOR, fp_fusion, in_support, logit_key, sampler_args,
+                    scaled_delta, softcap_grad)
 
 # One default per kernel, read at call time (tests shrink them to cover tails). The best of
 # bench/tune_linear_logprobs.py's sweep on an H100 (bench/results/tune_linear_logprobs_cuda.csv:
@@ -75,22 +82,42 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mas
 
 
 @triton.jit
+def _row_inv_temperature(inv_temperature_ptr, inv_temperature, rows, row_mask,
+                         ROW_TEMPERATURE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``1 / T`` of each row of a tile, ``[BLOCK_N]``: loaded per row, or the one value."""
+    if ROW_TEMPERATURE:
+        inv_t = tl.load(inv_temperature_ptr + rows, mask=row_mask, other=1.0)
+    else:
+        inv_t = tl.zeros((BLOCK_N,), dtype=tl.float32) + inv_temperature
+    return inv_t
+
+
+@triton.jit
 def _linear_logprobs_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
     row_max_ptr, sum_exp_ptr, sum_exp_shifted_ptr, target_logit_ptr,
-    key_sum_ptr, sum_sq_exp_ptr, max_before_ptr,
-    n_rows, vocab_size, hidden_dim, cols_per_split, inv_temperature, softcap,
+    key_sum_ptr, sum_sq_exp_ptr, max_before_ptr, inv_temperature_ptr, support_max_ptr, kth_ptr,
+    n_rows, vocab_size, hidden_dim, cols_per_split, inv_temperature, softcap, log_min_p,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
-    ROW_STATS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROW_STATS: tl.constexpr, ROW_TEMPERATURE: tl.constexpr, SUPPORT: tl.constexpr,
+    HAS_TOP_K: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    inv_t = _row_inv_temperature(inv_temperature_ptr, inv_temperature, rows, row_mask,
+                                 ROW_TEMPERATURE, BLOCK_N)
     # Maxes of the keys (softcap(z), before the temperature: _math) start at the most negative
     # float, not -inf, so key - max is never -inf - -inf.
     running_max = tl.full((BLOCK_N,), FINITE_MIN, dtype=tl.float32)
+    kth = running_max
+    if SUPPORT:  # the rows' maxes are known: every kept key lies at or below them
+        running_max = tl.load(support_max_ptr + rows, mask=row_mask, other=0.0)
+        if HAS_TOP_K:
+            kth = tl.load(kth_ptr + rows, mask=row_mask, other=0.0)
     sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sum_exp_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -107,12 +134,15 @@ def _linear_logprobs_forward_kernel(
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask,
                          hidden_dim, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         key = tl.where(col_mask[None, :], logit_key(z, softcap, HAS_SOFTCAP), -float("inf"))
+        if SUPPORT:  # removed columns (a removed target too) read as -inf
+            key = tl.where(in_support(z, key, running_max[:, None], kth[:, None], log_min_p,
+                                      inv_t[:, None], HAS_TOP_K, HAS_MIN_P), key, -float("inf"))
         is_target = (cols[None, :] == targets[:, None]) & col_mask[None, :]
         target_logit += tl.sum(tl.where(is_target, key, 0.0), axis=1)
         new_max = tl.maximum(running_max, tl.max(key, axis=1))
-        delta = scaled_delta(running_max, new_max, inv_temperature)
+        delta = scaled_delta(running_max, new_max, inv_t)
         rescale = tl.exp(delta)
-        shifted = (key - new_max[:, None]) * inv_temperature
+        shifted = (key - new_max[:, None]) * inv_t[:, None]
         p = tl.exp(shifted)
         if RETURN_ENTROPY:
             # Relative to the running max, so large logits do not cancel; exp(d) * d is 0 for
@@ -143,10 +173,12 @@ def _linear_logprobs_forward_kernel(
 @triton.jit
 def _linear_logprobs_grad_tile_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr, stats_ptr, entropy_ptr,
-    grad_logprobs_ptr, grad_entropy_ptr, grad_tile_ptr,
-    n_rows, col_start, n_cols, hidden_dim, inv_temperature, softcap,
+    grad_logprobs_ptr, grad_entropy_ptr, grad_tile_ptr, inv_temperature_ptr, kth_ptr,
+    n_rows, col_start, n_cols, hidden_dim, inv_temperature, softcap, log_min_p,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LOGPROB_GRAD: tl.constexpr,
-    HAS_ENTROPY_GRAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr, ROW_TEMPERATURE: tl.constexpr, SUPPORT: tl.constexpr,
+    HAS_TOP_K: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -161,7 +193,9 @@ def _linear_logprobs_grad_tile_kernel(
     row_max = tl.load(stats_ptr + 2 * rows, mask=row_mask, other=0.0)
     log_sum = tl.load(stats_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
     key = logit_key(z, softcap, HAS_SOFTCAP)
-    log_p = (key - row_max[:, None]) * inv_temperature - log_sum[:, None]
+    inv_t = _row_inv_temperature(inv_temperature_ptr, inv_temperature, rows, row_mask,
+                                 ROW_TEMPERATURE, BLOCK_N)
+    log_p = (key - row_max[:, None]) * inv_t[:, None] - log_sum[:, None]
     # The forward formed this tile with other tiles and splits: a logit an ulp above the max
     # it saved would give log p > 0, and p > 1 once a tiny T scales it. log p <= 0 holds
     # exactly; NaN (an invalid target's row) fails the comparison and stays.
@@ -177,11 +211,34 @@ def _linear_logprobs_grad_tile_kernel(
         go_ent = tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0)
         row_entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
         grad += go_ent[:, None] * p * (-tl.maximum(log_p, LOG_P_FLOOR) - row_entropy[:, None])
-    grad *= inv_temperature
+    grad *= inv_t[:, None]
     if HAS_SOFTCAP:
         grad *= softcap_grad(key, softcap)
+    if SUPPORT:  # p = 0 off the sampler's support (a removed target's go_lp is 0 already)
+        kth = row_max
+        if HAS_TOP_K:
+            kth = tl.load(kth_ptr + rows, mask=row_mask, other=0.0)
+        grad = tl.where(in_support(z, key, row_max[:, None], kth[:, None], log_min_p,
+                                   inv_t[:, None], HAS_TOP_K, HAS_MIN_P), grad, 0.0)
     tl.store(grad_tile_ptr + rows[:, None] * n_cols + tile_cols[None, :],
              grad.to(grad_tile_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _linear_logits_tile_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, tile_ptr, n_rows, col_start, n_cols, hidden_dim,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < n_rows
+    col_mask = tile_cols < n_cols
+    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, col_start + tile_cols, row_mask,
+                     col_mask, hidden_dim, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V,
+                     BLOCK_D)
+    tl.store(tile_ptr + rows[:, None] * n_cols + tile_cols[None, :], z,
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,10 +289,13 @@ def tile_cols(n_rows: int, vocab_size: int) -> int:
 
 
 def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
-                             return_entropy, return_row_stats=False):
-    """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_partials``."""
+                             return_entropy, return_row_stats=False, support=None):
+    """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_partials``. With
+    the sampler's ``support`` it runs with the backward's tiling, as ``linear_logits_tile``
+    does: the three form every logit alike, so a column's membership never differs."""
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    block_n, block_v, block_d, num_warps, num_stages = _tiles("FORWARD", hidden)
+    block_n, block_v, block_d, num_warps, num_stages = _tiles(
+        "FORWARD" if support is None else "GRAD", hidden)
     row_tiles = max(1, triton.cdiv(n_rows, block_n))
     vocab_tiles = triton.cdiv(vocab_size, block_v)
     # Enough splits to fill the GPU when there are few token tiles, each a whole number of tiles.
@@ -249,14 +309,16 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
     target_logit = torch.empty(n_splits, n_rows, **new)
     row_stats = tuple(torch.empty(n_splits, n_rows, **new) for _ in range(3)) \
         if return_row_stats else None
+    pointers, scalars, flags = sampler_args(inv_temperature, support, sum_exp)
     if n_rows > 0:
         _linear_logprobs_forward_kernel[(row_tiles, n_splits)](
             hidden, weight, hidden if bias is None else bias, targets,
             row_max, sum_exp, sum_exp if sum_exp_shifted is None else sum_exp_shifted,
-            target_logit, *(row_stats or (sum_exp,) * 3), n_rows, vocab_size, hidden.shape[1],
-            cols_per_split, inv_temperature, 1.0 if softcap is None else softcap,
+            target_logit, *(row_stats or (sum_exp,) * 3), *pointers, n_rows, vocab_size,
+            hidden.shape[1], cols_per_split, scalars["inv_temperature"],
+            1.0 if softcap is None else softcap, scalars["log_min_p"],
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            RETURN_ENTROPY=return_entropy, ROW_STATS=return_row_stats,
+            RETURN_ENTROPY=return_entropy, ROW_STATS=return_row_stats, **flags,
             **_dot_options(hidden.dtype),
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
             num_warps=num_warps, num_stages=num_stages, **fp_fusion(softcap is not None),
@@ -265,23 +327,46 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
 
 
 def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
-                              grad_entropy, start: int, end: int, *, inv_temperature, softcap):
+                              grad_entropy, start: int, end: int, *, inv_temperature, softcap,
+                              support=None):
     """Same contract as ``fastalign.ops.linear_logprobs_torch.linear_logprobs_grad_tile``."""
     n_rows, n_cols = hidden.shape[0], end - start
     grad_tile = torch.empty(n_rows, n_cols, device=hidden.device, dtype=hidden.dtype)
     block_n, block_v, block_d, num_warps, num_stages = _tiles("GRAD", hidden)
     grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_v))
+    (inv_temperature_ptr, _, kth_ptr), scalars, flags = sampler_args(inv_temperature, support,
+                                                                     stats)
     _linear_logprobs_grad_tile_kernel[grid](
         hidden, weight, hidden if bias is None else bias, targets, stats,
         stats if entropy is None else entropy,
         stats if grad_logprobs is None else grad_logprobs,
-        stats if grad_entropy is None else grad_entropy, grad_tile,
-        n_rows, start, n_cols, hidden.shape[1], inv_temperature,
-        1.0 if softcap is None else softcap,
+        stats if grad_entropy is None else grad_entropy, grad_tile, inv_temperature_ptr, kth_ptr,
+        n_rows, start, n_cols, hidden.shape[1], scalars["inv_temperature"],
+        1.0 if softcap is None else softcap, scalars["log_min_p"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         HAS_LOGPROB_GRAD=grad_logprobs is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
-        **_dot_options(hidden.dtype),
+        **flags, **_dot_options(hidden.dtype),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages, **fp_fusion(softcap is not None),
     )
     return grad_tile
+
+
+def linear_logits_tile(hidden, weight, bias, start: int, end: int):
+    """``hidden @ weight[start:end].T + bias[start:end]``: a float32 ``[N, end - start]`` tile
+    formed as the backward's kernel (and the sampler's forward) form it, for the sampler's
+    k-th value (fastalign/ops/_sampler.py). ``start`` is a multiple of ``GRAD_BLOCK_V`` (a
+    ``tile_cols`` slice), so its blocks are theirs."""
+    n_rows, n_cols = hidden.shape[0], end - start
+    tile = torch.empty(n_rows, n_cols, device=hidden.device, dtype=torch.float32)
+    if n_rows == 0:
+        return tile
+    block_n, block_v, block_d, num_warps, num_stages = _tiles("GRAD", hidden)
+    grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_v))
+    _linear_logits_tile_kernel[grid](
+        hidden, weight, hidden if bias is None else bias, tile, n_rows, start, n_cols,
+        hidden.shape[1], HAS_BIAS=bias is not None, **_dot_options(hidden.dtype),
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return tile

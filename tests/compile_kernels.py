@@ -28,7 +28,7 @@ from fastalign.kernels import divergence, linear_logprobs, policy, token_logprob
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_SCALARS = {"inv_temperature", "softcap", "teacher_softcap", "beta", "one_minus_beta",
-                 "clip_low", "clip_high", "dual_clip", "kl_coef"}
+                 "clip_low", "clip_high", "dual_clip", "kl_coef", "log_min_p"}
 WIDE_SCALARS = {"stride_outer", "teacher_stride_outer", "grad_stride_outer"}  # can pass 2**31
 # Pointers to the inputs' dtype; every other pointer is float32 (statistics) or int64 (ids).
 INPUT_POINTERS = {"hidden_ptr", "weight_ptr", "bias_ptr", "grad_tile_ptr", "logits_ptr",
@@ -76,6 +76,11 @@ def compile_variant(fn, constexprs: dict, dtype="bf16", weight_dtype=None, num_w
     return f"shared {kernel.metadata.shared // 1024} KiB, pipelined {pipelined}"
 
 
+def sampler_flags(on: bool) -> dict:
+    """The per-row temperature and the sampler's support (top-k and min-p), all on or off."""
+    return dict(ROW_TEMPERATURE=on, SUPPORT=on, HAS_TOP_K=on, HAS_MIN_P=on)
+
+
 def variants():
     """(name, kernel, constexprs, dtype, weight dtype): each kernel with no optional feature and
     with all of them, in the dtype pairs that ship (bf16 activations with fp32 weights is
@@ -86,12 +91,18 @@ def variants():
                    BLOCK_V=linear_logprobs.FORWARD_BLOCK_V,
                    BLOCK_D=linear_logprobs.FORWARD_BLOCK_D)
         for on in (False, True):
-            flags = dict(HAS_BIAS=on, HAS_SOFTCAP=on)
+            flags = dict(HAS_BIAS=on, HAS_SOFTCAP=on, **sampler_flags(on))
             yield ("linear forward", linear_logprobs._linear_logprobs_forward_kernel,
-                   dict(flags, RETURN_ENTROPY=on, **dot), dtype, weight_dtype)
+                   dict(flags, RETURN_ENTROPY=on, ROW_STATS=False, **dot), dtype, weight_dtype)
             yield ("linear grad tile", linear_logprobs._linear_logprobs_grad_tile_kernel,
                    dict(flags, HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=on, **dot),
                    dtype, weight_dtype)
+        # The row statistics TRL logs (never with the sampler), and the sampler's logits tiles.
+        yield ("linear forward row stats", linear_logprobs._linear_logprobs_forward_kernel,
+               dict(HAS_BIAS=False, HAS_SOFTCAP=False, RETURN_ENTROPY=True, ROW_STATS=True,
+                    **sampler_flags(False), **dot), dtype, weight_dtype)
+        yield ("linear logits tile", linear_logprobs._linear_logits_tile_kernel,
+               dict(HAS_BIAS=True, **dot), dtype, weight_dtype)
     for dtype, on in (("bf16", True), ("fp32", False)):
         caps = dict(HAS_MASK=on, HAS_SOFTCAP=on, HAS_TEACHER_SOFTCAP=on,
                     BLOCK_V=divergence.FORWARD_BLOCK_V)
@@ -108,11 +119,16 @@ def variants():
                    dtype, dtype)
         yield "divergence mixture", divergence._mixture_kernel, caps, dtype, dtype
         yield ("token forward", token_logprobs._token_logprobs_forward_kernel,
-               dict(HAS_SOFTCAP=on, RETURN_ENTROPY=on, BLOCK_V=token_logprobs.FORWARD_BLOCK_V),
-               dtype, dtype)
+               dict(HAS_SOFTCAP=on, RETURN_ENTROPY=on, BLOCK_V=token_logprobs.FORWARD_BLOCK_V,
+                    **sampler_flags(on)), dtype, dtype)
         yield ("token backward", token_logprobs._token_logprobs_backward_kernel,
                dict(HAS_SOFTCAP=on, HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=on,
-                    BLOCK_V=token_logprobs.BACKWARD_BLOCK_V), dtype, dtype)
+                    BLOCK_V=token_logprobs.BACKWARD_BLOCK_V, **sampler_flags(on)), dtype, dtype)
+        # min-p alone (the other branch of _math.in_support).
+        yield ("token forward min-p", token_logprobs._token_logprobs_forward_kernel,
+               dict(HAS_SOFTCAP=False, RETURN_ENTROPY=False, ROW_TEMPERATURE=False,
+                    SUPPORT=True, HAS_TOP_K=False, HAS_MIN_P=True,
+                    BLOCK_V=token_logprobs.FORWARD_BLOCK_V), dtype, dtype)
     for kl_kind, dual, sequence in ((0, False, False), (3, True, True), (2, True, False),
                                     (1, False, True)):
         flags = dict(HAS_DUAL_CLIP=dual, KL_KIND=kl_kind, SEQUENCE_LEVEL=sequence,

@@ -48,8 +48,9 @@ BAD_CALLS = [
      ValueError, TEMPERATURE + ", got -1.0"),
     ("nan temperature", (_logits(4, 10), _targets(4)), {"temperature": float("nan")},
      ValueError, TEMPERATURE),
+    # A tensor is one temperature per row (tests/test_errors_sampler.py), never a 0-d scalar.
     ("tensor temperature", (_logits(4, 10), _targets(4)), {"temperature": torch.tensor(1.0)},
-     ValueError, TEMPERATURE),
+     ValueError, r"temperature has shape \(\) but a tensor of temperatures must have one per row"),
     ("zero softcap", (_logits(4, 10), _targets(4)), {"softcap": 0.0},
      ValueError, SOFTCAP + ", got 0.0"),
     ("float ignore_index", (_logits(4, 10), _targets(4)), {"ignore_index": -100.0},

@@ -98,6 +98,13 @@ INVALID.update({f"{op}.beta": ([-0.1, 1.5, -INF, INF, NAN, True, torch.tensor(0.
                 for op in ("token_divergence", "linear_divergence")})
 
 
+# The log-prob ops take a tensor temperature as one per row (tests/test_errors_sampler.py checks
+# its shape and values); a 0-d tensor is refused there for its shape.
+INVALID.update({f"{op}.temperature": ([v for v in BAD_SCALES if not isinstance(v, torch.Tensor)],
+                                      INVALID["temperature"][1])
+                for op in ("token_logprobs", "linear_logprobs")})
+
+
 def _invalid(option):
     return INVALID.get(option) or INVALID[option.split(".")[1]]
 

@@ -26,11 +26,13 @@ from .. import _native
 @dataclass(frozen=True)
 class TokenLogprobsLaunchers:
     """``forward(logits, targets, layout, *, inv_temperature, softcap, ignore_index,
-    return_entropy) -> (logprobs [N], entropy [N] or None, stats [N, 2])``;
+    return_entropy, support=None) -> (logprobs [N], entropy [N] or None, stats [N, 2])``
+    (``support``: the sampler's, ops/_sampler.py; ``inv_temperature`` a float or float32
+    ``[N]``, one per row);
     ``backward(logits, targets, layout, stats, entropy, grad_logprobs, grad_entropy, grad_out,
-    grad_layout, *, inv_temperature, softcap, ignore_index)`` writes the gradient into
-    ``grad_out`` (the logits themselves with ``grad_layout = layout``, or a contiguous tensor of
-    their shape with ``layout.packed(V)``) and returns it. Layouts are
+    grad_layout, *, inv_temperature, softcap, ignore_index, support=None)`` writes the
+    gradient into ``grad_out`` (the logits themselves with ``grad_layout = layout``, or a
+    contiguous tensor of their shape with ``layout.packed(V)``) and returns it. Layouts are
     :class:`fastalign._layout.RowLayout`, as in every record."""
     forward: Callable
     backward: Callable
@@ -48,11 +50,18 @@ class LinearLogprobsLaunchers:
     the slice width ``_linear_backward`` walks (also the width of ``linear_divergence``'s
     slices). ``rounds_logits``: the tiles' logits are rounded to ``hidden``'s dtype (torch
     matmuls) rather than kept in float32 (Triton's dots); the logits of ``topk_targets``,
-    formed apart from the tiles (``_topk_targets.target_logits``), are rounded alike."""
+    formed apart from the tiles (``_topk_targets.target_logits``), are rounded alike.
+    ``logits_tile(hidden, weight, bias, start, end) -> [N, end - start]`` float32 raw logits
+    formed exactly as ``forward`` and ``backward`` form them (the sampler's k-th value,
+    ops/_sampler.py, must pick a column the other passes see with the same value).
+
+    The sampler (ops/_sampler.py) passes ``support=`` to ``forward`` and ``backward``, and
+    ``inv_temperature`` may be a float32 ``[N]`` tensor (one per row) in every launcher."""
     forward: Callable
     backward: Callable
     tile_cols: Callable
     rounds_logits: bool
+    logits_tile: Callable
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,7 @@ def _triton_linear_logprobs() -> LinearLogprobsLaunchers:
     from ..kernels import linear_logprobs as k
     return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
                                    backward=k.linear_logprobs_grad_tile, tile_cols=k.tile_cols,
-                                   rounds_logits=False)
+                                   rounds_logits=False, logits_tile=k.linear_logits_tile)
 
 
 def _native_linear_logprobs() -> LinearLogprobsLaunchers:
@@ -120,7 +129,7 @@ def _native_linear_logprobs() -> LinearLogprobsLaunchers:
     from . import linear_logprobs_native as k
     return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
                                    backward=k.linear_logprobs_grad_tile, tile_cols=_tiles.tile_cols,
-                                   rounds_logits=True)
+                                   rounds_logits=True, logits_tile=_tiles.raw_logits_tile)
 
 
 def _torch_linear_logprobs() -> LinearLogprobsLaunchers:
@@ -128,7 +137,7 @@ def _torch_linear_logprobs() -> LinearLogprobsLaunchers:
     from . import linear_logprobs_torch as k
     return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
                                    backward=k.linear_logprobs_grad_tile, tile_cols=_tiles.tile_cols,
-                                   rounds_logits=True)
+                                   rounds_logits=True, logits_tile=_tiles.raw_logits_tile)
 
 
 def _triton_divergence() -> DivergenceLaunchers:

@@ -95,9 +95,26 @@ def row_stat_slice_(keys: torch.Tensor, tile_max: torch.Tensor, local_targets: t
     max_before[index] = keys.masked_fill(~before, float("-inf")).amax(dim=1)
 
 
+def row_scale(inv_temperature):
+    """``1 / T`` as a multiplier of ``[r, c]`` blocks: None for a float 1.0 (nothing to scale),
+    the float itself, or a per-row ``[r]`` tensor as ``[r, 1]``."""
+    if isinstance(inv_temperature, torch.Tensor):
+        return inv_temperature[:, None]
+    return None if inv_temperature == 1.0 else inv_temperature
+
+
+def native_temperature(inv_temperature) -> tuple[float, torch.Tensor | None]:
+    """``(inv_temperature, row_inv_temperature)`` as the C++ entry points take them
+    (csrc/kernels.h): one float, or a per-row float32 tensor (the float then unused)."""
+    if isinstance(inv_temperature, torch.Tensor):
+        return 1.0, inv_temperature
+    return inv_temperature, None
+
+
 def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, grad_entropy,
-                 target_cols, target_grad, *, inv_temperature: float, softcap,
-                 out: torch.Tensor | None = None, cap_log_p: bool = False) -> torch.Tensor:
+                 target_cols, target_grad, *, inv_temperature, softcap,
+                 out: torch.Tensor | None = None, cap_log_p: bool = False,
+                 support=None) -> torch.Tensor:
     """Gradient of ``sum(go_lp * log p[target] + go_ent * entropy)`` w.r.t. the raw logits ``z``
     (``[r, c]`` rows, any float dtype), as float32.
 
@@ -108,23 +125,37 @@ def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, g
     Without a softcap the result is written into ``out`` when given (``z`` itself, or an fp32
     buffer); with one, ``z`` is overwritten only when ``out is z``. ``cap_log_p`` clamps
     ``log p`` at 0, for logits formed apart from the pass that found the row max (one rounding
-    above it would give p > 1).
+    above it would give p > 1). ``inv_temperature``: a float or the rows' ``[r]`` float32
+    tensor. ``support`` (``_sampler.Support``, its ``kth`` of these rows): p is renormalized
+    over the sampler's support, 0 on removed columns (``stats`` then hold the kept log-sum; a
+    removed target's upstream gradient must be 0, as the ops make it).
     """
     row_max, log_sum = stats[:, 0:1], stats[:, 1:2]
+    scale = row_scale(inv_temperature)
+    kept = None
+    if support is not None and support.kth is not None:
+        kept = z >= support.kth[:, None]  # on the raw logits, before they may be overwritten
     dz = None
     if softcap is None:
         log_p = torch.sub(z, row_max, out=out)
     else:
         tanh = z.div_(softcap).tanh_() if out is z else softcapped(z, softcap)
         # dz'/dz = (1 - tanh(z / s)^2) / T
-        dz = tanh.square().neg_().add_(1.0).mul_(inv_temperature)
+        dz = tanh.square().neg_().add_(1.0)
+        if scale is not None:
+            dz.mul_(scale)
         log_p = tanh.mul_(softcap).sub_(row_max)
     # log p = (key - max) / T - log sum, the difference taken before the scaling.
-    if inv_temperature != 1.0:
-        log_p.mul_(inv_temperature)
+    if scale is not None:
+        log_p.mul_(scale)
+    if support is not None and support.log_min_p is not None:
+        above = log_p >= support.log_min_p  # (key - M) / T, as the forward's sums test it
+        kept = above if kept is None else kept.logical_and_(above)
     log_p.sub_(log_sum)
     if cap_log_p:
         log_p.clamp_(max=0.0)
+    if kept is not None:
+        log_p.masked_fill_(~kept, float("-inf"))  # p = 0; the entropy term clamps log p
     # grad wrt z' = go_lp * (onehot - p) + go_ent * p * (-log p - entropy)
     #             = -p * (go_lp + go_ent * (log p + entropy)) + go_lp * onehot
     if grad_entropy is None:
@@ -141,6 +172,6 @@ def logits_grad_(z: torch.Tensor, stats: torch.Tensor, entropy, grad_logprobs, g
         grad.scatter_add_(1, target_cols, target_grad)
     if dz is not None:
         grad.mul_(dz)
-    elif inv_temperature != 1.0:
-        grad.mul_(inv_temperature)
+    elif scale is not None:
+        grad.mul_(scale)
     return grad

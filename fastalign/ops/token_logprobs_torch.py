@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .._layout import iter_row_chunks
-from ._tiles import FINITE_MIN, logits_grad_, softcapped, target_masks
+from ._sampler import kept_columns, row_slice
+from ._tiles import FINITE_MIN, logits_grad_, row_scale, softcapped, target_masks
 
 # ~1 MiB of fp32 per temporary: large enough that per-chunk overhead is small, small enough to
 # stay in a CPU's L2 across the several passes each chunk takes.
@@ -23,24 +24,31 @@ def _rows_per_chunk(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
-def _shifted(chunk: torch.Tensor, inv_temperature: float, softcap: float | None):
+def _shifted(chunk: torch.Tensor, inv_temperature, softcap: float | None, row_max=None):
     """((key - max key) / T, max key) per row, with key = softcap(z) (z itself without a softcap,
     fastalign/kernels/_math.py): the max is subtracted before the temperature scales, so no
     ``z / T`` is formed (it would overflow for a tiny T, round at |z / T| for a large z).
-    The first is a fresh fp32 tensor the caller may overwrite."""
+    The first is a fresh fp32 tensor the caller may overwrite. ``inv_temperature``: a float or
+    the chunk's ``[r]`` tensor; ``row_max`` ``[r, 1]``: the max key when known (the sampler's
+    second pass)."""
     if softcap is None:
         # No copy of the logits: a bf16/fp16 chunk minus an fp32 max computes in fp32.
-        row_max = chunk.amax(dim=1, keepdim=True).float().clamp_(min=FINITE_MIN)
+        if row_max is None:
+            row_max = chunk.amax(dim=1, keepdim=True).float().clamp_(min=FINITE_MIN)
         shifted = torch.sub(chunk, row_max)
     else:
         keys = softcapped(chunk, softcap).mul_(softcap)
-        row_max = keys.amax(dim=1, keepdim=True).clamp_(min=FINITE_MIN)
+        if row_max is None:
+            row_max = keys.amax(dim=1, keepdim=True).clamp_(min=FINITE_MIN)
         shifted = keys.sub_(row_max)
-    return (shifted.mul_(inv_temperature) if inv_temperature != 1.0 else shifted), row_max
+    scale = row_scale(inv_temperature)
+    return (shifted if scale is None else shifted.mul_(scale)), row_max
 
 
 def token_logprobs_forward(logits, targets, layout, *,
-                           inv_temperature, softcap, ignore_index, return_entropy):
+                           inv_temperature, softcap, ignore_index, return_entropy, support=None):
+    """``support`` (``_sampler.Support``): sums over each row's sampler support only, relative
+    to its known max; a target outside it gets -inf."""
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
     ignored, safe_targets, nan_if_invalid = target_masks(targets, vocab_size, ignore_index)
     logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
@@ -49,7 +57,12 @@ def token_logprobs_forward(logits, targets, layout, *,
 
     for start, chunk in iter_row_chunks(logits, layout, _rows_per_chunk(vocab_size)):
         rows = slice(start, start + chunk.shape[0])
-        shifted, row_max = _shifted(chunk, inv_temperature, softcap)
+        shifted, row_max = _shifted(
+            chunk, row_slice(inv_temperature, rows), softcap,
+            None if support is None else support.row_max[rows, None])
+        if support is not None:
+            kept = kept_columns(chunk, shifted, row_slice(support.kth, rows), support.log_min_p)
+            shifted.masked_fill_(~kept, float("-inf"))  # removed columns: p = 0
         target_shifted = shifted.gather(1, safe_targets[rows, None]).squeeze(1)
         if return_entropy:
             p = shifted.exp()
@@ -72,7 +85,7 @@ def token_logprobs_forward(logits, targets, layout, *,
 
 def token_logprobs_backward(logits, targets, layout, stats, entropy, grad_logprobs,
                             grad_entropy, grad_out, grad_layout, *,
-                            inv_temperature, softcap, ignore_index):
+                            inv_temperature, softcap, ignore_index, support=None):
     vocab_size = logits.shape[-1]
     ignored, safe_targets, _ = target_masks(targets, vocab_size, ignore_index)
     rows_per_chunk = _rows_per_chunk(vocab_size)
@@ -87,9 +100,15 @@ def token_logprobs_backward(logits, targets, layout, stats, entropy, grad_logpro
         grad = logits_grad_(
             chunk, stats[rows], None if entropy is None else entropy[rows], go_lp,
             None if grad_entropy is None else grad_entropy[rows], safe_targets[rows], go_lp,
-            inv_temperature=inv_temperature, softcap=softcap,
-            out=grad_chunk if grad_chunk.dtype == torch.float32 else None)
+            inv_temperature=row_slice(inv_temperature, rows), softcap=softcap,
+            out=grad_chunk if grad_chunk.dtype == torch.float32 else None,
+            support=None if support is None else _rows_of(support, rows))
         grad.masked_fill_(ignored[rows, None], 0.0)
         if grad is not grad_chunk:
             grad_chunk.copy_(grad)
     return grad_out
+
+
+def _rows_of(support, rows: slice):
+    """The support of a chunk of rows (the backward reads the max from the statistics)."""
+    return type(support)(None, row_slice(support.kth, rows), support.log_min_p)
