@@ -83,10 +83,12 @@ def token_call(spec: dict, device: torch.device):
 
 
 # The fused-linear ops: log-probs and KL from hidden states and heads (bench_linear_logprobs.py).
-LINEAR_PROVIDERS = {"logprobs": ("torch_eager", "trl", "liger", "cce", "fastalign"),
+LINEAR_PROVIDERS = {"logprobs": ("torch_eager", "trl", "liger", "cce", "fastalign",
+                                 "fastalign_min_p", "fastalign_top_k"),
                     "kl": ("torch_eager", "trl", "liger", "fastalign")}
 CUDA_ONLY = ("liger", "cce")  # Triton kernels without a CPU path
 TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+SAMPLER_MIN_P, SAMPLER_TOP_K = 0.05, 50  # the sampler-aware providers' settings
 
 
 def eager_linear_logprobs(hidden, weight, targets):
@@ -152,6 +154,10 @@ def linear_op(op: str, provider: str, device: torch.device):
     if provider == "cce":
         from cut_cross_entropy import linear_cross_entropy
         return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none").float()
+    if provider == "fastalign_min_p":  # renormalized over a min-p sampler's support
+        return lambda h, w, t: fastalign.linear_logprobs(h, w, t, min_p=SAMPLER_MIN_P)
+    if provider == "fastalign_top_k":  # renormalized over a top-k sampler's support
+        return lambda h, w, t: fastalign.linear_logprobs(h, w, t, top_k=SAMPLER_TOP_K)
     return fastalign.linear_logprobs
 
 
