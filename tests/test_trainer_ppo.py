@@ -246,3 +246,38 @@ def test_evaluate_scores_greedy_held_out_completions(tmp_path):
         PPOTrainer(small_policy(0), tokenizer, config, RL_PROMPTS[:2], LowercaseReward(),
                    eval_reward_funcs=["correct_answer"])
 
+
+
+def test_the_policy_loss_options_with_bf16_rollouts(tmp_path):
+    """PPO with an entropy bonus and rollout correction against a bf16 sampler: the policy
+    part of the step loss equals policy_loss on float64 log-probs and entropies with the
+    sampler's own log-probs, and the precision mismatch is measured."""
+    from fastalign.losses import policy_loss
+    torch.manual_seed(0)
+    policy = small_policy(0)
+    config = PPOConfig(output_dir=str(tmp_path), batch_size=4, mini_batch_size=2,
+                       max_new_tokens=8, temperature=0.8, entropy_coef=0.05,
+                       rollout_correction="token_truncate", rollout_clip_max=1.01,
+                       rollout_dtype="bf16", progress=False)
+    trainer = PPOTrainer(policy, byte_tokenizer(), config, RL_PROMPTS, small_reward_model())
+    experience = trainer.rollout(RL_PROMPTS)
+    rollouts, mask = experience.rollouts, experience.mask
+    assert rollouts.sampler_logprobs is not None
+    _perturb(policy, scale=0.05)
+    rows = torch.tensor([1, 2])
+    _, metrics = trainer.compute_loss((experience, rows))
+    exact = copy.deepcopy(policy).double()
+    hidden = exact.model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
+                         position_ids=rollouts.position_ids).last_hidden_state
+    logp = torch.log_softmax(exact.lm_head(hidden)[:, :-1] / 0.8, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    logprobs = logp.gather(-1, rollouts.input_ids[:, 1:, None]).squeeze(-1)
+    expected, expected_metrics = policy_loss(
+        logprobs[rows], rollouts.old_logprobs.double()[rows],
+        experience.advantages.double()[rows], mask[rows], entropy=entropy[rows],
+        rollout_logprobs=rollouts.sampler_logprobs.double()[rows],
+        **config.policy_loss_options(aggregation="token_mean"))
+    assert metrics["policy_loss"].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
+    assert metrics["rollout/mismatch_kl"] > 0
+    assert metrics["rollout/corrected_fraction"] == pytest.approx(
+        expected_metrics["rollout/corrected_fraction"].item())
