@@ -18,6 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "want_entropy"_a);
   m.def("divergence_mixture", &fastalign::divergence_mixture, "logits"_a, "layout"_a,
         "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a, "spec"_a);
+  m.def("divergence_mixture_grad", &fastalign::divergence_mixture_grad, "logits"_a, "layout"_a,
+        "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a,
+        "grad_divergence"_a, "spec"_a);
   m.def("divergence_grad", &fastalign::divergence_grad, "logits"_a, "layout"_a,
         "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a,
         "grad_divergence"_a, "grad_entropy"_a, "grad_out"_a, "grad_layout"_a, "spec"_a);

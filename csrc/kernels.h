@@ -47,6 +47,15 @@ at::Tensor divergence_mixture(const at::Tensor& logits, const LayoutArg& layout,
                               int64_t n_rows, const std::optional<at::Tensor>& mask,
                               const at::Tensor& stats, const SpecArg& spec);
 
+// The JSD's second pass (as divergence_mixture, whose [2, n_rows] sums it returns) and the
+// gradient of go_div * divergence w.r.t. the logits (jsd_grad.cpp): whole rows of float32
+// logits, which the gradient overwrites; teacher_logits is overwritten with scratch values.
+at::Tensor divergence_mixture_grad(const at::Tensor& logits, const LayoutArg& layout,
+                                   const at::Tensor& teacher_logits,
+                                   const LayoutArg& teacher_layout, int64_t n_rows,
+                                   const std::optional<at::Tensor>& mask, const at::Tensor& stats,
+                                   const at::Tensor& grad_divergence, const SpecArg& spec);
+
 // Writes d(go_div * divergence + go_ent * entropy)/dlogits into grad_out (the logits' dtype; may
 // be the logits themselves) from the merged [n_rows, 6] statistics; either upstream gradient
 // may be absent; masked rows get 0.
