@@ -66,6 +66,10 @@ void divergence_grad(const at::Tensor& logits, const LayoutArg& layout,
                      const std::optional<at::Tensor>& grad_entropy, const at::Tensor& grad_out,
                      const LayoutArg& grad_layout, const SpecArg& spec);
 
+// [n_rows] int64: each row's torch.argmax of a contiguous [n_rows, V] float32 tensor (the first
+// maximal column, the first NaN where a row has one), one vectorized pass (row_argmax.cpp).
+at::Tensor row_argmax(const at::Tensor& x);
+
 // A contiguous CPU tensor for a gradient: from at::empty below 32 MiB, else from a huge-page
 // block that (with reuse) is kept when the tensor is freed and handed to the next gradient of
 // a fitting size (buffers.cpp says why).

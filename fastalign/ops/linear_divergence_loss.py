@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .._layout import RowLayout
-from ._backends import divergence_launchers, token_logprobs_launchers
+from ._backends import divergence_launchers, row_argmax, token_logprobs_launchers
 from ._vocab_stats import merge_divergence_partials, merge_mixture_partials
 from .linear_loss import _NO_TARGET, _logits, accumulate_head_grads
 
@@ -111,7 +111,8 @@ def run(student: tuple, teacher: tuple, plan: DistillPlan, *, need: tuple[bool, 
         teacher_tile = _logits(teacher[0].index_select(0, index), teacher[1], teacher[2],
                                buffers[1][:len(index)])
         # What reads the logits comes first: the divergence's gradient is written over them.
-        agreement.index_copy_(0, index, (tile.argmax(1) == teacher_tile.argmax(1)).float())
+        top1 = [row_argmax(t, plan.backend) for t in (tile, teacher_tile)]
+        agreement.index_copy_(0, index, (top1[0] == top1[1]).float())
         label_grad = None
         if labelled:
             targets = plan.targets.index_select(0, index).long()
