@@ -21,9 +21,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "want_entropy"_a);
   m.def("divergence_mixture", &fastalign::divergence_mixture, "logits"_a, "layout"_a,
         "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a, "spec"_a);
+  m.def("divergence_mixture_grad", &fastalign::divergence_mixture_grad, "logits"_a, "layout"_a,
+        "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a,
+        "grad_divergence"_a, "spec"_a);
   m.def("divergence_grad", &fastalign::divergence_grad, "logits"_a, "layout"_a,
         "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a,
         "grad_divergence"_a, "grad_entropy"_a, "grad_out"_a, "grad_layout"_a, "spec"_a);
+  m.def("row_argmax", &fastalign::row_argmax, "x"_a);
   m.def("empty_gradient", &fastalign::empty_gradient, "sizes"_a, "dtype"_a, "reuse"_a);
   m.def("release_gradient_buffers", &fastalign::release_gradient_buffers);
   m.def("kept_gradient_bytes", &fastalign::kept_gradient_bytes);

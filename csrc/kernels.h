@@ -58,6 +58,15 @@ at::Tensor divergence_mixture(const at::Tensor& logits, const LayoutArg& layout,
                               int64_t n_rows, const std::optional<at::Tensor>& mask,
                               const at::Tensor& stats, const SpecArg& spec);
 
+// The JSD's second pass (as divergence_mixture, whose [2, n_rows] sums it returns) and the
+// gradient of go_div * divergence w.r.t. the logits (jsd_grad.cpp): whole rows of float32
+// logits, which the gradient overwrites; teacher_logits is overwritten with scratch values.
+at::Tensor divergence_mixture_grad(const at::Tensor& logits, const LayoutArg& layout,
+                                   const at::Tensor& teacher_logits,
+                                   const LayoutArg& teacher_layout, int64_t n_rows,
+                                   const std::optional<at::Tensor>& mask, const at::Tensor& stats,
+                                   const at::Tensor& grad_divergence, const SpecArg& spec);
+
 // Writes d(go_div * divergence + go_ent * entropy)/dlogits into grad_out (the logits' dtype; may
 // be the logits themselves) from the merged [n_rows, 6] statistics; either upstream gradient
 // may be absent; masked rows get 0.
@@ -67,6 +76,10 @@ void divergence_grad(const at::Tensor& logits, const LayoutArg& layout,
                      const at::Tensor& stats, const std::optional<at::Tensor>& grad_divergence,
                      const std::optional<at::Tensor>& grad_entropy, const at::Tensor& grad_out,
                      const LayoutArg& grad_layout, const SpecArg& spec);
+
+// [n_rows] int64: each row's torch.argmax of a contiguous [n_rows, V] float32 tensor (the first
+// maximal column, the first NaN where a row has one), one vectorized pass (row_argmax.cpp).
+at::Tensor row_argmax(const at::Tensor& x);
 
 // A contiguous CPU tensor for a gradient: from at::empty below 32 MiB, else from a huge-page
 // block that (with reuse) is kept when the tensor is freed and handed to the next gradient of

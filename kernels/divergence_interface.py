@@ -4,7 +4,7 @@ per-slice statistics, the columns of the per-row statistics the second pass and 
 read, and the math options every launcher takes as one :class:`DivergenceSpec`.
 
 Plain Python, without triton, so that ``fastalign.ops`` (which must import where triton is not
-installed) uses the numbers the kernels are compiled with; ``csrc/divergence.cpp`` repeats them
+installed) uses the numbers the kernels are compiled with; ``csrc/divergence.h`` repeats them
 with a pointer back here.
 
 ``beta`` follows TRL's ``DistillationTrainer``: 0 is the forward KL(p_t || p_s), 1 the reverse

@@ -268,6 +268,30 @@ def test_nan_logits_poison_only_their_row(monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_row_argmax_is_torchs(vocab):
+    """The first maximal column, across and within blocks and in the tail; the first NaN
+    wherever it lies; +inf; a row of only -inf (column 0)."""
+    x = torch.randn(12, vocab, generator=torch.Generator().manual_seed(vocab))
+    last = vocab - 1
+    x[1, [3, last]] = 50.0  # a tie across blocks: the first
+    x[2, [last - 1, last]] = 50.0  # a tie in the tail
+    x[3, 0] = float("nan")
+    x[4, [min(7, last), last]] = float("nan")
+    x[5, :] = float("-inf")
+    x[6, [last // 2, last]] = float("inf")
+    x[7, last // 3] = float("nan")
+    x[7, last] = 1e30  # a NaN before the max: the NaN
+    x[8, last] = float("nan")
+    x[8, 0] = 1e30  # a NaN after the max: the NaN
+    x[9, :] = 1.0  # all equal: column 0
+    ext = _native.extension()
+    assert torch.equal(ext.row_argmax(x), x.argmax(-1))
+    with pytest.raises(RuntimeError, match="x must be a contiguous 2-d CPU float32 tensor"):
+        ext.row_argmax(x[:, :-1])
+
+
+@needs_native
 def test_extension_checks_its_arguments():
     ext = _native.extension()
     x, targets = torch.randn(4, 10), torch.zeros(4, dtype=torch.long)

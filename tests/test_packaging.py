@@ -51,7 +51,7 @@ def test_wheel_maps_kernels_under_fastalign(wheel):
     # The C++ sources travel in the wheel: fastalign._native builds them on first use.
     from fastalign import _native
 
-    for source in (*_native.SOURCES, "kernels.h", "rows.h"):
+    for source in (*_native.SOURCES, "kernels.h", "rows.h", "divergence.h"):
         assert f"fastalign/csrc/{source}" in names
     assert not [n for n in names if n.startswith("csrc/")]
     # The trainer layer and the demo's bundled preference pairs.

@@ -75,10 +75,16 @@ class DivergenceLaunchers:
     ``[N, ROW_STATS]`` statistics (merged by ``_vocab_stats.merge_mixture_partials``);
     ``backward(logits, teacher_logits, layout, teacher_layout, mask, stats, grad_divergence,
     grad_entropy, grad_out, grad_layout, *, spec)`` writes the gradient w.r.t. the student's
-    logits into ``grad_out`` and returns it (either upstream gradient may be None)."""
+    logits into ``grad_out`` and returns it (either upstream gradient may be None);
+    ``mixture_grad(logits, teacher_logits, layout, teacher_layout, mask, stats,
+    grad_divergence, *, spec) -> [2, N]`` is ``mixture`` followed by the ``backward`` of
+    ``grad_divergence`` into ``logits`` itself, for whole rows of float32 logits (one slice: the
+    gradient needs the row's sums) that are not read again: ``teacher_logits`` may be
+    overwritten too, and ``stats``' AUX column (``merge_mixture_partials`` writes it)."""
     forward: Callable
     mixture: Callable
     backward: Callable
+    mixture_grad: Callable
 
 
 @dataclass(frozen=True)
@@ -142,20 +148,26 @@ def _torch_linear_logprobs() -> LinearLogprobsLaunchers:
 
 def _triton_divergence() -> DivergenceLaunchers:
     from ..kernels import divergence as k
+    from ._vocab_stats import mixture_then_grad
     return DivergenceLaunchers(forward=k.divergence_partials, mixture=k.mixture_partials,
-                               backward=k.divergence_grad)
+                               backward=k.divergence_grad,
+                               mixture_grad=mixture_then_grad(k.mixture_partials,
+                                                              k.divergence_grad))
 
 
 def _native_divergence() -> DivergenceLaunchers:
     from . import divergence_native as k
     return DivergenceLaunchers(forward=k.divergence_partials, mixture=k.mixture_partials,
-                               backward=k.divergence_grad)
+                               backward=k.divergence_grad, mixture_grad=k.mixture_grad)
 
 
 def _torch_divergence() -> DivergenceLaunchers:
     from . import divergence_torch as k
+    from ._vocab_stats import mixture_then_grad
     return DivergenceLaunchers(forward=k.divergence_partials, mixture=k.mixture_partials,
-                               backward=k.divergence_grad)
+                               backward=k.divergence_grad,
+                               mixture_grad=mixture_then_grad(k.mixture_partials,
+                                                              k.divergence_grad))
 
 
 def _triton_policy() -> PolicyLaunchers:
@@ -217,3 +229,14 @@ def new_gradient(like: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "native":
         return _native.new_gradient(like)
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def row_argmax(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``x.argmax(-1)`` of a contiguous float32 ``[N, V]`` tensor (the first maximal column, the
+    first NaN where a row has one). The native backend's is one vectorized pass over memory
+    (``csrc/row_argmax.cpp``): torch's CPU argmax walks each row an element at a time, about
+    ten times slower, as long as a whole pass of the divergence's math over a chunk."""
+    if backend == "native" and x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 \
+            and x.shape[1] > 0:
+        return _native.extension().row_argmax(x)
+    return x.argmax(-1)

@@ -189,3 +189,20 @@ def divergence_over_slices(slices, first_pass, second_pass, *, spec, process_gro
         terms = torch.stack([second_pass(part, stats) for part in slices])
         divergence = merge_mixture_partials(stats, terms, spec=spec, process_group=process_group)
     return divergence, entropy, stats
+
+
+def mixture_then_grad(mixture, backward):
+    """A backend's ``mixture_grad`` launcher (``_backends.DivergenceLaunchers``) made of its
+    ``mixture`` and ``backward``: the second pass, the row's ``KL(p_s || m)`` merged into
+    ``stats``, then the gradient written over the logits. The Triton and torch backends use it
+    as it is: on a GPU both passes are bound by memory traffic, which keeping per-column
+    intermediates for a later sweep (as ``csrc/jsd_grad.cpp`` does in a CPU core's cache)
+    would raise."""
+    def mixture_grad(logits, teacher_logits, layout, teacher_layout, mask, stats,
+                     grad_divergence, *, spec):
+        terms = mixture(logits, teacher_logits, layout, teacher_layout, mask, stats, spec=spec)
+        merge_mixture_partials(stats, terms[None], spec=spec)
+        backward(logits, teacher_logits, layout, teacher_layout, mask, stats, grad_divergence,
+                 None, logits, layout, spec=spec)
+        return terms
+    return mixture_grad

@@ -7,10 +7,12 @@ own gradient as soon as both models' logits of it exist. Per chunk of kept rows:
 
     Zs = hidden[chunk] @ weight.T + bias                 [rows, V] float32, into a reused buffer
     Zt = teacher_hidden[chunk] @ teacher_weight.T + b    [rows, V] float32, a second buffer
-    divergence, entropy: the divergence family's launchers on (Zs, Zt) (native C++ on the CPU,
-        Triton on CUDA), two passes over the pair for the JSD; top-1 agreement of the two
-    log p(target): the token_logprobs launchers on Zs (when the cross-entropy is weighted)
-    G = dLoss/dZs written over Zs (the cross-entropy's part built in a third buffer, added)
+    top-1 agreement of the two; log p(target): the token_logprobs launchers on Zs (when the
+        cross-entropy is weighted, its gradient built in a third buffer)
+    divergence, entropy and G = dLoss/dZs written over Zs: the divergence family's launchers on
+        (Zs, Zt) (native C++ on the CPU, Triton on CUDA), two passes over the pair for the JSD,
+        whose second forms the gradient too (``mixture_grad``), one and a backward pass for
+        the KLs; the cross-entropy's part added to G
     dHidden[chunk] = G @ weight ;  dWeight += G.T @ hidden[chunk] ;  dBias += G.sum(0)
 
 so the student's head costs 3 matmuls and the teacher's 1, and the extra memory is two (three
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from .._layout import RowLayout
-from ._backends import divergence_launchers, token_logprobs_launchers
-from ._vocab_stats import divergence_over_slices
+from ._backends import divergence_launchers, row_argmax, token_logprobs_launchers
+from ._vocab_stats import merge_divergence_partials, merge_mixture_partials
 from .linear_loss import _NO_TARGET, _logits, accumulate_head_grads
 
 
@@ -58,17 +60,25 @@ class DistillOutputs:
     grads: tuple
 
 
-def _divergence(plan: DistillPlan, tile: torch.Tensor, teacher_tile: torch.Tensor):
-    """``(divergence [r], entropy [r], stats)`` of a chunk's pair of full-vocabulary tiles."""
+def _divergence(plan: DistillPlan, tile: torch.Tensor, teacher_tile: torch.Tensor,
+                coefficient: torch.Tensor | None):
+    """``(divergence [r], entropy [r])`` of a chunk's pair of full-vocabulary tiles; with a
+    ``coefficient [r]``, the gradient of ``coefficient x divergence`` is written over ``tile``
+    (and ``teacher_tile`` may be overwritten: the JSD's ``mixture_grad`` keeps its per-column
+    intermediates there). Two passes over the pair for the statistics at most; the gradient
+    in the JSD's second."""
     launchers = divergence_launchers(plan.backend)
     layout = RowLayout(1, tile.shape[0], 0, tile.shape[1])
-    return divergence_over_slices(
-        [None],
-        lambda _: launchers.forward(tile, teacher_tile, layout, layout, None, spec=plan.spec,
-                                    return_entropy=True),
-        lambda _, stats: launchers.mixture(tile, teacher_tile, layout, layout, None, stats,
-                                           spec=plan.spec),
-        spec=plan.spec)
+    pair = (tile, teacher_tile, layout, layout, None)
+    partials = launchers.forward(*pair, spec=plan.spec, return_entropy=True)
+    divergence, entropy, stats = merge_divergence_partials(partials[None], spec=plan.spec)
+    if divergence is None:  # the JSD: its mixture needs both normalizers first
+        terms = launchers.mixture(*pair, stats, spec=plan.spec) if coefficient is None else \
+            launchers.mixture_grad(*pair, stats, coefficient, spec=plan.spec)
+        divergence = merge_mixture_partials(stats, terms[None], spec=plan.spec)
+    elif coefficient is not None:
+        launchers.backward(*pair, stats, coefficient, None, tile, layout, spec=plan.spec)
+    return divergence, entropy
 
 
 def run(student: tuple, teacher: tuple, plan: DistillPlan, *, need: tuple[bool, bool, bool]
@@ -100,23 +110,23 @@ def run(student: tuple, teacher: tuple, plan: DistillPlan, *, need: tuple[bool, 
         tile = _logits(rows, weight, bias, buffers[0][:len(index)])
         teacher_tile = _logits(teacher[0].index_select(0, index), teacher[1], teacher[2],
                                buffers[1][:len(index)])
-        chunk_divergence, chunk_entropy, stats = _divergence(plan, tile, teacher_tile)
-        divergence.index_copy_(0, index, chunk_divergence)
-        entropy.index_copy_(0, index, chunk_entropy)
-        agreement.index_copy_(0, index, (tile.argmax(1) == teacher_tile.argmax(1)).float())
+        # What reads the logits comes first: the divergence's gradient is written over them.
+        top1 = [row_argmax(t, plan.backend) for t in (tile, teacher_tile)]
+        agreement.index_copy_(0, index, (top1[0] == top1[1]).float())
         label_grad = None
         if labelled:
             targets = plan.targets.index_select(0, index).long()
             logprobs, label_grad = _cross_entropy(plan, tile, targets, buffers[2:],
                                                   grad_wanted)
             target_logprobs.index_copy_(0, index, logprobs)
+        coefficient = torch.full((len(index),), plan.divergence_weight, **new) \
+            if grad_wanted else None
+        chunk_divergence, chunk_entropy = _divergence(plan, tile, teacher_tile, coefficient)
+        divergence.index_copy_(0, index, chunk_divergence)
+        entropy.index_copy_(0, index, chunk_entropy)
         if not grad_wanted:
             continue
-        layout = RowLayout(1, tile.shape[0], 0, tile.shape[1])
-        coefficient = torch.full((len(index),), plan.divergence_weight, **new)
-        grad = divergence_launchers(plan.backend).backward(
-            tile, teacher_tile, layout, layout, None, stats, coefficient, None, tile, layout,
-            spec=plan.spec)
+        grad = tile
         if label_grad is not None:
             grad += label_grad
         accumulate_head_grads(grad, index, rows, weight, grad_hidden, grad_weight, grad_bias)
