@@ -1,7 +1,7 @@
 """What the bench scripts' fresh worker processes build and run, where more than one script
 needs it: the providers of the log-prob ops from logits (bench_token_logprobs.py,
 bench_native_cpu.py) and from hidden states and a head (bench_linear_logprobs.py,
-bench_native_cpu.py), and the DPO and GRPO training steps (bench_dpo_step.py,
+bench_native_cpu.py), and the DPO, GRPO and distillation training steps (bench_dpo_step.py,
 bench_grpo_step.py, bench_trl_step.py). The scripts' docstrings say what each provider is.
 
 Kept out of the scripts so that no script imports another. Under ``--baseline`` this file,
@@ -194,7 +194,8 @@ def trainer_model(spec: dict):
         model, tokenizer = load_model_and_tokenizer(spec["model"])
         return model.to(device), tokenizer
     return tiny_llama(vocab_size=spec["vocab"], hidden_size=spec["hidden"],
-                      num_layers=spec["layers"], max_positions=2048).to(device), byte_tokenizer()
+                      num_layers=spec["layers"], max_positions=2048,
+                      seed=spec.get("seed", 0)).to(device), byte_tokenizer()
 
 
 def trainer_tokenizer(spec: dict):
@@ -318,4 +319,54 @@ def grpo_trl_step(spec, prompts, out):
         mask = trainer._buffered_inputs[0]["completion_mask"]
         return float(mask.sum(-1).float().mean())
 
+    return step
+
+
+def distill_trl_step(spec, prompts, out):
+    """One step of TRL's DistillationTrainer: the student (``spec``'s tiny Llama) samples a
+    completion of each prompt (TRL 1.16's trainer is on-policy only; the untrained model never
+    samples EOS, so every completion has ``spec["completion"]`` tokens), then the divergence
+    to a wider teacher of the same vocabulary (``teacher_hidden``, another seed), backward,
+    AdamW. ``step()`` returns the seconds its sampling took, which is the same work patched or
+    not (the patch replaces only the loss); ``step.sampling`` lists every step's."""
+    import time
+
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = DistillationConfig(output_dir=out, per_device_train_batch_size=spec["rows"],
+                                  max_completion_length=spec["completion"], beta=spec["beta"],
+                                  learning_rate=1e-6, report_to=[],
+                                  use_cpu=spec.get("device", "cpu") == "cpu", bf16=False,
+                                  max_grad_norm=0.0, logging_steps=10**6)
+        model, tokenizer = trainer_model(spec)
+        teacher, _ = trainer_model(dict(spec, hidden=spec["teacher_hidden"], seed=1))
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args,
+                                      processing_class=tokenizer,
+                                      train_dataset=Dataset.from_list([{"prompt": p}
+                                                                       for p in prompts]))
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
+    batches = iter(trainer.get_train_dataloader())
+    sampling = []
+    generate = trainer._generate
+
+    def timed_generate(*args, **kwargs):
+        start = time.perf_counter()
+        result = generate(*args, **kwargs)
+        sampling.append(time.perf_counter() - start)
+        return result
+
+    trainer._generate = timed_generate
+
+    def step():
+        trainer.model.train()
+        trainer.training_step(trainer.model, next(batches), None)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return sampling[-1]
+
+    step.sampling = sampling
     return step

@@ -51,7 +51,7 @@ timeout 240 python3 bench/bench_grpo_step.py --device cuda --repeats 2 \
   --csv "$RUN/grpo_step_cuda.csv" 2>&1 | tee "$RUN/bench_grpo_step.log" | tail -5
 
 step "TRL's DPO and GRPO steps, unpatched (TRL's Triton head) beside fastalign.integrations.trl"
-timeout 240 python3 bench/bench_trl_step.py --device cuda --repeats 2 \
+timeout 240 python3 bench/bench_trl_step.py --device cuda --steps dpo grpo --repeats 2 \
   --csv "$RUN/trl_step_cuda.csv" 2>&1 | tee "$RUN/bench_trl_step.log" | tail -6
 
 GPUS=$(nvidia-smi -L | wc -l)

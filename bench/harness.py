@@ -272,14 +272,15 @@ def named_model_shape(args) -> None:
 def measure_trainer_step(script: str, spec: dict) -> tuple[dict, dict]:
     """Time and peak memory of one training step of ``spec["provider"]``, each in a fresh
     process running ``script --worker``: the CSV's ``time_ms``, ``peak_mb`` and ``error`` (""
-    when none), in that order, and the memory worker's whole reply (what else it reports)."""
+    when none), in that order, and both workers' whole replies in one dict (what else they
+    report; the memory worker's keys over the timing worker's)."""
     command = [str(Path(script).resolve())]
     timing = _measure.run_worker(command, dict(spec, measure="time"), for_memory=False)
     memory = _measure.run_worker(command, dict(spec, measure="memory"), for_memory=True)
     error = timing.get("error") or memory.get("error") or ""
     return dict(time_ms=round(timing.get("seconds", float("nan")) * 1e3, 1),
                 peak_mb=round(memory.get("peak_bytes", float("nan")) / 2**20, 1),
-                error=error[:200]), memory
+                error=error[:200]), {**timing, **memory}
 
 
 def report_trainer_steps(results: list[dict], note: str, extra: str | None = None) -> None:

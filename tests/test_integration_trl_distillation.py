@@ -1,9 +1,11 @@
 """TRL 1.16's DistillationTrainer loss served by fastalign: with enable(), the trainer's
 ``_chunked_divergence_loss`` is fastalign's, equal to TRL's own on the same inputs (loss,
 entropy sum, count, every student gradient) with TRL's ChunkedDivergenceFunction made to raise;
-disable() restores TRL's."""
+disable() restores TRL's. And the trainer itself: a few steps of ``train()`` patched log what
+unpatched TRL logs and end at the same student."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -64,3 +66,84 @@ def test_a_teacher_of_another_vocabulary_is_refused():
     with fatrl.enabled(), pytest.raises(ValueError, match="teacher_weight has 1000 vocabulary "
                                                           "rows but weight has 1007"):
         call(distillation._chunked_divergence_loss, student, teacher, mask, beta=0.5)
+
+
+PROMPTS = ["the cat sat on", "a dog ran to", "my hat is", "one two three", "red and blue",
+           "in the morning"]
+# Wall-clock entries of the log: the only ones two runs may differ in.
+TIMING_LOGS = {"step_time", "train_runtime", "train_samples_per_second",
+               "train_steps_per_second"}
+
+
+def _distillation_run(tmp_path, **options):
+    """Three optimizer steps of TRL's DistillationTrainer.train(), seed 0, each sampling the
+    student's completions (TRL 1.16's trainer is on-policy only) and distilling a wider
+    teacher of the same 300-token vocabulary: (each step's loss unrounded, the log history,
+    the student's parameters before and after)."""
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    from fastalign.trainer import byte_tokenizer, tiny_llama
+
+    student = tiny_llama(vocab_size=300, hidden_size=32, num_layers=2, seed=0)
+    teacher = tiny_llama(vocab_size=300, hidden_size=48, num_layers=2, seed=1)
+    with torch.no_grad():  # a peaked teacher, so the divergence and its gradient are not ~0
+        teacher.get_output_embeddings().weight.mul_(8.0)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = DistillationConfig(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                  max_completion_length=8, max_steps=3, learning_rate=1e-3,
+                                  logging_steps=1, save_strategy="no", report_to=[],
+                                  use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
+                                  **options)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                      processing_class=byte_tokenizer(),
+                                      train_dataset=Dataset.from_list([{"prompt": p}
+                                                                       for p in PROMPTS]))
+        # The log rounds the loss to 4 decimals: keep each step's own.
+        losses, compute_loss = [], trainer.compute_loss
+
+        def recorded(*args, **kwargs):
+            loss = compute_loss(*args, **kwargs)
+            losses.append(float(loss.detach()))
+            return loss
+
+        trainer.compute_loss = recorded
+        trainer.train()
+    after = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    return losses, trainer.state.log_history, before, after
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [dict(), dict(beta=0.5, temperature=0.8)],
+                         ids=["default_reverse_kl", "jsd_temperature"])
+def test_training_matches_unpatched_trl(tmp_path, monkeypatch, options):
+    losses, logs, init, params = _distillation_run(tmp_path / "trl", **options)
+    monkeypatch.setattr(distillation.ChunkedDivergenceFunction, "apply",
+                        lambda *a: pytest.fail("TRL's ChunkedDivergenceFunction ran"))
+    with fatrl.enabled():
+        our_losses, our_logs, _, our_params = _distillation_run(tmp_path / "fastalign",
+                                                                **options)
+    assert len(losses) == 3 and min(losses) > 0.01  # a divergence that matters
+    torch.testing.assert_close(our_losses, losses, rtol=1e-5, atol=0)
+    # Every logged number but the clocks: the same completions were sampled (their lengths
+    # are logged), the same entropy and gradient norm.
+    assert len(our_logs) == len(logs) == 4
+    for ours, expected in zip(our_logs, logs):
+        assert ours.keys() == expected.keys()
+        for key, value in expected.items():
+            if key in TIMING_LOGS or not isinstance(value, (int, float)):
+                continue
+            torch.testing.assert_close(float(ours[key]), float(value), rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"step {expected.get('step')} {key}: {m}")
+    for name, value in params.items():
+        update, our_update = value - init[name], our_params[name] - init[name]
+        assert update.norm() > 0, name
+        # AdamW scales each element's step to ~lr (1e-3) whatever its gradient's size, so an
+        # element whose gradient is at float32 rounding level may take a slightly different
+        # step: each element within 1% of lr, each tensor's update within 1e-4 of its norm.
+        torch.testing.assert_close(our_params[name], value, rtol=0, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+        error = float((our_update - update).norm() / update.norm())
+        assert error <= 1e-4, f"{name}: update differs by {error:.2e} of its norm"
