@@ -68,15 +68,16 @@ def rollout_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
         weights = (~outside).to(ratio.dtype)
     else:
         weights = ratio.masked_fill(outside, 0.0)
-    # Over the masked tokens, or over the sequences that have one.
+    # Over the masked tokens, or over the sequences that have one; masked reductions rather
+    # than boolean indexing, which would sync a GPU once per call (per chunk, in one pass).
     counted = (mask.sum(-1, keepdim=True) > 0) if ratio.shape[1] == 1 else mask.bool()
     counted = counted.expand_as(ratio)
-    values = ratio[counted]
+    count = counted.sum().clamp(min=1)
+    largest = ratio.masked_fill(~counted, -torch.inf).amax()
     metrics = {
-        "rollout/is_ratio_mean": values.mean() if values.numel() else ratio.new_zeros(()),
-        "rollout/is_ratio_max": values.max() if values.numel() else ratio.new_zeros(()),
-        "rollout/corrected_fraction": (outside[counted].float().mean() if values.numel()
-                                       else ratio.new_zeros(())),
+        "rollout/is_ratio_mean": (ratio * counted).sum() / count,
+        "rollout/is_ratio_max": torch.where(counted.any(), largest, ratio.new_zeros(())),
+        "rollout/corrected_fraction": (outside & counted).sum().to(ratio.dtype) / count,
     }
     return weights, metrics
 
@@ -89,8 +90,8 @@ def mismatch_kl(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
     the sampler could not score left out)."""
     d = old_logprobs - rollout_logprobs
     kept = mask.bool() & ~torch.isnan(d)
-    d = d[kept]
-    return (torch.expm1(d) - d).mean() if d.numel() else d.new_zeros(())
+    d = d.masked_fill(~kept, 0.0)  # k3(0) = 0; masked, not indexed: no GPU sync
+    return (torch.expm1(d) - d).sum() / kept.sum().clamp(min=1)
 
 
 @torch.no_grad()

@@ -38,13 +38,13 @@ class FusedPolicyLoss(FusedLoss):
                  chunk_mb: float = DEFAULT_CHUNK_MB, **options):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                          gradient_in_forward=gradient_in_forward, chunk_mb=chunk_mb)
-        resolve_policy_options(**options)  # every option checked now, not at the first call
-        self.options = options
+        # Every option checked (and defaults resolved) now, not at each call.
+        self.options = resolve_policy_options(**options)
 
     def forward(self, hidden, weight, targets, advantages, *, bias=None, old_logprobs=None,
                 ref_logprobs=None, rollout_logprobs=None):
         mask = targets != self.ignore_index
-        options = resolve_policy_options(**self.options)
+        options = self.options
         entropy_grad = options["entropy_coef"] > 0
         inputs = dict(ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                       **self.options)

@@ -222,10 +222,10 @@ class DistillTrainer(Trainer):
         grad_wanted = torch.is_grad_enabled()
         weight = self.config.divergence_weight
         if grad_wanted and weight == 0:
-            per_token = self.student.forward_with_head(
-                lambda hidden, w, bias: self.student.head_logprobs(hidden, w, bias, targets),
-                *inputs)
-            nll = -per_token.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            per_token, counts = self.student.completion_logprobs(
+                batch["input_ids"], batch["completion_mask"], batch["attention_mask"],
+                position_ids=batch["position_ids"])
+            nll = -per_token.sum() / counts.sum().clamp(min=1)
             return self.config.hard_label_weight * nll, {"hard_label_loss": nll.detach()}
 
         def student_against(teacher_hidden, teacher_weight, teacher_bias):
