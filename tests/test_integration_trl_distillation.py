@@ -115,7 +115,7 @@ def _distillation_run(tmp_path, **options):
     return losses, trainer.state.log_history, before, after
 
 
-@pytest.mark.slow
+# About 1 s per case on the idle 2-core VM (two short train() runs), so not marked slow.
 @pytest.mark.parametrize("options", [dict(), dict(beta=0.5, temperature=0.8)],
                          ids=["default_reverse_kl", "jsd_temperature"])
 def test_training_matches_unpatched_trl(tmp_path, monkeypatch, options):
