@@ -6,7 +6,7 @@
 # land in bench/results/real_model/rl-<arm>-<seed>.*; docs/real_model.md has the table.
 #
 #   scripts/real_rl_losses.sh [RUNS_DIR] [ARM ...]     (default: runs, every arm; PYTHON: the
-#   interpreter, default .venv/bin/python)
+#   interpreter, default .venv/bin/python; SEEDS: default "0 1")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs}
@@ -21,7 +21,7 @@ common=(--model smollm2 --prompts arithmetic --rewards correct_answer,answer_for
         --batch-size 4 --num-generations 8 --max-new-tokens 48 --temperature 0.7
         --max-steps 10 --overwrite --no-progress)
 
-for seed in 0 1; do
+for seed in ${SEEDS:-0 1}; do
   for arm in "${arms[@]}"; do
     case $arm in
       grpo) extra=(--loss-type grpo) ;;
