@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import DEVICE
+from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper
 
 import fastalign as fa
 from fastalign.reference import token_logprobs_reference
@@ -198,3 +199,23 @@ def slow_beyond(values, fast):
     return [value if value in fast else pytest.param(value, marks=pytest.mark.slow)
             for value in values]
 
+
+def warped_log_softmax(z, *, temperature=1.0, softcap=None, top_k=None, min_p=None):
+    """float64 log-softmax of HF's warpers in generate's order (temperature, top-k, min-p) over
+    ``[..., V]`` logits; removed tokens -inf. Differentiable."""
+    z = z.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.double().reshape(z.shape[:-1])[..., None]
+    scores = (z / temperature).reshape(-1, z.shape[-1])
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if min_p is not None:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    return torch.log_softmax(scores, dim=-1).reshape(z.shape)
+
+
+def warped_entropy(log_p):
+    """The entropy of the rows of a ``warped_log_softmax`` (its -inf entries hold no mass)."""
+    return -(log_p.exp() * torch.where(log_p > float("-inf"), log_p, 0.0)).sum(-1)

@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+from helpers import warped_log_softmax
+from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 from fastalign.trainer import byte_tokenizer, tiny_llama
 from fastalign.trainer.algorithms.rollout import _Sampling, generate_rollouts
@@ -25,10 +28,15 @@ def model(kind="llama"):
     return m
 
 
-@pytest.mark.parametrize("kind,temperature", [("llama", 1.0), ("llama", 0.7), ("gpt2", 0.7)])
-def test_old_logprobs_are_the_sampling_distribution(kind, temperature):
+@pytest.mark.parametrize("kind,temperature,sampler", [
+    ("llama", 1.0, {}), ("llama", 0.7, {}), ("gpt2", 0.7, {}),
+    ("llama", 0.7, dict(top_k=5)),  # sampled from the top 5, scored over the vocabulary
+    ("llama", 0.8, dict(top_k=20, min_p=0.05, processed_logprobs=True))])
+def test_old_logprobs_are_the_sampling_distribution(kind, temperature, sampler):
     """The recomputed log-prob of every sampled token equals log_softmax(logits / T) of the
-    logits generate() sampled it from, on left-padded prompts of different lengths."""
+    logits generate() sampled it from, on left-padded prompts of different lengths; with
+    processed_logprobs, of the top_k / min_p support renormalized, as Hugging Face's warpers
+    keep it; the sampler's own log-probs agree, and no sampled token leaves the support."""
     torch.manual_seed(0)
     policy, tokenizer = model(kind), byte_tokenizer()
     prompts = ["Tell me about owls.", "Hi", [{"role": "user", "content": "Name a fruit."}]]
@@ -41,17 +49,25 @@ def test_old_logprobs_are_the_sampling_distribution(kind, temperature):
         return out.sequences
     policy.generate = generate
     rollouts = generate_rollouts(policy, tokenizer, prompts[:2], num_generations=3,
-                                 max_new_tokens=12, temperature=temperature)
+                                 max_new_tokens=12, temperature=temperature,
+                                 sampler_logprobs=True, **sampler)
     logits = captured[0]  # [R, new tokens, V]
     prompt_length = rollouts.input_ids.shape[1] - logits.shape[1]
     tokens = rollouts.input_ids[:, prompt_length:]
-    expected = torch.log_softmax(logits.double() / temperature, -1).gather(
+    support = dict(top_k=sampler.get("top_k"), min_p=sampler.get("min_p"))
+    kept = warped_log_softmax(logits, temperature=temperature, **support).gather(
+        -1, tokens[..., None]).squeeze(-1)
+    if not sampler.get("processed_logprobs"):
+        support = {}
+    expected = warped_log_softmax(logits, temperature=temperature, **support).gather(
         -1, tokens[..., None]).squeeze(-1)
     mask = rollouts.completion_mask[:, prompt_length:].bool()
     got = rollouts.old_logprobs[:, prompt_length - 1:]
-    assert mask.any()
+    assert mask.any() and torch.isfinite(kept[mask]).all()  # every token from the support
     torch.testing.assert_close(got[mask].double(), expected[mask], rtol=0, atol=1e-4)
     assert (got[~mask] == 0).all()
+    sampled = rollouts.sampler_logprobs[:, prompt_length - 1:]
+    torch.testing.assert_close(sampled[mask], got[mask], rtol=0, atol=1e-4)
     assert rollouts.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     assert len(rollouts.completions) == 6
 
@@ -75,6 +91,29 @@ def test_sampling_draws_from_the_tempered_nucleus(temperature, top_p, block):
     torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.01)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (1.0, 3, 1.0, None), (0.7, None, 1.0, 0.3), (1.3, 5, 1.0, 0.1), (1.0, 5, 0.8, 0.2),
+    (1.0, 40, 1.0, None)])  # k >= V keeps every token
+def test_sampling_draws_from_hugging_faces_warpers(temperature, top_k, top_p, min_p):
+    """Over 40000 draws the frequencies are those of the distribution Hugging Face's warpers
+    leave (temperature, top-k, top-p, min-p in generate's order), never outside it."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 1.0, 0.5, 0.0, -1.0, -3.0, 0.7]])  # a tie at 1.0
+    scores = TemperatureLogitsWarper(temperature)(None, logits.double())
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p is not None:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    expected = scores.softmax(-1)[0]
+    sampler = _Sampling(temperature, top_p, top_k=top_k, min_p=min_p)
+    draws = sampler(None, logits.expand(40000, -1)).argmax(-1)
+    frequencies = torch.bincount(draws, minlength=8).double() / 40000
+    assert (frequencies[expected == 0] == 0).all()
+    assert (expected > 0).sum() < 8 or top_k == 40
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.01)
+
+
 def test_completions_stop_at_the_first_stop_token():
     torch.manual_seed(1)
     tokenizer = byte_tokenizer()
@@ -93,6 +132,9 @@ def test_completions_stop_at_the_first_stop_token():
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(num_generations=0), "num_generations and max_new_tokens must be >= 1"),
     (dict(stop_tokens=["ab"]), "stop token 'ab' is 2 tokens"),
+    (dict(top_k=0), "top_k must be"),
+    (dict(min_p=1.5), "min_p must be"),
+    (dict(top_p=0.9, processed_logprobs=True), "processed_logprobs cannot score a top_p=0.9"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):

@@ -9,8 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import DEVICE, TOLERANCE, assert_close
-from helpers import slow_beyond
-from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper
+from helpers import slow_beyond, warped_entropy, warped_log_softmax
 
 import fastalign as fa
 from fastalign.ops._backends import linear_logprobs_launchers
@@ -36,28 +35,12 @@ COMPILERS = ["aot_eager"] + (["inductor"] if DEVICE.type == "cuda" or shutil.whi
                              or shutil.which("clang++") else [])
 
 
-def warped_log_softmax(z, *, temperature=1.0, softcap=None, top_k=None, min_p=None):
-    """float64 log-softmax of HF's warpers in generate's order (temperature, top-k, min-p) over
-    ``[..., V]`` logits; removed tokens -inf. Differentiable."""
-    z = z.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    if isinstance(temperature, torch.Tensor):
-        temperature = temperature.double().reshape(z.shape[:-1])[..., None]
-    scores = (z / temperature).reshape(-1, z.shape[-1])
-    if top_k is not None:
-        scores = TopKLogitsWarper(top_k)(None, scores)
-    if min_p is not None:
-        scores = MinPLogitsWarper(min_p)(None, scores)
-    return torch.log_softmax(scores, dim=-1).reshape(z.shape)
-
-
 def reference(z, targets, ignore_index=-100, **options):
     """(log-probs, entropy of the renormalized distribution) in float64; ignored rows 0."""
     log_p = warped_log_softmax(z, **options)
     ignored = targets == ignore_index
     logprobs = log_p.gather(-1, targets.masked_fill(ignored, 0)[..., None]).squeeze(-1)
-    entropy = -(log_p.exp() * torch.where(log_p > float("-inf"), log_p, 0.0)).sum(-1)
+    entropy = warped_entropy(log_p)
     return logprobs.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers import RL_PROMPTS, lowercase_share, policy_reference, small_policy
+from helpers import (RL_PROMPTS, lowercase_share, policy_reference, small_policy, warped_entropy,
+                     warped_log_softmax)
 
 from fastalign.trainer import GRPOConfig, GRPOTrainer, byte_tokenizer
 
@@ -98,14 +99,15 @@ def test_bad_reward_functions(tmp_path):
         trainer.training_step()
 
 
-def entropy_and_logprobs64(model, rollouts, temperature):
+def entropy_and_logprobs64(model, rollouts, temperature, top_k=None, min_p=None):
     """A float64 copy of ``model`` and its per-token log-probs and entropies on ``rollouts``
-    (differentiable w.r.t. the copy)."""
+    (differentiable w.r.t. the copy), over the ``top_k`` / ``min_p`` support if given."""
     exact = copy.deepcopy(model).double()
     hidden = exact.model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
                          position_ids=rollouts.position_ids).last_hidden_state
-    logp = torch.log_softmax(exact.lm_head(hidden)[:, :-1] / temperature, -1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    logp = warped_log_softmax(exact.lm_head(hidden)[:, :-1], temperature=temperature,
+                              top_k=top_k, min_p=min_p)
+    entropy = warped_entropy(logp)
     return exact, logp.gather(-1, rollouts.input_ids[:, 1:, None]).squeeze(-1), entropy
 
 
@@ -114,7 +116,9 @@ def entropy_and_logprobs64(model, rollouts, temperature):
     ("sapo", dict(rollout_correction="sequence_mask", rollout_clip_min=0.5)),
     ("luspo", dict(importance_sampling_level="sequence", delta=1.5)),
     ("vespo", dict(rollout_dtype="bf16", rollout_correction="icepop", entropy_coef=0.01,
-                   top_entropy_quantile=0.5))])
+                   top_entropy_quantile=0.5)),
+    ("dapo", dict(top_k=12, min_p=0.05, processed_logprobs=True, entropy_coef=0.02,
+                  rollout_correction="token_truncate"))])
 def test_newer_loss_types_match_policy_loss_in_float64(tmp_path, loss_type, options):
     """The step loss of each newer loss type with the options it is used with equals
     policy_loss of float64 log-probs and entropies under TRL's mapping of the loss type, with
@@ -141,7 +145,7 @@ def test_newer_loss_types_match_policy_loss_in_float64(tmp_path, loss_type, opti
             parameter.add_(torch.randn_like(parameter) * 0.05)
     loss, metrics = trainer.compute_loss((rollouts, advantages, None))
     loss.backward()
-    exact, lp, entropy = entropy_and_logprobs64(policy, rollouts, 0.8)
+    exact, lp, entropy = entropy_and_logprobs64(policy, rollouts, **trainer.config.scoring)
     expected, _ = policy_loss(
         lp, rollouts.old_logprobs.double(), advantages.double(), mask, entropy=entropy,
         rollout_logprobs=None if sampled is None else sampled.double(),
@@ -160,5 +164,13 @@ def test_policy_loss_options_are_checked_with_the_config(tmp_path):
                    rollout_correction="sequence_truncate")
     with pytest.raises(ValueError, match="rollout_dtype must be one of bf16, fp16"):
         GRPOConfig(output_dir=str(tmp_path), rollout_dtype="fp8")
+    with pytest.raises(ValueError, match="processed_logprobs cannot score a top_p < 1 sampler"):
+        GRPOConfig(output_dir=str(tmp_path), top_p=0.9, processed_logprobs=True)
+    with pytest.raises(ValueError, match=r"min_p must be in \(0, 1\], got 0.0"):
+        GRPOConfig(output_dir=str(tmp_path), min_p=0.0)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1, got 0"):
+        GRPOConfig(output_dir=str(tmp_path), top_k=0)
+    scoring = GRPOConfig(output_dir=str(tmp_path), top_k=5, temperature=0.9).scoring
+    assert scoring == dict(temperature=0.9, top_k=None, min_p=None)  # sampled, not scored
     assert GRPOConfig(output_dir=str(tmp_path), loss_type="cispo").policy_loss_options()[
         "clip_high"] == 5.0

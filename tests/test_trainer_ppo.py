@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from helpers import RL_PROMPTS, policy_reference, small_policy
+from helpers import (RL_PROMPTS, policy_reference, small_policy, warped_entropy,
+                     warped_log_softmax)
 
 from fastalign.trainer import PPOConfig, PPOTrainer, byte_tokenizer, tiny_reward_model
 
@@ -248,30 +249,42 @@ def test_evaluate_scores_greedy_held_out_completions(tmp_path):
 
 
 
-def test_the_policy_loss_options_with_bf16_rollouts(tmp_path):
+def _logprobs64(policy, rollouts, scoring):
+    """A float64 copy of ``policy``, its per-token log-probs and entropies on ``rollouts``
+    under ``scoring`` (temperature, and the top_k / min_p support where given)."""
+    exact = copy.deepcopy(policy).double()
+    hidden = exact.model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
+                         position_ids=rollouts.position_ids).last_hidden_state
+    logp = warped_log_softmax(exact.lm_head(hidden)[:, :-1], **scoring)
+    return exact, logp.gather(-1, rollouts.input_ids[:, 1:, None]).squeeze(-1), \
+        warped_entropy(logp)
+
+
+@pytest.mark.parametrize("sampler", [{}, dict(top_k=12, min_p=0.05, processed_logprobs=True)],
+                         ids=["full_vocabulary", "processed_logprobs"])
+def test_the_policy_loss_options_with_bf16_rollouts(tmp_path, sampler):
     """PPO with an entropy bonus and rollout correction against a bf16 sampler: the policy
     part of the step loss equals policy_loss on float64 log-probs and entropies with the
-    sampler's own log-probs, and the precision mismatch is measured."""
+    sampler's own log-probs, and the precision mismatch is measured; with processed_logprobs
+    every log-prob (old, new, entropy) is over the sampler's top_k / min_p support."""
     from fastalign.losses import policy_loss
     torch.manual_seed(0)
     policy = small_policy(0)
     config = PPOConfig(output_dir=str(tmp_path), batch_size=4, mini_batch_size=2,
                        max_new_tokens=8, temperature=0.8, entropy_coef=0.05,
                        rollout_correction="token_truncate", rollout_clip_max=1.01,
-                       rollout_dtype="bf16", progress=False)
+                       rollout_dtype="bf16", progress=False, **sampler)
     trainer = PPOTrainer(policy, byte_tokenizer(), config, RL_PROMPTS, small_reward_model())
     experience = trainer.rollout(RL_PROMPTS)
     rollouts, mask = experience.rollouts, experience.mask
     assert rollouts.sampler_logprobs is not None
+    _, old64, _ = _logprobs64(policy, rollouts, config.scoring)
+    torch.testing.assert_close(rollouts.old_logprobs.double()[mask.bool()],
+                               old64[mask.bool()], rtol=0, atol=1e-4)
     _perturb(policy, scale=0.05)
     rows = torch.tensor([1, 2])
     _, metrics = trainer.compute_loss((experience, rows))
-    exact = copy.deepcopy(policy).double()
-    hidden = exact.model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
-                         position_ids=rollouts.position_ids).last_hidden_state
-    logp = torch.log_softmax(exact.lm_head(hidden)[:, :-1] / 0.8, -1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    logprobs = logp.gather(-1, rollouts.input_ids[:, 1:, None]).squeeze(-1)
+    _, logprobs, entropy = _logprobs64(policy, rollouts, config.scoring)
     expected, expected_metrics = policy_loss(
         logprobs[rows], rollouts.old_logprobs.double()[rows],
         experience.advantages.double()[rows], mask[rows], entropy=entropy[rows],

@@ -30,14 +30,14 @@ class FusedLoss(torch.nn.Module):
         self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
 
     def _one_pass(self, hidden, weight, bias, targets, backend: str, *, groups, loss_of,
-                  need_entropy: bool, entropy_grad: bool = False):
+                  need_entropy: bool, entropy_grad: bool = False, top_k=None, min_p=None):
         """``(anchor, per-token logprobs, entropy or None)`` of the gradient-in-forward pass
         over ``groups``, or None when a group does not fit a chunk (``one_pass.one_pass``)."""
         return one_pass.one_pass(
             hidden, weight, bias, targets, groups=groups, loss_of=loss_of,
             chunk_mb=self.chunk_mb, temperature=self.temperature, softcap=self.softcap,
             need_entropy=need_entropy, backend=backend, what=type(self).__name__,
-            ignore_index=self.ignore_index, entropy_grad=entropy_grad)
+            ignore_index=self.ignore_index, entropy_grad=entropy_grad, top_k=top_k, min_p=min_p)
 
     def _reference_logprobs(self, hidden, weight, bias, targets, backend: str) -> torch.Tensor:
         """A frozen model's per-token log-probs, without gradient, in the mode's chunks."""
@@ -47,9 +47,10 @@ class FusedLoss(torch.nn.Module):
             backend=backend)
 
     def _two_pass_logprobs(self, hidden, weight, bias, targets, backend: str | None, *,
-                  return_entropy: bool = False):
+                           return_entropy: bool = False, top_k=None, min_p=None):
         """``linear_logprobs`` of the head (its backward recomputes the logits): on ``backend``
         where this call chose one, else on the one ``linear_logprobs`` selects."""
         return linear_logprobs_on(backend, hidden, weight, targets, bias=bias,
                                   temperature=self.temperature, softcap=self.softcap,
-                                  ignore_index=self.ignore_index, return_entropy=return_entropy)
+                                  ignore_index=self.ignore_index, return_entropy=return_entropy,
+                                  top_k=top_k, min_p=min_p)

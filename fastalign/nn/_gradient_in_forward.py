@@ -20,6 +20,7 @@ import torch
 
 from .. import _validation as checks
 from .._backend import select_backend
+from ..ops import _sampler
 from ..ops.linear_loss import Plan, chunked_logprobs, linear_loss, rows_per_chunk
 
 logger = logging.getLogger("fastalign")
@@ -106,13 +107,15 @@ def _checked(hidden, weight, bias, targets, ignore_index) -> None:
 
 
 def one_pass(hidden, weight, bias, targets, *, groups, loss_of, chunk_mb, temperature,
-             softcap, need_entropy, backend, what, ignore_index, entropy_grad=False):
+             softcap, need_entropy, backend, what, ignore_index, entropy_grad=False,
+             top_k=None, min_p=None):
     """``(anchor, per-token logprobs [targets.shape], entropy or None)`` from the one-pass
     chunks of ``groups`` (flat row indices that must share a chunk; a single tensor: rows that
     may be split anywhere), or None (fall back) when a group does not fit ``chunk_mb``.
     ``loss_of(per_token)`` is the whole loss from per-token log-probs; with ``entropy_grad``,
     ``loss_of(per_token, entropy)`` from the log-probs and the entropies, differentiated
-    w.r.t. both (an entropy bonus)."""
+    w.r.t. both (an entropy bonus). ``top_k`` / ``min_p``: over the sampler's support, as
+    ``linear_logprobs`` (checked by the caller)."""
     _checked(hidden, weight, bias, targets, ignore_index)
     limit = rows_per_chunk(chunk_mb, weight.shape[0])
     chunks = groups.split(limit) if torch.is_tensor(groups) else _packed(groups, limit)
@@ -126,7 +129,9 @@ def one_pass(hidden, weight, bias, targets, *, groups, loss_of, chunk_mb, temper
                     index, logprobs, entropy if entropy_grad else None, shape, loss_of),
                 inv_temperature=1.0 / float(temperature),
                 softcap=None if softcap is None else float(softcap),
-                need_entropy=need_entropy or entropy_grad, backend=backend)
+                need_entropy=need_entropy or entropy_grad, backend=backend,
+                top_k=_sampler.effective_top_k(top_k, weight.shape[0]),
+                log_min_p=_sampler.log_min_p(min_p))
     anchor, logprobs, entropy = linear_loss(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                             plan)
     return (anchor, logprobs.view(shape),

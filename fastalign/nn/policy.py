@@ -6,6 +6,7 @@ return_entropy=True)``, then ``policy_loss``)."""
 
 from __future__ import annotations
 
+from .._validation import check_sampler
 from ..losses import policy_loss
 from ..losses.policy import needs_whole_sequences, resolve_policy_options
 from ..ops.linear_loss import DEFAULT_CHUNK_MB
@@ -25,6 +26,9 @@ class FusedPolicyLoss(FusedLoss):
     is the token mean of the policy's entropy, from the same pass over the vocabulary as the
     log-probs, and it is differentiated where the loss uses it (``entropy_coef > 0``).
     ``softcap`` (Gemma-2's ``final_logit_softcapping``) caps the logits as ``linear_logprobs``.
+    ``top_k`` / ``min_p``: the log-probs (and entropies) of the distribution the sampler drew
+    from, renormalized over its support, as ``linear_logprobs``' options: score rollouts with
+    the settings they were sampled with, and the ratio of an unchanged policy is exactly 1.
 
     ``gradient_in_forward`` and ``chunk_mb``: as ``FusedDPOLoss`` (chunks of tokens, or of
     whole sequences where a token's loss depends on its sequence's log-probs: ``level=
@@ -35,9 +39,12 @@ class FusedPolicyLoss(FusedLoss):
 
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100,
                  softcap: float | None = None, gradient_in_forward: bool = True,
-                 chunk_mb: float = DEFAULT_CHUNK_MB, **options):
+                 chunk_mb: float = DEFAULT_CHUNK_MB, top_k: int | None = None,
+                 min_p: float | None = None, **options):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                          gradient_in_forward=gradient_in_forward, chunk_mb=chunk_mb)
+        check_sampler(top_k, min_p, None)
+        self.top_k, self.min_p = top_k, min_p
         # Every option checked (and defaults resolved) now, not at each call.
         self.options = resolve_policy_options(**options)
 
@@ -61,11 +68,12 @@ class FusedPolicyLoss(FusedLoss):
                 groups=one_pass.token_groups(mask, needs_whole_sequences(options)),
                 loss_of=lambda per_token, entropy=None: policy_loss(
                     per_token, old_logprobs, advantages, mask, entropy=entropy, **inputs)[0],
-                need_entropy=True, entropy_grad=entropy_grad)
+                need_entropy=True, entropy_grad=entropy_grad, top_k=self.top_k, min_p=self.min_p)
         anchor = None
         if result is None:
-            logprobs, entropy = self._two_pass_logprobs(hidden, weight, bias, targets, backend,
-                                                        return_entropy=True)
+            logprobs, entropy = self._two_pass_logprobs(
+                hidden, weight, bias, targets, backend, return_entropy=True, top_k=self.top_k,
+                min_p=self.min_p)
         else:
             anchor, logprobs, entropy = result
         loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, entropy=entropy,

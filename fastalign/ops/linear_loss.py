@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from .._layout import row_layout
+from . import _sampler
 from ._backends import token_logprobs_launchers
 from ._linear_backward import _addmm_fp32_
 from ._tiles import raw_logits_tile
@@ -52,7 +53,9 @@ class Plan:
     tensors of rows, each a group the loss can differentiate on its own (disjoint);
     ``coefficients(index, logprobs, entropy) -> (dLoss/dlogp [r], dLoss/dentropy [r] or None)``
     float32, or None for a pass without gradient (a reference model's log-probs);
-    ``need_entropy``: compute the entropy (for the coefficients or the metrics)."""
+    ``need_entropy``: compute the entropy (for the coefficients or the metrics); ``top_k``
+    (0: off) and ``log_min_p`` (None: off): log-probs and entropies over each row's sampler
+    support (ops/_sampler.py), taken from the chunk's own logits."""
     targets: torch.Tensor
     chunks: list[torch.Tensor]
     coefficients: Callable | None
@@ -60,26 +63,38 @@ class Plan:
     softcap: float | None
     need_entropy: bool
     backend: str
+    top_k: int = 0
+    log_min_p: float | None = None
 
 
 def _epilogues(plan: Plan, tile: torch.Tensor, targets: torch.Tensor):
-    """``(stats [r, 2], log p [r], entropy [r] or None, write_grad)`` of a float32 logits
-    chunk through the backend's ``token_logprobs`` kernels (Triton on CUDA, native on the
-    CPU); ``write_grad(grad_logprobs, grad_entropy)`` then turns the chunk into
-    ``dLoss/dZ`` in place."""
+    """``(log p [r], entropy [r] or None, write_grad)`` of a float32 logits chunk through the
+    backend's ``token_logprobs`` kernels (Triton on CUDA, native on the CPU), over the
+    sampler's support where the plan filters (the k-th value and row max from this chunk's
+    logits, as ``token_logprobs`` takes them); ``write_grad(grad_logprobs, grad_entropy)`` then
+    turns the chunk into ``dLoss/dZ`` in place."""
     launchers = token_logprobs_launchers(plan.backend)
     rows, layout = row_layout(tile)
     options = dict(inv_temperature=plan.inv_temperature, softcap=plan.softcap,
                    ignore_index=_NO_TARGET)
-    logprobs, entropy, stats = launchers.forward(rows, targets, layout,
+    support = None
+    if plan.top_k > 0 or plan.log_min_p is not None:
+        kth = _sampler.token_thresholds(rows, layout, plan.top_k) if plan.top_k > 0 else None
+        _, _, first = launchers.forward(rows, targets, layout, return_entropy=False, **options)
+        support = _sampler.Support(first[:, 0].contiguous(), kth, plan.log_min_p)
+    logprobs, entropy, stats = launchers.forward(rows, targets, layout, support=support,
                                                  return_entropy=plan.need_entropy, **options)
+    backward_support = None if support is None else _sampler.Support(
+        None, support.kth, support.log_min_p)
 
     def write_grad(grad_logprobs, grad_entropy):
+        if support is not None:  # a target outside the support: a constant -inf, no gradient
+            grad_logprobs = grad_logprobs.masked_fill(logprobs == float("-inf"), 0.0)
         launchers.backward(rows, targets, layout, stats,
                            entropy if grad_entropy is not None else None, grad_logprobs,
-                           grad_entropy, rows, layout, **options)
+                           grad_entropy, rows, layout, support=backward_support, **options)
         return tile
-    return stats, logprobs, entropy, write_grad
+    return logprobs, entropy, write_grad
 
 
 def run(hidden, weight, bias, plan: Plan, *, need_hidden: bool, need_weight: bool,
@@ -101,7 +116,7 @@ def run(hidden, weight, bias, plan: Plan, *, need_hidden: bool, need_weight: boo
         rows = hidden.index_select(0, index)
         targets = plan.targets.index_select(0, index).long()
         tile = _logits(rows, weight, bias, buffer[:len(index)])
-        _, chunk_logprobs, chunk_entropy, write_grad = _epilogues(plan, tile, targets)
+        chunk_logprobs, chunk_entropy, write_grad = _epilogues(plan, tile, targets)
         logprobs.index_copy_(0, index, chunk_logprobs)
         if entropy is not None:
             entropy.index_copy_(0, index, chunk_entropy)

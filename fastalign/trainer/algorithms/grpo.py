@@ -128,8 +128,8 @@ class GRPOTrainer(Trainer):
         self.reward_weights = list(reward_weights or [1.0] * len(reward_funcs))
         self.policy = CausalLMAdapter(model, padding_free=config.padding_free)
         self.loss = FusedPolicyLoss(
-            temperature=config.temperature, ignore_index=IGNORE_INDEX,
-            softcap=self.policy.softcap, **config.policy_loss_options())
+            ignore_index=IGNORE_INDEX, softcap=self.policy.softcap, **config.scoring,
+            **config.policy_loss_options())
         self.reference = (
             FrozenReference(model, ref_model, padding_free=config.padding_free)
             if config.beta > 0 or config.monitor_kl else None)
@@ -161,8 +161,8 @@ class GRPOTrainer(Trainer):
                                config.max_new_tokens) as bar:
             rollouts = generate_rollouts(
                 self.model, self.tokenizer, prompts, num_generations=config.num_generations,
-                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                top_p=config.top_p, seeds=seeds, padding_free=config.padding_free,
+                max_new_tokens=config.max_new_tokens, **config.sampling, seeds=seeds,
+                padding_free=config.padding_free,
                 synced=self.processes.distributed and self.processes.parallelism == "fsdp",
                 on_step=bar.update, sampler=sampler_copy(self.model, config.rollout_dtype),
                 sampler_logprobs=config.keeps_sampler_logprobs)
@@ -173,7 +173,7 @@ class GRPOTrainer(Trainer):
         if self.reference is None:
             return None
         return self.reference.completion_logprobs(**rollouts.model_inputs(),
-                                                  temperature=self.config.temperature)
+                                                  **self.config.scoring)
 
     def prepare_step(self, micro_item_lists: list[list]) -> GRPOStep:
         """Rollouts of all this rank's prompts of the step at once, each sampled with a seed of

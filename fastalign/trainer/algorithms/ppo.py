@@ -162,7 +162,7 @@ class PPOTrainer(Trainer):
         self.reference = FrozenReference(model, ref_model, padding_free=config.padding_free)
         check_rollout_dtype(self)
         self.policy_loss = FusedPolicyLoss(
-            temperature=config.temperature, softcap=self.policy.softcap,
+            **config.scoring, softcap=self.policy.softcap,
             ignore_index=IGNORE_INDEX, **config.policy_loss_options(aggregation="token_mean"))
 
     def on_wrapped(self, root):
@@ -220,7 +220,7 @@ class PPOTrainer(Trainer):
                                config.max_new_tokens) as bar:
             rollouts = generate_rollouts(
                 self.model, self.tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature, top_p=config.top_p, logprobs=False, seeds=seeds,
+                **config.sampling, logprobs=False, seeds=seeds,
                 synced=processes.distributed and processes.parallelism == "fsdp",
                 on_step=bar.update, sampler=sampler_copy(self.model, config.rollout_dtype),
                 sampler_logprobs=config.keeps_sampler_logprobs)
@@ -236,8 +236,7 @@ class PPOTrainer(Trainer):
         self.model.eval()
         rollouts.old_logprobs, values = self.policy.forward_with_head(
             lambda hidden, weight, bias: (
-                self.policy.head_logprobs(hidden, weight, bias, targets,
-                                          temperature=config.temperature),
+                self.policy.head_logprobs(hidden, weight, bias, targets, **config.scoring),
                 self.values(inputs, hidden) if self.shared_value_head else None),
             rollouts.input_ids, rollouts.attention_mask, rollouts.position_ids)
         if values is None:
@@ -250,8 +249,7 @@ class PPOTrainer(Trainer):
             stopped = ((rollouts.input_ids == self.tokenizer.eos_token_id)
                        & rollouts.completion_mask.bool()).any(-1)
             scores = scores - config.missing_eos_penalty * (~stopped).float()
-        ref_logprobs = self.reference.completion_logprobs(**inputs,
-                                                          temperature=config.temperature)
+        ref_logprobs = self.reference.completion_logprobs(**inputs, **config.scoring)
         kl = kl_estimate(rollouts.old_logprobs, ref_logprobs, config.kl_estimator) * mask
         rewards = -config.kl_coef * kl
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)

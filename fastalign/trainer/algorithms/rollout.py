@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..._validation import check_sampler
 from ..models.adapter import CausalLMAdapter
 from ..core.data import _ids
 
@@ -82,8 +83,10 @@ def _left_padded(rows: list[list[int]], pad_token_id: int):
 
 class _Sampling:
     """A ``generate`` logits processor that turns greedy decoding into sampling from
-    ``softmax(scores / temperature)`` restricted to the top-``top_p`` nucleus: it draws the token
-    itself and returns scores that are 0 there and -inf elsewhere.
+    ``softmax(scores / temperature)`` filtered as Hugging Face's warpers filter it, in
+    ``generate``'s order: the ``top_k`` most likely tokens (ties with the k-th kept), the
+    ``top_p`` nucleus, then the tokens with ``p >= min_p * max p``. It draws the token itself
+    and returns scores that are 0 there and -inf elsewhere.
 
     The draw inverts the CDF in two levels, blocks of ``BLOCK`` tokens then a token within the
     chosen block, both cumulated in float64 (a cumulative sum over 128k tokens in float32 could
@@ -99,23 +102,38 @@ class _Sampling:
     BLOCK = 1024
 
     def __init__(self, temperature: float, top_p: float, generators: list | None = None,
-                 record: bool = False):
+                 record: bool = False, top_k: int | None = None, min_p: float | None = None,
+                 processed: bool = False):
         self.temperature, self.top_p, self.generators = temperature, top_p, generators
-        # With record: each step's float32 log-prob of the drawn tokens under the sampler's
-        # softmax(scores / temperature) over the whole vocabulary, as the trainer's are taken
-        # (the nucleus is not renormalized), for rollout correction.
+        self.top_k, self.min_p, self.processed = top_k, min_p, processed
+        # With record: each step's float32 log-prob of the drawn tokens as the trainer takes
+        # them: under softmax(scores / temperature) over the whole vocabulary, or with
+        # ``processed`` over the top_k / min_p support, renormalized.
         self.recorded = [] if record else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() / self.temperature
-        log_normalizer = torch.logsumexp(scores, -1) if self.recorded is not None else None
+        log_normalizer = None
+        if self.recorded is not None and not self.processed:
+            log_normalizer = torch.logsumexp(scores, -1)
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, -torch.inf)
         order = None
         if self.top_p < 1:  # drop tokens once the more likely ones already hold top_p
             ordered, order = scores.sort(dim=-1, descending=True)
             probs = ordered.softmax(-1)
             probs.masked_fill_((probs.cumsum(-1) - probs) >= self.top_p, 0.0)
+            if self.min_p is not None:  # p >= min_p * max p; the max is the first, kept
+                probs.masked_fill_(probs < self.min_p * probs[:, :1], 0.0)
         else:
+            if self.min_p is not None:  # as MinPLogitsWarper: p >= min_p * max p
+                probs = scores.softmax(-1)
+                scores = scores.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True),
+                                            -torch.inf)
             probs = scores.softmax(-1)
+        if log_normalizer is None and self.recorded is not None:
+            log_normalizer = torch.logsumexp(scores, -1)  # over the kept support
         uniform = None
         if self.generators is not None:
             uniform = torch.tensor([[g.random()] for g in self.generators], dtype=torch.float64,
@@ -163,7 +181,8 @@ def _stop_mask(completion: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int = 1,
                       max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                      stop_tokens: list[str] | None = None, logprobs: bool = True,
+                      top_k: int | None = None, min_p: float | None = None,
+                      processed_logprobs: bool = False, stop_tokens: list[str] | None = None, logprobs: bool = True,
                       seeds: list[int] | None = None, synced: bool = False,
                       greedy: bool = False, padding_free: bool = False,
                       on_step: Callable[[], None] | None = None, sampler=None,
@@ -184,10 +203,15 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     inference engine in lower precision), while ``model`` recomputes the log-probs.
     ``sampler_logprobs``: keep the sampler's own log-prob of each sampled token
     (``Rollouts.sampler_logprobs``, the rollout log-probs of rollout correction).
+    ``top_k``, ``top_p``, ``min_p``: Hugging Face's warpers, in ``generate``'s order.
+    ``processed_logprobs``: every log-prob kept (recomputed and the sampler's) is of the
+    distribution sampled from, renormalized over the ``top_k`` / ``min_p`` support (not with
+    ``top_p < 1``: ``linear_logprobs`` refuses it).
 
     Raises:
         ValueError: no prompts, a non-positive count or length, a temperature <= 0, a top_p
-            outside (0, 1], a tokenizer without a pad token, or a stop token that is not one
+            or min_p outside (0, 1], a top_k < 1, processed_logprobs with top_p < 1, a
+            tokenizer without a pad token, or a stop token that is not one
             token of the vocabulary.
     """
     if not prompts:
@@ -200,6 +224,11 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    check_sampler(top_k, min_p, None)
+    if processed_logprobs and top_p < 1:
+        raise ValueError(f"processed_logprobs cannot score a top_p={top_p!r} sampler exactly (the "
+                         "nucleus needs each row's probabilities sorted); sample with top_k / "
+                         "min_p instead, or leave processed_logprobs off")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set one first, e.g. "
                          "tokenizer.pad_token = tokenizer.eos_token")
@@ -228,7 +257,8 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     generators = None if seeds is None else [
         random.Random(f"{seed}/{g}") for seed in seeds for g in range(num_generations)]
     sampling = None if greedy else _Sampling(temperature, top_p, generators,
-                                             record=sampler_logprobs)
+                                             record=sampler_logprobs, top_k=top_k,
+                                             min_p=min_p, processed=processed_logprobs)
     sequences = sampler.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, num_beams=1,
         logits_processor=([sampling] if sampling else [])
@@ -246,7 +276,8 @@ def generate_rollouts(model, tokenizer, prompts: list, *, num_generations: int =
     if logprobs:
         old_logprobs, _ = CausalLMAdapter(model, padding_free=padding_free).completion_logprobs(
             input_ids, completion_mask, attention_mask, position_ids=position_ids,
-            temperature=temperature)
+            temperature=temperature, top_k=top_k if processed_logprobs else None,
+            min_p=min_p if processed_logprobs else None)
     recorded = None
     if sampler_logprobs:
         # Completion token j sits at position P + j; its log-prob at P + j - 1 of [R, T - 1].

@@ -177,6 +177,13 @@ class RLConfig(TrainConfig):
         1.0, "sampling temperature (the log-probs are taken at the same temperature)")
     top_p: float = option(
         1.0, "nucleus sampling: keep the most likely tokens holding this probability")
+    top_k: int | None = option(None, "sample from the top_k most likely tokens only")
+    min_p: float | None = option(
+        None, "sample only the tokens with probability >= min_p x the most likely one's")
+    processed_logprobs: bool = option(
+        False, "take every log-prob (rollouts, policy, reference) of the distribution the "
+               "sampler drew from: renormalized over its top_k / min_p support (vLLM's "
+               "logprobs_mode processed_logprobs); exact, not with top_p < 1")
     clip_low: float = option(0.2, "PPO clip range below 1 (ratio >= 1 - clip_low)")
     clip_high: float | None = option(
         None, "clip range above 1 (default: clip_low; DAPO uses 0.28)")
@@ -243,6 +250,20 @@ class RLConfig(TrainConfig):
         return options
 
     @property
+    def scoring(self) -> dict:
+        """The options every log-prob of the run is taken with: the sampling temperature, and
+        with ``processed_logprobs`` the sampler's ``top_k`` / ``min_p``."""
+        processed = self.processed_logprobs
+        return dict(temperature=self.temperature, top_k=self.top_k if processed else None,
+                    min_p=self.min_p if processed else None)
+
+    @property
+    def sampling(self) -> dict:
+        """``generate_rollouts``' sampler options of this config."""
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                    min_p=self.min_p, processed_logprobs=self.processed_logprobs)
+
+    @property
     def keeps_sampler_logprobs(self) -> bool:
         """Whether rollouts keep the sampler's own log-probs beside the trainer's."""
         return self.rollout_correction is not None or self.rollout_dtype is not None
@@ -258,6 +279,14 @@ class RLConfig(TrainConfig):
         check_greater(self, 0, ["temperature"])
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_at_least(self, 1, ["top_k"])
+        if self.min_p is not None and not 0 < self.min_p <= 1:
+            raise ConfigError(f"min_p must be in (0, 1], got {self.min_p!r}")
+        if self.processed_logprobs and self.top_p < 1:
+            raise ConfigError(
+                "processed_logprobs cannot score a top_p < 1 sampler exactly (the nucleus needs "
+                "each row's probabilities sorted); sample with top_k / min_p instead, or leave "
+                "processed_logprobs off")
         if not 0 <= self.clip_low < 1:  # the ratio's lower bound 1 - clip_low stays positive
             raise ConfigError(f"clip_low must be in [0, 1), got {self.clip_low!r}")
         check_at_least(self, 0, ["clip_high"])

@@ -128,22 +128,27 @@ class CausalLMAdapter:
     def completion_logprobs(self, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                             attention_mask: torch.Tensor | None = None, *,
                             position_ids: torch.Tensor | None = None,
-                            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                            temperature: float = 1.0, top_k: int | None = None,
+                            min_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(per_token [B, T-1], counts [B])``: float32 log-probs of each completion token
         given what precedes it (0 elsewhere) and the number of completion tokens per row.
-        Differentiable w.r.t. the model's parameters (hidden states and lm_head)."""
+        Differentiable w.r.t. the model's parameters (hidden states and lm_head). ``top_k`` /
+        ``min_p``: over the sampler's support, renormalized (``linear_logprobs``)."""
         targets = completion_targets(input_ids, completion_mask, attention_mask)
         per_token = self.forward_with_head(
-            lambda hidden, weight, bias: self.head_logprobs(hidden, weight, bias, targets,
-                                                            temperature=temperature),
+            lambda hidden, weight, bias: self.head_logprobs(
+                hidden, weight, bias, targets, temperature=temperature, top_k=top_k,
+                min_p=min_p),
             input_ids, attention_mask, position_ids)
         return per_token, (targets != IGNORE_INDEX).sum(-1)
 
-    def head_logprobs(self, hidden, weight, bias, targets, *, temperature: float = 1.0):
+    def head_logprobs(self, hidden, weight, bias, targets, *, temperature: float = 1.0,
+                      top_k: int | None = None, min_p: float | None = None):
         """``[B, T-1]`` float32 log-probs of ``targets`` under the head ``(weight, bias)`` (as
         ``forward_with_head`` passes it, the logit scale in) with the model's soft cap."""
         return linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                               softcap=self.softcap, ignore_index=IGNORE_INDEX)
+                               softcap=self.softcap, ignore_index=IGNORE_INDEX, top_k=top_k,
+                               min_p=min_p)
 
     def sequence_logprobs(self, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, *,
@@ -218,12 +223,14 @@ class FrozenReference:
             processes.shard(self.adapter.model, precision, frozen=True)
 
     def completion_logprobs(self, input_ids, completion_mask, attention_mask=None, *,
-                            position_ids=None, temperature: float = 1.0) -> torch.Tensor:
+                            position_ids=None, temperature: float = 1.0,
+                            top_k: int | None = None, min_p: float | None = None
+                            ) -> torch.Tensor:
         """``[B, T-1]`` per-token log-probs of the reference, without gradient."""
         with self.adapter.reference_context(disable_adapters=self.uses_base):
             return self.adapter.completion_logprobs(
                 input_ids, completion_mask, attention_mask, position_ids=position_ids,
-                temperature=temperature)[0]
+                temperature=temperature, top_k=top_k, min_p=min_p)[0]
 
 
 def _padded(side: dict, length: int):
