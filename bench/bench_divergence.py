@@ -193,6 +193,7 @@ def add_options(parser) -> None:
     parser.add_argument("--dtype", default=None, choices=list(_measure.DTYPES),
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per CPU measurement")
+    harness.add_rounds_option(parser)
 
 
 def run(args) -> list[dict]:
@@ -208,13 +209,15 @@ def run(args) -> list[dict]:
     # The floor once (no beta), then every other provider per beta.
     configs = [(FLOOR, None)] if FLOOR in args.providers else []
     configs += [(p, beta) for beta in args.betas for p in args.providers if p != FLOOR]
+    specs = [dict(provider=provider, beta=beta, tokens=n, hidden=d, teacher_hidden=d_teacher,
+                  vocab=vocab, dtype=dtype, device=args.device, repeats=args.repeats)
+             for provider, beta in configs]
+    results = harness.measure_rounds(
+        specs, measure, args.rounds,
+        lambda spec: f"{spec['provider']} beta={spec['beta']} N={n} D={d} D_t={d_teacher} "
+                     f"V={vocab} {dtype}")
     rows = []
-    for index, (provider, beta) in enumerate(configs, 1):
-        spec = dict(provider=provider, beta=beta, tokens=n, hidden=d, teacher_hidden=d_teacher,
-                    vocab=vocab, dtype=dtype, device=args.device, repeats=args.repeats)
-        print(f"[{index}/{len(configs)}] {provider} beta={beta} N={n} D={d} D_t={d_teacher} "
-              f"V={vocab} {dtype}", flush=True)
-        result = measure(spec)
+    for (provider, beta), result in zip(configs, results):
         for key, digits in (("time_ms", 3), ("peak_mb", 1)):
             if result.get(key) is not None:
                 result[key] = round(result[key], digits)

@@ -192,17 +192,20 @@ def run(args) -> list[dict]:
     rows = []
     rate = None
     providers = [p for p in args.providers if args.op == "grpo" or p not in GRPO_ONLY]
-    for index, provider in enumerate(providers, 1):
-        spec = dict(op=args.op, provider=provider, mode="fwd_bwd", dtype=dtype, pairs=args.pairs,
-                    seq=args.seq, hidden=args.hidden, vocab=args.vocab, repeats=args.repeats)
-        print(f"[{index}/{len(providers)}] {provider} {args.op} {dtype} N={tokens}", flush=True)
+    specs = [dict(op=args.op, provider=provider, mode="fwd_bwd", dtype=dtype, pairs=args.pairs,
+                  seq=args.seq, hidden=args.hidden, vocab=args.vocab, repeats=args.repeats)
+             for provider in providers]
+    results = harness.measure_rounds(
+        specs, lambda spec: harness.measure(make_call, __file__, spec, device), args.rounds,
+        lambda spec: f"{spec['provider']} {args.op} {dtype} N={tokens}")
+    for provider, spec, result in zip(providers, specs, results):
         rows.append({"op": name, "provider": provider, "mode": "fwd_bwd", "dtype": dtype,
                      "shape": f"{2 * args.pairs}x{args.seq}", "n_rows": tokens,
                      "hidden": args.hidden, "vocab": args.vocab,
                      "logits_mb": round(tokens * args.vocab * itemsize / 2**20, 1),
                      "floor_mb": round((tokens + args.vocab) * args.hidden * itemsize / 2**20, 1),
                      "time_ms": None, "peak_mb": None, "error": "",
-                     **harness.measure(make_call, __file__, spec, device), **stamp})
+                     **result, **stamp})
         rate = rate or matmul_gflops(spec, device)  # after the first worker: a warm machine
         seconds = (rows[-1]["time_ms"] or float("nan")) / 1e3
         rows[-1]["matmul_gflops"] = round(rate, 1)

@@ -99,11 +99,12 @@ def run(args) -> list[dict]:
                    dict(op=args.op, provider=p, mode=m, dtype=d, shape=s, tokens=tokens,
                         hidden=SHAPES[s][0], vocab=SHAPES[s][1], repeats=args.repeats),
                    trees, own=p == "fastalign")]
+    results = harness.measure_rounds(
+        configs, lambda spec: measure(spec, device), args.rounds,
+        lambda spec: f"{spec['provider']} {spec['mode']} {spec['dtype']} {spec['shape']} "
+                     f"N={tokens} D={spec['hidden']} V={spec['vocab']}")
     rows = []
-    for index, spec in enumerate(configs, 1):
-        print(f"[{index}/{len(configs)}] {spec['provider']} {spec['mode']} {spec['dtype']} "
-              f"{spec['shape']} N={tokens} D={spec['hidden']} V={spec['vocab']}", flush=True)
-        result = measure(spec, device)
+    for spec, result in zip(configs, results):
         itemsize = DTYPES[spec["dtype"]].itemsize
         logits_mb = tokens * spec["vocab"] * itemsize / 2**20
         floor_mb = (tokens + spec["vocab"]) * spec["hidden"] * itemsize / 2**20 if spec["mode"] == "fwd_bwd" else 0

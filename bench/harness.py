@@ -185,6 +185,35 @@ def add_sweep_options(parser: argparse.ArgumentParser, modes) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--modes", nargs="+", default=list(modes), choices=modes)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per CPU measurement")
+    add_rounds_option(parser)
+
+
+def add_rounds_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every configuration this many times, the rounds "
+                             "interleaved, and keep each one's fastest time (a shared machine's "
+                             "load drifts over minutes: every configuration then sees it alike)")
+
+
+def measure_rounds(configs: list, measure_one: Callable[[object], dict], rounds: int,
+                   describe: Callable[[object], str]) -> list[dict]:
+    """``measure_one(config)`` of every configuration, ``rounds`` times: all configurations once,
+    then all again, each keeping its fastest ``time_ms`` (its memory and other fields from its
+    first round: they do not depend on the load), with ``rounds`` recorded."""
+    if rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {rounds}")
+    best: list[dict | None] = [None] * len(configs)
+    for round_index in range(rounds):
+        for index, config in enumerate(configs):
+            where = f", round {round_index + 1}/{rounds}" if rounds > 1 else ""
+            print(f"[{index + 1}/{len(configs)}{where}] {describe(config)}", flush=True)
+            result = measure_one(config)
+            kept = best[index]
+            if kept is None or "error" in kept:
+                best[index] = dict(result, rounds=rounds)
+            elif result.get("time_ms") is not None and result["time_ms"] < kept["time_ms"]:
+                kept["time_ms"] = result["time_ms"]
+    return best
 
 
 def add_step_options(parser: argparse.ArgumentParser, *, hidden: int, layers: int,
