@@ -18,6 +18,9 @@ chunked fused-linear losses, time and peak memory.
   fastalign_two_pass  the same with gradient_in_forward=False
   fastalign_entropy   fastalign.FusedPolicyLoss with an entropy bonus (entropy_coef=0.01: the
                  entropy's gradient formed in the same pass), beside ``fastalign`` for its cost
+  fastalign_min_p / fastalign_top_k   fastalign.FusedPolicyLoss scoring over a sampler's support
+                 (min_p=0.05 / top_k=50: the chunk's row max, or its k-th value, found first),
+                 beside ``fastalign`` for their cost
 Gradients w.r.t. the policy's hidden states and head. Memory is the peak beyond the inputs,
 gradients included (see bench_linear_logprobs.py for how it is measured). ``matmul_efficiency``:
 the provider's head matmul FLOPs (per row and vocabulary entry, 2·D per pass: 3 passes for a
@@ -45,8 +48,10 @@ from fastalign import _measure  # noqa: E402
 from fastalign.losses import dpo_loss, policy_loss  # noqa: E402
 
 PROVIDERS = ("torch_unfused", "trl", "liger", "fastalign_two_pass", "fastalign",
-             "fastalign_entropy")
-GRPO_ONLY = ("fastalign_entropy",)
+             "fastalign_entropy", "fastalign_min_p", "fastalign_top_k")
+GRPO_ONLY = ("fastalign_entropy", "fastalign_min_p", "fastalign_top_k")
+# The sampler options of the fastalign_min_p / fastalign_top_k providers.
+SAMPLERS = {"fastalign_min_p": dict(min_p=0.05), "fastalign_top_k": dict(top_k=50)}
 MODES = ("fwd_bwd",)
 RESULTS = Path(__file__).parent / "results"
 BETA, KL_COEF, ENTROPY_COEF = 0.1, 0.04, 0.01
@@ -74,17 +79,28 @@ def _trl_logprobs(hidden, weight, targets):
     return picked * (targets != -100)
 
 
+def _most_likely(hidden, weight, targets, rows: int = 256) -> torch.Tensor:
+    """``targets`` with each kept row's most likely token instead (a chunk of rows at a time)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    best = torch.cat([(flat[i:i + rows] @ weight.T).argmax(-1)
+                      for i in range(0, flat.shape[0], rows)]).view(targets.shape)
+    return torch.where(targets == -100, targets, best)
+
+
 def make_call(spec: dict, device: torch.device):
     hidden, weight, targets, ref_hidden, ref_weight = make_inputs(spec, device)
     provider, op = spec["provider"], spec["op"]
     rows = targets.shape[0]
     gen = torch.Generator(device=device).manual_seed(1)
     advantages = torch.randn(rows, device=device, generator=gen)
+    sampler = SAMPLERS.get(provider, {})
     with torch.no_grad():  # GRPO's old and reference per-token log-probs, given to everyone
-        old = fastalign.linear_logprobs(hidden, weight, targets)
+        if sampler:  # tokens a sampler with these settings can draw: each row's most likely
+            targets = _most_likely(hidden, weight, targets)
+        old = fastalign.linear_logprobs(hidden, weight, targets, **sampler)
         ref = fastalign.linear_logprobs(ref_hidden, ref_weight, targets)
 
-    one_pass = provider in ("fastalign", "fastalign_entropy")
+    one_pass = provider != "fastalign_two_pass"
     if op == "dpo" and provider.startswith("fastalign"):
         module = fastalign.FusedDPOLoss(beta=BETA, gradient_in_forward=one_pass)
 
@@ -107,7 +123,8 @@ def make_call(spec: dict, device: torch.device):
     elif provider.startswith("fastalign"):
         entropy_coef = ENTROPY_COEF if provider == "fastalign_entropy" else 0.0
         module = fastalign.FusedPolicyLoss(kl_coef=KL_COEF, gradient_in_forward=one_pass,
-                                           entropy_coef=entropy_coef)
+                                           entropy_coef=entropy_coef,
+                                           **SAMPLERS.get(provider, {}))
 
         def loss():
             return module(hidden, weight, targets, advantages, old_logprobs=old,
