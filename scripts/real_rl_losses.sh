@@ -32,8 +32,8 @@ for seed in ${SEEDS:-0 1}; do
     esac
     name=rl-$arm-$seed
     echo "== $name"
-    { set -x; time "${PYTHON:-.venv/bin/python}" -m fastalign train grpo "${common[@]}" "${extra[@]}" \
-        --seed "$seed" --output "$runs/$name"; } > "$results/$name.log" 2>&1
+    ( set -x; time "${PYTHON:-.venv/bin/python}" -m fastalign train grpo "${common[@]}" \
+        "${extra[@]}" --seed "$seed" --output "$runs/$name" ) > "$results/$name.log" 2>&1
     cp "$runs/$name/metrics.jsonl" "$results/$name.metrics.jsonl"
     grep "held-out" "$results/$name.log" | tail -1
   done
