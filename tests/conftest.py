@@ -64,6 +64,21 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(_tiles, "TILE_ELEMENTS", 1024)
 
 
+@pytest.fixture
+def chunk_counts(monkeypatch):
+    """The chunk count of every gradient-in-forward pass (``ops/linear_loss.run``) in the test:
+    empty when the two-pass path ran instead."""
+    from fastalign.ops import linear_loss
+
+    counts, run = [], linear_loss.run
+
+    def counting(hidden, weight, bias, plan, **needs):
+        counts.append(len(plan.chunks))
+        return run(hidden, weight, bias, plan, **needs)
+    monkeypatch.setattr(linear_loss, "run", counting)
+    return counts
+
+
 @pytest.fixture(autouse=True)
 def poison_allocations(monkeypatch):
     """Every float tensor from torch.empty / empty_like starts as NaN, so an output element a

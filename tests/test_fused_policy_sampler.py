@@ -11,7 +11,6 @@ from helpers import warped_entropy, warped_log_softmax
 
 import fastalign as fa
 from fastalign.losses import policy_loss
-from fastalign.ops import linear_loss
 
 TOL = 1e-5
 VOCAB = 1000 + 7  # a multiple of no block
@@ -84,18 +83,6 @@ def fused(hidden, weight, targets, advantages, old, sampler, loss_options, *, on
                            old_logprobs=old.float().to(DEVICE),
                            ref_logprobs=reference_of(old.float().to(DEVICE), loss_options))
     return (loss, metrics, *torch.autograd.grad(loss, leaves))
-
-
-@pytest.fixture
-def chunk_counts(monkeypatch):
-    """The chunk count of every gradient-in-forward pass (none: the two-pass path ran)."""
-    counts, run = [], linear_loss.run
-
-    def counting(hidden, weight, bias, plan, **needs):
-        counts.append(len(plan.chunks))
-        return run(hidden, weight, bias, plan, **needs)
-    monkeypatch.setattr(linear_loss, "run", counting)
-    return counts
 
 
 @pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "two_pass"])

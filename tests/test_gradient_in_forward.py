@@ -10,24 +10,11 @@ import torch
 from conftest import DEVICE, assert_close
 
 import fastalign as fa
-import fastalign.ops.linear_loss as linear_loss
 from fastalign.losses import dpo_loss, policy_loss
 from fastalign.losses.dpo import LOSS_TYPES
 from fastalign.losses.policy import AGGREGATIONS
 
 V, D, T = 301, 16, 7  # V odd, a prime: no tile or chunk divides it
-
-
-@pytest.fixture
-def passes(monkeypatch):
-    """The chunk counts of every one-pass run."""
-    counts, run = [], linear_loss.run
-
-    def counting(hidden, weight, bias, plan, **needs):
-        counts.append(len(plan.chunks))
-        return run(hidden, weight, bias, plan, **needs)
-    monkeypatch.setattr(linear_loss, "run", counting)
-    return counts
 
 
 def _head(rows, seed, *, bias, dtype=torch.float32):
@@ -74,7 +61,7 @@ def _check(module, leaves, targets, call, reference_loss, tolerance=1e-5):
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_dpo_every_loss_type_equals_float64_and_two_pass(backend, passes, loss_type):
+def test_dpo_every_loss_type_equals_float64_and_two_pass(backend, chunk_counts, loss_type):
     pairs = 3
     leaves, targets, gen = _head(2 * pairs, seed=len(loss_type), bias=True)
     ref_chosen, ref_rejected = (torch.randn(pairs, generator=gen).to(DEVICE) - 40
@@ -97,12 +84,12 @@ def test_dpo_every_loss_type_equals_float64_and_two_pass(backend, passes, loss_t
         return dpo_loss(chosen, rejected, ref_chosen.double(), ref_rejected.double(),
                         **options)[0]
     _check(module, leaves, targets, call, reference)
-    assert passes and passes[0] >= 2  # the one-pass path ran, over several chunks
+    assert chunk_counts and chunk_counts[0] >= 2  # the one-pass path ran, over several chunks
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_policy_every_aggregation_equals_float64_and_two_pass(backend, passes, level,
+def test_policy_every_aggregation_equals_float64_and_two_pass(backend, chunk_counts, level,
                                                               aggregation):
     rows = 4
     leaves, targets, gen = _head(rows, seed=3, bias=False)
@@ -121,10 +108,10 @@ def test_policy_every_aggregation_equals_float64_and_two_pass(backend, passes, l
         return policy_loss(per_token, old.double(), advantages.double(), targets != -100,
                            ref_logprobs=ref.double(), **options)[0]
     _check(module, leaves, targets, call, reference)
-    assert passes and passes[0] >= 2
+    assert chunk_counts and chunk_counts[0] >= 2
 
 
-def test_bf16_autocast_stays_within_the_contract(passes):
+def test_bf16_autocast_stays_within_the_contract(chunk_counts):
     """bf16 hidden states against fp32 master weights (autocast), on the CPU's own path."""
     leaves, targets, gen = _head(4, seed=5, bias=False, dtype=torch.bfloat16)
     advantages = torch.randn(4, generator=gen).to(DEVICE)
@@ -137,34 +124,34 @@ def test_bf16_autocast_stays_within_the_contract(passes):
         assert grad.dtype == wanted.dtype
         assert_close(grad, wanted, 1e-2, "bf16 gradient vs two-pass")
     assert_close(loss, two_loss, 1e-2, "bf16 loss")
-    assert passes
+    assert chunk_counts
 
 
-def test_frozen_head_gets_no_weight_gradient(passes):
+def test_frozen_head_gets_no_weight_gradient(chunk_counts):
     leaves, targets, gen = _head(2, seed=6, bias=False)
     hidden, weight = leaves
     weight.requires_grad_(False)
     loss, _ = fa.FusedPolicyLoss()(hidden, weight, targets, torch.randn(2).to(DEVICE))
     loss.backward()
-    assert weight.grad is None and torch.isfinite(hidden.grad).all() and passes
+    assert weight.grad is None and torch.isfinite(hidden.grad).all() and chunk_counts
 
 
-def test_where_the_mode_steps_aside(passes, caplog):
+def test_where_the_mode_steps_aside(chunk_counts, caplog):
     """Gradients wanted through the advantages, no gradient at all, or a pair larger than a
     chunk: the two-pass path (the last said in a debug log)."""
     leaves, targets, gen = _head(2, seed=7, bias=False)
     advantages = torch.randn(2, generator=gen).to(DEVICE).requires_grad_()
     loss, _ = fa.FusedPolicyLoss()(*leaves, targets, advantages)
     loss.backward()
-    assert advantages.grad is not None and not passes
+    assert advantages.grad is not None and not chunk_counts
     with torch.no_grad():
         fa.FusedPolicyLoss()(*leaves, targets, advantages.detach())
-    assert not passes
+    assert not chunk_counts
     with caplog.at_level(logging.DEBUG, logger="fastalign"):
         zero = torch.zeros(1, device=DEVICE)
         loss, _ = fa.FusedDPOLoss(chunk_mb=0.001)(*leaves, targets, ref_chosen_logps=zero,
                                                   ref_rejected_logps=zero)
-    assert not passes and "exceeds the 0.001 MiB chunk" in caplog.text
+    assert not chunk_counts and "exceeds the 0.001 MiB chunk" in caplog.text
     assert torch.isfinite(torch.autograd.grad(loss, leaves)[0]).all()
 
 
@@ -176,7 +163,7 @@ def test_options_are_checked_with_their_names(module):
         module(chunk_mb=0)
 
 
-def test_bad_input_is_named_as_linear_logprobs_names_it(passes):
+def test_bad_input_is_named_as_linear_logprobs_names_it(chunk_counts):
     """The one-pass path checks what linear_logprobs checks before any kernel runs."""
     leaves, targets, gen = _head(2, seed=8, bias=False)
     hidden, weight = leaves
@@ -191,4 +178,4 @@ def test_bad_input_is_named_as_linear_logprobs_names_it(passes):
     with pytest.raises(TypeError, match="integer tensor"):
         fa.FusedDPOLoss()(hidden, weight, targets.float(), ref_chosen_logps=zero,
                           ref_rejected_logps=zero)
-    assert not passes
+    assert not chunk_counts

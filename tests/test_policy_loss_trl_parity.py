@@ -27,7 +27,6 @@ from helpers import slow_beyond
 
 pytest.importorskip("trl")
 import fastalign as fa  # noqa: E402
-import fastalign.ops.linear_loss as linear_loss  # noqa: E402
 from fastalign.losses import policy_loss  # noqa: E402
 from fastalign.losses.policy import DEFAULTS  # noqa: E402
 from trl_grpo_reference import (TRL_DEFAULTS, Batch, fastalign_options,  # noqa: E402
@@ -195,18 +194,6 @@ def test_policy_loss_equals_trl(case):
                                   _grads(theirs, theirs_leaves)):
         assert_close(grad, wanted, TOL, f"{case} gradient w.r.t. {name}")
     _compare_metrics(args, metrics, trl_metrics, TOL, case)
-
-
-@pytest.fixture
-def chunk_counts(monkeypatch):
-    """The chunk count of every gradient-in-forward run."""
-    counts, run = [], linear_loss.run
-
-    def counting(hidden, weight, bias, plan, **needs):
-        counts.append(len(plan.chunks))
-        return run(hidden, weight, bias, plan, **needs)
-    monkeypatch.setattr(linear_loss, "run", counting)
-    return counts
 
 
 def _head(seed=2):
