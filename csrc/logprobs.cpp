@@ -29,8 +29,37 @@ namespace {
 // exps taken relative to it: exp(60) * V stays far below FLT_MAX, and fast_exp is exact up to 88.
 constexpr float kHeadroom = 60.0f;
 
-// The columns [0, n) of one row block, read a pair of vectors at a time and turned into keys
-// in registers; the lanes past n of the last pair are -inf.
+// The columns [0, n) of a row block, read a pair of vectors at a time and turned into keys in
+// registers by `key`; the lanes past n of the last pair are -inf. Both readers below share it.
+template <typename scalar_t, typename Key, typename F>
+inline void for_each_key_pair(const scalar_t* src, int64_t n, const Key& key, F&& f) {
+  Vec a, b;
+  int64_t j = 0;
+  for (; j + kPair <= n; j += kPair) {
+    load_pair_any(src + j, a, b);  // any order: every caller reduces
+    f(key(a), key(b));
+  }
+  if (j < n) {
+    load_pair_partial(src + j, n - j, 0.0f, a, b);
+    a = key(a);
+    b = key(b);
+    mask_pair_tail(n - j, a, b);
+    f(a, b);
+  }
+}
+
+// The max key of a block reader (RowBlock, SupportBlock).
+template <typename Block>
+float block_max(const Block& block) {
+  Vec max_a(-INFINITY), max_b(-INFINITY);
+  block.for_each_pair([&](const Vec& a, const Vec& b) {
+    max_a = nan_maximum(max_a, a);
+    max_b = nan_maximum(max_b, b);
+  });
+  return reduce_max(nan_maximum(max_a, max_b));
+}
+
+// The columns [0, n) of one row block as keys (the row's transform of each logit).
 template <typename scalar_t, Kind kKind>
 struct RowBlock {
   const scalar_t* src;
@@ -39,29 +68,10 @@ struct RowBlock {
 
   template <typename F>
   void for_each_pair(F&& f) const {
-    Vec a, b;
-    int64_t j = 0;
-    for (; j + kPair <= n; j += kPair) {
-      load_pair_any(src + j, a, b);  // any order: every caller reduces
-      f(transform(a), transform(b));
-    }
-    if (j < n) {
-      load_pair_partial(src + j, n - j, 0.0f, a, b);
-      a = transform(a);
-      b = transform(b);
-      mask_pair_tail(n - j, a, b);
-      f(a, b);
-    }
+    for_each_key_pair(src, n, transform, f);
   }
 
-  float max() const {
-    Vec max_a(-INFINITY), max_b(-INFINITY);
-    for_each_pair([&](const Vec& a, const Vec& b) {
-      max_a = nan_maximum(max_a, a);
-      max_b = nan_maximum(max_b, b);
-    });
-    return reduce_max(nan_maximum(max_a, max_b));
-  }
+  float max() const { return block_max(*this); }
 };
 
 // The sampler's support of one row: a column is kept when its raw logit z >= kth (top-k, ties
@@ -100,29 +110,10 @@ struct SupportBlock {
 
   template <typename F>
   void for_each_pair(F&& f) const {
-    Vec a, b;
-    int64_t j = 0;
-    for (; j + kPair <= n; j += kPair) {
-      load_pair_any(src + j, a, b);
-      f(key(a), key(b));
-    }
-    if (j < n) {
-      load_pair_partial(src + j, n - j, 0.0f, a, b);
-      a = key(a);
-      b = key(b);
-      mask_pair_tail(n - j, a, b);
-      f(a, b);
-    }
+    for_each_key_pair(src, n, [this](const Vec& z) { return key(z); }, f);
   }
 
-  float max() const {
-    Vec max_a(-INFINITY), max_b(-INFINITY);
-    for_each_pair([&](const Vec& a, const Vec& b) {
-      max_a = nan_maximum(max_a, a);
-      max_b = nan_maximum(max_b, b);
-    });
-    return reduce_max(nan_maximum(max_a, max_b));
-  }
+  float max() const { return block_max(*this); }
 };
 
 // The per-call transform with row `row`'s own 1 / T when the call gives one per row.
