@@ -50,6 +50,15 @@ def choose_targets(targets, topk_targets) -> tuple[torch.Tensor, bool]:
     return (targets, False) if topk_targets is None else (topk_targets, True)
 
 
+def values_checkable(tensor: torch.Tensor) -> bool:
+    """Whether a check may read ``tensor``'s values: on the CPU, and on CUDA only with
+    ``FASTALIGN_CHECK_TARGETS=1`` (reading them there is a GPU sync); never while torch.compile
+    traces (the values are not known then)."""
+    if torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == "cpu" or os.environ.get(CHECK_TARGETS_ENV) == "1"
+
+
 def check_targets(targets, leading_shape, vocab_size: int, device: torch.device, ignore_index,
                   source: str = "logits", topk: bool = False) -> None:
     """Type, shape and device of ``targets`` against ``source`` (a ``[..., V]`` tensor or
@@ -77,10 +86,7 @@ def check_targets(targets, leading_shape, vocab_size: int, device: torch.device,
     if targets.device != device:
         raise ValueError(f"{source} is on {device} but {name} is on {targets.device}; "
                          "move both to the same device")
-    # Under torch.compile the values are not known while tracing; the kernels stay in bounds.
-    if torch.compiler.is_compiling():
-        return
-    if targets.device.type == "cpu" or os.environ.get(CHECK_TARGETS_ENV) == "1":
+    if values_checkable(targets):  # elsewhere the kernels stay in bounds
         check_target_range(targets, vocab_size, ignore_index, name)
 
 
@@ -309,9 +315,7 @@ def check_row_temperature(value, leading_shape, device: torch.device, source: st
     if value.device != device:
         raise ValueError(f"{source} is on {device} but temperature is on {value.device}; "
                          "move both to the same device")
-    if torch.compiler.is_compiling():
-        return
-    if value.device.type == "cpu" or os.environ.get(CHECK_TARGETS_ENV) == "1":
+    if values_checkable(value):
         low, high = SCALE_RANGE
         bad = ~((value >= low) & (value <= high))  # NaN fails both comparisons
         if bool(bad.any()):
