@@ -127,11 +127,12 @@ class _Sampling:
             if self.min_p is not None:  # p >= min_p * max p; the max is the first, kept
                 probs.masked_fill_(probs < self.min_p * probs[:, :1], 0.0)
         else:
+            probs = scores.softmax(-1)  # _draw takes unnormalized probabilities
             if self.min_p is not None:  # as MinPLogitsWarper: p >= min_p * max p
-                probs = scores.softmax(-1)
-                scores = scores.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True),
-                                            -torch.inf)
-            probs = scores.softmax(-1)
+                removed = probs < self.min_p * probs.amax(-1, keepdim=True)
+                probs.masked_fill_(removed, 0.0)
+                if self.processed and self.recorded is not None:  # the kept normalizer below
+                    scores = scores.masked_fill(removed, -torch.inf)
         if log_normalizer is None and self.recorded is not None:
             log_normalizer = torch.logsumexp(scores, -1)  # over the kept support
         uniform = None
