@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GRPO on SmolLM2-135M-Instruct (make real) with today's RL losses side by side, two seeds each:
 # the default clipped surrogate (loss_type grpo), CISPO, SAPO, and the default loss on rollouts
-# sampled from a bf16 copy of the policy with token-level truncated importance sampling (TIS).
+# sampled from a bf16 copy of the policy, with token-level truncated importance sampling (TIS,
+# arm bf16-tis) and without any correction (arm bf16, the mismatch left as it is).
 # Each run logs its held-out verifier scores before and after training; logs and metrics.jsonl
 # land in bench/results/real_model/rl-<arm>-<seed>.*; docs/real_model.md has the table.
 #
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 runs=${1:-runs}
 shift || true
 arms=("$@")
-[ ${#arms[@]} -gt 0 ] || arms=(grpo cispo sapo bf16-tis)
+[ ${#arms[@]} -gt 0 ] || arms=(grpo cispo sapo bf16-tis bf16)
 results=bench/results/real_model
 mkdir -p "$results" "$runs"
 
@@ -32,7 +33,8 @@ for seed in ${SEEDS:-0 1}; do
       cispo) extra=(--loss-type cispo) ;;
       sapo) extra=(--loss-type sapo) ;;
       bf16-tis) extra=(--loss-type grpo --rollout-dtype bf16 --rollout-correction token_truncate) ;;
-      *) echo "unknown arm $arm (grpo, cispo, sapo, bf16-tis)" >&2; exit 2 ;;
+      bf16) extra=(--loss-type grpo --rollout-dtype bf16) ;;
+      *) echo "unknown arm $arm (grpo, cispo, sapo, bf16-tis, bf16)" >&2; exit 2 ;;
     esac
     name=rl-$arm$suffix-$seed
     echo "== $name"
