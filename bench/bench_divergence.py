@@ -8,7 +8,8 @@ returned by ``torch.autograd.grad``, as in the other scripts, so the peak memory
 ``beta`` is TRL's: 0 forward KL(teacher || student), 1 reverse KL(student || teacher), in
 between the generalized JSD (``--betas``, default 0.5 1.0). Providers:
   fastalign           fastalign.FusedDistillationLoss(beta) (the student's gradient formed in
-                      the forward); targets any ids, none ignored
+                      the forward); targets any ids, none ignored; ``--chunk-mb`` measures it
+                      at each given chunk size (MiB of float32 logits per model) side by side
   fastalign_two_pass  fastalign.linear_divergence(...).mean() (the backward recomputes logits)
   trl                 TRL's trl.kernels.ChunkedDivergenceFunction, its per-token divergence's
                       mean (Triton on CUDA, torch ops on the CPU); skipped without TRL
@@ -17,6 +18,9 @@ between the generalized JSD (``--betas``, default 0.5 1.0). Providers:
   torch_eager         both models' logits, float32 log_softmax, the divergence, backward
   matmul_floor        the four matmuls alone into outputs written before: both models' logits,
                       G @ W and G.T @ H with G an [N, V] tensor; measured once per run
+  matmul_chunked      the same four matmuls in fastalign's chunks of rows (reused [rows, V]
+                      buffers, the weight gradient accumulated per chunk), per ``--chunk-mb``:
+                      how much of fastalign's time over the floor the chunking alone costs
 Each provider runs in fresh processes (CPU: one for the time, one for the memory, see
 harness.measure_cpu; CUDA: one for both) and reports the loss it computed, which must agree
 across providers. The table adds fastalign over TRL (time, memory) and over the matmul floor
@@ -44,9 +48,12 @@ from _workers import CUDA_ONLY, _trl_kernel  # noqa: E402
 
 import fastalign  # noqa: E402
 from fastalign import _measure  # noqa: E402
+from fastalign.ops.linear_loss import rows_per_chunk  # noqa: E402
 
-PROVIDERS = ("fastalign", "fastalign_two_pass", "trl", "liger", "torch_eager", "matmul_floor")
-FLOOR = "matmul_floor"
+PROVIDERS = ("fastalign", "fastalign_two_pass", "trl", "liger", "torch_eager", "matmul_floor",
+             "matmul_chunked")
+FLOOR, CHUNKED_FLOOR = "matmul_floor", "matmul_chunked"
+CHUNKED = ("fastalign", CHUNKED_FLOOR)  # the providers measured per --chunk-mb
 PEER_PACKAGES = {"trl": "trl", "liger": "liger_kernel"}
 # (N, D, D_t, V): the CPU goal; on CUDA a Llama-3.1-8B student of a 70B teacher (one vocabulary).
 SHAPES = {"cpu": (2048, 256, 512, 128256), "cuda": (8192, 4096, 8192, 128256),
@@ -80,12 +87,14 @@ def eager_divergence(hidden, weight, teacher_hidden, teacher_weight, beta: float
 
 
 def loss_function(provider: str, beta: float, hidden, weight, targets, teacher_hidden,
-                  teacher_weight):
+                  teacher_weight, chunk_mb: float | None = None):
     """A closure computing ``provider``'s mean per-token divergence (peers imported here, in
-    the worker, so that the parent process never imports them)."""
+    the worker, so that the parent process never imports them); ``chunk_mb``: fastalign's
+    chunk size, None for its default."""
     student, teacher = (hidden, weight), (teacher_hidden, teacher_weight)
     if provider == "fastalign":
-        module = fastalign.FusedDistillationLoss(beta=beta)
+        chunking = {} if chunk_mb is None else {"chunk_mb": chunk_mb}
+        module = fastalign.FusedDistillationLoss(beta=beta, **chunking)
         return lambda: module(*student, *teacher, targets)[0]
     if provider == "fastalign_two_pass":
         return lambda: fastalign.linear_divergence(*student, *teacher, beta=beta).mean()
@@ -122,6 +131,29 @@ def floor_call(hidden, weight, teacher_hidden, teacher_weight):
     return call
 
 
+def chunked_floor_call(hidden, weight, teacher_hidden, teacher_weight, chunk_mb: float | None):
+    """``floor_call``'s four matmuls in chunks of rows as ``FusedDistillationLoss`` runs them:
+    both logits products into reused ``[rows, V]`` buffers, the chunk's dHidden rows, and the
+    weight gradient accumulated chunk by chunk."""
+    chunk_mb = fastalign.nn.distill.DISTILL_CHUNK_MB if chunk_mb is None else chunk_mb
+    rows = rows_per_chunk(chunk_mb, weight.shape[0])
+    tiles = [hidden.new_empty(min(rows, hidden.shape[0]), weight.shape[0]) for _ in range(2)]
+    grad_hidden, grad_weight = torch.empty_like(hidden), torch.empty_like(weight)
+
+    def call():
+        grad_weight.zero_()
+        for start in range(0, hidden.shape[0], rows):
+            end = min(start + rows, hidden.shape[0])
+            tile, teacher_tile = (t[:end - start] for t in tiles)
+            torch.mm(teacher_hidden[start:end], teacher_weight.T, out=teacher_tile)
+            torch.mm(hidden[start:end], weight.T, out=tile)
+            torch.mm(tile, weight, out=grad_hidden[start:end])
+            grad_weight.addmm_(tile.T, hidden[start:end])
+
+    call.loss, call.rows, call.outputs = None, rows, (grad_hidden, grad_weight)
+    return call
+
+
 def make_call(spec: dict, device: torch.device):
     """The inputs of one configuration and a closure running it once. ``call.loss`` is the
     loss of its latest call, kept as a tensor: reading its value in the call would add a CUDA
@@ -132,8 +164,11 @@ def make_call(spec: dict, device: torch.device):
     hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs(spec, device)
     if provider == FLOOR:
         return floor_call(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight)
+    if provider == CHUNKED_FLOOR:
+        return chunked_floor_call(hidden.detach(), weight.detach(), teacher_hidden,
+                                  teacher_weight, spec.get("chunk_mb"))
     loss_of = loss_function(provider, spec["beta"], hidden, weight, targets, teacher_hidden,
-                            teacher_weight)
+                            teacher_weight, spec.get("chunk_mb"))
 
     def call():
         loss = loss_of()
@@ -193,12 +228,17 @@ def add_options(parser) -> None:
     parser.add_argument("--dtype", default=None, choices=list(_measure.DTYPES),
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per CPU measurement")
+    parser.add_argument("--chunk-mb", nargs="+", type=float, default=[None],
+                        help="fastalign's chunk size(s), MiB of float32 logits per model, each "
+                             "measured side by side (default: FusedDistillationLoss's default)")
     harness.add_rounds_option(parser)
 
 
 def run(args) -> list[dict]:
     if any(not 0.0 <= beta <= 1.0 for beta in args.betas):
         raise harness.UsageError(f"--betas must lie in [0, 1], got {args.betas}")
+    if any(chunk_mb is not None and not chunk_mb > 0 for chunk_mb in args.chunk_mb):
+        raise harness.UsageError(f"--chunk-mb must be positive, got {args.chunk_mb}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise harness.UsageError("--device cuda: this machine has no CUDA device")
     given = (args.tokens, args.hidden, args.teacher_hidden, args.vocab)
@@ -206,23 +246,30 @@ def run(args) -> list[dict]:
                               zip(given, SHAPES["quick" if args.quick else args.device]))
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     stamp = harness.stamp(torch.device(args.device))
-    # The floor once (no beta), then every other provider per beta.
-    configs = [(FLOOR, None)] if FLOOR in args.providers else []
-    configs += [(p, beta) for beta in args.betas for p in args.providers if p != FLOOR]
-    specs = [dict(provider=provider, beta=beta, tokens=n, hidden=d, teacher_hidden=d_teacher,
-                  vocab=vocab, dtype=dtype, device=args.device, repeats=args.repeats)
-             for provider, beta in configs]
+    # The floors once (no beta; the chunked one per chunk size), then every other provider per
+    # beta (fastalign per chunk size).
+    configs = [(FLOOR, None, None)] if FLOOR in args.providers else []
+    if CHUNKED_FLOOR in args.providers:
+        configs += [(CHUNKED_FLOOR, None, chunk_mb) for chunk_mb in args.chunk_mb]
+    configs += [(p, beta, chunk_mb) for beta in args.betas for p in args.providers
+                if p not in (FLOOR, CHUNKED_FLOOR)
+                for chunk_mb in (args.chunk_mb if p in CHUNKED else [None])]
+    specs = [dict(provider=provider, beta=beta, chunk_mb=chunk_mb, tokens=n, hidden=d,
+                  teacher_hidden=d_teacher, vocab=vocab, dtype=dtype, device=args.device,
+                  repeats=args.repeats)
+             for provider, beta, chunk_mb in configs]
     results = harness.measure_rounds(
         specs, measure, args.rounds,
         lambda spec: f"{spec['provider']} beta={spec['beta']} N={n} D={d} D_t={d_teacher} "
-                     f"V={vocab} {dtype}")
+                     f"V={vocab} {dtype}"
+                     + (f" chunk_mb={spec['chunk_mb']:g}" if spec["chunk_mb"] else ""))
     rows = []
-    for (provider, beta), result in zip(configs, results):
+    for (provider, beta, chunk_mb), result in zip(configs, results):
         for key, digits in (("time_ms", 3), ("peak_mb", 1)):
             if result.get(key) is not None:
                 result[key] = round(result[key], digits)
         rows.append({"op": "distill_divergence", "provider": provider, "beta": beta,
-                     "mode": "fwd_bwd", "n": n, "d": d, "d_teacher": d_teacher, "vocab": vocab,
+                     "chunk_mb": chunk_mb, "mode": "fwd_bwd", "n": n, "d": d, "d_teacher": d_teacher, "vocab": vocab,
                      "dtype": dtype, "time_ms": None, "peak_mb": None, "loss": None,
                      "error": "", "skipped": "", **result, **stamp})
     return rows
@@ -232,9 +279,15 @@ def _ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.2f}x" if theirs else "n/a"
 
 
+def _label(row: dict) -> str:
+    """The provider, with fastalign's chunk size where one was given."""
+    chunk_mb = row.get("chunk_mb")
+    return row["provider"] + (f"@{chunk_mb:g}MiB" if chunk_mb else "")
+
+
 def report(rows: list[dict], args) -> None:
-    """Time, peak extra memory and loss per provider and beta, then per beta fastalign over TRL
-    and over the floor, and how far apart the providers' losses are."""
+    """Time, peak extra memory and loss per provider and beta, then per beta fastalign (each
+    chunk size) over TRL and over the floor, and how far apart the providers' losses are."""
     first = rows[0]
     logits_mb = first["n"] * first["vocab"] * _measure.DTYPES[first["dtype"]].itemsize / 2**20
     print(f"\ndistillation loss, forward + backward: N={first['n']} D={first['d']} "
@@ -246,22 +299,29 @@ def report(rows: list[dict], args) -> None:
         beta = "" if row["beta"] is None else f"{row['beta']:g}"
         if row["error"] or row["skipped"]:
             why = f"error: {row['error']}" if row["error"] else f"skipped: {row['skipped']}"
-            print(f"{row['provider']:20} {beta:>5}  {why}")
+            print(f"{_label(row):20} {beta:>5}  {why}")
             continue
-        measured[row["provider"], row["beta"]] = row
+        measured[_label(row), row["beta"]] = row
         loss = "" if row["loss"] is None else f"{row['loss']:.6g}"
-        print(f"{row['provider']:20} {beta:>5} {row['time_ms'] / 1e3:10.3f} "
+        print(f"{_label(row):20} {beta:>5} {row['time_ms'] / 1e3:10.3f} "
               f"{row['peak_mb']:16.1f} {loss:>12}")
     floor = measured.get((FLOOR, None))
+    for (label, _), row in measured.items():
+        if row["provider"] == CHUNKED_FLOOR and floor:
+            print(f"{label} / matmul_floor: time {_ratio(row['time_ms'], floor['time_ms'])} "
+                  f"(the chunking's cost alone)")
     for beta in args.betas:
-        ours, parts = measured.get(("fastalign", beta)), []
+        parts = []
         trl = measured.get(("trl", beta))
-        if ours and trl:
-            parts.append(f"fastalign / trl: time {_ratio(ours['time_ms'], trl['time_ms'])}, "
-                         f"memory {_ratio(ours['peak_mb'], trl['peak_mb'])}")
-        if ours and floor:
-            parts.append(f"fastalign / matmul_floor: time "
-                         f"{_ratio(ours['time_ms'], floor['time_ms'])}")
+        ours = {label: row for (label, b), row in measured.items()
+                if b == beta and row["provider"] == "fastalign"}
+        for label, row in ours.items():
+            if trl:
+                parts.append(f"{label} / trl: time {_ratio(row['time_ms'], trl['time_ms'])}, "
+                             f"memory {_ratio(row['peak_mb'], trl['peak_mb'])}")
+            if floor:
+                parts.append(f"{label} / matmul_floor: time "
+                             f"{_ratio(row['time_ms'], floor['time_ms'])}")
         losses = [row["loss"] for (_, b), row in measured.items() if b == beta]
         if len(losses) > 1:
             spread = (max(losses) - min(losses)) / abs(statistics.median(losses))

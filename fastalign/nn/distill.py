@@ -11,11 +11,19 @@ from .._validation import check_number, check_targets
 from ..ops.linear_divergence import check_inputs, linear_divergence
 from ..ops.linear_divergence_loss import DistillPlan, distill_in_forward
 from ..ops.linear_logprobs import linear_logprobs
-from ..ops.linear_loss import DEFAULT_CHUNK_MB, rows_per_chunk
+from ..ops.linear_loss import rows_per_chunk
 from ..ops.token_divergence import check_options
 from ..kernels.divergence_interface import divergence_spec
 from . import _gradient_in_forward as one_pass
 from ._fused_loss import FusedLoss
+
+# MiB of float32 logits per model and chunk: 392 rows of a 128k vocabulary. The width sets the
+# matmuls' speed: on the 2-core VM the four matmuls of N=2048 rows (D=256, D_t=512, V=128256)
+# in chunks of 128 / 192 / 256 MiB took 1.21x / 1.14x / 1.07x their time as whole-batch products
+# (bench/bench_divergence.py --providers matmul_floor matmul_chunked --chunk-mb 128 192 256).
+# The two models' chunks are most of the loss's extra memory (512 MB there, beside a 131 MB
+# weight gradient): 192 MiB keeps it under a fifth of TRL's chunked loss on that shape.
+DISTILL_CHUNK_MB = 192.0
 
 
 class FusedDistillationLoss(FusedLoss):
@@ -35,8 +43,8 @@ class FusedDistillationLoss(FusedLoss):
     means, not differentiated.
 
     ``gradient_in_forward`` (the default): the student's head costs 3 matmuls and the
-    teacher's 1, in chunks of at most ``chunk_mb`` MiB of float32 logits per model (the default,
-    half of the one-model losses', keeps the two models' chunks at their one chunk). Under
+    teacher's 1, in chunks of at most ``chunk_mb`` MiB of float32 logits per model (see
+    ``DISTILL_CHUNK_MB``). Under
     ``torch.compile`` tracing, or with a sharded head (FSDP2 ``DTensor``, ZeRO-3), or with
     ``gradient_in_forward=False``, the two-pass ops run instead (``linear_divergence``,
     ``linear_logprobs``: their backward recomputes the logits) and ``agreement`` is not
@@ -46,7 +54,7 @@ class FusedDistillationLoss(FusedLoss):
     def __init__(self, beta: float = 1.0, temperature: float = 1.0,
                  hard_label_weight: float = 0.0, *, softcap: float | None = None,
                  teacher_softcap: float | None = None, ignore_index: int = -100,
-                 gradient_in_forward: bool = True, chunk_mb: float = DEFAULT_CHUNK_MB / 2):
+                 gradient_in_forward: bool = True, chunk_mb: float = DISTILL_CHUNK_MB):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                          gradient_in_forward=gradient_in_forward, chunk_mb=chunk_mb)
         check_options(beta, temperature, softcap, teacher_softcap, False)
