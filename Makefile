@@ -23,7 +23,7 @@ install: $(INSTALLED)
 # unpinned torch (or one asked for inside pip's isolated build environment) would pull a
 # multi-GB CUDA build. fastalign itself then installs without build isolation. Every pip call
 # takes the lock as constraints, pip itself included.
-$(INSTALLED): pyproject.toml setup.py $(LOCK) $(wildcard csrc/*.cpp csrc/*.h)
+$(INSTALLED): pyproject.toml setup.py $(LOCK) $(wildcard fastalign/csrc/*.cpp fastalign/csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) -U pip setuptools wheel
 	$(BIN)/python -m pip install -q -c $(LOCK) torch triton

@@ -1,21 +1,19 @@
 """Package layout for fastalign.
 
-The Triton kernels live in the top-level folder ``kernels/`` of the repository but are installed
-as ``fastalign.kernels``: a top-level ``kernels`` module would shadow the unrelated PyPI package
-of that name. Likewise ``csrc/`` (the C++ sources of the native CPU kernels, compiled just in
-time by ``fastalign._native``) is installed as ``fastalign.csrc``. ``tests/test_packaging.py``
-builds the wheel and checks both mappings.
+Everything lives under ``fastalign/``: the Triton kernels (``fastalign.kernels``) and the C++
+sources of the native CPU kernels (``fastalign/csrc/``, compiled just in time by
+``fastalign._native``) too, so that no top-level folder of the repository can shadow a PyPI
+package of its name (Hugging Face's ``kernels``). ``tests/test_packaging.py`` builds the wheel
+and checks its contents.
 """
 
 from setuptools import find_packages, setup
 
 setup(
     # Every package under fastalign/ (a new subpackage cannot be forgotten here), then the
-    # folders without an __init__.py: the bundled data and the two installed under fastalign.
+    # folders of data without an __init__.py: the bundled data and the C++ sources.
     packages=[*find_packages(include=["fastalign", "fastalign.*"]), "fastalign.data",
-              "fastalign.kernels", "fastalign.csrc"],
-    package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels",
-                 "fastalign.csrc": "csrc"},
+              "fastalign.csrc"],
     # The C++ sources travel with the package: fastalign._native builds them on first use. The
     # demo's preference pairs are the data-only package fastalign.data (declared, so setuptools
     # has nothing to warn about).

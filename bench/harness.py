@@ -337,17 +337,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _stage_revision(rev: str, root: Path) -> dict:
     """The worker environment that imports fastalign as of git revision ``rev``: its package
-    (with ``kernels/`` and ``csrc/`` where the installed package has them) extracted under
+    (with the top-level ``kernels/`` and ``csrc/`` of older revisions moved inside) extracted under
     ``root``, first on ``PYTHONPATH`` (ahead of the installed tree), with its own native build
     cache, built here once so that no measurement includes a build."""
     target = root / rev
     if not (target / "fastalign").is_dir():
-        archive = subprocess.run(["git", "archive", rev, "fastalign", "kernels", "csrc"],
+        top_level = subprocess.run(["git", "ls-tree", "--name-only", rev], cwd=REPO,
+                                   capture_output=True, check=True, text=True).stdout.split()
+        moved = [folder for folder in ("kernels", "csrc") if folder in top_level]
+        archive = subprocess.run(["git", "archive", rev, "fastalign", *moved],
                                  cwd=REPO, capture_output=True, check=True).stdout
         shutil.rmtree(target, ignore_errors=True)
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(target, filter="data")
-        for folder in ("kernels", "csrc"):
+        for folder in moved:
             shutil.move(str(target / folder), str(target / "fastalign" / folder))
     env = {"PYTHONPATH": str(target), "FASTALIGN_NATIVE_BUILD_DIR": str(target / ".native")}
     build = subprocess.run(

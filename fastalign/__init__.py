@@ -5,19 +5,13 @@ next-token distributions (KL, generalized JSD), without materializing a full-voc
 softmax. See DESIGN.md for the public contract.
 """
 
-import sys as _sys
-
-from . import _source_folders
-
-_source_folders.mount(_sys.modules[__name__])  # before anything imports fastalign.kernels
-
-from . import losses  # noqa: E402
-from ._backend import available_backends, select_backend  # noqa: E402
-from ._native import empty_cache  # noqa: E402
-from .losses import kl_estimate  # noqa: E402
-from .nn import FusedDistillationLoss, FusedDPOLoss, FusedPolicyLoss  # noqa: E402
-from .ops import (linear_divergence, linear_kl, linear_logprobs, token_divergence,  # noqa: E402
-                  token_kl, token_logprobs)
+from . import losses
+from ._backend import available_backends, select_backend
+from ._native import empty_cache
+from .losses import kl_estimate
+from .nn import FusedDistillationLoss, FusedDPOLoss, FusedPolicyLoss
+from .ops import (linear_divergence, linear_kl, linear_logprobs, token_divergence, token_kl,
+                  token_logprobs)
 
 __version__ = "0.1.0"
 

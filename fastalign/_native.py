@@ -69,8 +69,7 @@ def disabled() -> bool:
 
 
 def _source_dir() -> Path:
-    # Installed as fastalign.csrc (setup.py maps the repository's csrc/ folder): a namespace
-    # package (no __init__.py, so the folder is never a top-level `csrc` package) with one path.
+    # fastalign/csrc/ holds sources only (no __init__.py): a namespace subpackage, one path.
     from . import csrc
     return Path(next(iter(csrc.__path__)))
 

@@ -11,7 +11,7 @@ from fastalign.ops import _backends
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "architecture.md").read_text()
 # Where each short prefix the doc uses lives in the repository.
-PREFIXES = {"ops/": "fastalign/ops/", "kernels/": "kernels/", "csrc/": "csrc/",
+PREFIXES = {"ops/": "fastalign/ops/", "kernels/": "fastalign/kernels/", "csrc/": "fastalign/csrc/",
             "fastalign/": "fastalign/", "tests/": "tests/", "bench/": "bench/",
             "trainer/": "fastalign/trainer/", "nn/": "fastalign/nn/",
             "losses/": "fastalign/losses/", "integrations/": "fastalign/integrations/"}
@@ -38,8 +38,8 @@ def test_every_file_the_doc_names_exists():
 def test_the_doc_names_every_file_of_the_package():
     """A file the doc does not know is a file a newcomer adding an op, a loss or a trainer
     would not know to touch (package __init__ files aside: they only re-export)."""
-    layer = [*ROOT.glob("fastalign/**/*.py"), *ROOT.glob("kernels/*.py"),
-             *ROOT.glob("csrc/*.cpp"), *ROOT.glob("csrc/*.h")]
+    layer = [*ROOT.glob("fastalign/**/*.py"), *ROOT.glob("fastalign/csrc/*.cpp"),
+             *ROOT.glob("fastalign/csrc/*.h")]
     layer = [path for path in layer if path.name != "__init__.py"]
     assert len(layer) > 80
     named = _doc_paths()
@@ -71,10 +71,8 @@ def _imports_of_the_package() -> dict[str, set[str]]:
     for path in (ROOT / "fastalign").rglob("*.py"):
         parts = path.relative_to(ROOT).with_suffix("").parts
         files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    # kernels/ and csrc/ are installed as fastalign.kernels / fastalign.csrc: leaves here.
-    leaves = {f"fastalign.kernels.{p.stem}" for p in (ROOT / "kernels").glob("*.py")}
-    leaves |= {"fastalign.kernels", "fastalign.csrc"}
-    known = set(files) | leaves
+    # fastalign/csrc/ holds C++ sources only: a leaf.
+    known = set(files) | {"fastalign.csrc"}
 
     def module_of(name: str) -> str | None:
         while name and name not in known:

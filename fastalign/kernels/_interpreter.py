@@ -3,10 +3,6 @@
 ``triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is defined, i.e. when a kernel module is
 first imported; every kernel module imports this one, so ``INTERPRETED`` records what they saw
 (``fastalign._backend`` refuses to run interpreted kernels that were compiled for the GPU).
-
-This folder has no ``__init__.py`` on purpose: it is installed as ``fastalign.kernels`` (setup.py),
-and from the repository root it must not be importable as a top-level ``kernels``, which would
-shadow the PyPI package of that name (Hugging Face's kernel hub, imported by transformers).
 """
 
 import os
