@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import os
 import random
 import string
 import sys
@@ -84,7 +85,7 @@ def token_call(spec: dict, device: torch.device):
 
 # The fused-linear ops: log-probs and KL from hidden states and heads (bench_linear_logprobs.py).
 LINEAR_PROVIDERS = {"logprobs": ("torch_eager", "trl", "liger", "cce", "fastalign",
-                                 "fastalign_min_p", "fastalign_top_k"),
+                                 "fastalign_cublas", "fastalign_min_p", "fastalign_top_k"),
                     "kl": ("torch_eager", "trl", "liger", "fastalign")}
 CUDA_ONLY = ("liger", "cce")  # Triton kernels without a CPU path
 TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
@@ -130,6 +131,11 @@ def linear_op(op: str, provider: str, device: torch.device):
         raise RuntimeError(f"{provider} needs CUDA (Triton kernels only)")
     if provider not in LINEAR_PROVIDERS[op]:
         raise ValueError(f"{provider} has no {op}; choose from {', '.join(LINEAR_PROVIDERS[op])}")
+    # The Triton backend's matmul path, read at each call (forward and backward): a CUDA
+    # benchmark runs its providers one after another in one process, each wholly after its
+    # build, so the provider built last sets it for its own measurement.
+    # (fastalign.ops._backends.CUDA_MATMUL_ENV, named here: a --baseline revision may lack it.)
+    os.environ["FASTALIGN_CUDA_MATMUL"] = "cublas" if provider == "fastalign_cublas" else "tiles"
     if op == "kl":
         if provider == "torch_eager":
             return eager_linear_kl

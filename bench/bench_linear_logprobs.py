@@ -12,6 +12,9 @@ modes x shapes.
   liger        Liger-Kernel's LigerFusedLinearCrossEntropyFunction, reduction="none" (CUDA only)
   cce          Apple's cut_cross_entropy.linear_cross_entropy, reduction="none" (CUDA only)
   fastalign    fastalign.linear_logprobs
+  fastalign_cublas  the same on the Triton backend's cuBLAS path (FASTALIGN_CUDA_MATMUL=cublas:
+               torch GEMMs per vocabulary slice, Triton row kernels after them; on the CPU the
+               backend's own path, as fastalign)
   fastalign_min_p / fastalign_top_k   the same renormalized over a sampler's support (min_p 0.05 /
                top_k 50: bench/_workers.py), beside plain fastalign for their cost
 --op kl: exact per-token KL(policy || reference) from two (hidden, head) pairs, providers:

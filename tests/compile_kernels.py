@@ -119,15 +119,19 @@ def variants():
                    dtype, dtype)
         yield "divergence mixture", divergence._mixture_kernel, caps, dtype, dtype
         yield ("token forward", token_logprobs._token_logprobs_forward_kernel,
-               dict(HAS_SOFTCAP=on, RETURN_ENTROPY=on, BLOCK_V=token_logprobs.FORWARD_BLOCK_V,
-                    **sampler_flags(on)), dtype, dtype)
+               dict(HAS_SOFTCAP=on, RETURN_ENTROPY=on, PARTIALS=False,
+                    BLOCK_V=token_logprobs.FORWARD_BLOCK_V, **sampler_flags(on)), dtype, dtype)
+        # A vocabulary slice's partials (the cuBLAS path of linear_logprobs: float32 tiles).
+        yield ("token forward slice partials", token_logprobs._token_logprobs_forward_kernel,
+               dict(HAS_SOFTCAP=on, RETURN_ENTROPY=on, PARTIALS=True,
+                    BLOCK_V=token_logprobs.FORWARD_BLOCK_V, **sampler_flags(on)), "fp32", "fp32")
         yield ("token backward", token_logprobs._token_logprobs_backward_kernel,
                dict(HAS_SOFTCAP=on, HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=on,
                     BLOCK_V=token_logprobs.BACKWARD_BLOCK_V, **sampler_flags(on)), dtype, dtype)
         # min-p alone (the other branch of _math.in_support).
         yield ("token forward min-p", token_logprobs._token_logprobs_forward_kernel,
                dict(HAS_SOFTCAP=False, RETURN_ENTROPY=False, ROW_TEMPERATURE=False,
-                    SUPPORT=True, HAS_TOP_K=False, HAS_MIN_P=True,
+                    SUPPORT=True, HAS_TOP_K=False, HAS_MIN_P=True, PARTIALS=False,
                     BLOCK_V=token_logprobs.FORWARD_BLOCK_V), dtype, dtype)
     for kl_kind, dual, sequence in ((0, False, False), (3, True, True), (2, True, False),
                                     (1, False, True)):

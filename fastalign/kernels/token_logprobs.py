@@ -45,15 +45,16 @@ BACKWARD_NUM_WARPS = 8
 def _token_logprobs_forward_kernel(
     logits_ptr, targets_ptr, logprobs_ptr, entropy_ptr, stats_ptr,
     inv_temperature_ptr, support_max_ptr, kth_ptr,
-    n_inner, stride_outer, stride_inner, vocab_size, ignore_index,
+    n_inner, stride_outer, stride_inner, vocab_size, ignore_index, col_start,
     inv_temperature, softcap, log_min_p,
     HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr, ROW_TEMPERATURE: tl.constexpr,
     SUPPORT: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_MIN_P: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    PARTIALS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    if target == ignore_index:
+    # PARTIALS: the row is one vocabulary slice whose first column is the id col_start.
+    target = tl.load(targets_ptr + row).to(tl.int64) - col_start
+    if not PARTIALS and target == ignore_index:
         # One branch per row costs nothing here, so ignored rows are not compacted away.
         tl.store(logprobs_ptr + row, 0.0)
         tl.store(stats_ptr + 2 * row, 0.0)
@@ -99,8 +100,8 @@ def _token_logprobs_forward_kernel(
         sum_exp = sum_exp * rescale + tl.sum(p, axis=0)
         running_max = new_max
 
-    log_sum = tl.log(sum_exp)
-    # An id outside [0, V) is never read: its row reports NaN in every output and gradient.
+    # An id outside [0, V) is never read: its row reports NaN in every output and gradient
+    # (in a slice: its key is 0, the sum over slices of the slice holding it).
     valid = (target >= 0) & (target < vocab_size)
     z_target = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
     key_target = logit_key(z_target, softcap, HAS_SOFTCAP)
@@ -108,6 +109,14 @@ def _token_logprobs_forward_kernel(
         key_target = tl.where(in_support(z_target, key_target, running_max, kth, log_min_p,
                                          inv_temperature, HAS_TOP_K, HAS_MIN_P),
                               key_target, -float("inf"))
+    if PARTIALS:  # the slice's (max key, sum, entropy sum, target key) for _vocab_stats' merge
+        tl.store(logprobs_ptr + row, tl.where(valid, key_target, 0.0))
+        tl.store(stats_ptr + 2 * row, running_max)
+        tl.store(stats_ptr + 2 * row + 1, sum_exp)
+        if RETURN_ENTROPY:
+            tl.store(entropy_ptr + row, sum_exp_shifted)
+        return
+    log_sum = tl.log(sum_exp)
     nan_if_invalid = tl.where(valid, 0.0, float("nan"))
     tl.store(logprobs_ptr + row,
              (key_target - running_max) * inv_temperature - log_sum + nan_if_invalid)
@@ -180,6 +189,30 @@ def token_logprobs_forward(logits, targets, layout, *,
         ``inv_temperature``: a float or float32 ``[N]``; ``support``: the sampler's
         (``fastalign.ops._sampler.Support``), sums over it only.
     """
+    logprobs, entropy, stats = _forward(logits, targets, layout, inv_temperature, softcap,
+                                        ignore_index, return_entropy, block_v, num_warps,
+                                        support, col_start=None)
+    return logprobs, entropy, stats
+
+
+def slice_partials(logits, targets, layout, col_start: int, *, inv_temperature, softcap,
+                   return_entropy, block_v=None, num_warps=None, support=None):
+    """One vocabulary slice's softmax statistics, as ``_vocab_stats.merge_vocab_partials``
+    merges them: ``logits`` the ``[N, cols]`` logits of ids ``[col_start, col_start + cols)``,
+    ``targets [N]`` whole-vocabulary ids (no row ignored). Returns ``(target key [N]``, 0 where
+    the target lies in another slice, ``(max key, sum exp((key - max) / T)) [N, 2]``, the
+    entropy's shifted sum ``[N]`` or None)``, float32; with the sampler's ``support`` every
+    slice's max is the row's."""
+    target_key, shifted, stats = _forward(logits, targets, layout, inv_temperature, softcap,
+                                          0, return_entropy, block_v, num_warps, support,
+                                          col_start=col_start)
+    return target_key, stats, shifted
+
+
+def _forward(logits, targets, layout, inv_temperature, softcap, ignore_index, return_entropy,
+             block_v, num_warps, support, *, col_start):
+    """The forward kernel over ``targets.numel()`` rows: whole rows, or (``col_start`` not
+    None) one vocabulary slice's partials in the same three buffers."""
     n_rows, vocab_size = targets.numel(), logits.shape[-1]
     logprobs = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     stats = torch.empty(n_rows, 2, device=logits.device, dtype=torch.float32)
@@ -190,9 +223,11 @@ def token_logprobs_forward(logits, targets, layout, *,
     _token_logprobs_forward_kernel[(n_rows,)](
         logits, targets, logprobs, logprobs if entropy is None else entropy, stats, *pointers,
         layout.n_inner, layout.stride_outer, layout.stride_inner, vocab_size, ignore_index,
+        0 if col_start is None else col_start,
         scalars["inv_temperature"], 1.0 if softcap is None else softcap, scalars["log_min_p"],
-        HAS_SOFTCAP=softcap is not None, RETURN_ENTROPY=return_entropy, BLOCK_V=block,
-        num_warps=warps, **flags, **fp_fusion(softcap is not None),
+        HAS_SOFTCAP=softcap is not None, RETURN_ENTROPY=return_entropy,
+        PARTIALS=col_start is not None, BLOCK_V=block, num_warps=warps, **flags,
+        **fp_fusion(softcap is not None),
     )
     return logprobs, entropy, stats
 

@@ -124,10 +124,40 @@ def _torch_token_logprobs() -> TokenLogprobsLaunchers:
 
 
 def _triton_linear_logprobs() -> LinearLogprobsLaunchers:
+    if cuda_matmul() == "cublas":
+        return _cublas_linear_logprobs()
     from ..kernels import linear_logprobs as k
     return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
                                    backward=k.linear_logprobs_grad_tile, tile_cols=k.tile_cols,
                                    rounds_logits=False, logits_tile=k.linear_logits_tile)
+
+
+def _cublas_linear_logprobs() -> LinearLogprobsLaunchers:
+    from . import _tiles
+    from . import linear_logprobs_cublas as k
+    return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
+                                   backward=k.linear_logprobs_grad_tile, tile_cols=k.tile_cols,
+                                   rounds_logits=True, logits_tile=_tiles.raw_logits_tile)
+
+
+# The matmuls of the Triton backend's linear_logprobs: "tiles", the fused Triton tiles
+# (kernels/linear_logprobs.py, the matmul inside the kernel), or "cublas", torch's GEMMs per
+# vocabulary slice with the Triton row kernels after them (ops/linear_logprobs_cublas.py). The
+# fused losses (ops/linear_loss.py) and linear_divergence run torch GEMMs already. Until a GPU
+# sweep of both paths is committed, "tiles" stays the default and FASTALIGN_CUDA_MATMUL picks.
+CUDA_MATMUL_ENV = "FASTALIGN_CUDA_MATMUL"
+CUDA_MATMULS = ("tiles", "cublas")
+
+
+def cuda_matmul() -> str:
+    """The Triton backend's matmul path for ``linear_logprobs`` (``CUDA_MATMUL_ENV``)."""
+    import os
+
+    path = os.environ.get(CUDA_MATMUL_ENV, "tiles").strip() or "tiles"
+    if path not in CUDA_MATMULS:
+        raise ValueError(f"{CUDA_MATMUL_ENV}={path!r}: choose one of {', '.join(CUDA_MATMULS)} "
+                         "(the fused Triton tiles, or cuBLAS GEMMs with Triton row kernels)")
+    return path
 
 
 def _native_linear_logprobs() -> LinearLogprobsLaunchers:

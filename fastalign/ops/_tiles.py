@@ -58,12 +58,12 @@ def tile_cols(n_rows: int, vocab_size: int) -> int:
     return min(vocab_size, max(256, TILE_ELEMENTS // max(n_rows, 1)))
 
 
-def partials_buffers(hidden, vocab_size: int, return_entropy: bool):
-    """``(cols, (row_max, sum_exp, sum_exp_shifted or None, target_logit))``: the slice width and
-    the float32 outputs of a fused-linear ``partials`` launcher (``[S, N]`` each;
-    ``target_logit [N]`` zeroed, since every slice adds to it)."""
+def partials_buffers(hidden, vocab_size: int, return_entropy: bool, cols: int | None = None):
+    """``(cols, (row_max, sum_exp, sum_exp_shifted or None, target_logit))``: the slice width
+    (``tile_cols``' unless given) and the float32 outputs of a fused-linear ``partials``
+    launcher (``[S, N]`` each; ``target_logit [N]`` zeroed, since every slice adds to it)."""
     n_rows = hidden.shape[0]
-    cols = tile_cols(n_rows, vocab_size)
+    cols = tile_cols(n_rows, vocab_size) if cols is None else cols
     n_slices = -(-vocab_size // cols)
     new = dict(device=hidden.device, dtype=torch.float32)
     sum_exp_shifted = torch.empty(n_slices, n_rows, **new) if return_entropy else None

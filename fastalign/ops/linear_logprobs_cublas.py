@@ -1,0 +1,77 @@
+"""The cuBLAS path of ``linear_logprobs`` on CUDA: the torch backend's tiles (one GEMM per
+vocabulary slice, ``_tiles.raw_logits_tile``: cuBLAS at its own speed) reduced and
+differentiated by the Triton row kernels of ``kernels/token_logprobs.py`` (each tile read once
+in the forward, rewritten in place into its gradient in the backward), where the fused Triton
+tiles (``kernels/linear_logprobs.py``) compute the matmul themselves. Same launcher signatures;
+``ops/_backends.py`` says which of the two a call gets.
+
+A slice holds ``TILE_MB`` MiB of float32 logits (at least 256 columns): with 8k rows, 8192
+columns, a GEMM as wide as cuBLAS needs, and one tile in flight at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._layout import RowLayout
+from ..kernels.token_logprobs import slice_partials, token_logprobs_backward
+from ._tiles import (partials_buffers, raw_logits_tile, row_stat_partials, row_stat_slice_,
+                     softcapped)
+
+TILE_MB = 256
+# No target id equals it: the rows reaching the launchers are kept rows, none ignored.
+_NO_TARGET = -(2**62)
+
+
+def tile_cols(n_rows: int, vocab_size: int) -> int:
+    """Vocabulary columns per tile: ``TILE_MB`` MiB of float32 logits, a multiple of 128 (the
+    GEMM's tile), at least 256."""
+    cols = TILE_MB * 2**20 // (4 * max(n_rows, 1)) // 128 * 128
+    return min(vocab_size, max(256, cols))
+
+
+def _layout(tile: torch.Tensor) -> RowLayout:
+    return RowLayout(1, tile.shape[0], 0, tile.stride(0))
+
+
+def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
+                             return_entropy, return_row_stats=False, support=None):
+    """Same contract as ``linear_logprobs_torch.linear_logprobs_partials``."""
+    vocab_size = weight.shape[0]
+    cols, (row_max, sum_exp, sum_exp_shifted, target_logit) = partials_buffers(
+        hidden, vocab_size, return_entropy, tile_cols(hidden.shape[0], vocab_size))
+    targets = targets.long().contiguous()
+    row_stats = row_stat_partials(row_max.shape[0], hidden) if return_row_stats else None
+    if hidden.shape[0] == 0:  # no row kept: nothing to launch
+        return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
+    for index, start in enumerate(range(0, vocab_size, cols)):
+        tile = raw_logits_tile(hidden, weight, bias, start, min(start + cols, vocab_size))
+        target_key, stats, shifted = slice_partials(
+            tile, targets, _layout(tile), start, inv_temperature=inv_temperature,
+            softcap=softcap, return_entropy=return_entropy, support=support)
+        row_max[index], sum_exp[index] = stats[:, 0], stats[:, 1]
+        if return_entropy:
+            sum_exp_shifted[index] = shifted
+        target_logit += target_key
+        if row_stats is not None:
+            keys = tile if softcap is None else softcapped(tile, softcap).mul_(softcap)
+            row_stat_slice_(keys, stats[:, 0], targets - start, inv_temperature, row_stats,
+                            index)
+    return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
+
+
+def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
+                              grad_entropy, start: int, end: int, *, inv_temperature, softcap,
+                              support=None):
+    """Same contract as ``linear_logprobs_torch.linear_logprobs_grad_tile``: the gradient is
+    written over the float32 logits tile itself."""
+    tile = raw_logits_tile(hidden, weight, bias, start, end)
+    if tile.shape[0] == 0:
+        return tile.to(hidden.dtype)
+    layout = _layout(tile)
+    token_logprobs_backward(
+        tile, (targets.long() - start).contiguous(), layout, stats.contiguous(),
+        entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy, tile,
+        layout, inv_temperature=inv_temperature, softcap=softcap, ignore_index=_NO_TARGET,
+        support=support)
+    return tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
