@@ -4,7 +4,7 @@ against the float64 reference, under TRITON_INTERPRET=1 on the CPU as on CUDA.
 
 The op tests of the other modules imported below run again here, with this module's ``backend``
 fixture: the Triton backend on the cuBLAS path, slices of 256 columns (V = 301 and 333 end in a
-partial one). ``test_the_cublas_path_runs`` checks that the path is the one taken.
+partial one; the vocabulary-sharded test's worker processes inherit the path, not the width). ``test_the_cublas_path_runs`` checks that the path is the one taken.
 """
 
 import pytest
@@ -18,6 +18,7 @@ from test_linear_row_stats import test_row_stats_match_float64  # noqa: F401
 from test_sampler_logprobs import (  # noqa: F401
     test_linear_logprobs_match_hf_warpers, test_row_temperature_equals_float_temperature)
 from test_topk_targets import test_linear_matches_float64_reference  # noqa: F401
+from test_vocab_parallel import test_sharded_head_equals_unsharded  # noqa: F401
 
 import fastalign as fa
 from fastalign.ops import _backends, linear_logprobs_cublas
