@@ -85,7 +85,8 @@ def token_call(spec: dict, device: torch.device):
 
 # The fused-linear ops: log-probs and KL from hidden states and heads (bench_linear_logprobs.py).
 LINEAR_PROVIDERS = {"logprobs": ("torch_eager", "trl", "liger", "cce", "fastalign",
-                                 "fastalign_cublas", "fastalign_min_p", "fastalign_top_k"),
+                                 "fastalign_cublas", "fastalign_min_p", "fastalign_top_k",
+                                 "matmul_floor"),
                     "kl": ("torch_eager", "trl", "liger", "fastalign")}
 CUDA_ONLY = ("liger", "cce")  # Triton kernels without a CPU path
 TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
@@ -171,6 +172,8 @@ def linear_call(spec: dict, device: torch.device):
     """The inputs of one configuration and a closure running it once."""
     hidden, weight, targets, ref_hidden, ref_weight = _measure.random_head(
         spec["tokens"], spec["hidden"], spec["vocab"], spec["dtype"], device)
+    if spec["provider"] == "matmul_floor":
+        return matmul_floor_call(hidden, weight, spec["mode"])
     op = linear_op(spec["op"], spec["provider"], device)
     args = (hidden, weight, targets) if spec["op"] == "logprobs" else (hidden, weight, ref_hidden,
                                                                         ref_weight)
@@ -184,6 +187,22 @@ def linear_call(spec: dict, device: torch.device):
 
         def call():
             return torch.autograd.grad(op(*args).sum(), (hidden, weight))
+    return call
+
+
+def matmul_floor_call(hidden, weight, mode: str):
+    """The GEMMs any exact log-prob op of this shape runs, alone, into outputs allocated here:
+    fwd the logits (1 GEMM); fwd_bwd also their recomputation, dHidden and dWeight (4: an op
+    whose backward does not know its gradient in the forward; a loss that does needs 3)."""
+    logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
+    grad_hidden, grad_weight = torch.empty_like(hidden), torch.empty_like(weight)
+
+    def call():
+        torch.mm(hidden, weight.T, out=logits)
+        if mode != "fwd":
+            torch.mm(hidden, weight.T, out=logits)
+            torch.mm(logits, weight, out=grad_hidden)
+            torch.mm(logits.T, hidden, out=grad_weight)
     return call
 
 

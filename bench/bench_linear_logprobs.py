@@ -15,6 +15,8 @@ modes x shapes.
   fastalign_cublas  the same on the Triton backend's cuBLAS path (FASTALIGN_CUDA_MATMUL=cublas:
                torch GEMMs per vocabulary slice, Triton row kernels after them; on the CPU the
                backend's own path, as fastalign)
+  matmul_floor the GEMMs alone, into outputs allocated before (fwd: the logits; fwd_bwd: 4 GEMMs,
+               the logits, their recomputation, dHidden, dWeight): the bound on time
   fastalign_min_p / fastalign_top_k   the same renormalized over a sampler's support (min_p 0.05 /
                top_k 50: bench/_workers.py), beside plain fastalign for their cost
 --op kl: exact per-token KL(policy || reference) from two (hidden, head) pairs, providers:

@@ -63,7 +63,7 @@ fi
 
 step "fused-linear log-probs: Llama-3 and Gemma-2-2B heads, N=8192, bf16, fused Triton tiles and the cuBLAS path beside TRL, Liger, CCE"
 timeout 240 python3 bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192 \
-  --providers torch_eager trl liger cce fastalign fastalign_cublas \
+  --providers torch_eager trl liger cce fastalign fastalign_cublas matmul_floor \
   --csv "$RUN/linear_logprobs_cuda.csv" --plot "$RUN/linear_logprobs_cuda.png" 2>&1 | tee "$RUN/bench_linear.log" | tail -3
 
 step "fused DPO and GRPO losses: 8 x 1024 tokens, Llama-3 head, bf16, beside Liger and unfused torch"
