@@ -15,6 +15,7 @@ Adding a backend: one builder per family it implements, one row per family in ``
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -151,8 +152,6 @@ CUDA_MATMULS = ("tiles", "cublas")
 
 def cuda_matmul() -> str:
     """The Triton backend's matmul path for ``linear_logprobs`` (``CUDA_MATMUL_ENV``)."""
-    import os
-
     path = os.environ.get(CUDA_MATMUL_ENV, "tiles").strip() or "tiles"
     if path not in CUDA_MATMULS:
         raise ValueError(f"{CUDA_MATMUL_ENV}={path!r}: choose one of {', '.join(CUDA_MATMULS)} "

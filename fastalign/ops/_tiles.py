@@ -17,6 +17,9 @@ FINITE_MIN = torch.finfo(torch.float32).min
 # log p is clamped here (exp underflows below ~-104) in the entropy gradient: a -inf logit then
 # gives 0 * finite rather than 0 * inf = NaN. (kernels/_math.py LOG_P_FLOOR, csrc/rows.h kLogPFloor.)
 LOG_P_FLOOR = -1000.0
+# The ignore_index given to the row kernels where every row reaching them is kept (compacted
+# rows, a fused loss's chunks): an id no row has.
+NO_TARGET = -(2**62)
 
 # A [N, cols] float32 tile of about 4 MiB: wide enough for efficient matmuls, small enough that
 # the elementwise passes over it stay mostly in cache (in a quick sweep at N = 2048, D = 256 on
@@ -37,6 +40,12 @@ def softcapped(z: torch.Tensor, softcap: float) -> torch.Tensor:
     """tanh(z / s) of ``z`` as a fresh fp32 tensor (upcast first: an op on bf16/fp16 inputs
     computes in their precision even with an fp32 out)."""
     return torch.empty(z.shape, dtype=torch.float32, device=z.device).copy_(z).div_(softcap).tanh_()
+
+
+def softcap_keys(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """The keys ``softcap(z) = s tanh(z / s)`` of raw logits (``z`` itself without a softcap),
+    fresh float32 where there is one: what maxes and the row statistics are taken of."""
+    return z if softcap is None else softcapped(z, softcap).mul_(softcap)
 
 
 def raw_logits_tile(hidden, weight, bias, start: int, end: int) -> torch.Tensor:

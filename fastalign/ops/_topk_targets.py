@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .._layout import RowLayout, row_view
-from ._tiles import logits_grad_, softcapped
+from ._tiles import logits_grad_, softcap_keys
 
 # Elements of one float32 [rows, K, D] chunk of the gathered weight rows (16 MiB).
 GATHER_ELEMENTS = 1 << 22
@@ -39,10 +39,6 @@ def stand_in_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     kept = targets != ignore_index
     first = kept.to(torch.uint8).argmax(1, keepdim=True)  # the first of equal maxima
     return torch.where(kept.any(1), targets.gather(1, first).squeeze(1), ignore_index)
-
-
-def _keys(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return z if softcap is None else softcapped(z, softcap).mul_(softcap)
 
 
 def _target_log_probs(keys, stats, kept, inv_temperature: float) -> torch.Tensor:
@@ -121,7 +117,7 @@ def token_forward(rows, layout, targets, stats, *, ignore_index: int, inv_temper
     with an id outside ``[0, V)`` (CUDA without the range check) is NaN in both."""
     kept, valid, _, z = _token_logits(rows, layout, targets, ignore_index)
     stats = stats.masked_fill((kept & ~valid).any(1, keepdim=True), float("nan"))
-    return _target_log_probs(_keys(z, softcap), stats, kept, inv_temperature), stats
+    return _target_log_probs(softcap_keys(z, softcap), stats, kept, inv_temperature), stats
 
 
 def token_columns(rows, layout, targets, stats, entropy, grad_logprobs, grad_entropy, *,
@@ -185,7 +181,7 @@ def linear_forward(hidden, weight, bias, targets, stats, *, ignore_index, vocab_
     sharded head each key comes from the rank holding its row (one all-reduce of ``[n, K]``)."""
     kept, in_shard, _, z = _linear_logits(hidden, weight, bias, targets, ignore_index=ignore_index,
                                           vocab_offset=vocab_offset, rounded=rounded)
-    keys = torch.where(in_shard, _keys(z, softcap), 0.0)
+    keys = torch.where(in_shard, softcap_keys(z, softcap), 0.0)
     if group is not None:
         import torch.distributed as dist
         dist.all_reduce(keys, group=group)

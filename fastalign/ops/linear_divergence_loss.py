@@ -28,7 +28,8 @@ import torch
 from .._layout import RowLayout
 from ._backends import divergence_launchers, row_argmax, token_logprobs_launchers
 from ._vocab_stats import merge_divergence_partials, merge_mixture_partials
-from .linear_loss import _NO_TARGET, _logits, accumulate_head_grads
+from ._tiles import NO_TARGET
+from .linear_loss import _logits, accumulate_head_grads
 
 
 @dataclass
@@ -144,7 +145,7 @@ def _cross_entropy(plan: DistillPlan, tile: torch.Tensor, targets: torch.Tensor,
     the divergence's)."""
     launchers = token_logprobs_launchers(plan.backend)
     layout = RowLayout(1, tile.shape[0], 0, tile.shape[1])
-    options = dict(inv_temperature=1.0, softcap=plan.softcap, ignore_index=_NO_TARGET)
+    options = dict(inv_temperature=1.0, softcap=plan.softcap, ignore_index=NO_TARGET)
     logprobs, _, stats = launchers.forward(tile, targets, layout, return_entropy=False,
                                            **options)
     if not grad_wanted:

@@ -15,12 +15,10 @@ import torch
 
 from .._layout import RowLayout
 from ..kernels.token_logprobs import slice_partials, token_logprobs_backward
-from ._tiles import (partials_buffers, raw_logits_tile, row_stat_partials, row_stat_slice_,
-                     softcapped)
+from ._tiles import (NO_TARGET, partials_buffers, raw_logits_tile, row_stat_partials,
+                     row_stat_slice_, softcap_keys)
 
 TILE_MB = 256
-# No target id equals it: the rows reaching the launchers are kept rows, none ignored.
-_NO_TARGET = -(2**62)
 
 
 def tile_cols(n_rows: int, vocab_size: int) -> int:
@@ -54,9 +52,8 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
             sum_exp_shifted[index] = shifted
         target_logit += target_key
         if row_stats is not None:
-            keys = tile if softcap is None else softcapped(tile, softcap).mul_(softcap)
-            row_stat_slice_(keys, stats[:, 0], targets - start, inv_temperature, row_stats,
-                            index)
+            row_stat_slice_(softcap_keys(tile, softcap), stats[:, 0], targets - start,
+                            inv_temperature, row_stats, index)
     return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
 
 
@@ -66,12 +63,11 @@ def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, gra
     """Same contract as ``linear_logprobs_torch.linear_logprobs_grad_tile``: the gradient is
     written over the float32 logits tile itself."""
     tile = raw_logits_tile(hidden, weight, bias, start, end)
-    if tile.shape[0] == 0:
-        return tile.to(hidden.dtype)
-    layout = _layout(tile)
-    token_logprobs_backward(
-        tile, (targets.long() - start).contiguous(), layout, stats.contiguous(),
-        entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy, tile,
-        layout, inv_temperature=inv_temperature, softcap=softcap, ignore_index=_NO_TARGET,
-        support=support)
+    if tile.shape[0]:  # the kept rows (the launchers get no ignored row: NO_TARGET)
+        layout = _layout(tile)
+        token_logprobs_backward(
+            tile, targets.long() - start, layout, stats.contiguous(),
+            entropy if grad_entropy is not None else None, grad_logprobs, grad_entropy, tile,
+            layout, inv_temperature=inv_temperature, softcap=softcap, ignore_index=NO_TARGET,
+            support=support)
     return tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)

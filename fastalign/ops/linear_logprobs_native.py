@@ -11,7 +11,7 @@ import torch
 from .._native import extension
 from ._sampler import native_grad_support, native_support
 from ._tiles import (native_temperature, partials_buffers, raw_logits_tile, row_stat_partials,
-                     row_stat_slice_, softcapped)
+                     row_stat_slice_, softcap_keys)
 
 
 def _tile_layout(tile: torch.Tensor) -> tuple[int, int, int]:
@@ -40,8 +40,7 @@ def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, 
             sum_exp_shifted[index] = stats[2]
         target_logit += stats[3]
         if row_stats is not None:
-            keys = tile if softcap is None else softcapped(tile, softcap).mul_(softcap)
-            row_stat_slice_(keys, stats[0], targets - start, inv_temperature, row_stats, index)
+            row_stat_slice_(softcap_keys(tile, softcap), stats[0], targets - start, inv_temperature, row_stats, index)
     return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
 
 

@@ -31,13 +31,11 @@ from .._layout import row_layout
 from . import _sampler
 from ._backends import token_logprobs_launchers
 from ._linear_backward import _addmm_fp32_
-from ._tiles import raw_logits_tile
+from ._tiles import NO_TARGET, raw_logits_tile
 
 # A chunk of float32 logits: 256 MiB is 523 rows of a 128k vocabulary, wide enough for
 # efficient matmuls, and far below a batch's logits.
 DEFAULT_CHUNK_MB = 256.0
-# Chunks hold kept rows only: no target is ignored (an id no row has).
-_NO_TARGET = -(2**62)
 
 
 def rows_per_chunk(chunk_mb: float, vocab_size: int) -> int:
@@ -76,7 +74,7 @@ def _epilogues(plan: Plan, tile: torch.Tensor, targets: torch.Tensor):
     launchers = token_logprobs_launchers(plan.backend)
     rows, layout = row_layout(tile)
     options = dict(inv_temperature=plan.inv_temperature, softcap=plan.softcap,
-                   ignore_index=_NO_TARGET)
+                   ignore_index=NO_TARGET)
     support = None
     if plan.top_k > 0 or plan.log_min_p is not None:
         kth = _sampler.token_thresholds(rows, layout, plan.top_k) if plan.top_k > 0 else None
