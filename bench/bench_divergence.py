@@ -48,7 +48,7 @@ from _workers import CUDA_ONLY, _trl_kernel  # noqa: E402
 
 import fastalign  # noqa: E402
 from fastalign import _measure  # noqa: E402
-from fastalign.ops.linear_loss import rows_per_chunk  # noqa: E402
+from fastalign.ops.linear_loss import rows_per_chunk, split_rows  # noqa: E402
 
 PROVIDERS = ("fastalign", "fastalign_two_pass", "trl", "liger", "torch_eager", "matmul_floor",
              "matmul_chunked")
@@ -136,14 +136,16 @@ def chunked_floor_call(hidden, weight, teacher_hidden, teacher_weight, chunk_mb:
     both logits products into reused ``[rows, V]`` buffers, the chunk's dHidden rows, and the
     weight gradient accumulated chunk by chunk."""
     chunk_mb = fastalign.nn.distill.DISTILL_CHUNK_MB if chunk_mb is None else chunk_mb
-    rows = rows_per_chunk(chunk_mb, weight.shape[0])
-    tiles = [hidden.new_empty(min(rows, hidden.shape[0]), weight.shape[0]) for _ in range(2)]
+    # The same chunks of equal size: (start, end) row ranges.
+    bounds = [(int(c[0]), int(c[-1]) + 1) for c in
+              split_rows(torch.arange(hidden.shape[0]), rows_per_chunk(chunk_mb, weight.shape[0]))]
+    rows = max(end - start for start, end in bounds)
+    tiles = [hidden.new_empty(rows, weight.shape[0]) for _ in range(2)]
     grad_hidden, grad_weight = torch.empty_like(hidden), torch.empty_like(weight)
 
     def call():
         grad_weight.zero_()
-        for start in range(0, hidden.shape[0], rows):
-            end = min(start + rows, hidden.shape[0])
+        for start, end in bounds:
             tile, teacher_tile = (t[:end - start] for t in tiles)
             torch.mm(teacher_hidden[start:end], teacher_weight.T, out=teacher_tile)
             torch.mm(hidden[start:end], weight.T, out=tile)

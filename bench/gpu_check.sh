@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # The one call to make on a lent GPU machine (the device tool's `run`): installs fastalign
 # offline, runs the CUDA test subset (real Triton, no interpreter), then the benchmarks, most
-# important first: the trainers and the GRPO step (new), then the kernel benchmarks (each step
-# writes its CSV as it ends, so a run cut short still returns what it finished), and prints a
-# short table last.
-# Budget: 4 min 10 s measured on an H100 (2026-11-27) before the trainer and GRPO-step steps
-# (~2.5 min more), the CUDA tests 70 s of it; run it with the device tool's timeout_s=600. A step cut short by its timeout leaves the ones
-# before it intact in $OUT/results.tar.gz. The distillation-loss step (bench_divergence.py, 11
-# fresh worker processes) has not been timed yet; its timeout is 240 s.
+# important first: the fused-linear kernels (linear_logprobs on both matmul paths beside the GEMM
+# floor and the peers, then the fused DPO/GRPO losses, the distillation loss, the fused KL), then
+# the trainer-level steps measured in earlier runs. Each step packs its CSV as it ends, so a run
+# cut short by the device tool's 600 s limit still returns what it finished; the summary last.
+# Budget: 4 min 10 s measured on an H100 (2026-11-27) for the install, tests (70 s) and kernel
+# benchmarks of that day; the cuBLAS path's providers, the distillation step (11 fresh worker
+# processes, timeout 240 s) and the trainer steps (~2.5 min) come on top, untimed: on a short
+# lease the last steps may be cut.
 #
-#   device run:  FASTALIGN_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
-#   (carry .whl: the peers' wheels, see README)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -37,6 +36,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 step "CUDA tests"
 timeout 240 python3 -P -m pytest tests -q -rfE --tb=short -m "not slow" -p no:cacheprovider 2>&1 | tee "$RUN/tests.log" | tail -25
 
+step "fused-linear log-probs: Llama-3 and Gemma-2-2B heads, N=8192, bf16, fused Triton tiles and the cuBLAS path beside TRL, Liger, CCE"
+timeout 240 python3 bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192 \
+  --providers torch_eager trl liger cce fastalign fastalign_cublas matmul_floor \
+  --csv "$RUN/linear_logprobs_cuda.csv" --plot "$RUN/linear_logprobs_cuda.png" 2>&1 | tee "$RUN/bench_linear.log" | tail -3
+
+step "fused DPO and GRPO losses: 8 x 1024 tokens, Llama-3 head, bf16, beside TRL's path, Liger, unfused torch and the GEMM rate"
+for op in dpo grpo; do
+  timeout 120 python3 bench/bench_fused_losses.py --op $op --device cuda --pairs 4 --seq 1024 --hidden 4096 \
+    --csv "$RUN/fused_${op}_cuda.csv" 2>&1 | tee "$RUN/bench_fused_${op}.log" | tail -3
+done
+
+step "fused-linear KL: Llama-3 head, N=8192, bf16, beside TRL and Liger"
+timeout 90 python3 bench/bench_linear_logprobs.py --op kl --device cuda --shapes llama3 --tokens 8192 \
+  --csv "$RUN/linear_kl_cuda.csv" --plot "$RUN/linear_kl_cuda.png" 2>&1 | tee "$RUN/bench_kl.log" | tail -3
+
+step "distillation loss: N=8192, D=4096, teacher D_t=8192, V=128256, bf16, beta 0.5 and 1, beside TRL, Liger, eager"
+timeout 240 python3 bench/bench_divergence.py --device cuda \
+  --csv "$RUN/divergence_cuda.csv" 2>&1 | tee "$RUN/bench_divergence.log" | tail -4
+
 step "trainers on CUDA: reward model, then GRPO and PPO (the built-in tiny runs, 30 steps each)"
 mkdir -p "$RUN/trainers"
 for kind in rm grpo ppo; do
@@ -61,25 +79,6 @@ if [ "$GPUS" -ge 2 ]; then  # several GPUs: DDP beside FSDP2 on all of them (ncc
     --csv "$RUN/distributed_dpo_cuda.csv" 2>&1 | tee "$RUN/bench_distributed.log" | tail -4
 fi
 
-step "fused-linear log-probs: Llama-3 and Gemma-2-2B heads, N=8192, bf16, fused Triton tiles and the cuBLAS path beside TRL, Liger, CCE"
-timeout 240 python3 bench/bench_linear_logprobs.py --device cuda --shapes llama3 gemma2 --tokens 8192 \
-  --providers torch_eager trl liger cce fastalign fastalign_cublas matmul_floor \
-  --csv "$RUN/linear_logprobs_cuda.csv" --plot "$RUN/linear_logprobs_cuda.png" 2>&1 | tee "$RUN/bench_linear.log" | tail -3
-
-step "fused DPO and GRPO losses: 8 x 1024 tokens, Llama-3 head, bf16, beside Liger and unfused torch"
-for op in dpo grpo; do
-  timeout 120 python3 bench/bench_fused_losses.py --op $op --device cuda --pairs 4 --seq 1024 --hidden 4096 \
-    --csv "$RUN/fused_${op}_cuda.csv" 2>&1 | tee "$RUN/bench_fused_${op}.log" | tail -3
-done
-
-step "fused-linear KL: Llama-3 head, N=8192, bf16, beside TRL and Liger"
-timeout 90 python3 bench/bench_linear_logprobs.py --op kl --device cuda --shapes llama3 --tokens 8192 \
-  --csv "$RUN/linear_kl_cuda.csv" --plot "$RUN/linear_kl_cuda.png" 2>&1 | tee "$RUN/bench_kl.log" | tail -3
-
-step "distillation loss: N=8192, D=4096, teacher D_t=8192, V=128256, bf16, beta 0.5 and 1, beside TRL, Liger, eager"
-timeout 240 python3 bench/bench_divergence.py --device cuda \
-  --csv "$RUN/divergence_cuda.csv" 2>&1 | tee "$RUN/bench_divergence.log" | tail -4
-
 if [ "${FULL:-0}" = 1 ]; then  # FULL=1: the fused-linear tile sweep (~1.5 min)
   step "fused-linear tile sweep"
   timeout 90 python3 bench/tune_linear_logprobs.py --csv "$RUN/tune_linear_logprobs_cuda.csv" 2>&1 | tee "$RUN/tune_linear.log"
@@ -101,6 +100,9 @@ tail -n 4 "$RUN/bench_grpo_step.log"
 tail -n 3 "$RUN/bench_trl_step.log"
 [ -f "$RUN/bench_distributed.log" ] && tail -n 3 "$RUN/bench_distributed.log"
 [ -f "$RUN/bench_divergence.log" ] && tail -n 3 "$RUN/bench_divergence.log"
+# The entry of fastalign.ops._backends.MEASURED_CUDA_MATMUL this run supports (tiles vs cuBLAS).
+[ -f "$RUN/linear_logprobs_cuda.csv" ] && python3 bench/pick_cuda_matmul.py "$RUN/linear_logprobs_cuda.csv" \
+  --capability "$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
 for csv in linear_logprobs fused_dpo fused_grpo linear_kl token_logprobs; do
   [ -f "$RUN/${csv}_cuda.csv" ] && python3 bench/summarize.py "$RUN/${csv}_cuda.csv"
 done

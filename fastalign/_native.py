@@ -56,8 +56,7 @@ GRAD_CACHE_ENV = "FASTALIGN_NATIVE_GRAD_CACHE"
 LOCK_TIMEOUT_ENV = "FASTALIGN_NATIVE_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT_S = 600.0
 LOCK_FILE = ".build.flock"
-SOURCES = ("bindings.cpp", "logprobs.cpp", "divergence.cpp", "jsd_grad.cpp", "row_argmax.cpp",
-           "buffers.cpp")
+SOURCES = ("bindings.cpp", "logprobs.cpp", "divergence.cpp", "jsd_grad.cpp", "buffers.cpp")
 LDFLAGS = ["-fopenmp"]
 LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"  # what cpp_extension.load writes
 

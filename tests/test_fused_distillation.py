@@ -76,6 +76,30 @@ def test_matches_float64_on_every_backend(backend, beta, temperature, softcaps,
     assert ("hard_label_loss" in metrics) == bool(hard_label_weight)
 
 
+@pytest.mark.parametrize("softcaps", [(None, None), (2.0, 3.0)])
+def test_agreement_is_the_share_of_rows_whose_argmaxes_match(backend, softcaps):
+    """A teacher near the student (its head the student's plus noise, its hidden states the
+    student's plus columns of its own), so that some rows' argmaxes match and others do not:
+    the metric is torch's argmax of each model's float64 logits, compared over kept rows."""
+    hidden, weight, bias, _, targets = inputs()
+    generator = torch.Generator().manual_seed(1)
+    extra = torch.randn(hidden.shape[0], D_TEACHER - D, generator=generator)
+    teacher = (torch.cat([hidden.detach(), extra], 1),
+               torch.cat([weight.detach(), torch.randn(V, D_TEACHER - D, generator=generator)
+                          * 0.05], 1) + torch.randn(V, D_TEACHER, generator=generator) * 0.01,
+               bias.detach())
+    top1 = [(h.double() @ w.double().T + b.double()).argmax(-1) for h, w, b in
+            ((hidden, weight, bias), teacher)]
+    kept = targets != -100
+    expected = (top1[0] == top1[1])[kept].double().mean().item()
+    assert 0 < expected < 1  # both outcomes occur, so a wrong side or row would show
+    module = FusedDistillationLoss(beta=0.5, softcap=softcaps[0], teacher_softcap=softcaps[1],
+                                   chunk_mb=0.05)
+    _, metrics = module(hidden, weight, *teacher[:2], targets, bias=bias,
+                        teacher_bias=teacher[2])
+    assert metrics["agreement"].item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_the_two_pass_path_and_a_no_gradient_call_agree(backend):
     hidden, weight, bias, teacher, targets = inputs()
     options = dict(beta=0.5, temperature=1.2, hard_label_weight=0.3, softcap=7.0)

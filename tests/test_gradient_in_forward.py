@@ -179,3 +179,16 @@ def test_bad_input_is_named_as_linear_logprobs_names_it(chunk_counts):
         fa.FusedDPOLoss()(hidden, weight, targets.float(), ref_chosen_logps=zero,
                           ref_rejected_logps=zero)
     assert not chunk_counts
+
+
+@pytest.mark.parametrize("n_rows, limit, sizes", [
+    (2048, 392, [342] * 2 + [341] * 4), (2048, 458, [410] * 3 + [409] * 2), (10, 3, [3, 3, 2, 2]),
+    (7, 7, [7]), (7, 100, [7]), (1, 1, [1]), (0, 5, [])])
+def test_rows_are_split_into_the_fewest_chunks_of_equal_size(n_rows, limit, sizes):
+    """The chunks' count is the fewest within ``limit`` rows (each chunk re-reads the heads),
+    their sizes differ by one row at most, and every row comes once, in order."""
+    from fastalign.ops.linear_loss import split_rows
+    rows = torch.arange(n_rows) * 3  # any flat indices
+    chunks = split_rows(rows, limit)
+    assert [len(c) for c in chunks] == sizes
+    assert torch.equal(torch.cat(chunks) if chunks else rows, rows)

@@ -76,3 +76,37 @@ def test_an_unknown_matmul_path_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"FASTALIGN_CUDA_MATMUL='cutlass': choose one of "
                                          r"tiles, cublas"):
         _backends.linear_logprobs_launchers("triton")
+
+
+def test_the_measured_table_picks_the_path_per_architecture_and_batch(monkeypatch):
+    """Without FASTALIGN_CUDA_MATMUL the table decides: per compute capability, the last entry
+    whose min_rows the batch reaches; an architecture it does not list, or a CPU tensor, runs
+    the fused tiles. The variable overrides the table."""
+    table = {(9, 0): ((0, "tiles"), (4096, "cublas")), (10, 0): ((0, "cublas"),)}
+    pick = _backends.measured_cuda_matmul
+    assert [pick((9, 0), n, table) for n in (1, 4095, 4096, 10**6)] == \
+        ["tiles", "tiles", "cublas", "cublas"]
+    assert pick((10, 0), 1, table) == "cublas"
+    assert pick((8, 0), 10**6, table) == pick(None, 10**6, table) == "tiles"
+    # The launchers follow it: an H100 as the device (its capability faked), the table above.
+    monkeypatch.delenv(_backends.CUDA_MATMUL_ENV, raising=False)
+    monkeypatch.setattr(_backends, "MEASURED_CUDA_MATMUL", table)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    launchers = lambda n: _backends.linear_logprobs_launchers(  # noqa: E731
+        "triton", torch.device("cuda"), n).tile_cols
+    assert launchers(8192) is linear_logprobs_cublas.tile_cols
+    assert launchers(1024) is not linear_logprobs_cublas.tile_cols
+    assert _backends.linear_logprobs_launchers("triton", torch.device("cpu"), 8192).tile_cols \
+        is not linear_logprobs_cublas.tile_cols
+    monkeypatch.setenv(_backends.CUDA_MATMUL_ENV, "tiles")
+    assert launchers(8192) is not linear_logprobs_cublas.tile_cols
+
+
+def test_the_committed_table_is_well_formed():
+    """Each entry: a (major, minor) capability, then (min_rows, path) pairs with increasing
+    min_rows and known paths."""
+    for capability, entries in _backends.MEASURED_CUDA_MATMUL.items():
+        assert isinstance(capability, tuple) and len(capability) == 2
+        assert all(path in _backends.CUDA_MATMULS for _, path in entries)
+        thresholds = [min_rows for min_rows, _ in entries]
+        assert thresholds == sorted(set(thresholds)) and thresholds[0] >= 0

@@ -16,6 +16,7 @@ from conftest import DEVICE, assert_close, tolerance_for
 
 import fastalign as fa
 from fastalign import _native
+from fastalign._layout import RowLayout
 from fastalign.kernels.divergence_interface import divergence_spec
 from fastalign.reference import token_kl_reference, token_logprobs_reference
 
@@ -267,12 +268,10 @@ def test_nan_logits_poison_only_their_row(monkeypatch):
     assert leaf.grad[1].isnan().all() and torch.isfinite(leaf.grad[[0, 2, 3]]).all()
 
 
-@needs_native
-@pytest.mark.parametrize("vocab", VOCABS)
-def test_row_argmax_is_torchs(vocab):
-    """The first maximal column, across and within blocks and in the tail; the first NaN
-    wherever it lies; +inf; a row of only -inf (column 0)."""
-    x = torch.randn(12, vocab, generator=torch.Generator().manual_seed(vocab))
+def _argmax_rows(vocab: int, seed: int) -> torch.Tensor:
+    """Rows whose argmax is hard: the first maximal column, across and within blocks and in
+    the tail; the first NaN wherever it lies; +inf; a row of only -inf (column 0)."""
+    x = torch.randn(12, vocab, generator=torch.Generator().manual_seed(seed))
     last = vocab - 1
     x[1, [3, last]] = 50.0  # a tie across blocks: the first
     x[2, [last - 1, last]] = 50.0  # a tie in the tail
@@ -285,10 +284,37 @@ def test_row_argmax_is_torchs(vocab):
     x[8, last] = float("nan")
     x[8, 0] = 1e30  # a NaN after the max: the NaN
     x[9, :] = 1.0  # all equal: column 0
+    return x
+
+
+@needs_native
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("softcaps", [(None, None), (3.0, None), (None, 0.5)])
+def test_first_pass_finds_torchs_argmax_of_each_side(vocab, beta, softcaps):
+    """The divergence's first pass with ``top1``: each side's argmax is torch's, of the raw
+    logits (also where a softcap's keys tie: 1e30 and 50 both cap to the softcap), and the
+    statistics are those of the pass without it; masked rows get -1."""
+    student, teacher = _argmax_rows(vocab, vocab), _argmax_rows(vocab, vocab + 1).flip(0)
+    teacher[0, [0, vocab - 1]] = torch.tensor([60.0, 70.0])  # capped alike, not alike raw
+    spec = tuple(divergence_spec(beta, 1.0, *softcaps))
     ext = _native.extension()
-    assert torch.equal(ext.row_argmax(x), x.argmax(-1))
-    with pytest.raises(RuntimeError, match="x must be a contiguous 2-d CPU float32 tensor"):
-        ext.row_argmax(x[:, :-1])
+    arg = RowLayout(1, 12, 0, vocab).native_arg()
+    top1 = torch.full((2, 12), -7, dtype=torch.long)  # poisoned: every entry must be written
+    partials = ext.divergence_stats(student, arg, teacher, arg, 12, None, spec, True, top1)
+    assert torch.equal(top1[0], student.argmax(-1))
+    assert torch.equal(top1[1], teacher.argmax(-1))
+    plain = ext.divergence_stats(student, arg, teacher, arg, 12, None, spec, True)
+    torch.testing.assert_close(partials, plain, rtol=0, atol=0, equal_nan=True)
+    mask = torch.arange(12) % 3 != 1
+    top1.fill_(-7)
+    ext.divergence_stats(student, arg, teacher, arg, 12, mask, spec, True, top1)
+    expected = torch.stack([student.argmax(-1), teacher.argmax(-1)]).masked_fill(~mask, -1)
+    assert torch.equal(top1, expected)
+    with pytest.raises(RuntimeError, match=r"top1 must be a contiguous CPU int64 \[2, 12\]"):
+        ext.divergence_stats(student, arg, teacher, arg, 12, None, spec, True, top1[:1])
+    with pytest.raises(RuntimeError, match="top1 is found for float32 logits"):
+        ext.divergence_stats(student.bfloat16(), arg, teacher, arg, 12, None, spec, True, top1)
 
 
 @needs_native

@@ -18,7 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kth"_a = py::none(), "log_min_p"_a = py::none());
   m.def("divergence_stats", &fastalign::divergence_stats, "logits"_a, "layout"_a,
         "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "spec"_a,
-        "want_entropy"_a);
+        "want_entropy"_a, "top1"_a = py::none());
   m.def("divergence_mixture", &fastalign::divergence_mixture, "logits"_a, "layout"_a,
         "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a, "spec"_a);
   m.def("divergence_mixture_grad", &fastalign::divergence_mixture_grad, "logits"_a, "layout"_a,
@@ -27,7 +27,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("divergence_grad", &fastalign::divergence_grad, "logits"_a, "layout"_a,
         "teacher_logits"_a, "teacher_layout"_a, "n_rows"_a, "mask"_a, "stats"_a,
         "grad_divergence"_a, "grad_entropy"_a, "grad_out"_a, "grad_layout"_a, "spec"_a);
-  m.def("row_argmax", &fastalign::row_argmax, "x"_a);
   m.def("empty_gradient", &fastalign::empty_gradient, "sizes"_a, "dtype"_a, "reuse"_a);
   m.def("release_gradient_buffers", &fastalign::release_gradient_buffers);
   m.def("kept_gradient_bytes", &fastalign::kept_gradient_bytes);

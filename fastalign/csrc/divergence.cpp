@@ -14,6 +14,7 @@
 // forming the gradient too, for the fused distillation loss).
 // Backward: the gradient w.r.t. the student's logits in one pass per row. Every difference is
 // taken relative to its own side's max before the 1 / T scaling (kernels/_math.py says why).
+#include "argmax.h"
 #include "divergence.h"
 
 namespace fastalign {
@@ -102,23 +103,32 @@ struct FirstPass {
   }
 };
 
+// With top1 ([2, n_rows]: the student's, then the teacher's argmax of the raw logits; float32
+// rows only), each row's most likely token too (argmax.h): from the pass's block maxes where a
+// side's keys are its logits, else by a search of the row just read (a softcap's keys tie where
+// tanh saturates, the logits do not). Masked rows get -1.
 template <typename s_t, typename t_t>
 void first_pass_rows(const s_t* base, const RowLayout& layout, const t_t* teacher_base,
                      const RowLayout& teacher_layout, const bool* mask, int64_t n_rows,
-                     int64_t vocab_size, const Spec& spec, bool want_entropy, float* out) {
+                     int64_t vocab_size, const Spec& spec, bool want_entropy, float* out,
+                     int64_t* top1) {
   at::parallel_for(0, n_rows, row_grain(vocab_size), [&](int64_t begin, int64_t end) {
     alignas(64) float buf[kBlock];
     alignas(64) float teacher_buf[kBlock];
     for (int64_t row = begin; row < end; ++row) {
       FirstPass sums;
+      ArgmaxTracker student_top1, teacher_top1;
+      const s_t* student = base + layout.offset(row);
+      const t_t* teacher = teacher_base + teacher_layout.offset(row);
       if (mask && !mask[row]) {
         sums = FirstPass{0.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f};  // merges to 0
       } else {
         for_each_block<true>(
-            base + layout.offset(row), teacher_base + teacher_layout.offset(row), vocab_size,
-            spec, buf, teacher_buf,
-            [&](const float* keys, const float* teacher_keys, int64_t n, int64_t,
+            student, teacher, vocab_size, spec, buf, teacher_buf,
+            [&](const float* keys, const float* teacher_keys, int64_t n, int64_t start,
                 float block_max, float block_teacher_max) {
+              student_top1.add(block_max, start);
+              teacher_top1.add(block_teacher_max, start);
               dispatch_mode(spec.mode, [&](auto mode) {
                 dispatch_bool(want_entropy, [&](auto entropy) {
                   sums.add_block<decltype(mode)::value, decltype(entropy)::value>(
@@ -127,6 +137,18 @@ void first_pass_rows(const s_t* base, const RowLayout& layout, const t_t* teache
                 });
               });
             });
+      }
+      if constexpr (std::is_same_v<s_t, float> && std::is_same_v<t_t, float>) {
+        if (top1 != nullptr) {
+          const bool masked = mask && !mask[row];
+          top1[row] = masked ? -1
+                      : spec.student.has_softcap() ? argmax_of_row(student, vocab_size)
+                                                   : student_top1.column(student, vocab_size);
+          top1[n_rows + row] = masked ? -1
+                               : spec.teacher.has_softcap()
+                                   ? argmax_of_row(teacher, vocab_size)
+                                   : teacher_top1.column(teacher, vocab_size);
+        }
       }
       const float values[kPartials] = {sums.max, sums.sum_exp, sums.teacher_max,
                                         sums.teacher_sum_exp, sums.cross, sums.sum_shifted};
@@ -307,16 +329,28 @@ void dispatch_pair(const at::Tensor& logits, const LayoutArg& layout_arg,
 at::Tensor divergence_stats(const at::Tensor& logits, const LayoutArg& layout_arg,
                             const at::Tensor& teacher_logits, const LayoutArg& teacher_layout_arg,
                             int64_t n_rows, const std::optional<at::Tensor>& mask,
-                            const SpecArg& spec_arg, bool want_entropy) {
+                            const SpecArg& spec_arg, bool want_entropy,
+                            const std::optional<at::Tensor>& top1) {
   const Spec spec = checked_spec(spec_arg);
   const bool* mask_data = mask_ptr(mask, n_rows);
+  int64_t* top1_data = nullptr;
+  if (top1) {
+    TORCH_CHECK(logits.scalar_type() == at::kFloat && teacher_logits.scalar_type() == at::kFloat,
+                "top1 is found for float32 logits and teacher_logits only");
+    TORCH_CHECK(top1->device().is_cpu() && top1->scalar_type() == at::kLong &&
+                    top1->is_contiguous() && top1->dim() == 2 && top1->size(0) == 2 &&
+                    top1->size(1) == n_rows,
+                "top1 must be a contiguous CPU int64 [2, ", n_rows, "] tensor");
+    top1_data = top1->mutable_data_ptr<int64_t>();
+  }
   at::Tensor out = at::empty({kPartials, n_rows}, logits.options().dtype(at::kFloat));
   RowLayout layout, teacher_layout;
   dispatch_pair(logits, layout_arg, teacher_logits, teacher_layout_arg, n_rows, layout,
                 teacher_layout, [&](auto s_tag, auto t_tag) {
     first_pass_rows(logits.const_data_ptr<decltype(s_tag)>(), layout,
                     teacher_logits.const_data_ptr<decltype(t_tag)>(), teacher_layout, mask_data,
-                    n_rows, logits.size(-1), spec, want_entropy, out.mutable_data_ptr<float>());
+                    n_rows, logits.size(-1), spec, want_entropy, out.mutable_data_ptr<float>(),
+                    top1_data);
   });
   return out;
 }

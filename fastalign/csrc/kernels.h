@@ -45,11 +45,13 @@ using SpecArg = std::tuple<int64_t, double, double, std::optional<double>, std::
 
 // [6, n_rows] float32 first-pass statistics of student and teacher rows, as kernels/divergence.py's
 // divergence_partials (rows: kernels/divergence_interface.py); rows with mask false give
-// statistics that merge to 0.
+// statistics that merge to 0. With top1 (int64 [2, n_rows], float32 logits only), each side's
+// argmax of its raw logits is written there in the same pass (torch.argmax's; masked rows -1).
 at::Tensor divergence_stats(const at::Tensor& logits, const LayoutArg& layout,
                             const at::Tensor& teacher_logits, const LayoutArg& teacher_layout,
                             int64_t n_rows, const std::optional<at::Tensor>& mask,
-                            const SpecArg& spec, bool want_entropy);
+                            const SpecArg& spec, bool want_entropy,
+                            const std::optional<at::Tensor>& top1);
 
 // [2, n_rows] float32: the JSD's second-pass sums (sum q log(q / m), sum p log(p / m)) from the
 // merged [n_rows, 6] statistics; masked rows 0.
@@ -76,10 +78,6 @@ void divergence_grad(const at::Tensor& logits, const LayoutArg& layout,
                      const at::Tensor& stats, const std::optional<at::Tensor>& grad_divergence,
                      const std::optional<at::Tensor>& grad_entropy, const at::Tensor& grad_out,
                      const LayoutArg& grad_layout, const SpecArg& spec);
-
-// [n_rows] int64: each row's torch.argmax of a contiguous [n_rows, V] float32 tensor (the first
-// maximal column, the first NaN where a row has one), one vectorized pass (row_argmax.cpp).
-at::Tensor row_argmax(const at::Tensor& x);
 
 // A contiguous CPU tensor for a gradient: from at::empty below 32 MiB, else from a huge-page
 // block that (with reuse) is kept when the tensor is freed and handed to the next gradient of

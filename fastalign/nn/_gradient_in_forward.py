@@ -21,7 +21,7 @@ import torch
 from .. import _validation as checks
 from .._backend import select_backend
 from ..ops import _sampler
-from ..ops.linear_loss import Plan, chunked_logprobs, linear_loss, rows_per_chunk
+from ..ops.linear_loss import Plan, chunked_logprobs, linear_loss, rows_per_chunk, split_rows
 
 logger = logging.getLogger("fastalign")
 
@@ -118,7 +118,7 @@ def one_pass(hidden, weight, bias, targets, *, groups, loss_of, chunk_mb, temper
     ``linear_logprobs`` (checked by the caller)."""
     _checked(hidden, weight, bias, targets, ignore_index)
     limit = rows_per_chunk(chunk_mb, weight.shape[0])
-    chunks = groups.split(limit) if torch.is_tensor(groups) else _packed(groups, limit)
+    chunks = split_rows(groups, limit) if torch.is_tensor(groups) else _packed(groups, limit)
     if chunks is None:
         logger.debug("%s: a group of rows exceeds the %s MiB chunk (%d rows of V=%d); using "
                      "the two-pass path", what, chunk_mb, limit, weight.shape[0])
@@ -145,7 +145,7 @@ def reference_logprobs(hidden, weight, bias, targets, *, ignore_index, chunk_mb,
     _checked(hidden, weight, bias, targets, ignore_index)
     kept = (targets != ignore_index).reshape(-1).nonzero().squeeze(1)
     plan = Plan(targets=targets.reshape(-1), coefficients=None,
-                chunks=list(kept.split(rows_per_chunk(chunk_mb, weight.shape[0]))),
+                chunks=split_rows(kept, rows_per_chunk(chunk_mb, weight.shape[0])),
                 inv_temperature=1.0 / float(temperature),
                 softcap=None if softcap is None else float(softcap), need_entropy=False,
                 backend=backend)

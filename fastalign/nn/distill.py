@@ -11,19 +11,22 @@ from .._validation import check_number, check_targets
 from ..ops.linear_divergence import check_inputs, linear_divergence
 from ..ops.linear_divergence_loss import DistillPlan, distill_in_forward
 from ..ops.linear_logprobs import linear_logprobs
-from ..ops.linear_loss import rows_per_chunk
+from ..ops.linear_loss import rows_per_chunk, split_rows
 from ..ops.token_divergence import check_options
 from ..kernels.divergence_interface import divergence_spec
 from . import _gradient_in_forward as one_pass
 from ._fused_loss import FusedLoss
 
-# MiB of float32 logits per model and chunk: 392 rows of a 128k vocabulary. The width sets the
-# matmuls' speed: on the 2-core VM the four matmuls of N=2048 rows (D=256, D_t=512, V=128256)
-# in chunks of 128 / 192 / 256 MiB took 1.21x / 1.14x / 1.07x their time as whole-batch products
-# (bench/bench_divergence.py --providers matmul_floor matmul_chunked --chunk-mb 128 192 256).
-# The two models' chunks are most of the loss's extra memory (512 MB there, beside a 131 MB
-# weight gradient): 192 MiB keeps it under a fifth of TRL's chunked loss on that shape.
-DISTILL_CHUNK_MB = 192.0
+# MiB of float32 logits per model and chunk, at most: 458 rows of a 128k vocabulary. Each chunk's
+# four matmuls re-read both heads and the weight gradient, so the count of chunks sets their
+# speed: on the 2-core VM the four matmuls of N=2048 rows (D=256, D_t=512, V=128256) in chunks
+# of 128 / 192 / 256 MiB (8 / 6 / 4 chunks) took 1.21x / 1.14x / 1.07x their time as whole-batch
+# products (bench/bench_divergence.py --providers matmul_floor matmul_chunked --chunk-mb ...),
+# and the JSD took 1.33x the floor in 6 chunks, 1.26x in 5 (--chunk-mb 192 201, one run).
+# The two models' chunks are most of the loss's extra memory: two full chunks of 224 MiB beside
+# that shape's 125 MiB weight gradient stay under a fifth of TRL's chunked loss there (588 MiB
+# at beta 1), and the chunks are of equal size (split_rows): N=2048 goes in 5 of 410 rows.
+DISTILL_CHUNK_MB = 224.0
 
 
 class FusedDistillationLoss(FusedLoss):
@@ -103,7 +106,7 @@ class FusedDistillationLoss(FusedLoss):
         # count of kept rows is on the host already, after nonzero's sync).
         scale = 1.0 / max(len(rows), 1)
         plan = DistillPlan(
-            targets=targets.reshape(-1), chunks=list(rows.split(limit)),
+            targets=targets.reshape(-1), chunks=split_rows(rows, limit),
             spec=divergence_spec(self.beta, 1.0 / self.temperature, self.softcap,
                                  self.teacher_softcap),
             softcap=self.softcap, divergence_weight=scale if wants_grad else None,

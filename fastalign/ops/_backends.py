@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from .. import _native
+from .._layout import RowLayout
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,6 @@ def _torch_token_logprobs() -> TokenLogprobsLaunchers:
 
 
 def _triton_linear_logprobs() -> LinearLogprobsLaunchers:
-    if cuda_matmul() == "cublas":
-        return _cublas_linear_logprobs()
     from ..kernels import linear_logprobs as k
     return LinearLogprobsLaunchers(forward=k.linear_logprobs_partials,
                                    backward=k.linear_logprobs_grad_tile, tile_cols=k.tile_cols,
@@ -144,15 +143,38 @@ def _cublas_linear_logprobs() -> LinearLogprobsLaunchers:
 # The matmuls of the Triton backend's linear_logprobs: "tiles", the fused Triton tiles
 # (kernels/linear_logprobs.py, the matmul inside the kernel), or "cublas", torch's GEMMs per
 # vocabulary slice with the Triton row kernels after them (ops/linear_logprobs_cublas.py). The
-# fused losses (ops/linear_loss.py) and linear_divergence run torch GEMMs already. Until a GPU
-# sweep of both paths is committed, "tiles" stays the default and FASTALIGN_CUDA_MATMUL picks.
+# fused losses (ops/linear_loss.py) and linear_divergence run torch GEMMs already.
+# FASTALIGN_CUDA_MATMUL picks one for every call; unset, MEASURED_CUDA_MATMUL does.
 CUDA_MATMUL_ENV = "FASTALIGN_CUDA_MATMUL"
 CUDA_MATMULS = ("tiles", "cublas")
+# Per GPU architecture (CUDA compute capability): ((min_rows, path), ...) in increasing
+# min_rows, the faster path at each batch size as a committed sweep of both measured it
+# (bench/gpu_check.sh's linear_logprobs step, both paths in one run; bench/pick_cuda_matmul.py
+# reads its CSV and prints the entries, with the sweep's commit to name beside them). An
+# architecture absent here, or a batch below its first entry, runs "tiles". Empty: the cuBLAS
+# path has not run on a GPU yet.
+MEASURED_CUDA_MATMUL: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {}
 
 
-def cuda_matmul() -> str:
-    """The Triton backend's matmul path for ``linear_logprobs`` (``CUDA_MATMUL_ENV``)."""
-    path = os.environ.get(CUDA_MATMUL_ENV, "tiles").strip() or "tiles"
+def measured_cuda_matmul(capability: tuple[int, int] | None, n_rows: int,
+                         table: dict | None = None) -> str:
+    """The path ``table`` (``MEASURED_CUDA_MATMUL``) gives an architecture at ``n_rows``."""
+    path = "tiles"
+    for min_rows, choice in (MEASURED_CUDA_MATMUL if table is None else table).get(capability,
+                                                                                    ()):
+        if n_rows >= min_rows:
+            path = choice
+    return path
+
+
+def cuda_matmul(device: torch.device | None = None, n_rows: int = 0) -> str:
+    """The Triton backend's matmul path for ``linear_logprobs`` of ``n_rows`` rows on
+    ``device``: ``CUDA_MATMUL_ENV`` where set, else the measured table's."""
+    path = os.environ.get(CUDA_MATMUL_ENV, "").strip()
+    if not path:
+        cuda = device is not None and device.type == "cuda"
+        return measured_cuda_matmul(torch.cuda.get_device_capability(device) if cuda else None,
+                                    n_rows)
     if path not in CUDA_MATMULS:
         raise ValueError(f"{CUDA_MATMUL_ENV}={path!r}: choose one of {', '.join(CUDA_MATMULS)} "
                          "(the fused Triton tiles, or cuBLAS GEMMs with Triton row kernels)")
@@ -240,7 +262,12 @@ def token_logprobs_launchers(backend: str) -> TokenLogprobsLaunchers:
     return _lookup("token_logprobs", backend)
 
 
-def linear_logprobs_launchers(backend: str) -> LinearLogprobsLaunchers:
+def linear_logprobs_launchers(backend: str, device: torch.device | None = None,
+                              n_rows: int = 0) -> LinearLogprobsLaunchers:
+    """The backend's; for the Triton backend, the matmul path ``cuda_matmul`` picks for
+    ``n_rows`` rows on ``device``."""
+    if backend == "triton" and cuda_matmul(device, n_rows) == "cublas":
+        return _cublas_linear_logprobs()
     return _lookup("linear_logprobs", backend)
 
 
@@ -260,12 +287,32 @@ def new_gradient(like: torch.Tensor, backend: str) -> torch.Tensor:
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 
-def row_argmax(x: torch.Tensor, backend: str) -> torch.Tensor:
-    """``x.argmax(-1)`` of a contiguous float32 ``[N, V]`` tensor (the first maximal column, the
-    first NaN where a row has one). The native backend's is one vectorized pass over memory
-    (``csrc/row_argmax.cpp``): torch's CPU argmax walks each row an element at a time, about
-    ten times slower, as long as a whole pass of the divergence's math over a chunk."""
-    if backend == "native" and x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 \
-            and x.shape[1] > 0:
-        return _native.extension().row_argmax(x)
-    return x.argmax(-1)
+def work_buffer(shape, device: torch.device, backend: str, *, zero: bool = False
+                ) -> torch.Tensor:
+    """A float32 buffer the chunked losses work in (a chunk's logits, the gradients they
+    accumulate), zeroed where asked. The native backend's comes from huge pages
+    (``csrc/buffers.cpp``, never kept once freed): a 200 MiB chunk is 51k page faults in 4 KiB
+    pages, each call, which on the 2-core VM cost about a tenth of a second of system time per
+    call of the distillation loss."""
+    if backend == "native" and device.type == "cpu":
+        out = _native.extension().empty_gradient(list(shape), torch.float32, False)
+    else:
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+    return out.zero_() if zero else out
+
+
+def divergence_partials_and_top1(tile: torch.Tensor, teacher_tile: torch.Tensor, backend: str,
+                                 *, spec):
+    """``(partials, top1)`` of two contiguous ``[N, V]`` tiles of whole rows: the divergence's
+    first-pass statistics (``forward``, with the entropy's) and ``[2, N]`` int64 each side's
+    ``argmax(-1)`` of its raw logits (the first maximal column, the first NaN where a row has
+    one). The native backend finds the argmax within the first pass, from its block maxes, for
+    float32 tiles (``csrc/argmax.h``): torch's CPU argmax walks a row an element at a time,
+    about as long as a whole pass of the divergence's math over a chunk."""
+    if backend == "native" and tile.dtype == teacher_tile.dtype == torch.float32:
+        from . import divergence_native
+        return divergence_native.partials_and_top1(tile, teacher_tile, spec=spec)
+    layout = RowLayout(1, tile.shape[0], 0, tile.shape[1])
+    partials = divergence_launchers(backend).forward(tile, teacher_tile, layout, layout, None,
+                                                     spec=spec, return_entropy=True)
+    return partials, torch.stack([tile.argmax(-1), teacher_tile.argmax(-1)])

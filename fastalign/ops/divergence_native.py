@@ -5,6 +5,9 @@ forward), parallel over rows; for the fused loss the JSD's second pass and its g
 
 from __future__ import annotations
 
+import torch
+
+from .._layout import RowLayout
 from .._native import extension
 
 
@@ -14,6 +17,17 @@ def divergence_partials(logits, teacher_logits, layout, teacher_layout, mask, *,
     return extension().divergence_stats(logits, layout.native_arg(), teacher_logits,
                                         teacher_layout.native_arg(), layout.n_rows, mask,
                                         tuple(spec), return_entropy)
+
+
+def partials_and_top1(logits, teacher_logits, *, spec):
+    """``(divergence_partials of two whole-row float32 [N, V] tensors, [2, N] int64 argmax of
+    each side's raw logits)`` from one pass over both (``csrc/divergence.cpp``)."""
+    layout = RowLayout(1, logits.shape[0], 0, logits.shape[1])
+    top1 = torch.empty(2, logits.shape[0], dtype=torch.long)
+    partials = extension().divergence_stats(logits, layout.native_arg(), teacher_logits,
+                                            layout.native_arg(), layout.n_rows, None,
+                                            tuple(spec), True, top1)
+    return partials, top1
 
 
 def mixture_partials(logits, teacher_logits, layout, teacher_layout, mask, stats, *, spec):

@@ -36,9 +36,11 @@ _TENSORS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor teacher_hidden, 
             "Tensor teacher_weight, Tensor? teacher_bias, Tensor? mask")
 
 
-def _tile_cols(backend: str, n_rows: int, vocab_size: int) -> int:
-    """Vocabulary columns per logits slice: the backend's fused-linear tile size."""
-    return linear_logprobs_launchers(backend).tile_cols(n_rows, vocab_size)
+def _tile_cols(backend: str, hidden: torch.Tensor, vocab_size: int) -> int:
+    """Vocabulary columns per logits slice: the backend's fused-linear tile size (on CUDA, of
+    the matmul path ``linear_logprobs`` takes there)."""
+    n_rows = hidden.shape[0]
+    return linear_logprobs_launchers(backend, hidden.device, n_rows).tile_cols(n_rows, vocab_size)
 
 
 def _logit_tiles(student, teacher, start, end):
@@ -60,7 +62,7 @@ def _forward_op(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
     student = (select_rows(hidden, rows), weight, bias)
     teacher = (select_rows(teacher_hidden, rows), teacher_weight, teacher_bias)
     launchers, spec = divergence_launchers(o.backend), spec_of(o)
-    cols = _tile_cols(o.backend, student[0].shape[0], vocab_size)
+    cols = _tile_cols(o.backend, student[0], vocab_size)
 
     def first_pass(start):
         tile, teacher_tile, layout = _logit_tiles(student, teacher, start,
@@ -110,7 +112,7 @@ def _backward_op(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
         return tile if tile.dtype == hidden.dtype else tile.to(hidden.dtype)
 
     grads = _linear_backward.linear_backward(
-        student[0], weight, _tile_cols(o.backend, student[0].shape[0], weight.shape[0]),
+        student[0], weight, _tile_cols(o.backend, student[0], weight.shape[0]),
         grad_tile, need_hidden=o.need_hidden, need_weight=o.need_weight, need_bias=o.need_bias)
     return _linear_backward.kept_rows_outputs(hidden, bias, grads, rows,
                                               _vocab_stats.resolve_group(o.group_name))

@@ -7,12 +7,13 @@ own gradient as soon as both models' logits of it exist. Per chunk of kept rows:
 
     Zs = hidden[chunk] @ weight.T + bias                 [rows, V] float32, into a reused buffer
     Zt = teacher_hidden[chunk] @ teacher_weight.T + b    [rows, V] float32, a second buffer
-    top-1 agreement of the two; log p(target): the token_logprobs launchers on Zs (when the
-        cross-entropy is weighted, its gradient built in a third buffer)
-    divergence, entropy and G = dLoss/dZs written over Zs: the divergence family's launchers on
-        (Zs, Zt) (native C++ on the CPU, Triton on CUDA), two passes over the pair for the JSD,
-        whose second forms the gradient too (``mixture_grad``), one and a backward pass for
-        the KLs; the cross-entropy's part added to G
+    the divergence's first pass over (Zs, Zt) (native C++ on the CPU, Triton on CUDA), and
+        the top-1 agreement of the two (on the CPU from that pass's block maxes)
+    log p(target): the token_logprobs launchers on Zs (when the cross-entropy is weighted, its
+        gradient built in a third buffer)
+    divergence, entropy and G = dLoss/dZs written over Zs: a second pass over the pair, the
+        JSD's (which forms the gradient too: ``mixture_grad``) or the KLs' backward; the
+        cross-entropy's part added to G
     dHidden[chunk] = G @ weight ;  dWeight += G.T @ hidden[chunk] ;  dBias += G.sum(0)
 
 so the student's head costs 3 matmuls and the teacher's 1, and the extra memory is two (three
@@ -26,10 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from .._layout import RowLayout
-from ._backends import divergence_launchers, row_argmax, token_logprobs_launchers
+from ._backends import (divergence_launchers, divergence_partials_and_top1,
+                        token_logprobs_launchers, work_buffer)
 from ._vocab_stats import merge_divergence_partials, merge_mixture_partials
 from ._tiles import NO_TARGET
-from .linear_loss import _logits, accumulate_head_grads
+from .linear_loss import _logits, accumulate_head_grads, save_grads, scaled_grads
 
 
 @dataclass
@@ -62,16 +64,15 @@ class DistillOutputs:
 
 
 def _divergence(plan: DistillPlan, tile: torch.Tensor, teacher_tile: torch.Tensor,
-                coefficient: torch.Tensor | None):
-    """``(divergence [r], entropy [r])`` of a chunk's pair of full-vocabulary tiles; with a
-    ``coefficient [r]``, the gradient of ``coefficient x divergence`` is written over ``tile``
-    (and ``teacher_tile`` may be overwritten: the JSD's ``mixture_grad`` keeps its per-column
-    intermediates there). Two passes over the pair for the statistics at most; the gradient
-    in the JSD's second."""
+                partials: torch.Tensor, coefficient: torch.Tensor | None):
+    """``(divergence [r], entropy [r])`` of a chunk's pair of full-vocabulary tiles from their
+    first pass's ``partials``; with a ``coefficient [r]``, the gradient of ``coefficient x
+    divergence`` is written over ``tile`` (and ``teacher_tile`` may be overwritten: the JSD's
+    ``mixture_grad`` keeps its per-column intermediates there). One more pass over the pair,
+    the JSD's second or the KLs' backward; the JSD's gradient in its second."""
     launchers = divergence_launchers(plan.backend)
     layout = RowLayout(1, tile.shape[0], 0, tile.shape[1])
     pair = (tile, teacher_tile, layout, layout, None)
-    partials = launchers.forward(*pair, spec=plan.spec, return_entropy=True)
     divergence, entropy, stats = merge_divergence_partials(partials[None], spec=plan.spec)
     if divergence is None:  # the JSD: its mixture needs both normalizers first
         terms = launchers.mixture(*pair, stats, spec=plan.spec) if coefficient is None else \
@@ -95,24 +96,27 @@ def run(student: tuple, teacher: tuple, plan: DistillPlan, *, need: tuple[bool, 
     target_logprobs = torch.zeros(n_rows, **new) if labelled else None
     grad_wanted = plan.divergence_weight is not None
     need_hidden, need_weight, need_bias = (grad_wanted and n for n in need)
-    grad_hidden = torch.zeros(hidden.shape, **new) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, **new) if need_weight else None
+    buffer = lambda *shape, zero=False: work_buffer(  # noqa: E731
+        shape, hidden.device, plan.backend, zero=zero)
+    grad_hidden = buffer(*hidden.shape, zero=True) if need_hidden else None
+    grad_weight = buffer(*weight.shape, zero=True) if need_weight else None
     grad_bias = torch.zeros(vocab_size, **new) if need_bias else None
     widest = max((len(c) for c in plan.chunks), default=0)
     # Reused float32 chunks (``_logits`` writes a float32 matmul into them; other dtypes get a
     # fresh tile of their own rounding, so no buffer is held for them).
     float32 = lambda *ts: all(t is None or t.dtype == torch.float32 for t in ts)  # noqa: E731
-    buffers = [torch.empty(widest if float32(*student) else 0, vocab_size, **new),
-               torch.empty(widest if float32(*teacher) else 0, vocab_size, **new)]
+    buffers = [buffer(widest if float32(*student) else 0, vocab_size),
+               buffer(widest if float32(*teacher) else 0, vocab_size)]
     if labelled and grad_wanted:
-        buffers.append(torch.empty(widest, vocab_size, **new))
+        buffers.append(buffer(widest, vocab_size))
     for index in plan.chunks:
         rows = hidden.index_select(0, index)
         tile = _logits(rows, weight, bias, buffers[0][:len(index)])
         teacher_tile = _logits(teacher[0].index_select(0, index), teacher[1], teacher[2],
                                buffers[1][:len(index)])
         # What reads the logits comes first: the divergence's gradient is written over them.
-        top1 = [row_argmax(t, plan.backend) for t in (tile, teacher_tile)]
+        partials, top1 = divergence_partials_and_top1(tile, teacher_tile, plan.backend,
+                                                      spec=plan.spec)
         agreement.index_copy_(0, index, (top1[0] == top1[1]).float())
         label_grad = None
         if labelled:
@@ -122,7 +126,8 @@ def run(student: tuple, teacher: tuple, plan: DistillPlan, *, need: tuple[bool, 
             target_logprobs.index_copy_(0, index, logprobs)
         coefficient = torch.full((len(index),), plan.divergence_weight, **new) \
             if grad_wanted else None
-        chunk_divergence, chunk_entropy = _divergence(plan, tile, teacher_tile, coefficient)
+        chunk_divergence, chunk_entropy = _divergence(plan, tile, teacher_tile, partials,
+                                                       coefficient)
         divergence.index_copy_(0, index, chunk_divergence)
         entropy.index_copy_(0, index, chunk_entropy)
         if not grad_wanted:
@@ -169,8 +174,7 @@ class _DistillInForward(torch.autograd.Function):
                 bias is not None and ctx.needs_input_grad[2])
         out = run((hidden, weight, bias), (teacher_hidden, teacher_weight, teacher_bias), plan,
                   need=need)
-        ctx.save_for_backward(*(g if g is not None else hidden.new_empty(0) for g in out.grads))
-        ctx.present = [g is not None for g in out.grads]
+        save_grads(ctx, out.grads, plan.backend)
         logprobs = out.divergence.new_empty(0) if out.target_logprobs is None \
             else out.target_logprobs
         ctx.mark_non_differentiable(out.divergence, out.entropy, out.agreement, logprobs)
@@ -178,9 +182,7 @@ class _DistillInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_anchor, *_):
-        grads = [grad_anchor.to(g.dtype) * g if present else None
-                 for g, present in zip(ctx.saved_tensors, ctx.present)]
-        return (*grads, None, None, None, None)
+        return (*scaled_grads(ctx, grad_anchor), None, None, None, None)
 
 
 def distill_in_forward(student: tuple, teacher: tuple, plan: DistillPlan):

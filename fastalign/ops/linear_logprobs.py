@@ -57,7 +57,7 @@ def _forward_op(hidden, weight, bias, targets, inv_temperatures, o):
     rows = kept_rows(kept.any(1) if topk else kept)
     kept_targets, hidden_kept = select_rows(targets, rows), select_rows(hidden, rows)
     inv_temperature = _inv_temperature(select_rows(inv_temperatures, rows), o)
-    launchers = linear_logprobs_launchers(o.backend)
+    launchers = linear_logprobs_launchers(o.backend, hidden.device, hidden_kept.shape[0])
     row_targets = (_topk_targets.stand_in_targets(kept_targets, o.ignore_index) if topk
                    else kept_targets)
     options = dict(inv_temperature=inv_temperature, softcap=o.softcap,
@@ -142,7 +142,8 @@ def _backward_op(hidden, weight, bias, targets, inv_temperatures, stats, entropy
         stats = stats[:, :2].contiguous()
     entropy = select_rows(entropy, rows) if grad_entropy is not None else None
     grad_logprobs, grad_entropy = select_rows(grad_logprobs, rows), select_rows(grad_entropy, rows)
-    launchers = linear_logprobs_launchers(o.backend)
+    # The forward's path (the same kept rows).
+    launchers = linear_logprobs_launchers(o.backend, hidden.device, hidden_kept.shape[0])
     columns = None  # topk_targets: the target columns the launcher's tiles get wrong
     if targets_kept.dim() == 2:
         columns = _topk_targets.linear_columns(

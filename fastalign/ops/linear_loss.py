@@ -29,7 +29,7 @@ import torch
 
 from .._layout import row_layout
 from . import _sampler
-from ._backends import token_logprobs_launchers
+from ._backends import token_logprobs_launchers, work_buffer
 from ._linear_backward import _addmm_fp32_
 from ._tiles import NO_TARGET, raw_logits_tile
 
@@ -41,6 +41,18 @@ DEFAULT_CHUNK_MB = 256.0
 def rows_per_chunk(chunk_mb: float, vocab_size: int) -> int:
     """Rows of a float32 ``[rows, V]`` chunk within ``chunk_mb`` MiB (at least one)."""
     return max(1, int(chunk_mb * 2**20) // (4 * max(vocab_size, 1)))
+
+
+def split_rows(rows: torch.Tensor, limit: int) -> list[torch.Tensor]:
+    """``rows`` (flat row indices) in the fewest chunks of at most ``limit`` rows, of equal
+    sizes (within one row). A chunk's matmuls re-read the whole head (and the weight gradient)
+    whatever its height, so the count of chunks sets their cost; equal sizes then keep the
+    buffers as small as that count allows (2048 rows within 392: 6 chunks of 341 or 342, not
+    five of 392 and one of 88)."""
+    if rows.numel() == 0:
+        return []
+    count = -(-rows.numel() // limit)
+    return list(rows.tensor_split(count))
 
 
 @dataclass
@@ -104,12 +116,15 @@ def run(hidden, weight, bias, plan: Plan, *, need_hidden: bool, need_weight: boo
     new = dict(dtype=torch.float32, device=hidden.device)
     logprobs = torch.zeros(n_rows, **new)
     entropy = torch.zeros(n_rows, **new) if plan.need_entropy else None
-    grad_hidden = torch.zeros(hidden.shape, **new) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, **new) if need_weight else None
+    grad_hidden = work_buffer(hidden.shape, hidden.device, plan.backend, zero=True) \
+        if need_hidden else None
+    grad_weight = work_buffer(weight.shape, hidden.device, plan.backend, zero=True) \
+        if need_weight else None
     grad_bias = torch.zeros(weight.shape[0], **new) if need_bias else None
     # One float32 chunk buffer for all chunks: a fresh 256 MiB tensor per chunk would cost its
     # page faults again each time (a quarter of the logits matmul's time on a CPU).
-    buffer = torch.empty(max((len(c) for c in plan.chunks), default=0), weight.shape[0], **new)
+    buffer = work_buffer((max((len(c) for c in plan.chunks), default=0), weight.shape[0]),
+                         hidden.device, plan.backend)
     for index in plan.chunks:
         rows = hidden.index_select(0, index)
         targets = plan.targets.index_select(0, index).long()
@@ -158,6 +173,21 @@ def _matmul_fp32(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def save_grads(ctx, grads, backend: str) -> None:
+    """Keeps the gradients formed in the forward (None where not asked) for ``scaled_grads``."""
+    ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+    ctx.present, ctx.backend = [g is not None for g in grads], backend
+
+
+def scaled_grads(ctx, grad_anchor: torch.Tensor) -> list:
+    """``save_grads``' gradients times the loss's upstream gradient, each into a new buffer (a
+    saved one may be returned again by a second backward), float32 ones from ``work_buffer``."""
+    return [torch.mul(g, grad_anchor.to(g.dtype),
+                      out=work_buffer(g.shape, g.device, ctx.backend)
+                      if g.dtype == torch.float32 else None) if present else None
+            for g, present in zip(ctx.saved_tensors, ctx.present)]
+
+
 class _GradInForward(torch.autograd.Function):
     """Outputs ``(anchor, logprobs, entropy)``: ``anchor`` is a 0 whose gradient is the loss's
     (the caller adds it to the loss value it computes from the log-probs); the others carry no
@@ -169,17 +199,14 @@ class _GradInForward(torch.autograd.Function):
         need_bias = bias is not None and ctx.needs_input_grad[2]
         logprobs, entropy, *grads = run(hidden, weight, bias, plan, need_hidden=need_hidden,
                                         need_weight=need_weight, need_bias=need_bias)
-        ctx.save_for_backward(*(g if g is not None else hidden.new_empty(0) for g in grads))
-        ctx.present = [g is not None for g in grads]
+        save_grads(ctx, grads, plan.backend)
         entropy = logprobs.new_empty(0) if entropy is None else entropy
         ctx.mark_non_differentiable(logprobs, entropy)
         return logprobs.new_zeros(()), logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_anchor, _grad_logprobs, _grad_entropy):
-        grads = [grad_anchor.to(g.dtype) * g if present else None
-                 for g, present in zip(ctx.saved_tensors, ctx.present)]
-        return (*grads, None)
+        return (*scaled_grads(ctx, grad_anchor), None)
 
 
 @torch.no_grad()
