@@ -33,14 +33,17 @@ def read_times(path: str) -> dict:
     return runs
 
 
-def choose(by_rows: dict) -> tuple[tuple[int, str], ...]:
+def choose(by_rows: dict) -> tuple[tuple[int, str], ...] | None:
     """The table's entries for one run: cuBLAS from the smallest measured batch from which on
-    it won on every shape measured with both paths (nothing when it never did)."""
+    it won on every shape measured with both paths (nothing when it never did); None when no
+    batch has both paths measured."""
     wins = {}
     for n_rows, shapes in by_rows.items():
         both = [times for times in shapes.values() if len(times) == 2]
         if both:
             wins[n_rows] = all(times["cublas"] < times["tiles"] for times in both)
+    if not wins:
+        return None
     start = None
     for n_rows in sorted(wins, reverse=True):
         if not wins[n_rows]:
@@ -74,8 +77,12 @@ def main(argv=None) -> int:
                     if len(times) == 2 else ""
                 print(f"  N={n_rows:<6} {shape:<8} {'  '.join(cells)}{ratio}")
         entries = choose(by_rows)
-        print(f"MEASURED_CUDA_MATMUL[{key}] = {entries!r}  # {device}, sweep at {commit}"
-              if entries else f"no entry for {device}: the cuBLAS path did not win (tiles stay)")
+        if entries is None:
+            print(f"no entry for {device}: no batch has both paths measured")
+        elif entries:
+            print(f"MEASURED_CUDA_MATMUL[{key}] = {entries!r}  # {device}, sweep at {commit}")
+        else:
+            print(f"no entry for {device}: the cuBLAS path did not win (tiles stay)")
     return 0
 
 

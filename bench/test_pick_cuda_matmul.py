@@ -44,5 +44,8 @@ def test_no_entry_where_cublas_never_wins(tmp_path, capsys):
                                  ("fastalign_cublas", "fwd_bwd", "llama3", 8192, 60.0)])
     assert pick.main([str(tmp_path / "run.csv")]) == 0
     assert "no entry for GPU X: the cuBLAS path did not win" in capsys.readouterr().out
+    write(tmp_path / "one.csv", [("fastalign", "fwd_bwd", "llama3", 8192, 50.0)])
+    assert pick.main([str(tmp_path / "one.csv")]) == 0
+    assert "no entry for GPU X: no batch has both paths measured" in capsys.readouterr().out
     write(tmp_path / "empty.csv", [("trl", "fwd_bwd", "llama3", 8192, 50.0)])
     assert pick.main([str(tmp_path / "empty.csv")]) == 1

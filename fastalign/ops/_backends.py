@@ -291,9 +291,9 @@ def work_buffer(shape, device: torch.device, backend: str, *, zero: bool = False
                 ) -> torch.Tensor:
     """A float32 buffer the chunked losses work in (a chunk's logits, the gradients they
     accumulate), zeroed where asked. The native backend's comes from huge pages
-    (``csrc/buffers.cpp``, never kept once freed): a 200 MiB chunk is 51k page faults in 4 KiB
-    pages, each call, which on the 2-core VM cost about a tenth of a second of system time per
-    call of the distillation loss."""
+    (``csrc/buffers.cpp``, never kept once freed): in 4 KiB pages a 200 MiB chunk is 51k page
+    faults, each call. On the 2-core VM the distillation benchmark's loss (N=2048, V=128256)
+    took 168k faults and 0.35 s of system time per call that way, 1k and 0.08 s this way."""
     if backend == "native" and device.type == "cpu":
         out = _native.extension().empty_gradient(list(shape), torch.float32, False)
     else:
