@@ -10,6 +10,8 @@
 # processes, timeout 240 s) and the trainer steps (~2.5 min) come on top, untimed: on a short
 # lease the last steps may be cut.
 #
+#   device run:  FASTALIGN_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu_check.sh
+#   (carry .whl: the peers' wheels, see README)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
