@@ -293,10 +293,12 @@ def _argmax_rows(vocab: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("softcaps", [(None, None), (3.0, None), (None, 0.5)])
 def test_first_pass_finds_torchs_argmax_of_each_side(vocab, beta, softcaps):
     """The divergence's first pass with ``top1``: each side's argmax is torch's, of the raw
-    logits (also where a softcap's keys tie: 1e30 and 50 both cap to the softcap), and the
-    statistics are those of the pass without it; masked rows get -1."""
+    logits (also where a softcap's keys tie and the logits do not: 40 and 45 under a cap of 3,
+    60 and 70 under 0.5, both round to the cap), and the statistics are those of the pass
+    without it; masked rows get -1."""
     student, teacher = _argmax_rows(vocab, vocab), _argmax_rows(vocab, vocab + 1).flip(0)
-    teacher[0, [0, vocab - 1]] = torch.tensor([60.0, 70.0])  # capped alike, not alike raw
+    student[10, [0, vocab - 1]] = torch.tensor([40.0, 45.0])  # capped alike, not alike raw
+    teacher[0, [0, vocab - 1]] = torch.tensor([60.0, 70.0])
     spec = tuple(divergence_spec(beta, 1.0, *softcaps))
     ext = _native.extension()
     arg = RowLayout(1, 12, 0, vocab).native_arg()
