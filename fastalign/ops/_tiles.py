@@ -104,6 +104,32 @@ def row_stat_slice_(keys: torch.Tensor, tile_max: torch.Tensor, local_targets: t
     max_before[index] = keys.masked_fill(~before, float("-inf")).amax(dim=1)
 
 
+def reduced_tile_partials(hidden, weight, bias, targets, reduce_tile, *, cols: int | None,
+                          inv_temperature, softcap, return_entropy: bool,
+                          return_row_stats: bool):
+    """A fused-linear ``partials`` launcher's outputs (``linear_logprobs_torch``'s contract)
+    where one row kernel reduces each whole float32 logits slice ``raw_logits_tile`` makes (the
+    native and the cuBLAS paths): ``reduce_tile(tile, start) -> (max [N], sum_exp [N],
+    sum_exp_shifted [N] or None, target_key [N])``, ``start`` the slice's first column. The row
+    statistics, on request, come from the same tile: no second matmul."""
+    vocab_size = weight.shape[0]
+    cols, (row_max, sum_exp, sum_exp_shifted, target_logit) = partials_buffers(
+        hidden, vocab_size, return_entropy, cols)
+    row_stats = row_stat_partials(row_max.shape[0], hidden) if return_row_stats else None
+    if hidden.shape[0] == 0:  # no row kept: nothing to compute
+        return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
+    for index, start in enumerate(range(0, vocab_size, cols)):
+        tile = raw_logits_tile(hidden, weight, bias, start, min(start + cols, vocab_size))
+        row_max[index], sum_exp[index], shifted, target_key = reduce_tile(tile, start)
+        if return_entropy:
+            sum_exp_shifted[index] = shifted
+        target_logit += target_key
+        if row_stats is not None:
+            row_stat_slice_(softcap_keys(tile, softcap), row_max[index], targets - start,
+                            inv_temperature, row_stats, index)
+    return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
+
+
 def row_scale(inv_temperature):
     """``1 / T`` as a multiplier of ``[r, c]`` blocks: None for a float 1.0 (nothing to scale),
     the float itself, or a per-row ``[r]`` tensor as ``[r, 1]``."""

@@ -15,8 +15,7 @@ import torch
 
 from .._layout import RowLayout
 from ..kernels.token_logprobs import slice_partials, token_logprobs_backward
-from ._tiles import (NO_TARGET, partials_buffers, raw_logits_tile, row_stat_partials,
-                     row_stat_slice_, softcap_keys)
+from ._tiles import NO_TARGET, raw_logits_tile, reduced_tile_partials
 
 TILE_MB = 256
 
@@ -35,26 +34,18 @@ def _layout(tile: torch.Tensor) -> RowLayout:
 def linear_logprobs_partials(hidden, weight, bias, targets, *, inv_temperature, softcap,
                              return_entropy, return_row_stats=False, support=None):
     """Same contract as ``linear_logprobs_torch.linear_logprobs_partials``."""
-    vocab_size = weight.shape[0]
-    cols, (row_max, sum_exp, sum_exp_shifted, target_logit) = partials_buffers(
-        hidden, vocab_size, return_entropy, tile_cols(hidden.shape[0], vocab_size))
     targets = targets.long().contiguous()
-    row_stats = row_stat_partials(row_max.shape[0], hidden) if return_row_stats else None
-    if hidden.shape[0] == 0:  # no row kept: nothing to launch
-        return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
-    for index, start in enumerate(range(0, vocab_size, cols)):
-        tile = raw_logits_tile(hidden, weight, bias, start, min(start + cols, vocab_size))
+
+    def reduce_tile(tile, start):
         target_key, stats, shifted = slice_partials(
             tile, targets, _layout(tile), start, inv_temperature=inv_temperature,
             softcap=softcap, return_entropy=return_entropy, support=support)
-        row_max[index], sum_exp[index] = stats[:, 0], stats[:, 1]
-        if return_entropy:
-            sum_exp_shifted[index] = shifted
-        target_logit += target_key
-        if row_stats is not None:
-            row_stat_slice_(softcap_keys(tile, softcap), stats[:, 0], targets - start,
-                            inv_temperature, row_stats, index)
-    return row_max, sum_exp, sum_exp_shifted, target_logit, row_stats
+        return stats[:, 0], stats[:, 1], shifted, target_key
+
+    return reduced_tile_partials(
+        hidden, weight, bias, targets, reduce_tile,
+        cols=tile_cols(hidden.shape[0], weight.shape[0]), inv_temperature=inv_temperature,
+        softcap=softcap, return_entropy=return_entropy, return_row_stats=return_row_stats)
 
 
 def linear_logprobs_grad_tile(hidden, weight, bias, targets, stats, entropy, grad_logprobs,
