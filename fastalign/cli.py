@@ -239,10 +239,14 @@ def main(argv=None) -> None:
 
 
 def _leave_process_group() -> None:
-    """Destroys the process group a trainer joined (torch warns about one left behind)."""
+    """Destroys the process group a trainer joined (torch warns about one left behind), once
+    every rank is done: a rank that tears gloo down while another is still inside the last
+    collective can abort that one ("terminate called without an active exception", seen once
+    in the two-rank trainer tests under load)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
